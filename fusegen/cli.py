@@ -1,0 +1,88 @@
+"""`fusegen build [SPEC ...] [--check]`: specs/*.fuse -> generated/*.py."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from fusegen.errors import SpecError
+from fusegen.pipeline import compile_spec
+
+SPEC_DIR = Path("specs")
+OUT_DIR = Path("generated")
+
+
+def _output_path(spec: Path, out_dir: Path) -> Path:
+    return out_dir / f"{spec.stem}.py"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def build(args: argparse.Namespace) -> int:
+    specs = [Path(s) for s in args.specs] or sorted(SPEC_DIR.glob("*.fuse"))
+    if not specs:
+        print(f"fusegen: no specs given and none found in {SPEC_DIR}/", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out_dir)
+    # Compile everything first: a bad spec leaves generated/ untouched.
+    outputs: dict[Path, str] = {}
+    failed = False
+    for spec in specs:
+        try:
+            source = spec.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            print(f"{spec}: error: cannot read spec: {getattr(err, 'strerror', None) or err}", file=sys.stderr)
+            failed = True
+            continue
+        try:
+            outputs[spec] = compile_spec(source, spec.as_posix())
+        except SpecError as err:
+            print(err.render(spec.as_posix(), source), file=sys.stderr)
+            failed = True
+    if failed:
+        print("fusegen: nothing written", file=sys.stderr)
+        return 2
+    if args.check:
+        stale = []
+        for spec, text in outputs.items():
+            path = _output_path(spec, out_dir)
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                stale.append(path)
+        for path in stale:
+            print(f"{path}: stale; run `fusegen build` and commit it", file=sys.stderr)
+        if not stale:
+            print(f"fusegen: {len(outputs)} generated file(s) up to date")
+        return 1 if stale else 0
+    for spec, text in outputs.items():
+        path = _output_path(spec, out_dir)
+        unchanged = path.exists() and path.read_text(encoding="utf-8") == text
+        if not unchanged:
+            _write_atomically(path, text)
+        kernels = text.count("@triton.jit")
+        print(f"{spec} -> {path} ({kernels} kernels{', unchanged' if unchanged else ''})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fusegen", description="Fused Triton kernels and a ModelNew from a .fuse spec.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("build", help="generate Python files from specs (default: every specs/*.fuse)")
+    p.add_argument("specs", nargs="*", metavar="SPEC", help="spec files; default: specs/*.fuse")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a generated file is stale")
+    p.add_argument("--out-dir", default=str(OUT_DIR), help="where generated files go (default: generated)")
+    p.set_defaults(run=build)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Stage 4, lower: a planned kernel becomes Triton source for the @triton.jit kernel and its launch
+wrapper.
+
+Every kernel has the same frame, which owns the offsets and masks (like Inductor's templates own
+`store_output`): a 2-d output tile of BLOCK_M rows (output pixels n, oh, ow, or batch rows for a
+2-d output) by BLOCK_N channels. The anchor fills `acc` inside that frame, the prologue ops rewrite
+each input tile where the anchor loads it, the epilogue ops rewrite `acc`, and one `tl.store` writes
+it. Kernel parameters appear only when the body uses them, so no kernel has a dead parameter.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from fusegen import ops as O
+from fusegen.plan import FusedOp, Kernel
+
+INDENT = "    "
+
+
+@dataclass(frozen=True)
+class LoweredKernel:
+    kernel_source: str
+    wrapper_source: str
+
+
+def _param_name(f: FusedOp, p: O.KernelParam, is_anchor: bool) -> str:
+    if p.constexpr:
+        return p.name if is_anchor else f"{f.slot.upper()}_{p.name}"
+    return f"{f.slot}_{p.name}"
+
+
+def _prologue_hook(prologue: tuple[FusedOp, ...]) -> O.PrologueHook:
+    def hook(tile: str, channels: str, channel_mask: str, inside: str | None) -> list[str]:
+        lines = []
+        for f in prologue:
+            lines.append(f"# prologue: {f.op.name} on the loaded input tile")
+            lines.extend(f.op.lowering.apply(tile, f.slot, channels, channel_mask))
+        return lines
+
+    return hook
+
+
+def _frame(out_rank: int) -> list[str]:
+    rows = "N * OH * OW" if out_rank == 4 else "N"
+    lines = [
+        "# Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,",
+        "# and the tile stays in registers until the one store.",
+        "pid_m = tl.program_id(0)",
+        "pid_n = tl.program_id(1)",
+        "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
+        "offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)",
+        f"mask_m = offs_m < {rows}",
+        "mask_n = offs_n < C_out",
+        "mask = mask_m[:, None] & mask_n[None, :]",
+    ]
+    if out_rank == 4:
+        lines += ["n = offs_m // (OH * OW)", "oh = offs_m // OW % OH", "ow = offs_m % OW"]
+    else:
+        lines += ["n = offs_m"]
+    return lines
+
+
+def _store(out_rank: int) -> str:
+    spatial = " + oh[:, None] * out_stride_h + ow[:, None] * out_stride_w" if out_rank == 4 else ""
+    return f"tl.store(out_ptr + n[:, None] * out_stride_n + offs_n[None, :] * out_stride_c{spatial}, acc, mask=mask)"
+
+
+def _chain_ops(kernel: Kernel) -> list[FusedOp]:
+    return [*kernel.prologue, kernel.anchor, *kernel.epilogue]
+
+
+def _used(name: str, body: str) -> bool:
+    return re.search(rf"\b{re.escape(name)}\b", body) is not None
+
+
+def lower(kernel: Kernel) -> LoweredKernel:
+    anchor: O.Anchor = kernel.anchor.op.lowering
+    out_rank = anchor.out_rank
+    body = _frame(out_rank)
+    body.append(f"# anchor: {kernel.anchor.op.summary}")
+    body += anchor.loop(kernel.anchor.slot, _prologue_hook(kernel.prologue))
+    for f in kernel.epilogue:
+        body.append(f"# epilogue: {f.op.name}")
+        body += f.op.lowering.apply("acc", f.slot, "offs_n", "mask_n")
+    body.append(_store(out_rank))
+    body_text = "\n".join(body)
+
+    # Candidate parameters in signature order, each with the wrapper expression that feeds it.
+    in_dims = ["N", "C_in", "H", "W"][: kernel.in_rank]
+    out_dims = ["C_out", "OH", "OW"][: out_rank - 1]
+    stride_names = ["n", "c", "h", "w"]
+    pointers = [("x_ptr", "x")]
+    scalars: list[tuple[str, str]] = []
+    constexprs: list[tuple[str, str]] = []
+    for f in _chain_ops(kernel):
+        is_anchor = f is kernel.anchor
+        for p in f.params:
+            entry = (_param_name(f, p, is_anchor), p.value.format(m=f.slot))
+            if p.constexpr:
+                constexprs.append(entry)
+            elif p.name.endswith("_ptr"):
+                pointers.append(entry)
+            else:
+                scalars.append(entry)
+    pointers.append(("out_ptr", "out"))
+    dims = [(d, d) for d in dict.fromkeys(in_dims + out_dims)]
+    strides = [(f"x_stride_{s}", f"x.stride({i})") for i, s in enumerate(stride_names[: kernel.in_rank])]
+    strides += [(f"out_stride_{s}", f"out.stride({i})") for i, s in enumerate(stride_names[:out_rank])]
+    blocks = [(b, b) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")]
+    positional = [p for p in pointers + dims + strides + scalars if _used(p[0], body_text)]
+    keyword = [p for p in constexprs + blocks if _used(p[0], body_text)]
+
+    signature = [name for name, _ in positional] + [f"{name}: tl.constexpr" for name, _ in keyword]
+    kernel_lines = [
+        f"# {' -> '.join(f.op.name for f in _chain_ops(kernel) if f.op.name != 'load')}: one kernel, one store.",
+        *(f"# {source}" for source in kernel.sources),
+        "@triton.jit",
+        f"def {kernel.name}_kernel({', '.join(signature)}):",
+        *(INDENT + line for line in body),
+    ]
+
+    # The launch wrapper: output shape, block sizes, grid, launch.
+    modules = [f.slot for f in kernel.module_ops]
+    dims_line = f"{', '.join(in_dims)} = x.shape" if kernel.in_rank > 1 else ""
+    anchor_dims = [line.format(m=kernel.anchor.slot) for line in anchor.out_dims]
+    out_shape = ", ".join(["N", *out_dims])
+    block_m = "64" if out_rank == 4 else "min(64, max(16, triton.next_power_of_2(N)))"
+    rows = "N * OH * OW" if out_rank == 4 else "N"
+    wrapper = [
+        f"def {kernel.name}({', '.join(['x', *modules])}):",
+        INDENT + dims_line,
+        *(INDENT + line for line in anchor_dims),
+        INDENT + f"out = torch.empty(({out_shape}), device=x.device, dtype=torch.float32)",
+        INDENT + f"BLOCK_M = {block_m}",
+        INDENT + "BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))",
+    ]
+    if _used("BLOCK_K", body_text):
+        wrapper.append(INDENT + "BLOCK_K = 32")
+    wrapper += [
+        INDENT + f"grid = (triton.cdiv({rows}, BLOCK_M), triton.cdiv(C_out, BLOCK_N))",
+        INDENT + f"{kernel.name}_kernel[grid](",
+        *(INDENT * 2 + f"{value}," for _, value in positional),
+        *(INDENT * 2 + f"{name}={value}," for name, value in keyword),
+        INDENT + ")",
+        INDENT + f"return {kernel.view.op.lowering.expr('out') if kernel.view else 'out'}",
+    ]
+    return LoweredKernel("\n".join(kernel_lines), "\n".join(wrapper))

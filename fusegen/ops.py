@@ -1,0 +1,579 @@
+"""The op table: everything fusegen knows about an op lives in its one entry here.
+
+An entry says which arguments the op takes, which nn.Module holds its parameters (so the generated
+ModelNew has the reference's state_dict), how it transforms the shape flowing through a chain, its
+torch reference, and how it lowers:
+
+- an ANCHOR owns the kernel's loop nest and leaves the fp32 output tile in `acc`;
+- an ELEMENTWISE op maps a tile in registers: after the anchor (epilogue, on `acc`) or before it
+  (prologue, on each input tile as it is loaded);
+- a VIEW only reshapes the kernel's output and moves no data.
+
+Kernel code uses the names that fusegen.lower defines: `x_ptr`, `N, C_in, H, W` (input),
+`C_out, OH, OW` (output), `x_stride_*`, the tile `offs_m, offs_n, mask_m, mask_n, mask` and the
+output pixel of each row `n, oh, ow`. An op's own kernel parameters are prefixed with its slot
+(`bn_weight_ptr`, `conv_weight_ptr`), so two ops of one kind never clash.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from functools import cache
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Shape = tuple[int, ...]
+
+
+class Role(Enum):
+    ANCHOR = "anchor"
+    ELEMENTWISE = "elementwise"
+    VIEW = "view"
+
+
+class ShapeError(Exception):
+    """An op cannot take the tensor flowing into it; check turns this into a SpecError."""
+
+
+@dataclass(frozen=True)
+class KernelParam:
+    """A kernel parameter of an op and the wrapper expression that feeds it (`{m}` is the op's module)."""
+
+    name: str  # without the slot prefix: "weight_ptr", "eps", "STRIDE"
+    value: str
+    constexpr: bool = False
+
+
+# A prologue hook that an anchor calls where it loads an input tile:
+# hook(tile, channels, channel_mask, inside) -> lines that rewrite `tile` in place.
+PrologueHook = Callable[[str, str, str, "str | None"], list[str]]
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """How an anchor op lowers. Its kernel params are named without prefix (one anchor per kernel)."""
+
+    params: tuple[KernelParam, ...]
+    # wrapper lines that set the output dims (C_out and, for 4-d outputs, OH and OW) from x and `{m}`
+    out_dims: tuple[str, ...]
+    out_rank: int
+    # kernel lines that leave the output tile in `acc`
+    loop: Callable[[str, PrologueHook], list[str]]
+    uses_dot: bool  # tl.dot needs every block dim >= 16
+    # why no later anchor can join this kernel (for the fusion-legality error)
+    barrier: str
+
+
+@dataclass(frozen=True)
+class Elementwise:
+    params: tuple[KernelParam, ...]
+    # apply(value, slot, channels, channel_mask) -> kernel lines that rewrite `value` in place
+    apply: Callable[[str, str, str, str], list[str]]
+
+
+@dataclass(frozen=True)
+class View:
+    # torch expression applied to the kernel's output in the wrapper
+    expr: Callable[[str], str]
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str  # as written in a spec
+    slot: str  # base name of its module / kernel parameters: "conv", "bn"
+    role: Role
+    args: tuple[str, ...]  # spec arguments, in order
+    defaults: dict[str, object]
+    # nn.Module constructor source from the args as Python source; None for an op with no module
+    module: Callable[[dict[str, str]], str] | None
+    # the kernel reads the module's attributes, so at the top level of forward the op needs a name
+    needs_module: bool
+    in_channels: str | None  # the arg that must equal the channels flowing in
+    shape: Callable[[dict[str, object], Shape], Shape]
+    reference: Callable[[torch.nn.Module | None, torch.Tensor], torch.Tensor]
+    lowering: Anchor | Elementwise | View
+    summary: str
+    int_args: tuple[str, ...] = field(default=())
+
+
+# -- shape rules -------------------------------------------------------------------------------------
+
+
+def _rank(shape: Shape, rank: int, what: str) -> None:
+    if len(shape) != rank:
+        dims = "NCHW" if rank == 4 else "NC"
+        raise ShapeError(f"{what} takes a {rank}-d ({dims}) tensor, but gets shape {list(shape)}")
+
+
+def _channels(shape: Shape, expected: object, what: str) -> None:
+    if shape[1] != expected:
+        raise ShapeError(f"{what} expects {expected} input channels, but the tensor flowing in has {shape[1]}")
+
+
+def _conv_out(size: int, k: int, stride: int, pad: int, what: str) -> int:
+    out = (size + 2 * pad - k) // stride + 1
+    if out < 1:
+        raise ShapeError(f"{what}: input of size {size} is smaller than the {k}x{k} window with padding {pad}")
+    return out
+
+
+def _conv_shape(k: int, channels_arg: str, out_arg: str | None, name: str):
+    def rule(a: dict, shape: Shape) -> Shape:
+        _rank(shape, 4, name)
+        _channels(shape, a[channels_arg], name)
+        out = a[out_arg] if out_arg else a[channels_arg]
+        oh = _conv_out(shape[2], k, a["stride"], a["padding"], name)
+        ow = _conv_out(shape[3], k, a["stride"], a["padding"], name)
+        return (shape[0], out, oh, ow)
+
+    return rule
+
+
+# -- prologue plumbing shared by anchors ---------------------------------------------------------------
+
+
+def _where_inside(hook_lines: list[str], tile: str, inside: str | None) -> list[str]:
+    """After a prologue, padding must read as zero again (bn(0) is not 0)."""
+    if hook_lines and inside is not None:
+        return hook_lines + [f"{tile} = tl.where({inside}, {tile}, 0.0)"]
+    return hook_lines
+
+
+# -- anchors -----------------------------------------------------------------------------------------
+
+
+def _conv_loop(slot: str, prologue: PrologueHook) -> list[str]:
+    return [
+        "# implicit GEMM: K runs over (input channel, kh, kw), matching the weight's memory order",
+        "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
+        "for k0 in range(0, C_in * KH * KW, BLOCK_K):",
+        "    offs_k = k0 + tl.arange(0, BLOCK_K)",
+        "    mask_k = offs_k < C_in * KH * KW",
+        "    ci = offs_k // (KH * KW)",
+        "    kh = (offs_k // KW) % KH",
+        "    kw = offs_k % KW",
+        "    ih = oh[:, None] * STRIDE - PAD + kh[None, :]",
+        "    iw = ow[:, None] * STRIDE - PAD + kw[None, :]",
+        "    inside = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)",
+        "    a = tl.load(x_ptr + n[:, None] * x_stride_n + ci[None, :] * x_stride_c"
+        " + ih * x_stride_h + iw * x_stride_w, mask=inside, other=0.0)",
+        *("    " + line for line in _where_inside(prologue("a", "ci", "mask_k", "inside"), "a", "inside")),
+        f"    b = tl.load({slot}_weight_ptr + offs_n[None, :] * (C_in * KH * KW) + offs_k[:, None],"
+        " mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
+        "    acc += tl.dot(a, b)",
+    ]
+
+
+def _dwconv_loop(slot: str, prologue: PrologueHook) -> list[str]:
+    return [
+        "# each output channel convolves its own input channel",
+        "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
+        "for kh in tl.static_range(KH):",
+        "    for kw in tl.static_range(KW):",
+        "        ih = oh * STRIDE - PAD + kh",
+        "        iw = ow * STRIDE - PAD + kw",
+        "        inside = mask & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]",
+        "        a = tl.load(x_ptr + n[:, None] * x_stride_n + offs_n[None, :] * x_stride_c"
+        " + ih[:, None] * x_stride_h + iw[:, None] * x_stride_w, mask=inside, other=0.0)",
+        *("        " + line for line in _where_inside(prologue("a", "offs_n", "mask_n", "inside"), "a", "inside")),
+        f"        w = tl.load({slot}_weight_ptr + offs_n * (KH * KW) + kh * KW + kw, mask=mask_n, other=0.0)",
+        "        acc += a * w[None, :]",
+    ]
+
+
+def _gemm_loop(pixel: str, bias: bool):
+    """1x1 conv and linear: acc[pixel, out] = sum over input channels of x[pixel, k] * w[out, k]."""
+
+    def loop(slot: str, prologue: PrologueHook) -> list[str]:
+        lines = [
+            f"x_pixel = {pixel}",
+            "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
+            "for k0 in range(0, C_in, BLOCK_K):",
+            "    offs_k = k0 + tl.arange(0, BLOCK_K)",
+            "    mask_k = offs_k < C_in",
+            "    a = tl.load(x_ptr + x_pixel[:, None] + offs_k[None, :] * x_stride_c,"
+            " mask=mask_m[:, None] & mask_k[None, :], other=0.0)",
+            # masked lanes meet zero weights, so the prologue needs no re-masking here
+            *("    " + line for line in prologue("a", "offs_k", "mask_k", None)),
+            f"    b = tl.load({slot}_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],"
+            " mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
+            "    acc += tl.dot(a, b)",
+        ]
+        if bias:
+            lines.append(f"acc += tl.load({slot}_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]")
+        return lines
+
+    return loop
+
+
+def _window_pool_loop(slot: str, prologue: PrologueHook) -> list[str]:
+    return [
+        "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
+        "for kh in tl.static_range(KH):",
+        "    for kw in tl.static_range(KW):",
+        "        ih = oh * KH + kh",
+        "        iw = ow * KW + kw",
+        "        a = tl.load(x_ptr + n[:, None] * x_stride_n + offs_n[None, :] * x_stride_c"
+        " + ih[:, None] * x_stride_h + iw[:, None] * x_stride_w, mask=mask, other=0.0)",
+        *("        " + line for line in prologue("a", "offs_n", "mask_n", None)),
+        "        acc += a",
+        "acc = acc / (KH * KW)",
+    ]
+
+
+def _global_pool_loop(slot: str, prologue: PrologueHook) -> list[str]:
+    return [
+        "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
+        "for p in range(0, H * W):",
+        "    a = tl.load(x_ptr + n[:, None] * x_stride_n + offs_n[None, :] * x_stride_c"
+        " + (p // W) * x_stride_h + (p % W) * x_stride_w, mask=mask, other=0.0)",
+        *("    " + line for line in prologue("a", "offs_n", "mask_n", None)),
+        "    acc += a",
+        "acc = acc / (H * W)",
+    ]
+
+
+def _load_loop(rank: int):
+    """The anchor of a chain of elementwise ops only: the input tile itself."""
+    spatial = " + oh[:, None] * x_stride_h + ow[:, None] * x_stride_w" if rank == 4 else ""
+
+    def loop(slot: str, prologue: PrologueHook) -> list[str]:
+        return [
+            "acc = tl.load(x_ptr + n[:, None] * x_stride_n + offs_n[None, :] * x_stride_c"
+            f"{spatial}, mask=mask, other=0.0)"
+        ]
+
+    return loop
+
+
+_CONV_PARAMS = (
+    KernelParam("weight_ptr", "{m}.weight"),
+    KernelParam("KH", "{m}.kernel_size[0]", constexpr=True),
+    KernelParam("KW", "{m}.kernel_size[1]", constexpr=True),
+    KernelParam("STRIDE", "{m}.stride[0]", constexpr=True),
+    KernelParam("PAD", "{m}.padding[0]", constexpr=True),
+)
+_CONV_DIMS = (
+    "C_out = {m}.out_channels",
+    "OH = (H + 2 * {m}.padding[0] - {m}.kernel_size[0]) // {m}.stride[0] + 1",
+    "OW = (W + 2 * {m}.padding[1] - {m}.kernel_size[1]) // {m}.stride[1] + 1",
+)
+_NEIGHBOURHOOD = "it reads a {k}x{k} neighbourhood of its input, and those pixels are computed by other programs of this kernel"
+
+
+def _conv_op(k: int) -> Op:
+    name = f"conv{k}x{k}"
+    return Op(
+        name=name,
+        slot="conv",
+        role=Role.ANCHOR,
+        args=("in_channels", "out_channels", "stride", "padding"),
+        defaults={"stride": 1, "padding": k // 2},
+        int_args=("in_channels", "out_channels", "stride", "padding"),
+        module=lambda a: f"nn.Conv2d({a['in_channels']}, {a['out_channels']}, {k}, {a['stride']}, {a['padding']}, bias=False)",
+        needs_module=True,
+        in_channels="in_channels",
+        shape=_conv_shape(k, "in_channels", "out_channels", name),
+        reference=lambda m, x: m(x),
+        lowering=Anchor(_CONV_PARAMS, _CONV_DIMS, 4, _conv_loop, True, _NEIGHBOURHOOD.format(k=k)),
+        summary=f"{k}x{k} convolution, groups=1, no bias (implicit GEMM on tl.dot)",
+    )
+
+
+def _dwconv_op(k: int) -> Op:
+    name = f"dwconv{k}x{k}"
+    return Op(
+        name=name,
+        slot="conv",
+        role=Role.ANCHOR,
+        args=("channels", "stride", "padding"),
+        defaults={"stride": 1, "padding": k // 2},
+        int_args=("channels", "stride", "padding"),
+        module=lambda a: (
+            f"nn.Conv2d({a['channels']}, {a['channels']}, {k}, {a['stride']}, {a['padding']},"
+            f" groups={a['channels']}, bias=False)"
+        ),
+        needs_module=True,
+        in_channels="channels",
+        shape=_conv_shape(k, "channels", None, name),
+        reference=lambda m, x: m(x),
+        lowering=Anchor(
+            _CONV_PARAMS, ("C_out = C_in",) + _CONV_DIMS[1:], 4, _dwconv_loop, False, _NEIGHBOURHOOD.format(k=k)
+        ),
+        summary=f"depthwise {k}x{k} convolution (groups = channels), no bias",
+    )
+
+
+def _conv1x1_shape(a: dict, shape: Shape) -> Shape:
+    _rank(shape, 4, "conv1x1")
+    _channels(shape, a["in_channels"], "conv1x1")
+    return (shape[0], a["out_channels"], (shape[2] - 1) // a["stride"] + 1, (shape[3] - 1) // a["stride"] + 1)
+
+
+def _linear_shape(a: dict, shape: Shape) -> Shape:
+    _rank(shape, 2, "linear")
+    if shape[1] != a["in_features"]:
+        raise ShapeError(f"linear expects {a['in_features']} input features, but the tensor flowing in has {shape[1]}")
+    return (shape[0], a["out_features"])
+
+
+def _avgpool_shape(a: dict, shape: Shape) -> Shape:
+    _rank(shape, 4, "avgpool")
+    k = a["kernel_size"]
+    if shape[2] < k or shape[3] < k:
+        raise ShapeError(f"avgpool({k}) needs an input of at least {k}x{k}, but gets {shape[2]}x{shape[3]}")
+    return (shape[0], shape[1], (shape[2] - k) // k + 1, (shape[3] - k) // k + 1)
+
+
+def _global_pool_shape(a: dict, shape: Shape) -> Shape:
+    _rank(shape, 4, "global_avgpool")
+    return (shape[0], shape[1], 1, 1)
+
+
+def _flatten_shape(a: dict, shape: Shape) -> Shape:
+    if len(shape) < 2:
+        raise ShapeError(f"flatten needs a batch dimension and at least one more, but gets shape {list(shape)}")
+    return (shape[0], math.prod(shape[1:]))
+
+
+def _bn_shape(a: dict, shape: Shape) -> Shape:
+    _rank(shape, 4, "bn")
+    _channels(shape, a["channels"], "bn")
+    return shape
+
+
+def _bn_apply(v: str, slot: str, ch: str, ch_mask: str) -> list[str]:
+    return [
+        f"{slot}_scale = tl.load({slot}_weight_ptr + {ch}, mask={ch_mask}, other=0.0)"
+        f" * tl.rsqrt(tl.load({slot}_var_ptr + {ch}, mask={ch_mask}, other=1.0) + {slot}_eps)",
+        f"{slot}_shift = tl.load({slot}_bias_ptr + {ch}, mask={ch_mask}, other=0.0)"
+        f" - tl.load({slot}_mean_ptr + {ch}, mask={ch_mask}, other=0.0) * {slot}_scale",
+        f"{v} = {v} * {slot}_scale[None, :] + {slot}_shift[None, :]",
+    ]
+
+
+def _bn_module(a: dict[str, str]) -> str:
+    extra = "".join(f", {key}={a[key]}" for key in ("eps", "momentum") if a[key] != repr(BN_DEFAULTS[key]))
+    return f"nn.BatchNorm2d({a['channels']}{extra})"
+
+
+BN_DEFAULTS = {"eps": 1e-5, "momentum": 0.1}
+
+
+def _same(a: dict, shape: Shape) -> Shape:
+    return shape
+
+
+FIXED_OPS = {
+    op.name: op
+    for op in (
+        Op(
+            name="conv1x1",
+            slot="conv",
+            role=Role.ANCHOR,
+            args=("in_channels", "out_channels", "stride"),
+            defaults={"stride": 1},
+            int_args=("in_channels", "out_channels", "stride"),
+            module=lambda a: f"nn.Conv2d({a['in_channels']}, {a['out_channels']}, 1, {a['stride']}, 0, bias=False)",
+            needs_module=True,
+            in_channels="in_channels",
+            shape=_conv1x1_shape,
+            reference=lambda m, x: m(x),
+            lowering=Anchor(
+                (KernelParam("weight_ptr", "{m}.weight"), KernelParam("STRIDE", "{m}.stride[0]", constexpr=True)),
+                (
+                    "C_out = {m}.out_channels",
+                    "OH = (H - 1) // {m}.stride[0] + 1",
+                    "OW = (W - 1) // {m}.stride[1] + 1",
+                ),
+                4,
+                _gemm_loop("n * x_stride_n + oh * STRIDE * x_stride_h + ow * STRIDE * x_stride_w", bias=False),
+                True,
+                "each of its outputs reads every input channel of a pixel, but a program of this kernel holds only BLOCK_N of them",
+            ),
+            summary="1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot",
+        ),
+        Op(
+            name="linear",
+            slot="fc",
+            role=Role.ANCHOR,
+            args=("in_features", "out_features"),
+            defaults={},
+            int_args=("in_features", "out_features"),
+            module=lambda a: f"nn.Linear({a['in_features']}, {a['out_features']})",
+            needs_module=True,
+            in_channels="in_features",
+            shape=_linear_shape,
+            reference=lambda m, x: m(x),
+            lowering=Anchor(
+                (KernelParam("weight_ptr", "{m}.weight"), KernelParam("bias_ptr", "{m}.bias")),
+                ("C_out = {m}.out_features",),
+                2,
+                _gemm_loop("n * x_stride_n", bias=True),
+                True,
+                "each of its outputs reads every input feature of a row, but a program of this kernel holds only BLOCK_N of them",
+            ),
+            summary="fully connected layer with bias, GEMM on tl.dot",
+        ),
+        Op(
+            name="avgpool",
+            slot="pool",
+            role=Role.ANCHOR,
+            args=("kernel_size",),
+            defaults={},
+            int_args=("kernel_size",),
+            module=lambda a: f"nn.AvgPool2d({a['kernel_size']})",
+            needs_module=True,
+            in_channels=None,
+            shape=_avgpool_shape,
+            reference=lambda m, x: m(x),
+            lowering=Anchor(
+                (
+                    KernelParam("KH", "{m}.kernel_size", constexpr=True),
+                    KernelParam("KW", "{m}.kernel_size", constexpr=True),
+                ),
+                ("C_out = C_in", "OH = (H - {m}.kernel_size) // {m}.kernel_size + 1", "OW = (W - {m}.kernel_size) // {m}.kernel_size + 1"),
+                4,
+                _window_pool_loop,
+                False,
+                "it reads a window of its input, and those pixels are computed by other programs of this kernel",
+            ),
+            summary="AvgPool2d(k): mean over k x k windows, stride k, no padding",
+        ),
+        Op(
+            name="global_avgpool",
+            slot="pool",
+            role=Role.ANCHOR,
+            args=(),
+            defaults={},
+            module=lambda a: "nn.AdaptiveAvgPool2d(1)",
+            needs_module=False,
+            in_channels=None,
+            shape=_global_pool_shape,
+            reference=lambda m, x: F.adaptive_avg_pool2d(x, 1),
+            lowering=Anchor(
+                (),
+                ("C_out = C_in", "OH = 1", "OW = 1"),
+                4,
+                _global_pool_loop,
+                False,
+                "it reads every pixel of its input, and those pixels are computed by other programs of this kernel",
+            ),
+            summary="adaptive average pool to 1x1 (mean over H and W)",
+        ),
+        Op(
+            name="bn",
+            slot="bn",
+            role=Role.ELEMENTWISE,
+            args=("channels", "eps", "momentum"),
+            defaults=dict(BN_DEFAULTS),
+            int_args=("channels",),
+            module=_bn_module,
+            needs_module=True,
+            in_channels="channels",
+            shape=_bn_shape,
+            reference=lambda m, x: m(x),
+            lowering=Elementwise(
+                (
+                    KernelParam("weight_ptr", "{m}.weight"),
+                    KernelParam("bias_ptr", "{m}.bias"),
+                    KernelParam("mean_ptr", "{m}.running_mean"),
+                    KernelParam("var_ptr", "{m}.running_var"),
+                    KernelParam("eps", "{m}.eps"),
+                ),
+                _bn_apply,
+            ),
+            summary="BatchNorm2d; eval mode folds running statistics into a per-channel scale and shift",
+        ),
+        Op(
+            name="relu",
+            slot="relu",
+            role=Role.ELEMENTWISE,
+            args=(),
+            defaults={},
+            module=lambda a: "nn.ReLU(inplace=True)",
+            needs_module=False,
+            in_channels=None,
+            shape=_same,
+            reference=lambda m, x: F.relu(x),
+            lowering=Elementwise((), lambda v, slot, ch, ch_mask: [f"{v} = tl.maximum({v}, 0.0)"]),
+            summary="max(x, 0)",
+        ),
+        Op(
+            name="relu6",
+            slot="relu6",
+            role=Role.ELEMENTWISE,
+            args=(),
+            defaults={},
+            module=lambda a: "nn.ReLU6(inplace=True)",
+            needs_module=False,
+            in_channels=None,
+            shape=_same,
+            reference=lambda m, x: F.relu6(x),
+            lowering=Elementwise((), lambda v, slot, ch, ch_mask: [f"{v} = tl.minimum(tl.maximum({v}, 0.0), 6.0)"]),
+            summary="min(max(x, 0), 6)",
+        ),
+        Op(
+            name="flatten",
+            slot="flatten",
+            role=Role.VIEW,
+            args=(),
+            defaults={},
+            module=lambda a: "nn.Flatten()",
+            needs_module=False,
+            in_channels=None,
+            shape=_flatten_shape,
+            reference=lambda m, x: torch.flatten(x, 1),
+            lowering=View(lambda v: f"{v}.flatten(1)"),
+            summary="flatten all but the batch dimension (a view of the contiguous output)",
+        ),
+    )
+}
+
+_SIZED = re.compile(r"(dw)?conv([1-9][0-9]*)x\2")
+
+
+def lookup(name: str) -> Op | None:
+    """The op a spec name denotes: a fixed name, or convKxK / dwconvKxK for odd or even K."""
+    if name in FIXED_OPS:
+        return FIXED_OPS[name]
+    match = _SIZED.fullmatch(name)
+    if match is None:
+        return None
+    k = int(match.group(2))
+    return _dwconv_op(k) if match.group(1) else _conv_op(k)
+
+
+def all_names() -> list[str]:
+    return sorted([*FIXED_OPS, "conv3x3", "dwconv3x3"])
+
+
+@cache
+def load_anchor(rank: int) -> Op:
+    """The identity anchor of a chain that has only elementwise ops."""
+    return Op(
+        name="load",
+        slot="x",
+        role=Role.ANCHOR,
+        args=(),
+        defaults={},
+        module=None,
+        needs_module=False,
+        in_channels=None,
+        shape=_same,
+        reference=lambda m, x: x,
+        lowering=Anchor(
+            (),
+            ("C_out = C_in",) + (("OH = H", "OW = W") if rank == 4 else ()),
+            rank,
+            _load_loop(rank),
+            False,
+            "",
+        ),
+        summary="the input tile, for chains of elementwise ops",
+    )

@@ -1,0 +1,253 @@
+"""Stage 1, parse: spec text -> Lark tree -> the frozen dataclasses of fusegen.syntax."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+from lark.indenter import DedentError, Indenter
+
+from fusegen import syntax as S
+from fusegen.errors import Pos, SpecError
+
+GRAMMAR = Path(__file__).resolve().parent.parent / "grammar" / "fuse.lark"
+
+# How a grammar terminal is named in "expected ..." messages.
+TOKEN_WORDS = {
+    "NAME": "a name",
+    "INT": "an integer",
+    "FLOAT": "a number",
+    "_NL": "end of line",
+    "_INDENT": "an indented block",
+    "_DEDENT": "less indentation",
+    "$END": "end of file",
+    "LPAR": "'('",
+    "RPAR": "')'",
+    "COMMA": "','",
+    "COLON": "':'",
+    "EQUAL": "'='",
+    "__ANON_0": "'->'",
+    "STAR": "'*'",
+    "SLASH": "'/'",
+    "PLUS": "'+'",
+    "MINUS": "'-'",
+    "PERCENT": "'%'",
+}
+
+
+class SpecIndenter(Indenter):
+    NL_type = "_NL"
+    OPEN_PAREN_types = ["LPAR"]
+    CLOSE_PAREN_types = ["RPAR"]
+    INDENT_type = "_INDENT"
+    DEDENT_type = "_DEDENT"
+    tab_len = 8
+
+
+@cache
+def _parser() -> Lark:
+    return Lark(
+        GRAMMAR.read_text(),
+        parser="lalr",
+        postlex=SpecIndenter(),
+        propagate_positions=True,
+        maybe_placeholders=True,
+    )
+
+
+def _pos(item) -> Pos:
+    return Pos(item.line, item.column)
+
+
+def _word(terminal: str, parser: Lark) -> str:
+    if terminal in TOKEN_WORDS:
+        return TOKEN_WORDS[terminal]
+    for term in parser.terminals:
+        if term.name == terminal and term.pattern.type == "str":
+            return repr(term.pattern.value)
+    return terminal.lower()
+
+
+def _binop(op: str):
+    def build(self, meta, items):
+        return S.BinOp(op, items[0], items[1], _pos(meta))
+
+    return build
+
+
+@v_args(meta=True)
+class _ToSyntax(Transformer):
+    """Builds one dataclass per grammar rule; the rule names match the class names."""
+
+    def int_literal(self, meta, items):
+        return S.IntLiteral(int(items[0]), _pos(meta))
+
+    def float_literal(self, meta, items):
+        return S.FloatLiteral(float(items[0]), str(items[0]), _pos(meta))
+
+    def name(self, meta, items):
+        return S.Name(str(items[0]), _pos(meta))
+
+    def apply(self, meta, items):
+        func, *args = items
+        return S.Apply(str(func), tuple(a for a in args if a is not None), _pos(meta))
+
+    add = _binop("+")
+    sub = _binop("-")
+    mul = _binop("*")
+    truediv = _binop("/")
+    floordiv = _binop("//")
+    mod = _binop("%")
+
+    def neg(self, meta, items):
+        return S.Neg(items[0], _pos(meta))
+
+    def ctor_param(self, meta, items):
+        return S.CtorParam(str(items[0]), items[1], _pos(meta))
+
+    def model_decl(self, meta, items):
+        name, *params = items
+        return S.ModelDecl(str(name), tuple(p for p in params if p is not None), _pos(meta))
+
+    def input_decl(self, meta, items):
+        return S.InputDecl(tuple(items), _pos(meta))
+
+    def let_params(self, meta, items):
+        return tuple(str(t) for t in items)
+
+    def let_decl(self, meta, items):
+        name, params, value = items
+        return S.LetDecl(str(name), params, value, _pos(meta))
+
+    def kwarg(self, meta, items):
+        return S.Kwarg(str(items[0]), items[1], _pos(meta))
+
+    def call(self, meta, items):
+        name, *args = items
+        args = [a for a in args if a is not None]
+        positional = tuple(a for a in args if not isinstance(a, S.Kwarg))
+        kwargs = tuple(a for a in args if isinstance(a, S.Kwarg))
+        for a in args[len(positional) :]:
+            if not isinstance(a, S.Kwarg):
+                raise SpecError(a.pos, "positional argument after a keyword argument")
+        return S.Call(str(name), positional, kwargs, _pos(meta))
+
+    def step(self, meta, items):
+        label, call = items
+        return S.Step(str(label) if label is not None else None, call, _pos(meta))
+
+    def chain(self, meta, items):
+        return S.Chain(tuple(items), _pos(meta))
+
+    def chain_line(self, meta, items):
+        chain, repeat = items
+        if repeat is not None and int(repeat) < 1:
+            raise SpecError(_pos(repeat), "a line repeats at least once")
+        return S.ChainLine(chain, int(repeat) if repeat is not None else None, _pos(meta))
+
+    def body(self, meta, items):
+        return tuple(items)
+
+    def sequence(self, meta, items):
+        return S.Sequence(str(items[0]), items[1], _pos(meta))
+
+    def block_decl(self, meta, items):
+        name, *params, body = items
+        return S.BlockDecl(str(name), tuple(str(p) for p in params if p is not None), body, _pos(meta))
+
+    def forward_decl(self, meta, items):
+        return S.ForwardDecl(items[0], _pos(meta))
+
+    def start(self, meta, items):
+        return list(items)
+
+
+def _assemble(statements: list) -> S.Spec:
+    """Checks that the file has one model header, one input and one forward, and gathers the rest."""
+    by_kind: dict[type, list] = {}
+    for st in statements:
+        by_kind.setdefault(type(st), []).append(st)
+    singles = {}
+    for kind, what in ((S.ModelDecl, "`model Name(...)`"), (S.InputDecl, "`input(...)`"), (S.ForwardDecl, "`forward:`")):
+        found = by_kind.get(kind, [])
+        if not found:
+            raise SpecError(None, f"the spec has no {what} declaration")
+        if len(found) > 1:
+            raise SpecError(found[1].pos, f"a second {what} declaration; a spec describes one model")
+        singles[kind] = found[0]
+    if statements[0] is not singles[S.ModelDecl]:
+        raise SpecError(statements[0].pos, "a spec starts with its `model Name(...)` header")
+    return S.Spec(
+        model=singles[S.ModelDecl],
+        input=singles[S.InputDecl],
+        lets=tuple(by_kind.get(S.LetDecl, [])),
+        blocks=tuple(by_kind.get(S.BlockDecl, [])),
+        forward=singles[S.ForwardDecl],
+    )
+
+
+def _syntax_error(err: UnexpectedInput, text: str, parser: Lark) -> SpecError:
+    if isinstance(err, UnexpectedCharacters):
+        char = text[err.pos_in_stream] if err.pos_in_stream < len(text) else "end of file"
+        return SpecError(Pos(err.line, err.column), f"unexpected character {char!r}")
+    expected = sorted({_word(t, parser) for t in err.expected if not t.startswith("__ANON") or t in TOKEN_WORDS})
+    if isinstance(err, UnexpectedEOF) or (isinstance(err, UnexpectedToken) and err.token.type == "$END"):
+        lines = text.splitlines() or [""]
+        pos = Pos(len(lines), len(lines[-1]) + 1)
+        return SpecError(pos, f"unexpected end of file; expected {', '.join(expected)}")
+    token = err.token
+    if token.type in ("_INDENT", "_DEDENT"):
+        # These borrow the position of the newline before them; point at the indented line instead.
+        pos = Pos(token.end_line, token.end_column)
+        if token.type == "_INDENT":
+            return SpecError(pos, "unexpected indentation")
+        if pos.line > len(text.splitlines()):
+            lines = text.splitlines()
+            return SpecError(Pos(len(lines), len(lines[-1]) + 1), f"unexpected end of file; expected {' or '.join(expected)}")
+    else:
+        pos = Pos(token.line, token.column)
+    found = _word(token.type, parser) if token.type.startswith("_") else repr(str(token))
+    return SpecError(pos, f"unexpected {found}; expected {' or '.join(expected)}")
+
+
+def parse_spec(text: str) -> S.Spec:
+    """Parses spec text; raises SpecError with the position of the first problem."""
+    parser = _parser()
+    if not text.endswith("\n"):
+        text += "\n"
+    try:
+        tree = parser.parse(text)
+    except DedentError:
+        raise SpecError(_dedent_pos(text), "this line's indentation matches no enclosing block") from None
+    except UnexpectedInput as err:
+        raise _syntax_error(err, text, parser) from None
+    try:
+        statements = _ToSyntax().transform(tree)
+    except VisitError as err:
+        if isinstance(err.orig_exc, SpecError):
+            raise err.orig_exc from None
+        raise
+    statements = [s for s in statements if not isinstance(s, Token)]
+    if not statements:
+        raise SpecError(None, "the spec is empty; it needs `model`, `input` and `forward:` declarations")
+    return _assemble(statements)
+
+
+def _dedent_pos(text: str) -> Pos | None:
+    """Where the first line whose indentation matches no enclosing level starts (for DedentError)."""
+    levels = [0]
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.lstrip(" \t")
+        if not stripped or stripped.startswith("#"):
+            continue
+        indent = len(line) - len(stripped)
+        if indent > levels[-1]:
+            levels.append(indent)
+            continue
+        while indent < levels[-1]:
+            levels.pop()
+        if indent != levels[-1]:
+            return Pos(number, indent + 1)
+    return None

@@ -1,0 +1,46 @@
+"""Shared test helpers: compile a spec to a live module, randomise BatchNorm, compare with torch."""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from fusegen import compile_spec
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+# fp32 kernels; on the GPU tl.dot (and cuDNN) use TF32.
+TOLERANCE = 1e-3 if ON_GPU else 1e-5
+
+_modules: dict[str, types.ModuleType] = {}
+
+
+def load_spec(text: str, name: str = "test_spec") -> types.ModuleType:
+    """Compiles spec text through the whole pipeline and imports the generated file (cached by text)."""
+    if text not in _modules:
+        source = compile_spec(text, f"specs/{name}.fuse")
+        module = types.ModuleType(name)
+        exec(compile(source, f"generated/{name}.py", "exec"), module.__dict__)
+        module.SOURCE = source
+        _modules[text] = module
+    return _modules[text]
+
+
+def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial running statistics and affine parameters, so BN folding is really exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.1)
+                m.weight.copy_(torch.randn(c, generator=g))
+                m.bias.copy_(torch.randn(c, generator=g) * 0.5)
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert torch.isfinite(out).all(), "non-finite output"
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()

@@ -1,0 +1,163 @@
+"""Targeted checks of the emitted source (not golden snapshots): the seeds' fusion rules and layout."""
+
+import ast
+import re
+from pathlib import Path
+
+import black
+import pytest
+
+from fusegen import compile_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = sorted((ROOT / "specs").glob("*.fuse"))
+EXTRA = """\
+model Extra(c=12)
+input(2, c, 9, 7)
+forward:
+    bn0: bn(c) -> relu -> pw: conv1x1(c, 20) -> bn1: bn(20) -> relu6
+    bn2: bn(20) -> relu
+    pool: avgpool(3) -> relu
+    global_avgpool -> flatten
+    fc: linear(20, 5) -> relu
+"""
+
+
+def sources():
+    out = {spec.name: compile_spec(spec.read_text(), f"specs/{spec.name}") for spec in SPECS}
+    out["extra.fuse"] = compile_spec(EXTRA, "specs/extra.fuse")
+    return out
+
+
+SOURCES = sources()
+
+
+def kernels(source: str) -> list[ast.FunctionDef]:
+    tree = ast.parse(source)
+    return [
+        node
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef) and any(ast.unparse(d) == "triton.jit" for d in node.decorator_list)
+    ]
+
+
+def calls(node: ast.AST, name: str) -> list[ast.Call]:
+    return [n for n in ast.walk(node) if isinstance(n, ast.Call) and ast.unparse(n.func) == name]
+
+
+def assignments(node: ast.AST, target: str) -> int:
+    return sum(
+        1
+        for n in ast.walk(node)
+        if isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == target for t in n.targets)
+    )
+
+
+@pytest.mark.parametrize("spec", SOURCES)
+def test_one_store_per_kernel_with_the_shared_mask(spec):
+    for kernel in kernels(SOURCES[spec]):
+        stores = calls(kernel, "tl.store")
+        assert len(stores) == 1, kernel.name
+        mask = {kw.arg: ast.unparse(kw.value) for kw in stores[0].keywords}["mask"]
+        assert mask == "mask", kernel.name
+
+
+@pytest.mark.parametrize("spec", SOURCES)
+def test_one_offsets_and_mask_tuple_shared_by_every_fused_op(spec):
+    for kernel in kernels(SOURCES[spec]):
+        for name in ("offs_m", "offs_n", "mask_m", "mask_n", "mask"):
+            assert assignments(kernel, name) == 1, (kernel.name, name)
+        # Per-channel parameters of epilogue ops load at the tile's channel offsets, broadcast explicitly.
+        body = ast.unparse(kernel)
+        for load in re.findall(r"tl\.load\((\w+_(?:weight|bias|mean|var)_ptr) \+ (\w+), mask=(\w+)", body):
+            ptr, offsets, mask = load
+            assert (offsets, mask) in {("offs_n", "mask_n"), ("offs_k", "mask_k"), ("ci", "mask_k")}, (kernel.name, load)
+        assert "[None, :]" in body
+
+
+@pytest.mark.parametrize("spec", SOURCES)
+def test_no_dead_parameters(spec):
+    tree = ast.parse(SOURCES[spec])
+    for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
+        body = "\n".join(ast.unparse(s) for s in fn.body)
+        for arg in fn.args.args:
+            assert re.search(rf"\b{arg.arg}\b", body), f"{fn.name}: parameter {arg.arg} is never used"
+
+
+@pytest.mark.parametrize("spec", SOURCES)
+def test_file_layout_matches_the_seeds_format(spec):
+    tree = ast.parse(SOURCES[spec])
+    kinds = []
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            kinds.append("import")
+        elif isinstance(node, ast.FunctionDef):
+            kinds.append("kernel" if node.decorator_list else "wrapper")
+        elif isinstance(node, ast.ClassDef):
+            kinds.append(f"class {node.name}")
+        else:
+            kinds.append(type(node).__name__)
+    order = list(dict.fromkeys(kinds))
+    assert order == ["import", "kernel", "wrapper", "class ModelNew"]
+    imports = [ast.unparse(n) for n in tree.body if isinstance(n, ast.Import)]
+    assert imports == ["import torch", "import torch.nn as nn", "import triton", "import triton.language as tl"]
+    for banned in ("__main__", "get_inputs", "get_init_inputs"):
+        assert banned not in SOURCES[spec]
+
+
+@pytest.mark.parametrize("spec", SOURCES)
+def test_forward_calls_only_wrappers_and_views(spec):
+    tree = ast.parse(SOURCES[spec])
+    wrappers = {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.decorator_list}
+    model = next(n for n in tree.body if isinstance(n, ast.ClassDef))
+    forward = next(n for n in model.body if isinstance(n, ast.FunctionDef) and n.name == "forward")
+    for call in (n for n in ast.walk(forward) if isinstance(n, ast.Call)):
+        func = ast.unparse(call.func)
+        assert func in wrappers or func in {"x.flatten", "RuntimeError"}, func
+
+
+@pytest.mark.parametrize("spec", SOURCES)
+def test_kernel_names_say_what_they_fuse_and_point_to_the_spec(spec):
+    source = SOURCES[spec]
+    lines = source.splitlines()
+    for kernel in kernels(source):
+        ops = kernel.name.removesuffix("_kernel").split("_")
+        assert ops, kernel.name
+        index = next(i for i, line in enumerate(lines) if line.startswith(f"def {kernel.name}("))
+        comments = []
+        i = index - 2  # skip the decorator
+        while lines[i].startswith("#"):
+            comments.insert(0, lines[i])
+            i -= 1
+        pointers = [re.match(r"# (\w+\.fuse):(\d+): (.*)", c) for c in comments]
+        pointers = [p for p in pointers if p]
+        assert pointers, (kernel.name, comments)
+        if spec != "extra.fuse":
+            spec_lines = (ROOT / "specs" / spec).read_text().splitlines()
+            for p in pointers:
+                assert spec_lines[int(p.group(2)) - 1].split("#")[0].strip() == p.group(3)
+
+
+@pytest.mark.parametrize("spec", SOURCES)
+def test_black_formatted_and_deterministic(spec):
+    source = SOURCES[spec]
+    assert black.format_str(source, mode=black.Mode()) == source
+    assert sources()[spec] == source
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.name)
+def test_committed_generated_file_matches_its_spec(spec):
+    committed = (ROOT / "generated" / f"{spec.stem}.py").read_text()
+    assert committed == SOURCES[spec.name], "generated/ is stale: run `fusegen build`"
+
+
+def test_blocks_share_kernels():
+    source = SOURCES["mobilenet_v1.fuse"]
+    names = [k.name for k in kernels(source)]
+    assert names == [
+        "conv3x3_bn_relu_kernel",
+        "dwconv3x3_bn_relu_kernel",
+        "conv1x1_bn_relu_kernel",
+        "avgpool_kernel",
+        "linear_kernel",
+    ]

@@ -1,0 +1,104 @@
+"""Whole models: the committed generated files against the plain-torch references in reference_models.py."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reference_models
+from helpers import DEVICE, ON_GPU, TOLERANCE, randomize_batchnorm, rel_error
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def generated(name: str):
+    spec = importlib.util.spec_from_file_location(f"generated_{name}", ROOT / "generated" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+NETS = {
+    "mobilenet_v1": reference_models.MobileNetV1,
+    "efficientnet_b1": reference_models.EfficientNetB1,
+}
+# Constructor arguments other than the defaults: the generated __init__ must follow them.
+SMALL_ARGS = {"mobilenet_v1": dict(num_classes=10, input_channels=3, alpha=0.25), "efficientnet_b1": dict(num_classes=10)}
+
+# (net, kwargs, input shape). MobileNetV1 ends in AvgPool2d(7), so its input must be at least 193 pixels.
+CPU_CASES = [
+    ("mobilenet_v1", SMALL_ARGS["mobilenet_v1"], (1, 3, 197, 211)),
+    ("efficientnet_b1", SMALL_ARGS["efficientnet_b1"], (2, 3, 37, 45)),
+    ("efficientnet_b1", SMALL_ARGS["efficientnet_b1"], (1, 3, 9, 9)),
+]
+GPU_CASES = CPU_CASES + [
+    ("mobilenet_v1", {}, (10, 3, 224, 224)),
+    ("efficientnet_b1", {}, (10, 3, 240, 240)),
+    ("mobilenet_v1", {}, (3, 3, 255, 230)),
+    ("efficientnet_b1", {}, (1, 3, 97, 131)),
+]
+
+
+def pair(name, kwargs):
+    """Reference and ModelNew built as KernelBench builds them: the same seed before each constructor."""
+    torch.manual_seed(42)
+    ref = NETS[name](**kwargs)
+    torch.manual_seed(42)
+    new = generated(name).ModelNew(**kwargs)
+    return ref, new
+
+
+@pytest.mark.parametrize("name", NETS)
+@pytest.mark.parametrize("small", [False, True], ids=["defaults", "small_args"])
+def test_same_parameters_same_order_same_init(name, small):
+    ref, new = pair(name, SMALL_ARGS[name] if small else {})
+    ref_state, new_state = ref.state_dict(), new.state_dict()
+    assert list(ref_state) == list(new_state)
+    for key in ref_state:
+        assert ref_state[key].shape == new_state[key].shape, key
+        assert torch.equal(ref_state[key], new_state[key]), key
+    new.load_state_dict(ref_state, strict=True)
+
+
+@pytest.mark.parametrize("name, kwargs, shape", GPU_CASES if ON_GPU else CPU_CASES)
+def test_eval_mode_matches_reference(name, kwargs, shape):
+    ref, new = pair(name, kwargs)
+    randomize_batchnorm(ref, seed=sum(shape))
+    new.load_state_dict(ref.state_dict(), strict=True)
+    ref, new = ref.eval().to(DEVICE), new.eval().to(DEVICE)
+    x = torch.rand(*shape, device=DEVICE)
+    with torch.no_grad():
+        out = new(x)
+        expected = ref(x)
+    err = rel_error(out, expected)
+    print(f"{name} {list(shape)} rel. L2 error {err:.2e}")
+    assert err < TOLERANCE
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_forward_runs_only_generated_kernels(name, monkeypatch):
+    """No torch conv, batch_norm, linear or pooling runs in forward (modules only hold parameters)."""
+    _, new = pair(name, SMALL_ARGS[name])
+    shape = (1, 3, 193, 193) if name == "mobilenet_v1" else (1, 3, 16, 16)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("forward called a torch op that the kernels should replace")
+
+    for fn in ("conv2d", "batch_norm", "linear", "avg_pool2d", "adaptive_avg_pool2d", "relu", "relu6"):
+        monkeypatch.setattr(F, fn, forbidden)
+    for fn in ("conv2d", "batch_norm", "relu"):
+        monkeypatch.setattr(torch, fn, forbidden)
+    monkeypatch.setattr(torch.nn.Module, "__call__", forbidden)
+    with torch.no_grad():
+        out = type(new).forward(new.eval().to(DEVICE), torch.rand(*shape, device=DEVICE))
+    assert out.shape == (1, 10)
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_training_mode_is_refused_not_silently_wrong(name):
+    _, new = pair(name, SMALL_ARGS[name])
+    new.train()
+    with pytest.raises(RuntimeError, match=r"eval mode only.*\.eval\(\)"):
+        new(torch.rand(1, 3, 193, 193, device=DEVICE))

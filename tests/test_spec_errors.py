@@ -1,0 +1,90 @@
+"""Bad specs: each error names the right line and column and says what was expected."""
+
+import pytest
+
+from fusegen import SpecError, compile_spec
+
+HEADER = "model M(c=8, alpha=0.5)\ninput(2, 3, 16, 16)\n"
+
+
+def error_of(text: str) -> SpecError:
+    with pytest.raises(SpecError) as info:
+        compile_spec(text, "specs/bad.fuse")
+    return info.value
+
+
+CASES = [
+    # (spec, line, column, fragment of the message)
+    (HEADER + "forward:\n    conv1: conv3x3(3, c) ->\n", 4, 28, "expected a name"),
+    (HEADER + "forward:\n    conv1: conv3x3(3, c) @ 2\n", 4, 26, "unexpected character '@'"),
+    (HEADER + "forward:\n    conv1: conv3x3(3, c)\n      bn1: bn(c)\n", 5, 7, "unexpected indentation"),
+    (HEADER + "forward:\n    conv1: conv3x3(3, c)\n  bn1: bn(c)\n", 5, 3, "indentation matches no enclosing block"),
+    (HEADER + "forward:\n    conv1: conv3x3(3, c,\n", 4, 25, "unexpected end of file"),
+    (HEADER + "forward:\n    conv1: conv3x(3, c)\n", 4, 12, "unknown op or block 'conv3x'; did you mean 'conv3x3'"),
+    (HEADER + "forward:\n    conv1: conv3x3(3, c, 1, 1, 1)\n", 4, 32, "conv3x3 takes 4 argument(s)"),
+    (HEADER + "forward:\n    conv1: conv3x3(3, c, pad=1)\n", 4, 26, "has no argument 'pad'"),
+    (HEADER + "forward:\n    conv1: conv3x3(3)\n", 4, 12, "needs the argument 'out_channels'"),
+    (HEADER + "forward:\n    conv1: conv3x3(4, c)\n", 4, 12, "expects 4 input channels, but the tensor flowing in has 3"),
+    (HEADER + "forward:\n    conv1: conv3x3(3, c) -> bn1: bn(9)\n", 4, 34, "bn expects 9 input channels"),
+    (HEADER + "forward:\n    conv1: conv3x3(3, 16 * alpha)\n", 4, 23, "must be a positive integer, got 8.0 (wrap it in int(...))"),
+    (HEADER + "forward:\n    conv1: conv3x3(3, k)\n", 4, 23, "unknown name 'k'"),
+    (HEADER + "forward:\n    conv1: conv3x3(3, c) -> pw: conv1x1(c, c)\n", 4, 33, "conv1x1 cannot join the kernel of conv3x3"),
+    (HEADER + "forward:\n    dw: dwconv3x3(3) -> dw2: dwconv3x3(3)\n", 4, 30, "reads a 3x3 neighbourhood"),
+    (HEADER + "forward:\n    global_avgpool -> flatten -> relu\n", 4, 34, "flatten only reshapes"),
+    (HEADER + "forward:\n    conv1: conv3x3(3, c) -> bn(c)\n", 4, 29, "bn holds parameters, so it needs a name"),
+    (HEADER + "forward:\n    conv1: conv3x3(3, c)\n    conv1: conv1x1(c, c)\n", 5, 5, "'conv1' names a second module"),
+    (HEADER + "forward:\n    training: conv3x3(3, c)\n", 4, 5, "is an attribute of nn.Module"),
+    (HEADER + "forward:\n    fc: linear(3, 10)\n", 4, 9, "linear takes a 2-d (NC) tensor"),
+    (HEADER + "forward:\n    p: avgpool(32)\n", 4, 8, "avgpool(32) needs an input of at least 32x32"),
+    (
+        HEADER + "block b(i, o):\n    conv1x1(i, o) -> bn(o)\nforward:\n    b1: b(3)\n",
+        6,
+        9,
+        "block 'b' takes 2 argument(s) (i, o), 1 given",
+    ),
+    (
+        HEADER + "block b(i, o):\n    conv1x1(i, o) -> bn(i)\nforward:\n    b1: b(3, 8)\n",
+        4,
+        22,
+        "bn expects 3 input channels, but the tensor flowing in has 8 (in b called at line 6)",
+    ),
+    (
+        HEADER + "block b(i, o):\n    conv1x1(i, o)\nforward:\n    b1: b(3, 8) -> relu\n",
+        6,
+        9,
+        "block 'b' expands to chains of its own",
+    ),
+    (HEADER + "block b(i, o):\n    c1: conv1x1(i, o)\nforward:\n    b1: b(3, 8)\n", 4, 5, "numbered like nn.Sequential"),
+    (HEADER + "block b(i):\n    conv1x1(i, i)\nforward:\n    b(3)\n", 6, 5, "a block at the top level needs a name"),
+    (HEADER + "forward:\n    conv1: conv3x3(3, c) * 2\n", 4, 5, "`* N` repeats lines of a sequence or block"),
+    ("input(2, 3, 16, 16)\nmodel M()\nforward:\n    relu\n", 1, 1, "starts with its `model Name(...)` header"),
+    (HEADER + "input(1, 3, 8, 8)\nforward:\n    relu\n", 3, 1, "a second `input(...)` declaration"),
+    ("model M()\nforward:\n    relu\n", None, None, "no `input(...)` declaration"),
+    ("model M(x=1)\ninput(1, 3, 8, 8)\nforward:\n    relu\n", 1, 9, "'x' clashes with a name the generated Python uses"),
+    (HEADER + "forward:\n    seq:\n        relu * 0\n", 5, 16, "a line repeats at least once"),
+    ("model M()\ninput(2, 3, 16)\nforward:\n    relu\n", 2, 1, "the example input is N, C, H, W"),
+    (HEADER + "let f(v) = v / 0\nforward:\n    conv1: conv3x3(3, f(2))\n", 3, 12, "division by zero"),
+]
+
+
+@pytest.mark.parametrize("text, line, column, fragment", CASES)
+def test_error_position_and_message(text, line, column, fragment):
+    err = error_of(text)
+    assert fragment in err.message
+    if line is None:
+        assert err.pos is None
+    else:
+        assert (err.pos.line, err.pos.column) == (line, column), err.message
+
+
+def test_rendered_error_has_file_line_column_and_caret():
+    text = HEADER + "forward:\n    conv1: conv3x3(4, c)\n"
+    rendered = error_of(text).render("specs/bad.fuse", text).splitlines()
+    assert rendered[0].startswith("specs/bad.fuse:4:12: error: conv3x3 expects 4 input channels")
+    assert rendered[1] == "    " + "    conv1: conv3x3(4, c)"
+    assert rendered[2] == "    " + " " * 11 + "^"
+
+
+def test_a_valid_variant_of_each_case_compiles():
+    """The error cases above are one edit away from a spec that compiles."""
+    compile_spec(HEADER + "forward:\n    conv1: conv3x3(3, c) -> bn1: bn(c) -> relu\n", "specs/ok.fuse")
