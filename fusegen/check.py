@@ -46,7 +46,6 @@ class ChainUse:
     text: str  # the chain as written
     site: str  # where a block instantiates it: "20: conv_dw(c(32), c(64), 1)"; "" outside blocks
     in_shape: O.Shape  # at the example input and default arguments
-    out_shape: O.Shape
 
 
 @dataclass(frozen=True)
@@ -409,7 +408,7 @@ class _Checker:
                 raise SpecError(use.pos, f"{err}{where}") from None
         text = self.lines[chain.pos.line - 1].split("#")[0].strip()
         call_site = f"{site.line}: {self.lines[site.line - 1].split('#')[0].strip()}" if site else ""
-        self.chains.append(ChainUse(tuple(uses), chain.pos.line, text, call_site, in_shape, self.shape))
+        self.chains.append(ChainUse(tuple(uses), chain.pos.line, text, call_site, in_shape))
 
     def run(self) -> Model:
         scope, params = self.declarations()

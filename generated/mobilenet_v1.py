@@ -85,7 +85,7 @@ def conv3x3_bn_relu_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b)
+        acc += tl.dot(a, b, input_precision="tf32x3")
     # epilogue: bn
     bn_scale = tl.load(bn_weight_ptr + offs_n, mask=mask_n, other=0.0) * tl.rsqrt(
         tl.load(bn_var_ptr + offs_n, mask=mask_n, other=1.0) + bn_eps
@@ -256,7 +256,7 @@ def conv1x1_bn_relu_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b)
+        acc += tl.dot(a, b, input_precision="tf32x3")
     # epilogue: bn
     bn_scale = tl.load(bn_weight_ptr + offs_n, mask=mask_n, other=0.0) * tl.rsqrt(
         tl.load(bn_var_ptr + offs_n, mask=mask_n, other=1.0) + bn_eps
@@ -387,7 +387,7 @@ def linear_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b)
+        acc += tl.dot(a, b, input_precision="tf32x3")
     acc += tl.load(fc_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     tl.store(
         out_ptr + n[:, None] * out_stride_n + offs_n[None, :] * out_stride_c,

@@ -14,7 +14,7 @@ BAD = "model Broken(c=4)\ninput(1, c, 5, 5)\nforward:\n    conv: conv3x3(c, 8) -
 
 
 def fusegen(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(
         [sys.executable, "-m", "fusegen", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
     )

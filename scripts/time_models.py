@@ -1,0 +1,59 @@
+"""Times eager torch and the generated ModelNew (eval mode, fp32) on the GPU; prints a table.
+
+A quick baseline, not `fusegen bench`: do_bench medians over rotated inputs, batch 10 and 128.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+import triton.testing
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+import reference_models  # noqa: E402
+from helpers import randomize_batchnorm, rel_error  # noqa: E402
+
+NETS = {"mobilenet_v1": (reference_models.MobileNetV1, 224), "efficientnet_b1": (reference_models.EfficientNetB1, 240)}
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "generated" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def median_ms(fn, inputs):
+    state = {"i": 0}
+
+    def step():
+        state["i"] = (state["i"] + 1) % len(inputs)
+        fn(inputs[state["i"]])
+
+    return triton.testing.do_bench(step, warmup=50, rep=300, return_mode="median")
+
+
+def main():
+    print(f"device: {torch.cuda.get_device_name()}")
+    print(f"{'net':<16}{'batch':>6}{'eager ms':>10}{'fusegen ms':>12}{'speedup':>9}{'rel err':>10}")
+    for name, (ref_cls, size) in NETS.items():
+        for batch in (10, 128):
+            torch.manual_seed(42)
+            ref = ref_cls()
+            randomize_batchnorm(ref)
+            torch.manual_seed(42)
+            new = load(name).ModelNew()
+            new.load_state_dict(ref.state_dict())
+            ref, new = ref.eval().cuda(), new.eval().cuda()
+            inputs = [torch.rand(batch, 3, size, size, device="cuda") for _ in range(4)]
+            with torch.no_grad():
+                err = rel_error(new(inputs[0]), ref(inputs[0]))
+                eager = median_ms(ref, inputs)
+                ours = median_ms(new, inputs)
+            print(f"{name:<16}{batch:>6}{eager:>10.3f}{ours:>12.3f}{eager / ours:>9.2f}{err:>10.1e}")
+
+
+if __name__ == "__main__":
+    main()
