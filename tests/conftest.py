@@ -8,6 +8,10 @@ import torch
 if not torch.cuda.is_available():
     assert "triton" not in sys.modules, "triton was imported before TRITON_INTERPRET could be set"
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # References in true fp32: cuDNN would otherwise run convolutions in TF32.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import linecache
 import types
 
 import torch
@@ -20,8 +21,11 @@ def load_spec(text: str, name: str = "test_spec") -> types.ModuleType:
     """Compiles spec text through the whole pipeline and imports the generated file (cached by text)."""
     if text not in _modules:
         source = compile_spec(text, f"specs/{name}.fuse")
+        filename = f"<fusegen {name} {len(_modules)}>"
+        # @triton.jit reads each kernel's source through inspect, which needs a file: register one.
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         module = types.ModuleType(name)
-        exec(compile(source, f"generated/{name}.py", "exec"), module.__dict__)
+        exec(compile(source, filename, "exec"), module.__dict__)
         module.SOURCE = source
         _modules[text] = module
     return _modules[text]

@@ -1,0 +1,437 @@
+"""Property tests for every op and every kind of fused chain: random shapes, compared with plain torch.
+
+Each test builds spec text from drawn integers, compiles it with `load_spec`, runs `ModelNew` in eval
+mode with randomised BatchNorm statistics on random data, and compares with a reference written in
+torch.nn.functional that uses the model's own parameters but the test's own strides, paddings and
+eps (so a module built with the wrong hyper-parameters is caught too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from itertools import count
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import Phase, example, given, settings
+from hypothesis import strategies as st
+
+from helpers import DEVICE, TOLERANCE, load_spec, randomize_batchnorm, rel_error
+
+# Random examples per test, on top of the pinned @example edge cases. No shrinking: under the
+# interpreter it can take minutes, and the failure message already shows the failing spec.
+few_examples = settings(max_examples=10, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+
+batches = st.integers(1, 3)
+# Channel counts that are not multiples of the 16-wide blocks come up often. The kernels tile
+# channels by at most 64, so pinned examples with WIDE channels also cover several channel blocks.
+channels = st.one_of(st.sampled_from([1, 3, 5, 17, 33]), st.integers(1, 40))
+WIDE = 70
+sizes = st.integers(1, 20)  # H and W are drawn independently: odd, non-square and 1 all come up
+strides = st.sampled_from([1, 2])
+
+
+# -- ops as a spec writes them, each with its torch reference ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Op:
+    call: str  # as written in a spec, without a name: "conv3x3(3, 8, stride=2, padding=1)"
+    reference: Callable[[nn.Module | None, torch.Tensor], torch.Tensor]  # (the op's module, input) -> output
+    has_params: bool = True  # at the top level it needs a name, and its module is `model.<name>`
+
+
+def padding_arg(padding: int | None) -> str:
+    """The spec's padding keyword; None leaves it out, so the op's default k // 2 applies."""
+    return "" if padding is None else f", padding={padding}"
+
+
+def conv(k: int, c_in: int, c_out: int, stride: int = 1, padding: int | None = None) -> Op:
+    """convKxK (padding None: the op's default k // 2), or the conv1x1 GEMM op for k == 1."""
+    if k == 1:
+        assert padding in (None, 0), "conv1x1 has no padding argument"
+        call, pad = f"conv1x1({c_in}, {c_out}, stride={stride})", 0
+    else:
+        pad = k // 2 if padding is None else padding
+        call = f"conv{k}x{k}({c_in}, {c_out}, stride={stride}{padding_arg(padding)})"
+    return Op(call, lambda m, y: F.conv2d(y, m.weight, None, stride, pad))
+
+
+def dwconv(k: int, c: int, stride: int = 1, padding: int | None = None) -> Op:
+    pad = k // 2 if padding is None else padding
+    call = f"dwconv{k}x{k}({c}, stride={stride}{padding_arg(padding)})"
+    return Op(call, lambda m, y: F.conv2d(y, m.weight, None, stride, pad, groups=c))
+
+
+def bn(c: int, eps: float | None = None) -> Op:
+    call = f"bn({c})" if eps is None else f"bn({c}, eps={eps!r})"
+    e = 1e-5 if eps is None else eps
+    return Op(call, lambda m, y: F.batch_norm(y, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, e))
+
+
+def linear(f_in: int, f_out: int) -> Op:
+    return Op(f"linear({f_in}, {f_out})", lambda m, y: F.linear(y, m.weight, m.bias))
+
+
+def avgpool(k: int) -> Op:
+    return Op(f"avgpool({k})", lambda m, y: F.avg_pool2d(y, k))
+
+
+relu = Op("relu", lambda m, y: F.relu(y), has_params=False)
+relu6 = Op("relu6", lambda m, y: F.relu6(y), has_params=False)
+global_avgpool = Op("global_avgpool", lambda m, y: F.adaptive_avg_pool2d(y, 1), has_params=False)
+flatten = Op("flatten", lambda m, y: torch.flatten(y, 1), has_params=False)
+
+ACTIVATIONS = {"relu": relu, "relu6": relu6}
+
+
+# -- running a spec against the reference ---------------------------------------------------------------
+
+
+def load(text: str):
+    return load_spec(text, "test_ops_" + hashlib.sha1(text.encode()).hexdigest()[:12])
+
+
+def spec_text(input_shape: tuple[int, ...], lines: list[str]) -> str:
+    header = ["model Net()", f"input({', '.join(map(str, input_shape))})", "forward:"]
+    return "\n".join(header + [f"    {line}" for line in lines]) + "\n"
+
+
+Step = tuple[Op, str | None]  # an op and the ModelNew attribute that holds its module
+
+
+def check(input_shape: tuple[int, ...], *chains: list[Op], seed: int = 0, layout=None) -> None:
+    """Compiles one spec line per chain (ops with parameters named op0, op1, ...) and compares
+    ModelNew with the reference on random data."""
+    names = (f"op{i}" for i in count())
+    lines, steps = [], []
+    for chain in chains:
+        calls = []
+        for op in chain:
+            name = next(names) if op.has_params else None
+            calls.append(f"{name}: {op.call}" if name else op.call)
+            steps.append((op, name))
+        lines.append(" -> ".join(calls))
+    compare(spec_text(input_shape, lines), steps, input_shape, seed=seed, layout=layout)
+
+
+def compare(text: str, steps: list[Step], input_shape, kwargs=None, seed: int = 0, layout=None) -> None:
+    """Runs `ModelNew(**kwargs)` of a spec on random data; the reference applies `steps` in order.
+
+    `layout` (optional) re-lays the input out in memory (other strides, maybe a storage offset or
+    broadcast rows) before the model sees it; the reference gets a contiguous copy of the same values.
+    """
+    module = load(text)
+    torch.manual_seed(seed)
+    model = module.ModelNew(**(kwargs or {})).to(DEVICE).eval()
+    randomize_batchnorm(model, seed)
+    # Scaled up so that relu6's clamp at 6 is exercised too, not only the one at 0.
+    x = 4 * torch.randn(input_shape, device=DEVICE)
+    if layout is not None:
+        x = layout(x)
+    x_before = x.clone()
+    with torch.no_grad():
+        out = model(x)
+        ref = x.contiguous()
+        for op, name in steps:
+            ref = op.reference(getattr(model, name) if name else None, ref)
+    assert torch.equal(x, x_before), "the model wrote to its input"
+    err = rel_error(out, ref)
+    assert err < TOLERANCE, f"relative error {err:.3g} >= {TOLERANCE}\nModelNew({kwargs or ''}) of spec:\n{text}"
+
+
+def at_least(size: int, minimum: int) -> int:
+    return max(size, minimum)
+
+
+# -- each anchor alone -----------------------------------------------------------------------------------
+
+
+@few_examples
+@given(
+    k=st.sampled_from([3, 5]),
+    padding=st.sampled_from([0, 1, None]),
+    stride=strides,
+    n=batches,
+    c_in=channels,
+    c_out=channels,
+    h=sizes,
+    w=sizes,
+)
+@example(k=3, padding=None, stride=1, n=1, c_in=1, c_out=1, h=1, w=1)
+@example(k=3, padding=1, stride=2, n=3, c_in=17, c_out=33, h=9, w=14)
+@example(k=5, padding=0, stride=2, n=2, c_in=5, c_out=3, h=7, w=5)
+@example(k=5, padding=None, stride=1, n=1, c_in=3, c_out=17, h=1, w=6)
+def test_conv_kxk(k, padding, stride, n, c_in, c_out, h, w):
+    smallest = k - 2 * (k // 2 if padding is None else padding)  # the window must fit in the padded input
+    shape = (n, c_in, at_least(h, smallest), at_least(w, smallest))
+    check(shape, [conv(k, c_in, c_out, stride, padding)])
+
+
+@few_examples
+@given(stride=strides, n=batches, c_in=channels, c_out=channels, h=sizes, w=sizes)
+@example(stride=1, n=1, c_in=1, c_out=1, h=1, w=1)
+@example(stride=2, n=3, c_in=33, c_out=17, h=1, w=1)
+@example(stride=2, n=2, c_in=40, c_out=5, h=11, w=4)
+@example(stride=1, n=2, c_in=WIDE, c_out=WIDE, h=3, w=5)
+def test_conv1x1(stride, n, c_in, c_out, h, w):
+    check((n, c_in, h, w), [conv(1, c_in, c_out, stride)])
+
+
+@few_examples
+@given(
+    k=st.sampled_from([3, 5]),
+    padding=st.sampled_from([0, None]),
+    stride=strides,
+    n=batches,
+    c=channels,
+    h=sizes,
+    w=sizes,
+)
+@example(k=3, padding=None, stride=1, n=1, c=1, h=1, w=1)
+@example(k=3, padding=None, stride=2, n=2, c=17, h=1, w=1)
+@example(k=5, padding=None, stride=2, n=3, c=33, h=13, w=6)
+@example(k=5, padding=0, stride=1, n=1, c=5, h=5, w=9)
+@example(k=3, padding=None, stride=1, n=2, c=WIDE, h=4, w=3)
+def test_dwconv(k, padding, stride, n, c, h, w):
+    smallest = k - 2 * (k // 2 if padding is None else padding)
+    check((n, c, at_least(h, smallest), at_least(w, smallest)), [dwconv(k, c, stride, padding)])
+
+
+@few_examples
+@given(n=batches, c=channels, h=st.integers(1, 3), w=st.integers(1, 3), f_out=channels)
+@example(n=1, c=1, h=1, w=1, f_out=1)
+@example(n=3, c=17, h=1, w=1, f_out=33)
+@example(n=2, c=5, h=3, w=2, f_out=17)
+@example(n=2, c=WIDE, h=1, w=2, f_out=WIDE)
+def test_linear(n, c, h, w, f_out):
+    """A bare `flatten` line (a view, no kernel) feeds the 2-d linear kernel."""
+    check((n, c, h, w), [flatten], [linear(c * h * w, f_out)])
+
+
+@few_examples
+@given(k=st.sampled_from([2, 3]), n=batches, c=channels, h=sizes, w=sizes)
+@example(k=2, n=1, c=1, h=2, w=2)
+@example(k=3, n=3, c=17, h=3, w=11)
+@example(k=2, n=2, c=33, h=9, w=5)
+def test_avgpool(k, n, c, h, w):
+    check((n, c, at_least(h, k), at_least(w, k)), [avgpool(k)])
+
+
+@few_examples
+@given(then_flatten=st.booleans(), n=batches, c=channels, h=sizes, w=sizes)
+@example(then_flatten=True, n=1, c=1, h=1, w=1)
+@example(then_flatten=False, n=3, c=33, h=1, w=1)
+@example(then_flatten=True, n=2, c=17, h=7, w=12)
+@example(then_flatten=False, n=1, c=5, h=13, w=3)
+@example(then_flatten=True, n=2, c=WIDE, h=2, w=3)
+def test_global_avgpool(then_flatten, n, c, h, w):
+    check((n, c, h, w), [global_avgpool, flatten] if then_flatten else [global_avgpool])
+
+
+# -- fused chains: anchor -> elementwise epilogue -------------------------------------------------------
+
+EPILOGUES = {"bn": [], "bn_relu": [relu], "bn_relu6": [relu6]}  # after the bn
+
+
+def anchor_op(kind: str, c_in: int, c_out: int, stride: int) -> tuple[Op, int]:
+    """The anchor and its output channels."""
+    if kind == "dwconv3x3":
+        return dwconv(3, c_in, stride), c_in
+    return conv(1 if kind == "conv1x1" else 3, c_in, c_out, stride), c_out
+
+
+@pytest.mark.parametrize("epilogue", list(EPILOGUES))
+@pytest.mark.parametrize("kind", ["conv3x3", "dwconv3x3", "conv1x1"])
+@few_examples
+@given(stride=strides, n=batches, c_in=channels, c_out=channels, h=sizes, w=sizes)
+@example(stride=1, n=1, c_in=1, c_out=1, h=1, w=1)
+@example(stride=2, n=3, c_in=17, c_out=33, h=9, w=4)
+@example(stride=1, n=2, c_in=WIDE, c_out=WIDE, h=3, w=2)
+def test_anchor_epilogue(kind, epilogue, stride, n, c_in, c_out, h, w):
+    anchor, channels_out = anchor_op(kind, c_in, c_out, stride)
+    check((n, c_in, h, w), [anchor, bn(channels_out), *EPILOGUES[epilogue]])
+
+
+@few_examples
+@given(n=batches, c=channels, h=sizes, w=sizes, f_out=channels)
+@example(n=1, c=1, h=1, w=1, f_out=1)
+@example(n=3, c=33, h=5, w=8, f_out=17)
+def test_global_avgpool_flatten_linear_relu(n, c, h, w, f_out):
+    """`global_avgpool -> flatten` then `linear -> relu`: the 2-d anchor with an epilogue."""
+    check((n, c, h, w), [global_avgpool, flatten], [linear(c, f_out), relu])
+
+
+# -- elementwise-only chains (the identity "load" anchor) ------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@few_examples
+@given(eps=st.sampled_from([None, 1e-3]), n=batches, c=channels, h=sizes, w=sizes)
+@example(eps=None, n=1, c=1, h=1, w=1)
+@example(eps=1e-3, n=3, c=33, h=7, w=12)
+def test_elementwise_chain_4d(activation, eps, n, c, h, w):
+    check((n, c, h, w), [bn(c, eps), ACTIVATIONS[activation]])
+
+
+@few_examples
+@given(n=batches, c=channels, h=st.integers(1, 4), w=st.integers(1, 4))
+@example(n=1, c=1, h=1, w=1)
+@example(n=3, c=17, h=3, w=2)
+def test_elementwise_chain_2d(n, c, h, w):
+    """`relu6` alone on the 2-d output of `flatten`."""
+    check((n, c, h, w), [flatten], [relu6])
+
+
+# -- prologue chains: elementwise ops on each input tile as the anchor loads it -------------------------
+
+
+@few_examples
+@given(with_epilogue=st.booleans(), stride=strides, n=batches, c_in=channels, c_out=channels, h=sizes, w=sizes)
+@example(with_epilogue=False, stride=1, n=1, c_in=1, c_out=1, h=1, w=1)
+@example(with_epilogue=True, stride=2, n=3, c_in=33, c_out=17, h=1, w=1)
+@example(with_epilogue=False, stride=2, n=2, c_in=17, c_out=5, h=9, w=6)
+@example(with_epilogue=True, stride=1, n=2, c_in=WIDE, c_out=WIDE, h=2, w=3)
+def test_prologue_conv1x1(with_epilogue, stride, n, c_in, c_out, h, w):
+    """`bn -> relu -> conv1x1`, optionally `-> bn -> relu6` after it (two bns in one kernel)."""
+    epilogue = [bn(c_out), relu6] if with_epilogue else []
+    check((n, c_in, h, w), [bn(c_in), relu, conv(1, c_in, c_out, stride), *epilogue])
+
+
+@pytest.mark.parametrize("kind", ["dwconv3x3", "conv3x3"])
+@few_examples
+@given(stride=strides, n=batches, c_in=channels, c_out=channels, h=sizes, w=sizes)
+@example(stride=1, n=1, c_in=1, c_out=1, h=1, w=1)
+@example(stride=2, n=3, c_in=33, c_out=17, h=2, w=1)
+@example(stride=1, n=2, c_in=17, c_out=5, h=7, w=10)
+@example(stride=1, n=1, c_in=WIDE, c_out=WIDE, h=3, w=2)
+def test_prologue_padded(kind, stride, n, c_in, c_out, h, w):
+    """`bn -> relu -> conv`: the padding is zero AFTER the prologue, i.e. conv(relu(bn(x))) with zero padding."""
+    anchor, _ = anchor_op(kind, c_in, c_out, stride)
+    check((n, c_in, h, w), [bn(c_in), relu, anchor])
+
+
+@few_examples
+@given(pool=st.sampled_from(["avgpool2", "avgpool3", "global"]), n=batches, c=channels, h=sizes, w=sizes)
+@example(pool="global", n=1, c=1, h=1, w=1)
+@example(pool="avgpool3", n=3, c=33, h=3, w=10)
+@example(pool="avgpool2", n=2, c=17, h=7, w=2)
+def test_prologue_pool(pool, n, c, h, w):
+    """`bn -> relu6 -> avgpool(k)` and `bn -> relu6 -> global_avgpool -> flatten`."""
+    if pool == "global":
+        check((n, c, h, w), [bn(c), relu6, global_avgpool, flatten])
+    else:
+        k = int(pool[-1])
+        check((n, c, at_least(h, k), at_least(w, k)), [bn(c), relu6, avgpool(k)])
+
+
+# -- a whole model ---------------------------------------------------------------------------------------
+
+
+@few_examples
+@given(n=batches, c_in=channels, c_mid=channels, c_out=channels, classes=channels, h=sizes, w=sizes)
+@example(n=1, c_in=1, c_mid=1, c_out=1, classes=1, h=1, w=1)
+@example(n=3, c_in=3, c_mid=17, c_out=33, classes=5, h=9, w=14)
+def test_multi_chain_model(n, c_in, c_mid, c_out, classes, h, w):
+    check(
+        (n, c_in, h, w),
+        [conv(3, c_in, c_mid, stride=2), bn(c_mid), relu],
+        [dwconv(3, c_mid), bn(c_mid), relu6],
+        [conv(1, c_mid, c_out), bn(c_out)],
+        [bn(c_out), relu],
+        [bn(c_out), relu, conv(1, c_out, c_mid)],
+        [bn(c_mid), relu6, dwconv(5, c_mid, stride=2)],
+        [global_avgpool, flatten],
+        [linear(c_mid, classes), relu],
+        [linear(classes, classes)],
+    )
+
+
+NET_SPEC = """\
+model Net(c_in=8, c_out=16, classes=5)
+input(2, c_in, 9, 9)
+forward:
+    conv1: conv3x3(c_in, c_out, stride=2) -> bn1: bn(c_out) -> relu
+    dw: dwconv3x3(c_out, stride=1) -> bn2: bn(c_out) -> relu6
+    pw: conv1x1(c_out, 24) -> bn3: bn(24)
+    bn4: bn(24) -> relu
+    bn5: bn(24) -> relu -> pw2: conv1x1(24, c_in)
+    global_avgpool -> flatten
+    fc: linear(c_in, classes)
+"""
+
+
+@few_examples
+@given(n=batches, c_in=channels, c_out=channels, classes=channels, h=sizes, w=sizes)
+@example(n=2, c_in=8, c_out=16, classes=5, h=9, w=9)  # the spec's own example
+@example(n=1, c_in=1, c_out=1, classes=1, h=1, w=1)
+@example(n=3, c_in=17, c_out=33, classes=3, h=6, w=11)
+def test_constructor_arguments(n, c_in, c_out, classes, h, w):
+    """ModelNew(**kwargs) builds the model at other sizes than the defaults the spec was checked at."""
+    steps = [
+        (conv(3, c_in, c_out, stride=2), "conv1"), (bn(c_out), "bn1"), (relu, None),
+        (dwconv(3, c_out), "dw"), (bn(c_out), "bn2"), (relu6, None),
+        (conv(1, c_out, 24), "pw"), (bn(24), "bn3"),
+        (bn(24), "bn4"), (relu, None),
+        (bn(24), "bn5"), (relu, None), (conv(1, 24, c_in), "pw2"),
+        (global_avgpool, None), (flatten, None),
+        (linear(c_in, classes), "fc"),
+    ]  # fmt: skip
+    compare(NET_SPEC, steps, (n, c_in, h, w), kwargs=dict(c_in=c_in, c_out=c_out, classes=classes))
+
+
+# -- inputs that are not contiguous ----------------------------------------------------------------------
+
+
+def embedded_in_nan(x: torch.Tensor) -> torch.Tensor:
+    """The same values as a view into a larger NaN-filled tensor: other strides and a storage offset."""
+    n, c, h, w = x.shape
+    big = torch.full((n + 1, c + 2, h + 1, 2 * w + 3), float("nan"), device=x.device)
+    view = big[1:, 1 : c + 1, 1:, 3::2]
+    view.copy_(x)
+    return view
+
+
+LAYOUTS = {
+    "channels_last": lambda x: x.to(memory_format=torch.channels_last),
+    "hw_transposed": lambda x: x.transpose(2, 3).contiguous().transpose(2, 3),
+    "embedded_in_nan": embedded_in_nan,
+    "broadcast_batch": lambda x: x[:1].expand_as(x),  # batch stride 0
+}
+
+
+# A chain for each way an anchor loads its input: (c_in, c_out, stride) -> ops.
+FIRST_CHAINS = {
+    "conv3x3_bn_relu": lambda c_in, c_out, stride: [conv(3, c_in, c_out, stride), bn(c_out), relu],
+    "dwconv3x3_bn_relu6": lambda c_in, c_out, stride: [dwconv(3, c_in, stride), bn(c_in), relu6],
+    "bn_relu_conv1x1": lambda c_in, c_out, stride: [bn(c_in), relu, conv(1, c_in, c_out, stride)],
+    "bn_relu": lambda c_in, c_out, stride: [bn(c_in), relu],
+    "avgpool2": lambda c_in, c_out, stride: [avgpool(2)],
+    "global_avgpool_flatten": lambda c_in, c_out, stride: [global_avgpool, flatten],
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@few_examples
+@given(
+    kind=st.sampled_from(list(FIRST_CHAINS)),
+    stride=strides,
+    n=batches,
+    c_in=channels,
+    c_out=channels,
+    h=st.integers(2, 20),  # at least 2, for avgpool(2)
+    w=st.integers(2, 20),
+)
+@example(kind="conv3x3_bn_relu", stride=2, n=2, c_in=5, c_out=17, h=9, w=6)
+@example(kind="dwconv3x3_bn_relu6", stride=1, n=3, c_in=17, c_out=1, h=5, w=8)
+@example(kind="bn_relu_conv1x1", stride=2, n=2, c_in=33, c_out=3, h=7, w=4)
+@example(kind="bn_relu", stride=1, n=2, c_in=3, c_out=1, h=3, w=7)
+@example(kind="avgpool2", stride=1, n=2, c_in=5, c_out=1, h=7, w=4)
+@example(kind="global_avgpool_flatten", stride=1, n=3, c_in=17, c_out=1, h=5, w=3)
+def test_noncontiguous_input(layout, kind, stride, n, c_in, c_out, h, w):
+    """The kernels index the input through its strides: a re-laid-out input gives the same output."""
+    check((n, c_in, h, w), FIRST_CHAINS[kind](c_in, c_out, stride), layout=LAYOUTS[layout])
