@@ -96,7 +96,8 @@ def expr_source(e: S.Expr, parent: int = 0, right: bool = False) -> str:
 @dataclass
 class _Scope:
     values: dict[str, object]
-    functions: dict[str, S.LetDecl]
+    # let functions, each with the values visible where it was declared (Python closes over those)
+    functions: dict[str, tuple[S.LetDecl, dict[str, object]]]
 
     def child(self, values: dict[str, object]) -> "_Scope":
         return _Scope({**self.values, **values}, self.functions)
@@ -119,10 +120,10 @@ def evaluate(e: S.Expr, scope: _Scope) -> object:
     if isinstance(e, S.Apply):
         args = [evaluate(a, scope) for a in e.args]
         if e.func in scope.functions:
-            let = scope.functions[e.func]
+            let, closure = scope.functions[e.func]
             if len(args) != len(let.params):
                 raise SpecError(e.pos, f"{e.func}() takes {len(let.params)} argument(s), {len(args)} given")
-            return evaluate(let.value, scope.child(dict(zip(let.params, args))))
+            return evaluate(let.value, _Scope({**closure, **dict(zip(let.params, args))}, scope.functions))
         if e.func not in BUILTINS:
             known = sorted([*BUILTINS, *scope.functions])
             raise SpecError(e.pos, f"unknown function {e.func!r}; expressions may call {', '.join(known)}")
@@ -201,7 +202,7 @@ class _Checker:
             if in_block:
                 raise SpecError(let.pos, "let functions are declared at the top of the spec, not inside a body")
             self.init.append(Function(let.name, let.params, (), expr_source(let.value)))
-            return _Scope(scope.values, {**scope.functions, let.name: let})
+            return _Scope(scope.values, {**scope.functions, let.name: (let, scope.values)})
         value = evaluate(let.value, scope)
         if not in_block:
             self.init.append(Assign(let.name, expr_source(let.value)))

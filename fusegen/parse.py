@@ -28,7 +28,6 @@ TOKEN_WORDS = {
     "COMMA": "','",
     "COLON": "':'",
     "EQUAL": "'='",
-    "__ANON_0": "'->'",
     "STAR": "'*'",
     "SLASH": "'/'",
     "PLUS": "'+'",
@@ -192,7 +191,7 @@ def _syntax_error(err: UnexpectedInput, text: str, parser: Lark) -> SpecError:
     if isinstance(err, UnexpectedCharacters):
         char = text[err.pos_in_stream] if err.pos_in_stream < len(text) else "end of file"
         return SpecError(Pos(err.line, err.column), f"unexpected character {char!r}")
-    expected = sorted({_word(t, parser) for t in err.expected if not t.startswith("__ANON") or t in TOKEN_WORDS})
+    expected = sorted({_word(t, parser) for t in err.expected})
     if isinstance(err, UnexpectedEOF) or (isinstance(err, UnexpectedToken) and err.token.type == "$END"):
         lines = text.splitlines() or [""]
         pos = Pos(len(lines), len(lines[-1]) + 1)

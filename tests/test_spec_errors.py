@@ -88,3 +88,16 @@ def test_rendered_error_has_file_line_column_and_caret():
 def test_a_valid_variant_of_each_case_compiles():
     """The error cases above are one edit away from a spec that compiles."""
     compile_spec(HEADER + "forward:\n    conv1: conv3x3(3, c) -> bn1: bn(c) -> relu\n", "specs/ok.fuse")
+
+
+def test_let_functions_see_their_declaration_scope_like_python():
+    """`c` closes over the constructor's alpha, not a block parameter of the same name."""
+    from helpers import load_spec
+
+    text = (
+        "model M(alpha=2)\ninput(1, 3, 8, 8)\nlet c(v) = int(v * alpha)\n"
+        "block b(alpha):\n    conv1x1(3, c(alpha))\nforward:\n    x1: b(4)\n    y: conv1x1(8, 8)\n"
+    )
+    assert load_spec(text, "closure").ModelNew().x1[0].out_channels == 8
+    with pytest.raises(SpecError, match="conv1x1 expects 12 input channels"):
+        compile_spec(text.replace("y: conv1x1(8, 8)", "y: conv1x1(12, 8)"), "specs/closure.fuse")
