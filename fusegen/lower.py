@@ -17,6 +17,9 @@ from fusegen import ops as O
 from fusegen.plan import FusedOp, Kernel
 
 INDENT = "    "
+# Activations between kernels are channels-last: the tile's channel axis then has stride 1, so every
+# load and store of a tile is coalesced, and a 1x1 conv reads plain rows of a GEMM operand.
+_LAYOUT = {4: ", memory_format=torch.channels_last", 2: ""}
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
         f"def {kernel.name}({', '.join(['x', *modules])}):",
         INDENT + dims_line,
         *(INDENT + line for line in anchor_dims),
-        INDENT + f"out = torch.empty(({out_shape}), device=x.device, dtype=torch.float32)",
+        INDENT + f"out = torch.empty(({out_shape}), device=x.device, dtype=torch.float32{_LAYOUT[out_rank]})",
         INDENT + f"BLOCK_M = {block_m}",
         INDENT + "BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))",
     ]

@@ -558,7 +558,12 @@ def conv3x3_bn_relu(x, conv, bn):
     C_out = conv.out_channels
     OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
     OW = (W + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
-    out = torch.empty((N, C_out, OH, OW), device=x.device, dtype=torch.float32)
+    out = torch.empty(
+        (N, C_out, OH, OW),
+        device=x.device,
+        dtype=torch.float32,
+        memory_format=torch.channels_last,
+    )
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     BLOCK_K = 32
@@ -603,7 +608,12 @@ def conv1x1_bn_relu6(x, conv, bn):
     C_out = conv.out_channels
     OH = (H - 1) // conv.stride[0] + 1
     OW = (W - 1) // conv.stride[1] + 1
-    out = torch.empty((N, C_out, OH, OW), device=x.device, dtype=torch.float32)
+    out = torch.empty(
+        (N, C_out, OH, OW),
+        device=x.device,
+        dtype=torch.float32,
+        memory_format=torch.channels_last,
+    )
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     BLOCK_K = 32
@@ -643,7 +653,12 @@ def dwconv3x3_bn_relu6(x, conv, bn):
     C_out = C_in
     OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
     OW = (W + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
-    out = torch.empty((N, C_out, OH, OW), device=x.device, dtype=torch.float32)
+    out = torch.empty(
+        (N, C_out, OH, OW),
+        device=x.device,
+        dtype=torch.float32,
+        memory_format=torch.channels_last,
+    )
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
@@ -685,7 +700,12 @@ def conv1x1_bn(x, conv, bn):
     C_out = conv.out_channels
     OH = (H - 1) // conv.stride[0] + 1
     OW = (W - 1) // conv.stride[1] + 1
-    out = torch.empty((N, C_out, OH, OW), device=x.device, dtype=torch.float32)
+    out = torch.empty(
+        (N, C_out, OH, OW),
+        device=x.device,
+        dtype=torch.float32,
+        memory_format=torch.channels_last,
+    )
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     BLOCK_K = 32
@@ -725,7 +745,12 @@ def conv1x1_bn_relu(x, conv, bn):
     C_out = conv.out_channels
     OH = (H - 1) // conv.stride[0] + 1
     OW = (W - 1) // conv.stride[1] + 1
-    out = torch.empty((N, C_out, OH, OW), device=x.device, dtype=torch.float32)
+    out = torch.empty(
+        (N, C_out, OH, OW),
+        device=x.device,
+        dtype=torch.float32,
+        memory_format=torch.channels_last,
+    )
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     BLOCK_K = 32
@@ -765,7 +790,12 @@ def global_avgpool_flatten(x):
     C_out = C_in
     OH = 1
     OW = 1
-    out = torch.empty((N, C_out, OH, OW), device=x.device, dtype=torch.float32)
+    out = torch.empty(
+        (N, C_out, OH, OW),
+        device=x.device,
+        dtype=torch.float32,
+        memory_format=torch.channels_last,
+    )
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))

@@ -401,7 +401,12 @@ def conv3x3_bn_relu(x, conv, bn):
     C_out = conv.out_channels
     OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
     OW = (W + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
-    out = torch.empty((N, C_out, OH, OW), device=x.device, dtype=torch.float32)
+    out = torch.empty(
+        (N, C_out, OH, OW),
+        device=x.device,
+        dtype=torch.float32,
+        memory_format=torch.channels_last,
+    )
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     BLOCK_K = 32
@@ -446,7 +451,12 @@ def dwconv3x3_bn_relu(x, conv, bn):
     C_out = C_in
     OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
     OW = (W + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
-    out = torch.empty((N, C_out, OH, OW), device=x.device, dtype=torch.float32)
+    out = torch.empty(
+        (N, C_out, OH, OW),
+        device=x.device,
+        dtype=torch.float32,
+        memory_format=torch.channels_last,
+    )
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
@@ -488,7 +498,12 @@ def conv1x1_bn_relu(x, conv, bn):
     C_out = conv.out_channels
     OH = (H - 1) // conv.stride[0] + 1
     OW = (W - 1) // conv.stride[1] + 1
-    out = torch.empty((N, C_out, OH, OW), device=x.device, dtype=torch.float32)
+    out = torch.empty(
+        (N, C_out, OH, OW),
+        device=x.device,
+        dtype=torch.float32,
+        memory_format=torch.channels_last,
+    )
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     BLOCK_K = 32
@@ -528,7 +543,12 @@ def avgpool(x, pool):
     C_out = C_in
     OH = (H - pool.kernel_size) // pool.kernel_size + 1
     OW = (W - pool.kernel_size) // pool.kernel_size + 1
-    out = torch.empty((N, C_out, OH, OW), device=x.device, dtype=torch.float32)
+    out = torch.empty(
+        (N, C_out, OH, OW),
+        device=x.device,
+        dtype=torch.float32,
+        memory_format=torch.channels_last,
+    )
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))

@@ -13,3 +13,4 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/dev
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 python3 -m pytest -q -rA -s -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.log" | grep -vE "^(PASSED|\.)" | tail -n 60
 python3 scripts/time_models.py 2>&1 | tee "$OUT/timing.txt"
+python3 scripts/time_models.py --profile 2>&1 | tee "$OUT/profile.txt"

@@ -62,5 +62,30 @@ def main():
             )
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and "--profile" not in sys.argv:
     main()
+
+
+def profile(name: str, batch: int, top: int = 12) -> None:
+    """Where the GPU time of one forward goes, per generated kernel (torch.profiler)."""
+    ref_cls, size = NETS[name]
+    torch.manual_seed(42)
+    new = load(name).ModelNew().eval().cuda()
+    x = torch.rand(batch, 3, size, size, device="cuda")
+    with torch.no_grad():
+        for _ in range(3):
+            new(x)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                new(x)
+            torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:top]
+    print(f"\n{name} batch {batch}: GPU time per forward by kernel")
+    for e in rows:
+        print(f"  {e.key[:60]:<60}{e.device_time_total / 5 / 1000:>9.3f} ms{e.count // 5:>5} launches")
+
+
+if __name__ == "__main__" and "--profile" in sys.argv:
+    profile("mobilenet_v1", 128)
+    profile("efficientnet_b1", 128)
