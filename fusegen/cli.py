@@ -1,18 +1,22 @@
-"""`fusegen build [SPEC ...] [--check]`: specs/*.fuse -> generated/*.py."""
+"""`fusegen build [SPEC ...] [--check]`: specs/*.fuse -> generated/*.py.
+`fusegen lint FILE [...] [--format json] [--rules]`: the seeds' rules, checked on Python source."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 from fusegen.errors import SpecError
+from fusegen.lint import RULES, lint_source
 from fusegen.pipeline import compile_spec
 
 SPEC_DIR = Path("specs")
 OUT_DIR = Path("generated")
+INTERNAL_ERROR = 70  # EX_SOFTWARE: a fusegen bug, not a bad spec (2)
 
 
 def _output_path(spec: Path, out_dir: Path) -> Path:
@@ -51,6 +55,20 @@ def build(args: argparse.Namespace) -> int:
     if failed:
         print("fusegen: nothing written", file=sys.stderr)
         return 2
+    # The generated code must pass `fusegen lint`; if it does not, the generator is wrong.
+    for spec, text in outputs.items():
+        violations = lint_source(text, _output_path(spec, out_dir).as_posix())
+        if violations:
+            print(
+                f"fusegen: internal error: generated code for {spec} violates lint rules (a generator bug, please report):",
+                file=sys.stderr,
+            )
+            for violation in violations:
+                print(f"  {violation}", file=sys.stderr)
+            failed = True
+    if failed:
+        print("fusegen: nothing written", file=sys.stderr)
+        return INTERNAL_ERROR
     if args.check:
         stale = []
         for spec, text in outputs.items():
@@ -72,6 +90,37 @@ def build(args: argparse.Namespace) -> int:
     return 0
 
 
+def lint(args: argparse.Namespace) -> int:
+    if args.rules:
+        for r in RULES:
+            print(f"{r.id}  {r.name}: {r.rationale}")
+        return 0
+    if not args.files:
+        print("fusegen: no files to lint", file=sys.stderr)
+        return 2
+    violations = []
+    unreadable = False
+    for name in args.files:
+        paths = sorted(Path(name).glob("*.py")) if Path(name).is_dir() else [Path(name)]
+        for path in paths:
+            try:
+                source = path.read_text(encoding="utf-8")
+                violations += lint_source(source, str(path))
+            except (OSError, UnicodeDecodeError) as err:
+                print(f"{path}: error: cannot read: {getattr(err, 'strerror', None) or err}", file=sys.stderr)
+                unreadable = True
+            except SyntaxError as err:
+                where = f"{path}:{err.lineno}:{err.offset or 1}" if err.lineno else str(path)
+                print(f"{where}: error: not valid Python: {err.msg}", file=sys.stderr)
+                unreadable = True
+    if args.format == "json":
+        print(json.dumps([v.as_dict() for v in violations], indent=2))
+    else:
+        for violation in violations:
+            print(violation)
+    return 2 if unreadable else 1 if violations else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fusegen", description="Fused Triton kernels and a ModelNew from a .fuse spec.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a generated file is stale")
     p.add_argument("--out-dir", default=str(OUT_DIR), help="where generated files go (default: generated)")
     p.set_defaults(run=build)
+    p = commands.add_parser("lint", help="check Triton model files against the seeds' rules (never runs them)")
+    p.add_argument("files", nargs="*", metavar="FILE", help="Python files (a directory: its *.py files)")
+    p.add_argument("--format", choices=("text", "json"), default="text", help="text: file:line:col: RULE message")
+    p.add_argument("--rules", action="store_true", help="list the rules with their rationale and exit")
+    p.set_defaults(run=lint)
     args = parser.parse_args(argv)
     return args.run(args)
 
