@@ -97,7 +97,6 @@ class Op:
     module: Callable[[dict[str, str]], str] | None
     # the kernel reads the module's attributes, so at the top level of forward the op needs a name
     needs_module: bool
-    in_channels: str | None  # the arg that must equal the channels flowing in
     shape: Callable[[dict[str, object], Shape], Shape]
     reference: Callable[[torch.nn.Module | None, torch.Tensor], torch.Tensor]
     lowering: Anchor | Elementwise | View
@@ -281,7 +280,6 @@ def _conv_op(k: int) -> Op:
         int_args=("in_channels", "out_channels", "stride", "padding"),
         module=lambda a: f"nn.Conv2d({a['in_channels']}, {a['out_channels']}, {k}, {a['stride']}, {a['padding']}, bias=False)",
         needs_module=True,
-        in_channels="in_channels",
         shape=_conv_shape(k, "in_channels", "out_channels", name),
         reference=lambda m, x: m(x),
         lowering=Anchor(_CONV_PARAMS, _CONV_DIMS, 4, _conv_loop, _NEIGHBOURHOOD.format(k=k)),
@@ -303,7 +301,6 @@ def _dwconv_op(k: int) -> Op:
             f" groups={a['channels']}, bias=False)"
         ),
         needs_module=True,
-        in_channels="channels",
         shape=_conv_shape(k, "channels", None, name),
         reference=lambda m, x: m(x),
         lowering=Anchor(
@@ -385,7 +382,6 @@ FIXED_OPS = {
             int_args=("in_channels", "out_channels", "stride"),
             module=lambda a: f"nn.Conv2d({a['in_channels']}, {a['out_channels']}, 1, {a['stride']}, 0, bias=False)",
             needs_module=True,
-            in_channels="in_channels",
             shape=_conv1x1_shape,
             reference=lambda m, x: m(x),
             lowering=Anchor(
@@ -410,7 +406,6 @@ FIXED_OPS = {
             int_args=("in_features", "out_features"),
             module=lambda a: f"nn.Linear({a['in_features']}, {a['out_features']})",
             needs_module=True,
-            in_channels="in_features",
             shape=_linear_shape,
             reference=lambda m, x: m(x),
             lowering=Anchor(
@@ -431,7 +426,6 @@ FIXED_OPS = {
             int_args=("kernel_size",),
             module=lambda a: f"nn.AvgPool2d({a['kernel_size']})",
             needs_module=True,
-            in_channels=None,
             shape=_avgpool_shape,
             reference=lambda m, x: m(x),
             lowering=Anchor(
@@ -454,7 +448,6 @@ FIXED_OPS = {
             defaults={},
             module=lambda a: "nn.AdaptiveAvgPool2d(1)",
             needs_module=False,
-            in_channels=None,
             shape=_global_pool_shape,
             reference=lambda m, x: F.adaptive_avg_pool2d(x, 1),
             lowering=Anchor(
@@ -475,7 +468,6 @@ FIXED_OPS = {
             int_args=("channels",),
             module=_bn_module,
             needs_module=True,
-            in_channels="channels",
             shape=_bn_shape,
             reference=lambda m, x: m(x),
             lowering=Elementwise(
@@ -498,7 +490,6 @@ FIXED_OPS = {
             defaults={},
             module=lambda a: "nn.ReLU(inplace=True)",
             needs_module=False,
-            in_channels=None,
             shape=_same,
             reference=lambda m, x: F.relu(x),
             lowering=Elementwise((), lambda v, slot, ch, ch_mask: [f"{v} = tl.maximum({v}, 0.0)"]),
@@ -512,7 +503,6 @@ FIXED_OPS = {
             defaults={},
             module=lambda a: "nn.ReLU6(inplace=True)",
             needs_module=False,
-            in_channels=None,
             shape=_same,
             reference=lambda m, x: F.relu6(x),
             lowering=Elementwise((), lambda v, slot, ch, ch_mask: [f"{v} = tl.minimum(tl.maximum({v}, 0.0), 6.0)"]),
@@ -526,7 +516,6 @@ FIXED_OPS = {
             defaults={},
             module=lambda a: "nn.Flatten()",
             needs_module=False,
-            in_channels=None,
             shape=_flatten_shape,
             reference=lambda m, x: torch.flatten(x, 1),
             lowering=View(lambda v: f"{v}.flatten(1)"),
@@ -564,7 +553,6 @@ def load_anchor(rank: int) -> Op:
         defaults={},
         module=None,
         needs_module=False,
-        in_channels=None,
         shape=_same,
         reference=lambda m, x: x,
         lowering=Anchor(
