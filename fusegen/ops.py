@@ -152,7 +152,7 @@ def _where_inside(hook_lines: list[str], tile: str, inside: str | None) -> list[
 
 def _conv_loop(slot: str, prologue: PrologueHook) -> list[str]:
     return [
-        "# implicit GEMM: K runs over (input channel, kh, kw), matching the weight's memory order",
+        "# implicit GEMM: K runs over (input channel, kh, kw)",
         "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
         "for k0 in range(0, C_in * KH * KW, BLOCK_K):",
         "    offs_k = k0 + tl.arange(0, BLOCK_K)",
@@ -166,7 +166,8 @@ def _conv_loop(slot: str, prologue: PrologueHook) -> list[str]:
         "    a = tl.load(x_ptr + n[:, None] * x_stride_n + ci[None, :] * x_stride_c"
         " + ih * x_stride_h + iw * x_stride_w, mask=inside, other=0.0)",
         *("    " + line for line in _where_inside(prologue("a", "ci", "mask_k", "inside"), "a", "inside")),
-        f"    b = tl.load({slot}_weight_ptr + offs_n[None, :] * (C_in * KH * KW) + offs_k[:, None],"
+        f"    b = tl.load({slot}_weight_ptr + offs_n[None, :] * {slot}_weight_stride_o"
+        f" + (ci * {slot}_weight_stride_i + kh * {slot}_weight_stride_h + kw * {slot}_weight_stride_w)[:, None],"
         " mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
         f"    acc += tl.dot(a, b, input_precision=\"{DOT_PRECISION}\")",
     ]
@@ -184,7 +185,8 @@ def _dwconv_loop(slot: str, prologue: PrologueHook) -> list[str]:
         "        a = tl.load(x_ptr + n[:, None] * x_stride_n + offs_n[None, :] * x_stride_c"
         " + ih[:, None] * x_stride_h + iw[:, None] * x_stride_w, mask=inside, other=0.0)",
         *("        " + line for line in _where_inside(prologue("a", "offs_n", "mask_n", "inside"), "a", "inside")),
-        f"        w = tl.load({slot}_weight_ptr + offs_n * (KH * KW) + kh * KW + kw, mask=mask_n, other=0.0)",
+        f"        w = tl.load({slot}_weight_ptr + offs_n * {slot}_weight_stride_o + kh * {slot}_weight_stride_h"
+        f" + kw * {slot}_weight_stride_w, mask=mask_n, other=0.0)",
         "        acc += a * w[None, :]",
     ]
 
@@ -203,7 +205,8 @@ def _gemm_loop(pixel: str, bias: bool):
             " mask=mask_m[:, None] & mask_k[None, :], other=0.0)",
             # masked lanes meet zero weights, so the prologue needs no re-masking here
             *("    " + line for line in prologue("a", "offs_k", "mask_k", None)),
-            f"    b = tl.load({slot}_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],"
+            f"    b = tl.load({slot}_weight_ptr + offs_n[None, :] * {slot}_weight_stride_o"
+            f" + offs_k[:, None] * {slot}_weight_stride_i,"
             " mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
             f"    acc += tl.dot(a, b, input_precision=\"{DOT_PRECISION}\")",
         ]
@@ -254,8 +257,16 @@ def _load_loop(rank: int):
     return loop
 
 
+def _weight(dims: str) -> tuple[KernelParam, ...]:
+    """The weight pointer and its strides: a module moved to channels_last has non-contiguous weights."""
+    names = {"o": 0, "i": 1, "h": 2, "w": 3}
+    return (KernelParam("weight_ptr", "{m}.weight"),) + tuple(
+        KernelParam(f"weight_stride_{d}", f"{{m}}.weight.stride({names[d]})") for d in dims
+    )
+
+
 _CONV_PARAMS = (
-    KernelParam("weight_ptr", "{m}.weight"),
+    *_weight("oihw"),
     KernelParam("KH", "{m}.kernel_size[0]", constexpr=True),
     KernelParam("KW", "{m}.kernel_size[1]", constexpr=True),
     KernelParam("STRIDE", "{m}.stride[0]", constexpr=True),
@@ -385,7 +396,7 @@ FIXED_OPS = {
             shape=_conv1x1_shape,
             reference=lambda m, x: m(x),
             lowering=Anchor(
-                (KernelParam("weight_ptr", "{m}.weight"), KernelParam("STRIDE", "{m}.stride[0]", constexpr=True)),
+                (*_weight("oi"), KernelParam("STRIDE", "{m}.stride[0]", constexpr=True)),
                 (
                     "C_out = {m}.out_channels",
                     "OH = (H - 1) // {m}.stride[0] + 1",
@@ -409,7 +420,7 @@ FIXED_OPS = {
             shape=_linear_shape,
             reference=lambda m, x: m(x),
             lowering=Anchor(
-                (KernelParam("weight_ptr", "{m}.weight"), KernelParam("bias_ptr", "{m}.bias")),
+                (*_weight("oi"), KernelParam("bias_ptr", "{m}.bias")),
                 ("C_out = {m}.out_features",),
                 2,
                 _gemm_loop("n * x_stride_n", bias=True),

@@ -31,6 +31,10 @@ def conv3x3_bn_relu_kernel(
     out_stride_c,
     out_stride_h,
     out_stride_w,
+    conv_weight_stride_o,
+    conv_weight_stride_i,
+    conv_weight_stride_h,
+    conv_weight_stride_w,
     bn_eps,
     KH: tl.constexpr,
     KW: tl.constexpr,
@@ -53,7 +57,7 @@ def conv3x3_bn_relu_kernel(
     oh = offs_m // OW % OH
     ow = offs_m % OW
     # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot)
-    # implicit GEMM: K runs over (input channel, kh, kw), matching the weight's memory order
+    # implicit GEMM: K runs over (input channel, kh, kw)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, C_in * KH * KW, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -81,7 +85,13 @@ def conv3x3_bn_relu_kernel(
             other=0.0,
         )
         b = tl.load(
-            conv_weight_ptr + offs_n[None, :] * (C_in * KH * KW) + offs_k[:, None],
+            conv_weight_ptr
+            + offs_n[None, :] * conv_weight_stride_o
+            + (
+                ci * conv_weight_stride_i
+                + kh * conv_weight_stride_h
+                + kw * conv_weight_stride_w
+            )[:, None],
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
@@ -133,6 +143,9 @@ def dwconv3x3_bn_relu_kernel(
     out_stride_c,
     out_stride_h,
     out_stride_w,
+    conv_weight_stride_o,
+    conv_weight_stride_h,
+    conv_weight_stride_w,
     bn_eps,
     KH: tl.constexpr,
     KW: tl.constexpr,
@@ -171,7 +184,10 @@ def dwconv3x3_bn_relu_kernel(
                 other=0.0,
             )
             w = tl.load(
-                conv_weight_ptr + offs_n * (KH * KW) + kh * KW + kw,
+                conv_weight_ptr
+                + offs_n * conv_weight_stride_o
+                + kh * conv_weight_stride_h
+                + kw * conv_weight_stride_w,
                 mask=mask_n,
                 other=0.0,
             )
@@ -222,6 +238,8 @@ def conv1x1_bn_relu_kernel(
     out_stride_c,
     out_stride_h,
     out_stride_w,
+    conv_weight_stride_o,
+    conv_weight_stride_i,
     bn_eps,
     STRIDE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -252,7 +270,9 @@ def conv1x1_bn_relu_kernel(
             other=0.0,
         )
         b = tl.load(
-            conv_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
+            conv_weight_ptr
+            + offs_n[None, :] * conv_weight_stride_o
+            + offs_k[:, None] * conv_weight_stride_i,
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
@@ -357,6 +377,8 @@ def linear_kernel(
     x_stride_c,
     out_stride_n,
     out_stride_c,
+    fc_weight_stride_o,
+    fc_weight_stride_i,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -383,7 +405,9 @@ def linear_kernel(
             other=0.0,
         )
         b = tl.load(
-            fc_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
+            fc_weight_ptr
+            + offs_n[None, :] * fc_weight_stride_o
+            + offs_k[:, None] * fc_weight_stride_i,
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
@@ -434,6 +458,10 @@ def conv3x3_bn_relu(x, conv, bn):
         out.stride(1),
         out.stride(2),
         out.stride(3),
+        conv.weight.stride(0),
+        conv.weight.stride(1),
+        conv.weight.stride(2),
+        conv.weight.stride(3),
         bn.eps,
         KH=conv.kernel_size[0],
         KW=conv.kernel_size[1],
@@ -482,6 +510,9 @@ def dwconv3x3_bn_relu(x, conv, bn):
         out.stride(1),
         out.stride(2),
         out.stride(3),
+        conv.weight.stride(0),
+        conv.weight.stride(2),
+        conv.weight.stride(3),
         bn.eps,
         KH=conv.kernel_size[0],
         KW=conv.kernel_size[1],
@@ -529,6 +560,8 @@ def conv1x1_bn_relu(x, conv, bn):
         out.stride(1),
         out.stride(2),
         out.stride(3),
+        conv.weight.stride(0),
+        conv.weight.stride(1),
         bn.eps,
         STRIDE=conv.stride[0],
         BLOCK_M=BLOCK_M,
@@ -595,6 +628,8 @@ def linear(x, fc):
         x.stride(1),
         out.stride(0),
         out.stride(1),
+        fc.weight.stride(0),
+        fc.weight.stride(1),
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,

@@ -104,7 +104,7 @@ def spec_text(input_shape: tuple[int, ...], lines: list[str]) -> str:
 Step = tuple[Op, str | None]  # an op and the ModelNew attribute that holds its module
 
 
-def check(input_shape: tuple[int, ...], *chains: list[Op], seed: int = 0, layout=None) -> None:
+def check(input_shape: tuple[int, ...], *chains: list[Op], seed: int = 0, layout=None, model_layout=None) -> None:
     """Compiles one spec line per chain (ops with parameters named op0, op1, ...) and compares
     ModelNew with the reference on random data."""
     names = (f"op{i}" for i in count())
@@ -116,10 +116,12 @@ def check(input_shape: tuple[int, ...], *chains: list[Op], seed: int = 0, layout
             calls.append(f"{name}: {op.call}" if name else op.call)
             steps.append((op, name))
         lines.append(" -> ".join(calls))
-    compare(spec_text(input_shape, lines), steps, input_shape, seed=seed, layout=layout)
+    compare(spec_text(input_shape, lines), steps, input_shape, seed=seed, layout=layout, model_layout=model_layout)
 
 
-def compare(text: str, steps: list[Step], input_shape, kwargs=None, seed: int = 0, layout=None) -> None:
+def compare(
+    text: str, steps: list[Step], input_shape, kwargs=None, seed: int = 0, layout=None, model_layout=None
+) -> None:
     """Runs `ModelNew(**kwargs)` of a spec on random data; the reference applies `steps` in order.
 
     `layout` (optional) re-lays the input out in memory (other strides, maybe a storage offset or
@@ -129,6 +131,8 @@ def compare(text: str, steps: list[Step], input_shape, kwargs=None, seed: int = 
     torch.manual_seed(seed)
     model = module.ModelNew(**(kwargs or {})).to(DEVICE).eval()
     randomize_batchnorm(model, seed)
+    if model_layout is not None:
+        model = model.to(memory_format=model_layout)
     # Scaled up so that relu6's clamp at 6 is exercised too, not only the one at 0.
     x = 4 * torch.randn(input_shape, device=DEVICE)
     if layout is not None:
@@ -435,3 +439,18 @@ FIRST_CHAINS = {
 def test_noncontiguous_input(layout, kind, stride, n, c_in, c_out, h, w):
     """The kernels index the input through its strides: a re-laid-out input gives the same output."""
     check((n, c_in, h, w), FIRST_CHAINS[kind](c_in, c_out, stride), layout=LAYOUTS[layout])
+
+
+@pytest.mark.parametrize("kind", ["conv3x3", "conv5x5", "dwconv3x3", "conv1x1", "linear"])
+def test_weights_in_channels_last_layout(kind):
+    """`model.to(memory_format=torch.channels_last)` makes conv weights non-contiguous: kernels index
+    weights through their strides, so the results do not change."""
+    n, c_in, c_out, h, w = 2, 5, 17, 7, 6
+    chains = {
+        "conv3x3": [[conv(3, c_in, c_out, stride=2), bn(c_out), relu]],
+        "conv5x5": [[conv(5, c_in, c_out)]],
+        "dwconv3x3": [[dwconv(3, c_in), bn(c_in), relu6]],
+        "conv1x1": [[conv(1, c_in, c_out)]],
+        "linear": [[flatten], [linear(c_in * h * w, c_out)]],
+    }[kind]
+    check((n, c_in, h, w), *chains, model_layout=torch.channels_last)
