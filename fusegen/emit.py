@@ -33,10 +33,50 @@ def _init_lines(plan: Plan) -> list[str]:
     return lines
 
 
+# On the GPU the whole chain of launches replays as one CUDA graph: at small batch the Python
+# launches, not the kernels, take most of the time.
+GRAPH_REPLAY = """\
+def replay_cuda_graph(model, x):
+    \"\"\"Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype and device. The graph
+    is captured again when a parameter or buffer changes (in place or replaced); each call returns a
+    fresh tensor, never one that a later call overwrites.\"\"\"
+    state = tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+    key = (x.shape, x.dtype, x.device)
+    entry = model.cuda_graphs.get(key)
+    if entry is None or entry[0] != state:
+        model.cuda_graphs.pop(key, None)
+        static_x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
+        with torch.cuda.device(x.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                model.run_kernels(static_x)  # compiles the kernels outside the capture
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = model.run_kernels(static_x)
+        entry = model.cuda_graphs[key] = (state, graph, static_x, static_out)
+    _, graph, static_x, static_out = entry
+    static_x.copy_(x)
+    graph.replay()
+    return static_out.clone()
+"""
+
+
 def _forward_lines(plan: Plan) -> list[str]:
     lines = []
     if any(f.op.name == "bn" for k in plan.kernels for f in (*k.prologue, *k.epilogue)):
         lines += ["if self.training:", f"{INDENT}raise RuntimeError({TRAINING_ERROR.format(name=plan.model.name)!r})"]
+    lines += [
+        "if self.use_cuda_graphs and x.is_cuda and not torch.cuda.is_current_stream_capturing():",
+        f"{INDENT}return replay_cuda_graph(self, x)",
+        "return self.run_kernels(x)",
+    ]
+    return lines
+
+
+def _run_kernels_lines(plan: Plan) -> list[str]:
+    lines = []
     comment = None
     for step in plan.steps:
         if step.comment != comment:
@@ -58,6 +98,7 @@ def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
     parts = [HEADER.format(spec=spec_path)]
     parts += [k.kernel_source for k in lowered]
     parts += [k.wrapper_source for k in lowered]
+    parts.append(GRAPH_REPLAY)
     cls = [
         "class ModelNew(nn.Module):",
         f'{INDENT}"""{model.name}, generated from {spec_path}; example input {"x".join(map(str, model.example_input))}."""',
@@ -65,9 +106,15 @@ def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
         f"{INDENT}def __init__({ctor}):",
         f"{INDENT * 2}super().__init__()",
         *(INDENT * 2 + line for line in _init_lines(plan)),
+        f"{INDENT * 2}self.use_cuda_graphs = True  # replay forward as a CUDA graph on the GPU",
+        f"{INDENT * 2}self.cuda_graphs = {{}}",
         "",
         f"{INDENT}def forward(self, x):",
         *(INDENT * 2 + line for line in _forward_lines(plan)),
+        "",
+        f"{INDENT}def run_kernels(self, x):",
+        f'{INDENT * 2}"""The forward pass: one launch per chain of the spec."""',
+        *(INDENT * 2 + line for line in _run_kernels_lines(plan)),
     ]
     parts.append("\n".join(cls))
     source = "\n\n".join(parts) + "\n"

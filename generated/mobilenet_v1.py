@@ -637,6 +637,34 @@ def linear(x, fc):
     return out
 
 
+def replay_cuda_graph(model, x):
+    """Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype and device. The graph
+    is captured again when a parameter or buffer changes (in place or replaced); each call returns a
+    fresh tensor, never one that a later call overwrites."""
+    state = tuple(
+        (t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers())
+    )
+    key = (x.shape, x.dtype, x.device)
+    entry = model.cuda_graphs.get(key)
+    if entry is None or entry[0] != state:
+        model.cuda_graphs.pop(key, None)
+        static_x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
+        with torch.cuda.device(x.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                model.run_kernels(static_x)  # compiles the kernels outside the capture
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = model.run_kernels(static_x)
+        entry = model.cuda_graphs[key] = (state, graph, static_x, static_out)
+    _, graph, static_x, static_out = entry
+    static_x.copy_(x)
+    graph.replay()
+    return static_out.clone()
+
+
 class ModelNew(nn.Module):
     """MobileNetV1, generated from specs/mobilenet_v1.fuse; example input 10x3x224x224."""
 
@@ -677,12 +705,24 @@ class ModelNew(nn.Module):
             nn.AvgPool2d(7)
         )
         self.fc = nn.Linear(c(1024), num_classes)
+        self.use_cuda_graphs = True  # replay forward as a CUDA graph on the GPU
+        self.cuda_graphs = {}
 
     def forward(self, x):
         if self.training:
             raise RuntimeError(
                 "MobileNetV1: BatchNorm runs in eval mode only (running statistics fold into the kernels); call .eval()"
             )
+        if (
+            self.use_cuda_graphs
+            and x.is_cuda
+            and not torch.cuda.is_current_stream_capturing()
+        ):
+            return replay_cuda_graph(self, x)
+        return self.run_kernels(x)
+
+    def run_kernels(self, x):
+        """The forward pass: one launch per chain of the spec."""
         # mobilenet_v1.fuse:16: conv_bn(input_channels, c(32), 2)
         x = conv3x3_bn_relu(x, self.model[0][0], self.model[0][1])
         # mobilenet_v1.fuse:17: conv_dw(c(32), c(64), 1)
