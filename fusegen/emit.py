@@ -6,7 +6,7 @@ from __future__ import annotations
 import black
 
 from fusegen import ops as O
-from fusegen.check import Assign, Function
+from fusegen.check import Assign
 from fusegen.lower import INDENT, LoweredKernel
 from fusegen.plan import Launch, Plan
 
