@@ -68,6 +68,8 @@ def _forward_lines(plan: Plan) -> list[str]:
     if any(f.op.name == "bn" for k in plan.kernels for f in (*k.prologue, *k.epilogue)):
         lines += ["if self.training:", f"{INDENT}raise RuntimeError({TRAINING_ERROR.format(name=plan.model.name)!r})"]
     lines += [
+        "if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):",
+        f"{INDENT}return ModelNew.TorchBackward.apply(self, x, *self.parameters())",
         "if self.use_cuda_graphs and x.is_cuda and not torch.cuda.is_current_stream_capturing():",
         f"{INDENT}return replay_cuda_graph(self, x)",
         "return self.run_kernels(x)",
@@ -92,6 +94,41 @@ def _run_kernels_lines(plan: Plan) -> list[str]:
     return lines
 
 
+def _reference_lines(plan: Plan) -> list[str]:
+    """The same forward in torch ops (each op's reference in the op table), for backward."""
+    lines = []
+    for chain in plan.model.chains:
+        for use in chain.ops:
+            module = f"self.{use.module_path}" if use.module_path else None
+            lines.append(f"x = {use.op.reference('x', module)}")
+    return lines + ["return x"]
+
+
+# Gradients: the kernels only run forward. Backward recomputes the forward with torch ops and
+# differentiates that, so loss.backward() gets exact gradients instead of silently missing ones.
+TORCH_BACKWARD = '''\
+class TorchBackward(torch.autograd.Function):
+    """Forward runs the kernels; backward differentiates reference_forward (torch ops), recomputed."""
+
+    @staticmethod
+    def forward(ctx, model, x, *params):
+        ctx.model = model
+        ctx.save_for_backward(x)
+        return model.run_kernels(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        needs = ctx.needs_input_grad[1:]
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(needs[0])
+            out = ctx.model.reference_forward(x)
+            wanted = [t for t, need in zip((x, *ctx.model.parameters()), needs) if need]
+            grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+        return (None, *(next(grads) if need else None for need in needs))
+'''
+
+
 def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
     model = plan.model
     ctor = ", ".join(["self", *(f"{name}={default}" for name, default in model.params)])
@@ -102,6 +139,8 @@ def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
     cls = [
         "class ModelNew(nn.Module):",
         f'{INDENT}"""{model.name}, generated from {spec_path}; example input {"x".join(map(str, model.example_input))}."""',
+        "",
+        *(INDENT + line for line in TORCH_BACKWARD.splitlines()),
         "",
         f"{INDENT}def __init__({ctor}):",
         f"{INDENT * 2}super().__init__()",
@@ -115,6 +154,10 @@ def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
         f"{INDENT}def run_kernels(self, x):",
         f'{INDENT * 2}"""The forward pass: one launch per chain of the spec."""',
         *(INDENT * 2 + line for line in _run_kernels_lines(plan)),
+        "",
+        f"{INDENT}def reference_forward(self, x):",
+        f'{INDENT * 2}"""The forward pass in torch ops, differentiated by backward; eval-mode BatchNorm."""',
+        *(INDENT * 2 + line for line in _reference_lines(plan)),
     ]
     parts.append("\n".join(cls))
     source = "\n\n".join(parts) + "\n"

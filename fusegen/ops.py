@@ -24,9 +24,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable
 
-import torch
-import torch.nn.functional as F
-
 Shape = tuple[int, ...]
 
 # Precision of fp32 tl.dot. Plain "tf32" left 0.9e-3 to 1.3e-3 relative L2 error on whole MobileNetV1
@@ -98,7 +95,9 @@ class Op:
     # the kernel reads the module's attributes, so at the top level of forward the op needs a name
     needs_module: bool
     shape: Callable[[dict[str, object], Shape], Shape]
-    reference: Callable[[torch.nn.Module | None, torch.Tensor], torch.Tensor]
+    # torch source of the op on `x`, given the source of its module (None where it has none): the
+    # generated reference_forward, which backward differentiates
+    reference: Callable[[str, "str | None"], str]
     lowering: Anchor | Elementwise | View
     summary: str
     int_args: tuple[str, ...] = field(default=())
@@ -292,7 +291,7 @@ def _conv_op(k: int) -> Op:
         module=lambda a: f"nn.Conv2d({a['in_channels']}, {a['out_channels']}, {k}, {a['stride']}, {a['padding']}, bias=False)",
         needs_module=True,
         shape=_conv_shape(k, "in_channels", "out_channels", name),
-        reference=lambda m, x: m(x),
+        reference=lambda x, m: f"{m}({x})",
         lowering=Anchor(_CONV_PARAMS, _CONV_DIMS, 4, _conv_loop, _NEIGHBOURHOOD.format(k=k)),
         summary=f"{k}x{k} convolution, groups=1, no bias (implicit GEMM on tl.dot)",
     )
@@ -313,7 +312,7 @@ def _dwconv_op(k: int) -> Op:
         ),
         needs_module=True,
         shape=_conv_shape(k, "channels", None, name),
-        reference=lambda m, x: m(x),
+        reference=lambda x, m: f"{m}({x})",
         lowering=Anchor(
             _CONV_PARAMS, ("C_out = C_in",) + _CONV_DIMS[1:], 4, _dwconv_loop, _NEIGHBOURHOOD.format(k=k)
         ),
@@ -394,7 +393,7 @@ FIXED_OPS = {
             module=lambda a: f"nn.Conv2d({a['in_channels']}, {a['out_channels']}, 1, {a['stride']}, 0, bias=False)",
             needs_module=True,
             shape=_conv1x1_shape,
-            reference=lambda m, x: m(x),
+            reference=lambda x, m: f"{m}({x})",
             lowering=Anchor(
                 (*_weight("oi"), KernelParam("STRIDE", "{m}.stride[0]", constexpr=True)),
                 (
@@ -418,7 +417,7 @@ FIXED_OPS = {
             module=lambda a: f"nn.Linear({a['in_features']}, {a['out_features']})",
             needs_module=True,
             shape=_linear_shape,
-            reference=lambda m, x: m(x),
+            reference=lambda x, m: f"{m}({x})",
             lowering=Anchor(
                 (*_weight("oi"), KernelParam("bias_ptr", "{m}.bias")),
                 ("C_out = {m}.out_features",),
@@ -438,7 +437,7 @@ FIXED_OPS = {
             module=lambda a: f"nn.AvgPool2d({a['kernel_size']})",
             needs_module=True,
             shape=_avgpool_shape,
-            reference=lambda m, x: m(x),
+            reference=lambda x, m: f"{m}({x})",
             lowering=Anchor(
                 (
                     KernelParam("KH", "{m}.kernel_size", constexpr=True),
@@ -460,7 +459,7 @@ FIXED_OPS = {
             module=lambda a: "nn.AdaptiveAvgPool2d(1)",
             needs_module=False,
             shape=_global_pool_shape,
-            reference=lambda m, x: F.adaptive_avg_pool2d(x, 1),
+            reference=lambda x, m: f"nn.functional.adaptive_avg_pool2d({x}, 1)",
             lowering=Anchor(
                 (),
                 ("C_out = C_in", "OH = 1", "OW = 1"),
@@ -480,7 +479,7 @@ FIXED_OPS = {
             module=_bn_module,
             needs_module=True,
             shape=_bn_shape,
-            reference=lambda m, x: m(x),
+            reference=lambda x, m: f"{m}({x})",
             lowering=Elementwise(
                 (
                     KernelParam("weight_ptr", "{m}.weight"),
@@ -502,7 +501,7 @@ FIXED_OPS = {
             module=lambda a: "nn.ReLU(inplace=True)",
             needs_module=False,
             shape=_same,
-            reference=lambda m, x: F.relu(x),
+            reference=lambda x, m: f"torch.relu({x})",
             lowering=Elementwise((), lambda v, slot, ch, ch_mask: [f"{v} = tl.maximum({v}, 0.0)"]),
             summary="max(x, 0)",
         ),
@@ -515,7 +514,7 @@ FIXED_OPS = {
             module=lambda a: "nn.ReLU6(inplace=True)",
             needs_module=False,
             shape=_same,
-            reference=lambda m, x: F.relu6(x),
+            reference=lambda x, m: f"nn.functional.relu6({x})",
             lowering=Elementwise((), lambda v, slot, ch, ch_mask: [f"{v} = tl.minimum(tl.maximum({v}, 0.0), 6.0)"]),
             summary="min(max(x, 0), 6)",
         ),
@@ -528,7 +527,7 @@ FIXED_OPS = {
             module=lambda a: "nn.Flatten()",
             needs_module=False,
             shape=_flatten_shape,
-            reference=lambda m, x: torch.flatten(x, 1),
+            reference=lambda x, m: f"{x}.flatten(1)",
             lowering=View(lambda v: f"{v}.flatten(1)"),
             summary="flatten all but the batch dimension (a view of the contiguous output)",
         ),
@@ -565,7 +564,7 @@ def load_anchor(rank: int) -> Op:
         module=None,
         needs_module=False,
         shape=_same,
-        reference=lambda m, x: x,
+        reference=lambda x, m: x,
         lowering=Anchor(
             (),
             ("C_out = C_in",) + (("OH = H", "OW = W") if rank == 4 else ()),

@@ -103,3 +103,40 @@ def test_training_mode_is_refused_not_silently_wrong(name):
     new.train()
     with pytest.raises(RuntimeError, match=r"eval mode only.*\.eval\(\)"):
         new(torch.rand(1, 3, 193, 193, device=DEVICE))
+
+
+@pytest.mark.parametrize("name, shape", [("efficientnet_b1", (2, 3, 19, 23)), ("mobilenet_v1", (1, 3, 193, 200))])
+def test_gradients_match_the_reference(name, shape):
+    """Outside no_grad the kernels still run forward, and backward gives torch's gradients."""
+    kwargs = SMALL_ARGS[name]
+    ref, new = pair(name, kwargs)
+    randomize_batchnorm(ref, seed=3)
+    new.load_state_dict(ref.state_dict(), strict=True)
+    ref, new = ref.eval().to(DEVICE), new.eval().to(DEVICE)
+    x = torch.rand(*shape, device=DEVICE)
+    weights = torch.randn(shape[0], kwargs["num_classes"], device=DEVICE)
+    x_ref, x_new = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref, out_new = ref(x_ref), new(x_new)
+    assert out_new.grad_fn is not None and "TorchBackward" in type(out_new.grad_fn).__name__
+    assert rel_error(out_new.detach(), out_ref.detach()) < TOLERANCE
+    (out_ref * weights).sum().backward()
+    (out_new * weights).sum().backward()
+    assert rel_error(x_new.grad, x_ref.grad) < TOLERANCE
+    for (key, p_ref), p_new in zip(ref.named_parameters(), new.parameters()):
+        assert p_new.grad is not None, key
+        assert rel_error(p_new.grad, p_ref.grad) < TOLERANCE, key
+
+
+def test_no_autograd_wrapper_under_no_grad(monkeypatch):
+    _, new = pair("efficientnet_b1", SMALL_ARGS["efficientnet_b1"])
+    module = type(new)
+
+    def forbidden(*args):
+        raise AssertionError("TorchBackward used under no_grad")
+
+    monkeypatch.setattr(module.TorchBackward, "apply", forbidden)
+    x = torch.rand(1, 3, 16, 16, device=DEVICE)
+    with torch.no_grad():
+        new.eval().to(DEVICE)(x)
+    with torch.inference_mode():
+        new(x)
