@@ -33,6 +33,16 @@ def _init_lines(plan: Plan) -> list[str]:
     return lines
 
 
+# Kernels compute element offsets in 32 bits; refuse tensors whose offsets would not fit.
+OFFSETS_CHECK = """\
+def check_32bit_offsets(*tensors):
+    \"\"\"Raises ValueError if an element offset of a tensor reaches 2**31 (the kernels use 32-bit offsets).\"\"\"
+    for t in tensors:
+        if sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) >= 2**31:
+            raise ValueError(f"a tensor of shape {tuple(t.shape)} has element offsets past 2**31; split the batch")
+"""
+
+
 # On the GPU the whole chain of launches replays as one CUDA graph: at small batch the Python
 # launches, not the kernels, take most of the time.
 GRAPH_REPLAY = """\
@@ -63,10 +73,24 @@ def replay_cuda_graph(model, x):
 """
 
 
+def _input_check_lines(plan: Plan) -> list[str]:
+    """A clear ValueError for an input of the wrong rank, channel count or dtype."""
+    first = plan.model.chains[0].ops[0]
+    if first.module_path and first.op.channels_attr:
+        channels = f"self.{first.module_path}.{first.op.channels_attr}"
+        bad = f"x.dim() != 4 or x.shape[1] != {channels} or x.dtype != torch.float32"
+    else:
+        channels, bad = "C", "x.dim() != 4 or x.dtype != torch.float32"
+    expected = f"a float32 tensor of shape (N, {{{channels}}}, H, W)" if channels != "C" else "a float32 NCHW tensor"
+    message = f'f"{plan.model.name} expects {expected}, got {{x.dtype}} of shape {{tuple(x.shape)}}"'
+    return [f"if {bad}:", f"{INDENT}raise ValueError({message})"]
+
+
 def _forward_lines(plan: Plan) -> list[str]:
     lines = []
     if any(f.op.name == "bn" for k in plan.kernels for f in (*k.prologue, *k.epilogue)):
         lines += ["if self.training:", f"{INDENT}raise RuntimeError({TRAINING_ERROR.format(name=plan.model.name)!r})"]
+    lines += _input_check_lines(plan)
     lines += [
         "if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):",
         f"{INDENT}return ModelNew.TorchBackward.apply(self, x, *self.parameters())",
@@ -134,6 +158,7 @@ def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
     ctor = ", ".join(["self", *(f"{name}={default}" for name, default in model.params)])
     parts = [HEADER.format(spec=spec_path)]
     parts += [k.kernel_source for k in lowered]
+    parts.append(OFFSETS_CHECK)
     parts += [k.wrapper_source for k in lowered]
     parts.append(GRAPH_REPLAY)
     cls = [

@@ -136,6 +136,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
         INDENT + dims_line,
         *(INDENT + line for line in anchor_dims),
         INDENT + f"out = torch.empty(({out_shape}), device=x.device, dtype=torch.float32{_LAYOUT[out_rank]})",
+        INDENT + "check_32bit_offsets(x, out)",
         INDENT + f"BLOCK_M = {block_m}",
         INDENT + "BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))",
     ]

@@ -101,6 +101,8 @@ class Op:
     lowering: Anchor | Elementwise | View
     summary: str
     int_args: tuple[str, ...] = field(default=())
+    # the module attribute holding the channel count the op takes (checks the model's input)
+    channels_attr: str | None = None
 
 
 # -- shape rules -------------------------------------------------------------------------------------
@@ -290,6 +292,7 @@ def _conv_op(k: int) -> Op:
         int_args=("in_channels", "out_channels", "stride", "padding"),
         module=lambda a: f"nn.Conv2d({a['in_channels']}, {a['out_channels']}, {k}, {a['stride']}, {a['padding']}, bias=False)",
         needs_module=True,
+        channels_attr="in_channels",
         shape=_conv_shape(k, "in_channels", "out_channels", name),
         reference=lambda x, m: f"{m}({x})",
         lowering=Anchor(_CONV_PARAMS, _CONV_DIMS, 4, _conv_loop, _NEIGHBOURHOOD.format(k=k)),
@@ -311,6 +314,7 @@ def _dwconv_op(k: int) -> Op:
             f" groups={a['channels']}, bias=False)"
         ),
         needs_module=True,
+        channels_attr="in_channels",
         shape=_conv_shape(k, "channels", None, name),
         reference=lambda x, m: f"{m}({x})",
         lowering=Anchor(
@@ -392,6 +396,7 @@ FIXED_OPS = {
             int_args=("in_channels", "out_channels", "stride"),
             module=lambda a: f"nn.Conv2d({a['in_channels']}, {a['out_channels']}, 1, {a['stride']}, 0, bias=False)",
             needs_module=True,
+            channels_attr="in_channels",
             shape=_conv1x1_shape,
             reference=lambda x, m: f"{m}({x})",
             lowering=Anchor(
@@ -416,6 +421,7 @@ FIXED_OPS = {
             int_args=("in_features", "out_features"),
             module=lambda a: f"nn.Linear({a['in_features']}, {a['out_features']})",
             needs_module=True,
+            channels_attr="in_features",
             shape=_linear_shape,
             reference=lambda x, m: f"{m}({x})",
             lowering=Anchor(
@@ -478,6 +484,7 @@ FIXED_OPS = {
             int_args=("channels",),
             module=_bn_module,
             needs_module=True,
+            channels_attr="num_features",
             shape=_bn_shape,
             reference=lambda x, m: f"{m}({x})",
             lowering=Elementwise(

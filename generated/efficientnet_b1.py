@@ -585,6 +585,18 @@ def linear_kernel(
     )
 
 
+def check_32bit_offsets(*tensors):
+    """Raises ValueError if an element offset of a tensor reaches 2**31 (the kernels use 32-bit offsets)."""
+    for t in tensors:
+        if (
+            sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+            >= 2**31
+        ):
+            raise ValueError(
+                f"a tensor of shape {tuple(t.shape)} has element offsets past 2**31; split the batch"
+            )
+
+
 def conv3x3_bn_relu(x, conv, bn):
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
@@ -596,6 +608,7 @@ def conv3x3_bn_relu(x, conv, bn):
         dtype=torch.float32,
         memory_format=torch.channels_last,
     )
+    check_32bit_offsets(x, out)
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     BLOCK_K = 32
@@ -650,6 +663,7 @@ def conv1x1_bn_relu6(x, conv, bn):
         dtype=torch.float32,
         memory_format=torch.channels_last,
     )
+    check_32bit_offsets(x, out)
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     BLOCK_K = 32
@@ -697,6 +711,7 @@ def dwconv3x3_bn_relu6(x, conv, bn):
         dtype=torch.float32,
         memory_format=torch.channels_last,
     )
+    check_32bit_offsets(x, out)
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
@@ -747,6 +762,7 @@ def conv1x1_bn(x, conv, bn):
         dtype=torch.float32,
         memory_format=torch.channels_last,
     )
+    check_32bit_offsets(x, out)
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     BLOCK_K = 32
@@ -794,6 +810,7 @@ def conv1x1_bn_relu(x, conv, bn):
         dtype=torch.float32,
         memory_format=torch.channels_last,
     )
+    check_32bit_offsets(x, out)
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     BLOCK_K = 32
@@ -841,6 +858,7 @@ def global_avgpool_flatten(x):
         dtype=torch.float32,
         memory_format=torch.channels_last,
     )
+    check_32bit_offsets(x, out)
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
@@ -871,6 +889,7 @@ def linear(x, fc):
     N, C_in = x.shape
     C_out = fc.out_features
     out = torch.empty((N, C_out), device=x.device, dtype=torch.float32)
+    check_32bit_offsets(x, out)
     BLOCK_M = min(64, max(16, triton.next_power_of_2(N)))
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     BLOCK_K = 32
@@ -984,6 +1003,14 @@ class ModelNew(nn.Module):
         if self.training:
             raise RuntimeError(
                 "EfficientNetB1: BatchNorm runs in eval mode only (running statistics fold into the kernels); call .eval()"
+            )
+        if (
+            x.dim() != 4
+            or x.shape[1] != self.conv1.in_channels
+            or x.dtype != torch.float32
+        ):
+            raise ValueError(
+                f"EfficientNetB1 expects a float32 tensor of shape (N, {self.conv1.in_channels}, H, W), got {x.dtype} of shape {tuple(x.shape)}"
             )
         if torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())

@@ -420,6 +420,18 @@ def linear_kernel(
     )
 
 
+def check_32bit_offsets(*tensors):
+    """Raises ValueError if an element offset of a tensor reaches 2**31 (the kernels use 32-bit offsets)."""
+    for t in tensors:
+        if (
+            sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+            >= 2**31
+        ):
+            raise ValueError(
+                f"a tensor of shape {tuple(t.shape)} has element offsets past 2**31; split the batch"
+            )
+
+
 def conv3x3_bn_relu(x, conv, bn):
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
@@ -431,6 +443,7 @@ def conv3x3_bn_relu(x, conv, bn):
         dtype=torch.float32,
         memory_format=torch.channels_last,
     )
+    check_32bit_offsets(x, out)
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     BLOCK_K = 32
@@ -485,6 +498,7 @@ def dwconv3x3_bn_relu(x, conv, bn):
         dtype=torch.float32,
         memory_format=torch.channels_last,
     )
+    check_32bit_offsets(x, out)
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
@@ -535,6 +549,7 @@ def conv1x1_bn_relu(x, conv, bn):
         dtype=torch.float32,
         memory_format=torch.channels_last,
     )
+    check_32bit_offsets(x, out)
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     BLOCK_K = 32
@@ -582,6 +597,7 @@ def avgpool(x, pool):
         dtype=torch.float32,
         memory_format=torch.channels_last,
     )
+    check_32bit_offsets(x, out)
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
@@ -612,6 +628,7 @@ def linear(x, fc):
     N, C_in = x.shape
     C_out = fc.out_features
     out = torch.empty((N, C_out), device=x.device, dtype=torch.float32)
+    check_32bit_offsets(x, out)
     BLOCK_M = min(64, max(16, triton.next_power_of_2(N)))
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     BLOCK_K = 32
@@ -724,7 +741,7 @@ class ModelNew(nn.Module):
             *(conv_dw(c(512), c(512), 1) for _ in range(5)),
             conv_dw(c(512), c(1024), 2),
             conv_dw(c(1024), c(1024), 1),
-            nn.AvgPool2d(7)
+            nn.AvgPool2d(7),
         )
         self.fc = nn.Linear(c(1024), num_classes)
         self.use_cuda_graphs = True  # replay forward as a CUDA graph on the GPU
@@ -734,6 +751,14 @@ class ModelNew(nn.Module):
         if self.training:
             raise RuntimeError(
                 "MobileNetV1: BatchNorm runs in eval mode only (running statistics fold into the kernels); call .eval()"
+            )
+        if (
+            x.dim() != 4
+            or x.shape[1] != self.model[0][0].in_channels
+            or x.dtype != torch.float32
+        ):
+            raise ValueError(
+                f"MobileNetV1 expects a float32 tensor of shape (N, {self.model[0][0].in_channels}, H, W), got {x.dtype} of shape {tuple(x.shape)}"
             )
         if torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())

@@ -140,3 +140,29 @@ def test_no_autograd_wrapper_under_no_grad(monkeypatch):
         new.eval().to(DEVICE)(x)
     with torch.inference_mode():
         new(x)
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_bad_inputs_get_a_value_error_naming_the_expected_shape(name):
+    _, new = pair(name, SMALL_ARGS[name])
+    new = new.eval().to(DEVICE)
+    size = 193 if name == "mobilenet_v1" else 16
+    expected = r"expects a float32 tensor of shape \(N, 3, H, W\), got"
+    with torch.no_grad():
+        for bad in (
+            torch.rand(1, 4, size, size),  # channels
+            torch.rand(3, size, size),  # rank
+            torch.rand(1, 3, size, size, dtype=torch.float64),  # dtype
+        ):
+            with pytest.raises(ValueError, match=expected):
+                new(bad.to(DEVICE))
+
+
+@pytest.mark.parametrize("name, size", [("mobilenet_v1", 224), ("efficientnet_b1", 240)])
+def test_offsets_past_2_31_are_refused_not_overrun(name, size):
+    """A batch whose activations need 64-bit element offsets is refused before any launch (meta
+    tensors: no memory is allocated)."""
+    _, new = pair(name, SMALL_ARGS[name])
+    new = new.eval().to("meta")
+    with torch.no_grad(), pytest.raises(ValueError, match=r"element offsets past 2\*\*31"):
+        new(torch.empty(20000, 3, size, size, device="meta"))
