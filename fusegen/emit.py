@@ -76,12 +76,11 @@ def replay_cuda_graph(model, x):
 def _input_check_lines(plan: Plan) -> list[str]:
     """A clear ValueError for an input of the wrong rank, channel count or dtype."""
     first = plan.model.chains[0].ops[0]
+    bad, expected = "x.dim() != 4 or x.dtype != torch.float32", "a float32 NCHW tensor"
     if first.module_path and first.op.channels_attr:
         channels = f"self.{first.module_path}.{first.op.channels_attr}"
         bad = f"x.dim() != 4 or x.shape[1] != {channels} or x.dtype != torch.float32"
-    else:
-        channels, bad = "C", "x.dim() != 4 or x.dtype != torch.float32"
-    expected = f"a float32 tensor of shape (N, {{{channels}}}, H, W)" if channels != "C" else "a float32 NCHW tensor"
+        expected = f"a float32 tensor of shape (N, {{{channels}}}, H, W)"
     message = f'f"{plan.model.name} expects {expected}, got {{x.dtype}} of shape {{tuple(x.shape)}}"'
     return [f"if {bad}:", f"{INDENT}raise ValueError({message})"]
 

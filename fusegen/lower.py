@@ -70,10 +70,6 @@ def _store(out_rank: int) -> str:
     return f"tl.store(out_ptr + n[:, None] * out_stride_n + offs_n[None, :] * out_stride_c{spatial}, acc, mask=mask)"
 
 
-def _chain_ops(kernel: Kernel) -> list[FusedOp]:
-    return [*kernel.prologue, kernel.anchor, *kernel.epilogue]
-
-
 def _used(name: str, body: str) -> bool:
     return re.search(rf"\b{re.escape(name)}\b", body) is not None
 
@@ -97,7 +93,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
     pointers = [("x_ptr", "x")]
     scalars: list[tuple[str, str]] = []
     constexprs: list[tuple[str, str]] = []
-    for f in _chain_ops(kernel):
+    for f in kernel.ops:
         is_anchor = f is kernel.anchor
         for p in f.params:
             entry = (_param_name(f, p, is_anchor), p.value.format(m=f.slot))
@@ -117,7 +113,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
 
     signature = [name for name, _ in positional] + [f"{name}: tl.constexpr" for name, _ in keyword]
     kernel_lines = [
-        f"# {' -> '.join(f.op.name for f in _chain_ops(kernel) if f.op.name != 'load')}: one kernel, one store.",
+        f"# {' -> '.join(f.op.name for f in kernel.ops if f.op.name != 'load')}: one kernel, one store.",
         *(f"# {source}" for source in kernel.sources),
         "@triton.jit",
         f"def {kernel.name}_kernel({', '.join(signature)}):",
@@ -126,14 +122,13 @@ def lower(kernel: Kernel) -> LoweredKernel:
 
     # The launch wrapper: output shape, block sizes, grid, launch.
     modules = [f.slot for f in kernel.module_ops]
-    dims_line = f"{', '.join(in_dims)} = x.shape" if kernel.in_rank > 1 else ""
     anchor_dims = [line.format(m=kernel.anchor.slot) for line in anchor.out_dims]
     out_shape = ", ".join(["N", *out_dims])
     block_m = "64" if out_rank == 4 else "min(64, max(16, triton.next_power_of_2(N)))"
     rows = "N * OH * OW" if out_rank == 4 else "N"
     wrapper = [
         f"def {kernel.name}({', '.join(['x', *modules])}):",
-        INDENT + dims_line,
+        INDENT + f"{', '.join(in_dims)} = x.shape",
         *(INDENT + line for line in anchor_dims),
         INDENT + f"out = torch.empty(({out_shape}), device=x.device, dtype=torch.float32{_LAYOUT[out_rank]})",
         INDENT + "check_32bit_offsets(x, out)",

@@ -14,7 +14,7 @@ from fusegen.errors import Pos, SpecError
 
 GRAMMAR = Path(__file__).resolve().parent.parent / "grammar" / "fuse.lark"
 
-# How a grammar terminal is named in "expected ..." messages.
+# How a grammar terminal is named in "expected ..." messages; punctuation is quoted from the grammar.
 TOKEN_WORDS = {
     "NAME": "a name",
     "INT": "an integer",
@@ -23,16 +23,6 @@ TOKEN_WORDS = {
     "_INDENT": "an indented block",
     "_DEDENT": "less indentation",
     "$END": "end of file",
-    "LPAR": "'('",
-    "RPAR": "')'",
-    "COMMA": "','",
-    "COLON": "':'",
-    "EQUAL": "'='",
-    "STAR": "'*'",
-    "SLASH": "'/'",
-    "PLUS": "'+'",
-    "MINUS": "'-'",
-    "PERCENT": "'%'",
 }
 
 

@@ -36,9 +36,14 @@ class Kernel:
     sources: tuple[str, ...]  # the spec chains it comes from: "line 9: dwconv3x3(...) -> bn(inp) -> relu"
 
     @property
+    def ops(self) -> tuple[FusedOp, ...]:
+        """Prologue, anchor and epilogue, in chain order."""
+        return (*self.prologue, self.anchor, *self.epilogue)
+
+    @property
     def module_ops(self) -> tuple[FusedOp, ...]:
         """Ops whose module the wrapper takes, in chain order."""
-        return tuple(f for f in (*self.prologue, self.anchor, *self.epilogue) if f.params)
+        return tuple(f for f in self.ops if f.params)
 
 
 @dataclass(frozen=True)
