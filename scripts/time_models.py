@@ -62,10 +62,6 @@ def main():
             )
 
 
-if __name__ == "__main__" and "--profile" not in sys.argv:
-    main()
-
-
 def profile(name: str, batch: int, top: int = 12) -> None:
     """Where the GPU time of one forward goes, per generated kernel (torch.profiler)."""
     ref_cls, size = NETS[name]
@@ -86,6 +82,9 @@ def profile(name: str, batch: int, top: int = 12) -> None:
         print(f"  {e.key[:60]:<60}{e.device_time_total / 5 / 1000:>9.3f} ms{e.count // 5:>5} launches")
 
 
-if __name__ == "__main__" and "--profile" in sys.argv:
-    profile("mobilenet_v1", 128)
-    profile("efficientnet_b1", 128)
+if __name__ == "__main__":
+    if "--profile" in sys.argv:
+        profile("mobilenet_v1", 128)
+        profile("efficientnet_b1", 128)
+    else:
+        main()
