@@ -1,5 +1,6 @@
 """`fusegen build [SPEC ...] [--check]`: specs/*.fuse -> generated/*.py.
-`fusegen lint FILE [...] [--format json] [--rules]`: the seeds' rules, checked on Python source."""
+`fusegen lint FILE [...] [--format json] [--rules]`: the seeds' rules, checked on Python source.
+`fusegen bench SPEC [...] [--batch N ...] [--max-autotune] [--json FILE]`: GPU timings against torch."""
 
 from __future__ import annotations
 
@@ -121,6 +122,19 @@ def lint(args: argparse.Namespace) -> int:
     return 2 if unreadable else 1 if violations else 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    from fusegen.bench import main as run_bench  # imports triton: only for this command
+
+    return run_bench(args.specs, args.batch, args.max_autotune, args.json)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fusegen", description="Fused Triton kernels and a ModelNew from a .fuse spec.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", choices=("text", "json"), default="text", help="text: file:line:col: RULE message")
     p.add_argument("--rules", action="store_true", help="list the rules with their rationale and exit")
     p.set_defaults(run=lint)
+    p = commands.add_parser(
+        "bench", help="time ModelNew against eager torch and torch.compile on the GPU; profile each kernel"
+    )
+    p.add_argument("specs", nargs="+", metavar="SPEC", help="spec files, compiled in memory (generated/ is not read)")
+    p.add_argument(
+        "--batch", type=_positive_int, nargs="+", metavar="N", help="batch sizes (default: the spec's example input)"
+    )
+    p.add_argument(
+        "--max-autotune", action="store_true", help="also time torch.compile(mode='max-autotune'): compiles for minutes"
+    )
+    p.add_argument("--json", metavar="FILE", help="also write every measurement to FILE as JSON")
+    p.set_defaults(run=bench)
     args = parser.parse_args(argv)
     return args.run(args)
 

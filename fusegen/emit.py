@@ -18,8 +18,6 @@ import triton
 import triton.language as tl
 """
 
-TRAINING_ERROR = "{name}: BatchNorm runs in eval mode only (running statistics fold into the kernels); call .eval()"
-
 
 def _init_lines(plan: Plan) -> list[str]:
     lines = []
@@ -50,8 +48,9 @@ def replay_cuda_graph(model, x):
     \"\"\"Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype and device. The graph
     is captured again when a parameter or buffer changes (in place or replaced); each call returns a
     fresh tensor, never one that a later call overwrites.\"\"\"
-    state = tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
-    key = (x.shape, x.dtype, x.device)
+    # The kernels read parameters and buffers where they lie, so in-place changes need no new capture.
+    state = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+    key = (x.shape, x.dtype, x.device, model.training)
     entry = model.cuda_graphs.get(key)
     if entry is None or entry[0] != state:
         model.cuda_graphs.pop(key, None)
@@ -60,7 +59,11 @@ def replay_cuda_graph(model, x):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                model.run_kernels(static_x)  # compiles the kernels outside the capture
+                # compiles the kernels outside the capture; training mode must not count this run
+                buffers = [b.clone() for b in model.buffers()]
+                model.run_kernels(static_x)
+                for b, saved in zip(model.buffers(), buffers):
+                    b.copy_(saved)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
@@ -87,29 +90,31 @@ def _input_check_lines(plan: Plan) -> list[str]:
 
 def _forward_lines(plan: Plan) -> list[str]:
     lines = []
-    if any(f.op.name == "bn" for k in plan.kernels for f in (*k.prologue, *k.epilogue)):
-        lines += ["if self.training:", f"{INDENT}raise RuntimeError({TRAINING_ERROR.format(name=plan.model.name)!r})"]
     lines += _input_check_lines(plan)
-    lines += [
+    run = [
         "if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):",
         f"{INDENT}return ModelNew.TorchBackward.apply(self, x, *self.parameters())",
         "if self.use_cuda_graphs and x.is_cuda and not torch.cuda.is_current_stream_capturing():",
         f"{INDENT}return replay_cuda_graph(self, x)",
         "return self.run_kernels(x)",
     ]
+    # Triton launches on the current device: make it x's (-1 leaves it alone for a CPU tensor).
+    lines += ["with torch.cuda.device(x.device.index if x.is_cuda else -1):", *(INDENT + line for line in run)]
     return lines
 
 
-def _run_kernels_lines(plan: Plan) -> list[str]:
+def _run_kernels_lines(steps) -> list[str]:
     lines = []
     comment = None
-    for step in plan.steps:
+    for step in steps:
         if step.comment != comment:
             comment = step.comment
             lines.append(f"# {comment}")
         if isinstance(step, Launch):
-            args = ", ".join(["x", *(f"self.{path}" for path in step.modules)])
-            lines.append(f"x = {step.kernel.name}({args})")
+            inputs = ["x", "x_stats"] if step.kernel.reads_batch_stats else ["x"]
+            args = ", ".join([*inputs, *(f"self.{path}" for path in step.modules)])
+            outputs = "x, x_stats" if step.kernel.writes_batch_stats else "x"
+            lines.append(f"{outputs} = {step.kernel.name}({args})")
         else:
             view: O.View = step.op.lowering
             lines.append(f"x = {view.expr('x')}")
@@ -152,13 +157,43 @@ class TorchBackward(torch.autograd.Function):
 '''
 
 
+def _helpers(plan: Plan) -> list[O.Helper]:
+    """Kernels that op lowerings call from their wrappers (BatchNorm's batch statistics), once each."""
+    found = [f.op.lowering.helper for k in plan.kernels for f in k.ops if getattr(f.op.lowering, "helper", None)]
+    return list(dict.fromkeys(found))
+
+
+def _run_methods(plan: Plan) -> list[str]:
+    if plan.train_steps is None:
+        return [
+            "def run_kernels(self, x):",
+            f'{INDENT}"""The forward pass: one launch per chain of the spec."""',
+            *(INDENT + line for line in _run_kernels_lines(plan.steps)),
+        ]
+    return [
+        "def run_kernels(self, x):",
+        f'{INDENT}"""The forward pass: one launch per chain of the spec (eval mode)."""',
+        f"{INDENT}if self.training:",
+        f"{INDENT * 2}return self.run_training_kernels(x)",
+        *(INDENT + line for line in _run_kernels_lines(plan.steps)),
+        "",
+        "def run_training_kernels(self, x):",
+        f'{INDENT}"""Training mode: BatchNorm normalises with batch statistics in the next kernel\'s prologue."""',
+        *(INDENT + line for line in _run_kernels_lines(plan.train_steps)),
+    ]
+
+
 def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
     model = plan.model
     ctor = ", ".join(["self", *(f"{name}={default}" for name, default in model.params)])
+    helpers = _helpers(plan)
     parts = [HEADER.format(spec=spec_path)]
     parts += [k.kernel_source for k in lowered]
+    parts += [h.kernel for h in helpers]
     parts.append(OFFSETS_CHECK)
     parts += [k.wrapper_source for k in lowered]
+    parts += [h.wrapper for h in helpers]
+    parts += dict.fromkeys(u.op.reference_helper for c in model.chains for u in c.ops if u.op.reference_helper)
     parts.append(GRAPH_REPLAY)
     cls = [
         "class ModelNew(nn.Module):",
@@ -175,12 +210,10 @@ def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
         f"{INDENT}def forward(self, x):",
         *(INDENT * 2 + line for line in _forward_lines(plan)),
         "",
-        f"{INDENT}def run_kernels(self, x):",
-        f'{INDENT * 2}"""The forward pass: one launch per chain of the spec."""',
-        *(INDENT * 2 + line for line in _run_kernels_lines(plan)),
+        *(INDENT + line for line in _run_methods(plan)),
         "",
         f"{INDENT}def reference_forward(self, x):",
-        f'{INDENT * 2}"""The forward pass in torch ops, differentiated by backward; eval-mode BatchNorm."""',
+        f'{INDENT * 2}"""The forward pass in torch ops, differentiated by backward; leaves running statistics alone."""',
         *(INDENT * 2 + line for line in _reference_lines(plan)),
     ]
     parts.append("\n".join(cls))

@@ -70,6 +70,18 @@ def _store(out_rank: int) -> str:
     return f"tl.store(out_ptr + n[:, None] * out_stride_n + offs_n[None, :] * out_stride_c{spatial}, acc, mask=mask)"
 
 
+# Training mode: statistics of the output tile for the BatchNorm that follows in the next kernel. The
+# deviations are taken from the tile's own mean, so merging the tiles later does not cancel.
+_TILE_STATS = [
+    "# per-channel statistics of this tile for the next kernel's BatchNorm (training mode)",
+    "tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)",
+    "tile_sum = tl.sum(tl.where(mask, acc, 0.0), axis=0)",
+    "tile_deviation = tl.where(mask, acc - (tile_sum / tile_rows)[None, :], 0.0)",
+    "tl.store(tile_sum_ptr + pid_m * C_out + offs_n, tile_sum, mask=mask_n)",
+    "tl.store(tile_m2_ptr + pid_m * C_out + offs_n, tl.sum(tile_deviation * tile_deviation, axis=0), mask=mask_n)",
+]
+
+
 def _used(name: str, body: str) -> bool:
     return re.search(rf"\b{re.escape(name)}\b", body) is not None
 
@@ -84,6 +96,8 @@ def lower(kernel: Kernel) -> LoweredKernel:
         body.append(f"# epilogue: {f.op.name}")
         body += f.op.lowering.apply("acc", f.slot, "offs_n", "mask_n")
     body.append(_store(out_rank))
+    if kernel.writes_batch_stats:
+        body += _TILE_STATS
     body_text = "\n".join(body)
 
     # Candidate parameters in signature order, each with the wrapper expression that feeds it.
@@ -104,6 +118,8 @@ def lower(kernel: Kernel) -> LoweredKernel:
             else:
                 scalars.append(entry)
     pointers.append(("out_ptr", "out"))
+    if kernel.writes_batch_stats:
+        pointers += [("tile_sum_ptr", "tile_sum"), ("tile_m2_ptr", "tile_m2")]
     dims = [(d, d) for d in dict.fromkeys(in_dims + out_dims)]
     strides = [(f"x_stride_{s}", f"x.stride({i})") for i, s in enumerate(stride_names[: kernel.in_rank])]
     strides += [(f"out_stride_{s}", f"out.stride({i})") for i, s in enumerate(stride_names[:out_rank])]
@@ -112,8 +128,11 @@ def lower(kernel: Kernel) -> LoweredKernel:
     keyword = [p for p in constexprs + blocks if _used(p[0], body_text)]
 
     signature = [name for name, _ in positional] + [f"{name}: tl.constexpr" for name, _ in keyword]
+    fused = " -> ".join(f.op.name for f in kernel.ops if f.op.name != "load") or "copy"
+    if kernel.writes_batch_stats:
+        fused += " (training mode: with the output's batch statistics)"
     kernel_lines = [
-        f"# {' -> '.join(f.op.name for f in kernel.ops if f.op.name != 'load')}: one kernel, one store.",
+        f"# {fused}: one kernel, one store.",
         *(f"# {source}" for source in kernel.sources),
         "@triton.jit",
         f"def {kernel.name}_kernel({', '.join(signature)}):",
@@ -126,8 +145,10 @@ def lower(kernel: Kernel) -> LoweredKernel:
     out_shape = ", ".join(["N", *out_dims])
     block_m = "64" if out_rank == 4 else "min(64, max(16, triton.next_power_of_2(N)))"
     rows = "N * OH * OW" if out_rank == 4 else "N"
+    inputs = ["x", "x_stats"] if kernel.reads_batch_stats else ["x"]
+    setup = [line.format(m=f.slot) for f in kernel.prologue for line in getattr(f.op.lowering, "setup", ())]
     wrapper = [
-        f"def {kernel.name}({', '.join(['x', *modules])}):",
+        f"def {kernel.name}({', '.join([*inputs, *modules])}):",
         INDENT + f"{', '.join(in_dims)} = x.shape",
         *(INDENT + line for line in anchor_dims),
         INDENT + f"out = torch.empty(({out_shape}), device=x.device, dtype=torch.float32{_LAYOUT[out_rank]})",
@@ -139,10 +160,21 @@ def lower(kernel: Kernel) -> LoweredKernel:
         wrapper.append(INDENT + "BLOCK_K = 32")
     wrapper += [
         INDENT + f"grid = (triton.cdiv({rows}, BLOCK_M), triton.cdiv(C_out, BLOCK_N))",
+    ]
+    if kernel.writes_batch_stats:
+        wrapper += [
+            INDENT + "tile_sum = torch.empty((grid[0], C_out), device=x.device, dtype=torch.float32)",
+            INDENT + "tile_m2 = torch.empty_like(tile_sum)",
+        ]
+    wrapper += [
+        *(INDENT + line for line in setup),
         INDENT + f"{kernel.name}_kernel[grid](",
         *(INDENT * 2 + f"{value}," for _, value in positional),
         *(INDENT * 2 + f"{name}={value}," for name, value in keyword),
         INDENT + ")",
-        INDENT + f"return {kernel.view.op.lowering.expr('out') if kernel.view else 'out'}",
     ]
+    result = kernel.view.op.lowering.expr("out") if kernel.view else "out"
+    if kernel.writes_batch_stats:
+        result += f", (tile_sum, tile_m2, BLOCK_M, {rows})"
+    wrapper.append(INDENT + f"return {result}")
     return LoweredKernel("\n".join(kernel_lines), "\n".join(wrapper))

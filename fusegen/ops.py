@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from functools import cache
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Callable
 
@@ -71,10 +71,23 @@ class Anchor:
 
 
 @dataclass(frozen=True)
+class Helper:
+    """A kernel and its wrapper that an op's lowering calls, emitted once per generated file."""
+
+    kernel: str
+    wrapper: str
+
+
+@dataclass(frozen=True)
 class Elementwise:
     params: tuple[KernelParam, ...]
     # apply(value, slot, channels, channel_mask) -> kernel lines that rewrite `value` in place
     apply: Callable[[str, str, str, str], list[str]]
+    # The op normalises with batch statistics of its input: the producing kernel stores per-tile
+    # statistics (`x_stats` in the consumer's wrapper) and `setup` turns them into the kernel's params.
+    needs_batch_stats: bool = False
+    setup: tuple[str, ...] = ()  # wrapper lines before the launch (`{m}` is the op's module)
+    helper: Helper | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +116,14 @@ class Op:
     int_args: tuple[str, ...] = field(default=())
     # the module attribute holding the channel count the op takes (checks the model's input)
     channels_attr: str | None = None
+    # source of a function that `reference` calls, emitted once per generated file
+    reference_helper: str | None = None
+    # how the op lowers in training mode, where that differs (BatchNorm: batch statistics)
+    train_lowering: Elementwise | None = None
+
+    def train_lowered(self) -> "Op":
+        """The op as it lowers in training mode."""
+        return replace(self, lowering=self.train_lowering) if self.train_lowering else self
 
 
 # -- shape rules -------------------------------------------------------------------------------------
@@ -252,7 +273,8 @@ def _load_loop(rank: int):
     def loop(slot: str, prologue: PrologueHook) -> list[str]:
         return [
             "acc = tl.load(x_ptr + n[:, None] * x_stride_n + offs_n[None, :] * x_stride_c"
-            f"{spatial}, mask=mask, other=0.0)"
+            f"{spatial}, mask=mask, other=0.0)",
+            *prologue("acc", "offs_n", "mask_n", None),
         ]
 
     return loop
@@ -380,6 +402,104 @@ def _bn_module(a: dict[str, str]) -> str:
 BN_DEFAULTS = {"eps": 1e-5, "momentum": 0.1}
 
 
+# The torch reference of bn (reference_forward, which backward differentiates): the module's own
+# arithmetic in either mode, but backward's recomputation must not update the running statistics again.
+BN_REFERENCE = '''\
+def batch_norm_reference(x, bn):
+    """bn(x) in torch ops, in bn's mode, without touching its running statistics."""
+    running = (None, None) if bn.training else (bn.running_mean, bn.running_var)
+    return nn.functional.batch_norm(x, *running, bn.weight, bn.bias, bn.training, 0.0, bn.eps)
+'''
+
+
+def _bn_train_apply(v: str, slot: str, ch: str, ch_mask: str) -> list[str]:
+    # (x - mean) * scale + bias, not x * scale + shift: a mean large against the spread cancels exactly
+    return [
+        f"{slot}_mean = tl.load({slot}_mean_ptr + {ch}, mask={ch_mask}, other=0.0)",
+        f"{slot}_scale = tl.load({slot}_scale_ptr + {ch}, mask={ch_mask}, other=0.0)",
+        f"{slot}_bias = tl.load({slot}_bias_ptr + {ch}, mask={ch_mask}, other=0.0)",
+        f"{v} = ({v} - {slot}_mean[None, :]) * {slot}_scale[None, :] + {slot}_bias[None, :]",
+    ]
+
+
+# Training-mode BatchNorm between two kernels: the producer stores, per output tile and channel, the
+# sum and the sum of squared deviations from the tile's mean; this kernel merges the tiles with Chan's
+# parallel formula (no sum-of-squares cancellation at large N*H*W), then writes the per-channel mean
+# and scale that the consumer's prologue applies, and updates the running statistics like PyTorch.
+BN_BATCH_STATS = Helper(
+    kernel='''\
+# BatchNorm2d in training mode: batch mean and variance from per-tile statistics; running statistics update.
+@triton.jit
+def batch_norm_batch_stats_kernel(
+    tile_sum_ptr, tile_m2_ptr, weight_ptr, running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
+    batch_mean_ptr, scale_ptr, T, C, ROWS, ROWS_PER_TILE, eps, momentum,
+    CUMULATIVE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    # float64 here: the merge is tiny next to the conv, and a mean off by a few ulps is amplified by
+    # mean / std once the consumer subtracts it
+    mean = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask = (offs_t < T)[:, None] & mask_c[None, :]
+        tile_rows = tl.minimum(tl.maximum(ROWS - offs_t * ROWS_PER_TILE, 0), ROWS_PER_TILE).to(tl.float64)
+        tile_sum = tl.load(tile_sum_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(tl.float64)
+        tile_m2 = tl.load(tile_m2_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(tl.float64)
+        # merge the chunk's tiles, then the chunk into the total so far (Chan et al.)
+        chunk_rows = tl.sum(tile_rows, axis=0)
+        chunk_mean = tl.sum(tile_sum, axis=0) / chunk_rows
+        deviation = tl.where(mask, tile_sum / tl.maximum(tile_rows, 1.0)[:, None] - chunk_mean[None, :], 0.0)
+        chunk_m2 = tl.sum(tile_m2 + tile_rows[:, None] * deviation * deviation, axis=0)
+        rows_before = tl.minimum(t0 * ROWS_PER_TILE, ROWS).to(tl.float64)
+        delta = chunk_mean - mean
+        mean += delta * (chunk_rows / (rows_before + chunk_rows))
+        m2 += chunk_m2 + delta * delta * (rows_before * chunk_rows / (rows_before + chunk_rows))
+    tl.store(batch_mean_ptr + offs_c, mean.to(tl.float32), mask=mask_c)
+    rstd = 1.0 / tl.sqrt(m2 / ROWS + eps)
+    tl.store(scale_ptr + offs_c, (tl.load(weight_ptr + offs_c, mask=mask_c, other=0.0) * rstd).to(tl.float32), mask=mask_c)
+    # running statistics as nn.BatchNorm2d keeps them: unbiased variance; momentum None is a cumulative
+    # average over num_batches_tracked, which the wrapper then counts before the launch
+    if CUMULATIVE:
+        factor = 1.0 / tl.load(num_batches_tracked_ptr).to(tl.float64)
+    else:
+        factor = momentum
+        tl.atomic_add(num_batches_tracked_ptr, 1, mask=pid == 0)  # one program counts the batch
+    running_mean = tl.load(running_mean_ptr + offs_c, mask=mask_c, other=0.0)
+    running_var = tl.load(running_var_ptr + offs_c, mask=mask_c, other=0.0)
+    new_mean = (1.0 - factor) * running_mean + factor * mean
+    new_var = (1.0 - factor) * running_var + factor * (m2 / (ROWS - 1))
+    tl.store(running_mean_ptr + offs_c, new_mean.to(tl.float32), mask=mask_c)
+    tl.store(running_var_ptr + offs_c, new_var.to(tl.float32), mask=mask_c)
+''',
+    wrapper='''\
+def batch_norm_batch_stats(x_stats, bn):
+    """Training-mode BatchNorm's batch mean and scale (weight / sqrt(var + eps)) per channel, from its
+    input's per-tile statistics; updates running_mean, running_var and num_batches_tracked like torch."""
+    tile_sum, tile_m2, rows_per_tile, rows = x_stats
+    T, C = tile_sum.shape
+    if rows < 2:
+        raise ValueError(f"BatchNorm in training mode needs more than 1 value per channel, got {rows} (N*H*W)")
+    if bn.momentum is None:  # the kernel reads the count: update it first (otherwise the kernel does)
+        bn.num_batches_tracked.add_(1)
+    batch_mean = torch.empty(C, device=tile_sum.device, dtype=torch.float32)
+    scale = torch.empty_like(batch_mean)
+    # few channels and many tiles early in a net: narrow channel blocks, long tile blocks, so that the
+    # merge runs in several programs and few sequential steps
+    BLOCK_C = 8
+    grid = (triton.cdiv(C, BLOCK_C),)
+    batch_norm_batch_stats_kernel[grid](
+        tile_sum, tile_m2, bn.weight, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+        batch_mean, scale, T, C, rows, rows_per_tile, bn.eps, 0.0 if bn.momentum is None else bn.momentum,
+        CUMULATIVE=bn.momentum is None, BLOCK_T=min(1024, triton.next_power_of_2(T)), BLOCK_C=BLOCK_C, num_warps=8,
+    )
+    return batch_mean, scale
+''',
+)
+
+
 def _same(a: dict, shape: Shape) -> Shape:
     return shape
 
@@ -486,7 +606,8 @@ FIXED_OPS = {
             needs_module=True,
             channels_attr="num_features",
             shape=_bn_shape,
-            reference=lambda x, m: f"{m}({x})",
+            reference=lambda x, m: f"batch_norm_reference({x}, {m})",
+            reference_helper=BN_REFERENCE,
             lowering=Elementwise(
                 (
                     KernelParam("weight_ptr", "{m}.weight"),
@@ -497,7 +618,19 @@ FIXED_OPS = {
                 ),
                 _bn_apply,
             ),
-            summary="BatchNorm2d; eval mode folds running statistics into a per-channel scale and shift",
+            train_lowering=Elementwise(
+                (
+                    KernelParam("mean_ptr", "{m}_mean"),
+                    KernelParam("scale_ptr", "{m}_scale"),
+                    KernelParam("bias_ptr", "{m}.bias"),
+                ),
+                _bn_train_apply,
+                needs_batch_stats=True,
+                setup=("{m}_mean, {m}_scale = batch_norm_batch_stats(x_stats, {m})",),
+                helper=BN_BATCH_STATS,
+            ),
+            summary="BatchNorm2d: eval mode folds running statistics into a per-channel scale and shift;"
+            " training mode normalises with batch statistics",
         ),
         Op(
             name="relu",

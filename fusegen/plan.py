@@ -34,6 +34,8 @@ class Kernel:
     view: FusedOp | None
     in_rank: int
     sources: tuple[str, ...]  # the spec chains it comes from: "line 9: dwconv3x3(...) -> bn(inp) -> relu"
+    # training mode: also store per-tile statistics of the output for the BatchNorm that follows
+    writes_batch_stats: bool = False
 
     @property
     def ops(self) -> tuple[FusedOp, ...]:
@@ -44,6 +46,11 @@ class Kernel:
     def module_ops(self) -> tuple[FusedOp, ...]:
         """Ops whose module the wrapper takes, in chain order."""
         return tuple(f for f in self.ops if f.params)
+
+    @property
+    def reads_batch_stats(self) -> bool:
+        """Training mode: the prologue normalises with batch statistics that the previous kernel stored."""
+        return any(getattr(f.op.lowering, "needs_batch_stats", False) for f in self.prologue)
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,21 @@ class ViewOnly:
 class Plan:
     model: Model
     kernels: tuple[Kernel, ...]
-    steps: tuple[Launch | ViewOnly, ...]
+    steps: tuple[Launch | ViewOnly, ...]  # eval mode
+    # training mode, where it differs (a model with BatchNorm); None: the same steps
+    train_steps: tuple[Launch | ViewOnly, ...] | None
+
+
+@dataclass
+class _Group:
+    """The ops of one launch, before its kernel is built."""
+
+    prologue: list[OpUse]
+    anchor: OpUse | None
+    epilogue: list[OpUse]
+    view: OpUse | None
+    chains: list[ChainUse]  # where its ops are written, first the one that names the launch
+    writes_batch_stats: bool = False
 
 
 def _split(chain: ChainUse):
@@ -77,6 +98,79 @@ def _split(chain: ChainUse):
     return uses[:i], uses[i], uses[i + 1 :], view
 
 
+def _eval_groups(model: Model) -> list[_Group | ChainUse]:
+    """Eval mode: one launch per chain (a chain that is only a view: the ChainUse itself, no launch)."""
+    groups: list[_Group | ChainUse] = []
+    for chain in model.chains:
+        prologue, anchor, epilogue, view = _split(chain)
+        if anchor is None and not epilogue:
+            groups.append(chain)
+        else:
+            groups.append(_Group(prologue, anchor, epilogue, view, [chain]))
+    return groups
+
+
+def _needs_batch_stats(use: OpUse) -> bool:
+    return use.op.train_lowering is not None and use.op.train_lowering.needs_batch_stats
+
+
+def _training_groups(model: Model) -> list[_Group | ChainUse]:
+    """Training mode: an op that normalises with batch statistics (BatchNorm) needs its whole input
+    reduced first, so it cannot run in the kernel that produces that input. It moves, with the
+    elementwise ops after it, into the prologue of the next anchor: the producer stores the tensor
+    before it once, with per-tile statistics, and the consumer normalises each tile as it loads it.
+    Where no anchor follows (a second BatchNorm, a view, the end), a kernel of its own applies it."""
+    groups: list[_Group | ChainUse] = []
+    carried: list[tuple[OpUse, ChainUse]] = []  # ops waiting for the next anchor, with their chain
+
+    def pieces(uses: list[tuple[OpUse, ChainUse]]) -> list[list[tuple[OpUse, ChainUse]]]:
+        """Split before every op that needs batch statistics (except a leading one)."""
+        out: list[list[tuple[OpUse, ChainUse]]] = []
+        for use in uses:
+            if not out or (_needs_batch_stats(use[0]) and out[-1]):
+                out.append([])
+            out[-1].append(use)
+        return out
+
+    def group(part, anchor=None, epilogue=(), view=None, chain=None) -> _Group:
+        chains: list[ChainUse] = []
+        for c in [*([chain] if chain else []), *(c for _, c in part)]:
+            chains += [] if any(c is seen for seen in chains) else [c]
+        return _Group([u for u, _ in part], anchor, list(epilogue), view, chains)
+
+    for chain in model.chains:
+        prologue, anchor, epilogue, view = _split(chain)
+        if anchor is None:
+            carried += [(u, chain) for u in epilogue]
+        else:
+            parts = pieces(carried + [(u, chain) for u in prologue]) or [[]]
+            groups += [group(part) for part in parts[:-1]]
+            first_bn = next((i for i, u in enumerate(epilogue) if _needs_batch_stats(u)), len(epilogue))
+            groups.append(group(parts[-1], anchor, epilogue[:first_bn], chain=chain))
+            carried = [(u, chain) for u in epilogue[first_bn:]]
+        if view is not None:
+            if carried:  # the ops waiting apply before the view
+                parts = pieces(carried)
+                groups += [group(part, view=view if part is parts[-1] else None) for part in parts]
+                carried = []
+            elif anchor is not None:
+                groups[-1].view = view
+            else:
+                groups.append(chain)
+    groups += [group(part) for part in pieces(carried)]
+
+    # A group that starts by normalising with batch statistics makes the launch before it store them;
+    # the model input has no producer, so an identity kernel stores it with its statistics.
+    launches = [g for g in groups if isinstance(g, _Group)]
+    if launches and launches[0].prologue and _needs_batch_stats(launches[0].prologue[0]):
+        first = _Group([], None, [], None, [model.chains[0]])
+        groups.insert(0, first)
+        launches.insert(0, first)
+    for producer, consumer in zip(launches, launches[1:]):
+        producer.writes_batch_stats = bool(consumer.prologue) and _needs_batch_stats(consumer.prologue[0])
+    return groups
+
+
 def _slots(uses) -> list[str]:
     counts: dict[str, int] = {}
     slots = []
@@ -86,38 +180,70 @@ def _slots(uses) -> list[str]:
     return slots
 
 
-def plan(model: Model, spec_name: str) -> Plan:
-    kernels: dict[tuple, Kernel] = {}
-    pending: list[tuple[tuple, tuple[str, ...], str] | ViewOnly] = []
-    for chain in model.chains:
-        comment = f"{spec_name}:{chain.site or f'{chain.line}: {chain.text}'}"
-        prologue, anchor, epilogue, view = _split(chain)
-        if anchor is None and not epilogue:
-            pending.append(ViewOnly(view.op, comment))
-            continue
-        in_rank = len(chain.in_shape)
-        if anchor is None:
-            anchor = OpUse(O.load_anchor(in_rank), None, chain.ops[0].pos)
-        body = [*prologue, anchor, *epilogue]
-        fused = [FusedOp(u.op, slot) for u, slot in zip(body, _slots(body))]
-        key = (tuple(u.op.name for u in chain.ops), in_rank)
-        if key not in kernels:
-            name = "_".join(key[0])
-            if any(k.name == name for k in kernels.values()):
+class _Kernels:
+    """Builds kernels for groups of ops; groups with the same structure share one kernel."""
+
+    def __init__(self, spec_name: str):
+        self.spec_name = spec_name
+        self.by_key: dict[tuple, Kernel] = {}
+
+    def comment(self, chain: ChainUse) -> str:
+        return f"{self.spec_name}:{chain.site or f'{chain.line}: {chain.text}'}"
+
+    def launch(self, group: _Group, training: bool) -> Launch:
+        chain = group.chains[0]
+        in_rank = len(chain.in_shape)  # elementwise ops and anchors keep the rank
+        anchor = group.anchor or OpUse(O.load_anchor(in_rank), None, chain.ops[0].pos)
+        body = [*group.prologue, anchor, *group.epilogue]
+        ops = [u.op.train_lowered() if training else u.op for u in body]
+        fused = [FusedOp(op, slot) for op, slot in zip(ops, _slots(body))]
+        trained = any(op is not u.op for op, u in zip(ops, body))
+        key = (tuple(u.op.name for u in body), trained, group.writes_batch_stats, in_rank, group.view is not None)
+        if key not in self.by_key:
+            name = "_".join(u.op.name for u in body if u is not anchor or group.anchor) or anchor.op.name
+            if group.view is not None:
+                name += f"_{group.view.op.name}"
+            name += "_stats" * group.writes_batch_stats + "_train" * trained
+            if any(k.name == name for k in self.by_key.values()):
                 name = f"{name}_{in_rank}d"
-            kernels[key] = Kernel(
+            self.by_key[key] = Kernel(
                 name=name,
-                prologue=tuple(fused[: len(prologue)]),
-                anchor=fused[len(prologue)],
-                epilogue=tuple(fused[len(prologue) + 1 :]),
-                view=FusedOp(view.op, view.op.slot) if view else None,
+                prologue=tuple(fused[: len(group.prologue)]),
+                anchor=fused[len(group.prologue)],
+                epilogue=tuple(fused[len(group.prologue) + 1 :]),
+                view=FusedOp(group.view.op, group.view.op.slot) if group.view else None,
                 in_rank=in_rank,
                 sources=(),
+                writes_batch_stats=group.writes_batch_stats,
             )
-        source = f"{spec_name}:{chain.line}: {chain.text}"
-        if source not in kernels[key].sources:
-            kernels[key] = replace(kernels[key], sources=kernels[key].sources + (source,))
+        for c in group.chains:
+            source = f"{self.spec_name}:{c.line}: {c.text}"
+            if source not in self.by_key[key].sources:
+                self.by_key[key] = replace(self.by_key[key], sources=self.by_key[key].sources + (source,))
         modules = tuple(u.module_path for f, u in zip(fused, body) if f.params)
-        pending.append((key, modules, comment))
-    steps = tuple(p if isinstance(p, ViewOnly) else Launch(kernels[p[0]], p[1], p[2]) for p in pending)
-    return Plan(model, tuple(kernels.values()), steps)
+        return Launch(self.by_key[key], modules, self.comment(chain))
+
+    def steps(self, groups: list[_Group | ChainUse], training: bool) -> list[Launch | ViewOnly]:
+        return [
+            self.launch(g, training) if isinstance(g, _Group) else ViewOnly(g.ops[-1].op, self.comment(g))
+            for g in groups
+        ]
+
+
+def plan(model: Model, spec_name: str) -> Plan:
+    kernels = _Kernels(spec_name)
+    steps = kernels.steps(_eval_groups(model), training=False)
+    has_batch_stats = any(_needs_batch_stats(u) for chain in model.chains for u in chain.ops)
+    train_steps = kernels.steps(_training_groups(model), training=True) if has_batch_stats else None
+    # The Launch objects hold the kernel as it was when built; point them at the final kernels (sources).
+    final = {k.name: k for k in kernels.by_key.values()}
+
+    def refresh(s):
+        return replace(s, kernel=final[s.kernel.name]) if isinstance(s, Launch) else s
+
+    return Plan(
+        model,
+        tuple(kernels.by_key.values()),
+        tuple(map(refresh, steps)),
+        tuple(map(refresh, train_steps)) if train_steps is not None else None,
+    )

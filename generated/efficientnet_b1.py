@@ -585,6 +585,644 @@ def linear_kernel(
     )
 
 
+# conv3x3 (training mode: with the output's batch statistics): one kernel, one store.
+# efficientnet_b1.fuse:13: conv1: conv3x3(3, 32, stride=2) -> bn1: bn(32) -> relu
+@triton.jit
+def conv3x3_stats_kernel(
+    x_ptr,
+    conv_weight_ptr,
+    out_ptr,
+    tile_sum_ptr,
+    tile_m2_ptr,
+    N,
+    C_in,
+    H,
+    W,
+    C_out,
+    OH,
+    OW,
+    x_stride_n,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    out_stride_n,
+    out_stride_c,
+    out_stride_h,
+    out_stride_w,
+    conv_weight_stride_o,
+    conv_weight_stride_i,
+    conv_weight_stride_h,
+    conv_weight_stride_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE: tl.constexpr,
+    PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
+    # and the tile stays in registers until the one store.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < N * OH * OW
+    mask_n = offs_n < C_out
+    mask = mask_m[:, None] & mask_n[None, :]
+    n = offs_m // (OH * OW)
+    oh = offs_m // OW % OH
+    ow = offs_m % OW
+    # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot)
+    # implicit GEMM: K runs over (input channel, kh, kw)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, C_in * KH * KW, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < C_in * KH * KW
+        ci = offs_k // (KH * KW)
+        kh = (offs_k // KW) % KH
+        kw = offs_k % KW
+        ih = oh[:, None] * STRIDE - PAD + kh[None, :]
+        iw = ow[:, None] * STRIDE - PAD + kw[None, :]
+        inside = (
+            mask_m[:, None]
+            & mask_k[None, :]
+            & (ih >= 0)
+            & (ih < H)
+            & (iw >= 0)
+            & (iw < W)
+        )
+        a = tl.load(
+            x_ptr
+            + n[:, None] * x_stride_n
+            + ci[None, :] * x_stride_c
+            + ih * x_stride_h
+            + iw * x_stride_w,
+            mask=inside,
+            other=0.0,
+        )
+        b = tl.load(
+            conv_weight_ptr
+            + offs_n[None, :] * conv_weight_stride_o
+            + (
+                ci * conv_weight_stride_i
+                + kh * conv_weight_stride_h
+                + kw * conv_weight_stride_w
+            )[:, None],
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc += tl.dot(a, b, input_precision="tf32x3")
+    tl.store(
+        out_ptr
+        + n[:, None] * out_stride_n
+        + offs_n[None, :] * out_stride_c
+        + oh[:, None] * out_stride_h
+        + ow[:, None] * out_stride_w,
+        acc,
+        mask=mask,
+    )
+    # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
+    tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
+    tile_sum = tl.sum(tl.where(mask, acc, 0.0), axis=0)
+    tile_deviation = tl.where(mask, acc - (tile_sum / tile_rows)[None, :], 0.0)
+    tl.store(tile_sum_ptr + pid_m * C_out + offs_n, tile_sum, mask=mask_n)
+    tl.store(
+        tile_m2_ptr + pid_m * C_out + offs_n,
+        tl.sum(tile_deviation * tile_deviation, axis=0),
+        mask=mask_n,
+    )
+
+
+# bn -> relu -> conv1x1 (training mode: with the output's batch statistics): one kernel, one store.
+# efficientnet_b1.fuse:8: conv1x1(ci, h) -> bn(h) -> relu6
+# efficientnet_b1.fuse:13: conv1: conv3x3(3, 32, stride=2) -> bn1: bn(32) -> relu
+@triton.jit
+def bn_relu_conv1x1_stats_train_kernel(
+    x_ptr,
+    bn_mean_ptr,
+    bn_scale_ptr,
+    bn_bias_ptr,
+    conv_weight_ptr,
+    out_ptr,
+    tile_sum_ptr,
+    tile_m2_ptr,
+    N,
+    C_in,
+    C_out,
+    OH,
+    OW,
+    x_stride_n,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    out_stride_n,
+    out_stride_c,
+    out_stride_h,
+    out_stride_w,
+    conv_weight_stride_o,
+    conv_weight_stride_i,
+    STRIDE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
+    # and the tile stays in registers until the one store.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < N * OH * OW
+    mask_n = offs_n < C_out
+    mask = mask_m[:, None] & mask_n[None, :]
+    n = offs_m // (OH * OW)
+    oh = offs_m // OW % OH
+    ow = offs_m % OW
+    # anchor: 1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot
+    x_pixel = n * x_stride_n + oh * STRIDE * x_stride_h + ow * STRIDE * x_stride_w
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, C_in, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < C_in
+        a = tl.load(
+            x_ptr + x_pixel[:, None] + offs_k[None, :] * x_stride_c,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        # prologue: bn on the loaded input tile
+        bn_mean = tl.load(bn_mean_ptr + offs_k, mask=mask_k, other=0.0)
+        bn_scale = tl.load(bn_scale_ptr + offs_k, mask=mask_k, other=0.0)
+        bn_bias = tl.load(bn_bias_ptr + offs_k, mask=mask_k, other=0.0)
+        a = (a - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[None, :]
+        # prologue: relu on the loaded input tile
+        a = tl.maximum(a, 0.0)
+        b = tl.load(
+            conv_weight_ptr
+            + offs_n[None, :] * conv_weight_stride_o
+            + offs_k[:, None] * conv_weight_stride_i,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc += tl.dot(a, b, input_precision="tf32x3")
+    tl.store(
+        out_ptr
+        + n[:, None] * out_stride_n
+        + offs_n[None, :] * out_stride_c
+        + oh[:, None] * out_stride_h
+        + ow[:, None] * out_stride_w,
+        acc,
+        mask=mask,
+    )
+    # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
+    tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
+    tile_sum = tl.sum(tl.where(mask, acc, 0.0), axis=0)
+    tile_deviation = tl.where(mask, acc - (tile_sum / tile_rows)[None, :], 0.0)
+    tl.store(tile_sum_ptr + pid_m * C_out + offs_n, tile_sum, mask=mask_n)
+    tl.store(
+        tile_m2_ptr + pid_m * C_out + offs_n,
+        tl.sum(tile_deviation * tile_deviation, axis=0),
+        mask=mask_n,
+    )
+
+
+# bn -> relu6 -> dwconv3x3 (training mode: with the output's batch statistics): one kernel, one store.
+# efficientnet_b1.fuse:9: dwconv3x3(h, stride) -> bn(h) -> relu6
+# efficientnet_b1.fuse:8: conv1x1(ci, h) -> bn(h) -> relu6
+@triton.jit
+def bn_relu6_dwconv3x3_stats_train_kernel(
+    x_ptr,
+    bn_mean_ptr,
+    bn_scale_ptr,
+    bn_bias_ptr,
+    conv_weight_ptr,
+    out_ptr,
+    tile_sum_ptr,
+    tile_m2_ptr,
+    N,
+    H,
+    W,
+    C_out,
+    OH,
+    OW,
+    x_stride_n,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    out_stride_n,
+    out_stride_c,
+    out_stride_h,
+    out_stride_w,
+    conv_weight_stride_o,
+    conv_weight_stride_h,
+    conv_weight_stride_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE: tl.constexpr,
+    PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
+    # and the tile stays in registers until the one store.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < N * OH * OW
+    mask_n = offs_n < C_out
+    mask = mask_m[:, None] & mask_n[None, :]
+    n = offs_m // (OH * OW)
+    oh = offs_m // OW % OH
+    ow = offs_m % OW
+    # anchor: depthwise 3x3 convolution (groups = channels), no bias
+    # each output channel convolves its own input channel
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
+            ih = oh * STRIDE - PAD + kh
+            iw = ow * STRIDE - PAD + kw
+            inside = mask & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
+            a = tl.load(
+                x_ptr
+                + n[:, None] * x_stride_n
+                + offs_n[None, :] * x_stride_c
+                + ih[:, None] * x_stride_h
+                + iw[:, None] * x_stride_w,
+                mask=inside,
+                other=0.0,
+            )
+            # prologue: bn on the loaded input tile
+            bn_mean = tl.load(bn_mean_ptr + offs_n, mask=mask_n, other=0.0)
+            bn_scale = tl.load(bn_scale_ptr + offs_n, mask=mask_n, other=0.0)
+            bn_bias = tl.load(bn_bias_ptr + offs_n, mask=mask_n, other=0.0)
+            a = (a - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[None, :]
+            # prologue: relu6 on the loaded input tile
+            a = tl.minimum(tl.maximum(a, 0.0), 6.0)
+            a = tl.where(inside, a, 0.0)
+            w = tl.load(
+                conv_weight_ptr
+                + offs_n * conv_weight_stride_o
+                + kh * conv_weight_stride_h
+                + kw * conv_weight_stride_w,
+                mask=mask_n,
+                other=0.0,
+            )
+            acc += a * w[None, :]
+    tl.store(
+        out_ptr
+        + n[:, None] * out_stride_n
+        + offs_n[None, :] * out_stride_c
+        + oh[:, None] * out_stride_h
+        + ow[:, None] * out_stride_w,
+        acc,
+        mask=mask,
+    )
+    # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
+    tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
+    tile_sum = tl.sum(tl.where(mask, acc, 0.0), axis=0)
+    tile_deviation = tl.where(mask, acc - (tile_sum / tile_rows)[None, :], 0.0)
+    tl.store(tile_sum_ptr + pid_m * C_out + offs_n, tile_sum, mask=mask_n)
+    tl.store(
+        tile_m2_ptr + pid_m * C_out + offs_n,
+        tl.sum(tile_deviation * tile_deviation, axis=0),
+        mask=mask_n,
+    )
+
+
+# bn -> relu6 -> conv1x1 (training mode: with the output's batch statistics): one kernel, one store.
+# efficientnet_b1.fuse:10: conv1x1(h, co) -> bn(co)
+# efficientnet_b1.fuse:9: dwconv3x3(h, stride) -> bn(h) -> relu6
+@triton.jit
+def bn_relu6_conv1x1_stats_train_kernel(
+    x_ptr,
+    bn_mean_ptr,
+    bn_scale_ptr,
+    bn_bias_ptr,
+    conv_weight_ptr,
+    out_ptr,
+    tile_sum_ptr,
+    tile_m2_ptr,
+    N,
+    C_in,
+    C_out,
+    OH,
+    OW,
+    x_stride_n,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    out_stride_n,
+    out_stride_c,
+    out_stride_h,
+    out_stride_w,
+    conv_weight_stride_o,
+    conv_weight_stride_i,
+    STRIDE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
+    # and the tile stays in registers until the one store.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < N * OH * OW
+    mask_n = offs_n < C_out
+    mask = mask_m[:, None] & mask_n[None, :]
+    n = offs_m // (OH * OW)
+    oh = offs_m // OW % OH
+    ow = offs_m % OW
+    # anchor: 1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot
+    x_pixel = n * x_stride_n + oh * STRIDE * x_stride_h + ow * STRIDE * x_stride_w
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, C_in, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < C_in
+        a = tl.load(
+            x_ptr + x_pixel[:, None] + offs_k[None, :] * x_stride_c,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        # prologue: bn on the loaded input tile
+        bn_mean = tl.load(bn_mean_ptr + offs_k, mask=mask_k, other=0.0)
+        bn_scale = tl.load(bn_scale_ptr + offs_k, mask=mask_k, other=0.0)
+        bn_bias = tl.load(bn_bias_ptr + offs_k, mask=mask_k, other=0.0)
+        a = (a - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[None, :]
+        # prologue: relu6 on the loaded input tile
+        a = tl.minimum(tl.maximum(a, 0.0), 6.0)
+        b = tl.load(
+            conv_weight_ptr
+            + offs_n[None, :] * conv_weight_stride_o
+            + offs_k[:, None] * conv_weight_stride_i,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc += tl.dot(a, b, input_precision="tf32x3")
+    tl.store(
+        out_ptr
+        + n[:, None] * out_stride_n
+        + offs_n[None, :] * out_stride_c
+        + oh[:, None] * out_stride_h
+        + ow[:, None] * out_stride_w,
+        acc,
+        mask=mask,
+    )
+    # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
+    tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
+    tile_sum = tl.sum(tl.where(mask, acc, 0.0), axis=0)
+    tile_deviation = tl.where(mask, acc - (tile_sum / tile_rows)[None, :], 0.0)
+    tl.store(tile_sum_ptr + pid_m * C_out + offs_n, tile_sum, mask=mask_n)
+    tl.store(
+        tile_m2_ptr + pid_m * C_out + offs_n,
+        tl.sum(tile_deviation * tile_deviation, axis=0),
+        mask=mask_n,
+    )
+
+
+# bn -> conv1x1 (training mode: with the output's batch statistics): one kernel, one store.
+# efficientnet_b1.fuse:8: conv1x1(ci, h) -> bn(h) -> relu6
+# efficientnet_b1.fuse:10: conv1x1(h, co) -> bn(co)
+# efficientnet_b1.fuse:21: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu
+@triton.jit
+def bn_conv1x1_stats_train_kernel(
+    x_ptr,
+    bn_mean_ptr,
+    bn_scale_ptr,
+    bn_bias_ptr,
+    conv_weight_ptr,
+    out_ptr,
+    tile_sum_ptr,
+    tile_m2_ptr,
+    N,
+    C_in,
+    C_out,
+    OH,
+    OW,
+    x_stride_n,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    out_stride_n,
+    out_stride_c,
+    out_stride_h,
+    out_stride_w,
+    conv_weight_stride_o,
+    conv_weight_stride_i,
+    STRIDE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
+    # and the tile stays in registers until the one store.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < N * OH * OW
+    mask_n = offs_n < C_out
+    mask = mask_m[:, None] & mask_n[None, :]
+    n = offs_m // (OH * OW)
+    oh = offs_m // OW % OH
+    ow = offs_m % OW
+    # anchor: 1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot
+    x_pixel = n * x_stride_n + oh * STRIDE * x_stride_h + ow * STRIDE * x_stride_w
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, C_in, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < C_in
+        a = tl.load(
+            x_ptr + x_pixel[:, None] + offs_k[None, :] * x_stride_c,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        # prologue: bn on the loaded input tile
+        bn_mean = tl.load(bn_mean_ptr + offs_k, mask=mask_k, other=0.0)
+        bn_scale = tl.load(bn_scale_ptr + offs_k, mask=mask_k, other=0.0)
+        bn_bias = tl.load(bn_bias_ptr + offs_k, mask=mask_k, other=0.0)
+        a = (a - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[None, :]
+        b = tl.load(
+            conv_weight_ptr
+            + offs_n[None, :] * conv_weight_stride_o
+            + offs_k[:, None] * conv_weight_stride_i,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc += tl.dot(a, b, input_precision="tf32x3")
+    tl.store(
+        out_ptr
+        + n[:, None] * out_stride_n
+        + offs_n[None, :] * out_stride_c
+        + oh[:, None] * out_stride_h
+        + ow[:, None] * out_stride_w,
+        acc,
+        mask=mask,
+    )
+    # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
+    tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
+    tile_sum = tl.sum(tl.where(mask, acc, 0.0), axis=0)
+    tile_deviation = tl.where(mask, acc - (tile_sum / tile_rows)[None, :], 0.0)
+    tl.store(tile_sum_ptr + pid_m * C_out + offs_n, tile_sum, mask=mask_n)
+    tl.store(
+        tile_m2_ptr + pid_m * C_out + offs_n,
+        tl.sum(tile_deviation * tile_deviation, axis=0),
+        mask=mask_n,
+    )
+
+
+# bn -> relu -> global_avgpool: one kernel, one store.
+# efficientnet_b1.fuse:22: global_avgpool -> flatten
+# efficientnet_b1.fuse:21: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu
+@triton.jit
+def bn_relu_global_avgpool_flatten_train_kernel(
+    x_ptr,
+    bn_mean_ptr,
+    bn_scale_ptr,
+    bn_bias_ptr,
+    out_ptr,
+    N,
+    H,
+    W,
+    C_out,
+    OH,
+    OW,
+    x_stride_n,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    out_stride_n,
+    out_stride_c,
+    out_stride_h,
+    out_stride_w,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
+    # and the tile stays in registers until the one store.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < N * OH * OW
+    mask_n = offs_n < C_out
+    mask = mask_m[:, None] & mask_n[None, :]
+    n = offs_m // (OH * OW)
+    oh = offs_m // OW % OH
+    ow = offs_m % OW
+    # anchor: adaptive average pool to 1x1 (mean over H and W)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for p in range(0, H * W):
+        a = tl.load(
+            x_ptr
+            + n[:, None] * x_stride_n
+            + offs_n[None, :] * x_stride_c
+            + (p // W) * x_stride_h
+            + (p % W) * x_stride_w,
+            mask=mask,
+            other=0.0,
+        )
+        # prologue: bn on the loaded input tile
+        bn_mean = tl.load(bn_mean_ptr + offs_n, mask=mask_n, other=0.0)
+        bn_scale = tl.load(bn_scale_ptr + offs_n, mask=mask_n, other=0.0)
+        bn_bias = tl.load(bn_bias_ptr + offs_n, mask=mask_n, other=0.0)
+        a = (a - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[None, :]
+        # prologue: relu on the loaded input tile
+        a = tl.maximum(a, 0.0)
+        acc += a
+    acc = acc / (H * W)
+    tl.store(
+        out_ptr
+        + n[:, None] * out_stride_n
+        + offs_n[None, :] * out_stride_c
+        + oh[:, None] * out_stride_h
+        + ow[:, None] * out_stride_w,
+        acc,
+        mask=mask,
+    )
+
+
+# BatchNorm2d in training mode: batch mean and variance from per-tile statistics; running statistics update.
+@triton.jit
+def batch_norm_batch_stats_kernel(
+    tile_sum_ptr,
+    tile_m2_ptr,
+    weight_ptr,
+    running_mean_ptr,
+    running_var_ptr,
+    num_batches_tracked_ptr,
+    batch_mean_ptr,
+    scale_ptr,
+    T,
+    C,
+    ROWS,
+    ROWS_PER_TILE,
+    eps,
+    momentum,
+    CUMULATIVE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    # float64 here: the merge is tiny next to the conv, and a mean off by a few ulps is amplified by
+    # mean / std once the consumer subtracts it
+    mean = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask = (offs_t < T)[:, None] & mask_c[None, :]
+        tile_rows = tl.minimum(
+            tl.maximum(ROWS - offs_t * ROWS_PER_TILE, 0), ROWS_PER_TILE
+        ).to(tl.float64)
+        tile_sum = tl.load(
+            tile_sum_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0
+        ).to(tl.float64)
+        tile_m2 = tl.load(
+            tile_m2_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0
+        ).to(tl.float64)
+        # merge the chunk's tiles, then the chunk into the total so far (Chan et al.)
+        chunk_rows = tl.sum(tile_rows, axis=0)
+        chunk_mean = tl.sum(tile_sum, axis=0) / chunk_rows
+        deviation = tl.where(
+            mask,
+            tile_sum / tl.maximum(tile_rows, 1.0)[:, None] - chunk_mean[None, :],
+            0.0,
+        )
+        chunk_m2 = tl.sum(tile_m2 + tile_rows[:, None] * deviation * deviation, axis=0)
+        rows_before = tl.minimum(t0 * ROWS_PER_TILE, ROWS).to(tl.float64)
+        delta = chunk_mean - mean
+        mean += delta * (chunk_rows / (rows_before + chunk_rows))
+        m2 += chunk_m2 + delta * delta * (
+            rows_before * chunk_rows / (rows_before + chunk_rows)
+        )
+    tl.store(batch_mean_ptr + offs_c, mean.to(tl.float32), mask=mask_c)
+    rstd = 1.0 / tl.sqrt(m2 / ROWS + eps)
+    tl.store(
+        scale_ptr + offs_c,
+        (tl.load(weight_ptr + offs_c, mask=mask_c, other=0.0) * rstd).to(tl.float32),
+        mask=mask_c,
+    )
+    # running statistics as nn.BatchNorm2d keeps them: unbiased variance; momentum None is a cumulative
+    # average over num_batches_tracked, which the wrapper then counts before the launch
+    if CUMULATIVE:
+        factor = 1.0 / tl.load(num_batches_tracked_ptr).to(tl.float64)
+    else:
+        factor = momentum
+        tl.atomic_add(
+            num_batches_tracked_ptr, 1, mask=pid == 0
+        )  # one program counts the batch
+    running_mean = tl.load(running_mean_ptr + offs_c, mask=mask_c, other=0.0)
+    running_var = tl.load(running_var_ptr + offs_c, mask=mask_c, other=0.0)
+    new_mean = (1.0 - factor) * running_mean + factor * mean
+    new_var = (1.0 - factor) * running_var + factor * (m2 / (ROWS - 1))
+    tl.store(running_mean_ptr + offs_c, new_mean.to(tl.float32), mask=mask_c)
+    tl.store(running_var_ptr + offs_c, new_var.to(tl.float32), mask=mask_c)
+
+
 def check_32bit_offsets(*tensors):
     """Raises ValueError if an element offset of a tensor reaches 2**31 (the kernels use 32-bit offsets)."""
     for t in tensors:
@@ -915,14 +1553,367 @@ def linear(x, fc):
     return out
 
 
+def conv3x3_stats(x, conv):
+    N, C_in, H, W = x.shape
+    C_out = conv.out_channels
+    OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+    OW = (W + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
+    out = torch.empty(
+        (N, C_out, OH, OW),
+        device=x.device,
+        dtype=torch.float32,
+        memory_format=torch.channels_last,
+    )
+    check_32bit_offsets(x, out)
+    BLOCK_M = 64
+    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
+    BLOCK_K = 32
+    grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
+    tile_sum = torch.empty((grid[0], C_out), device=x.device, dtype=torch.float32)
+    tile_m2 = torch.empty_like(tile_sum)
+    conv3x3_stats_kernel[grid](
+        x,
+        conv.weight,
+        out,
+        tile_sum,
+        tile_m2,
+        N,
+        C_in,
+        H,
+        W,
+        C_out,
+        OH,
+        OW,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        x.stride(3),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        out.stride(3),
+        conv.weight.stride(0),
+        conv.weight.stride(1),
+        conv.weight.stride(2),
+        conv.weight.stride(3),
+        KH=conv.kernel_size[0],
+        KW=conv.kernel_size[1],
+        STRIDE=conv.stride[0],
+        PAD=conv.padding[0],
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+    )
+    return out, (tile_sum, tile_m2, BLOCK_M, N * OH * OW)
+
+
+def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
+    N, C_in, H, W = x.shape
+    C_out = conv.out_channels
+    OH = (H - 1) // conv.stride[0] + 1
+    OW = (W - 1) // conv.stride[1] + 1
+    out = torch.empty(
+        (N, C_out, OH, OW),
+        device=x.device,
+        dtype=torch.float32,
+        memory_format=torch.channels_last,
+    )
+    check_32bit_offsets(x, out)
+    BLOCK_M = 64
+    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
+    BLOCK_K = 32
+    grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
+    tile_sum = torch.empty((grid[0], C_out), device=x.device, dtype=torch.float32)
+    tile_m2 = torch.empty_like(tile_sum)
+    bn_mean, bn_scale = batch_norm_batch_stats(x_stats, bn)
+    bn_relu_conv1x1_stats_train_kernel[grid](
+        x,
+        bn_mean,
+        bn_scale,
+        bn.bias,
+        conv.weight,
+        out,
+        tile_sum,
+        tile_m2,
+        N,
+        C_in,
+        C_out,
+        OH,
+        OW,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        x.stride(3),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        out.stride(3),
+        conv.weight.stride(0),
+        conv.weight.stride(1),
+        STRIDE=conv.stride[0],
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+    )
+    return out, (tile_sum, tile_m2, BLOCK_M, N * OH * OW)
+
+
+def bn_relu6_dwconv3x3_stats_train(x, x_stats, bn, conv):
+    N, C_in, H, W = x.shape
+    C_out = C_in
+    OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+    OW = (W + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
+    out = torch.empty(
+        (N, C_out, OH, OW),
+        device=x.device,
+        dtype=torch.float32,
+        memory_format=torch.channels_last,
+    )
+    check_32bit_offsets(x, out)
+    BLOCK_M = 64
+    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
+    grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
+    tile_sum = torch.empty((grid[0], C_out), device=x.device, dtype=torch.float32)
+    tile_m2 = torch.empty_like(tile_sum)
+    bn_mean, bn_scale = batch_norm_batch_stats(x_stats, bn)
+    bn_relu6_dwconv3x3_stats_train_kernel[grid](
+        x,
+        bn_mean,
+        bn_scale,
+        bn.bias,
+        conv.weight,
+        out,
+        tile_sum,
+        tile_m2,
+        N,
+        H,
+        W,
+        C_out,
+        OH,
+        OW,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        x.stride(3),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        out.stride(3),
+        conv.weight.stride(0),
+        conv.weight.stride(2),
+        conv.weight.stride(3),
+        KH=conv.kernel_size[0],
+        KW=conv.kernel_size[1],
+        STRIDE=conv.stride[0],
+        PAD=conv.padding[0],
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+    )
+    return out, (tile_sum, tile_m2, BLOCK_M, N * OH * OW)
+
+
+def bn_relu6_conv1x1_stats_train(x, x_stats, bn, conv):
+    N, C_in, H, W = x.shape
+    C_out = conv.out_channels
+    OH = (H - 1) // conv.stride[0] + 1
+    OW = (W - 1) // conv.stride[1] + 1
+    out = torch.empty(
+        (N, C_out, OH, OW),
+        device=x.device,
+        dtype=torch.float32,
+        memory_format=torch.channels_last,
+    )
+    check_32bit_offsets(x, out)
+    BLOCK_M = 64
+    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
+    BLOCK_K = 32
+    grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
+    tile_sum = torch.empty((grid[0], C_out), device=x.device, dtype=torch.float32)
+    tile_m2 = torch.empty_like(tile_sum)
+    bn_mean, bn_scale = batch_norm_batch_stats(x_stats, bn)
+    bn_relu6_conv1x1_stats_train_kernel[grid](
+        x,
+        bn_mean,
+        bn_scale,
+        bn.bias,
+        conv.weight,
+        out,
+        tile_sum,
+        tile_m2,
+        N,
+        C_in,
+        C_out,
+        OH,
+        OW,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        x.stride(3),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        out.stride(3),
+        conv.weight.stride(0),
+        conv.weight.stride(1),
+        STRIDE=conv.stride[0],
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+    )
+    return out, (tile_sum, tile_m2, BLOCK_M, N * OH * OW)
+
+
+def bn_conv1x1_stats_train(x, x_stats, bn, conv):
+    N, C_in, H, W = x.shape
+    C_out = conv.out_channels
+    OH = (H - 1) // conv.stride[0] + 1
+    OW = (W - 1) // conv.stride[1] + 1
+    out = torch.empty(
+        (N, C_out, OH, OW),
+        device=x.device,
+        dtype=torch.float32,
+        memory_format=torch.channels_last,
+    )
+    check_32bit_offsets(x, out)
+    BLOCK_M = 64
+    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
+    BLOCK_K = 32
+    grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
+    tile_sum = torch.empty((grid[0], C_out), device=x.device, dtype=torch.float32)
+    tile_m2 = torch.empty_like(tile_sum)
+    bn_mean, bn_scale = batch_norm_batch_stats(x_stats, bn)
+    bn_conv1x1_stats_train_kernel[grid](
+        x,
+        bn_mean,
+        bn_scale,
+        bn.bias,
+        conv.weight,
+        out,
+        tile_sum,
+        tile_m2,
+        N,
+        C_in,
+        C_out,
+        OH,
+        OW,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        x.stride(3),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        out.stride(3),
+        conv.weight.stride(0),
+        conv.weight.stride(1),
+        STRIDE=conv.stride[0],
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+    )
+    return out, (tile_sum, tile_m2, BLOCK_M, N * OH * OW)
+
+
+def bn_relu_global_avgpool_flatten_train(x, x_stats, bn):
+    N, C_in, H, W = x.shape
+    C_out = C_in
+    OH = 1
+    OW = 1
+    out = torch.empty(
+        (N, C_out, OH, OW),
+        device=x.device,
+        dtype=torch.float32,
+        memory_format=torch.channels_last,
+    )
+    check_32bit_offsets(x, out)
+    BLOCK_M = 64
+    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
+    grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
+    bn_mean, bn_scale = batch_norm_batch_stats(x_stats, bn)
+    bn_relu_global_avgpool_flatten_train_kernel[grid](
+        x,
+        bn_mean,
+        bn_scale,
+        bn.bias,
+        out,
+        N,
+        H,
+        W,
+        C_out,
+        OH,
+        OW,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        x.stride(3),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        out.stride(3),
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+    )
+    return out.flatten(1)
+
+
+def batch_norm_batch_stats(x_stats, bn):
+    """Training-mode BatchNorm's batch mean and scale (weight / sqrt(var + eps)) per channel, from its
+    input's per-tile statistics; updates running_mean, running_var and num_batches_tracked like torch.
+    """
+    tile_sum, tile_m2, rows_per_tile, rows = x_stats
+    T, C = tile_sum.shape
+    if rows < 2:
+        raise ValueError(
+            f"BatchNorm in training mode needs more than 1 value per channel, got {rows} (N*H*W)"
+        )
+    if (
+        bn.momentum is None
+    ):  # the kernel reads the count: update it first (otherwise the kernel does)
+        bn.num_batches_tracked.add_(1)
+    batch_mean = torch.empty(C, device=tile_sum.device, dtype=torch.float32)
+    scale = torch.empty_like(batch_mean)
+    # few channels and many tiles early in a net: narrow channel blocks, long tile blocks, so that the
+    # merge runs in several programs and few sequential steps
+    BLOCK_C = 8
+    grid = (triton.cdiv(C, BLOCK_C),)
+    batch_norm_batch_stats_kernel[grid](
+        tile_sum,
+        tile_m2,
+        bn.weight,
+        bn.running_mean,
+        bn.running_var,
+        bn.num_batches_tracked,
+        batch_mean,
+        scale,
+        T,
+        C,
+        rows,
+        rows_per_tile,
+        bn.eps,
+        0.0 if bn.momentum is None else bn.momentum,
+        CUMULATIVE=bn.momentum is None,
+        BLOCK_T=min(1024, triton.next_power_of_2(T)),
+        BLOCK_C=BLOCK_C,
+        num_warps=8,
+    )
+    return batch_mean, scale
+
+
+def batch_norm_reference(x, bn):
+    """bn(x) in torch ops, in bn's mode, without touching its running statistics."""
+    running = (None, None) if bn.training else (bn.running_mean, bn.running_var)
+    return nn.functional.batch_norm(
+        x, *running, bn.weight, bn.bias, bn.training, 0.0, bn.eps
+    )
+
+
 def replay_cuda_graph(model, x):
     """Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype and device. The graph
     is captured again when a parameter or buffer changes (in place or replaced); each call returns a
     fresh tensor, never one that a later call overwrites."""
-    state = tuple(
-        (t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers())
-    )
-    key = (x.shape, x.dtype, x.device)
+    # The kernels read parameters and buffers where they lie, so in-place changes need no new capture.
+    state = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+    key = (x.shape, x.dtype, x.device, model.training)
     entry = model.cuda_graphs.get(key)
     if entry is None or entry[0] != state:
         model.cuda_graphs.pop(key, None)
@@ -931,7 +1922,11 @@ def replay_cuda_graph(model, x):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                model.run_kernels(static_x)  # compiles the kernels outside the capture
+                # compiles the kernels outside the capture; training mode must not count this run
+                buffers = [b.clone() for b in model.buffers()]
+                model.run_kernels(static_x)
+                for b, saved in zip(model.buffers(), buffers):
+                    b.copy_(saved)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
@@ -1000,10 +1995,6 @@ class ModelNew(nn.Module):
         self.cuda_graphs = {}
 
     def forward(self, x):
-        if self.training:
-            raise RuntimeError(
-                "EfficientNetB1: BatchNorm runs in eval mode only (running statistics fold into the kernels); call .eval()"
-            )
         if (
             x.dim() != 4
             or x.shape[1] != self.conv1.in_channels
@@ -1012,20 +2003,23 @@ class ModelNew(nn.Module):
             raise ValueError(
                 f"EfficientNetB1 expects a float32 tensor of shape (N, {self.conv1.in_channels}, H, W), got {x.dtype} of shape {tuple(x.shape)}"
             )
-        if torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.parameters())
-        ):
-            return ModelNew.TorchBackward.apply(self, x, *self.parameters())
-        if (
-            self.use_cuda_graphs
-            and x.is_cuda
-            and not torch.cuda.is_current_stream_capturing()
-        ):
-            return replay_cuda_graph(self, x)
-        return self.run_kernels(x)
+        with torch.cuda.device(x.device.index if x.is_cuda else -1):
+            if torch.is_grad_enabled() and (
+                x.requires_grad or any(p.requires_grad for p in self.parameters())
+            ):
+                return ModelNew.TorchBackward.apply(self, x, *self.parameters())
+            if (
+                self.use_cuda_graphs
+                and x.is_cuda
+                and not torch.cuda.is_current_stream_capturing()
+            ):
+                return replay_cuda_graph(self, x)
+            return self.run_kernels(x)
 
     def run_kernels(self, x):
-        """The forward pass: one launch per chain of the spec."""
+        """The forward pass: one launch per chain of the spec (eval mode)."""
+        if self.training:
+            return self.run_training_kernels(x)
         # efficientnet_b1.fuse:13: conv1: conv3x3(3, 32, stride=2) -> bn1: bn(32) -> relu
         x = conv3x3_bn_relu(x, self.conv1, self.bn1)
         # efficientnet_b1.fuse:14: mbconv1: mbconv(32, 16, 1, 1)
@@ -1064,69 +2058,149 @@ class ModelNew(nn.Module):
         x = linear(x, self.fc)
         return x
 
+    def run_training_kernels(self, x):
+        """Training mode: BatchNorm normalises with batch statistics in the next kernel's prologue."""
+        # efficientnet_b1.fuse:13: conv1: conv3x3(3, 32, stride=2) -> bn1: bn(32) -> relu
+        x, x_stats = conv3x3_stats(x, self.conv1)
+        # efficientnet_b1.fuse:14: mbconv1: mbconv(32, 16, 1, 1)
+        x, x_stats = bn_relu_conv1x1_stats_train(x, x_stats, self.bn1, self.mbconv1[0])
+        x, x_stats = bn_relu6_dwconv3x3_stats_train(
+            x, x_stats, self.mbconv1[1], self.mbconv1[3]
+        )
+        x, x_stats = bn_relu6_conv1x1_stats_train(
+            x, x_stats, self.mbconv1[4], self.mbconv1[6]
+        )
+        # efficientnet_b1.fuse:15: mbconv2: mbconv(16, 24, 2, 6)
+        x, x_stats = bn_conv1x1_stats_train(
+            x, x_stats, self.mbconv1[7], self.mbconv2[0]
+        )
+        x, x_stats = bn_relu6_dwconv3x3_stats_train(
+            x, x_stats, self.mbconv2[1], self.mbconv2[3]
+        )
+        x, x_stats = bn_relu6_conv1x1_stats_train(
+            x, x_stats, self.mbconv2[4], self.mbconv2[6]
+        )
+        # efficientnet_b1.fuse:16: mbconv3: mbconv(24, 40, 2, 6)
+        x, x_stats = bn_conv1x1_stats_train(
+            x, x_stats, self.mbconv2[7], self.mbconv3[0]
+        )
+        x, x_stats = bn_relu6_dwconv3x3_stats_train(
+            x, x_stats, self.mbconv3[1], self.mbconv3[3]
+        )
+        x, x_stats = bn_relu6_conv1x1_stats_train(
+            x, x_stats, self.mbconv3[4], self.mbconv3[6]
+        )
+        # efficientnet_b1.fuse:17: mbconv4: mbconv(40, 80, 2, 6)
+        x, x_stats = bn_conv1x1_stats_train(
+            x, x_stats, self.mbconv3[7], self.mbconv4[0]
+        )
+        x, x_stats = bn_relu6_dwconv3x3_stats_train(
+            x, x_stats, self.mbconv4[1], self.mbconv4[3]
+        )
+        x, x_stats = bn_relu6_conv1x1_stats_train(
+            x, x_stats, self.mbconv4[4], self.mbconv4[6]
+        )
+        # efficientnet_b1.fuse:18: mbconv5: mbconv(80, 112, 1, 6)
+        x, x_stats = bn_conv1x1_stats_train(
+            x, x_stats, self.mbconv4[7], self.mbconv5[0]
+        )
+        x, x_stats = bn_relu6_dwconv3x3_stats_train(
+            x, x_stats, self.mbconv5[1], self.mbconv5[3]
+        )
+        x, x_stats = bn_relu6_conv1x1_stats_train(
+            x, x_stats, self.mbconv5[4], self.mbconv5[6]
+        )
+        # efficientnet_b1.fuse:19: mbconv6: mbconv(112, 192, 2, 6)
+        x, x_stats = bn_conv1x1_stats_train(
+            x, x_stats, self.mbconv5[7], self.mbconv6[0]
+        )
+        x, x_stats = bn_relu6_dwconv3x3_stats_train(
+            x, x_stats, self.mbconv6[1], self.mbconv6[3]
+        )
+        x, x_stats = bn_relu6_conv1x1_stats_train(
+            x, x_stats, self.mbconv6[4], self.mbconv6[6]
+        )
+        # efficientnet_b1.fuse:20: mbconv7: mbconv(192, 320, 1, 6)
+        x, x_stats = bn_conv1x1_stats_train(
+            x, x_stats, self.mbconv6[7], self.mbconv7[0]
+        )
+        x, x_stats = bn_relu6_dwconv3x3_stats_train(
+            x, x_stats, self.mbconv7[1], self.mbconv7[3]
+        )
+        x, x_stats = bn_relu6_conv1x1_stats_train(
+            x, x_stats, self.mbconv7[4], self.mbconv7[6]
+        )
+        # efficientnet_b1.fuse:21: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu
+        x, x_stats = bn_conv1x1_stats_train(x, x_stats, self.mbconv7[7], self.conv2)
+        # efficientnet_b1.fuse:22: global_avgpool -> flatten
+        x = bn_relu_global_avgpool_flatten_train(x, x_stats, self.bn2)
+        # efficientnet_b1.fuse:23: fc: linear(1280, num_classes)
+        x = linear(x, self.fc)
+        return x
+
     def reference_forward(self, x):
-        """The forward pass in torch ops, differentiated by backward; eval-mode BatchNorm."""
+        """The forward pass in torch ops, differentiated by backward; leaves running statistics alone."""
         x = self.conv1(x)
-        x = self.bn1(x)
+        x = batch_norm_reference(x, self.bn1)
         x = torch.relu(x)
         x = self.mbconv1[0](x)
-        x = self.mbconv1[1](x)
+        x = batch_norm_reference(x, self.mbconv1[1])
         x = nn.functional.relu6(x)
         x = self.mbconv1[3](x)
-        x = self.mbconv1[4](x)
+        x = batch_norm_reference(x, self.mbconv1[4])
         x = nn.functional.relu6(x)
         x = self.mbconv1[6](x)
-        x = self.mbconv1[7](x)
+        x = batch_norm_reference(x, self.mbconv1[7])
         x = self.mbconv2[0](x)
-        x = self.mbconv2[1](x)
+        x = batch_norm_reference(x, self.mbconv2[1])
         x = nn.functional.relu6(x)
         x = self.mbconv2[3](x)
-        x = self.mbconv2[4](x)
+        x = batch_norm_reference(x, self.mbconv2[4])
         x = nn.functional.relu6(x)
         x = self.mbconv2[6](x)
-        x = self.mbconv2[7](x)
+        x = batch_norm_reference(x, self.mbconv2[7])
         x = self.mbconv3[0](x)
-        x = self.mbconv3[1](x)
+        x = batch_norm_reference(x, self.mbconv3[1])
         x = nn.functional.relu6(x)
         x = self.mbconv3[3](x)
-        x = self.mbconv3[4](x)
+        x = batch_norm_reference(x, self.mbconv3[4])
         x = nn.functional.relu6(x)
         x = self.mbconv3[6](x)
-        x = self.mbconv3[7](x)
+        x = batch_norm_reference(x, self.mbconv3[7])
         x = self.mbconv4[0](x)
-        x = self.mbconv4[1](x)
+        x = batch_norm_reference(x, self.mbconv4[1])
         x = nn.functional.relu6(x)
         x = self.mbconv4[3](x)
-        x = self.mbconv4[4](x)
+        x = batch_norm_reference(x, self.mbconv4[4])
         x = nn.functional.relu6(x)
         x = self.mbconv4[6](x)
-        x = self.mbconv4[7](x)
+        x = batch_norm_reference(x, self.mbconv4[7])
         x = self.mbconv5[0](x)
-        x = self.mbconv5[1](x)
+        x = batch_norm_reference(x, self.mbconv5[1])
         x = nn.functional.relu6(x)
         x = self.mbconv5[3](x)
-        x = self.mbconv5[4](x)
+        x = batch_norm_reference(x, self.mbconv5[4])
         x = nn.functional.relu6(x)
         x = self.mbconv5[6](x)
-        x = self.mbconv5[7](x)
+        x = batch_norm_reference(x, self.mbconv5[7])
         x = self.mbconv6[0](x)
-        x = self.mbconv6[1](x)
+        x = batch_norm_reference(x, self.mbconv6[1])
         x = nn.functional.relu6(x)
         x = self.mbconv6[3](x)
-        x = self.mbconv6[4](x)
+        x = batch_norm_reference(x, self.mbconv6[4])
         x = nn.functional.relu6(x)
         x = self.mbconv6[6](x)
-        x = self.mbconv6[7](x)
+        x = batch_norm_reference(x, self.mbconv6[7])
         x = self.mbconv7[0](x)
-        x = self.mbconv7[1](x)
+        x = batch_norm_reference(x, self.mbconv7[1])
         x = nn.functional.relu6(x)
         x = self.mbconv7[3](x)
-        x = self.mbconv7[4](x)
+        x = batch_norm_reference(x, self.mbconv7[4])
         x = nn.functional.relu6(x)
         x = self.mbconv7[6](x)
-        x = self.mbconv7[7](x)
+        x = batch_norm_reference(x, self.mbconv7[7])
         x = self.conv2(x)
-        x = self.bn2(x)
+        x = batch_norm_reference(x, self.bn2)
         x = torch.relu(x)
         x = nn.functional.adaptive_avg_pool2d(x, 1)
         x = x.flatten(1)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device run: the whole test suite on the GPU (KernelBench shapes included) and a timing table.
-# Usage on the device machine: bash scripts/gpu_check.sh   (carry .whl: lark and black for its Python)
+# Device runs: the whole test suite on the GPU (KernelBench shapes included), timing tables and `fusegen bench`.
+# Usage on the device machine: bash scripts/gpu_check.sh [tests] [timing] [bench]   (default: all three;
+# carry .whl: lark and black for its Python). Each part fits one 10-minute device command.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -11,6 +12,18 @@ fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
-python3 -m pytest -q -rA -s -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.log" | grep -vE "^(PASSED|\.)" | tail -n 60
-python3 scripts/time_models.py 2>&1 | tee "$OUT/timing.txt"
-python3 scripts/time_models.py --profile 2>&1 | tee "$OUT/profile.txt"
+parts=${*:-tests timing bench}
+for part in $parts; do
+    case $part in
+    tests)
+        python3 -m pytest -q -rA -s -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.log" | grep -vE "^(PASSED|\.)" | tail -n 60 ;;
+    timing)
+        python3 scripts/time_models.py 2>&1 | tee "$OUT/timing.txt"
+        python3 scripts/time_models.py --profile 2>&1 | tee "$OUT/profile.txt" ;;
+    bench)
+        # eager, CUDA graph and torch.compile against fusegen, then a per-kernel roofline (minutes: it compiles)
+        python3 -m fusegen bench specs/mobilenet_v1.fuse specs/efficientnet_b1.fuse --batch 10 128 \
+            --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" ;;
+    *) echo "unknown part: $part (tests, timing, bench)"; exit 2 ;;
+    esac
+done

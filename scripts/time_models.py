@@ -1,4 +1,5 @@
-"""Times eager torch and the generated ModelNew (eval mode, fp32) on the GPU; prints a table.
+"""Times eager torch and the generated ModelNew (fp32) on the GPU, in eval mode and in training
+mode (BatchNorm with batch statistics, KernelBench's setting); prints a table.
 
 A quick baseline, not `fusegen bench`: do_bench medians over rotated inputs, batch 10 and 128.
 """
@@ -37,36 +38,41 @@ def median_ms(fn, inputs):
 
 def main():
     print(f"device: {torch.cuda.get_device_name()}")
-    print("rel err: relative L2 error against a float64 run of the reference (eager uses cuDNN defaults)")
-    print(f"{'net':<16}{'batch':>6}{'eager ms':>10}{'fusegen ms':>12}{'speedup':>9}{'eager err':>11}{'fusegen err':>13}")
+    print("rel err: relative L2 error against a float64 run of the reference in the same mode (eager uses cuDNN defaults)")
+    print(
+        f"{'net':<16}{'mode':>6}{'batch':>6}{'eager ms':>10}{'fusegen ms':>12}{'speedup':>9}{'eager err':>11}{'fusegen err':>13}"
+    )
     for name, (ref_cls, size) in NETS.items():
-        for batch in (10, 128):
-            torch.manual_seed(42)
-            ref = ref_cls()
-            randomize_batchnorm(ref)
-            torch.manual_seed(42)
-            new = load(name).ModelNew()
-            new.load_state_dict(ref.state_dict())
-            ref, new = ref.eval().cuda(), new.eval().cuda()
-            inputs = [torch.rand(batch, 3, size, size, device="cuda") for _ in range(4)]
-            with torch.no_grad():
-                exact = ref_cls().double().cuda().eval()
+        for training in (False, True):
+            for batch in (10, 128):
+                torch.manual_seed(42)
+                ref = ref_cls()
+                randomize_batchnorm(ref)
+                torch.manual_seed(42)
+                new = load(name).ModelNew()
+                new.load_state_dict(ref.state_dict())
+                exact = ref_cls().double()
                 exact.load_state_dict(ref.state_dict())
-                exact = exact(inputs[0].double())
-                ours_err = rel_error(new(inputs[0]), exact)
-                eager_err = rel_error(ref(inputs[0]), exact)
-                eager = median_ms(ref, inputs)
-                ours = median_ms(new, inputs)
-            print(
-                f"{name:<16}{batch:>6}{eager:>10.3f}{ours:>12.3f}{eager / ours:>9.2f}{eager_err:>11.1e}{ours_err:>13.1e}"
-            )
+                ref, new, exact = (m.train(training).cuda() for m in (ref, new, exact))
+                inputs = [torch.rand(batch, 3, size, size, device="cuda") for _ in range(4)]
+                with torch.no_grad():
+                    exact_out = exact(inputs[0].double())
+                    ours_err = rel_error(new(inputs[0]), exact_out)
+                    eager_err = rel_error(ref(inputs[0]), exact_out)
+                    eager = median_ms(ref, inputs)
+                    ours = median_ms(new, inputs)
+                mode = "train" if training else "eval"
+                print(
+                    f"{name:<16}{mode:>6}{batch:>6}{eager:>10.3f}{ours:>12.3f}{eager / ours:>9.2f}"
+                    f"{eager_err:>11.1e}{ours_err:>13.1e}"
+                )
 
 
-def profile(name: str, batch: int, top: int = 12) -> None:
+def profile(name: str, batch: int, training: bool = False, top: int = 12) -> None:
     """Where the GPU time of one forward goes, per generated kernel (torch.profiler)."""
     ref_cls, size = NETS[name]
     torch.manual_seed(42)
-    new = load(name).ModelNew().eval().cuda()
+    new = load(name).ModelNew().train(training).cuda()
     x = torch.rand(batch, 3, size, size, device="cuda")
     with torch.no_grad():
         for _ in range(3):
@@ -77,7 +83,7 @@ def profile(name: str, batch: int, top: int = 12) -> None:
                 new(x)
             torch.cuda.synchronize()
     rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:top]
-    print(f"\n{name} batch {batch}: GPU time per forward by kernel")
+    print(f"\n{name} batch {batch}, {'training' if training else 'eval'} mode: GPU time per forward by kernel")
     for e in rows:
         print(f"  {e.key[:60]:<60}{e.device_time_total / 5 / 1000:>9.3f} ms{e.count // 5:>5} launches")
 
@@ -86,5 +92,9 @@ if __name__ == "__main__":
     if "--profile" in sys.argv:
         profile("mobilenet_v1", 128)
         profile("efficientnet_b1", 128)
+    elif "--profile-train" in sys.argv:
+        for batch in (10, 128):
+            profile("mobilenet_v1", batch, training=True, top=16)
+            profile("efficientnet_b1", batch, training=True, top=16)
     else:
         main()

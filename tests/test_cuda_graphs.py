@@ -1,6 +1,8 @@
 """On the GPU, ModelNew replays its launches as a CUDA graph: same results as direct launches, never
 stale after a parameter, shape or device change, and never overwriting a tensor it returned."""
 
+import copy
+
 import pytest
 import torch
 
@@ -92,3 +94,36 @@ def test_switching_graphs_off(model):
     x = rand(2, 3, 17, 15)
     assert torch.equal(model(x), model.run_kernels(x))
     assert not model.cuda_graphs
+
+
+@torch.no_grad()
+def test_training_mode_replays_update_the_running_statistics_once_per_call(model):
+    """Capturing runs the kernels once to compile them; that run must not count as a training step."""
+    direct = copy.deepcopy(model).train()
+    direct.use_cuda_graphs = False
+    model.train()
+    for _ in range(3):  # capture, then replays
+        x = rand(2, 3, 17, 15)
+        assert torch.equal(model(x), direct(x))
+        for key, buffer in direct.state_dict().items():
+            assert torch.equal(model.state_dict()[key], buffer), key
+    model.eval()
+    x = rand(2, 3, 17, 15)
+    assert torch.equal(model(x), direct.eval()(x))
+    assert len(model.cuda_graphs) == 2  # one per mode
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("graphs", [True, False])
+@pytest.mark.parametrize("training", [False, True])
+def test_launches_on_the_inputs_device_not_the_current_one(model, graphs, training):
+    expected_model = copy.deepcopy(model).train(training)
+    expected_model.use_cuda_graphs = False
+    on_1 = copy.deepcopy(model).to("cuda:1").train(training)
+    on_1.use_cuda_graphs = graphs
+    x = rand(2, 3, 17, 15)
+    with torch.cuda.device(0), torch.no_grad():
+        out = on_1(x.to("cuda:1"))
+        expected = expected_model(x)
+    assert out.device == torch.device("cuda:1")
+    assert torch.equal(out.cpu(), expected.cpu())

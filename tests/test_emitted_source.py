@@ -53,23 +53,36 @@ def assignments(node: ast.AST, target: str) -> int:
     )
 
 
+def fused_kernels(source: str) -> list[ast.FunctionDef]:
+    """The kernels of chains (not helpers such as BatchNorm's batch statistics): they write `out_ptr`."""
+    return [k for k in kernels(source) if "out_ptr" in {a.arg for a in k.args.args}]
+
+
+def stored_pointer(store: ast.Call) -> str:
+    return re.match(r"\w+", ast.unparse(store.args[0])).group(0)
+
+
 @pytest.mark.parametrize("spec", SOURCES)
-def test_one_store_per_kernel_with_the_shared_mask(spec):
+def test_one_store_per_output_tensor_with_the_shared_mask(spec):
     for kernel in kernels(SOURCES[spec]):
-        stores = calls(kernel, "tl.store")
-        assert len(stores) == 1, kernel.name
-        mask = {kw.arg: ast.unparse(kw.value) for kw in stores[0].keywords}["mask"]
+        pointers = [stored_pointer(store) for store in calls(kernel, "tl.store")]
+        assert len(pointers) == len(set(pointers)), (kernel.name, pointers)
+    for kernel in fused_kernels(SOURCES[spec]):
+        stores = {stored_pointer(store): store for store in calls(kernel, "tl.store")}
+        # the output once, and in training mode the output tile's statistics for the next BatchNorm
+        assert set(stores) in ({"out_ptr"}, {"out_ptr", "tile_sum_ptr", "tile_m2_ptr"}), kernel.name
+        mask = {kw.arg: ast.unparse(kw.value) for kw in stores["out_ptr"].keywords}["mask"]
         assert mask == "mask", kernel.name
 
 
 @pytest.mark.parametrize("spec", SOURCES)
 def test_one_offsets_and_mask_tuple_shared_by_every_fused_op(spec):
-    for kernel in kernels(SOURCES[spec]):
+    for kernel in fused_kernels(SOURCES[spec]):
         for name in ("offs_m", "offs_n", "mask_m", "mask_n", "mask"):
             assert assignments(kernel, name) == 1, (kernel.name, name)
         # Per-channel parameters of epilogue ops load at the tile's channel offsets, broadcast explicitly.
         body = ast.unparse(kernel)
-        for load in re.findall(r"tl\.load\((\w+_(?:weight|bias|mean|var)_ptr) \+ (\w+), mask=(\w+)", body):
+        for load in re.findall(r"tl\.load\((\w+_(?:weight|bias|mean|var|scale|shift)_ptr) \+ (\w+), mask=(\w+)", body):
             ptr, offsets, mask = load
             assert (offsets, mask) in {("offs_n", "mask_n"), ("offs_k", "mask_k"), ("ci", "mask_k")}, (kernel.name, load)
         assert "[None, :]" in body
@@ -111,9 +124,10 @@ def test_forward_calls_only_wrappers_and_views(spec):
     wrappers = {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.decorator_list}
     model = next(n for n in tree.body if isinstance(n, ast.ClassDef))
     methods = {n.name: n for n in model.body if isinstance(n, ast.FunctionDef)}
-    for call in (n for n in ast.walk(methods["run_kernels"]) if isinstance(n, ast.Call)):
-        func = ast.unparse(call.func)
-        assert func in wrappers - {"replay_cuda_graph"} or func == "x.flatten", func
+    for method in ("run_kernels", "run_training_kernels"):
+        for call in (n for n in ast.walk(methods[method]) if isinstance(n, ast.Call)):
+            func = ast.unparse(call.func)
+            assert func in wrappers - {"replay_cuda_graph"} | {"x.flatten", "self.run_training_kernels"}, func
     forward_calls = {ast.unparse(n.func) for n in ast.walk(methods["forward"]) if isinstance(n, ast.Call)}
     assert forward_calls <= {
         "RuntimeError",
@@ -121,6 +135,7 @@ def test_forward_calls_only_wrappers_and_views(spec):
         "x.dim",
         "tuple",
         "torch.is_grad_enabled",
+        "torch.cuda.device",
         "any",
         "self.parameters",
         "ModelNew.TorchBackward.apply",
@@ -134,19 +149,27 @@ def test_forward_calls_only_wrappers_and_views(spec):
 def test_kernel_names_say_what_they_fuse_and_point_to_the_spec(spec):
     source = SOURCES[spec]
     lines = source.splitlines()
-    for kernel in kernels(source):
+    for kernel in fused_kernels(source):
         index = next(i for i, line in enumerate(lines) if line.startswith(f"def {kernel.name}("))
         comments = []
         i = index - 2  # skip the decorator
         while lines[i].startswith("#"):
             comments.insert(0, lines[i])
             i -= 1
-        pointers = [re.match(r"# (\w+\.fuse):(\d+): (.*)", c) for c in comments]
-        pointers = [p for p in pointers if p]
+        # "# bn -> relu -> dwconv3x3 (training mode: ...): one kernel, one store."
+        fused = comments[0].removeprefix("# ").split(":")[0].split(" (")[0].split(" -> ")
+        pointers = [m for m in (re.match(r"# (\w+\.fuse):(\d+): (.*)", c) for c in comments) if m]
         assert pointers, (kernel.name, comments)
-        for p in pointers:  # the name lists the ops of the chain it comes from
-            steps = [step.split(":")[-1].split("(")[0].strip() for step in p.group(3).split("->")]
-            assert kernel.name == "_".join(steps) + "_kernel", (kernel.name, p.group(3))
+        written = [step.split(":")[-1].split("(")[0].strip() for p in pointers for step in p.group(3).split("->")]
+        if "_train" in kernel.name or "_stats" in kernel.name:
+            # training mode: the name lists its ops (BatchNorm moved to the next anchor), each from a chain it cites
+            assert set(fused) <= set(written) | {"copy"}, (kernel.name, fused, written)
+            suffix = "_stats" * ("tile_sum_ptr" in ast.unparse(kernel.args)) + "_train" * ("bn_scale_ptr" in ast.unparse(kernel.args))
+            assert kernel.name.endswith(suffix + "_kernel"), kernel.name
+        else:
+            # eval mode: one chain, named by all its ops
+            assert len(pointers) == 1 and kernel.name == "_".join(written) + "_kernel", (kernel.name, written)
+            assert fused == [w for w in written if w != "flatten"], (kernel.name, fused)
         if spec != "extra.fuse":
             spec_lines = (ROOT / "specs" / spec).read_text().splitlines()
             for p in pointers:
@@ -175,4 +198,10 @@ def test_blocks_share_kernels():
         "conv1x1_bn_relu_kernel",
         "avgpool_kernel",
         "linear_kernel",
+        # training mode: each BatchNorm normalises in the next kernel's prologue
+        "conv3x3_stats_kernel",
+        "bn_relu_dwconv3x3_stats_train_kernel",
+        "bn_relu_conv1x1_stats_train_kernel",
+        "bn_relu_avgpool_train_kernel",
+        "batch_norm_batch_stats_kernel",
     ]

@@ -1,5 +1,6 @@
 """Whole models: the committed generated files against the plain-torch references in reference_models.py."""
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -97,12 +98,40 @@ def test_forward_runs_only_generated_kernels(name, monkeypatch):
     assert out.shape == (1, 10)
 
 
-@pytest.mark.parametrize("name", NETS)
-def test_training_mode_is_refused_not_silently_wrong(name):
-    _, new = pair(name, SMALL_ARGS[name])
-    new.train()
-    with pytest.raises(RuntimeError, match=r"eval mode only.*\.eval\(\)"):
-        new(torch.rand(1, 3, 193, 193, device=DEVICE))
+@pytest.mark.parametrize("name, kwargs, shape", GPU_CASES if ON_GPU else CPU_CASES)
+def test_training_mode_matches_reference(name, kwargs, shape):
+    """KernelBench's setting: BatchNorm in training mode, under no_grad. Outputs and every running
+    buffer after two steps, against the reference model in training mode run in float64.
+
+    Normalising by the batch's spread amplifies fp32 rounding (the last BatchNorms here see 49 values
+    per channel): fp32 torch itself is 2e-6 to 1.1e-5 off on the CPU cases, and which of torch and the
+    kernels is closer depends on the seed. So the bar is TOLERANCE or 3x fp32 torch's own error,
+    whichever is larger (the issue's bar for eval mode is 3x eager's error)."""
+    ref, new = pair(name, kwargs)
+    randomize_batchnorm(ref, seed=sum(shape))
+    new.load_state_dict(ref.state_dict(), strict=True)
+    exact = copy.deepcopy(ref).double()
+    ref, new, exact = (m.train().to(DEVICE) for m in (ref, new, exact))
+    with torch.no_grad():
+        for step in range(2):
+            x = torch.rand(*shape, device=DEVICE) + step
+            try:
+                expected = exact(x.double())
+            except ValueError:  # torch refuses a BatchNorm with one value per channel; so must we
+                with pytest.raises(ValueError, match="more than 1 value per channel"):
+                    new(x)
+                return
+            out, eager = new(x), ref(x)
+            err, eager_err = rel_error(out, expected), rel_error(eager, expected)
+            print(
+                f"{name} {list(shape)} training step {step}: rel. L2 error vs float64 {err:.2e}"
+                f" (fp32 torch: {eager_err:.2e}); vs fp32 torch {rel_error(out, eager):.2e}"
+            )
+            assert err < max(TOLERANCE, 3 * eager_err)
+            for key, buffer in exact.state_dict().items():
+                if "running" in key or "num_batches" in key:
+                    got = new.state_dict()[key].to(buffer.dtype)
+                    assert torch.allclose(got, buffer, rtol=1e-4, atol=1e-5), key
 
 
 @pytest.mark.parametrize("name, shape", [("efficientnet_b1", (2, 3, 19, 23)), ("mobilenet_v1", (1, 3, 193, 200))])

@@ -1,0 +1,602 @@
+"""`fusegen bench SPEC [...] --batch N [...]`: times a spec's ModelNew against eager torch and
+torch.compile on the GPU, then accounts for every generated kernel: time, bytes moved, FLOPs, and the
+share of the floor that the machine's measured bandwidth and TF32 peak allow.
+
+The accounting (recording launches, bytes, FLOPs, tables, the JSON report) is plain functions that
+also run on the CPU under Triton's interpreter; only the functions that time things need CUDA.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import linecache
+import sys
+import time
+import traceback
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import triton
+import triton.testing
+
+from fusegen.check import check
+from fusegen.errors import SpecError
+from fusegen.ops import DOT_PRECISION
+from fusegen.parse import parse_spec
+from fusegen.pipeline import compile_spec
+from fusegen.plan import Launch, plan
+
+NO_GPU = (
+    "fusegen bench: needs a CUDA GPU (torch.cuda.is_available() is False); without one the kernels only run "
+    "under Triton's interpreter, which says nothing about speed. Run it on a GPU machine."
+)
+DEVICE = "cuda"  # tests swap in "cpu" to run the whole command with fake timings
+SEED = 0
+INPUTS_PER_BATCH = 4  # distinct inputs the model timings rotate through
+FUSEGEN = "fusegen"
+
+
+# -- the model, compiled in memory -----------------------------------------------------------------------
+
+
+@dataclass
+class SpecModel:
+    """A spec compiled and imported in memory: nothing is written to generated/."""
+
+    path: str
+    name: str  # the spec's model name: "MobileNetV1"
+    module: types.ModuleType  # the generated module
+    example_input: tuple[int, ...]  # the spec's input(...) at the default constructor arguments
+    launch_steps: list[Launch]  # eval-mode launches of run_kernels, in run order
+
+
+def compile_model(spec_path: str, source: str) -> SpecModel:
+    """Spec text -> the generated module, executed. Raises SpecError for a bad spec."""
+    text = compile_spec(source, spec_path)
+    checked = check(parse_spec(source), source)
+    steps = [s for s in plan(checked, Path(spec_path).name).steps if isinstance(s, Launch)]
+    filename = f"<fusegen bench {spec_path}>"
+    # @triton.jit reads each kernel's source through inspect, which needs a file: register one.
+    linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
+    module = types.ModuleType(f"fusegen_bench_{Path(spec_path).stem}")
+    exec(compile(text, filename, "exec"), module.__dict__)
+    return SpecModel(spec_path, checked.name, module, tuple(checked.example_input), steps)
+
+
+def randomize_batchnorm(model: nn.Module, seed: int) -> None:
+    """Running statistics and affine parameters away from their defaults (variance kept positive), so
+    the BatchNorm arithmetic is really exercised and errors are not flattered by identities."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.1)
+                m.weight.copy_(torch.randn(c, generator=g))
+                m.bias.copy_(torch.randn(c, generator=g) * 0.5)
+
+
+def build_model(spec: SpecModel, seed: int = SEED) -> nn.Module:
+    """ModelNew at its default arguments, in eval mode, with random BatchNorm statistics (on the CPU)."""
+    torch.manual_seed(seed)
+    model = spec.module.ModelNew().eval()
+    randomize_batchnorm(model, seed)
+    return model
+
+
+def input_shape(spec: SpecModel, batch: int) -> tuple[int, ...]:
+    return (batch, *spec.example_input[1:])
+
+
+def rel_error(out: torch.Tensor, exact: torch.Tensor) -> float:
+    """Relative L2 error ||out - exact|| / ||exact||."""
+    exact = exact.double()
+    return ((out.double() - exact).norm() / exact.norm().clamp_min(1e-30)).item()
+
+
+# -- recording the kernel launches of one forward ---------------------------------------------------------
+
+
+@dataclass
+class KernelLaunch:
+    """One call of a generated launch wrapper during a forward pass."""
+
+    wrapper: str  # its name: the @triton.jit kernel's name without `_kernel`
+    call: Callable  # the wrapper itself, to time the launch again
+    args: tuple  # the activation first, then the nn.Modules whose parameters the kernel reads
+    output: object  # what the wrapper returned
+    comment: str = ""  # the spec chain it runs: "mobilenet_v1.fuse:17: conv_dw(c(32), c(64), 1)"
+    ops: tuple[str, ...] = ()  # the fused ops' names, in chain order
+
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        return [a for a in self.args if isinstance(a, torch.Tensor)]
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        return [a for a in self.args if isinstance(a, nn.Module)]
+
+    @property
+    def outputs(self) -> list[torch.Tensor]:
+        items = self.output if isinstance(self.output, (tuple, list)) else (self.output,)
+        return [t for t in items if isinstance(t, torch.Tensor)]
+
+    def run(self):
+        return self.call(*self.args)
+
+
+def launch_wrappers(namespace: dict) -> dict[str, Callable]:
+    """The generated module's launch wrappers: `name` for each `@triton.jit` kernel `name_kernel`."""
+    return {
+        name.removesuffix("_kernel"): namespace[name.removesuffix("_kernel")]
+        for name in namespace
+        if name.endswith("_kernel") and callable(namespace.get(name.removesuffix("_kernel")))
+    }
+
+
+def record_launches(model: nn.Module, x: torch.Tensor) -> list[KernelLaunch]:
+    """Runs model.run_kernels(x) once with every launch wrapper replaced by a recorder; returns the
+    launches in run order. run_kernels calls the wrappers by global name, so swapping the module's
+    globals intercepts them; they are restored afterwards."""
+    namespace = type(model).run_kernels.__globals__
+    wrappers = launch_wrappers(namespace)
+    launches: list[KernelLaunch] = []
+
+    def recorder(name: str, wrapper: Callable) -> Callable:
+        def record(*args):
+            output = wrapper(*args)
+            launches.append(KernelLaunch(name, wrapper, args, output))
+            return output
+
+        return record
+
+    try:
+        namespace.update({name: recorder(name, wrapper) for name, wrapper in wrappers.items()})
+        with torch.no_grad():
+            model.run_kernels(x)
+    finally:
+        namespace.update(wrappers)
+    return launches
+
+
+def label_launches(launches: list[KernelLaunch], steps: list[Launch]) -> list[KernelLaunch]:
+    """Adds each launch's spec chain and fused ops from the plan, which lists the same launches in order."""
+    names = [launch.wrapper for launch in launches]
+    if names != [step.kernel.name for step in steps]:
+        raise RuntimeError(f"run_kernels launched {names}, but the plan lists {[s.kernel.name for s in steps]}")
+    for launch, step in zip(launches, steps):
+        launch.comment = step.comment
+        launch.ops = tuple(f.op.name for f in step.kernel.ops)
+    return launches
+
+
+def _module_tensors(module: nn.Module) -> list[torch.Tensor]:
+    # BatchNorm's integer num_batches_tracked is a training counter that no kernel reads.
+    return [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]
+
+
+def launch_bytes(launch: KernelLaunch) -> int:
+    """Compulsory DRAM traffic: every input tensor and every floating parameter or buffer of the module
+    arguments (conv and linear weights and biases; BatchNorm weight, bias, running_mean, running_var)
+    read once, every output written once. Halo re-reads and re-reads of weights are not counted."""
+    tensors = [*launch.inputs, *(t for m in launch.modules for t in _module_tensors(m)), *launch.outputs]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# FLOPs per output element of ops that hold no parameters and so are only known by name.
+ACTIVATION_FLOPS = {"relu": 1, "relu6": 2}  # a max; a max and a min
+
+
+def launch_flops(launch: KernelLaunch) -> int:
+    """Arithmetic of one launch, a multiply-add counted as 2:
+
+    - Conv2d: 2 * output elements * in_channels / groups * kh * kw
+    - Linear: 2 * batch * in_features * out_features (the bias add is left out)
+    - BatchNorm2d, folded into a scale and shift: 2 per output element
+    - AvgPool2d: 1 add per window element per output; global_avgpool: 1 add per input element
+      (the one division per output is left out)
+    - relu: 1 per output element (a max), relu6: 2 (a max and a min)
+
+    Elementwise ops are counted on the output even when they run in the prologue on the input;
+    beside the anchors they are noise, and every such kernel is bandwidth-bound anyway.
+    """
+    x, out = launch.inputs[0], launch.outputs[0]
+    flops = 0
+    for m in launch.modules:
+        if isinstance(m, nn.Conv2d):
+            flops += 2 * out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, nn.Linear):
+            flops += 2 * out.numel() * m.in_features
+        elif isinstance(m, nn.BatchNorm2d):
+            flops += 2 * out.numel()
+        elif isinstance(m, nn.AvgPool2d):
+            k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size, m.kernel_size)
+            flops += out.numel() * k[0] * k[1]
+    for op in launch.ops:
+        if op == "global_avgpool":
+            flops += x.numel()
+        flops += ACTIVATION_FLOPS.get(op, 0) * out.numel()
+    return flops
+
+
+def group_launches(launches: list[KernelLaunch]) -> list[tuple[KernelLaunch, int]]:
+    """Identical launches (same wrapper, same shapes and strides, modules of the same configuration)
+    as one entry with a count, in order of first appearance."""
+    groups: dict[tuple, list] = {}
+    for launch in launches:
+        key = (
+            launch.wrapper,
+            tuple((tuple(t.shape), t.stride()) for t in launch.inputs),
+            tuple(repr(m) for m in launch.modules),
+        )
+        groups.setdefault(key, [launch, 0])[1] += 1
+    return [(launch, count) for launch, count in groups.values()]
+
+
+# -- accounting -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Peaks:
+    """What the machine reaches, measured: DRAM bandwidth and fp32 matmul throughput in TF32."""
+
+    bandwidth_gb_per_s: float
+    tf32_tflop_per_s: float
+
+
+def floor_ms(nbytes: int, flops: int, peaks: Peaks) -> float:
+    """The least time the work can take: moving its bytes at peak bandwidth or doing its FLOPs at TF32
+    peak. fusegen's tl.dot runs tf32x3 (three TF32 products per multiply, for fp32 accuracy), so a
+    compute-bound GEMM can reach only about a third of this floor."""
+    return max(nbytes / peaks.bandwidth_gb_per_s / 1e6, flops / peaks.tf32_tflop_per_s / 1e9)
+
+
+def kernel_rows(groups: list[tuple[KernelLaunch, int]], times_ms: list[float], peaks: Peaks) -> list[dict]:
+    """One row per group of identical launches; ms and the rates are per launch."""
+    rows = []
+    for (launch, count), ms in zip(groups, times_ms, strict=True):
+        nbytes, flops = launch_bytes(launch), launch_flops(launch)
+        floor = floor_ms(nbytes, flops, peaks)
+        rows.append(
+            {
+                "kernel": launch.wrapper,
+                "count": count,
+                "spec": launch.comment,
+                "in_shape": list(launch.inputs[0].shape),
+                "out_shape": list(launch.outputs[0].shape),
+                "ms": ms,
+                "bytes": nbytes,
+                "flops": flops,
+                "gb_per_s": nbytes / ms / 1e6,
+                "tflop_per_s": flops / ms / 1e9,
+                "floor_ms": floor,
+                "floor_share": floor / ms,
+            }
+        )
+    return rows
+
+
+def kernel_totals(rows: list[dict], fusegen_ms: float | None) -> dict:
+    """Sums over every launch of the forward, against fusegen's end-to-end time."""
+    kernel_ms = sum(r["ms"] * r["count"] for r in rows)
+    floor = sum(r["floor_ms"] * r["count"] for r in rows)
+    return {
+        "launches": sum(r["count"] for r in rows),
+        "kernel_ms": kernel_ms,
+        "fusegen_ms": fusegen_ms,
+        "floor_ms": floor,
+        "floor_share": floor / fusegen_ms if fusegen_ms else None,
+    }
+
+
+def add_speedups(configs: list[dict]) -> list[dict]:
+    """speedup = the configuration's time / fusegen's: how many times faster fusegen is."""
+    ours = next((c["ms"] for c in configs if c["config"] == FUSEGEN), None)
+    for c in configs:
+        c["speedup"] = c["ms"] / ours if c["ms"] and ours else None
+    return configs
+
+
+# -- tables ------------------------------------------------------------------------------------------------
+
+
+def format_table(columns: list[tuple[str, str]], rows: list[list[str]]) -> str:
+    """Aligned plain text; columns are (header, "<" or ">")."""
+    widths = [max([len(header), *(len(row[i]) for row in rows)]) for i, (header, _) in enumerate(columns)]
+
+    def line(cells) -> str:
+        return "  ".join(f"{cell:{align}{width}}" for cell, (_, align), width in zip(cells, columns, widths)).rstrip()
+
+    return "\n".join([line([header for header, _ in columns]), *(line(row) for row in rows)])
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def model_table(runs: list[dict]) -> str:
+    columns = [
+        ("net", "<"),
+        ("batch", ">"),
+        ("config", "<"),
+        ("median ms", ">"),
+        ("fusegen speedup", ">"),
+        ("rel err", ">"),
+    ]
+    rows, failures = [], []
+    for run in runs:
+        for c in run["configs"]:
+            ms = "failed" if c["failure"] else _num(c["ms"], ".3f")
+            speedup = _num(c["speedup"], ".2f") + ("x" if c["speedup"] else "")
+            rows.append([run["model"], str(run["batch"]), c["config"], ms, speedup, _num(c["rel_error"], ".1e")])
+            if c["failure"]:
+                failures.append(f"  {run['model']} batch {run['batch']} {c['config']}: {c['failure']}")
+    notes = ["fusegen speedup: the configuration's median time / fusegen's (above 1: fusegen is faster)."]
+    notes.append("rel err: ||y - y64|| / ||y64|| against reference_forward in float64 on the GPU.")
+    return "\n".join([format_table(columns, rows), *notes, *(["failed:", *failures] if failures else [])])
+
+
+def kernel_table(run: dict) -> str:
+    columns = [("#", ">"), ("kernel", "<"), ("count", ">"), ("input -> output", "<"), ("ms", ">"), ("MB", ">")]
+    columns += [("GB/s", ">"), ("TFLOP/s", ">"), ("floor %", ">"), ("spec", "<")]
+    rows = []
+    for i, r in enumerate(run["kernels"], 1):
+        shapes = f"{'x'.join(map(str, r['in_shape']))} -> {'x'.join(map(str, r['out_shape']))}"
+        rows.append(
+            [
+                str(i),
+                r["kernel"],
+                str(r["count"]),
+                shapes,
+                f"{r['ms']:.4f}",
+                f"{r['bytes'] / 1e6:.2f}",
+                f"{r['gb_per_s']:.0f}",
+                f"{r['tflop_per_s']:.2f}",
+                f"{100 * r['floor_share']:.0f}",
+                r["spec"],
+            ]
+        )
+    t = run["totals"]
+    share = "-" if t["floor_share"] is None else f"{100 * t['floor_share']:.0f}%"
+    return "\n".join(
+        [
+            f"{run['model']} ({run['spec']}) batch {run['batch']}: per kernel (ms, rates and floor per launch)",
+            format_table(columns, rows),
+            (
+                f"total: {t['launches']} launches, {t['kernel_ms']:.3f} ms summed one by one (L2 flushed before "
+                f"each; in the forward, L2 carries activations between kernels), fusegen end to end "
+                f"{_num(t['fusegen_ms'], '.3f')} ms; floor {t['floor_ms']:.3f} ms = {share} of end to end"
+            ),
+        ]
+    )
+
+
+def peaks_line(peaks: Peaks) -> str:
+    return (
+        f"measured peaks: {peaks.bandwidth_gb_per_s:.0f} GB/s (device-to-device copy of 1 GiB), "
+        f"{peaks.tf32_tflop_per_s:.0f} TFLOP/s (8192x8192 fp32 matmul in TF32); "
+        "floor = max(bytes / bandwidth, FLOPs / TF32 peak)"
+    )
+
+
+def build_report(env: dict, peaks: Peaks, runs: list[dict]) -> dict:
+    """Everything measured, as JSON-ready plain data."""
+    return {
+        **env,
+        "peaks": {"bandwidth_gb_per_s": peaks.bandwidth_gb_per_s, "tf32_tflop_per_s": peaks.tf32_tflop_per_s},
+        "runs": runs,
+    }
+
+
+# -- timing (CUDA only) ----------------------------------------------------------------------------------------
+
+
+def progress(message: str) -> None:
+    print(f"fusegen bench: {message}", file=sys.stderr, flush=True)
+
+
+def environment() -> dict:
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        # The baselines run with torch's defaults, which this records.
+        "tf32": {
+            "torch.backends.cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+            "torch.backends.cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "fusegen tl.dot": DOT_PRECISION,
+        },
+    }
+
+
+def copy_bandwidth_gb_per_s() -> float:
+    """DRAM bandwidth as a device-to-device copy of 1 GiB reaches it: bytes read plus bytes written."""
+    src = torch.empty(2**28, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def tf32_matmul_tflop_per_s(n: int = 8192) -> float:
+    """fp32 matmul throughput with TF32 allowed (torch's flag restored afterwards)."""
+    a, b = torch.rand(n, n, device="cuda"), torch.rand(n, n, device="cuda")
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        ms = triton.testing.do_bench(lambda: torch.matmul(a, b), return_mode="median")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    return 2 * n**3 / ms / 1e9
+
+
+def measure_peaks() -> Peaks:
+    progress("measuring peak bandwidth and TF32 throughput")
+    peaks = Peaks(copy_bandwidth_gb_per_s(), tf32_matmul_tflop_per_s())
+    torch.cuda.empty_cache()
+    return peaks
+
+
+def median_ms(fn: Callable, inputs: list[torch.Tensor]) -> float:
+    """do_bench median (it flushes L2 before every rep), rotating through distinct inputs."""
+    turns = itertools.cycle(inputs)
+    return triton.testing.do_bench(lambda: fn(next(turns)), warmup=50, rep=300, return_mode="median")
+
+
+def cuda_graph_of(fn: Callable, example: torch.Tensor) -> Callable:
+    """fn captured as a CUDA graph, called like fusegen's forward: copy the input in, replay, return a
+    copy of the output (so both do the same work around the graph)."""
+    static_x = example.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # cuDNN picks its algorithms outside the capture
+            fn(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(static_x)
+
+    def replay(x: torch.Tensor) -> torch.Tensor:
+        static_x.copy_(x)
+        graph.replay()
+        return static_out.clone()
+
+    return replay
+
+
+def configurations(model: nn.Module, max_autotune: bool) -> list[tuple[str, Callable]]:
+    """(name, make) pairs; make(example input) returns the callable to time."""
+    configs = [
+        ("eager", lambda x: model.reference_forward),
+        ("eager + CUDA graph", lambda x: cuda_graph_of(model.reference_forward, x)),
+        ("torch.compile", lambda x: torch.compile(model.reference_forward)),
+        ("torch.compile reduce-overhead", lambda x: torch.compile(model.reference_forward, mode="reduce-overhead")),
+    ]
+    if max_autotune:
+        configs.append(
+            ("torch.compile max-autotune", lambda x: torch.compile(model.reference_forward, mode="max-autotune"))
+        )
+    return configs + [(FUSEGEN, lambda x: model)]
+
+
+def measure_configuration(name: str, make: Callable, inputs: list[torch.Tensor], exact: torch.Tensor) -> dict:
+    """Median ms and error of one configuration; a failure is reported in the result, not raised."""
+    progress(f"  {name}: {'compiling, ' if 'compile' in name else ''}warming up")
+    started = time.perf_counter()
+    try:
+        torch.compiler.reset()  # each torch.compile mode and batch compiles afresh, with static shapes
+        fn = make(inputs[0])
+        for _ in range(3):  # reduce-overhead records its CUDA graph on a later call than the first
+            fn(inputs[0])
+        error = rel_error(fn(inputs[0]), exact)
+        progress(f"  {name}: ready after {time.perf_counter() - started:.0f} s; timing")
+        ms = median_ms(fn, inputs)
+        progress(f"  {name}: {ms:.3f} ms, rel err {error:.1e}")
+        return {"config": name, "ms": ms, "rel_error": error, "failure": None}
+    except Exception as err:  # one failing baseline (a compiler error, say) must not lose the others
+        traceback.print_exc()
+        return {"config": name, "ms": None, "rel_error": None, "failure": f"{type(err).__name__}: {err}"}
+
+
+def kernel_times_ms(groups: list[tuple[KernelLaunch, int]]) -> list[float]:
+    """Each launch alone: the wrapper called with the recorded arguments, L2 flushed before each rep."""
+    return [triton.testing.do_bench(launch.run, return_mode="median") for launch, _ in groups]
+
+
+def bench_batch(
+    spec: SpecModel, model: nn.Module, model64: nn.Module, batch: int, max_autotune: bool, peaks: Peaks
+) -> dict:
+    """Every configuration at one batch size, then the per-kernel profile; model and model64 (its
+    float64 copy) live on the device the run uses."""
+    shape = input_shape(spec, batch)
+    progress(f"{spec.name} batch {batch} ({'x'.join(map(str, shape))})")
+    device = next(model.parameters()).device
+    torch.manual_seed(SEED + batch)
+    inputs = [torch.rand(shape, device=device) for _ in range(INPUTS_PER_BATCH)]
+    with torch.no_grad():
+        exact = model64.reference_forward(inputs[0].double())
+        configs = [
+            measure_configuration(name, make, inputs, exact) for name, make in configurations(model, max_autotune)
+        ]
+        torch.compiler.reset()
+        progress("  per kernel: recording one forward, timing each launch")
+        launches = label_launches(record_launches(model, inputs[0]), spec.launch_steps)
+        groups = group_launches(launches)
+        kernels = kernel_rows(groups, kernel_times_ms(groups), peaks)
+    del launches, groups
+    configs = add_speedups(configs)
+    fusegen_ms = next(c["ms"] for c in configs if c["config"] == FUSEGEN)
+    return {
+        "spec": spec.path,
+        "model": spec.name,
+        "batch": batch,
+        "input_shape": list(shape),
+        "configs": configs,
+        "kernels": kernels,
+        "totals": kernel_totals(kernels, fusegen_ms),
+    }
+
+
+def main(spec_paths: list[str], batches: list[int] | None, max_autotune: bool, json_path: str | None) -> int:
+    specs: list[SpecModel] = []
+    failed = False
+    for path in spec_paths:
+        try:
+            source = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            print(f"{path}: error: cannot read spec: {getattr(err, 'strerror', None) or err}", file=sys.stderr)
+            failed = True
+            continue
+        try:
+            specs.append(compile_model(path, source))
+        except SpecError as err:
+            print(err.render(path, source), file=sys.stderr)
+            failed = True
+    if failed:
+        return 2
+    if json_path and not Path(json_path).parent.is_dir():
+        print(f"fusegen bench: cannot write {json_path}: no directory {Path(json_path).parent}", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print(NO_GPU, file=sys.stderr)
+        return 2
+
+    env = environment()
+    peaks = measure_peaks()
+    runs = []
+    for spec in specs:
+        progress(f"{spec.path}: building {spec.name}")
+        cpu_model = build_model(spec)
+        model64 = copy.deepcopy(cpu_model).double().to(DEVICE)  # before any forward: no captured graphs to copy
+        model = cpu_model.to(DEVICE)
+        for batch in batches or [spec.example_input[0]]:
+            runs.append(bench_batch(spec, model, model64, batch, max_autotune, peaks))
+        del model, model64
+        torch.cuda.empty_cache()
+
+    tf32 = env["tf32"]
+    print(f"device: {env['device']}; torch {env['torch']}, triton {env['triton']}")
+    print(
+        "TF32: the torch baselines run with torch's defaults: "
+        f"cudnn.allow_tf32={tf32['torch.backends.cudnn.allow_tf32']} (convolutions), "
+        f"cuda.matmul.allow_tf32={tf32['torch.backends.cuda.matmul.allow_tf32']} (matmuls); "
+        f"fusegen's tl.dot runs {tf32['fusegen tl.dot']}. fp32 input and output, eval mode."
+    )
+    print("timing: triton.testing.do_bench medians, L2 flushed before every rep, inputs rotated")
+    print(peaks_line(peaks))
+    print()
+    print(model_table(runs))
+    for run in runs:
+        print()
+        print(kernel_table(run))
+    if json_path:
+        Path(json_path).write_text(json.dumps(build_report(env, peaks, runs), indent=2) + "\n", encoding="utf-8")
+        progress(f"wrote {json_path}")
+    return 0

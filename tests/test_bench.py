@@ -1,0 +1,268 @@
+"""`fusegen bench`: its messages and exit codes, and the accounting behind its per-kernel table (the
+launch recorder, bytes, FLOPs, floors, tables, JSON), which all run on the CPU at tiny shapes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusegen import bench
+from helpers import DEVICE
+from fusegen.cli import main as fusegen_main
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = """\
+model Tiny(c=3, classes=10)
+input(2, c, 8, 8)
+
+block dw(ch):
+    dwconv3x3(ch) -> bn(ch) -> relu6
+    conv1x1(ch, ch) -> bn(ch)
+
+forward:
+    stem: conv3x3(c, 8, stride=2) -> bn1: bn(8) -> relu
+    body:
+        dw(8) * 2
+    global_avgpool -> flatten
+    fc: linear(8, classes)
+"""
+BAD = "model Broken(c=4)\ninput(1, c, 5, 5)\nforward:\n    conv: conv3x3(c, 8) -> pw: conv1x1(8, 8)\n"
+RUN_ORDER = [
+    "conv3x3_bn_relu",
+    "dwconv3x3_bn_relu6",
+    "conv1x1_bn",
+    "dwconv3x3_bn_relu6",
+    "conv1x1_bn",
+    "global_avgpool_flatten",
+    "linear",
+]
+# Worked by hand at the example input 2x3x8x8 (fp32: 4 bytes an element):
+#   conv3x3_bn_relu: in 2*3*8*8=384, weight 8*3*3*3=216, bn 4*8=32, out 2*8*4*4=256 -> 888 elements;
+#     conv 2*256*3*9=13824 + bn 2*256 + relu 256 = 14592 FLOPs
+#   dwconv3x3_bn_relu6: in 256, weight 8*1*3*3=72, bn 32, out 256 -> 616; 2*256*9=4608 + 512 + relu6 2*256 = 5632
+#   conv1x1_bn: in 256, weight 8*8=64, bn 32, out 256 -> 608; 2*256*8=4096 + 512 = 4608
+#   global_avgpool_flatten: in 2*8*4*4=256, out 2*8=16 -> 272; one add per input element: 256
+#   linear: in 2*8=16, weight 10*8=80, bias 10, out 2*10=20 -> 126; 2*2*8*10 = 320
+EXPECTED_BYTES = [888 * 4, 616 * 4, 608 * 4, 616 * 4, 608 * 4, 272 * 4, 126 * 4]
+EXPECTED_FLOPS = [14592, 5632, 4608, 5632, 4608, 256, 320]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return bench.compile_model("specs/tiny.fuse", TINY)
+
+
+@pytest.fixture(scope="module")
+def launches(tiny):
+    model = bench.build_model(tiny).to(DEVICE)
+    x = torch.rand(bench.input_shape(tiny, 2), device=DEVICE)
+    return bench.label_launches(bench.record_launches(model, x), tiny.launch_steps)
+
+
+def run_fusegen(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(
+        [sys.executable, "-m", "fusegen", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+# -- the command ------------------------------------------------------------------------------------------
+
+
+def test_without_a_gpu_it_says_so_and_exits_2(tmp_path, monkeypatch, capsys):
+    (tmp_path / "tiny.fuse").write_text(TINY)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert fusegen_main(["bench", str(tmp_path / "tiny.fuse"), "--batch", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("fusegen bench: needs a CUDA GPU (torch.cuda.is_available() is False)")
+    assert out == ""
+
+
+def test_bad_spec_is_rendered_like_build_and_exits_2(tmp_path):
+    (tmp_path / "broken.fuse").write_text(BAD)
+    result = run_fusegen(tmp_path, "bench", "broken.fuse", "--batch", "2")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "broken.fuse:4:32: error: conv1x1 cannot join the kernel of conv3x3" in result.stderr
+    assert "    conv: conv3x3(c, 8) -> pw: conv1x1(8, 8)\n" + " " * 35 + "^" in result.stderr
+
+
+def test_missing_spec_and_bad_batch_exit_2(tmp_path):
+    result = run_fusegen(tmp_path, "bench", "nope.fuse")
+    assert result.returncode == 2 and "nope.fuse: error: cannot read spec" in result.stderr
+    assert "Traceback" not in result.stderr
+    (tmp_path / "tiny.fuse").write_text(TINY)
+    result = run_fusegen(tmp_path, "bench", "tiny.fuse", "--batch", "0")
+    assert result.returncode == 2 and "--batch: must be at least 1" in result.stderr
+
+
+# -- recording launches --------------------------------------------------------------------------------------
+
+
+def test_recorder_sees_one_launch_per_kernel_step_in_run_order(tiny, launches):
+    assert [launch.wrapper for launch in launches] == RUN_ORDER
+    assert [launch.wrapper for launch in launches] == [step.kernel.name for step in tiny.launch_steps]
+    # Each launch reads what the one before wrote, and the last one's output is the model's.
+    for before, after in zip(launches, launches[1:]):
+        assert after.inputs[0].data_ptr() == before.outputs[0].data_ptr()
+    model = bench.build_model(tiny).to(DEVICE)
+    with torch.no_grad():
+        assert torch.equal(launches[-1].outputs[0], model.run_kernels(launches[0].inputs[0]))
+    assert launches[0].comment == "tiny.fuse:9: stem: conv3x3(c, 8, stride=2) -> bn1: bn(8) -> relu"
+    assert launches[1].ops == ("dwconv3x3", "bn", "relu6")
+
+
+def test_recorder_puts_the_wrappers_back(tiny):
+    namespace = tiny.module.__dict__
+    before = {name: namespace[name] for name in RUN_ORDER}
+    model = bench.build_model(tiny).to(DEVICE)
+    bench.record_launches(model, torch.rand(bench.input_shape(tiny, 1), device=DEVICE))
+    assert {name: namespace[name] for name in RUN_ORDER} == before
+    with pytest.raises(ValueError):  # a failing forward (here: the first wrapper unpacks N, C, H, W) too
+        bench.record_launches(model, torch.rand(3, 8, device=DEVICE))
+    assert {name: namespace[name] for name in RUN_ORDER} == before
+
+
+def test_label_launches_refuses_a_plan_that_does_not_match(tiny, launches):
+    with pytest.raises(RuntimeError, match="plan lists"):
+        bench.label_launches(launches[1:], tiny.launch_steps)
+
+
+# -- bytes, FLOPs, floors -------------------------------------------------------------------------------------
+
+
+def test_bytes_and_flops_match_the_hand_count(launches):
+    assert [bench.launch_bytes(launch) for launch in launches] == EXPECTED_BYTES
+    assert [bench.launch_flops(launch) for launch in launches] == EXPECTED_FLOPS
+
+
+def test_identical_launches_group_with_a_count_in_first_appearance_order(launches):
+    groups = bench.group_launches(launches)
+    assert [(launch.wrapper, count) for launch, count in groups] == [
+        ("conv3x3_bn_relu", 1),
+        ("dwconv3x3_bn_relu6", 2),
+        ("conv1x1_bn", 2),
+        ("global_avgpool_flatten", 1),
+        ("linear", 1),
+    ]
+
+
+def test_kernel_rows_rates_floor_and_totals(launches):
+    groups = bench.group_launches(launches)
+    peaks = bench.Peaks(bandwidth_gb_per_s=1000.0, tf32_tflop_per_s=1.0)
+    rows = bench.kernel_rows(groups, [0.001, 0.002, 0.003, 0.004, 0.005], peaks)
+    stem = rows[0]
+    assert stem["bytes"] == 3552 and stem["flops"] == 14592
+    assert stem["gb_per_s"] == pytest.approx(3552 / 1e-6 / 1e9)
+    assert stem["tflop_per_s"] == pytest.approx(14592 / 1e-6 / 1e12)
+    # compute-bound at these peaks: 14592 FLOPs / 1e12 FLOP/s = 1.4592e-8 s, bytes would take 3.552e-9 s
+    assert stem["floor_ms"] == pytest.approx(1.4592e-5)
+    assert stem["floor_share"] == pytest.approx(1.4592e-5 / 0.001)
+    assert rows[4]["in_shape"] == [2, 8] and rows[4]["out_shape"] == [2, 10]
+    totals = bench.kernel_totals(rows, fusegen_ms=0.05)
+    assert totals["launches"] == 7
+    assert totals["kernel_ms"] == pytest.approx(0.001 + 2 * 0.002 + 2 * 0.003 + 0.004 + 0.005)
+    assert totals["floor_ms"] == pytest.approx(sum(r["floor_ms"] * r["count"] for r in rows))
+    assert totals["floor_share"] == pytest.approx(totals["floor_ms"] / 0.05)
+
+
+# -- tables and JSON --------------------------------------------------------------------------------------
+
+
+def fake_run(configs, kernels=()):
+    return {
+        "spec": "specs/tiny.fuse",
+        "model": "Tiny",
+        "batch": 2,
+        "input_shape": [2, 3, 8, 8],
+        "configs": bench.add_speedups(configs),
+        "kernels": list(kernels),
+        "totals": bench.kernel_totals(list(kernels), 1.0),
+    }
+
+
+def test_model_table_columns_speedups_and_failures():
+    run = fake_run(
+        [
+            {"config": "eager", "ms": 3.0, "rel_error": 2e-4, "failure": None},
+            {"config": "torch.compile", "ms": None, "rel_error": None, "failure": "BackendCompilerFailed: boom"},
+            {"config": "fusegen", "ms": 1.5, "rel_error": 1e-6, "failure": None},
+        ]
+    )
+    lines = bench.model_table([run]).splitlines()
+    assert lines[0].split() == ["net", "batch", "config", "median", "ms", "fusegen", "speedup", "rel", "err"]
+    assert lines[1].split() == ["Tiny", "2", "eager", "3.000", "2.00x", "2.0e-04"]
+    assert lines[2].split() == ["Tiny", "2", "torch.compile", "failed", "-", "-"]
+    assert lines[3].split() == ["Tiny", "2", "fusegen", "1.500", "1.00x", "1.0e-06"]
+    assert len({len(line) for line in lines[:4]}) == 1, "columns right-aligned to one width"
+    assert "  Tiny batch 2 torch.compile: BackendCompilerFailed: boom" in lines
+
+
+def test_kernel_table_has_every_column_and_the_totals(launches):
+    groups = bench.group_launches(launches)
+    rows = bench.kernel_rows(groups, [0.01] * len(groups), bench.Peaks(1000.0, 100.0))
+    table = bench.kernel_table(fake_run([{"config": "fusegen", "ms": 1.0, "rel_error": 0.0, "failure": None}], rows))
+    lines = table.splitlines()
+    assert lines[0].startswith("Tiny (specs/tiny.fuse) batch 2: per kernel")
+    for column in ("kernel", "count", "input -> output", "ms", "MB", "GB/s", "TFLOP/s", "floor %", "spec"):
+        assert column in lines[1]
+    assert lines[3].split()[:4] == ["2", "dwconv3x3_bn_relu6", "2", "2x8x4x4"]
+    assert lines[3].endswith("tiny.fuse:11: dw(8) * 2")  # where the block is used
+    assert lines[-1].startswith("total: 7 launches, 0.070 ms summed one by one")
+
+
+def test_whole_command_with_fake_timings_prints_tables_and_round_trips_json(tmp_path, monkeypatch, capsys):
+    """main() end to end: the device name, the peaks and the clock are faked, everything else is real."""
+    (tmp_path / "tiny.fuse").write_text(TINY)
+    clock = iter([4.0, 1.0, 9.0, 3.0])  # eager, then fusegen; batch 1, then 3
+
+    def broken(x):
+        raise RuntimeError("no compiler here")
+
+    def configurations(model, max_autotune):
+        return [("eager", lambda x: model.reference_forward), ("broken", broken), ("fusegen", lambda x: model)]
+
+    monkeypatch.setattr(bench, "DEVICE", DEVICE)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "fake")
+    monkeypatch.setattr(bench, "measure_peaks", lambda: bench.Peaks(1000.0, 100.0))
+    monkeypatch.setattr(bench, "configurations", configurations)
+    monkeypatch.setattr(bench, "median_ms", lambda fn, inputs: next(clock))
+    monkeypatch.setattr(bench, "kernel_times_ms", lambda groups: [0.01] * len(groups))
+    out_file = tmp_path / "bench.json"
+    assert fusegen_main(["bench", str(tmp_path / "tiny.fuse"), "--batch", "1", "3", "--json", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    assert "device: fake" in out and "measured peaks: 1000 GB/s" in out
+    assert "Tiny      1  eager" in out and "Tiny (" in out and "batch 3: per kernel" in out
+
+    report = json.loads(out_file.read_text())
+    assert report["peaks"] == {"bandwidth_gb_per_s": 1000.0, "tf32_tflop_per_s": 100.0}
+    assert [run["batch"] for run in report["runs"]] == [1, 3]
+    first = report["runs"][0]
+    assert first["input_shape"] == [1, 3, 8, 8]
+    eager, failed, ours = first["configs"]
+    assert eager["ms"] == 4.0 and eager["speedup"] == 4.0 and eager["rel_error"] < 1e-5
+    assert failed["failure"] == "RuntimeError: no compiler here" and failed["ms"] is None
+    assert ours["rel_error"] < 1e-5
+    assert [k["kernel"] for k in first["kernels"]][:2] == ["conv3x3_bn_relu", "dwconv3x3_bn_relu6"]
+    assert first["totals"]["launches"] == 7
+    assert [c["speedup"] for c in report["runs"][1]["configs"]] == [3.0, None, 1.0]
+    assert json.loads(json.dumps(report)) == report
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times on the GPU")
+def test_bench_on_the_gpu(tmp_path):
+    (tmp_path / "tiny.fuse").write_text(TINY)
+    out_file = tmp_path / "bench.json"
+    assert fusegen_main(["bench", str(tmp_path / "tiny.fuse"), "--batch", "2", "--json", str(out_file)]) == 0
+    report = json.loads(out_file.read_text())
+    assert report["peaks"]["bandwidth_gb_per_s"] > 100 and report["peaks"]["tf32_tflop_per_s"] > 10
+    (run,) = report["runs"]
+    for config in run["configs"]:
+        assert config["failure"] is None, config
+        assert config["ms"] > 0 and config["rel_error"] < 1e-2, config
+    assert run["totals"]["launches"] == 7 and all(k["ms"] > 0 for k in run["kernels"])

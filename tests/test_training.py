@@ -1,0 +1,183 @@
+"""Training mode: BatchNorm normalises with batch statistics and updates its running buffers exactly
+as nn.BatchNorm2d does, while the kernels stay fused (the producer stores per-tile statistics, the
+next kernel normalises in its prologue). Compared with a float64 copy of the model run by torch
+(normalising by the batch's spread amplifies fp32 rounding, so fp32 torch is no exact reference)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+
+from helpers import DEVICE, TOLERANCE, load_spec, randomize_batchnorm, rel_error
+
+# MobileNet-like: stem, depthwise-separable pair, a projection without activation, pool, classifier.
+SPEC = """\
+model Net(c=8, wide=24, classes=10)
+input(2, 3, 17, 15)
+forward:
+    conv1: conv3x3(3, c, stride=2) -> bn1: bn(c) -> relu
+    dw: dwconv3x3(c) -> bn2: bn(c) -> relu6
+    pw: conv1x1(c, wide) -> bn3: bn(wide, eps=1e-3, momentum=0.3)
+    global_avgpool -> flatten
+    fc: linear(wide, classes)
+"""
+
+
+def net_reference(m, x):
+    """SPEC's forward with the model's own modules, in their mode (updates running buffers in training)."""
+    x = F.relu(m.bn1(m.conv1(x)))
+    x = F.relu6(m.bn2(m.dw(x)))
+    x = m.bn3(m.pw(x))
+    return m.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+# Every place a batch-statistics BatchNorm can sit: first op of the model (its input has no producer
+# kernel), two in a row across chains, after a pool, before a view, at the very end of the model.
+ODD_SPEC = """\
+model Odd(c=6)
+input(2, c, 9, 7)
+forward:
+    bn0: bn(c) -> relu -> pw: conv1x1(c, 10) -> bn1: bn(10) -> relu6
+    bn2: bn(10) -> relu
+    pool: avgpool(2) -> bn3: bn(10)
+    global_avgpool -> bn4: bn(10) -> relu -> flatten
+"""
+TAIL_SPEC = """\
+model Tail(c=6)
+input(2, c, 9, 7)
+forward:
+    pw: conv1x1(c, 7) -> bn1: bn(7)
+    bn2: bn(7) -> relu6
+"""
+
+
+def odd_reference(m, x):
+    x = F.relu6(m.bn1(m.pw(F.relu(m.bn0(x)))))
+    x = F.relu(m.bn2(x))
+    x = m.bn3(m.pool(x))
+    return F.relu(m.bn4(F.adaptive_avg_pool2d(x, 1))).flatten(1)
+
+
+def tail_reference(m, x):
+    return F.relu6(m.bn2(m.bn1(m.pw(x))))
+
+
+def running_buffers(model):
+    return {k: v for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def assert_same_buffers(new, ref):
+    for key, expected in running_buffers(ref).items():
+        got = running_buffers(new)[key].to(expected.dtype)
+        if "num_batches" in key:
+            assert torch.equal(got, expected), key
+        else:
+            assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (key, (got - expected).abs().max().item())
+
+
+def make(spec: str, name: str, seed: int = 0, **kwargs):
+    """The generated model and a float64 copy of it, both in training mode."""
+    torch.manual_seed(seed)
+    model = load_spec(spec, name).ModelNew(**kwargs)
+    randomize_batchnorm(model, seed=seed)
+    return model.to(DEVICE).train(), copy.deepcopy(model).to(DEVICE).double().train()
+
+
+def check_steps(new, ref, reference, inputs):
+    """Several training steps: outputs and running buffers after each must match torch's."""
+    with torch.no_grad():
+        for x in inputs:
+            out, expected = new(x), reference(ref, x.double())
+            assert rel_error(out, expected) < TOLERANCE
+            assert_same_buffers(new, ref)
+
+
+@settings(phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: slow under the interpreter
+@given(
+    batch=st.integers(1, 3),
+    h=st.integers(3, 19),
+    w=st.integers(3, 19),
+    c=st.sampled_from([1, 5, 8, 17]),
+    wide=st.sampled_from([3, 24, 70]),
+)
+def test_training_steps_match_torch(batch, h, w, c, wide):
+    new, ref = make(SPEC, "train_net", seed=batch * h + w, c=c, wide=wide)
+    shape = (batch, 3, h, w)
+    inputs = [torch.rand(*shape, device=DEVICE) * 4 - 1, torch.randn(*shape, device=DEVICE) + 2]
+    check_steps(new, ref, net_reference, inputs)
+
+
+def test_batchnorm_anywhere_in_the_model():
+    inputs = [torch.randn(3, 6, 9, 7, device=DEVICE) * 2 + 1 for _ in range(2)]
+    check_steps(*make(ODD_SPEC, "train_odd"), odd_reference, inputs)
+    check_steps(*make(TAIL_SPEC, "train_tail"), tail_reference, inputs)
+
+
+def test_momentum_none_is_a_cumulative_average():
+    new, ref = make(SPEC, "train_net")
+    for m in (new, ref):
+        m.bn2.momentum = None
+    check_steps(new, ref, net_reference, [torch.rand(2, 3, 11, 13, device=DEVICE) + i for i in range(3)])
+
+
+def test_no_cancellation_when_the_mean_dwarfs_the_spread():
+    """Variance from per-tile deviations: sum-of-squares in fp32 would lose it entirely at mean 1e3."""
+    new, _ = make(SPEC, "train_net")
+    x = torch.rand(3, 3, 40, 36, device=DEVICE) * 0.01 + 1000
+    with torch.no_grad():
+        before = new.bn1.running_var.clone()
+        new(x)
+        conv = F.conv2d(x.double(), new.conv1.weight.double(), stride=2, padding=1)
+        batch_var = conv.var(dim=(0, 2, 3), unbiased=True)
+        expected = 0.9 * before.double() + 0.1 * batch_var
+    assert rel_error(new.bn1.running_var, expected) < 1e-4
+
+
+def test_modes_switch_and_changed_parameters_are_seen():
+    """No stale fold or stale graph: each forward uses the current mode, statistics and parameters."""
+    new, ref = make(SPEC, "train_net")
+    x = torch.rand(2, 3, 17, 15, device=DEVICE)
+    with torch.no_grad():
+        for mode in ("train", "eval", "train", "eval"):
+            new.train(mode == "train")
+            ref.train(mode == "train")
+            assert rel_error(new(x), net_reference(ref, x.double())) < TOLERANCE, mode
+            assert_same_buffers(new, ref)
+        state = {k: v.clone() for k, v in new.state_dict().items()}
+        state["bn2.weight"].normal_()
+        state["bn2.running_mean"].normal_()
+        ref.load_state_dict(state)  # converts to its float64
+        new.load_state_dict(state)
+        new.bn3.bias.add_(0.5)  # in place
+        ref.bn3.bias.add_(0.5)
+        for mode in ("eval", "train"):
+            new.train(mode == "train")
+            ref.train(mode == "train")
+            assert rel_error(new(x), net_reference(ref, x.double())) < TOLERANCE, mode
+            assert_same_buffers(new, ref)
+
+
+def test_training_gradients_and_buffers_updated_once():
+    new, ref = make(SPEC, "train_net", seed=5)
+    x = torch.rand(2, 3, 13, 11, device=DEVICE)
+    weights = torch.randn(2, 10, device=DEVICE)
+    x_new, x_ref = x.clone().requires_grad_(), x.double().requires_grad_()
+    out_new, out_ref = new(x_new), net_reference(ref, x_ref)
+    assert rel_error(out_new.detach(), out_ref.detach()) < TOLERANCE
+    (out_new * weights).sum().backward()
+    (out_ref * weights).sum().backward()
+    assert_same_buffers(new, ref)  # backward recomputes the forward without a second update
+    assert rel_error(x_new.grad, x_ref.grad) < TOLERANCE
+    for (key, p_ref), p_new in zip(ref.named_parameters(), new.parameters()):
+        assert rel_error(p_new.grad, p_ref.grad) < TOLERANCE, key
+
+
+def test_one_value_per_channel_is_refused_like_torch():
+    new, _ = make(SPEC, "train_net")
+    with torch.no_grad(), pytest.raises(ValueError, match="more than 1 value per channel"):
+        new(torch.rand(1, 3, 1, 1, device=DEVICE))
