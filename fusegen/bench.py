@@ -253,8 +253,8 @@ class Peaks:
 
 def floor_ms(nbytes: int, flops: int, peaks: Peaks) -> float:
     """The least time the work can take: moving its bytes at peak bandwidth or doing its FLOPs at TF32
-    peak. fusegen's tl.dot runs tf32x3 (three TF32 products per multiply, for fp32 accuracy), so a
-    compute-bound GEMM can reach only about a third of this floor."""
+    peak. fusegen's tl.dot runs bf16x3 (three bf16 products per multiply, for near-fp32 accuracy; bf16
+    tensor cores run at twice TF32's rate), so a compute-bound GEMM can reach about two thirds of it."""
     return max(nbytes / peaks.bandwidth_gb_per_s / 1e6, flops / peaks.tf32_tflop_per_s / 1e9)
 
 

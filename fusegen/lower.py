@@ -107,11 +107,14 @@ def lower(kernel: Kernel) -> LoweredKernel:
     pointers = [("x_ptr", "x")]
     scalars: list[tuple[str, str]] = []
     constexprs: list[tuple[str, str]] = []
+    own_blocks: dict[str, str] = {}  # block sizes an anchor chooses itself
     for f in kernel.ops:
         is_anchor = f is kernel.anchor
         for p in f.params:
             entry = (_param_name(f, p, is_anchor), p.value.format(m=f.slot))
-            if p.constexpr:
+            if is_anchor and p.name.startswith("BLOCK_"):
+                own_blocks[p.name] = entry[1]
+            elif p.constexpr:
                 constexprs.append(entry)
             elif p.name.endswith("_ptr"):
                 pointers.append(entry)
@@ -123,7 +126,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
     dims = [(d, d) for d in dict.fromkeys(in_dims + out_dims)]
     strides = [(f"x_stride_{s}", f"x.stride({i})") for i, s in enumerate(stride_names[: kernel.in_rank])]
     strides += [(f"out_stride_{s}", f"out.stride({i})") for i, s in enumerate(stride_names[:out_rank])]
-    blocks = [(b, b) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")]
+    blocks = [(b, b) for b in dict.fromkeys(["BLOCK_M", "BLOCK_N", "BLOCK_K", *own_blocks])]
     positional = [p for p in pointers + dims + strides + scalars if _used(p[0], body_text)]
     keyword = [p for p in constexprs + blocks if _used(p[0], body_text)]
 
@@ -143,7 +146,10 @@ def lower(kernel: Kernel) -> LoweredKernel:
     modules = [f.slot for f in kernel.module_ops]
     anchor_dims = [line.format(m=kernel.anchor.slot) for line in anchor.out_dims]
     out_shape = ", ".join(["N", *out_dims])
-    block_m = "64" if out_rank == 4 else "min(64, max(16, triton.next_power_of_2(N)))"
+    default_blocks = {
+        "BLOCK_M": "64" if out_rank == 4 else "min(64, max(16, triton.next_power_of_2(N)))",
+        "BLOCK_N": "min(64, max(16, triton.next_power_of_2(C_out)))",
+    }
     rows = "N * OH * OW" if out_rank == 4 else "N"
     inputs = ["x", "x_stats"] if kernel.reads_batch_stats else ["x"]
     setup = [line.format(m=f.slot) for f in kernel.prologue for line in getattr(f.op.lowering, "setup", ())]
@@ -153,8 +159,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
         *(INDENT + line for line in anchor_dims),
         INDENT + f"out = torch.empty(({out_shape}), device=x.device, dtype=torch.float32{_LAYOUT[out_rank]})",
         INDENT + "check_32bit_offsets(x, out)",
-        INDENT + f"BLOCK_M = {block_m}",
-        INDENT + "BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))",
+        *(INDENT + f"{name} = {value}" for name, value in {**default_blocks, **own_blocks}.items()),
     ]
     if _used("BLOCK_K", body_text):
         wrapper.append(INDENT + "BLOCK_K = 32")

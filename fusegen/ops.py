@@ -26,10 +26,12 @@ from typing import Callable
 
 Shape = tuple[int, ...]
 
-# Precision of fp32 tl.dot. Plain "tf32" left 0.9e-3 to 1.4e-3 relative L2 error on whole MobileNetV1
-# and EfficientNetB1 (H200), ten times eager's own error against float64; three TF32 products
-# ("tf32x3") keep fp32 accuracy on the tensor cores.
-DOT_PRECISION = "tf32x3"
+# Precision of fp32 tl.dot on the GPU. Plain "tf32" left 0.9e-3 to 1.4e-3 relative L2 error on whole
+# MobileNetV1 and EfficientNetB1 (H200), ten times eager's own error against float64. Each operand split
+# in two bf16 halves, three bf16 products ("bf16x3", 16 mantissa bits) leave 4e-6 at bf16 tensor-core
+# speed; "tf32x3" was more accurate still (2e-7) and 10-25% slower on the 1x1 GEMMs (notes/perf.md).
+# Triton's interpreter accepts no bf16x3 and computes fp32 anyway: "ieee" says so.
+DOT_PRECISION = "bf16x3"
 
 
 class Role(Enum):
@@ -191,7 +193,7 @@ def _conv_loop(slot: str, prologue: PrologueHook) -> list[str]:
         f"    b = tl.load({slot}_weight_ptr + offs_n[None, :] * {slot}_weight_stride_o"
         f" + (ci * {slot}_weight_stride_i + kh * {slot}_weight_stride_h + kw * {slot}_weight_stride_w)[:, None],"
         " mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
-        f"    acc += tl.dot(a, b, input_precision=\"{DOT_PRECISION}\")",
+        "    acc += tl.dot(a, b, input_precision=DOT_PRECISION)",
     ]
 
 
@@ -230,7 +232,7 @@ def _gemm_loop(pixel: str, bias: bool):
             f"    b = tl.load({slot}_weight_ptr + offs_n[None, :] * {slot}_weight_stride_o"
             f" + offs_k[:, None] * {slot}_weight_stride_i,"
             " mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
-            f"    acc += tl.dot(a, b, input_precision=\"{DOT_PRECISION}\")",
+            "    acc += tl.dot(a, b, input_precision=DOT_PRECISION)",
         ]
         if bias:
             lines.append(f"acc += tl.load({slot}_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]")
@@ -239,31 +241,36 @@ def _gemm_loop(pixel: str, bias: bool):
     return loop
 
 
-def _window_pool_loop(slot: str, prologue: PrologueHook) -> list[str]:
-    return [
-        "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
-        "for kh in tl.static_range(KH):",
-        "    for kw in tl.static_range(KW):",
-        "        ih = oh * KH + kh",
-        "        iw = ow * KW + kw",
-        "        a = tl.load(x_ptr + n[:, None] * x_stride_n + offs_n[None, :] * x_stride_c"
-        " + ih[:, None] * x_stride_h + iw[:, None] * x_stride_w, mask=mask, other=0.0)",
-        *("        " + line for line in prologue("a", "offs_n", "mask_n", None)),
-        "        acc += a",
-        "acc = acc / (KH * KW)",
-    ]
+def _pool_loop(window: str, pixels: str, divisor: str):
+    """Average pools: the tile gains a pixel axis, [BLOCK_M rows, BLOCK_P pixels, BLOCK_N channels],
+    summed over the pixels, so a few output rows still keep every lane busy (at batch 10 a global
+    pool has 10 rows). `window` gives the input row and column of window pixel `p`."""
+
+    def loop(slot: str, prologue: PrologueHook) -> list[str]:
+        return [
+            "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
+            f"for p0 in range(0, {pixels}, BLOCK_P):",
+            "    p = p0 + tl.arange(0, BLOCK_P)",
+            *(f"    {line}" for line in window.split("\n")),
+            f"    inside = mask_m[:, None, None] & (p < {pixels})[None, :, None] & mask_n[None, None, :]",
+            "    a = tl.load(x_ptr + n[:, None, None] * x_stride_n + offs_n[None, None, :] * x_stride_c"
+            " + ih * x_stride_h + iw * x_stride_w, mask=inside, other=0.0)",
+            *("    " + line for line in _where_inside(prologue("a", "offs_n", "mask_n", "inside"), "a", "inside")),
+            "    acc += tl.sum(a, axis=1)",
+            f"acc = acc / ({divisor})",
+        ]
+
+    return loop
 
 
-def _global_pool_loop(slot: str, prologue: PrologueHook) -> list[str]:
-    return [
-        "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
-        "for p in range(0, H * W):",
-        "    a = tl.load(x_ptr + n[:, None] * x_stride_n + offs_n[None, :] * x_stride_c"
-        " + (p // W) * x_stride_h + (p % W) * x_stride_w, mask=mask, other=0.0)",
-        *("    " + line for line in prologue("a", "offs_n", "mask_n", None)),
-        "    acc += a",
-        "acc = acc / (H * W)",
-    ]
+_WINDOW_PIXEL = "ih = (oh[:, None] * KH + p[None, :] // KW)[:, :, None]\niw = (ow[:, None] * KW + p[None, :] % KW)[:, :, None]"
+_ANY_PIXEL = "ih = (p // W)[None, :, None]\niw = (p % W)[None, :, None]"
+# Few output rows (pools end a net): a short row block, and the pixels fill the tile instead.
+_POOL_BLOCKS = (
+    KernelParam("BLOCK_M", "min(16, triton.next_power_of_2(N * OH * OW))", constexpr=True),
+    KernelParam("BLOCK_N", "32", constexpr=True),
+    KernelParam("BLOCK_P", "16", constexpr=True),
+)
 
 
 def _load_loop(rank: int):
@@ -288,12 +295,14 @@ def _weight(dims: str) -> tuple[KernelParam, ...]:
     )
 
 
+_DOT_PRECISION = KernelParam("DOT_PRECISION", f'"{DOT_PRECISION}" if x.is_cuda else "ieee"', constexpr=True)
 _CONV_PARAMS = (
     *_weight("oihw"),
     KernelParam("KH", "{m}.kernel_size[0]", constexpr=True),
     KernelParam("KW", "{m}.kernel_size[1]", constexpr=True),
     KernelParam("STRIDE", "{m}.stride[0]", constexpr=True),
     KernelParam("PAD", "{m}.padding[0]", constexpr=True),
+    _DOT_PRECISION,
 )
 _CONV_DIMS = (
     "C_out = {m}.out_channels",
@@ -520,7 +529,7 @@ FIXED_OPS = {
             shape=_conv1x1_shape,
             reference=lambda x, m: f"{m}({x})",
             lowering=Anchor(
-                (*_weight("oi"), KernelParam("STRIDE", "{m}.stride[0]", constexpr=True)),
+                (*_weight("oi"), KernelParam("STRIDE", "{m}.stride[0]", constexpr=True), _DOT_PRECISION),
                 (
                     "C_out = {m}.out_channels",
                     "OH = (H - 1) // {m}.stride[0] + 1",
@@ -545,7 +554,7 @@ FIXED_OPS = {
             shape=_linear_shape,
             reference=lambda x, m: f"{m}({x})",
             lowering=Anchor(
-                (*_weight("oi"), KernelParam("bias_ptr", "{m}.bias")),
+                (*_weight("oi"), KernelParam("bias_ptr", "{m}.bias"), _DOT_PRECISION),
                 ("C_out = {m}.out_features",),
                 2,
                 _gemm_loop("n * x_stride_n", bias=True),
@@ -568,10 +577,11 @@ FIXED_OPS = {
                 (
                     KernelParam("KH", "{m}.kernel_size", constexpr=True),
                     KernelParam("KW", "{m}.kernel_size", constexpr=True),
+                    *_POOL_BLOCKS,
                 ),
                 ("C_out = C_in", "OH = (H - {m}.kernel_size) // {m}.kernel_size + 1", "OW = (W - {m}.kernel_size) // {m}.kernel_size + 1"),
                 4,
-                _window_pool_loop,
+                _pool_loop(_WINDOW_PIXEL, "KH * KW", "KH * KW"),
                 "it reads a window of its input, and those pixels are computed by other programs of this kernel",
             ),
             summary="AvgPool2d(k): mean over k x k windows, stride k, no padding",
@@ -587,10 +597,10 @@ FIXED_OPS = {
             shape=_global_pool_shape,
             reference=lambda x, m: f"nn.functional.adaptive_avg_pool2d({x}, 1)",
             lowering=Anchor(
-                (),
+                _POOL_BLOCKS,
                 ("C_out = C_in", "OH = 1", "OW = 1"),
                 4,
-                _global_pool_loop,
+                _pool_loop(_ANY_PIXEL, "H * W", "H * W"),
                 "it reads every pixel of its input, and those pixels are computed by other programs of this kernel",
             ),
             summary="adaptive average pool to 1x1 (mean over H and W)",

@@ -24,6 +24,11 @@ class FusedOp:
         lowering = self.op.lowering
         return lowering.params if isinstance(lowering, (O.Anchor, O.Elementwise)) else ()
 
+    @property
+    def reads_module(self) -> bool:
+        """Its wrapper takes the op's module (some parameter comes from `{m}`)."""
+        return any("{m}" in p.value for p in self.params)
+
 
 @dataclass(frozen=True)
 class Kernel:
@@ -45,7 +50,7 @@ class Kernel:
     @property
     def module_ops(self) -> tuple[FusedOp, ...]:
         """Ops whose module the wrapper takes, in chain order."""
-        return tuple(f for f in self.ops if f.params)
+        return tuple(f for f in self.ops if f.reads_module)
 
     @property
     def reads_batch_stats(self) -> bool:
@@ -220,7 +225,7 @@ class _Kernels:
             source = f"{self.spec_name}:{c.line}: {c.text}"
             if source not in self.by_key[key].sources:
                 self.by_key[key] = replace(self.by_key[key], sources=self.by_key[key].sources + (source,))
-        modules = tuple(u.module_path for f, u in zip(fused, body) if f.params)
+        modules = tuple(u.module_path for f, u in zip(fused, body) if f.reads_module)
         return Launch(self.by_key[key], modules, self.comment(chain))
 
     def steps(self, groups: list[_Group | ChainUse], training: bool) -> list[Launch | ViewOnly]:

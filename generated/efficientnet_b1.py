@@ -40,6 +40,7 @@ def conv3x3_bn_relu_kernel(
     KW: tl.constexpr,
     STRIDE: tl.constexpr,
     PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -95,7 +96,7 @@ def conv3x3_bn_relu_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b, input_precision="tf32x3")
+        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
     # epilogue: bn
     bn_scale = tl.load(bn_weight_ptr + offs_n, mask=mask_n, other=0.0) * tl.rsqrt(
         tl.load(bn_var_ptr + offs_n, mask=mask_n, other=1.0) + bn_eps
@@ -146,6 +147,7 @@ def conv1x1_bn_relu6_kernel(
     conv_weight_stride_i,
     bn_eps,
     STRIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -180,7 +182,7 @@ def conv1x1_bn_relu6_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b, input_precision="tf32x3")
+        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
     # epilogue: bn
     bn_scale = tl.load(bn_weight_ptr + offs_n, mask=mask_n, other=0.0) * tl.rsqrt(
         tl.load(bn_var_ptr + offs_n, mask=mask_n, other=1.0) + bn_eps
@@ -327,6 +329,7 @@ def conv1x1_bn_kernel(
     conv_weight_stride_i,
     bn_eps,
     STRIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -361,7 +364,7 @@ def conv1x1_bn_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b, input_precision="tf32x3")
+        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
     # epilogue: bn
     bn_scale = tl.load(bn_weight_ptr + offs_n, mask=mask_n, other=0.0) * tl.rsqrt(
         tl.load(bn_var_ptr + offs_n, mask=mask_n, other=1.0) + bn_eps
@@ -410,6 +413,7 @@ def conv1x1_bn_relu_kernel(
     conv_weight_stride_i,
     bn_eps,
     STRIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -444,7 +448,7 @@ def conv1x1_bn_relu_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b, input_precision="tf32x3")
+        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
     # epilogue: bn
     bn_scale = tl.load(bn_weight_ptr + offs_n, mask=mask_n, other=0.0) * tl.rsqrt(
         tl.load(bn_var_ptr + offs_n, mask=mask_n, other=1.0) + bn_eps
@@ -489,6 +493,7 @@ def global_avgpool_flatten_kernel(
     out_stride_w,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
@@ -504,17 +509,23 @@ def global_avgpool_flatten_kernel(
     ow = offs_m % OW
     # anchor: adaptive average pool to 1x1 (mean over H and W)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for p in range(0, H * W):
+    for p0 in range(0, H * W, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        ih = (p // W)[None, :, None]
+        iw = (p % W)[None, :, None]
+        inside = (
+            mask_m[:, None, None] & (p < H * W)[None, :, None] & mask_n[None, None, :]
+        )
         a = tl.load(
             x_ptr
-            + n[:, None] * x_stride_n
-            + offs_n[None, :] * x_stride_c
-            + (p // W) * x_stride_h
-            + (p % W) * x_stride_w,
-            mask=mask,
+            + n[:, None, None] * x_stride_n
+            + offs_n[None, None, :] * x_stride_c
+            + ih * x_stride_h
+            + iw * x_stride_w,
+            mask=inside,
             other=0.0,
         )
-        acc += a
+        acc += tl.sum(a, axis=1)
     acc = acc / (H * W)
     tl.store(
         out_ptr
@@ -544,6 +555,7 @@ def linear_kernel(
     out_stride_c,
     fc_weight_stride_o,
     fc_weight_stride_i,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -576,7 +588,7 @@ def linear_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b, input_precision="tf32x3")
+        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
     acc += tl.load(fc_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     tl.store(
         out_ptr + n[:, None] * out_stride_n + offs_n[None, :] * out_stride_c,
@@ -617,6 +629,7 @@ def conv3x3_stats_kernel(
     KW: tl.constexpr,
     STRIDE: tl.constexpr,
     PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -672,7 +685,7 @@ def conv3x3_stats_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b, input_precision="tf32x3")
+        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
     tl.store(
         out_ptr
         + n[:, None] * out_stride_n
@@ -723,6 +736,7 @@ def bn_relu_conv1x1_stats_train_kernel(
     conv_weight_stride_o,
     conv_weight_stride_i,
     STRIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -764,7 +778,7 @@ def bn_relu_conv1x1_stats_train_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b, input_precision="tf32x3")
+        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
     tl.store(
         out_ptr
         + n[:, None] * out_stride_n
@@ -919,6 +933,7 @@ def bn_relu6_conv1x1_stats_train_kernel(
     conv_weight_stride_o,
     conv_weight_stride_i,
     STRIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -960,7 +975,7 @@ def bn_relu6_conv1x1_stats_train_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b, input_precision="tf32x3")
+        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
     tl.store(
         out_ptr
         + n[:, None] * out_stride_n
@@ -1012,6 +1027,7 @@ def bn_conv1x1_stats_train_kernel(
     conv_weight_stride_o,
     conv_weight_stride_i,
     STRIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -1051,7 +1067,7 @@ def bn_conv1x1_stats_train_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b, input_precision="tf32x3")
+        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
     tl.store(
         out_ptr
         + n[:, None] * out_stride_n
@@ -1099,6 +1115,7 @@ def bn_relu_global_avgpool_flatten_train_kernel(
     out_stride_w,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
@@ -1114,14 +1131,20 @@ def bn_relu_global_avgpool_flatten_train_kernel(
     ow = offs_m % OW
     # anchor: adaptive average pool to 1x1 (mean over H and W)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for p in range(0, H * W):
+    for p0 in range(0, H * W, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        ih = (p // W)[None, :, None]
+        iw = (p % W)[None, :, None]
+        inside = (
+            mask_m[:, None, None] & (p < H * W)[None, :, None] & mask_n[None, None, :]
+        )
         a = tl.load(
             x_ptr
-            + n[:, None] * x_stride_n
-            + offs_n[None, :] * x_stride_c
-            + (p // W) * x_stride_h
-            + (p % W) * x_stride_w,
-            mask=mask,
+            + n[:, None, None] * x_stride_n
+            + offs_n[None, None, :] * x_stride_c
+            + ih * x_stride_h
+            + iw * x_stride_w,
+            mask=inside,
             other=0.0,
         )
         # prologue: bn on the loaded input tile
@@ -1131,7 +1154,8 @@ def bn_relu_global_avgpool_flatten_train_kernel(
         a = (a - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[None, :]
         # prologue: relu on the loaded input tile
         a = tl.maximum(a, 0.0)
-        acc += a
+        a = tl.where(inside, a, 0.0)
+        acc += tl.sum(a, axis=1)
     acc = acc / (H * W)
     tl.store(
         out_ptr
@@ -1283,6 +1307,7 @@ def conv3x3_bn_relu(x, conv, bn):
         KW=conv.kernel_size[1],
         STRIDE=conv.stride[0],
         PAD=conv.padding[0],
+        DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1331,6 +1356,7 @@ def conv1x1_bn_relu6(x, conv, bn):
         conv.weight.stride(1),
         bn.eps,
         STRIDE=conv.stride[0],
+        DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1430,6 +1456,7 @@ def conv1x1_bn(x, conv, bn):
         conv.weight.stride(1),
         bn.eps,
         STRIDE=conv.stride[0],
+        DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1478,6 +1505,7 @@ def conv1x1_bn_relu(x, conv, bn):
         conv.weight.stride(1),
         bn.eps,
         STRIDE=conv.stride[0],
+        DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1497,8 +1525,9 @@ def global_avgpool_flatten(x):
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
-    BLOCK_M = 64
-    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
+    BLOCK_M = min(16, triton.next_power_of_2(N * OH * OW))
+    BLOCK_N = 32
+    BLOCK_P = 16
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     global_avgpool_flatten_kernel[grid](
         x,
@@ -1519,6 +1548,7 @@ def global_avgpool_flatten(x):
         out.stride(3),
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
+        BLOCK_P=BLOCK_P,
     )
     return out.flatten(1)
 
@@ -1546,6 +1576,7 @@ def linear(x, fc):
         out.stride(1),
         fc.weight.stride(0),
         fc.weight.stride(1),
+        DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1600,6 +1631,7 @@ def conv3x3_stats(x, conv):
         KW=conv.kernel_size[1],
         STRIDE=conv.stride[0],
         PAD=conv.padding[0],
+        DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1651,6 +1683,7 @@ def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
         conv.weight.stride(0),
         conv.weight.stride(1),
         STRIDE=conv.stride[0],
+        DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1756,6 +1789,7 @@ def bn_relu6_conv1x1_stats_train(x, x_stats, bn, conv):
         conv.weight.stride(0),
         conv.weight.stride(1),
         STRIDE=conv.stride[0],
+        DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1807,6 +1841,7 @@ def bn_conv1x1_stats_train(x, x_stats, bn, conv):
         conv.weight.stride(0),
         conv.weight.stride(1),
         STRIDE=conv.stride[0],
+        DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1826,8 +1861,9 @@ def bn_relu_global_avgpool_flatten_train(x, x_stats, bn):
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
-    BLOCK_M = 64
-    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
+    BLOCK_M = min(16, triton.next_power_of_2(N * OH * OW))
+    BLOCK_N = 32
+    BLOCK_P = 16
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     bn_mean, bn_scale = batch_norm_batch_stats(x_stats, bn)
     bn_relu_global_avgpool_flatten_train_kernel[grid](
@@ -1852,6 +1888,7 @@ def bn_relu_global_avgpool_flatten_train(x, x_stats, bn):
         out.stride(3),
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
+        BLOCK_P=BLOCK_P,
     )
     return out.flatten(1)
 

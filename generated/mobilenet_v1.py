@@ -40,6 +40,7 @@ def conv3x3_bn_relu_kernel(
     KW: tl.constexpr,
     STRIDE: tl.constexpr,
     PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -95,7 +96,7 @@ def conv3x3_bn_relu_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b, input_precision="tf32x3")
+        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
     # epilogue: bn
     bn_scale = tl.load(bn_weight_ptr + offs_n, mask=mask_n, other=0.0) * tl.rsqrt(
         tl.load(bn_var_ptr + offs_n, mask=mask_n, other=1.0) + bn_eps
@@ -242,6 +243,7 @@ def conv1x1_bn_relu_kernel(
     conv_weight_stride_i,
     bn_eps,
     STRIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -276,7 +278,7 @@ def conv1x1_bn_relu_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b, input_precision="tf32x3")
+        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
     # epilogue: bn
     bn_scale = tl.load(bn_weight_ptr + offs_n, mask=mask_n, other=0.0) * tl.rsqrt(
         tl.load(bn_var_ptr + offs_n, mask=mask_n, other=1.0) + bn_eps
@@ -321,6 +323,7 @@ def avgpool_kernel(
     KW: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
@@ -336,20 +339,23 @@ def avgpool_kernel(
     ow = offs_m % OW
     # anchor: AvgPool2d(k): mean over k x k windows, stride k, no padding
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in tl.static_range(KH):
-        for kw in tl.static_range(KW):
-            ih = oh * KH + kh
-            iw = ow * KW + kw
-            a = tl.load(
-                x_ptr
-                + n[:, None] * x_stride_n
-                + offs_n[None, :] * x_stride_c
-                + ih[:, None] * x_stride_h
-                + iw[:, None] * x_stride_w,
-                mask=mask,
-                other=0.0,
-            )
-            acc += a
+    for p0 in range(0, KH * KW, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        ih = (oh[:, None] * KH + p[None, :] // KW)[:, :, None]
+        iw = (ow[:, None] * KW + p[None, :] % KW)[:, :, None]
+        inside = (
+            mask_m[:, None, None] & (p < KH * KW)[None, :, None] & mask_n[None, None, :]
+        )
+        a = tl.load(
+            x_ptr
+            + n[:, None, None] * x_stride_n
+            + offs_n[None, None, :] * x_stride_c
+            + ih * x_stride_h
+            + iw * x_stride_w,
+            mask=inside,
+            other=0.0,
+        )
+        acc += tl.sum(a, axis=1)
     acc = acc / (KH * KW)
     tl.store(
         out_ptr
@@ -379,6 +385,7 @@ def linear_kernel(
     out_stride_c,
     fc_weight_stride_o,
     fc_weight_stride_i,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -411,7 +418,7 @@ def linear_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b, input_precision="tf32x3")
+        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
     acc += tl.load(fc_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     tl.store(
         out_ptr + n[:, None] * out_stride_n + offs_n[None, :] * out_stride_c,
@@ -452,6 +459,7 @@ def conv3x3_stats_kernel(
     KW: tl.constexpr,
     STRIDE: tl.constexpr,
     PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -507,7 +515,7 @@ def conv3x3_stats_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b, input_precision="tf32x3")
+        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
     tl.store(
         out_ptr
         + n[:, None] * out_stride_n
@@ -663,6 +671,7 @@ def bn_relu_conv1x1_stats_train_kernel(
     conv_weight_stride_o,
     conv_weight_stride_i,
     STRIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -704,7 +713,7 @@ def bn_relu_conv1x1_stats_train_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b, input_precision="tf32x3")
+        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
     tl.store(
         out_ptr
         + n[:, None] * out_stride_n
@@ -752,6 +761,7 @@ def bn_relu_avgpool_train_kernel(
     KW: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
@@ -767,27 +777,31 @@ def bn_relu_avgpool_train_kernel(
     ow = offs_m % OW
     # anchor: AvgPool2d(k): mean over k x k windows, stride k, no padding
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in tl.static_range(KH):
-        for kw in tl.static_range(KW):
-            ih = oh * KH + kh
-            iw = ow * KW + kw
-            a = tl.load(
-                x_ptr
-                + n[:, None] * x_stride_n
-                + offs_n[None, :] * x_stride_c
-                + ih[:, None] * x_stride_h
-                + iw[:, None] * x_stride_w,
-                mask=mask,
-                other=0.0,
-            )
-            # prologue: bn on the loaded input tile
-            bn_mean = tl.load(bn_mean_ptr + offs_n, mask=mask_n, other=0.0)
-            bn_scale = tl.load(bn_scale_ptr + offs_n, mask=mask_n, other=0.0)
-            bn_bias = tl.load(bn_bias_ptr + offs_n, mask=mask_n, other=0.0)
-            a = (a - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[None, :]
-            # prologue: relu on the loaded input tile
-            a = tl.maximum(a, 0.0)
-            acc += a
+    for p0 in range(0, KH * KW, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        ih = (oh[:, None] * KH + p[None, :] // KW)[:, :, None]
+        iw = (ow[:, None] * KW + p[None, :] % KW)[:, :, None]
+        inside = (
+            mask_m[:, None, None] & (p < KH * KW)[None, :, None] & mask_n[None, None, :]
+        )
+        a = tl.load(
+            x_ptr
+            + n[:, None, None] * x_stride_n
+            + offs_n[None, None, :] * x_stride_c
+            + ih * x_stride_h
+            + iw * x_stride_w,
+            mask=inside,
+            other=0.0,
+        )
+        # prologue: bn on the loaded input tile
+        bn_mean = tl.load(bn_mean_ptr + offs_n, mask=mask_n, other=0.0)
+        bn_scale = tl.load(bn_scale_ptr + offs_n, mask=mask_n, other=0.0)
+        bn_bias = tl.load(bn_bias_ptr + offs_n, mask=mask_n, other=0.0)
+        a = (a - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[None, :]
+        # prologue: relu on the loaded input tile
+        a = tl.maximum(a, 0.0)
+        a = tl.where(inside, a, 0.0)
+        acc += tl.sum(a, axis=1)
     acc = acc / (KH * KW)
     tl.store(
         out_ptr
@@ -939,6 +953,7 @@ def conv3x3_bn_relu(x, conv, bn):
         KW=conv.kernel_size[1],
         STRIDE=conv.stride[0],
         PAD=conv.padding[0],
+        DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1038,6 +1053,7 @@ def conv1x1_bn_relu(x, conv, bn):
         conv.weight.stride(1),
         bn.eps,
         STRIDE=conv.stride[0],
+        DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1057,8 +1073,9 @@ def avgpool(x, pool):
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
-    BLOCK_M = 64
-    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
+    BLOCK_M = min(16, triton.next_power_of_2(N * OH * OW))
+    BLOCK_N = 32
+    BLOCK_P = 16
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     avgpool_kernel[grid](
         x,
@@ -1079,6 +1096,7 @@ def avgpool(x, pool):
         KW=pool.kernel_size,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
+        BLOCK_P=BLOCK_P,
     )
     return out
 
@@ -1106,6 +1124,7 @@ def linear(x, fc):
         out.stride(1),
         fc.weight.stride(0),
         fc.weight.stride(1),
+        DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1160,6 +1179,7 @@ def conv3x3_stats(x, conv):
         KW=conv.kernel_size[1],
         STRIDE=conv.stride[0],
         PAD=conv.padding[0],
+        DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1265,6 +1285,7 @@ def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
         conv.weight.stride(0),
         conv.weight.stride(1),
         STRIDE=conv.stride[0],
+        DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1284,8 +1305,9 @@ def bn_relu_avgpool_train(x, x_stats, bn, pool):
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
-    BLOCK_M = 64
-    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
+    BLOCK_M = min(16, triton.next_power_of_2(N * OH * OW))
+    BLOCK_N = 32
+    BLOCK_P = 16
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     bn_mean, bn_scale = batch_norm_batch_stats(x_stats, bn)
     bn_relu_avgpool_train_kernel[grid](
@@ -1310,6 +1332,7 @@ def bn_relu_avgpool_train(x, x_stats, bn, pool):
         KW=pool.kernel_size,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
+        BLOCK_P=BLOCK_P,
     )
     return out
 
