@@ -66,7 +66,9 @@ def replay_cuda_graph(model, x):
                     b.copy_(saved)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # torch.cuda.graph's default capture stream lives on whichever GPU first captured
+            # anything in this process: capture on a stream of x's GPU instead
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
                 static_out = model.run_kernels(static_x)
         entry = model.cuda_graphs[key] = (state, graph, static_x, static_out)
     _, graph, static_x, static_out = entry

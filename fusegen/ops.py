@@ -32,6 +32,9 @@ Shape = tuple[int, ...]
 # speed; "tf32x3" was more accurate still (2e-7) and 10-25% slower on the 1x1 GEMMs (notes/perf.md).
 # Triton's interpreter accepts no bf16x3 and computes fp32 anyway: "ieee" says so.
 DOT_PRECISION = "bf16x3"
+# A kernel whose output feeds training-mode BatchNorm: normalising by the batch's spread amplifies
+# rounding, and bf16x3 left the running buffers 1e-4 off float64 (outputs 1-4e-4); tf32x3 does not.
+STATS_DOT_PRECISION = "tf32x3"
 
 
 class Role(Enum):
@@ -126,6 +129,16 @@ class Op:
     def train_lowered(self) -> "Op":
         """The op as it lowers in training mode."""
         return replace(self, lowering=self.train_lowering) if self.train_lowering else self
+
+    def feeding_batch_stats(self) -> "Op":
+        """The op in a kernel whose output training-mode BatchNorm normalises: its tl.dot in
+        STATS_DOT_PRECISION."""
+        lowering = self.lowering
+        if not isinstance(lowering, Anchor) or all(p.name != "DOT_PRECISION" for p in lowering.params):
+            return self
+        precise = _dot_precision(STATS_DOT_PRECISION)
+        params = tuple(precise if p.name == "DOT_PRECISION" else p for p in lowering.params)
+        return replace(self, lowering=replace(lowering, params=params))
 
 
 # -- shape rules -------------------------------------------------------------------------------------
@@ -295,7 +308,11 @@ def _weight(dims: str) -> tuple[KernelParam, ...]:
     )
 
 
-_DOT_PRECISION = KernelParam("DOT_PRECISION", f'"{DOT_PRECISION}" if x.is_cuda else "ieee"', constexpr=True)
+def _dot_precision(precision: str) -> KernelParam:
+    return KernelParam("DOT_PRECISION", f'"{precision}" if x.is_cuda else "ieee"', constexpr=True)
+
+
+_DOT_PRECISION = _dot_precision(DOT_PRECISION)
 _CONV_PARAMS = (
     *_weight("oihw"),
     KernelParam("KH", "{m}.kernel_size[0]", constexpr=True),

@@ -201,8 +201,10 @@ class _Kernels:
         anchor = group.anchor or OpUse(O.load_anchor(in_rank), None, chain.ops[0].pos)
         body = [*group.prologue, anchor, *group.epilogue]
         ops = [u.op.train_lowered() if training else u.op for u in body]
-        fused = [FusedOp(op, slot) for op, slot in zip(ops, _slots(body))]
         trained = any(op is not u.op for op, u in zip(ops, body))
+        if group.writes_batch_stats:
+            ops = [op.feeding_batch_stats() for op in ops]
+        fused = [FusedOp(op, slot) for op, slot in zip(ops, _slots(body))]
         key = (tuple(u.op.name for u in body), trained, group.writes_batch_stats, in_rank, group.view is not None)
         if key not in self.by_key:
             name = "_".join(u.op.name for u in body if u is not anchor or group.anchor) or anchor.op.name

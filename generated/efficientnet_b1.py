@@ -1631,7 +1631,7 @@ def conv3x3_stats(x, conv):
         KW=conv.kernel_size[1],
         STRIDE=conv.stride[0],
         PAD=conv.padding[0],
-        DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
+        DOT_PRECISION="tf32x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1683,7 +1683,7 @@ def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
         conv.weight.stride(0),
         conv.weight.stride(1),
         STRIDE=conv.stride[0],
-        DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
+        DOT_PRECISION="tf32x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1789,7 +1789,7 @@ def bn_relu6_conv1x1_stats_train(x, x_stats, bn, conv):
         conv.weight.stride(0),
         conv.weight.stride(1),
         STRIDE=conv.stride[0],
-        DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
+        DOT_PRECISION="tf32x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1841,7 +1841,7 @@ def bn_conv1x1_stats_train(x, x_stats, bn, conv):
         conv.weight.stride(0),
         conv.weight.stride(1),
         STRIDE=conv.stride[0],
-        DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
+        DOT_PRECISION="tf32x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1966,7 +1966,9 @@ def replay_cuda_graph(model, x):
                     b.copy_(saved)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # torch.cuda.graph's default capture stream lives on whichever GPU first captured
+            # anything in this process: capture on a stream of x's GPU instead
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
                 static_out = model.run_kernels(static_x)
         entry = model.cuda_graphs[key] = (state, graph, static_x, static_out)
     _, graph, static_x, static_out = entry
