@@ -48,8 +48,9 @@ def replay_cuda_graph(model, x):
     \"\"\"Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype and device. The graph
     is captured again when a parameter or buffer changes (in place or replaced); each call returns a
     fresh tensor, never one that a later call overwrites.\"\"\"
-    # The kernels read parameters and buffers where they lie, so in-place changes need no new capture.
-    state = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+    # The kernels read parameters and buffers where they lie, so in-place changes need no new capture;
+    # scalars such as BatchNorm's eps and momentum are constants of the graph.
+    state = (*(t.data_ptr() for t in (*model.parameters(), *model.buffers())), *model.captured_scalars())
     key = (x.shape, x.dtype, x.device, model.training)
     entry = model.cuda_graphs.get(key)
     if entry is None or entry[0] != state:
@@ -165,6 +166,18 @@ def _helpers(plan: Plan) -> list[O.Helper]:
     return list(dict.fromkeys(found))
 
 
+def _captured_scalars_lines(plan: Plan) -> list[str]:
+    """ModelNew.captured_scalars: the module attributes a CUDA graph holds as constants."""
+    values = [
+        f"self.{use.module_path}.{attr}" for chain in plan.model.chains for use in chain.ops for attr in use.op.captured_attrs
+    ]
+    return [
+        "def captured_scalars(self):",
+        f'{INDENT}"""Module attributes that a captured CUDA graph holds as constants (a change captures again)."""',
+        f"{INDENT}return ({''.join(v + ', ' for v in values)})",
+    ]
+
+
 def _run_methods(plan: Plan) -> list[str]:
     if plan.train_steps is None:
         return [
@@ -211,6 +224,8 @@ def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
         "",
         f"{INDENT}def forward(self, x):",
         *(INDENT * 2 + line for line in _forward_lines(plan)),
+        "",
+        *(INDENT + line for line in _captured_scalars_lines(plan)),
         "",
         *(INDENT + line for line in _run_methods(plan)),
         "",

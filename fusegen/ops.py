@@ -121,6 +121,8 @@ class Op:
     int_args: tuple[str, ...] = field(default=())
     # the module attribute holding the channel count the op takes (checks the model's input)
     channels_attr: str | None = None
+    # module attributes that a captured CUDA graph holds as constants: a change must capture again
+    captured_attrs: tuple[str, ...] = ()
     # source of a function that `reference` calls, emitted once per generated file
     reference_helper: str | None = None
     # how the op lowers in training mode, where that differs (BatchNorm: batch statistics)
@@ -633,6 +635,7 @@ FIXED_OPS = {
             needs_module=True,
             channels_attr="num_features",
             shape=_bn_shape,
+            captured_attrs=("eps", "momentum"),
             reference=lambda x, m: f"batch_norm_reference({x}, {m})",
             reference_helper=BN_REFERENCE,
             lowering=Elementwise(

@@ -1948,8 +1948,12 @@ def replay_cuda_graph(model, x):
     """Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype and device. The graph
     is captured again when a parameter or buffer changes (in place or replaced); each call returns a
     fresh tensor, never one that a later call overwrites."""
-    # The kernels read parameters and buffers where they lie, so in-place changes need no new capture.
-    state = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+    # The kernels read parameters and buffers where they lie, so in-place changes need no new capture;
+    # scalars such as BatchNorm's eps and momentum are constants of the graph.
+    state = (
+        *(t.data_ptr() for t in (*model.parameters(), *model.buffers())),
+        *model.captured_scalars(),
+    )
     key = (x.shape, x.dtype, x.device, model.training)
     entry = model.cuda_graphs.get(key)
     if entry is None or entry[0] != state:
@@ -2054,6 +2058,57 @@ class ModelNew(nn.Module):
             ):
                 return replay_cuda_graph(self, x)
             return self.run_kernels(x)
+
+    def captured_scalars(self):
+        """Module attributes that a captured CUDA graph holds as constants (a change captures again)."""
+        return (
+            self.bn1.eps,
+            self.bn1.momentum,
+            self.mbconv1[1].eps,
+            self.mbconv1[1].momentum,
+            self.mbconv1[4].eps,
+            self.mbconv1[4].momentum,
+            self.mbconv1[7].eps,
+            self.mbconv1[7].momentum,
+            self.mbconv2[1].eps,
+            self.mbconv2[1].momentum,
+            self.mbconv2[4].eps,
+            self.mbconv2[4].momentum,
+            self.mbconv2[7].eps,
+            self.mbconv2[7].momentum,
+            self.mbconv3[1].eps,
+            self.mbconv3[1].momentum,
+            self.mbconv3[4].eps,
+            self.mbconv3[4].momentum,
+            self.mbconv3[7].eps,
+            self.mbconv3[7].momentum,
+            self.mbconv4[1].eps,
+            self.mbconv4[1].momentum,
+            self.mbconv4[4].eps,
+            self.mbconv4[4].momentum,
+            self.mbconv4[7].eps,
+            self.mbconv4[7].momentum,
+            self.mbconv5[1].eps,
+            self.mbconv5[1].momentum,
+            self.mbconv5[4].eps,
+            self.mbconv5[4].momentum,
+            self.mbconv5[7].eps,
+            self.mbconv5[7].momentum,
+            self.mbconv6[1].eps,
+            self.mbconv6[1].momentum,
+            self.mbconv6[4].eps,
+            self.mbconv6[4].momentum,
+            self.mbconv6[7].eps,
+            self.mbconv6[7].momentum,
+            self.mbconv7[1].eps,
+            self.mbconv7[1].momentum,
+            self.mbconv7[4].eps,
+            self.mbconv7[4].momentum,
+            self.mbconv7[7].eps,
+            self.mbconv7[7].momentum,
+            self.bn2.eps,
+            self.bn2.momentum,
+        )
 
     def run_kernels(self, x):
         """The forward pass: one launch per chain of the spec (eval mode)."""

@@ -1392,8 +1392,12 @@ def replay_cuda_graph(model, x):
     """Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype and device. The graph
     is captured again when a parameter or buffer changes (in place or replaced); each call returns a
     fresh tensor, never one that a later call overwrites."""
-    # The kernels read parameters and buffers where they lie, so in-place changes need no new capture.
-    state = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+    # The kernels read parameters and buffers where they lie, so in-place changes need no new capture;
+    # scalars such as BatchNorm's eps and momentum are constants of the graph.
+    state = (
+        *(t.data_ptr() for t in (*model.parameters(), *model.buffers())),
+        *model.captured_scalars(),
+    )
     key = (x.shape, x.dtype, x.device, model.training)
     entry = model.cuda_graphs.get(key)
     if entry is None or entry[0] != state:
@@ -1507,6 +1511,65 @@ class ModelNew(nn.Module):
             ):
                 return replay_cuda_graph(self, x)
             return self.run_kernels(x)
+
+    def captured_scalars(self):
+        """Module attributes that a captured CUDA graph holds as constants (a change captures again)."""
+        return (
+            self.model[0][1].eps,
+            self.model[0][1].momentum,
+            self.model[1][1].eps,
+            self.model[1][1].momentum,
+            self.model[1][4].eps,
+            self.model[1][4].momentum,
+            self.model[2][1].eps,
+            self.model[2][1].momentum,
+            self.model[2][4].eps,
+            self.model[2][4].momentum,
+            self.model[3][1].eps,
+            self.model[3][1].momentum,
+            self.model[3][4].eps,
+            self.model[3][4].momentum,
+            self.model[4][1].eps,
+            self.model[4][1].momentum,
+            self.model[4][4].eps,
+            self.model[4][4].momentum,
+            self.model[5][1].eps,
+            self.model[5][1].momentum,
+            self.model[5][4].eps,
+            self.model[5][4].momentum,
+            self.model[6][1].eps,
+            self.model[6][1].momentum,
+            self.model[6][4].eps,
+            self.model[6][4].momentum,
+            self.model[7][1].eps,
+            self.model[7][1].momentum,
+            self.model[7][4].eps,
+            self.model[7][4].momentum,
+            self.model[8][1].eps,
+            self.model[8][1].momentum,
+            self.model[8][4].eps,
+            self.model[8][4].momentum,
+            self.model[9][1].eps,
+            self.model[9][1].momentum,
+            self.model[9][4].eps,
+            self.model[9][4].momentum,
+            self.model[10][1].eps,
+            self.model[10][1].momentum,
+            self.model[10][4].eps,
+            self.model[10][4].momentum,
+            self.model[11][1].eps,
+            self.model[11][1].momentum,
+            self.model[11][4].eps,
+            self.model[11][4].momentum,
+            self.model[12][1].eps,
+            self.model[12][1].momentum,
+            self.model[12][4].eps,
+            self.model[12][4].momentum,
+            self.model[13][1].eps,
+            self.model[13][1].momentum,
+            self.model[13][4].eps,
+            self.model[13][4].momentum,
+        )
 
     def run_kernels(self, x):
         """The forward pass: one launch per chain of the spec (eval mode)."""

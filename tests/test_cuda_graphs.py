@@ -113,6 +113,24 @@ def test_training_mode_replays_update_the_running_statistics_once_per_call(model
     assert len(model.cuda_graphs) == 2  # one per mode
 
 
+@torch.no_grad()
+def test_changed_batchnorm_scalars_capture_again(model):
+    """eps and momentum reach the kernels as constants of the captured graph: changing them must
+    not replay the old ones."""
+    direct = copy.deepcopy(model).train()
+    direct.use_cuda_graphs = False
+    model.train()
+    x = rand(2, 3, 17, 15)
+    assert torch.equal(model(x), direct(x))
+    for m in (model, direct):
+        m.bn2.momentum = None  # a cumulative average from now on
+        m.bn1.eps = 1e-2
+    for _ in range(2):
+        assert torch.equal(model(x), direct(x))
+        for key, buffer in direct.state_dict().items():
+            assert torch.equal(model.state_dict()[key], buffer), key
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("graphs", [True, False])
 @pytest.mark.parametrize("training", [False, True])
