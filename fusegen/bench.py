@@ -69,7 +69,7 @@ def compile_model(spec_path: str, source: str) -> SpecModel:
     return SpecModel(spec_path, checked.name, module, tuple(checked.example_input), steps)
 
 
-def randomize_batchnorm(model: nn.Module, seed: int) -> None:
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
     """Running statistics and affine parameters away from their defaults (variance kept positive), so
     the BatchNorm arithmetic is really exercised and errors are not flattered by identities."""
     g = torch.Generator().manual_seed(seed)
