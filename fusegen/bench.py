@@ -25,12 +25,10 @@ import torch.nn as nn
 import triton
 import triton.testing
 
-from fusegen.check import check
 from fusegen.errors import SpecError
 from fusegen.ops import DOT_PRECISION
-from fusegen.parse import parse_spec
-from fusegen.pipeline import compile_spec
-from fusegen.plan import Launch, plan
+from fusegen.pipeline import compile_plan
+from fusegen.plan import Launch
 
 NO_GPU = (
     "fusegen bench: needs a CUDA GPU (torch.cuda.is_available() is False); without one the kernels only run "
@@ -58,15 +56,15 @@ class SpecModel:
 
 def compile_model(spec_path: str, source: str) -> SpecModel:
     """Spec text -> the generated module, executed. Raises SpecError for a bad spec."""
-    text = compile_spec(source, spec_path)
-    checked = check(parse_spec(source), source)
-    steps = [s for s in plan(checked, Path(spec_path).name).steps if isinstance(s, Launch)]
+    kernel_plan, text = compile_plan(source, spec_path)
+    steps = [s for s in kernel_plan.steps if isinstance(s, Launch)]
     filename = f"<fusegen bench {spec_path}>"
     # @triton.jit reads each kernel's source through inspect, which needs a file: register one.
     linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
     module = types.ModuleType(f"fusegen_bench_{Path(spec_path).stem}")
     exec(compile(text, filename, "exec"), module.__dict__)
-    return SpecModel(spec_path, checked.name, module, tuple(checked.example_input), steps)
+    model = kernel_plan.model
+    return SpecModel(spec_path, model.name, module, tuple(model.example_input), steps)
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:

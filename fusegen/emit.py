@@ -45,9 +45,9 @@ def check_32bit_offsets(*tensors):
 # launches, not the kernels, take most of the time.
 GRAPH_REPLAY = """\
 def replay_cuda_graph(model, x):
-    \"\"\"Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype and device. The graph
-    is captured again when a parameter or buffer changes (in place or replaced); each call returns a
-    fresh tensor, never one that a later call overwrites.\"\"\"
+    \"\"\"Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype, device and mode. The
+    graph is captured again when a parameter or buffer is replaced or model.captured_scalars() changes;
+    each call returns a fresh tensor, never one that a later call overwrites.\"\"\"
     # The kernels read parameters and buffers where they lie, so in-place changes need no new capture;
     # scalars such as BatchNorm's eps and momentum are constants of the graph.
     state = (*(t.data_ptr() for t in (*model.parameters(), *model.buffers())), *model.captured_scalars())
@@ -162,7 +162,7 @@ class TorchBackward(torch.autograd.Function):
 
 def _helpers(plan: Plan) -> list[O.Helper]:
     """Kernels that op lowerings call from their wrappers (BatchNorm's batch statistics), once each."""
-    found = [f.op.lowering.helper for k in plan.kernels for f in k.ops if getattr(f.op.lowering, "helper", None)]
+    found = [f.elementwise.helper for k in plan.kernels for f in k.ops if f.elementwise and f.elementwise.helper]
     return list(dict.fromkeys(found))
 
 
@@ -179,23 +179,21 @@ def _captured_scalars_lines(plan: Plan) -> list[str]:
 
 
 def _run_methods(plan: Plan) -> list[str]:
-    if plan.train_steps is None:
-        return [
-            "def run_kernels(self, x):",
-            f'{INDENT}"""The forward pass: one launch per chain of the spec."""',
-            *(INDENT + line for line in _run_kernels_lines(plan.steps)),
-        ]
-    return [
+    training = plan.train_steps is not None
+    lines = [
         "def run_kernels(self, x):",
-        f'{INDENT}"""The forward pass: one launch per chain of the spec (eval mode)."""',
-        f"{INDENT}if self.training:",
-        f"{INDENT * 2}return self.run_training_kernels(x)",
+        f'{INDENT}"""The forward pass: one launch per chain of the spec{" (eval mode)" if training else ""}."""',
+        *([f"{INDENT}if self.training:", f"{INDENT * 2}return self.run_training_kernels(x)"] if training else []),
         *(INDENT + line for line in _run_kernels_lines(plan.steps)),
-        "",
-        "def run_training_kernels(self, x):",
-        f'{INDENT}"""Training mode: BatchNorm normalises with batch statistics in the next kernel\'s prologue."""',
-        *(INDENT + line for line in _run_kernels_lines(plan.train_steps)),
     ]
+    if training:
+        lines += [
+            "",
+            "def run_training_kernels(self, x):",
+            f'{INDENT}"""Training mode: BatchNorm normalises with batch statistics in the next kernel\'s prologue."""',
+            *(INDENT + line for line in _run_kernels_lines(plan.train_steps)),
+        ]
+    return lines
 
 
 def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:

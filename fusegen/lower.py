@@ -135,7 +135,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
     if kernel.writes_batch_stats:
         fused += " (training mode: with the output's batch statistics)"
     kernel_lines = [
-        f"# {fused}: one kernel, one store.",
+        f"# {fused}: one kernel, one store{' per output' if kernel.writes_batch_stats else ''}.",
         *(f"# {source}" for source in kernel.sources),
         "@triton.jit",
         f"def {kernel.name}_kernel({', '.join(signature)}):",
@@ -152,7 +152,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
     }
     rows = "N * OH * OW" if out_rank == 4 else "N"
     inputs = ["x", "x_stats"] if kernel.reads_batch_stats else ["x"]
-    setup = [line.format(m=f.slot) for f in kernel.prologue for line in getattr(f.op.lowering, "setup", ())]
+    setup = [line.format(m=f.slot) for f in kernel.prologue if f.elementwise for line in f.elementwise.setup]
     wrapper = [
         f"def {kernel.name}({', '.join([*inputs, *modules])}):",
         INDENT + f"{', '.join(in_dims)} = x.shape",

@@ -25,6 +25,11 @@ class FusedOp:
         return lowering.params if isinstance(lowering, (O.Anchor, O.Elementwise)) else ()
 
     @property
+    def elementwise(self) -> O.Elementwise | None:
+        """The lowering of an elementwise op (None for an anchor or a view)."""
+        return self.op.lowering if isinstance(self.op.lowering, O.Elementwise) else None
+
+    @property
     def reads_module(self) -> bool:
         """Its wrapper takes the op's module (some parameter comes from `{m}`)."""
         return any("{m}" in p.value for p in self.params)
@@ -55,7 +60,7 @@ class Kernel:
     @property
     def reads_batch_stats(self) -> bool:
         """Training mode: the prologue normalises with batch statistics that the previous kernel stored."""
-        return any(getattr(f.op.lowering, "needs_batch_stats", False) for f in self.prologue)
+        return any(f.elementwise and f.elementwise.needs_batch_stats for f in self.prologue)
 
 
 @dataclass(frozen=True)

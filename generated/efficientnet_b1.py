@@ -597,7 +597,7 @@ def linear_kernel(
     )
 
 
-# conv3x3 (training mode: with the output's batch statistics): one kernel, one store.
+# conv3x3 (training mode: with the output's batch statistics): one kernel, one store per output.
 # efficientnet_b1.fuse:13: conv1: conv3x3(3, 32, stride=2) -> bn1: bn(32) -> relu
 @triton.jit
 def conv3x3_stats_kernel(
@@ -707,7 +707,7 @@ def conv3x3_stats_kernel(
     )
 
 
-# bn -> relu -> conv1x1 (training mode: with the output's batch statistics): one kernel, one store.
+# bn -> relu -> conv1x1 (training mode: with the output's batch statistics): one kernel, one store per output.
 # efficientnet_b1.fuse:8: conv1x1(ci, h) -> bn(h) -> relu6
 # efficientnet_b1.fuse:13: conv1: conv3x3(3, 32, stride=2) -> bn1: bn(32) -> relu
 @triton.jit
@@ -800,7 +800,7 @@ def bn_relu_conv1x1_stats_train_kernel(
     )
 
 
-# bn -> relu6 -> dwconv3x3 (training mode: with the output's batch statistics): one kernel, one store.
+# bn -> relu6 -> dwconv3x3 (training mode: with the output's batch statistics): one kernel, one store per output.
 # efficientnet_b1.fuse:9: dwconv3x3(h, stride) -> bn(h) -> relu6
 # efficientnet_b1.fuse:8: conv1x1(ci, h) -> bn(h) -> relu6
 @triton.jit
@@ -904,7 +904,7 @@ def bn_relu6_dwconv3x3_stats_train_kernel(
     )
 
 
-# bn -> relu6 -> conv1x1 (training mode: with the output's batch statistics): one kernel, one store.
+# bn -> relu6 -> conv1x1 (training mode: with the output's batch statistics): one kernel, one store per output.
 # efficientnet_b1.fuse:10: conv1x1(h, co) -> bn(co)
 # efficientnet_b1.fuse:9: dwconv3x3(h, stride) -> bn(h) -> relu6
 @triton.jit
@@ -997,7 +997,7 @@ def bn_relu6_conv1x1_stats_train_kernel(
     )
 
 
-# bn -> conv1x1 (training mode: with the output's batch statistics): one kernel, one store.
+# bn -> conv1x1 (training mode: with the output's batch statistics): one kernel, one store per output.
 # efficientnet_b1.fuse:8: conv1x1(ci, h) -> bn(h) -> relu6
 # efficientnet_b1.fuse:10: conv1x1(h, co) -> bn(co)
 # efficientnet_b1.fuse:21: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu
@@ -1945,9 +1945,9 @@ def batch_norm_reference(x, bn):
 
 
 def replay_cuda_graph(model, x):
-    """Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype and device. The graph
-    is captured again when a parameter or buffer changes (in place or replaced); each call returns a
-    fresh tensor, never one that a later call overwrites."""
+    """Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype, device and mode. The
+    graph is captured again when a parameter or buffer is replaced or model.captured_scalars() changes;
+    each call returns a fresh tensor, never one that a later call overwrites."""
     # The kernels read parameters and buffers where they lie, so in-place changes need no new capture;
     # scalars such as BatchNorm's eps and momentum are constants of the graph.
     state = (

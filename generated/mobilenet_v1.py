@@ -427,7 +427,7 @@ def linear_kernel(
     )
 
 
-# conv3x3 (training mode: with the output's batch statistics): one kernel, one store.
+# conv3x3 (training mode: with the output's batch statistics): one kernel, one store per output.
 # mobilenet_v1.fuse:8: conv3x3(inp, oup, stride) -> bn(oup) -> relu
 @triton.jit
 def conv3x3_stats_kernel(
@@ -537,7 +537,7 @@ def conv3x3_stats_kernel(
     )
 
 
-# bn -> relu -> dwconv3x3 (training mode: with the output's batch statistics): one kernel, one store.
+# bn -> relu -> dwconv3x3 (training mode: with the output's batch statistics): one kernel, one store per output.
 # mobilenet_v1.fuse:11: dwconv3x3(inp, stride) -> bn(inp) -> relu
 # mobilenet_v1.fuse:8: conv3x3(inp, oup, stride) -> bn(oup) -> relu
 # mobilenet_v1.fuse:12: conv1x1(inp, oup) -> bn(oup) -> relu
@@ -642,7 +642,7 @@ def bn_relu_dwconv3x3_stats_train_kernel(
     )
 
 
-# bn -> relu -> conv1x1 (training mode: with the output's batch statistics): one kernel, one store.
+# bn -> relu -> conv1x1 (training mode: with the output's batch statistics): one kernel, one store per output.
 # mobilenet_v1.fuse:12: conv1x1(inp, oup) -> bn(oup) -> relu
 # mobilenet_v1.fuse:11: dwconv3x3(inp, stride) -> bn(inp) -> relu
 @triton.jit
@@ -1389,9 +1389,9 @@ def batch_norm_reference(x, bn):
 
 
 def replay_cuda_graph(model, x):
-    """Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype and device. The graph
-    is captured again when a parameter or buffer changes (in place or replaced); each call returns a
-    fresh tensor, never one that a later call overwrites."""
+    """Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype, device and mode. The
+    graph is captured again when a parameter or buffer is replaced or model.captured_scalars() changes;
+    each call returns a fresh tensor, never one that a later call overwrites."""
     # The kernels read parameters and buffers where they lie, so in-place changes need no new capture;
     # scalars such as BatchNorm's eps and momentum are constants of the graph.
     state = (
