@@ -18,8 +18,13 @@ from fusegen.plan import FusedOp, Kernel
 
 INDENT = "    "
 # Activations between kernels are channels-last: the tile's channel axis then has stride 1, so every
-# load and store of a tile is coalesced, and a 1x1 conv reads plain rows of a GEMM operand.
+# load and store of a tile is coalesced, and a 1x1 conv reads plain rows of a GEMM operand. A kernel
+# reads and writes contiguous tensors in that layout only (the wrapper copies any other input, such
+# as the model's NCHW input, once), so addresses need no strides: Triton sees C_in and C_out as
+# constants and proves the alignment that vector loads and stores need.
 _LAYOUT = {4: ", memory_format=torch.channels_last", 2: ""}
+_CONTIGUOUS = {4: "x = x.contiguous(memory_format=torch.channels_last)", 2: "x = x.contiguous()"}
+_CHANNELS = ("C_in", "C_out")
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,8 @@ def _prologue_hook(prologue: tuple[FusedOp, ...]) -> O.PrologueHook:
     return hook
 
 
-def _frame(out_rank: int) -> list[str]:
+def _frame(out_rank: int, loop: list[str]) -> list[str]:
+    """The tile's offsets and masks, and the output pixel of each row where the anchor's loop uses it."""
     rows = "N * OH * OW" if out_rank == 4 else "N"
     lines = [
         "# Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,",
@@ -58,16 +64,13 @@ def _frame(out_rank: int) -> list[str]:
         "mask_n = offs_n < C_out",
         "mask = mask_m[:, None] & mask_n[None, :]",
     ]
-    if out_rank == 4:
-        lines += ["n = offs_m // (OH * OW)", "oh = offs_m // OW % OH", "ow = offs_m % OW"]
-    else:
-        lines += ["n = offs_m"]
-    return lines
+    pixel = ["n = offs_m // (OH * OW)", "oh = offs_m // OW % OH", "ow = offs_m % OW"] if out_rank == 4 else ["n = offs_m"]
+    loop_text = "\n".join(loop)
+    return lines + [line for line in pixel if _used(line.split(" = ")[0], loop_text)]
 
 
-def _store(out_rank: int) -> str:
-    spatial = " + oh[:, None] * out_stride_h + ow[:, None] * out_stride_w" if out_rank == 4 else ""
-    return f"tl.store(out_ptr + n[:, None] * out_stride_n + offs_n[None, :] * out_stride_c{spatial}, acc, mask=mask)"
+# The output is the wrapper's own contiguous tensor: output row offs_m starts at offs_m * C_out.
+_STORE = "tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)"
 
 
 # Training mode: statistics of the output tile for the BatchNorm that follows in the next kernel. The
@@ -89,13 +92,14 @@ def _used(name: str, body: str) -> bool:
 def lower(kernel: Kernel) -> LoweredKernel:
     anchor: O.Anchor = kernel.anchor.op.lowering
     out_rank = anchor.out_rank
-    body = _frame(out_rank)
+    loop = anchor.loop(kernel.anchor.slot, _prologue_hook(kernel.prologue))
+    body = _frame(out_rank, loop)
     body.append(f"# anchor: {kernel.anchor.op.summary}")
-    body += anchor.loop(kernel.anchor.slot, _prologue_hook(kernel.prologue))
+    body += loop
     for f in kernel.epilogue:
         body.append(f"# epilogue: {f.op.name}")
         body += f.op.lowering.apply("acc", f.slot, "offs_n", "mask_n")
-    body.append(_store(out_rank))
+    body.append(_STORE)
     if kernel.writes_batch_stats:
         body += _TILE_STATS
     body_text = "\n".join(body)
@@ -103,7 +107,6 @@ def lower(kernel: Kernel) -> LoweredKernel:
     # Candidate parameters in signature order, each with the wrapper expression that feeds it.
     in_dims = ["N", "C_in", "H", "W"][: kernel.in_rank]
     out_dims = ["C_out", "OH", "OW"][: out_rank - 1]
-    stride_names = ["n", "c", "h", "w"]
     pointers = [("x_ptr", "x")]
     scalars: list[tuple[str, str]] = []
     constexprs: list[tuple[str, str]] = []
@@ -123,12 +126,11 @@ def lower(kernel: Kernel) -> LoweredKernel:
     pointers.append(("out_ptr", "out"))
     if kernel.writes_batch_stats:
         pointers += [("tile_sum_ptr", "tile_sum"), ("tile_m2_ptr", "tile_m2")]
-    dims = [(d, d) for d in dict.fromkeys(in_dims + out_dims)]
-    strides = [(f"x_stride_{s}", f"x.stride({i})") for i, s in enumerate(stride_names[: kernel.in_rank])]
-    strides += [(f"out_stride_{s}", f"out.stride({i})") for i, s in enumerate(stride_names[:out_rank])]
+    dims = [(d, d) for d in dict.fromkeys(in_dims + out_dims) if d not in _CHANNELS]
+    channels = [(d, d) for d in _CHANNELS]
     blocks = [(b, b) for b in dict.fromkeys(["BLOCK_M", "BLOCK_N", "BLOCK_K", *own_blocks])]
-    positional = [p for p in pointers + dims + strides + scalars if _used(p[0], body_text)]
-    keyword = [p for p in constexprs + blocks if _used(p[0], body_text)]
+    positional = [p for p in pointers + dims + scalars if _used(p[0], body_text)]
+    keyword = [p for p in channels + constexprs + blocks if _used(p[0], body_text)]
 
     signature = [name for name, _ in positional] + [f"{name}: tl.constexpr" for name, _ in keyword]
     fused = " -> ".join(f.op.name for f in kernel.ops if f.op.name != "load") or "copy"
@@ -155,6 +157,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
     setup = [line.format(m=f.slot) for f in kernel.prologue if f.elementwise for line in f.elementwise.setup]
     wrapper = [
         f"def {kernel.name}({', '.join([*inputs, *modules])}):",
+        INDENT + _CONTIGUOUS[kernel.in_rank],
         INDENT + f"{', '.join(in_dims)} = x.shape",
         *(INDENT + line for line in anchor_dims),
         INDENT + f"out = torch.empty(({out_shape}), device=x.device, dtype=torch.float32{_LAYOUT[out_rank]})",

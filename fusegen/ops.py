@@ -10,8 +10,9 @@ torch reference, and how it lowers:
 - a VIEW only reshapes the kernel's output and moves no data.
 
 Kernel code uses the names that fusegen.lower defines: `x_ptr`, `N, C_in, H, W` (input),
-`C_out, OH, OW` (output), `x_stride_*`, the tile `offs_m, offs_n, mask_m, mask_n, mask` and the
-output pixel of each row `n, oh, ow`. An op's own kernel parameters are prefixed with its slot
+`C_out, OH, OW` (output), the tile `offs_m, offs_n, mask_m, mask_n, mask` and the output pixel of
+each row `n, oh, ow`. The input is channels-last contiguous (`_x_at` addresses it) and the channel
+counts C_in and C_out are compile-time constants. An op's own kernel parameters are prefixed with its slot
 (`bn_weight_ptr`, `conv_weight_ptr`), so two ops of one kind never clash.
 """
 
@@ -189,21 +190,27 @@ def _where_inside(hook_lines: list[str], tile: str, inside: str | None) -> list[
 # -- anchors -----------------------------------------------------------------------------------------
 
 
+def _x_at(n: str, ih: str, iw: str, ch: str) -> str:
+    """Address of channel `ch` of input pixel (n, ih, iw). The wrapper hands the kernel a channels-last
+    contiguous input and C_in is a compile-time constant, so Triton sees that a run of channels is
+    contiguous and aligned, and loads it as vectors whatever C_in is (24 or 40 included)."""
+    return f"x_ptr + (({n} * H + {ih}) * W + {iw}) * C_in + {ch}"
+
+
 def _conv_loop(slot: str, prologue: PrologueHook) -> list[str]:
     return [
-        "# implicit GEMM: K runs over (input channel, kh, kw)",
+        "# implicit GEMM: K runs over (kh, kw, input channel), channels fastest as they lie in memory",
         "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
-        "for k0 in range(0, C_in * KH * KW, BLOCK_K):",
+        "for k0 in range(0, KH * KW * C_in, BLOCK_K):",
         "    offs_k = k0 + tl.arange(0, BLOCK_K)",
-        "    mask_k = offs_k < C_in * KH * KW",
-        "    ci = offs_k // (KH * KW)",
-        "    kh = (offs_k // KW) % KH",
-        "    kw = offs_k % KW",
+        "    mask_k = offs_k < KH * KW * C_in",
+        "    kh = offs_k // (KW * C_in)",
+        "    kw = offs_k // C_in % KW",
+        "    ci = offs_k % C_in",
         "    ih = oh[:, None] * STRIDE - PAD + kh[None, :]",
         "    iw = ow[:, None] * STRIDE - PAD + kw[None, :]",
         "    inside = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)",
-        "    a = tl.load(x_ptr + n[:, None] * x_stride_n + ci[None, :] * x_stride_c"
-        " + ih * x_stride_h + iw * x_stride_w, mask=inside, other=0.0)",
+        f"    a = tl.load({_x_at('n[:, None]', 'ih', 'iw', 'ci[None, :]')}, mask=inside, other=0.0)",
         *("    " + line for line in _where_inside(prologue("a", "ci", "mask_k", "inside"), "a", "inside")),
         f"    b = tl.load({slot}_weight_ptr + offs_n[None, :] * {slot}_weight_stride_o"
         f" + (ci * {slot}_weight_stride_i + kh * {slot}_weight_stride_h + kw * {slot}_weight_stride_w)[:, None],"
@@ -221,8 +228,7 @@ def _dwconv_loop(slot: str, prologue: PrologueHook) -> list[str]:
         "        ih = oh * STRIDE - PAD + kh",
         "        iw = ow * STRIDE - PAD + kw",
         "        inside = mask & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]",
-        "        a = tl.load(x_ptr + n[:, None] * x_stride_n + offs_n[None, :] * x_stride_c"
-        " + ih[:, None] * x_stride_h + iw[:, None] * x_stride_w, mask=inside, other=0.0)",
+        f"        a = tl.load({_x_at('n[:, None]', 'ih[:, None]', 'iw[:, None]', 'offs_n[None, :]')}, mask=inside, other=0.0)",
         *("        " + line for line in _where_inside(prologue("a", "offs_n", "mask_n", "inside"), "a", "inside")),
         f"        w = tl.load({slot}_weight_ptr + offs_n * {slot}_weight_stride_o + kh * {slot}_weight_stride_h"
         f" + kw * {slot}_weight_stride_w, mask=mask_n, other=0.0)",
@@ -230,17 +236,18 @@ def _dwconv_loop(slot: str, prologue: PrologueHook) -> list[str]:
     ]
 
 
-def _gemm_loop(pixel: str, bias: bool):
-    """1x1 conv and linear: acc[pixel, out] = sum over input channels of x[pixel, k] * w[out, k]."""
+def _gemm_loop(row: str, bias: bool):
+    """1x1 conv and linear: acc[pixel, out] = sum over input channels of x[pixel, k] * w[out, k].
+    `row` is the input row (pixel) that each output row reads: the A operand is rows of C_in floats."""
 
     def loop(slot: str, prologue: PrologueHook) -> list[str]:
         lines = [
-            f"x_pixel = {pixel}",
+            f"x_row = {row}",
             "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
             "for k0 in range(0, C_in, BLOCK_K):",
             "    offs_k = k0 + tl.arange(0, BLOCK_K)",
             "    mask_k = offs_k < C_in",
-            "    a = tl.load(x_ptr + x_pixel[:, None] + offs_k[None, :] * x_stride_c,"
+            "    a = tl.load(x_ptr + x_row[:, None] * C_in + offs_k[None, :],"
             " mask=mask_m[:, None] & mask_k[None, :], other=0.0)",
             # masked lanes meet zero weights, so the prologue needs no re-masking here
             *("    " + line for line in prologue("a", "offs_k", "mask_k", None)),
@@ -268,8 +275,7 @@ def _pool_loop(window: str, pixels: str, divisor: str):
             "    p = p0 + tl.arange(0, BLOCK_P)",
             *(f"    {line}" for line in window.split("\n")),
             f"    inside = mask_m[:, None, None] & (p < {pixels})[None, :, None] & mask_n[None, None, :]",
-            "    a = tl.load(x_ptr + n[:, None, None] * x_stride_n + offs_n[None, None, :] * x_stride_c"
-            " + ih * x_stride_h + iw * x_stride_w, mask=inside, other=0.0)",
+            f"    a = tl.load({_x_at('n[:, None, None]', 'ih', 'iw', 'offs_n[None, None, :]')}, mask=inside, other=0.0)",
             *("    " + line for line in _where_inside(prologue("a", "offs_n", "mask_n", "inside"), "a", "inside")),
             "    acc += tl.sum(a, axis=1)",
             f"acc = acc / ({divisor})",
@@ -288,18 +294,12 @@ _POOL_BLOCKS = (
 )
 
 
-def _load_loop(rank: int):
-    """The anchor of a chain of elementwise ops only: the input tile itself."""
-    spatial = " + oh[:, None] * x_stride_h + ow[:, None] * x_stride_w" if rank == 4 else ""
-
-    def loop(slot: str, prologue: PrologueHook) -> list[str]:
-        return [
-            "acc = tl.load(x_ptr + n[:, None] * x_stride_n + offs_n[None, :] * x_stride_c"
-            f"{spatial}, mask=mask, other=0.0)",
-            *prologue("acc", "offs_n", "mask_n", None),
-        ]
-
-    return loop
+def _load_loop(slot: str, prologue: PrologueHook) -> list[str]:
+    """The anchor of a chain of elementwise ops only: the input tile itself (output row = input row)."""
+    return [
+        "acc = tl.load(x_ptr + offs_m[:, None] * C_in + offs_n[None, :], mask=mask, other=0.0)",
+        *prologue("acc", "offs_n", "mask_n", None),
+    ]
 
 
 def _weight(dims: str) -> tuple[KernelParam, ...]:
@@ -555,7 +555,7 @@ FIXED_OPS = {
                     "OW = (W - 1) // {m}.stride[1] + 1",
                 ),
                 4,
-                _gemm_loop("n * x_stride_n + oh * STRIDE * x_stride_h + ow * STRIDE * x_stride_w", bias=False),
+                _gemm_loop("(n * H + oh * STRIDE) * W + ow * STRIDE", bias=False),
                 "each of its outputs reads every input channel of a pixel, but a program of this kernel holds only BLOCK_N of them",
             ),
             summary="1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot",
@@ -576,7 +576,7 @@ FIXED_OPS = {
                 (*_weight("oi"), KernelParam("bias_ptr", "{m}.bias"), _DOT_PRECISION),
                 ("C_out = {m}.out_features",),
                 2,
-                _gemm_loop("n * x_stride_n", bias=True),
+                _gemm_loop("n", bias=True),
                 "each of its outputs reads every input feature of a row, but a program of this kernel holds only BLOCK_N of them",
             ),
             summary="fully connected layer with bias, GEMM on tl.dot",
@@ -739,7 +739,7 @@ def load_anchor(rank: int) -> Op:
             (),
             ("C_out = C_in",) + (("OH = H", "OW = W") if rank == 4 else ()),
             rank,
-            _load_loop(rank),
+            _load_loop,
             "",
         ),
         summary="the input tile, for chains of elementwise ops",

@@ -17,25 +17,17 @@ def conv3x3_bn_relu_kernel(
     bn_var_ptr,
     out_ptr,
     N,
-    C_in,
     H,
     W,
-    C_out,
     OH,
     OW,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    out_stride_n,
-    out_stride_c,
-    out_stride_h,
-    out_stride_w,
     conv_weight_stride_o,
     conv_weight_stride_i,
     conv_weight_stride_h,
     conv_weight_stride_w,
     bn_eps,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
     KH: tl.constexpr,
     KW: tl.constexpr,
     STRIDE: tl.constexpr,
@@ -58,14 +50,14 @@ def conv3x3_bn_relu_kernel(
     oh = offs_m // OW % OH
     ow = offs_m % OW
     # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot)
-    # implicit GEMM: K runs over (input channel, kh, kw)
+    # implicit GEMM: K runs over (kh, kw, input channel), channels fastest as they lie in memory
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, C_in * KH * KW, BLOCK_K):
+    for k0 in range(0, KH * KW * C_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < C_in * KH * KW
-        ci = offs_k // (KH * KW)
-        kh = (offs_k // KW) % KH
-        kw = offs_k % KW
+        mask_k = offs_k < KH * KW * C_in
+        kh = offs_k // (KW * C_in)
+        kw = offs_k // C_in % KW
+        ci = offs_k % C_in
         ih = oh[:, None] * STRIDE - PAD + kh[None, :]
         iw = ow[:, None] * STRIDE - PAD + kw[None, :]
         inside = (
@@ -77,11 +69,7 @@ def conv3x3_bn_relu_kernel(
             & (iw < W)
         )
         a = tl.load(
-            x_ptr
-            + n[:, None] * x_stride_n
-            + ci[None, :] * x_stride_c
-            + ih * x_stride_h
-            + iw * x_stride_w,
+            x_ptr + ((n[:, None] * H + ih) * W + iw) * C_in + ci[None, :],
             mask=inside,
             other=0.0,
         )
@@ -108,15 +96,7 @@ def conv3x3_bn_relu_kernel(
     acc = acc * bn_scale[None, :] + bn_shift[None, :]
     # epilogue: relu
     acc = tl.maximum(acc, 0.0)
-    tl.store(
-        out_ptr
-        + n[:, None] * out_stride_n
-        + offs_n[None, :] * out_stride_c
-        + oh[:, None] * out_stride_h
-        + ow[:, None] * out_stride_w,
-        acc,
-        mask=mask,
-    )
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
 # conv1x1 -> bn -> relu6: one kernel, one store.
@@ -131,21 +111,15 @@ def conv1x1_bn_relu6_kernel(
     bn_var_ptr,
     out_ptr,
     N,
-    C_in,
-    C_out,
+    H,
+    W,
     OH,
     OW,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    out_stride_n,
-    out_stride_c,
-    out_stride_h,
-    out_stride_w,
     conv_weight_stride_o,
     conv_weight_stride_i,
     bn_eps,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
     STRIDE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -165,13 +139,13 @@ def conv1x1_bn_relu6_kernel(
     oh = offs_m // OW % OH
     ow = offs_m % OW
     # anchor: 1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot
-    x_pixel = n * x_stride_n + oh * STRIDE * x_stride_h + ow * STRIDE * x_stride_w
+    x_row = (n * H + oh * STRIDE) * W + ow * STRIDE
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, C_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < C_in
         a = tl.load(
-            x_ptr + x_pixel[:, None] + offs_k[None, :] * x_stride_c,
+            x_ptr + x_row[:, None] * C_in + offs_k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
@@ -194,15 +168,7 @@ def conv1x1_bn_relu6_kernel(
     acc = acc * bn_scale[None, :] + bn_shift[None, :]
     # epilogue: relu6
     acc = tl.minimum(tl.maximum(acc, 0.0), 6.0)
-    tl.store(
-        out_ptr
-        + n[:, None] * out_stride_n
-        + offs_n[None, :] * out_stride_c
-        + oh[:, None] * out_stride_h
-        + ow[:, None] * out_stride_w,
-        acc,
-        mask=mask,
-    )
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
 # dwconv3x3 -> bn -> relu6: one kernel, one store.
@@ -219,21 +185,14 @@ def dwconv3x3_bn_relu6_kernel(
     N,
     H,
     W,
-    C_out,
     OH,
     OW,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    out_stride_n,
-    out_stride_c,
-    out_stride_h,
-    out_stride_w,
     conv_weight_stride_o,
     conv_weight_stride_h,
     conv_weight_stride_w,
     bn_eps,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
     KH: tl.constexpr,
     KW: tl.constexpr,
     STRIDE: tl.constexpr,
@@ -263,10 +222,8 @@ def dwconv3x3_bn_relu6_kernel(
             inside = mask & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
             a = tl.load(
                 x_ptr
-                + n[:, None] * x_stride_n
-                + offs_n[None, :] * x_stride_c
-                + ih[:, None] * x_stride_h
-                + iw[:, None] * x_stride_w,
+                + ((n[:, None] * H + ih[:, None]) * W + iw[:, None]) * C_in
+                + offs_n[None, :],
                 mask=inside,
                 other=0.0,
             )
@@ -290,15 +247,7 @@ def dwconv3x3_bn_relu6_kernel(
     acc = acc * bn_scale[None, :] + bn_shift[None, :]
     # epilogue: relu6
     acc = tl.minimum(tl.maximum(acc, 0.0), 6.0)
-    tl.store(
-        out_ptr
-        + n[:, None] * out_stride_n
-        + offs_n[None, :] * out_stride_c
-        + oh[:, None] * out_stride_h
-        + ow[:, None] * out_stride_w,
-        acc,
-        mask=mask,
-    )
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
 # conv1x1 -> bn: one kernel, one store.
@@ -313,21 +262,15 @@ def conv1x1_bn_kernel(
     bn_var_ptr,
     out_ptr,
     N,
-    C_in,
-    C_out,
+    H,
+    W,
     OH,
     OW,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    out_stride_n,
-    out_stride_c,
-    out_stride_h,
-    out_stride_w,
     conv_weight_stride_o,
     conv_weight_stride_i,
     bn_eps,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
     STRIDE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -347,13 +290,13 @@ def conv1x1_bn_kernel(
     oh = offs_m // OW % OH
     ow = offs_m % OW
     # anchor: 1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot
-    x_pixel = n * x_stride_n + oh * STRIDE * x_stride_h + ow * STRIDE * x_stride_w
+    x_row = (n * H + oh * STRIDE) * W + ow * STRIDE
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, C_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < C_in
         a = tl.load(
-            x_ptr + x_pixel[:, None] + offs_k[None, :] * x_stride_c,
+            x_ptr + x_row[:, None] * C_in + offs_k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
@@ -374,15 +317,7 @@ def conv1x1_bn_kernel(
         - tl.load(bn_mean_ptr + offs_n, mask=mask_n, other=0.0) * bn_scale
     )
     acc = acc * bn_scale[None, :] + bn_shift[None, :]
-    tl.store(
-        out_ptr
-        + n[:, None] * out_stride_n
-        + offs_n[None, :] * out_stride_c
-        + oh[:, None] * out_stride_h
-        + ow[:, None] * out_stride_w,
-        acc,
-        mask=mask,
-    )
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
 # conv1x1 -> bn -> relu: one kernel, one store.
@@ -397,21 +332,15 @@ def conv1x1_bn_relu_kernel(
     bn_var_ptr,
     out_ptr,
     N,
-    C_in,
-    C_out,
+    H,
+    W,
     OH,
     OW,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    out_stride_n,
-    out_stride_c,
-    out_stride_h,
-    out_stride_w,
     conv_weight_stride_o,
     conv_weight_stride_i,
     bn_eps,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
     STRIDE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -431,13 +360,13 @@ def conv1x1_bn_relu_kernel(
     oh = offs_m // OW % OH
     ow = offs_m % OW
     # anchor: 1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot
-    x_pixel = n * x_stride_n + oh * STRIDE * x_stride_h + ow * STRIDE * x_stride_w
+    x_row = (n * H + oh * STRIDE) * W + ow * STRIDE
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, C_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < C_in
         a = tl.load(
-            x_ptr + x_pixel[:, None] + offs_k[None, :] * x_stride_c,
+            x_ptr + x_row[:, None] * C_in + offs_k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
@@ -460,15 +389,7 @@ def conv1x1_bn_relu_kernel(
     acc = acc * bn_scale[None, :] + bn_shift[None, :]
     # epilogue: relu
     acc = tl.maximum(acc, 0.0)
-    tl.store(
-        out_ptr
-        + n[:, None] * out_stride_n
-        + offs_n[None, :] * out_stride_c
-        + oh[:, None] * out_stride_h
-        + ow[:, None] * out_stride_w,
-        acc,
-        mask=mask,
-    )
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
 # global_avgpool: one kernel, one store.
@@ -480,17 +401,10 @@ def global_avgpool_flatten_kernel(
     N,
     H,
     W,
-    C_out,
     OH,
     OW,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    out_stride_n,
-    out_stride_c,
-    out_stride_h,
-    out_stride_w,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -505,8 +419,6 @@ def global_avgpool_flatten_kernel(
     mask_n = offs_n < C_out
     mask = mask_m[:, None] & mask_n[None, :]
     n = offs_m // (OH * OW)
-    oh = offs_m // OW % OH
-    ow = offs_m % OW
     # anchor: adaptive average pool to 1x1 (mean over H and W)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for p0 in range(0, H * W, BLOCK_P):
@@ -518,24 +430,14 @@ def global_avgpool_flatten_kernel(
         )
         a = tl.load(
             x_ptr
-            + n[:, None, None] * x_stride_n
-            + offs_n[None, None, :] * x_stride_c
-            + ih * x_stride_h
-            + iw * x_stride_w,
+            + ((n[:, None, None] * H + ih) * W + iw) * C_in
+            + offs_n[None, None, :],
             mask=inside,
             other=0.0,
         )
         acc += tl.sum(a, axis=1)
     acc = acc / (H * W)
-    tl.store(
-        out_ptr
-        + n[:, None] * out_stride_n
-        + offs_n[None, :] * out_stride_c
-        + oh[:, None] * out_stride_h
-        + ow[:, None] * out_stride_w,
-        acc,
-        mask=mask,
-    )
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
 # linear: one kernel, one store.
@@ -547,14 +449,10 @@ def linear_kernel(
     fc_bias_ptr,
     out_ptr,
     N,
-    C_in,
-    C_out,
-    x_stride_n,
-    x_stride_c,
-    out_stride_n,
-    out_stride_c,
     fc_weight_stride_o,
     fc_weight_stride_i,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -571,13 +469,13 @@ def linear_kernel(
     mask = mask_m[:, None] & mask_n[None, :]
     n = offs_m
     # anchor: fully connected layer with bias, GEMM on tl.dot
-    x_pixel = n * x_stride_n
+    x_row = n
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, C_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < C_in
         a = tl.load(
-            x_ptr + x_pixel[:, None] + offs_k[None, :] * x_stride_c,
+            x_ptr + x_row[:, None] * C_in + offs_k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
@@ -590,11 +488,7 @@ def linear_kernel(
         )
         acc += tl.dot(a, b, input_precision=DOT_PRECISION)
     acc += tl.load(fc_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    tl.store(
-        out_ptr + n[:, None] * out_stride_n + offs_n[None, :] * out_stride_c,
-        acc,
-        mask=mask,
-    )
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
 # conv3x3 (training mode: with the output's batch statistics): one kernel, one store per output.
@@ -607,24 +501,16 @@ def conv3x3_stats_kernel(
     tile_sum_ptr,
     tile_m2_ptr,
     N,
-    C_in,
     H,
     W,
-    C_out,
     OH,
     OW,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    out_stride_n,
-    out_stride_c,
-    out_stride_h,
-    out_stride_w,
     conv_weight_stride_o,
     conv_weight_stride_i,
     conv_weight_stride_h,
     conv_weight_stride_w,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
     KH: tl.constexpr,
     KW: tl.constexpr,
     STRIDE: tl.constexpr,
@@ -647,14 +533,14 @@ def conv3x3_stats_kernel(
     oh = offs_m // OW % OH
     ow = offs_m % OW
     # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot)
-    # implicit GEMM: K runs over (input channel, kh, kw)
+    # implicit GEMM: K runs over (kh, kw, input channel), channels fastest as they lie in memory
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, C_in * KH * KW, BLOCK_K):
+    for k0 in range(0, KH * KW * C_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < C_in * KH * KW
-        ci = offs_k // (KH * KW)
-        kh = (offs_k // KW) % KH
-        kw = offs_k % KW
+        mask_k = offs_k < KH * KW * C_in
+        kh = offs_k // (KW * C_in)
+        kw = offs_k // C_in % KW
+        ci = offs_k % C_in
         ih = oh[:, None] * STRIDE - PAD + kh[None, :]
         iw = ow[:, None] * STRIDE - PAD + kw[None, :]
         inside = (
@@ -666,11 +552,7 @@ def conv3x3_stats_kernel(
             & (iw < W)
         )
         a = tl.load(
-            x_ptr
-            + n[:, None] * x_stride_n
-            + ci[None, :] * x_stride_c
-            + ih * x_stride_h
-            + iw * x_stride_w,
+            x_ptr + ((n[:, None] * H + ih) * W + iw) * C_in + ci[None, :],
             mask=inside,
             other=0.0,
         )
@@ -686,15 +568,7 @@ def conv3x3_stats_kernel(
             other=0.0,
         )
         acc += tl.dot(a, b, input_precision=DOT_PRECISION)
-    tl.store(
-        out_ptr
-        + n[:, None] * out_stride_n
-        + offs_n[None, :] * out_stride_c
-        + oh[:, None] * out_stride_h
-        + ow[:, None] * out_stride_w,
-        acc,
-        mask=mask,
-    )
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
     # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
     tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
     tile_sum = tl.sum(tl.where(mask, acc, 0.0), axis=0)
@@ -721,20 +595,14 @@ def bn_relu_conv1x1_stats_train_kernel(
     tile_sum_ptr,
     tile_m2_ptr,
     N,
-    C_in,
-    C_out,
+    H,
+    W,
     OH,
     OW,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    out_stride_n,
-    out_stride_c,
-    out_stride_h,
-    out_stride_w,
     conv_weight_stride_o,
     conv_weight_stride_i,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
     STRIDE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -754,13 +622,13 @@ def bn_relu_conv1x1_stats_train_kernel(
     oh = offs_m // OW % OH
     ow = offs_m % OW
     # anchor: 1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot
-    x_pixel = n * x_stride_n + oh * STRIDE * x_stride_h + ow * STRIDE * x_stride_w
+    x_row = (n * H + oh * STRIDE) * W + ow * STRIDE
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, C_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < C_in
         a = tl.load(
-            x_ptr + x_pixel[:, None] + offs_k[None, :] * x_stride_c,
+            x_ptr + x_row[:, None] * C_in + offs_k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
@@ -779,15 +647,7 @@ def bn_relu_conv1x1_stats_train_kernel(
             other=0.0,
         )
         acc += tl.dot(a, b, input_precision=DOT_PRECISION)
-    tl.store(
-        out_ptr
-        + n[:, None] * out_stride_n
-        + offs_n[None, :] * out_stride_c
-        + oh[:, None] * out_stride_h
-        + ow[:, None] * out_stride_w,
-        acc,
-        mask=mask,
-    )
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
     # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
     tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
     tile_sum = tl.sum(tl.where(mask, acc, 0.0), axis=0)
@@ -816,20 +676,13 @@ def bn_relu6_dwconv3x3_stats_train_kernel(
     N,
     H,
     W,
-    C_out,
     OH,
     OW,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    out_stride_n,
-    out_stride_c,
-    out_stride_h,
-    out_stride_w,
     conv_weight_stride_o,
     conv_weight_stride_h,
     conv_weight_stride_w,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
     KH: tl.constexpr,
     KW: tl.constexpr,
     STRIDE: tl.constexpr,
@@ -859,10 +712,8 @@ def bn_relu6_dwconv3x3_stats_train_kernel(
             inside = mask & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
             a = tl.load(
                 x_ptr
-                + n[:, None] * x_stride_n
-                + offs_n[None, :] * x_stride_c
-                + ih[:, None] * x_stride_h
-                + iw[:, None] * x_stride_w,
+                + ((n[:, None] * H + ih[:, None]) * W + iw[:, None]) * C_in
+                + offs_n[None, :],
                 mask=inside,
                 other=0.0,
             )
@@ -883,15 +734,7 @@ def bn_relu6_dwconv3x3_stats_train_kernel(
                 other=0.0,
             )
             acc += a * w[None, :]
-    tl.store(
-        out_ptr
-        + n[:, None] * out_stride_n
-        + offs_n[None, :] * out_stride_c
-        + oh[:, None] * out_stride_h
-        + ow[:, None] * out_stride_w,
-        acc,
-        mask=mask,
-    )
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
     # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
     tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
     tile_sum = tl.sum(tl.where(mask, acc, 0.0), axis=0)
@@ -918,20 +761,14 @@ def bn_relu6_conv1x1_stats_train_kernel(
     tile_sum_ptr,
     tile_m2_ptr,
     N,
-    C_in,
-    C_out,
+    H,
+    W,
     OH,
     OW,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    out_stride_n,
-    out_stride_c,
-    out_stride_h,
-    out_stride_w,
     conv_weight_stride_o,
     conv_weight_stride_i,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
     STRIDE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -951,13 +788,13 @@ def bn_relu6_conv1x1_stats_train_kernel(
     oh = offs_m // OW % OH
     ow = offs_m % OW
     # anchor: 1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot
-    x_pixel = n * x_stride_n + oh * STRIDE * x_stride_h + ow * STRIDE * x_stride_w
+    x_row = (n * H + oh * STRIDE) * W + ow * STRIDE
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, C_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < C_in
         a = tl.load(
-            x_ptr + x_pixel[:, None] + offs_k[None, :] * x_stride_c,
+            x_ptr + x_row[:, None] * C_in + offs_k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
@@ -976,15 +813,7 @@ def bn_relu6_conv1x1_stats_train_kernel(
             other=0.0,
         )
         acc += tl.dot(a, b, input_precision=DOT_PRECISION)
-    tl.store(
-        out_ptr
-        + n[:, None] * out_stride_n
-        + offs_n[None, :] * out_stride_c
-        + oh[:, None] * out_stride_h
-        + ow[:, None] * out_stride_w,
-        acc,
-        mask=mask,
-    )
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
     # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
     tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
     tile_sum = tl.sum(tl.where(mask, acc, 0.0), axis=0)
@@ -1012,20 +841,14 @@ def bn_conv1x1_stats_train_kernel(
     tile_sum_ptr,
     tile_m2_ptr,
     N,
-    C_in,
-    C_out,
+    H,
+    W,
     OH,
     OW,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    out_stride_n,
-    out_stride_c,
-    out_stride_h,
-    out_stride_w,
     conv_weight_stride_o,
     conv_weight_stride_i,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
     STRIDE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -1045,13 +868,13 @@ def bn_conv1x1_stats_train_kernel(
     oh = offs_m // OW % OH
     ow = offs_m % OW
     # anchor: 1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot
-    x_pixel = n * x_stride_n + oh * STRIDE * x_stride_h + ow * STRIDE * x_stride_w
+    x_row = (n * H + oh * STRIDE) * W + ow * STRIDE
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, C_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < C_in
         a = tl.load(
-            x_ptr + x_pixel[:, None] + offs_k[None, :] * x_stride_c,
+            x_ptr + x_row[:, None] * C_in + offs_k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
@@ -1068,15 +891,7 @@ def bn_conv1x1_stats_train_kernel(
             other=0.0,
         )
         acc += tl.dot(a, b, input_precision=DOT_PRECISION)
-    tl.store(
-        out_ptr
-        + n[:, None] * out_stride_n
-        + offs_n[None, :] * out_stride_c
-        + oh[:, None] * out_stride_h
-        + ow[:, None] * out_stride_w,
-        acc,
-        mask=mask,
-    )
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
     # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
     tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
     tile_sum = tl.sum(tl.where(mask, acc, 0.0), axis=0)
@@ -1102,17 +917,10 @@ def bn_relu_global_avgpool_flatten_train_kernel(
     N,
     H,
     W,
-    C_out,
     OH,
     OW,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    out_stride_n,
-    out_stride_c,
-    out_stride_h,
-    out_stride_w,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -1127,8 +935,6 @@ def bn_relu_global_avgpool_flatten_train_kernel(
     mask_n = offs_n < C_out
     mask = mask_m[:, None] & mask_n[None, :]
     n = offs_m // (OH * OW)
-    oh = offs_m // OW % OH
-    ow = offs_m % OW
     # anchor: adaptive average pool to 1x1 (mean over H and W)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for p0 in range(0, H * W, BLOCK_P):
@@ -1140,10 +946,8 @@ def bn_relu_global_avgpool_flatten_train_kernel(
         )
         a = tl.load(
             x_ptr
-            + n[:, None, None] * x_stride_n
-            + offs_n[None, None, :] * x_stride_c
-            + ih * x_stride_h
-            + iw * x_stride_w,
+            + ((n[:, None, None] * H + ih) * W + iw) * C_in
+            + offs_n[None, None, :],
             mask=inside,
             other=0.0,
         )
@@ -1157,15 +961,7 @@ def bn_relu_global_avgpool_flatten_train_kernel(
         a = tl.where(inside, a, 0.0)
         acc += tl.sum(a, axis=1)
     acc = acc / (H * W)
-    tl.store(
-        out_ptr
-        + n[:, None] * out_stride_n
-        + offs_n[None, :] * out_stride_c
-        + oh[:, None] * out_stride_h
-        + ow[:, None] * out_stride_w,
-        acc,
-        mask=mask,
-    )
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
 # BatchNorm2d in training mode: batch mean and variance from per-tile statistics; running statistics update.
@@ -1260,6 +1056,7 @@ def check_32bit_offsets(*tensors):
 
 
 def conv3x3_bn_relu(x, conv, bn):
+    x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
     OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
@@ -1284,25 +1081,17 @@ def conv3x3_bn_relu(x, conv, bn):
         bn.running_var,
         out,
         N,
-        C_in,
         H,
         W,
-        C_out,
         OH,
         OW,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        out.stride(3),
         conv.weight.stride(0),
         conv.weight.stride(1),
         conv.weight.stride(2),
         conv.weight.stride(3),
         bn.eps,
+        C_in=C_in,
+        C_out=C_out,
         KH=conv.kernel_size[0],
         KW=conv.kernel_size[1],
         STRIDE=conv.stride[0],
@@ -1316,6 +1105,7 @@ def conv3x3_bn_relu(x, conv, bn):
 
 
 def conv1x1_bn_relu6(x, conv, bn):
+    x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
     OH = (H - 1) // conv.stride[0] + 1
@@ -1340,21 +1130,15 @@ def conv1x1_bn_relu6(x, conv, bn):
         bn.running_var,
         out,
         N,
-        C_in,
-        C_out,
+        H,
+        W,
         OH,
         OW,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        out.stride(3),
         conv.weight.stride(0),
         conv.weight.stride(1),
         bn.eps,
+        C_in=C_in,
+        C_out=C_out,
         STRIDE=conv.stride[0],
         DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
@@ -1365,6 +1149,7 @@ def conv1x1_bn_relu6(x, conv, bn):
 
 
 def dwconv3x3_bn_relu6(x, conv, bn):
+    x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = C_in
     OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
@@ -1390,21 +1175,14 @@ def dwconv3x3_bn_relu6(x, conv, bn):
         N,
         H,
         W,
-        C_out,
         OH,
         OW,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        out.stride(3),
         conv.weight.stride(0),
         conv.weight.stride(2),
         conv.weight.stride(3),
         bn.eps,
+        C_in=C_in,
+        C_out=C_out,
         KH=conv.kernel_size[0],
         KW=conv.kernel_size[1],
         STRIDE=conv.stride[0],
@@ -1416,6 +1194,7 @@ def dwconv3x3_bn_relu6(x, conv, bn):
 
 
 def conv1x1_bn(x, conv, bn):
+    x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
     OH = (H - 1) // conv.stride[0] + 1
@@ -1440,21 +1219,15 @@ def conv1x1_bn(x, conv, bn):
         bn.running_var,
         out,
         N,
-        C_in,
-        C_out,
+        H,
+        W,
         OH,
         OW,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        out.stride(3),
         conv.weight.stride(0),
         conv.weight.stride(1),
         bn.eps,
+        C_in=C_in,
+        C_out=C_out,
         STRIDE=conv.stride[0],
         DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
@@ -1465,6 +1238,7 @@ def conv1x1_bn(x, conv, bn):
 
 
 def conv1x1_bn_relu(x, conv, bn):
+    x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
     OH = (H - 1) // conv.stride[0] + 1
@@ -1489,21 +1263,15 @@ def conv1x1_bn_relu(x, conv, bn):
         bn.running_var,
         out,
         N,
-        C_in,
-        C_out,
+        H,
+        W,
         OH,
         OW,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        out.stride(3),
         conv.weight.stride(0),
         conv.weight.stride(1),
         bn.eps,
+        C_in=C_in,
+        C_out=C_out,
         STRIDE=conv.stride[0],
         DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
@@ -1514,6 +1282,7 @@ def conv1x1_bn_relu(x, conv, bn):
 
 
 def global_avgpool_flatten(x):
+    x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = C_in
     OH = 1
@@ -1535,17 +1304,10 @@ def global_avgpool_flatten(x):
         N,
         H,
         W,
-        C_out,
         OH,
         OW,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        out.stride(3),
+        C_in=C_in,
+        C_out=C_out,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_P=BLOCK_P,
@@ -1554,6 +1316,7 @@ def global_avgpool_flatten(x):
 
 
 def linear(x, fc):
+    x = x.contiguous()
     N, C_in = x.shape
     C_out = fc.out_features
     out = torch.empty((N, C_out), device=x.device, dtype=torch.float32)
@@ -1568,14 +1331,10 @@ def linear(x, fc):
         fc.bias,
         out,
         N,
-        C_in,
-        C_out,
-        x.stride(0),
-        x.stride(1),
-        out.stride(0),
-        out.stride(1),
         fc.weight.stride(0),
         fc.weight.stride(1),
+        C_in=C_in,
+        C_out=C_out,
         DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
@@ -1585,6 +1344,7 @@ def linear(x, fc):
 
 
 def conv3x3_stats(x, conv):
+    x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
     OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
@@ -1609,24 +1369,16 @@ def conv3x3_stats(x, conv):
         tile_sum,
         tile_m2,
         N,
-        C_in,
         H,
         W,
-        C_out,
         OH,
         OW,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        out.stride(3),
         conv.weight.stride(0),
         conv.weight.stride(1),
         conv.weight.stride(2),
         conv.weight.stride(3),
+        C_in=C_in,
+        C_out=C_out,
         KH=conv.kernel_size[0],
         KW=conv.kernel_size[1],
         STRIDE=conv.stride[0],
@@ -1640,6 +1392,7 @@ def conv3x3_stats(x, conv):
 
 
 def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
+    x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
     OH = (H - 1) // conv.stride[0] + 1
@@ -1668,20 +1421,14 @@ def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
         tile_sum,
         tile_m2,
         N,
-        C_in,
-        C_out,
+        H,
+        W,
         OH,
         OW,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        out.stride(3),
         conv.weight.stride(0),
         conv.weight.stride(1),
+        C_in=C_in,
+        C_out=C_out,
         STRIDE=conv.stride[0],
         DOT_PRECISION="tf32x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
@@ -1692,6 +1439,7 @@ def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
 
 
 def bn_relu6_dwconv3x3_stats_train(x, x_stats, bn, conv):
+    x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = C_in
     OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
@@ -1721,20 +1469,13 @@ def bn_relu6_dwconv3x3_stats_train(x, x_stats, bn, conv):
         N,
         H,
         W,
-        C_out,
         OH,
         OW,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        out.stride(3),
         conv.weight.stride(0),
         conv.weight.stride(2),
         conv.weight.stride(3),
+        C_in=C_in,
+        C_out=C_out,
         KH=conv.kernel_size[0],
         KW=conv.kernel_size[1],
         STRIDE=conv.stride[0],
@@ -1746,6 +1487,7 @@ def bn_relu6_dwconv3x3_stats_train(x, x_stats, bn, conv):
 
 
 def bn_relu6_conv1x1_stats_train(x, x_stats, bn, conv):
+    x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
     OH = (H - 1) // conv.stride[0] + 1
@@ -1774,20 +1516,14 @@ def bn_relu6_conv1x1_stats_train(x, x_stats, bn, conv):
         tile_sum,
         tile_m2,
         N,
-        C_in,
-        C_out,
+        H,
+        W,
         OH,
         OW,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        out.stride(3),
         conv.weight.stride(0),
         conv.weight.stride(1),
+        C_in=C_in,
+        C_out=C_out,
         STRIDE=conv.stride[0],
         DOT_PRECISION="tf32x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
@@ -1798,6 +1534,7 @@ def bn_relu6_conv1x1_stats_train(x, x_stats, bn, conv):
 
 
 def bn_conv1x1_stats_train(x, x_stats, bn, conv):
+    x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
     OH = (H - 1) // conv.stride[0] + 1
@@ -1826,20 +1563,14 @@ def bn_conv1x1_stats_train(x, x_stats, bn, conv):
         tile_sum,
         tile_m2,
         N,
-        C_in,
-        C_out,
+        H,
+        W,
         OH,
         OW,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        out.stride(3),
         conv.weight.stride(0),
         conv.weight.stride(1),
+        C_in=C_in,
+        C_out=C_out,
         STRIDE=conv.stride[0],
         DOT_PRECISION="tf32x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
@@ -1850,6 +1581,7 @@ def bn_conv1x1_stats_train(x, x_stats, bn, conv):
 
 
 def bn_relu_global_avgpool_flatten_train(x, x_stats, bn):
+    x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = C_in
     OH = 1
@@ -1875,17 +1607,10 @@ def bn_relu_global_avgpool_flatten_train(x, x_stats, bn):
         N,
         H,
         W,
-        C_out,
         OH,
         OW,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        out.stride(3),
+        C_in=C_in,
+        C_out=C_out,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_P=BLOCK_P,

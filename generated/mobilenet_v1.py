@@ -17,25 +17,17 @@ def conv3x3_bn_relu_kernel(
     bn_var_ptr,
     out_ptr,
     N,
-    C_in,
     H,
     W,
-    C_out,
     OH,
     OW,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    out_stride_n,
-    out_stride_c,
-    out_stride_h,
-    out_stride_w,
     conv_weight_stride_o,
     conv_weight_stride_i,
     conv_weight_stride_h,
     conv_weight_stride_w,
     bn_eps,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
     KH: tl.constexpr,
     KW: tl.constexpr,
     STRIDE: tl.constexpr,
@@ -58,14 +50,14 @@ def conv3x3_bn_relu_kernel(
     oh = offs_m // OW % OH
     ow = offs_m % OW
     # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot)
-    # implicit GEMM: K runs over (input channel, kh, kw)
+    # implicit GEMM: K runs over (kh, kw, input channel), channels fastest as they lie in memory
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, C_in * KH * KW, BLOCK_K):
+    for k0 in range(0, KH * KW * C_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < C_in * KH * KW
-        ci = offs_k // (KH * KW)
-        kh = (offs_k // KW) % KH
-        kw = offs_k % KW
+        mask_k = offs_k < KH * KW * C_in
+        kh = offs_k // (KW * C_in)
+        kw = offs_k // C_in % KW
+        ci = offs_k % C_in
         ih = oh[:, None] * STRIDE - PAD + kh[None, :]
         iw = ow[:, None] * STRIDE - PAD + kw[None, :]
         inside = (
@@ -77,11 +69,7 @@ def conv3x3_bn_relu_kernel(
             & (iw < W)
         )
         a = tl.load(
-            x_ptr
-            + n[:, None] * x_stride_n
-            + ci[None, :] * x_stride_c
-            + ih * x_stride_h
-            + iw * x_stride_w,
+            x_ptr + ((n[:, None] * H + ih) * W + iw) * C_in + ci[None, :],
             mask=inside,
             other=0.0,
         )
@@ -108,15 +96,7 @@ def conv3x3_bn_relu_kernel(
     acc = acc * bn_scale[None, :] + bn_shift[None, :]
     # epilogue: relu
     acc = tl.maximum(acc, 0.0)
-    tl.store(
-        out_ptr
-        + n[:, None] * out_stride_n
-        + offs_n[None, :] * out_stride_c
-        + oh[:, None] * out_stride_h
-        + ow[:, None] * out_stride_w,
-        acc,
-        mask=mask,
-    )
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
 # dwconv3x3 -> bn -> relu: one kernel, one store.
@@ -133,21 +113,14 @@ def dwconv3x3_bn_relu_kernel(
     N,
     H,
     W,
-    C_out,
     OH,
     OW,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    out_stride_n,
-    out_stride_c,
-    out_stride_h,
-    out_stride_w,
     conv_weight_stride_o,
     conv_weight_stride_h,
     conv_weight_stride_w,
     bn_eps,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
     KH: tl.constexpr,
     KW: tl.constexpr,
     STRIDE: tl.constexpr,
@@ -177,10 +150,8 @@ def dwconv3x3_bn_relu_kernel(
             inside = mask & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
             a = tl.load(
                 x_ptr
-                + n[:, None] * x_stride_n
-                + offs_n[None, :] * x_stride_c
-                + ih[:, None] * x_stride_h
-                + iw[:, None] * x_stride_w,
+                + ((n[:, None] * H + ih[:, None]) * W + iw[:, None]) * C_in
+                + offs_n[None, :],
                 mask=inside,
                 other=0.0,
             )
@@ -204,15 +175,7 @@ def dwconv3x3_bn_relu_kernel(
     acc = acc * bn_scale[None, :] + bn_shift[None, :]
     # epilogue: relu
     acc = tl.maximum(acc, 0.0)
-    tl.store(
-        out_ptr
-        + n[:, None] * out_stride_n
-        + offs_n[None, :] * out_stride_c
-        + oh[:, None] * out_stride_h
-        + ow[:, None] * out_stride_w,
-        acc,
-        mask=mask,
-    )
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
 # conv1x1 -> bn -> relu: one kernel, one store.
@@ -227,21 +190,15 @@ def conv1x1_bn_relu_kernel(
     bn_var_ptr,
     out_ptr,
     N,
-    C_in,
-    C_out,
+    H,
+    W,
     OH,
     OW,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    out_stride_n,
-    out_stride_c,
-    out_stride_h,
-    out_stride_w,
     conv_weight_stride_o,
     conv_weight_stride_i,
     bn_eps,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
     STRIDE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -261,13 +218,13 @@ def conv1x1_bn_relu_kernel(
     oh = offs_m // OW % OH
     ow = offs_m % OW
     # anchor: 1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot
-    x_pixel = n * x_stride_n + oh * STRIDE * x_stride_h + ow * STRIDE * x_stride_w
+    x_row = (n * H + oh * STRIDE) * W + ow * STRIDE
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, C_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < C_in
         a = tl.load(
-            x_ptr + x_pixel[:, None] + offs_k[None, :] * x_stride_c,
+            x_ptr + x_row[:, None] * C_in + offs_k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
@@ -290,15 +247,7 @@ def conv1x1_bn_relu_kernel(
     acc = acc * bn_scale[None, :] + bn_shift[None, :]
     # epilogue: relu
     acc = tl.maximum(acc, 0.0)
-    tl.store(
-        out_ptr
-        + n[:, None] * out_stride_n
-        + offs_n[None, :] * out_stride_c
-        + oh[:, None] * out_stride_h
-        + ow[:, None] * out_stride_w,
-        acc,
-        mask=mask,
-    )
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
 # avgpool: one kernel, one store.
@@ -308,17 +257,12 @@ def avgpool_kernel(
     x_ptr,
     out_ptr,
     N,
-    C_out,
+    H,
+    W,
     OH,
     OW,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    out_stride_n,
-    out_stride_c,
-    out_stride_h,
-    out_stride_w,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
     KH: tl.constexpr,
     KW: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -348,24 +292,14 @@ def avgpool_kernel(
         )
         a = tl.load(
             x_ptr
-            + n[:, None, None] * x_stride_n
-            + offs_n[None, None, :] * x_stride_c
-            + ih * x_stride_h
-            + iw * x_stride_w,
+            + ((n[:, None, None] * H + ih) * W + iw) * C_in
+            + offs_n[None, None, :],
             mask=inside,
             other=0.0,
         )
         acc += tl.sum(a, axis=1)
     acc = acc / (KH * KW)
-    tl.store(
-        out_ptr
-        + n[:, None] * out_stride_n
-        + offs_n[None, :] * out_stride_c
-        + oh[:, None] * out_stride_h
-        + ow[:, None] * out_stride_w,
-        acc,
-        mask=mask,
-    )
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
 # linear: one kernel, one store.
@@ -377,14 +311,10 @@ def linear_kernel(
     fc_bias_ptr,
     out_ptr,
     N,
-    C_in,
-    C_out,
-    x_stride_n,
-    x_stride_c,
-    out_stride_n,
-    out_stride_c,
     fc_weight_stride_o,
     fc_weight_stride_i,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -401,13 +331,13 @@ def linear_kernel(
     mask = mask_m[:, None] & mask_n[None, :]
     n = offs_m
     # anchor: fully connected layer with bias, GEMM on tl.dot
-    x_pixel = n * x_stride_n
+    x_row = n
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, C_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < C_in
         a = tl.load(
-            x_ptr + x_pixel[:, None] + offs_k[None, :] * x_stride_c,
+            x_ptr + x_row[:, None] * C_in + offs_k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
@@ -420,11 +350,7 @@ def linear_kernel(
         )
         acc += tl.dot(a, b, input_precision=DOT_PRECISION)
     acc += tl.load(fc_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    tl.store(
-        out_ptr + n[:, None] * out_stride_n + offs_n[None, :] * out_stride_c,
-        acc,
-        mask=mask,
-    )
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
 # conv3x3 (training mode: with the output's batch statistics): one kernel, one store per output.
@@ -437,24 +363,16 @@ def conv3x3_stats_kernel(
     tile_sum_ptr,
     tile_m2_ptr,
     N,
-    C_in,
     H,
     W,
-    C_out,
     OH,
     OW,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    out_stride_n,
-    out_stride_c,
-    out_stride_h,
-    out_stride_w,
     conv_weight_stride_o,
     conv_weight_stride_i,
     conv_weight_stride_h,
     conv_weight_stride_w,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
     KH: tl.constexpr,
     KW: tl.constexpr,
     STRIDE: tl.constexpr,
@@ -477,14 +395,14 @@ def conv3x3_stats_kernel(
     oh = offs_m // OW % OH
     ow = offs_m % OW
     # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot)
-    # implicit GEMM: K runs over (input channel, kh, kw)
+    # implicit GEMM: K runs over (kh, kw, input channel), channels fastest as they lie in memory
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, C_in * KH * KW, BLOCK_K):
+    for k0 in range(0, KH * KW * C_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < C_in * KH * KW
-        ci = offs_k // (KH * KW)
-        kh = (offs_k // KW) % KH
-        kw = offs_k % KW
+        mask_k = offs_k < KH * KW * C_in
+        kh = offs_k // (KW * C_in)
+        kw = offs_k // C_in % KW
+        ci = offs_k % C_in
         ih = oh[:, None] * STRIDE - PAD + kh[None, :]
         iw = ow[:, None] * STRIDE - PAD + kw[None, :]
         inside = (
@@ -496,11 +414,7 @@ def conv3x3_stats_kernel(
             & (iw < W)
         )
         a = tl.load(
-            x_ptr
-            + n[:, None] * x_stride_n
-            + ci[None, :] * x_stride_c
-            + ih * x_stride_h
-            + iw * x_stride_w,
+            x_ptr + ((n[:, None] * H + ih) * W + iw) * C_in + ci[None, :],
             mask=inside,
             other=0.0,
         )
@@ -516,15 +430,7 @@ def conv3x3_stats_kernel(
             other=0.0,
         )
         acc += tl.dot(a, b, input_precision=DOT_PRECISION)
-    tl.store(
-        out_ptr
-        + n[:, None] * out_stride_n
-        + offs_n[None, :] * out_stride_c
-        + oh[:, None] * out_stride_h
-        + ow[:, None] * out_stride_w,
-        acc,
-        mask=mask,
-    )
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
     # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
     tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
     tile_sum = tl.sum(tl.where(mask, acc, 0.0), axis=0)
@@ -554,20 +460,13 @@ def bn_relu_dwconv3x3_stats_train_kernel(
     N,
     H,
     W,
-    C_out,
     OH,
     OW,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    out_stride_n,
-    out_stride_c,
-    out_stride_h,
-    out_stride_w,
     conv_weight_stride_o,
     conv_weight_stride_h,
     conv_weight_stride_w,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
     KH: tl.constexpr,
     KW: tl.constexpr,
     STRIDE: tl.constexpr,
@@ -597,10 +496,8 @@ def bn_relu_dwconv3x3_stats_train_kernel(
             inside = mask & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
             a = tl.load(
                 x_ptr
-                + n[:, None] * x_stride_n
-                + offs_n[None, :] * x_stride_c
-                + ih[:, None] * x_stride_h
-                + iw[:, None] * x_stride_w,
+                + ((n[:, None] * H + ih[:, None]) * W + iw[:, None]) * C_in
+                + offs_n[None, :],
                 mask=inside,
                 other=0.0,
             )
@@ -621,15 +518,7 @@ def bn_relu_dwconv3x3_stats_train_kernel(
                 other=0.0,
             )
             acc += a * w[None, :]
-    tl.store(
-        out_ptr
-        + n[:, None] * out_stride_n
-        + offs_n[None, :] * out_stride_c
-        + oh[:, None] * out_stride_h
-        + ow[:, None] * out_stride_w,
-        acc,
-        mask=mask,
-    )
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
     # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
     tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
     tile_sum = tl.sum(tl.where(mask, acc, 0.0), axis=0)
@@ -656,20 +545,14 @@ def bn_relu_conv1x1_stats_train_kernel(
     tile_sum_ptr,
     tile_m2_ptr,
     N,
-    C_in,
-    C_out,
+    H,
+    W,
     OH,
     OW,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    out_stride_n,
-    out_stride_c,
-    out_stride_h,
-    out_stride_w,
     conv_weight_stride_o,
     conv_weight_stride_i,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
     STRIDE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -689,13 +572,13 @@ def bn_relu_conv1x1_stats_train_kernel(
     oh = offs_m // OW % OH
     ow = offs_m % OW
     # anchor: 1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot
-    x_pixel = n * x_stride_n + oh * STRIDE * x_stride_h + ow * STRIDE * x_stride_w
+    x_row = (n * H + oh * STRIDE) * W + ow * STRIDE
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, C_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < C_in
         a = tl.load(
-            x_ptr + x_pixel[:, None] + offs_k[None, :] * x_stride_c,
+            x_ptr + x_row[:, None] * C_in + offs_k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
@@ -714,15 +597,7 @@ def bn_relu_conv1x1_stats_train_kernel(
             other=0.0,
         )
         acc += tl.dot(a, b, input_precision=DOT_PRECISION)
-    tl.store(
-        out_ptr
-        + n[:, None] * out_stride_n
-        + offs_n[None, :] * out_stride_c
-        + oh[:, None] * out_stride_h
-        + ow[:, None] * out_stride_w,
-        acc,
-        mask=mask,
-    )
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
     # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
     tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
     tile_sum = tl.sum(tl.where(mask, acc, 0.0), axis=0)
@@ -746,17 +621,12 @@ def bn_relu_avgpool_train_kernel(
     bn_bias_ptr,
     out_ptr,
     N,
-    C_out,
+    H,
+    W,
     OH,
     OW,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    out_stride_n,
-    out_stride_c,
-    out_stride_h,
-    out_stride_w,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
     KH: tl.constexpr,
     KW: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -786,10 +656,8 @@ def bn_relu_avgpool_train_kernel(
         )
         a = tl.load(
             x_ptr
-            + n[:, None, None] * x_stride_n
-            + offs_n[None, None, :] * x_stride_c
-            + ih * x_stride_h
-            + iw * x_stride_w,
+            + ((n[:, None, None] * H + ih) * W + iw) * C_in
+            + offs_n[None, None, :],
             mask=inside,
             other=0.0,
         )
@@ -803,15 +671,7 @@ def bn_relu_avgpool_train_kernel(
         a = tl.where(inside, a, 0.0)
         acc += tl.sum(a, axis=1)
     acc = acc / (KH * KW)
-    tl.store(
-        out_ptr
-        + n[:, None] * out_stride_n
-        + offs_n[None, :] * out_stride_c
-        + oh[:, None] * out_stride_h
-        + ow[:, None] * out_stride_w,
-        acc,
-        mask=mask,
-    )
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
 # BatchNorm2d in training mode: batch mean and variance from per-tile statistics; running statistics update.
@@ -906,6 +766,7 @@ def check_32bit_offsets(*tensors):
 
 
 def conv3x3_bn_relu(x, conv, bn):
+    x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
     OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
@@ -930,25 +791,17 @@ def conv3x3_bn_relu(x, conv, bn):
         bn.running_var,
         out,
         N,
-        C_in,
         H,
         W,
-        C_out,
         OH,
         OW,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        out.stride(3),
         conv.weight.stride(0),
         conv.weight.stride(1),
         conv.weight.stride(2),
         conv.weight.stride(3),
         bn.eps,
+        C_in=C_in,
+        C_out=C_out,
         KH=conv.kernel_size[0],
         KW=conv.kernel_size[1],
         STRIDE=conv.stride[0],
@@ -962,6 +815,7 @@ def conv3x3_bn_relu(x, conv, bn):
 
 
 def dwconv3x3_bn_relu(x, conv, bn):
+    x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = C_in
     OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
@@ -987,21 +841,14 @@ def dwconv3x3_bn_relu(x, conv, bn):
         N,
         H,
         W,
-        C_out,
         OH,
         OW,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        out.stride(3),
         conv.weight.stride(0),
         conv.weight.stride(2),
         conv.weight.stride(3),
         bn.eps,
+        C_in=C_in,
+        C_out=C_out,
         KH=conv.kernel_size[0],
         KW=conv.kernel_size[1],
         STRIDE=conv.stride[0],
@@ -1013,6 +860,7 @@ def dwconv3x3_bn_relu(x, conv, bn):
 
 
 def conv1x1_bn_relu(x, conv, bn):
+    x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
     OH = (H - 1) // conv.stride[0] + 1
@@ -1037,21 +885,15 @@ def conv1x1_bn_relu(x, conv, bn):
         bn.running_var,
         out,
         N,
-        C_in,
-        C_out,
+        H,
+        W,
         OH,
         OW,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        out.stride(3),
         conv.weight.stride(0),
         conv.weight.stride(1),
         bn.eps,
+        C_in=C_in,
+        C_out=C_out,
         STRIDE=conv.stride[0],
         DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
@@ -1062,6 +904,7 @@ def conv1x1_bn_relu(x, conv, bn):
 
 
 def avgpool(x, pool):
+    x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = C_in
     OH = (H - pool.kernel_size) // pool.kernel_size + 1
@@ -1081,17 +924,12 @@ def avgpool(x, pool):
         x,
         out,
         N,
-        C_out,
+        H,
+        W,
         OH,
         OW,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        out.stride(3),
+        C_in=C_in,
+        C_out=C_out,
         KH=pool.kernel_size,
         KW=pool.kernel_size,
         BLOCK_M=BLOCK_M,
@@ -1102,6 +940,7 @@ def avgpool(x, pool):
 
 
 def linear(x, fc):
+    x = x.contiguous()
     N, C_in = x.shape
     C_out = fc.out_features
     out = torch.empty((N, C_out), device=x.device, dtype=torch.float32)
@@ -1116,14 +955,10 @@ def linear(x, fc):
         fc.bias,
         out,
         N,
-        C_in,
-        C_out,
-        x.stride(0),
-        x.stride(1),
-        out.stride(0),
-        out.stride(1),
         fc.weight.stride(0),
         fc.weight.stride(1),
+        C_in=C_in,
+        C_out=C_out,
         DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
@@ -1133,6 +968,7 @@ def linear(x, fc):
 
 
 def conv3x3_stats(x, conv):
+    x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
     OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
@@ -1157,24 +993,16 @@ def conv3x3_stats(x, conv):
         tile_sum,
         tile_m2,
         N,
-        C_in,
         H,
         W,
-        C_out,
         OH,
         OW,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        out.stride(3),
         conv.weight.stride(0),
         conv.weight.stride(1),
         conv.weight.stride(2),
         conv.weight.stride(3),
+        C_in=C_in,
+        C_out=C_out,
         KH=conv.kernel_size[0],
         KW=conv.kernel_size[1],
         STRIDE=conv.stride[0],
@@ -1188,6 +1016,7 @@ def conv3x3_stats(x, conv):
 
 
 def bn_relu_dwconv3x3_stats_train(x, x_stats, bn, conv):
+    x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = C_in
     OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
@@ -1217,20 +1046,13 @@ def bn_relu_dwconv3x3_stats_train(x, x_stats, bn, conv):
         N,
         H,
         W,
-        C_out,
         OH,
         OW,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        out.stride(3),
         conv.weight.stride(0),
         conv.weight.stride(2),
         conv.weight.stride(3),
+        C_in=C_in,
+        C_out=C_out,
         KH=conv.kernel_size[0],
         KW=conv.kernel_size[1],
         STRIDE=conv.stride[0],
@@ -1242,6 +1064,7 @@ def bn_relu_dwconv3x3_stats_train(x, x_stats, bn, conv):
 
 
 def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
+    x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
     OH = (H - 1) // conv.stride[0] + 1
@@ -1270,20 +1093,14 @@ def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
         tile_sum,
         tile_m2,
         N,
-        C_in,
-        C_out,
+        H,
+        W,
         OH,
         OW,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        out.stride(3),
         conv.weight.stride(0),
         conv.weight.stride(1),
+        C_in=C_in,
+        C_out=C_out,
         STRIDE=conv.stride[0],
         DOT_PRECISION="tf32x3" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
@@ -1294,6 +1111,7 @@ def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
 
 
 def bn_relu_avgpool_train(x, x_stats, bn, pool):
+    x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = C_in
     OH = (H - pool.kernel_size) // pool.kernel_size + 1
@@ -1317,17 +1135,12 @@ def bn_relu_avgpool_train(x, x_stats, bn, pool):
         bn.bias,
         out,
         N,
-        C_out,
+        H,
+        W,
         OH,
         OW,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        out.stride(3),
+        C_in=C_in,
+        C_out=C_out,
         KH=pool.kernel_size,
         KW=pool.kernel_size,
         BLOCK_M=BLOCK_M,
