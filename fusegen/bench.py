@@ -206,14 +206,16 @@ def launch_flops(launch: KernelLaunch) -> int:
     beside the anchors they are noise, and every such kernel is bandwidth-bound anyway.
     """
     x, out = launch.inputs[0], launch.outputs[0]
+    # a producer (the depthwise conv inside a 1x1 conv's kernel) has the output's pixels, its own channels
+    pixels = out.numel() // out.shape[1]
     flops = 0
     for m in launch.modules:
         if isinstance(m, nn.Conv2d):
-            flops += 2 * out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+            flops += 2 * pixels * m.out_channels * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
         elif isinstance(m, nn.Linear):
             flops += 2 * out.numel() * m.in_features
         elif isinstance(m, nn.BatchNorm2d):
-            flops += 2 * out.numel()
+            flops += 2 * pixels * m.num_features
         elif isinstance(m, nn.AvgPool2d):
             k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size, m.kernel_size)
             flops += out.numel() * k[0] * k[1]
@@ -469,14 +471,17 @@ def cuda_graph_of(fn: Callable, example: torch.Tensor) -> Callable:
     return replay
 
 
-def configurations(model: nn.Module, max_autotune: bool) -> list[tuple[str, Callable]]:
+def configurations(model: nn.Module, max_autotune: bool, compile: bool = True) -> list[tuple[str, Callable]]:
     """(name, make) pairs; make(example input) returns the callable to time."""
     configs = [
         ("eager", lambda x: model.reference_forward),
         ("eager + CUDA graph", lambda x: cuda_graph_of(model.reference_forward, x)),
-        ("torch.compile", lambda x: torch.compile(model.reference_forward)),
-        ("torch.compile reduce-overhead", lambda x: torch.compile(model.reference_forward, mode="reduce-overhead")),
     ]
+    if compile:
+        configs += [
+            ("torch.compile", lambda x: torch.compile(model.reference_forward)),
+            ("torch.compile reduce-overhead", lambda x: torch.compile(model.reference_forward, mode="reduce-overhead")),
+        ]
     if max_autotune:
         configs.append(
             ("torch.compile max-autotune", lambda x: torch.compile(model.reference_forward, mode="max-autotune"))
@@ -509,7 +514,13 @@ def kernel_times_ms(groups: list[tuple[KernelLaunch, int]]) -> list[float]:
 
 
 def bench_batch(
-    spec: SpecModel, model: nn.Module, model64: nn.Module, batch: int, max_autotune: bool, peaks: Peaks
+    spec: SpecModel,
+    model: nn.Module,
+    model64: nn.Module,
+    batch: int,
+    max_autotune: bool,
+    peaks: Peaks,
+    compile: bool = True,
 ) -> dict:
     """Every configuration at one batch size, then the per-kernel profile; model and model64 (its
     float64 copy) live on the device the run uses."""
@@ -521,7 +532,8 @@ def bench_batch(
     with torch.no_grad():
         exact = model64.reference_forward(inputs[0].double())
         configs = [
-            measure_configuration(name, make, inputs, exact) for name, make in configurations(model, max_autotune)
+            measure_configuration(name, make, inputs, exact)
+            for name, make in configurations(model, max_autotune, compile)
         ]
         torch.compiler.reset()
         progress("  per kernel: recording one forward, timing each launch")
@@ -542,7 +554,9 @@ def bench_batch(
     }
 
 
-def main(spec_paths: list[str], batches: list[int] | None, max_autotune: bool, json_path: str | None) -> int:
+def main(
+    spec_paths: list[str], batches: list[int] | None, max_autotune: bool, json_path: str | None, compile: bool = True
+) -> int:
     specs: list[SpecModel] = []
     failed = False
     for path in spec_paths:
@@ -575,7 +589,7 @@ def main(spec_paths: list[str], batches: list[int] | None, max_autotune: bool, j
         model64 = copy.deepcopy(cpu_model).double().to(DEVICE)  # before any forward: no captured graphs to copy
         model = cpu_model.to(DEVICE)
         for batch in batches or [spec.example_input[0]]:
-            runs.append(bench_batch(spec, model, model64, batch, max_autotune, peaks))
+            runs.append(bench_batch(spec, model, model64, batch, max_autotune, peaks, compile))
         del model, model64
         torch.cuda.empty_cache()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import builtins
 import difflib
 import keyword
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch.nn as nn
 
@@ -35,6 +35,7 @@ class OpUse:
     op: O.Op
     module_path: str | None  # where ModelNew holds its module, relative to self: "model[3][4]", "fc"
     pos: Pos
+    out_shape: O.Shape = ()  # the tensor after this op, at the example input and default arguments
 
 
 @dataclass(frozen=True)
@@ -396,20 +397,22 @@ class _Checker:
 
     def chain(self, chain: S.Chain, uses: list[OpUse], scope: _Scope, site: Pos | None) -> None:
         """Checks fusion legality, then follows the tensor's shape through the chain."""
-        _check_fusion(uses)
+        values = [self.arg_values(use.op, step.call, scope) for use, step in zip(uses, chain.steps)]
+        _check_fusion(uses, values)
         in_shape = self.shape
         where = ""
         if site is not None:
             where = f" (in {self.block_stack[-1] if self.block_stack else 'the block'} called at line {site.line})"
-        for use, step in zip(uses, chain.steps):
-            values = self.arg_values(use.op, step.call, scope)
+        shaped = []
+        for use, args in zip(uses, values):
             try:
-                self.shape = use.op.shape(values, self.shape)
+                self.shape = use.op.shape(args, self.shape)
             except O.ShapeError as err:
                 raise SpecError(use.pos, f"{err}{where}") from None
+            shaped.append(replace(use, out_shape=self.shape))
         text = self.lines[chain.pos.line - 1].split("#")[0].strip()
         call_site = f"{site.line}: {self.lines[site.line - 1].split('#')[0].strip()}" if site else ""
-        self.chains.append(ChainUse(tuple(uses), chain.pos.line, text, call_site, in_shape))
+        self.chains.append(ChainUse(tuple(shaped), chain.pos.line, text, call_site, in_shape))
 
     def run(self) -> Model:
         scope, params = self.declarations()
@@ -436,24 +439,34 @@ def _sequential(items: list[str]) -> str:
     return f"nn.Sequential({', '.join(items)})"
 
 
-def _check_fusion(uses: list[OpUse]) -> None:
-    """A chain is one kernel: elementwise prologue, at most one anchor, elementwise epilogue, a final view."""
-    anchor: OpUse | None = None
-    for i, use in enumerate(uses):
+def _check_fusion(uses: list[OpUse], values: list[dict]) -> None:
+    """A chain is one kernel: elementwise prologue, one anchor, elementwise epilogue, a final view. A
+    second anchor may follow a first that can produce its input tile inside the second's K loop
+    (dwconv -> ... -> conv1x1): then the first and the elementwise ops after it are that producer."""
+    anchors: list[OpUse] = []
+    for i, (use, args) in enumerate(zip(uses, values)):
         role = use.op.role
         if role is O.Role.VIEW and i != len(uses) - 1:
             raise SpecError(
                 uses[i + 1].pos,
                 f"{use.op.name} only reshapes the kernel's output, so it must end its chain; start a new line here",
             )
-        if role is O.Role.ANCHOR:
-            if anchor is not None:
-                raise SpecError(
-                    use.pos,
-                    f"{use.op.name} cannot join the kernel of {anchor.op.name}: {use.op.lowering.barrier}."
-                    f" Start a new chain (a new line) at {use.op.name}",
-                )
-            anchor = use
+        if role is not O.Role.ANCHOR:
+            continue
+        if anchors:
+            first, lowering = anchors[-1], use.op.lowering
+            why = lowering.barrier
+            if len(anchors) == 1 and first.op.lowering.produce and lowering.consume:
+                refusal = lowering.consume_refusal(args)
+                if refusal is None:
+                    anchors.append(use)
+                    continue
+                why = f"{use.op.name} computes {first.op.name} in its K loop only at its own pixels, and {refusal}"
+            raise SpecError(
+                use.pos,
+                f"{use.op.name} cannot join the kernel of {first.op.name}: {why}. Start a new chain (a new line) at {use.op.name}",
+            )
+        anchors.append(use)
 
 
 def check(spec: S.Spec, source: str) -> Model:

@@ -125,7 +125,7 @@ def lint(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     from fusegen.bench import main as run_bench  # imports triton: only for this command
 
-    return run_bench(args.specs, args.batch, args.max_autotune, args.json)
+    return run_bench(args.specs, args.batch, args.max_autotune, args.json, compile=not args.no_compile)
 
 
 def _positive_int(text: str) -> int:
@@ -157,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--max-autotune", action="store_true", help="also time torch.compile(mode='max-autotune'): compiles for minutes"
+    )
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="leave out the torch.compile baselines (they compile for minutes): for comparing fusegen versions",
     )
     p.add_argument("--json", metavar="FILE", help="also write every measurement to FILE as JSON")
     p.set_defaults(run=bench)

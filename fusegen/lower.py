@@ -89,10 +89,41 @@ def _used(name: str, body: str) -> bool:
     return re.search(rf"\b{re.escape(name)}\b", body) is not None
 
 
+def _produced(kernel: Kernel) -> list[str]:
+    """The producer's lines: its anchor computes the input tile `a` for channels offs_k, its
+    elementwise ops rewrite it. Its constexprs carry its slot (CONV_KH), the kernel's anchor owns the
+    bare names."""
+    producer = kernel.producer[0]
+    lines = [f"# producer: {producer.op.summary}"]
+    lines += producer.op.lowering.produce(producer.slot, _prologue_hook(kernel.prologue))
+    for f in kernel.producer[1:]:
+        lines.append(f"# producer: {f.op.name}")
+        lines += f.op.lowering.apply("a", f.slot, "offs_k", "mask_k")
+    text = "\n".join(lines)
+    for p in producer.params:
+        if p.constexpr:
+            text = re.sub(rf"\b{p.name}\b", _param_name(producer, p, is_anchor=False), text)
+    return text.split("\n")
+
+
+def _out_dims(kernel: Kernel) -> list[str]:
+    """Wrapper lines for C_out, OH and OW. With a producer, the output pixels are the producer's
+    (its consumer keeps them: stride 1) and the channels the anchor's."""
+    dims = [line.format(m=kernel.anchor.slot) for line in kernel.anchor.op.lowering.out_dims]
+    if not kernel.producer:
+        return dims
+    producer = kernel.producer[0]
+    pixels = [line.format(m=producer.slot) for line in producer.op.lowering.out_dims if not line.startswith("C_out")]
+    return [line for line in dims if line.startswith("C_out")] + pixels
+
+
 def lower(kernel: Kernel) -> LoweredKernel:
     anchor: O.Anchor = kernel.anchor.op.lowering
     out_rank = anchor.out_rank
-    loop = anchor.loop(kernel.anchor.slot, _prologue_hook(kernel.prologue))
+    if kernel.producer:
+        loop = anchor.consume(kernel.anchor.slot, _produced(kernel))
+    else:
+        loop = anchor.loop(kernel.anchor.slot, _prologue_hook(kernel.prologue))
     body = _frame(out_rank, loop)
     body.append(f"# anchor: {kernel.anchor.op.summary}")
     body += loop
@@ -146,12 +177,22 @@ def lower(kernel: Kernel) -> LoweredKernel:
 
     # The launch wrapper: output shape, block sizes, grid, launch.
     modules = [f.slot for f in kernel.module_ops]
-    anchor_dims = [line.format(m=kernel.anchor.slot) for line in anchor.out_dims]
+    anchor_dims = _out_dims(kernel)
+    if kernel.producer:
+        anchor_dims += [line.format(m=kernel.anchor.slot) for line in anchor.consume_guard]
     out_shape = ", ".join(["N", *out_dims])
     default_blocks = {
         "BLOCK_M": "64" if out_rank == 4 else "min(64, max(16, triton.next_power_of_2(N)))",
         "BLOCK_N": "min(64, max(16, triton.next_power_of_2(C_out)))",
     }
+    block_values = {**default_blocks, **own_blocks}
+    if kernel.producer:
+        # every block of output channels computes the producer again: span up to 256 channels, and
+        # shorten the rows to keep the accumulator at 8192 floats
+        block_values = {
+            "BLOCK_N": "min(256, max(16, triton.next_power_of_2(C_out)))",
+            "BLOCK_M": "max(16, min(64, triton.next_power_of_2(8192 // BLOCK_N)))",
+        }
     rows = "N * OH * OW" if out_rank == 4 else "N"
     inputs = ["x", "x_stats"] if kernel.reads_batch_stats else ["x"]
     setup = [line.format(m=f.slot) for f in kernel.prologue if f.elementwise for line in f.elementwise.setup]
@@ -162,7 +203,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
         *(INDENT + line for line in anchor_dims),
         INDENT + f"out = torch.empty(({out_shape}), device=x.device, dtype=torch.float32{_LAYOUT[out_rank]})",
         INDENT + "check_32bit_offsets(x, out)",
-        *(INDENT + f"{name} = {value}" for name, value in {**default_blocks, **own_blocks}.items()),
+        *(INDENT + f"{name} = {value}" for name, value in block_values.items()),
     ]
     if _used("BLOCK_K", body_text):
         wrapper.append(INDENT + "BLOCK_K = 32")

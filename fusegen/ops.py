@@ -74,6 +74,16 @@ class Anchor:
     loop: Callable[[str, PrologueHook], list[str]]
     # why no later anchor can join this kernel (for the fusion-legality error)
     barrier: str
+    # A producer (depthwise conv): kernel lines that leave its output at the frame's pixels, channels
+    # offs_k (mask_k), in the tile `a` [BLOCK_M, BLOCK_K], to run inside a consumer's K loop.
+    produce: Callable[[str, PrologueHook], list[str]] | None = None
+    # A consumer (1x1 conv): its loop with the input tile computed by a producer's lines instead of
+    # loaded, so the producer's output never touches memory; `consume_refusal(args)` says why these
+    # args cannot (None: they can).
+    consume: Callable[[str, list[str]], list[str]] | None = None
+    consume_refusal: Callable[[dict], "str | None"] = lambda args: None
+    # wrapper lines that refuse, at run time, a module that consume_refusal would refuse
+    consume_guard: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -219,48 +229,72 @@ def _conv_loop(slot: str, prologue: PrologueHook) -> list[str]:
     ]
 
 
-def _dwconv_loop(slot: str, prologue: PrologueHook) -> list[str]:
+def _depthwise(slot: str, prologue: PrologueHook, out: str, channels: str, channel_mask: str, block: str) -> list[str]:
+    """Each output channel convolves its own input channel: the tile `out` [BLOCK_M, block] at the
+    frame's pixels, for `channels`."""
     return [
-        "# each output channel convolves its own input channel",
-        "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
+        f"{out} = tl.zeros((BLOCK_M, {block}), dtype=tl.float32)",
         "for kh in tl.static_range(KH):",
         "    for kw in tl.static_range(KW):",
         "        ih = oh * STRIDE - PAD + kh",
         "        iw = ow * STRIDE - PAD + kw",
-        "        inside = mask & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]",
-        f"        a = tl.load({_x_at('n[:, None]', 'ih[:, None]', 'iw[:, None]', 'offs_n[None, :]')}, mask=inside, other=0.0)",
-        *("        " + line for line in _where_inside(prologue("a", "offs_n", "mask_n", "inside"), "a", "inside")),
-        f"        w = tl.load({slot}_weight_ptr + offs_n * {slot}_weight_stride_o + kh * {slot}_weight_stride_h"
-        f" + kw * {slot}_weight_stride_w, mask=mask_n, other=0.0)",
-        "        acc += a * w[None, :]",
+        f"        inside = mask_m[:, None] & {channel_mask}[None, :] & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]",
+        f"        x_tap = tl.load({_x_at('n[:, None]', 'ih[:, None]', 'iw[:, None]', f'{channels}[None, :]')}, mask=inside, other=0.0)",
+        *("        " + line for line in _where_inside(prologue("x_tap", channels, channel_mask, "inside"), "x_tap", "inside")),
+        f"        w = tl.load({slot}_weight_ptr + {channels} * {slot}_weight_stride_o + kh * {slot}_weight_stride_h"
+        f" + kw * {slot}_weight_stride_w, mask={channel_mask}, other=0.0)",
+        f"        {out} += x_tap * w[None, :]",
     ]
 
 
+def _dwconv_loop(slot: str, prologue: PrologueHook) -> list[str]:
+    return _depthwise(slot, prologue, "acc", "offs_n", "mask_n", "BLOCK_N")
+
+
+def _dwconv_produce(slot: str, prologue: PrologueHook) -> list[str]:
+    return _depthwise(slot, prologue, "a", "offs_k", "mask_k", "BLOCK_K")
+
+
+def _gemm(slot: str, a_tile: list[str], bias: bool) -> list[str]:
+    """acc[pixel, out] = sum over input channels k of a[pixel, k] * w[out, k], where `a_tile` are the
+    lines that leave the input tile of channels offs_k in `a`."""
+    lines = [
+        "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
+        "for k0 in range(0, C_in, BLOCK_K):",
+        "    offs_k = k0 + tl.arange(0, BLOCK_K)",
+        "    mask_k = offs_k < C_in",
+        *("    " + line for line in a_tile),
+        f"    b = tl.load({slot}_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],"
+        " mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
+        "    acc += tl.dot(a, b, input_precision=DOT_PRECISION)",
+    ]
+    if bias:
+        lines.append(f"acc += tl.load({slot}_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]")
+    return lines
+
+
 def _gemm_loop(row: str, bias: bool):
-    """1x1 conv and linear: acc[pixel, out] = sum over input channels of x[pixel, k] * w[out, k].
-    `row` is the input row (pixel) that each output row reads: the A operand is rows of C_in floats."""
+    """1x1 conv and linear: `row` is the input row (pixel) that each output row reads, and the A
+    operand is rows of C_in floats."""
 
     def loop(slot: str, prologue: PrologueHook) -> list[str]:
-        lines = [
-            f"x_row = {row}",
-            "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
-            "for k0 in range(0, C_in, BLOCK_K):",
-            "    offs_k = k0 + tl.arange(0, BLOCK_K)",
-            "    mask_k = offs_k < C_in",
-            "    a = tl.load(x_ptr + x_row[:, None] * C_in + offs_k[None, :],"
-            " mask=mask_m[:, None] & mask_k[None, :], other=0.0)",
+        a_tile = [
+            "a = tl.load(x_ptr + x_row[:, None] * C_in + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)",
             # masked lanes meet zero weights, so the prologue needs no re-masking here
-            *("    " + line for line in prologue("a", "offs_k", "mask_k", None)),
-            f"    b = tl.load({slot}_weight_ptr + offs_n[None, :] * {slot}_weight_stride_o"
-            f" + offs_k[:, None] * {slot}_weight_stride_i,"
-            " mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
-            "    acc += tl.dot(a, b, input_precision=DOT_PRECISION)",
+            *prologue("a", "offs_k", "mask_k", None),
         ]
-        if bias:
-            lines.append(f"acc += tl.load({slot}_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]")
-        return lines
+        return [f"x_row = {row}", *_gemm(slot, a_tile, bias)]
 
     return loop
+
+
+def _gemm_consume(slot: str, produced: list[str]) -> list[str]:
+    """A stride-1 1x1 conv whose input tile a producer computes: channels beyond C_in meet zero weights."""
+    return _gemm(slot, produced, bias=False)
+
+
+def _stride_one(args: dict) -> str | None:
+    return None if args["stride"] == 1 else f"with stride {args['stride']} its input pixels are not its output pixels"
 
 
 def _pool_loop(window: str, pixels: str, divisor: str):
@@ -308,6 +342,22 @@ def _weight(dims: str) -> tuple[KernelParam, ...]:
     return (KernelParam("weight_ptr", "{m}.weight"),) + tuple(
         KernelParam(f"weight_stride_{d}", f"{{m}}.weight.stride({names[d]})") for d in dims
     )
+
+
+# A GEMM's weight as a contiguous [out, in] matrix (a 1x1 weight moved to channels_last already is one):
+# with the row length C_in a constant, its tiles load as vectors whatever C_in is.
+_GEMM_WEIGHT = KernelParam("weight_ptr", "{m}.weight.contiguous()")
+
+
+# Output channels per tile of a 1x1 conv: up to 128, so each input row is read once for up to 128
+# channels (16 -> 96 channels at 120x120, batch 128: 0.43 -> 0.29 ms on an H200; scripts/tune_tiles.py),
+# but 64 where 128 would leave fewer than 128 programs (batch 10's late layers) to fill the GPU.
+_GEMM_BLOCK_N = KernelParam(
+    "BLOCK_N",
+    "min(128 if triton.cdiv(N * OH * OW, 64) * triton.cdiv(C_out, 128) >= 128 else 64,"
+    " max(16, triton.next_power_of_2(C_out)))",
+    constexpr=True,
+)
 
 
 def _dot_precision(precision: str) -> KernelParam:
@@ -368,7 +418,12 @@ def _dwconv_op(k: int) -> Op:
         shape=_conv_shape(k, "channels", None, name),
         reference=lambda x, m: f"{m}({x})",
         lowering=Anchor(
-            _CONV_PARAMS, ("C_out = C_in",) + _CONV_DIMS[1:], 4, _dwconv_loop, _NEIGHBOURHOOD.format(k=k)
+            _CONV_PARAMS,
+            ("C_out = C_in",) + _CONV_DIMS[1:],
+            4,
+            _dwconv_loop,
+            _NEIGHBOURHOOD.format(k=k),
+            produce=_dwconv_produce,
         ),
         summary=f"depthwise {k}x{k} convolution (groups = channels), no bias",
     )
@@ -548,7 +603,7 @@ FIXED_OPS = {
             shape=_conv1x1_shape,
             reference=lambda x, m: f"{m}({x})",
             lowering=Anchor(
-                (*_weight("oi"), KernelParam("STRIDE", "{m}.stride[0]", constexpr=True), _DOT_PRECISION),
+                (_GEMM_WEIGHT, KernelParam("STRIDE", "{m}.stride[0]", constexpr=True), _DOT_PRECISION, _GEMM_BLOCK_N),
                 (
                     "C_out = {m}.out_channels",
                     "OH = (H - 1) // {m}.stride[0] + 1",
@@ -557,6 +612,12 @@ FIXED_OPS = {
                 4,
                 _gemm_loop("(n * H + oh * STRIDE) * W + ow * STRIDE", bias=False),
                 "each of its outputs reads every input channel of a pixel, but a program of this kernel holds only BLOCK_N of them",
+                consume=_gemm_consume,
+                consume_refusal=_stride_one,
+                consume_guard=(
+                    "if {m}.stride != (1, 1):",
+                    '    raise ValueError(f"conv1x1 computes the depthwise conv before it at its own pixels, so it needs stride 1, not {{{m}.stride}}")',
+                ),
             ),
             summary="1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot",
         ),
@@ -573,7 +634,7 @@ FIXED_OPS = {
             shape=_linear_shape,
             reference=lambda x, m: f"{m}({x})",
             lowering=Anchor(
-                (*_weight("oi"), KernelParam("bias_ptr", "{m}.bias"), _DOT_PRECISION),
+                (_GEMM_WEIGHT, KernelParam("bias_ptr", "{m}.bias"), _DOT_PRECISION),
                 ("C_out = {m}.out_features",),
                 2,
                 _gemm_loop("n", bias=True),

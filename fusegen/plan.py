@@ -1,14 +1,15 @@
 """Stage 3, plan: each checked chain becomes a launch of one fused kernel (or, for a bare view, none).
 
 The kernel IR is small on purpose: a kernel is a prologue (elementwise ops applied to each input tile
-as it is loaded), one anchor (the loop nest that produces the output tile), an epilogue (elementwise
-ops on the fp32 accumulator) and an optional view of the output. Chains with the same structure
-share one kernel definition.
+as it is loaded), optionally a producer (a depthwise conv and the elementwise ops after it, computed
+inside the anchor's K loop as its input tile), one anchor (the loop nest that produces the output
+tile), an epilogue (elementwise ops on the fp32 accumulator) and an optional view of the output.
+Chains with the same structure share one kernel definition.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from fusegen import ops as O
 from fusegen.check import ChainUse, Model, OpUse
@@ -46,11 +47,13 @@ class Kernel:
     sources: tuple[str, ...]  # the spec chains it comes from: "line 9: dwconv3x3(...) -> bn(inp) -> relu"
     # training mode: also store per-tile statistics of the output for the BatchNorm that follows
     writes_batch_stats: bool = False
+    # a producer anchor and the elementwise ops after it: the anchor's input tile, made in registers
+    producer: tuple[FusedOp, ...] = ()
 
     @property
     def ops(self) -> tuple[FusedOp, ...]:
-        """Prologue, anchor and epilogue, in chain order."""
-        return (*self.prologue, self.anchor, *self.epilogue)
+        """Prologue, producer, anchor and epilogue, in chain order."""
+        return (*self.prologue, *self.producer, self.anchor, *self.epilogue)
 
     @property
     def module_ops(self) -> tuple[FusedOp, ...]:
@@ -95,33 +98,45 @@ class _Group:
     view: OpUse | None
     chains: list[ChainUse]  # where its ops are written, first the one that names the launch
     writes_batch_stats: bool = False
+    producer: list[OpUse] = field(default_factory=list)
 
 
 def _split(chain: ChainUse):
-    """(prologue, anchor, epilogue, view) of a chain whose legality check already passed."""
+    """(prologue, producer, anchor, epilogue, view) of a chain whose legality check already passed;
+    the producer is a first anchor and the elementwise ops after it, when the chain has two."""
     uses = list(chain.ops)
     view = uses.pop() if uses and uses[-1].op.role is O.Role.VIEW else None
     anchors = [i for i, u in enumerate(uses) if u.op.role is O.Role.ANCHOR]
     if not anchors:
-        return [], None, uses, view
-    i = anchors[0]
-    return uses[:i], uses[i], uses[i + 1 :], view
+        return [], [], None, uses, view
+    first, last = anchors[0], anchors[-1]
+    return uses[:first], uses[first:last], uses[last], uses[last + 1 :], view
 
 
 def _eval_groups(model: Model) -> list[_Group | ChainUse]:
     """Eval mode: one launch per chain (a chain that is only a view: the ChainUse itself, no launch)."""
     groups: list[_Group | ChainUse] = []
     for chain in model.chains:
-        prologue, anchor, epilogue, view = _split(chain)
+        prologue, producer, anchor, epilogue, view = _split(chain)
         if anchor is None and not epilogue:
             groups.append(chain)
         else:
-            groups.append(_Group(prologue, anchor, epilogue, view, [chain]))
+            groups.append(_Group(prologue, anchor, epilogue, view, [chain], producer=producer))
     return groups
 
 
 def _needs_batch_stats(use: OpUse) -> bool:
     return use.op.train_lowering is not None and use.op.train_lowering.needs_batch_stats
+
+
+def _split_at_batch_stats(chain: ChainUse) -> list[ChainUse]:
+    """Training mode: a producer that ends normalised by batch statistics (dwconv -> bn -> conv1x1)
+    needs its whole output reduced before its consumer can run, so the chain becomes two launches."""
+    prologue, producer, _, _, _ = _split(chain)
+    if not any(_needs_batch_stats(u) for u in producer):
+        return [chain]
+    cut = len(prologue) + len(producer)
+    return [replace(chain, ops=chain.ops[:cut]), replace(chain, ops=chain.ops[cut:], in_shape=producer[-1].out_shape)]
 
 
 def _training_groups(model: Model) -> list[_Group | ChainUse]:
@@ -142,21 +157,21 @@ def _training_groups(model: Model) -> list[_Group | ChainUse]:
             out[-1].append(use)
         return out
 
-    def group(part, anchor=None, epilogue=(), view=None, chain=None) -> _Group:
+    def group(part, anchor=None, epilogue=(), view=None, chain=None, producer=()) -> _Group:
         chains: list[ChainUse] = []
         for c in [*([chain] if chain else []), *(c for _, c in part)]:
             chains += [] if any(c is seen for seen in chains) else [c]
-        return _Group([u for u, _ in part], anchor, list(epilogue), view, chains)
+        return _Group([u for u, _ in part], anchor, list(epilogue), view, chains, producer=list(producer))
 
-    for chain in model.chains:
-        prologue, anchor, epilogue, view = _split(chain)
+    for chain in (piece for whole in model.chains for piece in _split_at_batch_stats(whole)):
+        prologue, producer, anchor, epilogue, view = _split(chain)
         if anchor is None:
             carried += [(u, chain) for u in epilogue]
         else:
             parts = pieces(carried + [(u, chain) for u in prologue]) or [[]]
             groups += [group(part) for part in parts[:-1]]
             first_bn = next((i for i, u in enumerate(epilogue) if _needs_batch_stats(u)), len(epilogue))
-            groups.append(group(parts[-1], anchor, epilogue[:first_bn], chain=chain))
+            groups.append(group(parts[-1], anchor, epilogue[:first_bn], chain=chain, producer=producer))
             carried = [(u, chain) for u in epilogue[first_bn:]]
         if view is not None:
             if carried:  # the ops waiting apply before the view
@@ -204,7 +219,7 @@ class _Kernels:
         chain = group.chains[0]
         in_rank = len(chain.in_shape)  # elementwise ops and anchors keep the rank
         anchor = group.anchor or OpUse(O.load_anchor(in_rank), None, chain.ops[0].pos)
-        body = [*group.prologue, anchor, *group.epilogue]
+        body = [*group.prologue, *group.producer, anchor, *group.epilogue]
         ops = [u.op.train_lowered() if training else u.op for u in body]
         trained = any(op is not u.op for op, u in zip(ops, body))
         if group.writes_batch_stats:
@@ -218,11 +233,13 @@ class _Kernels:
             name += "_stats" * group.writes_batch_stats + "_train" * trained
             if any(k.name == name for k in self.by_key.values()):
                 name = f"{name}_{in_rank}d"
+            at = len(group.prologue) + len(group.producer)  # the anchor's place in the body
             self.by_key[key] = Kernel(
                 name=name,
                 prologue=tuple(fused[: len(group.prologue)]),
-                anchor=fused[len(group.prologue)],
-                epilogue=tuple(fused[len(group.prologue) + 1 :]),
+                producer=tuple(fused[len(group.prologue) : at]),
+                anchor=fused[at],
+                epilogue=tuple(fused[at + 1 :]),
                 view=FusedOp(group.view.op, group.view.op.slot) if group.view else None,
                 in_rank=in_rank,
                 sources=(),

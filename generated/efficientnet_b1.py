@@ -115,8 +115,6 @@ def conv1x1_bn_relu6_kernel(
     W,
     OH,
     OW,
-    conv_weight_stride_o,
-    conv_weight_stride_i,
     bn_eps,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
@@ -150,9 +148,7 @@ def conv1x1_bn_relu6_kernel(
             other=0.0,
         )
         b = tl.load(
-            conv_weight_ptr
-            + offs_n[None, :] * conv_weight_stride_o
-            + offs_k[:, None] * conv_weight_stride_i,
+            conv_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
@@ -213,14 +209,17 @@ def dwconv3x3_bn_relu6_kernel(
     oh = offs_m // OW % OH
     ow = offs_m % OW
     # anchor: depthwise 3x3 convolution (groups = channels), no bias
-    # each output channel convolves its own input channel
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kh in tl.static_range(KH):
         for kw in tl.static_range(KW):
             ih = oh * STRIDE - PAD + kh
             iw = ow * STRIDE - PAD + kw
-            inside = mask & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
-            a = tl.load(
+            inside = (
+                mask_m[:, None]
+                & mask_n[None, :]
+                & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
+            )
+            x_tap = tl.load(
                 x_ptr
                 + ((n[:, None] * H + ih[:, None]) * W + iw[:, None]) * C_in
                 + offs_n[None, :],
@@ -235,7 +234,7 @@ def dwconv3x3_bn_relu6_kernel(
                 mask=mask_n,
                 other=0.0,
             )
-            acc += a * w[None, :]
+            acc += x_tap * w[None, :]
     # epilogue: bn
     bn_scale = tl.load(bn_weight_ptr + offs_n, mask=mask_n, other=0.0) * tl.rsqrt(
         tl.load(bn_var_ptr + offs_n, mask=mask_n, other=1.0) + bn_eps
@@ -266,8 +265,6 @@ def conv1x1_bn_kernel(
     W,
     OH,
     OW,
-    conv_weight_stride_o,
-    conv_weight_stride_i,
     bn_eps,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
@@ -301,9 +298,7 @@ def conv1x1_bn_kernel(
             other=0.0,
         )
         b = tl.load(
-            conv_weight_ptr
-            + offs_n[None, :] * conv_weight_stride_o
-            + offs_k[:, None] * conv_weight_stride_i,
+            conv_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
@@ -336,8 +331,6 @@ def conv1x1_bn_relu_kernel(
     W,
     OH,
     OW,
-    conv_weight_stride_o,
-    conv_weight_stride_i,
     bn_eps,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
@@ -371,9 +364,7 @@ def conv1x1_bn_relu_kernel(
             other=0.0,
         )
         b = tl.load(
-            conv_weight_ptr
-            + offs_n[None, :] * conv_weight_stride_o
-            + offs_k[:, None] * conv_weight_stride_i,
+            conv_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
@@ -449,8 +440,6 @@ def linear_kernel(
     fc_bias_ptr,
     out_ptr,
     N,
-    fc_weight_stride_o,
-    fc_weight_stride_i,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -480,9 +469,7 @@ def linear_kernel(
             other=0.0,
         )
         b = tl.load(
-            fc_weight_ptr
-            + offs_n[None, :] * fc_weight_stride_o
-            + offs_k[:, None] * fc_weight_stride_i,
+            fc_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
@@ -599,8 +586,6 @@ def bn_relu_conv1x1_stats_train_kernel(
     W,
     OH,
     OW,
-    conv_weight_stride_o,
-    conv_weight_stride_i,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
     STRIDE: tl.constexpr,
@@ -640,9 +625,7 @@ def bn_relu_conv1x1_stats_train_kernel(
         # prologue: relu on the loaded input tile
         a = tl.maximum(a, 0.0)
         b = tl.load(
-            conv_weight_ptr
-            + offs_n[None, :] * conv_weight_stride_o
-            + offs_k[:, None] * conv_weight_stride_i,
+            conv_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
@@ -703,14 +686,17 @@ def bn_relu6_dwconv3x3_stats_train_kernel(
     oh = offs_m // OW % OH
     ow = offs_m % OW
     # anchor: depthwise 3x3 convolution (groups = channels), no bias
-    # each output channel convolves its own input channel
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kh in tl.static_range(KH):
         for kw in tl.static_range(KW):
             ih = oh * STRIDE - PAD + kh
             iw = ow * STRIDE - PAD + kw
-            inside = mask & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
-            a = tl.load(
+            inside = (
+                mask_m[:, None]
+                & mask_n[None, :]
+                & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
+            )
+            x_tap = tl.load(
                 x_ptr
                 + ((n[:, None] * H + ih[:, None]) * W + iw[:, None]) * C_in
                 + offs_n[None, :],
@@ -721,10 +707,10 @@ def bn_relu6_dwconv3x3_stats_train_kernel(
             bn_mean = tl.load(bn_mean_ptr + offs_n, mask=mask_n, other=0.0)
             bn_scale = tl.load(bn_scale_ptr + offs_n, mask=mask_n, other=0.0)
             bn_bias = tl.load(bn_bias_ptr + offs_n, mask=mask_n, other=0.0)
-            a = (a - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[None, :]
+            x_tap = (x_tap - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[None, :]
             # prologue: relu6 on the loaded input tile
-            a = tl.minimum(tl.maximum(a, 0.0), 6.0)
-            a = tl.where(inside, a, 0.0)
+            x_tap = tl.minimum(tl.maximum(x_tap, 0.0), 6.0)
+            x_tap = tl.where(inside, x_tap, 0.0)
             w = tl.load(
                 conv_weight_ptr
                 + offs_n * conv_weight_stride_o
@@ -733,7 +719,7 @@ def bn_relu6_dwconv3x3_stats_train_kernel(
                 mask=mask_n,
                 other=0.0,
             )
-            acc += a * w[None, :]
+            acc += x_tap * w[None, :]
     tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
     # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
     tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
@@ -765,8 +751,6 @@ def bn_relu6_conv1x1_stats_train_kernel(
     W,
     OH,
     OW,
-    conv_weight_stride_o,
-    conv_weight_stride_i,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
     STRIDE: tl.constexpr,
@@ -806,9 +790,7 @@ def bn_relu6_conv1x1_stats_train_kernel(
         # prologue: relu6 on the loaded input tile
         a = tl.minimum(tl.maximum(a, 0.0), 6.0)
         b = tl.load(
-            conv_weight_ptr
-            + offs_n[None, :] * conv_weight_stride_o
-            + offs_k[:, None] * conv_weight_stride_i,
+            conv_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
@@ -845,8 +827,6 @@ def bn_conv1x1_stats_train_kernel(
     W,
     OH,
     OW,
-    conv_weight_stride_o,
-    conv_weight_stride_i,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
     STRIDE: tl.constexpr,
@@ -884,9 +864,7 @@ def bn_conv1x1_stats_train_kernel(
         bn_bias = tl.load(bn_bias_ptr + offs_k, mask=mask_k, other=0.0)
         a = (a - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[None, :]
         b = tl.load(
-            conv_weight_ptr
-            + offs_n[None, :] * conv_weight_stride_o
-            + offs_k[:, None] * conv_weight_stride_i,
+            conv_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
@@ -1118,12 +1096,15 @@ def conv1x1_bn_relu6(x, conv, bn):
     )
     check_32bit_offsets(x, out)
     BLOCK_M = 64
-    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
+    BLOCK_N = min(
+        128 if triton.cdiv(N * OH * OW, 64) * triton.cdiv(C_out, 128) >= 128 else 64,
+        max(16, triton.next_power_of_2(C_out)),
+    )
     BLOCK_K = 32
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     conv1x1_bn_relu6_kernel[grid](
         x,
-        conv.weight,
+        conv.weight.contiguous(),
         bn.weight,
         bn.bias,
         bn.running_mean,
@@ -1134,8 +1115,6 @@ def conv1x1_bn_relu6(x, conv, bn):
         W,
         OH,
         OW,
-        conv.weight.stride(0),
-        conv.weight.stride(1),
         bn.eps,
         C_in=C_in,
         C_out=C_out,
@@ -1207,12 +1186,15 @@ def conv1x1_bn(x, conv, bn):
     )
     check_32bit_offsets(x, out)
     BLOCK_M = 64
-    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
+    BLOCK_N = min(
+        128 if triton.cdiv(N * OH * OW, 64) * triton.cdiv(C_out, 128) >= 128 else 64,
+        max(16, triton.next_power_of_2(C_out)),
+    )
     BLOCK_K = 32
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     conv1x1_bn_kernel[grid](
         x,
-        conv.weight,
+        conv.weight.contiguous(),
         bn.weight,
         bn.bias,
         bn.running_mean,
@@ -1223,8 +1205,6 @@ def conv1x1_bn(x, conv, bn):
         W,
         OH,
         OW,
-        conv.weight.stride(0),
-        conv.weight.stride(1),
         bn.eps,
         C_in=C_in,
         C_out=C_out,
@@ -1251,12 +1231,15 @@ def conv1x1_bn_relu(x, conv, bn):
     )
     check_32bit_offsets(x, out)
     BLOCK_M = 64
-    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
+    BLOCK_N = min(
+        128 if triton.cdiv(N * OH * OW, 64) * triton.cdiv(C_out, 128) >= 128 else 64,
+        max(16, triton.next_power_of_2(C_out)),
+    )
     BLOCK_K = 32
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     conv1x1_bn_relu_kernel[grid](
         x,
-        conv.weight,
+        conv.weight.contiguous(),
         bn.weight,
         bn.bias,
         bn.running_mean,
@@ -1267,8 +1250,6 @@ def conv1x1_bn_relu(x, conv, bn):
         W,
         OH,
         OW,
-        conv.weight.stride(0),
-        conv.weight.stride(1),
         bn.eps,
         C_in=C_in,
         C_out=C_out,
@@ -1327,12 +1308,10 @@ def linear(x, fc):
     grid = (triton.cdiv(N, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     linear_kernel[grid](
         x,
-        fc.weight,
+        fc.weight.contiguous(),
         fc.bias,
         out,
         N,
-        fc.weight.stride(0),
-        fc.weight.stride(1),
         C_in=C_in,
         C_out=C_out,
         DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
@@ -1405,7 +1384,10 @@ def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
     )
     check_32bit_offsets(x, out)
     BLOCK_M = 64
-    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
+    BLOCK_N = min(
+        128 if triton.cdiv(N * OH * OW, 64) * triton.cdiv(C_out, 128) >= 128 else 64,
+        max(16, triton.next_power_of_2(C_out)),
+    )
     BLOCK_K = 32
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     tile_sum = torch.empty((grid[0], C_out), device=x.device, dtype=torch.float32)
@@ -1416,7 +1398,7 @@ def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
         bn_mean,
         bn_scale,
         bn.bias,
-        conv.weight,
+        conv.weight.contiguous(),
         out,
         tile_sum,
         tile_m2,
@@ -1425,8 +1407,6 @@ def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
         W,
         OH,
         OW,
-        conv.weight.stride(0),
-        conv.weight.stride(1),
         C_in=C_in,
         C_out=C_out,
         STRIDE=conv.stride[0],
@@ -1500,7 +1480,10 @@ def bn_relu6_conv1x1_stats_train(x, x_stats, bn, conv):
     )
     check_32bit_offsets(x, out)
     BLOCK_M = 64
-    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
+    BLOCK_N = min(
+        128 if triton.cdiv(N * OH * OW, 64) * triton.cdiv(C_out, 128) >= 128 else 64,
+        max(16, triton.next_power_of_2(C_out)),
+    )
     BLOCK_K = 32
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     tile_sum = torch.empty((grid[0], C_out), device=x.device, dtype=torch.float32)
@@ -1511,7 +1494,7 @@ def bn_relu6_conv1x1_stats_train(x, x_stats, bn, conv):
         bn_mean,
         bn_scale,
         bn.bias,
-        conv.weight,
+        conv.weight.contiguous(),
         out,
         tile_sum,
         tile_m2,
@@ -1520,8 +1503,6 @@ def bn_relu6_conv1x1_stats_train(x, x_stats, bn, conv):
         W,
         OH,
         OW,
-        conv.weight.stride(0),
-        conv.weight.stride(1),
         C_in=C_in,
         C_out=C_out,
         STRIDE=conv.stride[0],
@@ -1547,7 +1528,10 @@ def bn_conv1x1_stats_train(x, x_stats, bn, conv):
     )
     check_32bit_offsets(x, out)
     BLOCK_M = 64
-    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
+    BLOCK_N = min(
+        128 if triton.cdiv(N * OH * OW, 64) * triton.cdiv(C_out, 128) >= 128 else 64,
+        max(16, triton.next_power_of_2(C_out)),
+    )
     BLOCK_K = 32
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     tile_sum = torch.empty((grid[0], C_out), device=x.device, dtype=torch.float32)
@@ -1558,7 +1542,7 @@ def bn_conv1x1_stats_train(x, x_stats, bn, conv):
         bn_mean,
         bn_scale,
         bn.bias,
-        conv.weight,
+        conv.weight.contiguous(),
         out,
         tile_sum,
         tile_m2,
@@ -1567,8 +1551,6 @@ def bn_conv1x1_stats_train(x, x_stats, bn, conv):
         W,
         OH,
         OW,
-        conv.weight.stride(0),
-        conv.weight.stride(1),
         C_in=C_in,
         C_out=C_out,
         STRIDE=conv.stride[0],

@@ -141,14 +141,17 @@ def dwconv3x3_bn_relu_kernel(
     oh = offs_m // OW % OH
     ow = offs_m % OW
     # anchor: depthwise 3x3 convolution (groups = channels), no bias
-    # each output channel convolves its own input channel
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kh in tl.static_range(KH):
         for kw in tl.static_range(KW):
             ih = oh * STRIDE - PAD + kh
             iw = ow * STRIDE - PAD + kw
-            inside = mask & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
-            a = tl.load(
+            inside = (
+                mask_m[:, None]
+                & mask_n[None, :]
+                & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
+            )
+            x_tap = tl.load(
                 x_ptr
                 + ((n[:, None] * H + ih[:, None]) * W + iw[:, None]) * C_in
                 + offs_n[None, :],
@@ -163,7 +166,7 @@ def dwconv3x3_bn_relu_kernel(
                 mask=mask_n,
                 other=0.0,
             )
-            acc += a * w[None, :]
+            acc += x_tap * w[None, :]
     # epilogue: bn
     bn_scale = tl.load(bn_weight_ptr + offs_n, mask=mask_n, other=0.0) * tl.rsqrt(
         tl.load(bn_var_ptr + offs_n, mask=mask_n, other=1.0) + bn_eps
@@ -194,8 +197,6 @@ def conv1x1_bn_relu_kernel(
     W,
     OH,
     OW,
-    conv_weight_stride_o,
-    conv_weight_stride_i,
     bn_eps,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
@@ -229,9 +230,7 @@ def conv1x1_bn_relu_kernel(
             other=0.0,
         )
         b = tl.load(
-            conv_weight_ptr
-            + offs_n[None, :] * conv_weight_stride_o
-            + offs_k[:, None] * conv_weight_stride_i,
+            conv_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
@@ -311,8 +310,6 @@ def linear_kernel(
     fc_bias_ptr,
     out_ptr,
     N,
-    fc_weight_stride_o,
-    fc_weight_stride_i,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -342,9 +339,7 @@ def linear_kernel(
             other=0.0,
         )
         b = tl.load(
-            fc_weight_ptr
-            + offs_n[None, :] * fc_weight_stride_o
-            + offs_k[:, None] * fc_weight_stride_i,
+            fc_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
@@ -487,14 +482,17 @@ def bn_relu_dwconv3x3_stats_train_kernel(
     oh = offs_m // OW % OH
     ow = offs_m % OW
     # anchor: depthwise 3x3 convolution (groups = channels), no bias
-    # each output channel convolves its own input channel
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kh in tl.static_range(KH):
         for kw in tl.static_range(KW):
             ih = oh * STRIDE - PAD + kh
             iw = ow * STRIDE - PAD + kw
-            inside = mask & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
-            a = tl.load(
+            inside = (
+                mask_m[:, None]
+                & mask_n[None, :]
+                & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
+            )
+            x_tap = tl.load(
                 x_ptr
                 + ((n[:, None] * H + ih[:, None]) * W + iw[:, None]) * C_in
                 + offs_n[None, :],
@@ -505,10 +503,10 @@ def bn_relu_dwconv3x3_stats_train_kernel(
             bn_mean = tl.load(bn_mean_ptr + offs_n, mask=mask_n, other=0.0)
             bn_scale = tl.load(bn_scale_ptr + offs_n, mask=mask_n, other=0.0)
             bn_bias = tl.load(bn_bias_ptr + offs_n, mask=mask_n, other=0.0)
-            a = (a - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[None, :]
+            x_tap = (x_tap - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[None, :]
             # prologue: relu on the loaded input tile
-            a = tl.maximum(a, 0.0)
-            a = tl.where(inside, a, 0.0)
+            x_tap = tl.maximum(x_tap, 0.0)
+            x_tap = tl.where(inside, x_tap, 0.0)
             w = tl.load(
                 conv_weight_ptr
                 + offs_n * conv_weight_stride_o
@@ -517,7 +515,7 @@ def bn_relu_dwconv3x3_stats_train_kernel(
                 mask=mask_n,
                 other=0.0,
             )
-            acc += a * w[None, :]
+            acc += x_tap * w[None, :]
     tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
     # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
     tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
@@ -549,8 +547,6 @@ def bn_relu_conv1x1_stats_train_kernel(
     W,
     OH,
     OW,
-    conv_weight_stride_o,
-    conv_weight_stride_i,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
     STRIDE: tl.constexpr,
@@ -590,9 +586,7 @@ def bn_relu_conv1x1_stats_train_kernel(
         # prologue: relu on the loaded input tile
         a = tl.maximum(a, 0.0)
         b = tl.load(
-            conv_weight_ptr
-            + offs_n[None, :] * conv_weight_stride_o
-            + offs_k[:, None] * conv_weight_stride_i,
+            conv_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
@@ -873,12 +867,15 @@ def conv1x1_bn_relu(x, conv, bn):
     )
     check_32bit_offsets(x, out)
     BLOCK_M = 64
-    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
+    BLOCK_N = min(
+        128 if triton.cdiv(N * OH * OW, 64) * triton.cdiv(C_out, 128) >= 128 else 64,
+        max(16, triton.next_power_of_2(C_out)),
+    )
     BLOCK_K = 32
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     conv1x1_bn_relu_kernel[grid](
         x,
-        conv.weight,
+        conv.weight.contiguous(),
         bn.weight,
         bn.bias,
         bn.running_mean,
@@ -889,8 +886,6 @@ def conv1x1_bn_relu(x, conv, bn):
         W,
         OH,
         OW,
-        conv.weight.stride(0),
-        conv.weight.stride(1),
         bn.eps,
         C_in=C_in,
         C_out=C_out,
@@ -951,12 +946,10 @@ def linear(x, fc):
     grid = (triton.cdiv(N, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     linear_kernel[grid](
         x,
-        fc.weight,
+        fc.weight.contiguous(),
         fc.bias,
         out,
         N,
-        fc.weight.stride(0),
-        fc.weight.stride(1),
         C_in=C_in,
         C_out=C_out,
         DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
@@ -1077,7 +1070,10 @@ def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
     )
     check_32bit_offsets(x, out)
     BLOCK_M = 64
-    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
+    BLOCK_N = min(
+        128 if triton.cdiv(N * OH * OW, 64) * triton.cdiv(C_out, 128) >= 128 else 64,
+        max(16, triton.next_power_of_2(C_out)),
+    )
     BLOCK_K = 32
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     tile_sum = torch.empty((grid[0], C_out), device=x.device, dtype=torch.float32)
@@ -1088,7 +1084,7 @@ def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
         bn_mean,
         bn_scale,
         bn.bias,
-        conv.weight,
+        conv.weight.contiguous(),
         out,
         tile_sum,
         tile_m2,
@@ -1097,8 +1093,6 @@ def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
         W,
         OH,
         OW,
-        conv.weight.stride(0),
-        conv.weight.stride(1),
         C_in=C_in,
         C_out=C_out,
         STRIDE=conv.stride[0],

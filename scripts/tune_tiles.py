@@ -1,8 +1,10 @@
-"""Sweeps tile sizes, warps and stages of the generated conv1x1 and depthwise kernels at MobileNetV1's
-batch-128 layer shapes (GPU). Prints the best configs per layer and the time of today's default."""
+"""Sweeps tile sizes, warps and stages of the generated conv1x1 and depthwise kernels at the layer
+shapes of MobileNetV1 and EfficientNetB1 at batch 128 (GPU). Only GEMM configs whose pipelined tiles fit
+an RTX 4090's 99 KB of shared memory per block are tried. Prints each layer's time under the first
+config (the default when the sweep was written) and the best. `--dw` sweeps the depthwise kernels only."""
 
 import importlib.util
-import itertools
+import sys
 from pathlib import Path
 
 import torch
@@ -15,77 +17,99 @@ mb = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mb)
 
 BATCH = 128
-# (C_in, C_out, H) of MobileNetV1's 1x1 convs and (C, H_in, stride) of its depthwise convs
-GEMMS = [(32, 64, 112), (128, 128, 56), (256, 256, 28), (512, 512, 14), (1024, 1024, 7)]
-DWS = [(32, 112, 1), (64, 112, 2), (128, 56, 1), (256, 28, 1), (512, 14, 1), (512, 14, 2), (1024, 7, 1)]
+# (C_in, C_out, H) of the 1x1 convs: MobileNetV1's, then EfficientNetB1's expand and project convs
+GEMMS = [
+    (32, 64, 112), (64, 128, 56), (128, 128, 56), (128, 256, 28), (256, 256, 28), (256, 512, 14), (512, 512, 14),
+    (512, 1024, 7), (1024, 1024, 7),
+    (16, 96, 120), (24, 144, 60), (40, 240, 30), (80, 480, 15), (192, 1152, 8), (96, 24, 60), (1152, 320, 8),
+]  # fmt: skip
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the first is today's default
+CONFIGS = [
+    (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 8, 3), (128, 128, 32, 8, 2),
+    (128, 128, 32, 8, 3), (64, 64, 64, 4, 3), (128, 256, 32, 8, 2), (64, 32, 32, 4, 3), (32, 64, 32, 4, 3),
+]  # fmt: skip
+SMEM_LIMIT = 99 * 1024
+# (C, H_in, stride) of the depthwise convs, and (BLOCK_M, BLOCK_N, num_warps) to try; the first is the default
+DWS = [(32, 112, 1), (64, 112, 2), (128, 56, 1), (256, 28, 1), (512, 14, 1), (1024, 7, 1), (96, 120, 2), (144, 60, 2),
+       (480, 15, 1), (1152, 8, 1)]  # fmt: skip
+DW_CONFIGS = [(64, 64, 4), (32, 32, 2), (64, 32, 2), (32, 64, 4), (128, 32, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8)]
 
 
-def cl(t):
-    return t.to(memory_format=torch.channels_last)
-
-
-def bn_args(c):
-    return [torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda"), torch.randn(c, device="cuda"),
-            torch.rand(c, device="cuda") + 0.5]  # fmt: skip
+def fits(bm, bn, bk, stages):
+    return (bm * bk + bk * bn) * 4 * stages <= SMEM_LIMIT
 
 
 def time_gemm(c_in, c_out, h, bm, bn, bk, warps, stages):
-    x = cl(torch.rand(BATCH, c_in, h, h, device="cuda"))
+    x = torch.rand(BATCH, c_in, h, h, device="cuda").to(memory_format=torch.channels_last)
     w = torch.randn(c_out, c_in, 1, 1, device="cuda")
-    out = cl(torch.empty(BATCH, c_out, h, h, device="cuda"))
-    m = BATCH * h * h
-    grid = (triton.cdiv(m, bm), triton.cdiv(c_out, bn))
-    args = [x, w, *bn_args(c_out), out, BATCH, c_in, c_out, h, h, *x.stride(), *out.stride(), 1e-5]
+    bn_args = [torch.rand(c_out, device="cuda") + 0.5, torch.randn(c_out, device="cuda"),
+               torch.randn(c_out, device="cuda"), torch.rand(c_out, device="cuda") + 0.5]  # fmt: skip
+    out = torch.empty(BATCH, c_out, h, h, device="cuda").to(memory_format=torch.channels_last)
+    grid = (triton.cdiv(BATCH * h * h, bm), triton.cdiv(c_out, bn))
 
     def run():
-        mb.conv1x1_bn_relu_kernel[grid](*args, STRIDE=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        mb.conv1x1_bn_relu_kernel[grid](
+            x, w, *bn_args, out, BATCH, h, h, h, h, 1e-5, C_in=c_in, C_out=c_out, STRIDE=1,
+            DOT_PRECISION="bf16x3", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
 
     return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
 
 
 def time_dw(c, h, stride, bm, bn, warps):
-    x = cl(torch.rand(BATCH, c, h, h, device="cuda"))
+    x = torch.rand(BATCH, c, h, h, device="cuda").to(memory_format=torch.channels_last)
     w = torch.randn(c, 1, 3, 3, device="cuda")
     oh = (h - 1) // stride + 1
-    out = cl(torch.empty(BATCH, c, oh, oh, device="cuda"))
+    bn_args = [torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda"),
+               torch.randn(c, device="cuda"), torch.rand(c, device="cuda") + 0.5]  # fmt: skip
+    out = torch.empty(BATCH, c, oh, oh, device="cuda").to(memory_format=torch.channels_last)
     grid = (triton.cdiv(BATCH * oh * oh, bm), triton.cdiv(c, bn))
-    args = [x, w, *bn_args(c), out, BATCH, h, h, c, oh, oh, *x.stride(), *out.stride(), 1e-5]
 
     def run():
-        mb.dwconv3x3_bn_relu_kernel[grid](*args, KH=3, KW=3, STRIDE=stride, PAD=1, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+        mb.dwconv3x3_bn_relu_kernel[grid](
+            x, w, *bn_args, out, BATCH, h, h, oh, oh, w.stride(0), w.stride(2), w.stride(3), 1e-5,
+            C_in=c, C_out=c, KH=3, KW=3, STRIDE=stride, PAD=1, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+        )  # fmt: skip
 
     return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
 
 
-def main():
-    print(f"device: {torch.cuda.get_device_name()}, batch {BATCH}")
+def sweep_dw():
     total_default = total_best = 0.0
-    for c_in, c_out, h in GEMMS:
-        results = []
-        for bm, bn, bk, warps, stages in itertools.product((64, 128), (64, 128), (32, 64), (4, 8), (2, 3, 4)):
-            try:
-                results.append((time_gemm(c_in, c_out, h, bm, bn, bk, warps, stages), (bm, bn, bk, warps, stages)))
-            except Exception as err:  # out of shared memory etc.
-                print(f"  skip {bm, bn, bk, warps, stages}: {type(err).__name__}")
-        results.sort()
-        default = time_gemm(c_in, c_out, h, 64, 64, 32, 4, 3)
-        total_default += default
-        total_best += results[0][0]
-        flops = 2 * BATCH * h * h * c_in * c_out
-        print(f"conv1x1 {c_in}->{c_out} @{h}: default {default:.3f} ms; best {results[0][0]:.3f} ms "
-              f"{results[0][1]} ({flops / results[0][0] / 1e9:.0f} TFLOP/s); next {results[1:4]}")  # fmt: skip
     for c, h, stride in DWS:
-        results = []
-        for bm, bn, warps in itertools.product((32, 64, 128, 256), (16, 32, 64, 128), (2, 4, 8)):
-            results.append((time_dw(c, h, stride, bm, bn, warps), (bm, bn, warps)))
+        results = [(time_dw(c, h, stride, *config), config) for config in DW_CONFIGS]
+        default = results[0][0]
         results.sort()
-        default = time_dw(c, h, stride, 64, min(64, max(16, triton.next_power_of_2(c))), 4)
         total_default += default
         total_best += results[0][0]
         oh = (h - 1) // stride + 1
         gbs = 4 * BATCH * c * (h * h + oh * oh) / results[0][0] / 1e6
-        print(f"dwconv {c} @{h}/s{stride}: default {default:.3f} ms; best {results[0][0]:.3f} ms {results[0][1]} "
-              f"({gbs:.0f} GB/s); next {[r[1] for r in results[1:4]]}")  # fmt: skip
+        print(
+            f"dwconv {c} @{h}/s{stride}: default {default:.4f} ms; best {results[0][0]:.4f} ms {results[0][1]}"
+            f" ({gbs:.0f} GB/s); next {[(round(t, 4), c) for t, c in results[1:4]]}"
+        )
+    print(f"sum over the depthwise layers: default {total_default:.3f} ms, best {total_best:.3f} ms")
+
+
+def main():
+    if "--dw" in sys.argv:
+        return sweep_dw()
+    print(f"device: {torch.cuda.get_device_name()}, batch {BATCH}, configs (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)")
+    total_default = total_best = 0.0
+    for c_in, c_out, h in GEMMS:
+        results = []
+        for config in CONFIGS:
+            if fits(*config[:3], config[4]):
+                results.append((time_gemm(c_in, c_out, h, *config), config))
+        default = results[0][0]
+        results.sort()
+        total_default += default
+        total_best += results[0][0]
+        flops = 2 * BATCH * h * h * c_in * c_out
+        print(
+            f"conv1x1 {c_in}->{c_out} @{h}: default {default:.4f} ms; best {results[0][0]:.4f} ms {results[0][1]}"
+            f" ({flops / results[0][0] / 1e9:.0f} TFLOP/s); next {[(round(t, 4), c) for t, c in results[1:4]]}"
+        )
     print(f"sum over the listed layers: default {total_default:.3f} ms, best {total_best:.3f} ms")
 
 

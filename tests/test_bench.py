@@ -223,7 +223,10 @@ def test_whole_command_with_fake_timings_prints_tables_and_round_trips_json(tmp_
     def broken(x):
         raise RuntimeError("no compiler here")
 
-    def configurations(model, max_autotune):
+    asked = []
+
+    def configurations(model, max_autotune, compile):
+        asked.append(compile)
         return [("eager", lambda x: model.reference_forward), ("broken", broken), ("fusegen", lambda x: model)]
 
     monkeypatch.setattr(bench, "DEVICE", DEVICE)
@@ -252,6 +255,17 @@ def test_whole_command_with_fake_timings_prints_tables_and_round_trips_json(tmp_
     assert first["totals"]["launches"] == 7
     assert [c["speedup"] for c in report["runs"][1]["configs"]] == [3.0, None, 1.0]
     assert json.loads(json.dumps(report)) == report
+    assert asked == [True, True]
+    assert fusegen_main(["bench", str(tmp_path / "tiny.fuse"), "--batch", "1", "--no-compile"]) == 0
+    assert asked[-1] is False
+
+
+def test_no_compile_leaves_out_the_torch_compile_baselines(tiny):
+    model = bench.build_model(tiny)
+    names = [name for name, _ in bench.configurations(model, max_autotune=False, compile=False)]
+    assert names == ["eager", "eager + CUDA graph", "fusegen"]
+    names = [name for name, _ in bench.configurations(model, max_autotune=False)]
+    assert "torch.compile" in names and "torch.compile reduce-overhead" in names
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="times on the GPU")

@@ -17,6 +17,7 @@ input(2, c, 9, 7)
 forward:
     bn0: bn(c) -> relu -> pw: conv1x1(c, 20) -> bn1: bn(20) -> relu6
     bn2: bn(20) -> relu
+    dw: dwconv3x3(20) -> bn3: bn(20) -> relu6 -> pw2: conv1x1(20, 20) -> bn4: bn(20)
     pool: avgpool(3) -> relu
     global_avgpool -> flatten
     fc: linear(20, 5) -> relu
@@ -205,3 +206,17 @@ def test_blocks_share_kernels():
         "bn_relu_avgpool_train_kernel",
         "batch_norm_batch_stats_kernel",
     ]
+
+
+def test_a_producer_runs_inside_the_k_loop_and_is_never_stored():
+    """`dwconv3x3 -> bn -> relu6 -> conv1x1 -> bn`: the depthwise tile is computed in the 1x1 conv's K
+    loop, from the kernel's input, and goes straight into tl.dot."""
+    (kernel,) = [k for k in kernels(SOURCES["extra.fuse"]) if k.name == "dwconv3x3_bn_relu6_conv1x1_bn_kernel"]
+    (k_loop,) = [n for n in kernel.body if isinstance(n, ast.For) and ast.unparse(n.target) == "k0"]
+    loop = ast.unparse(k_loop)
+    assert "x_ptr" in loop and "tl.dot(a, b" in loop
+    assert assignments(k_loop, "a") >= 3  # zeros, the taps' sum, the producer's bn and relu6 rewrite it
+    assert [stored_pointer(s) for s in calls(kernel, "tl.store")] == ["out_ptr"]
+    # the producer's constexprs carry its slot; the anchor's own are bare
+    params = {a.arg for a in kernel.args.args}
+    assert {"CONV_KH", "CONV_STRIDE", "CONV_PAD", "DOT_PRECISION"} <= params and "STRIDE" not in params

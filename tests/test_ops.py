@@ -333,6 +333,36 @@ def test_prologue_pool(pool, n, c, h, w):
         check((n, c, at_least(h, k), at_least(w, k)), [bn(c), relu6, avgpool(k)])
 
 
+# -- producer chains: a depthwise conv computed inside the 1x1 conv's K loop -----------------------------
+
+
+@pytest.mark.parametrize("k", [3, 5])
+@few_examples
+@given(stride=strides, n=batches, c=channels, c_out=channels, h=sizes, w=sizes, with_prologue=st.booleans())
+@example(stride=1, n=1, c=1, c_out=1, h=1, w=1, with_prologue=False)
+@example(stride=2, n=3, c=33, c_out=17, h=9, w=4, with_prologue=True)
+@example(stride=1, n=2, c=WIDE, c_out=WIDE, h=3, w=5, with_prologue=False)
+@example(stride=1, n=1, c=40, c_out=300, h=2, w=3, with_prologue=False)  # two 256-channel blocks
+def test_dwconv_producer_into_conv1x1(k, stride, n, c, c_out, h, w, with_prologue):
+    """`[bn -> relu ->] dwconvKxK -> bn -> relu6 -> conv1x1 -> bn -> relu`: one kernel whose 1x1 conv
+    computes the depthwise conv of each K block in registers; the optional prologue applies to the
+    depthwise conv's input taps (zero padding after it)."""
+    prologue = [bn(c), relu] if with_prologue else []
+    check(
+        (n, c, h, w),  # the default padding k // 2 keeps every size valid
+        [*prologue, dwconv(k, c, stride), bn(c), relu6, conv(1, c, c_out), bn(c_out), relu],
+    )
+
+
+def test_a_producer_consumer_with_stride_is_refused_at_run_time():
+    """The spec checks the 1x1 conv's stride at its example arguments; a module changed later is refused."""
+    module = load(spec_text((1, 4, 5, 5), ["dw: dwconv3x3(4) -> bn0: bn(4) -> relu -> pw: conv1x1(4, 6)"]))
+    model = module.ModelNew().to(DEVICE).eval()
+    model.pw.stride = (2, 2)
+    with torch.no_grad(), pytest.raises(ValueError, match="needs stride 1"):
+        model(torch.randn(1, 4, 5, 5, device=DEVICE))
+
+
 # -- a whole model ---------------------------------------------------------------------------------------
 
 

@@ -30,6 +30,19 @@ CASES = [
     (HEADER + "forward:\n    conv1: conv3x3(3, k)\n", 4, 23, "unknown name 'k'"),
     (HEADER + "forward:\n    conv1: conv3x3(3, c) -> pw: conv1x1(c, c)\n", 4, 33, "conv1x1 cannot join the kernel of conv3x3"),
     (HEADER + "forward:\n    dw: dwconv3x3(3) -> dw2: dwconv3x3(3)\n", 4, 30, "reads a 3x3 neighbourhood"),
+    (
+        HEADER + "forward:\n    dw: dwconv3x3(3) -> pw: conv1x1(3, c, stride=2)\n",
+        4,
+        29,
+        "conv1x1 cannot join the kernel of dwconv3x3: conv1x1 computes dwconv3x3 in its K loop only at its own"
+        " pixels, and with stride 2 its input pixels are not its output pixels",
+    ),
+    (
+        HEADER + "forward:\n    dw: dwconv3x3(3) -> pw: conv1x1(3, c) -> pw2: conv1x1(c, c)\n",
+        4,
+        51,
+        "conv1x1 cannot join the kernel of conv1x1: each of its outputs reads every input channel",
+    ),
     (HEADER + "forward:\n    global_avgpool -> flatten -> relu\n", 4, 34, "flatten only reshapes"),
     (HEADER + "forward:\n    conv1: conv3x3(3, c) -> bn(c)\n", 4, 29, "bn holds parameters, so it needs a name"),
     (HEADER + "forward:\n    conv1: conv3x3(3, c)\n    conv1: conv1x1(c, c)\n", 5, 5, "'conv1' names a second module"),

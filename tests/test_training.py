@@ -55,6 +55,21 @@ forward:
     bn2: bn(7) -> relu6
 """
 
+# Producer chains: BatchNorm between the depthwise conv and its 1x1 consumer needs the depthwise output
+# reduced first (two launches); without one, the pair stays one kernel, normalising its input taps.
+PRODUCER_SPEC = """\
+model Prod(c=6)
+input(2, c, 9, 7)
+forward:
+    dw: dwconv3x3(c) -> bn1: bn(c) -> relu6 -> pw: conv1x1(c, 10) -> bn2: bn(10) -> relu
+    dw2: dwconv3x3(10, stride=2) -> relu -> pw2: conv1x1(10, 5) -> bn3: bn(5)
+"""
+
+
+def producer_reference(m, x):
+    x = F.relu(m.bn2(m.pw(F.relu6(m.bn1(m.dw(x))))))
+    return m.bn3(m.pw2(F.relu(m.dw2(x))))
+
 
 def odd_reference(m, x):
     x = F.relu6(m.bn1(m.pw(F.relu(m.bn0(x)))))
@@ -113,9 +128,14 @@ def test_training_steps_match_torch(batch, h, w, c, wide):
 
 
 def test_batchnorm_anywhere_in_the_model():
-    inputs = [torch.randn(3, 6, 9, 7, device=DEVICE) * 2 + 1 for _ in range(2)]
+    # Batch 8, fixed: bn4 normalises N values per channel after the global pool, and with N = 3 that
+    # amplifies fp32 rounding past 1e-5 in fp32 torch itself (up to 6.5e-5 over 60 random draws, fusegen
+    # up to 9.2e-5, both with a median of 2.0e-6); with N = 8 both stayed under 1e-5.
+    torch.manual_seed(0)
+    inputs = [torch.randn(8, 6, 9, 7, device=DEVICE) * 2 + 1 for _ in range(2)]
     check_steps(*make(ODD_SPEC, "train_odd"), odd_reference, inputs)
     check_steps(*make(TAIL_SPEC, "train_tail"), tail_reference, inputs)
+    check_steps(*make(PRODUCER_SPEC, "train_producer"), producer_reference, inputs)
 
 
 def test_momentum_none_is_a_cumulative_average():
