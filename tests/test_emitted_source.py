@@ -220,3 +220,7 @@ def test_a_producer_runs_inside_the_k_loop_and_is_never_stored():
     # the producer's constexprs carry its slot; the anchor's own are bare
     params = {a.arg for a in kernel.args.args}
     assert {"CONV_KH", "CONV_STRIDE", "CONV_PAD", "DOT_PRECISION"} <= params and "STRIDE" not in params
+    # its tap loads are not pipelined through shared memory (a 5x5 producer overflowed an H200's)
+    (wrapper,) = [f for f in ast.parse(SOURCES["extra.fuse"]).body if getattr(f, "name", "") == kernel.name[: -len("_kernel")]]
+    (launch,) = [c for c in ast.walk(wrapper) if isinstance(c, ast.Call) and ast.unparse(c.func).startswith(kernel.name)]
+    assert {kw.arg: ast.unparse(kw.value) for kw in launch.keywords}["num_stages"] == "1"
