@@ -185,6 +185,8 @@ def lower(kernel: Kernel) -> LoweredKernel:
         "BLOCK_M": "64" if out_rank == 4 else "min(64, max(16, triton.next_power_of_2(N)))",
         "BLOCK_N": "min(64, max(16, triton.next_power_of_2(C_out)))",
     }
+    if _used("BLOCK_K", body_text):
+        default_blocks["BLOCK_K"] = "32"
     block_values = {**default_blocks, **own_blocks}
     if kernel.producer:
         # every block of output channels computes the producer again: span up to 256 channels, and
@@ -192,6 +194,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
         block_values = {
             "BLOCK_N": "min(256, max(16, triton.next_power_of_2(C_out)))",
             "BLOCK_M": "max(16, min(64, triton.next_power_of_2(8192 // BLOCK_N)))",
+            "BLOCK_K": "32",
         }
     rows = "N * OH * OW" if out_rank == 4 else "N"
     inputs = ["x", "x_stats"] if kernel.reads_batch_stats else ["x"]
@@ -205,8 +208,6 @@ def lower(kernel: Kernel) -> LoweredKernel:
         INDENT + "check_32bit_offsets(x, out)",
         *(INDENT + f"{name} = {value}" for name, value in block_values.items()),
     ]
-    if _used("BLOCK_K", body_text):
-        wrapper.append(INDENT + "BLOCK_K = 32")
     wrapper += [
         INDENT + f"grid = (triton.cdiv({rows}, BLOCK_M), triton.cdiv(C_out, BLOCK_N))",
     ]

@@ -323,8 +323,15 @@ _ANY_PIXEL = "ih = (p // W)[None, :, None]\niw = (p % W)[None, :, None]"
 # Few output rows (pools end a net): a short row block, and the pixels fill the tile instead.
 _POOL_BLOCKS = (
     KernelParam("BLOCK_M", "min(16, triton.next_power_of_2(N * OH * OW))", constexpr=True),
+    KernelParam("BLOCK_N", "16", constexpr=True),
+    KernelParam("BLOCK_P", "32", constexpr=True),
+)
+# The classifier has a batch of rows and a long K: short row and channel blocks give more programs,
+# long K blocks fewer sequential steps (at batch 10 the 64 x 64 x 32 default ran 16 programs of 32 steps).
+_LINEAR_BLOCKS = (
+    KernelParam("BLOCK_M", "min(32, max(16, triton.next_power_of_2(N)))", constexpr=True),
     KernelParam("BLOCK_N", "32", constexpr=True),
-    KernelParam("BLOCK_P", "16", constexpr=True),
+    KernelParam("BLOCK_K", "min(64, max(16, triton.next_power_of_2(C_in)))", constexpr=True),
 )
 
 
@@ -634,7 +641,7 @@ FIXED_OPS = {
             shape=_linear_shape,
             reference=lambda x, m: f"{m}({x})",
             lowering=Anchor(
-                (_GEMM_WEIGHT, KernelParam("bias_ptr", "{m}.bias"), _DOT_PRECISION),
+                (_GEMM_WEIGHT, KernelParam("bias_ptr", "{m}.bias"), _DOT_PRECISION, *_LINEAR_BLOCKS),
                 ("C_out = {m}.out_features",),
                 2,
                 _gemm_loop("n", bias=True),

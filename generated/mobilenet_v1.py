@@ -912,8 +912,8 @@ def avgpool(x, pool):
     )
     check_32bit_offsets(x, out)
     BLOCK_M = min(16, triton.next_power_of_2(N * OH * OW))
-    BLOCK_N = 32
-    BLOCK_P = 16
+    BLOCK_N = 16
+    BLOCK_P = 32
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     avgpool_kernel[grid](
         x,
@@ -940,9 +940,9 @@ def linear(x, fc):
     C_out = fc.out_features
     out = torch.empty((N, C_out), device=x.device, dtype=torch.float32)
     check_32bit_offsets(x, out)
-    BLOCK_M = min(64, max(16, triton.next_power_of_2(N)))
-    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
-    BLOCK_K = 32
+    BLOCK_M = min(32, max(16, triton.next_power_of_2(N)))
+    BLOCK_N = 32
+    BLOCK_K = min(64, max(16, triton.next_power_of_2(C_in)))
     grid = (triton.cdiv(N, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     linear_kernel[grid](
         x,
@@ -1118,8 +1118,8 @@ def bn_relu_avgpool_train(x, x_stats, bn, pool):
     )
     check_32bit_offsets(x, out)
     BLOCK_M = min(16, triton.next_power_of_2(N * OH * OW))
-    BLOCK_N = 32
-    BLOCK_P = 16
+    BLOCK_N = 16
+    BLOCK_P = 32
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     bn_mean, bn_scale = batch_norm_batch_stats(x_stats, bn)
     bn_relu_avgpool_train_kernel[grid](
