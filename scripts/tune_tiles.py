@@ -1,7 +1,8 @@
 """Sweeps tile sizes, warps and stages of the generated conv1x1 and depthwise kernels at the layer
 shapes of MobileNetV1 and EfficientNetB1 at batch 128 (GPU). Only GEMM configs whose pipelined tiles fit
 an RTX 4090's 99 KB of shared memory per block are tried. Prints each layer's time under the first
-config (the default when the sweep was written) and the best. `--dw` sweeps the depthwise kernels only."""
+config (the default when the sweep was written) and the best. `--dw` sweeps the depthwise kernels only;
+`--batch N` sets the batch (default 128)."""
 
 import importlib.util
 import sys
@@ -16,7 +17,7 @@ spec = importlib.util.spec_from_file_location("mb", ROOT / "generated" / "mobile
 mb = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mb)
 
-BATCH = 128
+BATCH = int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else 128
 # (C_in, C_out, H) of the 1x1 convs: MobileNetV1's, then EfficientNetB1's expand and project convs
 GEMMS = [
     (32, 64, 112), (64, 128, 56), (128, 128, 56), (128, 256, 28), (256, 256, 28), (256, 512, 14), (512, 512, 14),
@@ -27,6 +28,7 @@ GEMMS = [
 CONFIGS = [
     (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 8, 3), (128, 128, 32, 8, 2),
     (128, 128, 32, 8, 3), (64, 64, 64, 4, 3), (128, 256, 32, 8, 2), (64, 32, 32, 4, 3), (32, 64, 32, 4, 3),
+    (32, 64, 64, 4, 3), (64, 32, 64, 4, 3), (32, 32, 64, 4, 3),
 ]  # fmt: skip
 SMEM_LIMIT = 99 * 1024
 # (C, H_in, stride) of the depthwise convs, and (BLOCK_M, BLOCK_N, num_warps) to try; the first is the default
