@@ -471,13 +471,13 @@ def cuda_graph_of(fn: Callable, example: torch.Tensor) -> Callable:
     return replay
 
 
-def configurations(model: nn.Module, max_autotune: bool, compile: bool = True) -> list[tuple[str, Callable]]:
+def configurations(model: nn.Module, max_autotune: bool, torch_compile: bool = True) -> list[tuple[str, Callable]]:
     """(name, make) pairs; make(example input) returns the callable to time."""
     configs = [
         ("eager", lambda x: model.reference_forward),
         ("eager + CUDA graph", lambda x: cuda_graph_of(model.reference_forward, x)),
     ]
-    if compile:
+    if torch_compile:
         configs += [
             ("torch.compile", lambda x: torch.compile(model.reference_forward)),
             ("torch.compile reduce-overhead", lambda x: torch.compile(model.reference_forward, mode="reduce-overhead")),
@@ -520,7 +520,7 @@ def bench_batch(
     batch: int,
     max_autotune: bool,
     peaks: Peaks,
-    compile: bool = True,
+    torch_compile: bool = True,
 ) -> dict:
     """Every configuration at one batch size, then the per-kernel profile; model and model64 (its
     float64 copy) live on the device the run uses."""
@@ -533,7 +533,7 @@ def bench_batch(
         exact = model64.reference_forward(inputs[0].double())
         configs = [
             measure_configuration(name, make, inputs, exact)
-            for name, make in configurations(model, max_autotune, compile)
+            for name, make in configurations(model, max_autotune, torch_compile)
         ]
         torch.compiler.reset()
         progress("  per kernel: recording one forward, timing each launch")
@@ -555,7 +555,7 @@ def bench_batch(
 
 
 def main(
-    spec_paths: list[str], batches: list[int] | None, max_autotune: bool, json_path: str | None, compile: bool = True
+    spec_paths: list[str], batches: list[int] | None, max_autotune: bool, json_path: str | None, torch_compile: bool = True
 ) -> int:
     specs: list[SpecModel] = []
     failed = False
@@ -589,7 +589,7 @@ def main(
         model64 = copy.deepcopy(cpu_model).double().to(DEVICE)  # before any forward: no captured graphs to copy
         model = cpu_model.to(DEVICE)
         for batch in batches or [spec.example_input[0]]:
-            runs.append(bench_batch(spec, model, model64, batch, max_autotune, peaks, compile))
+            runs.append(bench_batch(spec, model, model64, batch, max_autotune, peaks, torch_compile))
         del model, model64
         torch.cuda.empty_cache()
 

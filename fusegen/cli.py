@@ -125,7 +125,7 @@ def lint(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     from fusegen.bench import main as run_bench  # imports triton: only for this command
 
-    return run_bench(args.specs, args.batch, args.max_autotune, args.json, compile=not args.no_compile)
+    return run_bench(args.specs, args.batch, args.max_autotune, args.json, torch_compile=not args.no_compile)
 
 
 def _positive_int(text: str) -> int:

@@ -109,12 +109,11 @@ def _produced(kernel: Kernel) -> list[str]:
 def _out_dims(kernel: Kernel) -> list[str]:
     """Wrapper lines for C_out, OH and OW. With a producer, the output pixels are the producer's
     (its consumer keeps them: stride 1) and the channels the anchor's."""
-    dims = [line.format(m=kernel.anchor.slot) for line in kernel.anchor.op.lowering.out_dims]
-    if not kernel.producer:
-        return dims
-    producer = kernel.producer[0]
-    pixels = [line.format(m=producer.slot) for line in producer.op.lowering.out_dims if not line.startswith("C_out")]
-    return [line for line in dims if line.startswith("C_out")] + pixels
+    pixels = kernel.producer[0] if kernel.producer else kernel.anchor
+    return [
+        f"C_out = {kernel.anchor.op.lowering.out_channels.format(m=kernel.anchor.slot)}",
+        *(line.format(m=pixels.slot) for line in pixels.op.lowering.out_pixels),
+    ]
 
 
 def lower(kernel: Kernel) -> LoweredKernel:

@@ -64,12 +64,14 @@ PrologueHook = Callable[[str, str, str, "str | None"], list[str]]
 
 @dataclass(frozen=True)
 class Anchor:
-    """How an anchor op lowers. Its kernel params are named without prefix (one anchor per kernel)."""
+    """How an anchor op lowers. The kernel's anchor names its constexpr params bare (KH); a producer's
+    carry its slot (CONV_KH)."""
 
     params: tuple[KernelParam, ...]
-    # wrapper lines that set the output dims (C_out and, for 4-d outputs, OH and OW) from x and `{m}`
-    out_dims: tuple[str, ...]
-    out_rank: int
+    # wrapper expression of the output's channel count (from x's dims and `{m}`)
+    out_channels: str
+    # wrapper lines that set OH and OW for a 4-d output; none for a 2-d one
+    out_pixels: tuple[str, ...]
     # kernel lines that leave the output tile in `acc`
     loop: Callable[[str, PrologueHook], list[str]]
     # why no later anchor can join this kernel (for the fusion-legality error)
@@ -84,6 +86,10 @@ class Anchor:
     consume_refusal: Callable[[dict], "str | None"] = lambda args: None
     # wrapper lines that refuse, at run time, a module that consume_refusal would refuse
     consume_guard: tuple[str, ...] = ()
+
+    @property
+    def out_rank(self) -> int:
+        return 4 if self.out_pixels else 2
 
 
 @dataclass(frozen=True)
@@ -361,7 +367,7 @@ _GEMM_WEIGHT = KernelParam("weight_ptr", "{m}.weight.contiguous()")
 # but 64 where 128 would leave fewer than 128 programs (batch 10's late layers) to fill the GPU.
 _GEMM_BLOCK_N = KernelParam(
     "BLOCK_N",
-    "min(128 if triton.cdiv(N * OH * OW, 64) * triton.cdiv(C_out, 128) >= 128 else 64,"
+    "min(128 if triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, 128) >= 128 else 64,"
     " max(16, triton.next_power_of_2(C_out)))",
     constexpr=True,
 )
@@ -380,8 +386,7 @@ _CONV_PARAMS = (
     KernelParam("PAD", "{m}.padding[0]", constexpr=True),
     _DOT_PRECISION,
 )
-_CONV_DIMS = (
-    "C_out = {m}.out_channels",
+_CONV_PIXELS = (
     "OH = (H + 2 * {m}.padding[0] - {m}.kernel_size[0]) // {m}.stride[0] + 1",
     "OW = (W + 2 * {m}.padding[1] - {m}.kernel_size[1]) // {m}.stride[1] + 1",
 )
@@ -402,7 +407,7 @@ def _conv_op(k: int) -> Op:
         channels_attr="in_channels",
         shape=_conv_shape(k, "in_channels", "out_channels", name),
         reference=lambda x, m: f"{m}({x})",
-        lowering=Anchor(_CONV_PARAMS, _CONV_DIMS, 4, _conv_loop, _NEIGHBOURHOOD.format(k=k)),
+        lowering=Anchor(_CONV_PARAMS, "{m}.out_channels", _CONV_PIXELS, _conv_loop, _NEIGHBOURHOOD.format(k=k)),
         summary=f"{k}x{k} convolution, groups=1, no bias (implicit GEMM on tl.dot)",
     )
 
@@ -426,8 +431,8 @@ def _dwconv_op(k: int) -> Op:
         reference=lambda x, m: f"{m}({x})",
         lowering=Anchor(
             _CONV_PARAMS,
-            ("C_out = C_in",) + _CONV_DIMS[1:],
-            4,
+            "C_in",
+            _CONV_PIXELS,
             _dwconv_loop,
             _NEIGHBOURHOOD.format(k=k),
             produce=_dwconv_produce,
@@ -611,12 +616,8 @@ FIXED_OPS = {
             reference=lambda x, m: f"{m}({x})",
             lowering=Anchor(
                 (_GEMM_WEIGHT, KernelParam("STRIDE", "{m}.stride[0]", constexpr=True), _DOT_PRECISION, _GEMM_BLOCK_N),
-                (
-                    "C_out = {m}.out_channels",
-                    "OH = (H - 1) // {m}.stride[0] + 1",
-                    "OW = (W - 1) // {m}.stride[1] + 1",
-                ),
-                4,
+                "{m}.out_channels",
+                ("OH = (H - 1) // {m}.stride[0] + 1", "OW = (W - 1) // {m}.stride[1] + 1"),
                 _gemm_loop("(n * H + oh * STRIDE) * W + ow * STRIDE", bias=False),
                 "each of its outputs reads every input channel of a pixel, but a program of this kernel holds only BLOCK_N of them",
                 consume=_gemm_consume,
@@ -642,8 +643,8 @@ FIXED_OPS = {
             reference=lambda x, m: f"{m}({x})",
             lowering=Anchor(
                 (_GEMM_WEIGHT, KernelParam("bias_ptr", "{m}.bias"), _DOT_PRECISION, *_LINEAR_BLOCKS),
-                ("C_out = {m}.out_features",),
-                2,
+                "{m}.out_features",
+                (),
                 _gemm_loop("n", bias=True),
                 "each of its outputs reads every input feature of a row, but a program of this kernel holds only BLOCK_N of them",
             ),
@@ -666,8 +667,8 @@ FIXED_OPS = {
                     KernelParam("KW", "{m}.kernel_size", constexpr=True),
                     *_POOL_BLOCKS,
                 ),
-                ("C_out = C_in", "OH = (H - {m}.kernel_size) // {m}.kernel_size + 1", "OW = (W - {m}.kernel_size) // {m}.kernel_size + 1"),
-                4,
+                "C_in",
+                ("OH = (H - {m}.kernel_size) // {m}.kernel_size + 1", "OW = (W - {m}.kernel_size) // {m}.kernel_size + 1"),
                 _pool_loop(_WINDOW_PIXEL, "KH * KW", "KH * KW"),
                 "it reads a window of its input, and those pixels are computed by other programs of this kernel",
             ),
@@ -685,8 +686,8 @@ FIXED_OPS = {
             reference=lambda x, m: f"nn.functional.adaptive_avg_pool2d({x}, 1)",
             lowering=Anchor(
                 _POOL_BLOCKS,
-                ("C_out = C_in", "OH = 1", "OW = 1"),
-                4,
+                "C_in",
+                ("OH = 1", "OW = 1"),
                 _pool_loop(_ANY_PIXEL, "H * W", "H * W"),
                 "it reads every pixel of its input, and those pixels are computed by other programs of this kernel",
             ),
@@ -805,8 +806,8 @@ def load_anchor(rank: int) -> Op:
         reference=lambda x, m: x,
         lowering=Anchor(
             (),
-            ("C_out = C_in",) + (("OH = H", "OW = W") if rank == 4 else ()),
-            rank,
+            "C_in",
+            ("OH = H", "OW = W") if rank == 4 else (),
             _load_loop,
             "",
         ),

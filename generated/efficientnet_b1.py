@@ -1097,7 +1097,11 @@ def conv1x1_bn_relu6(x, conv, bn):
     check_32bit_offsets(x, out)
     BLOCK_M = 64
     BLOCK_N = min(
-        128 if triton.cdiv(N * OH * OW, 64) * triton.cdiv(C_out, 128) >= 128 else 64,
+        (
+            128
+            if triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, 128) >= 128
+            else 64
+        ),
         max(16, triton.next_power_of_2(C_out)),
     )
     BLOCK_K = 32
@@ -1187,7 +1191,11 @@ def conv1x1_bn(x, conv, bn):
     check_32bit_offsets(x, out)
     BLOCK_M = 64
     BLOCK_N = min(
-        128 if triton.cdiv(N * OH * OW, 64) * triton.cdiv(C_out, 128) >= 128 else 64,
+        (
+            128
+            if triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, 128) >= 128
+            else 64
+        ),
         max(16, triton.next_power_of_2(C_out)),
     )
     BLOCK_K = 32
@@ -1232,7 +1240,11 @@ def conv1x1_bn_relu(x, conv, bn):
     check_32bit_offsets(x, out)
     BLOCK_M = 64
     BLOCK_N = min(
-        128 if triton.cdiv(N * OH * OW, 64) * triton.cdiv(C_out, 128) >= 128 else 64,
+        (
+            128
+            if triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, 128) >= 128
+            else 64
+        ),
         max(16, triton.next_power_of_2(C_out)),
     )
     BLOCK_K = 32
@@ -1385,7 +1397,11 @@ def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
     check_32bit_offsets(x, out)
     BLOCK_M = 64
     BLOCK_N = min(
-        128 if triton.cdiv(N * OH * OW, 64) * triton.cdiv(C_out, 128) >= 128 else 64,
+        (
+            128
+            if triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, 128) >= 128
+            else 64
+        ),
         max(16, triton.next_power_of_2(C_out)),
     )
     BLOCK_K = 32
@@ -1481,7 +1497,11 @@ def bn_relu6_conv1x1_stats_train(x, x_stats, bn, conv):
     check_32bit_offsets(x, out)
     BLOCK_M = 64
     BLOCK_N = min(
-        128 if triton.cdiv(N * OH * OW, 64) * triton.cdiv(C_out, 128) >= 128 else 64,
+        (
+            128
+            if triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, 128) >= 128
+            else 64
+        ),
         max(16, triton.next_power_of_2(C_out)),
     )
     BLOCK_K = 32
@@ -1529,7 +1549,11 @@ def bn_conv1x1_stats_train(x, x_stats, bn, conv):
     check_32bit_offsets(x, out)
     BLOCK_M = 64
     BLOCK_N = min(
-        128 if triton.cdiv(N * OH * OW, 64) * triton.cdiv(C_out, 128) >= 128 else 64,
+        (
+            128
+            if triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, 128) >= 128
+            else 64
+        ),
         max(16, triton.next_power_of_2(C_out)),
     )
     BLOCK_K = 32

@@ -37,6 +37,12 @@ DWS = [(32, 112, 1), (64, 112, 2), (128, 56, 1), (256, 28, 1), (512, 14, 1), (10
 DW_CONFIGS = [(64, 64, 4), (32, 32, 2), (64, 32, 2), (32, 64, 4), (128, 32, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8)]
 
 
+def batch_norm_tensors(c):
+    """weight, bias, running_mean, running_var of a BatchNorm over c channels (variance > 0)."""
+    return [torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda"),
+            torch.randn(c, device="cuda"), torch.rand(c, device="cuda") + 0.5]  # fmt: skip
+
+
 def fits(bm, bn, bk, stages):
     return (bm * bk + bk * bn) * 4 * stages <= SMEM_LIMIT
 
@@ -44,8 +50,7 @@ def fits(bm, bn, bk, stages):
 def time_gemm(c_in, c_out, h, bm, bn, bk, warps, stages):
     x = torch.rand(BATCH, c_in, h, h, device="cuda").to(memory_format=torch.channels_last)
     w = torch.randn(c_out, c_in, 1, 1, device="cuda")
-    bn_args = [torch.rand(c_out, device="cuda") + 0.5, torch.randn(c_out, device="cuda"),
-               torch.randn(c_out, device="cuda"), torch.rand(c_out, device="cuda") + 0.5]  # fmt: skip
+    bn_args = batch_norm_tensors(c_out)
     out = torch.empty(BATCH, c_out, h, h, device="cuda").to(memory_format=torch.channels_last)
     grid = (triton.cdiv(BATCH * h * h, bm), triton.cdiv(c_out, bn))
 
@@ -62,8 +67,7 @@ def time_dw(c, h, stride, bm, bn, warps):
     x = torch.rand(BATCH, c, h, h, device="cuda").to(memory_format=torch.channels_last)
     w = torch.randn(c, 1, 3, 3, device="cuda")
     oh = (h - 1) // stride + 1
-    bn_args = [torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda"),
-               torch.randn(c, device="cuda"), torch.rand(c, device="cuda") + 0.5]  # fmt: skip
+    bn_args = batch_norm_tensors(c)
     out = torch.empty(BATCH, c, oh, oh, device="cuda").to(memory_format=torch.channels_last)
     grid = (triton.cdiv(BATCH * oh * oh, bm), triton.cdiv(c, bn))
 

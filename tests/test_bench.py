@@ -225,8 +225,8 @@ def test_whole_command_with_fake_timings_prints_tables_and_round_trips_json(tmp_
 
     asked = []
 
-    def configurations(model, max_autotune, compile):
-        asked.append(compile)
+    def configurations(model, max_autotune, torch_compile):
+        asked.append(torch_compile)
         return [("eager", lambda x: model.reference_forward), ("broken", broken), ("fusegen", lambda x: model)]
 
     monkeypatch.setattr(bench, "DEVICE", DEVICE)
@@ -262,7 +262,7 @@ def test_whole_command_with_fake_timings_prints_tables_and_round_trips_json(tmp_
 
 def test_no_compile_leaves_out_the_torch_compile_baselines(tiny):
     model = bench.build_model(tiny)
-    names = [name for name, _ in bench.configurations(model, max_autotune=False, compile=False)]
+    names = [name for name, _ in bench.configurations(model, max_autotune=False, torch_compile=False)]
     assert names == ["eager", "eager + CUDA graph", "fusegen"]
     names = [name for name, _ in bench.configurations(model, max_autotune=False)]
     assert "torch.compile" in names and "torch.compile reduce-overhead" in names
