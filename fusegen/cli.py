@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -86,7 +87,7 @@ def build(args: argparse.Namespace) -> int:
         unchanged = path.exists() and path.read_text(encoding="utf-8") == text
         if not unchanged:
             _write_atomically(path, text)
-        kernels = text.count("@triton.jit")
+        kernels = len(re.findall(r"^@triton\.jit\ndef \w+_kernel\(", text, re.MULTILINE))  # not the jit helpers
         print(f"{spec} -> {path} ({kernels} kernels{', unchanged' if unchanged else ''})")
     return 0
 

@@ -55,7 +55,9 @@ def replay_cuda_graph(model, x):
     entry = model.cuda_graphs.get(key)
     if entry is None or entry[0] != state:
         model.cuda_graphs.pop(key, None)
-        static_x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
+        # in the layout the kernels read, so that each replay's copy of x is also the layout change
+        layout = torch.channels_last if x.dim() == 4 else torch.contiguous_format
+        static_x = torch.empty_like(x, memory_format=layout).copy_(x)
         with torch.cuda.device(x.device):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -201,9 +203,13 @@ def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
     ctor = ", ".join(["self", *(f"{name}={default}" for name, default in model.params)])
     helpers = _helpers(plan)
     parts = [HEADER.format(spec=spec_path)]
+    if any("fp32_dot(" in k.kernel_source for k in lowered):
+        parts.append(O.FP32_DOT)
     parts += [k.kernel_source for k in lowered]
     parts += [h.kernel for h in helpers]
     parts.append(OFFSETS_CHECK)
+    if any("gemm_tile(" in k.wrapper_source for k in lowered):
+        parts.append(O.GEMM_TILE)
     parts += [k.wrapper_source for k in lowered]
     parts += [h.wrapper for h in helpers]
     parts += dict.fromkeys(u.op.reference_helper for c in model.chains for u in c.ops if u.op.reference_helper)

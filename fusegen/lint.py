@@ -205,7 +205,7 @@ class Scope:
         for sub, _ in scope_walk(body):
             if isinstance(sub, ast.Assign):
                 for target in sub.targets:
-                    self._bind(target, sub.value, plain=len(sub.targets) == 1)
+                    self._bind(target, sub.value, plain=len(sub.targets) == 1, unpack=True)
             elif isinstance(sub, ast.AnnAssign) and sub.value is not None:
                 self._bind(sub.target, sub.value, plain=True)
             elif isinstance(sub, ast.AugAssign) and isinstance(sub.target, ast.Name):
@@ -222,14 +222,21 @@ class Scope:
                 for alias in sub.names:
                     self.defs.setdefault((alias.asname or alias.name).split(".")[0], [])
 
-    def _bind(self, target: ast.expr, value: ast.expr, plain: bool) -> None:
+    def _bind(self, target: ast.expr, value: ast.expr, plain: bool, unpack: bool = False) -> None:
+        """`unpack`: an assignment, so element i of a tuple target holds element i of the value
+        (`value[i]` where the value is not a literal tuple); otherwise each element gets the value."""
         if isinstance(target, ast.Name):
             self.defs.setdefault(target.id, []).append(value)
             if plain:
                 self.first_def.setdefault(target.id, value)
         elif isinstance(target, (ast.Tuple, ast.List)):
-            for element in target.elts:
-                self._bind(element, value, plain=False)
+            for i, element in enumerate(target.elts):
+                part = value
+                if unpack and isinstance(value, (ast.Tuple, ast.List)) and len(value.elts) == len(target.elts):
+                    part = value.elts[i]
+                elif unpack:
+                    part = ast.copy_location(ast.Subscript(value, ast.Constant(i), ast.Load()), value)
+                self._bind(element, part, plain=False, unpack=unpack)
 
     def is_local(self, name: str) -> bool:
         return name in self.defs or name in self.params
@@ -644,6 +651,17 @@ def _pow2(expr: ast.expr, scope: Scope, module: Scope, seen: frozenset = frozens
         return _all([_pow2(v, scope, module, seen | {expr.id}) for v in values])
     if isinstance(expr, ast.IfExp):
         return _all([_pow2(expr.body, scope, module, seen), _pow2(expr.orelse, scope, module, seen)])
+    if isinstance(expr, ast.Subscript) and isinstance(expr.value, ast.Call) and _int(expr.slice) is not None:
+        # element i of what a function of this file returns: element i of each of its return tuples
+        parts = dotted(expr.value.func) or []
+        function = module.functions.get(parts[0]) if len(parts) == 1 and parts[0] not in seen else None
+        if function is None:
+            return None
+        returns = [n.value for n, _ in scope_walk(function.body) if isinstance(n, ast.Return)]
+        i = _int(expr.slice)
+        if not returns or not all(isinstance(r, ast.Tuple) and i < len(r.elts) for r in returns):
+            return None
+        return _all([_pow2(r.elts[i], Scope(function), module, seen | {parts[0]}) for r in returns])
     if isinstance(expr, ast.Call):
         parts = dotted(expr.func) or []
         if parts and parts[-1] == "next_power_of_2":

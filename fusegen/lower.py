@@ -186,7 +186,8 @@ def lower(kernel: Kernel) -> LoweredKernel:
     }
     if _used("BLOCK_K", body_text):
         default_blocks["BLOCK_K"] = "32"
-    block_values = {**default_blocks, **own_blocks}
+    # an op's own blocks come last, in its order: one may read another, or a default
+    block_values = {**{b: v for b, v in default_blocks.items() if b not in own_blocks}, **own_blocks}
     if kernel.producer:
         # every block of output channels computes the producer again: span up to 256 channels, and
         # shorten the rows to keep the accumulator at 8192 floats
@@ -195,6 +196,9 @@ def lower(kernel: Kernel) -> LoweredKernel:
             "BLOCK_M": "max(16, min(64, triton.next_power_of_2(8192 // BLOCK_N)))",
             "BLOCK_K": "32",
         }
+    block_lines = [f"{name} = {value}" for name, value in block_values.items()]
+    if anchor.tile and not kernel.producer:
+        block_lines = [f"BLOCK_M, BLOCK_N, BLOCK_K = {anchor.tile}"]
     rows = "N * OH * OW" if out_rank == 4 else "N"
     inputs = ["x", "x_stats"] if kernel.reads_batch_stats else ["x"]
     setup = [line.format(m=f.slot) for f in kernel.prologue if f.elementwise for line in f.elementwise.setup]
@@ -205,7 +209,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
         *(INDENT + line for line in anchor_dims),
         INDENT + f"out = torch.empty(({out_shape}), device=x.device, dtype=torch.float32{_LAYOUT[out_rank]})",
         INDENT + "check_32bit_offsets(x, out)",
-        *(INDENT + f"{name} = {value}" for name, value in block_values.items()),
+        *(INDENT + line for line in block_lines),
     ]
     wrapper += [
         INDENT + f"grid = (triton.cdiv({rows}, BLOCK_M), triton.cdiv(C_out, BLOCK_N))",

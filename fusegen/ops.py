@@ -27,14 +27,13 @@ from typing import Callable
 
 Shape = tuple[int, ...]
 
-# Precision of fp32 tl.dot on the GPU. Plain "tf32" left 0.9e-3 to 1.4e-3 relative L2 error on whole
-# MobileNetV1 and EfficientNetB1 (H200), ten times eager's own error against float64. Each operand split
-# in two bf16 halves, three bf16 products ("bf16x3", 16 mantissa bits) leave 4e-6 at bf16 tensor-core
-# speed; "tf32x3" was more accurate still (2e-7) and 10-25% slower on the 1x1 GEMMs (notes/perf.md).
+# Precision of fp32 tl.dot on the GPU. Tensor cores read an fp32 operand as TF32 by dropping its low 13
+# mantissa bits; that truncation always shrinks magnitudes, its error adds up over a whole net, and plain
+# "tf32" left 0.9e-3 to 1.4e-3 relative L2 error on MobileNetV1 and EfficientNetB1 (H200), ten times
+# eager's. `fp32_dot` (FP32_DOT below) rounds the operands to nearest first, as cuBLAS and cuDNN do.
+# "bf16x3" (three bf16 products, 4e-6) and "tf32x3" (2e-7) are the exact-er, slower choices (notes/perf.md).
 # Triton's interpreter accepts no bf16x3 and computes fp32 anyway: "ieee" says so.
-DOT_PRECISION = "bf16x3"
-# A kernel whose output feeds training-mode BatchNorm: normalising by the batch's spread amplifies
-# rounding, and bf16x3 left the running buffers 1e-4 off float64 (outputs 1-4e-4); tf32x3 does not.
+DOT_PRECISION = "tf32"
 STATS_DOT_PRECISION = "tf32x3"
 
 
@@ -57,6 +56,27 @@ class KernelParam:
     constexpr: bool = False
 
 
+# The tl.dot of every anchor, emitted once into each generated file that uses it.
+FP32_DOT = """\
+@triton.jit
+def round_to_tf32(x):
+    \"\"\"x rounded to the nearest TF32 value, ties away from zero (as cuBLAS and cuDNN round).\"\"\"
+    # add half a unit in TF32's last place, then drop the 13 mantissa bits that TF32 lacks
+    bits = x.to(tl.uint32, bitcast=True) + 0x1000
+    return (bits & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def fp32_dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    \"\"\"acc + a @ b for fp32 tiles. Tensor cores read fp32 operands as TF32 by truncating them, a bias
+    that adds up over a net: for "tf32" they are rounded to nearest first.\"\"\"
+    if DOT_PRECISION == "tf32":
+        a = round_to_tf32(a)
+        b = round_to_tf32(b)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+"""
+
+
 # A prologue hook that an anchor calls where it loads an input tile:
 # hook(tile, channels, channel_mask, inside) -> lines that rewrite `tile` in place.
 PrologueHook = Callable[[str, str, str, "str | None"], list[str]]
@@ -76,6 +96,8 @@ class Anchor:
     loop: Callable[[str, PrologueHook], list[str]]
     # why no later anchor can join this kernel (for the fusion-legality error)
     barrier: str
+    # wrapper expression of (BLOCK_M, BLOCK_N, BLOCK_K), where the shape decides all three together
+    tile: str | None = None
     # A producer (depthwise conv): kernel lines that leave its output at the frame's pixels, channels
     # offs_k (mask_k), in the tile `a` [BLOCK_M, BLOCK_K], to run inside a consumer's K loop.
     produce: Callable[[str, PrologueHook], list[str]] | None = None
@@ -157,7 +179,8 @@ class Op:
             return self
         precise = _dot_precision(STATS_DOT_PRECISION)
         params = tuple(precise if p.name == "DOT_PRECISION" else p for p in lowering.params)
-        return replace(self, lowering=replace(lowering, params=params))
+        tile = _STATS_TILES.get(lowering.tile, lowering.tile)
+        return replace(self, lowering=replace(lowering, params=params, tile=tile))
 
 
 # -- shape rules -------------------------------------------------------------------------------------
@@ -231,7 +254,7 @@ def _conv_loop(slot: str, prologue: PrologueHook) -> list[str]:
         f"    b = tl.load({slot}_weight_ptr + offs_n[None, :] * {slot}_weight_stride_o"
         f" + (ci * {slot}_weight_stride_i + kh * {slot}_weight_stride_h + kw * {slot}_weight_stride_w)[:, None],"
         " mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
-        "    acc += tl.dot(a, b, input_precision=DOT_PRECISION)",
+        "    acc = fp32_dot(a, b, acc, DOT_PRECISION)",
     ]
 
 
@@ -272,7 +295,7 @@ def _gemm(slot: str, a_tile: list[str], bias: bool) -> list[str]:
         *("    " + line for line in a_tile),
         f"    b = tl.load({slot}_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],"
         " mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
-        "    acc += tl.dot(a, b, input_precision=DOT_PRECISION)",
+        "    acc = fp32_dot(a, b, acc, DOT_PRECISION)",
     ]
     if bias:
         lines.append(f"acc += tl.load({slot}_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]")
@@ -362,15 +385,30 @@ def _weight(dims: str) -> tuple[KernelParam, ...]:
 _GEMM_WEIGHT = KernelParam("weight_ptr", "{m}.weight.contiguous()")
 
 
-# Output channels per tile of a 1x1 conv: up to 128, so each input row is read once for up to 128
-# channels (16 -> 96 channels at 120x120, batch 128: 0.43 -> 0.29 ms on an H200; scripts/tune_tiles.py),
-# but 64 where 128 would leave fewer than 128 programs (batch 10's late layers) to fill the GPU.
-_GEMM_BLOCK_N = KernelParam(
-    "BLOCK_N",
-    "min(128 if triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, 128) >= 128 else 64,"
-    " max(16, triton.next_power_of_2(C_out)))",
-    constexpr=True,
-)
+# The tile of a 1x1 conv's GEMM, chosen in its wrapper from the shape (emitted once per file).
+GEMM_TILE = """\
+def gemm_tile(rows, C_in, C_out, max_rows=128):
+    \"\"\"(BLOCK_M, BLOCK_N, BLOCK_K) for a 1x1 conv of `rows` pixels, from tile sweeps of TF32 dots at
+    batch 10 and 128 on an H200 (scripts/tune_tiles.py; notes/perf.md). Tiles of a tf32x3 dot (three
+    products) take max_rows=64: with 128 rows, MobileNetV1's training forward went 5.6 -> 6.7 ms.\"\"\"
+
+    def programs(block_m, block_n):
+        return triton.cdiv(rows, block_m) * triton.cdiv(C_out, block_n)
+
+    # up to 128 channels, so that each input row is read once for up to 128 output channels
+    block_n = min(128, max(16, triton.next_power_of_2(C_out)))
+    # 128 rows where that leaves five programs per SM of a 128-SM GPU (256 -> 256 @28: 0.151 -> 0.106 ms)
+    if max_rows >= 128 and C_in >= 32 and block_n >= 64 and programs(128, block_n) >= 640:
+        return 128, block_n, 32
+    if programs(64, block_n) >= 128:
+        return 64, block_n, 32
+    # under a wave of programs (batch 10's late layers): narrower tiles, longer K steps
+    # (1152 -> 320 @8: 0.024 -> 0.015 ms; 1024 -> 1024 @7: 0.023 -> 0.019 ms)
+    block_k = 64 if C_in >= 64 else 32
+    if programs(64, min(block_n, 64)) >= 128:
+        return 64, min(block_n, 64), block_k
+    return 32, min(block_n, 32), block_k
+"""
 
 
 def _dot_precision(precision: str) -> KernelParam:
@@ -378,6 +416,12 @@ def _dot_precision(precision: str) -> KernelParam:
 
 
 _DOT_PRECISION = _dot_precision(DOT_PRECISION)
+_GEMM_TILE = "gemm_tile(N * OH * OW, C_in, C_out)"
+_STATS_TILES = {_GEMM_TILE: "gemm_tile(N * OH * OW, C_in, C_out, max_rows=64)"}  # tf32x3: see gemm_tile
+# torch runs convolutions in TF32 (cudnn.allow_tf32) but matmuls in fp32 (cuda.matmul.allow_tf32 is
+# off); the classifier's error lands on the output unfiltered, and TF32 there put whole nets at 3x
+# eager's error (H200). It is a tiny GEMM: bf16x3 costs nothing measurable.
+_MATMUL_DOT_PRECISION = _dot_precision("bf16x3")
 _CONV_PARAMS = (
     *_weight("oihw"),
     KernelParam("KH", "{m}.kernel_size[0]", constexpr=True),
@@ -615,11 +659,12 @@ FIXED_OPS = {
             shape=_conv1x1_shape,
             reference=lambda x, m: f"{m}({x})",
             lowering=Anchor(
-                (_GEMM_WEIGHT, KernelParam("STRIDE", "{m}.stride[0]", constexpr=True), _DOT_PRECISION, _GEMM_BLOCK_N),
+                (_GEMM_WEIGHT, KernelParam("STRIDE", "{m}.stride[0]", constexpr=True), _DOT_PRECISION),
                 "{m}.out_channels",
                 ("OH = (H - 1) // {m}.stride[0] + 1", "OW = (W - 1) // {m}.stride[1] + 1"),
                 _gemm_loop("(n * H + oh * STRIDE) * W + ow * STRIDE", bias=False),
                 "each of its outputs reads every input channel of a pixel, but a program of this kernel holds only BLOCK_N of them",
+                tile=_GEMM_TILE,
                 consume=_gemm_consume,
                 consume_refusal=_stride_one,
                 consume_guard=(
@@ -642,7 +687,7 @@ FIXED_OPS = {
             shape=_linear_shape,
             reference=lambda x, m: f"{m}({x})",
             lowering=Anchor(
-                (_GEMM_WEIGHT, KernelParam("bias_ptr", "{m}.bias"), _DOT_PRECISION, *_LINEAR_BLOCKS),
+                (_GEMM_WEIGHT, KernelParam("bias_ptr", "{m}.bias"), _MATMUL_DOT_PRECISION, *_LINEAR_BLOCKS),
                 "{m}.out_features",
                 (),
                 _gemm_loop("n", bias=True),

@@ -5,6 +5,24 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def round_to_tf32(x):
+    """x rounded to the nearest TF32 value, ties away from zero (as cuBLAS and cuDNN round)."""
+    # add half a unit in TF32's last place, then drop the 13 mantissa bits that TF32 lacks
+    bits = x.to(tl.uint32, bitcast=True) + 0x1000
+    return (bits & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def fp32_dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b for fp32 tiles. Tensor cores read fp32 operands as TF32 by truncating them, a bias
+    that adds up over a net: for "tf32" they are rounded to nearest first."""
+    if DOT_PRECISION == "tf32":
+        a = round_to_tf32(a)
+        b = round_to_tf32(b)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
 # conv3x3 -> bn -> relu: one kernel, one store.
 # efficientnet_b1.fuse:13: conv1: conv3x3(3, 32, stride=2) -> bn1: bn(32) -> relu
 @triton.jit
@@ -84,7 +102,7 @@ def conv3x3_bn_relu_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
+        acc = fp32_dot(a, b, acc, DOT_PRECISION)
     # epilogue: bn
     bn_scale = tl.load(bn_weight_ptr + offs_n, mask=mask_n, other=0.0) * tl.rsqrt(
         tl.load(bn_var_ptr + offs_n, mask=mask_n, other=1.0) + bn_eps
@@ -152,7 +170,7 @@ def conv1x1_bn_relu6_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
+        acc = fp32_dot(a, b, acc, DOT_PRECISION)
     # epilogue: bn
     bn_scale = tl.load(bn_weight_ptr + offs_n, mask=mask_n, other=0.0) * tl.rsqrt(
         tl.load(bn_var_ptr + offs_n, mask=mask_n, other=1.0) + bn_eps
@@ -302,7 +320,7 @@ def conv1x1_bn_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
+        acc = fp32_dot(a, b, acc, DOT_PRECISION)
     # epilogue: bn
     bn_scale = tl.load(bn_weight_ptr + offs_n, mask=mask_n, other=0.0) * tl.rsqrt(
         tl.load(bn_var_ptr + offs_n, mask=mask_n, other=1.0) + bn_eps
@@ -368,7 +386,7 @@ def conv1x1_bn_relu_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
+        acc = fp32_dot(a, b, acc, DOT_PRECISION)
     # epilogue: bn
     bn_scale = tl.load(bn_weight_ptr + offs_n, mask=mask_n, other=0.0) * tl.rsqrt(
         tl.load(bn_var_ptr + offs_n, mask=mask_n, other=1.0) + bn_eps
@@ -473,7 +491,7 @@ def linear_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
+        acc = fp32_dot(a, b, acc, DOT_PRECISION)
     acc += tl.load(fc_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
@@ -554,7 +572,7 @@ def conv3x3_stats_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
+        acc = fp32_dot(a, b, acc, DOT_PRECISION)
     tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
     # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
     tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
@@ -629,7 +647,7 @@ def bn_relu_conv1x1_stats_train_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
+        acc = fp32_dot(a, b, acc, DOT_PRECISION)
     tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
     # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
     tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
@@ -794,7 +812,7 @@ def bn_relu6_conv1x1_stats_train_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
+        acc = fp32_dot(a, b, acc, DOT_PRECISION)
     tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
     # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
     tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
@@ -868,7 +886,7 @@ def bn_conv1x1_stats_train_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
+        acc = fp32_dot(a, b, acc, DOT_PRECISION)
     tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
     # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
     tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
@@ -1033,6 +1051,35 @@ def check_32bit_offsets(*tensors):
             )
 
 
+def gemm_tile(rows, C_in, C_out, max_rows=128):
+    """(BLOCK_M, BLOCK_N, BLOCK_K) for a 1x1 conv of `rows` pixels, from tile sweeps of TF32 dots at
+    batch 10 and 128 on an H200 (scripts/tune_tiles.py; notes/perf.md). Tiles of a tf32x3 dot (three
+    products) take max_rows=64: with 128 rows, MobileNetV1's training forward went 5.6 -> 6.7 ms.
+    """
+
+    def programs(block_m, block_n):
+        return triton.cdiv(rows, block_m) * triton.cdiv(C_out, block_n)
+
+    # up to 128 channels, so that each input row is read once for up to 128 output channels
+    block_n = min(128, max(16, triton.next_power_of_2(C_out)))
+    # 128 rows where that leaves five programs per SM of a 128-SM GPU (256 -> 256 @28: 0.151 -> 0.106 ms)
+    if (
+        max_rows >= 128
+        and C_in >= 32
+        and block_n >= 64
+        and programs(128, block_n) >= 640
+    ):
+        return 128, block_n, 32
+    if programs(64, block_n) >= 128:
+        return 64, block_n, 32
+    # under a wave of programs (batch 10's late layers): narrower tiles, longer K steps
+    # (1152 -> 320 @8: 0.024 -> 0.015 ms; 1024 -> 1024 @7: 0.023 -> 0.019 ms)
+    block_k = 64 if C_in >= 64 else 32
+    if programs(64, min(block_n, 64)) >= 128:
+        return 64, min(block_n, 64), block_k
+    return 32, min(block_n, 32), block_k
+
+
 def conv3x3_bn_relu(x, conv, bn):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
@@ -1074,7 +1121,7 @@ def conv3x3_bn_relu(x, conv, bn):
         KW=conv.kernel_size[1],
         STRIDE=conv.stride[0],
         PAD=conv.padding[0],
-        DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
+        DOT_PRECISION="tf32" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1095,16 +1142,7 @@ def conv1x1_bn_relu6(x, conv, bn):
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
-    BLOCK_M = 64
-    BLOCK_N = min(
-        (
-            128
-            if triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, 128) >= 128
-            else 64
-        ),
-        max(16, triton.next_power_of_2(C_out)),
-    )
-    BLOCK_K = 32
+    BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     conv1x1_bn_relu6_kernel[grid](
         x,
@@ -1123,7 +1161,7 @@ def conv1x1_bn_relu6(x, conv, bn):
         C_in=C_in,
         C_out=C_out,
         STRIDE=conv.stride[0],
-        DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
+        DOT_PRECISION="tf32" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1189,16 +1227,7 @@ def conv1x1_bn(x, conv, bn):
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
-    BLOCK_M = 64
-    BLOCK_N = min(
-        (
-            128
-            if triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, 128) >= 128
-            else 64
-        ),
-        max(16, triton.next_power_of_2(C_out)),
-    )
-    BLOCK_K = 32
+    BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     conv1x1_bn_kernel[grid](
         x,
@@ -1217,7 +1246,7 @@ def conv1x1_bn(x, conv, bn):
         C_in=C_in,
         C_out=C_out,
         STRIDE=conv.stride[0],
-        DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
+        DOT_PRECISION="tf32" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1238,16 +1267,7 @@ def conv1x1_bn_relu(x, conv, bn):
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
-    BLOCK_M = 64
-    BLOCK_N = min(
-        (
-            128
-            if triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, 128) >= 128
-            else 64
-        ),
-        max(16, triton.next_power_of_2(C_out)),
-    )
-    BLOCK_K = 32
+    BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     conv1x1_bn_relu_kernel[grid](
         x,
@@ -1266,7 +1286,7 @@ def conv1x1_bn_relu(x, conv, bn):
         C_in=C_in,
         C_out=C_out,
         STRIDE=conv.stride[0],
-        DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
+        DOT_PRECISION="tf32" if x.is_cuda else "ieee",
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1395,16 +1415,7 @@ def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
-    BLOCK_M = 64
-    BLOCK_N = min(
-        (
-            128
-            if triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, 128) >= 128
-            else 64
-        ),
-        max(16, triton.next_power_of_2(C_out)),
-    )
-    BLOCK_K = 32
+    BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, max_rows=64)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     tile_sum = torch.empty((grid[0], C_out), device=x.device, dtype=torch.float32)
     tile_m2 = torch.empty_like(tile_sum)
@@ -1495,16 +1506,7 @@ def bn_relu6_conv1x1_stats_train(x, x_stats, bn, conv):
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
-    BLOCK_M = 64
-    BLOCK_N = min(
-        (
-            128
-            if triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, 128) >= 128
-            else 64
-        ),
-        max(16, triton.next_power_of_2(C_out)),
-    )
-    BLOCK_K = 32
+    BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, max_rows=64)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     tile_sum = torch.empty((grid[0], C_out), device=x.device, dtype=torch.float32)
     tile_m2 = torch.empty_like(tile_sum)
@@ -1547,16 +1549,7 @@ def bn_conv1x1_stats_train(x, x_stats, bn, conv):
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
-    BLOCK_M = 64
-    BLOCK_N = min(
-        (
-            128
-            if triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, 128) >= 128
-            else 64
-        ),
-        max(16, triton.next_power_of_2(C_out)),
-    )
-    BLOCK_K = 32
+    BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, max_rows=64)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     tile_sum = torch.empty((grid[0], C_out), device=x.device, dtype=torch.float32)
     tile_m2 = torch.empty_like(tile_sum)
@@ -1689,7 +1682,9 @@ def replay_cuda_graph(model, x):
     entry = model.cuda_graphs.get(key)
     if entry is None or entry[0] != state:
         model.cuda_graphs.pop(key, None)
-        static_x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
+        # in the layout the kernels read, so that each replay's copy of x is also the layout change
+        layout = torch.channels_last if x.dim() == 4 else torch.contiguous_format
+        static_x = torch.empty_like(x, memory_format=layout).copy_(x)
         with torch.cuda.device(x.device):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

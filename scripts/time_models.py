@@ -2,9 +2,10 @@
 mode (BatchNorm with batch statistics, KernelBench's setting); prints a table.
 
 A quick baseline, not `fusegen bench`: do_bench medians over rotated inputs, batch 10 and 128.
+`--precision P` times the generated files with another tl.dot precision (see PRECISIONS) in eval mode;
+`--profile` and `--profile-train` print where the GPU time goes per kernel.
 """
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -14,16 +15,33 @@ import triton.testing
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 import reference_models  # noqa: E402
-from helpers import randomize_batchnorm, rel_error  # noqa: E402
+from helpers import load_source, randomize_batchnorm, rel_error  # noqa: E402
 
 NETS = {"mobilenet_v1": (reference_models.MobileNetV1, 224), "efficientnet_b1": (reference_models.EfficientNetB1, 240)}
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "generated" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# The generated files' eval-mode tl.dot precision ("tf32", operands rounded to nearest) and the
+# alternatives to compare it with, as edits of the generated source.
+def _edit(old, new):
+    def edit(source):
+        assert old in source, f"the generated source no longer has {old!r}"
+        return source.replace(old, new)
+
+    return edit
+
+
+PRECISIONS = {
+    "tf32": lambda source: source,
+    "tf32-truncated": _edit('if DOT_PRECISION == "tf32":', "if False:"),
+    "tf32-round-a-only": _edit("        b = round_to_tf32(b)\n", ""),
+    "bf16x3": _edit('"tf32" if x.is_cuda', '"bf16x3" if x.is_cuda'),
+    "tf32x3": _edit('"tf32" if x.is_cuda', '"tf32x3" if x.is_cuda'),
+}
+
+
+def load(name, precision="tf32"):
+    source = PRECISIONS[precision]((ROOT / "generated" / f"{name}.py").read_text())
+    return load_source(source, f"{name}_{precision}")
 
 
 def median_ms(fn, inputs):
@@ -36,20 +54,20 @@ def median_ms(fn, inputs):
     return triton.testing.do_bench(step, warmup=50, rep=300, return_mode="median")
 
 
-def main():
-    print(f"device: {torch.cuda.get_device_name()}")
+def main(precision="tf32"):
+    print(f"device: {torch.cuda.get_device_name()}, fusegen's eval-mode tl.dot: {precision}")
     print("rel err: relative L2 error against a float64 run of the reference in the same mode (eager uses cuDNN defaults)")
     print(
         f"{'net':<16}{'mode':>6}{'batch':>6}{'eager ms':>10}{'fusegen ms':>12}{'speedup':>9}{'eager err':>11}{'fusegen err':>13}"
     )
     for name, (ref_cls, size) in NETS.items():
-        for training in (False, True):
+        for training in (False, True) if precision == "tf32" else (False,):
             for batch in (10, 128):
                 torch.manual_seed(42)
                 ref = ref_cls()
                 randomize_batchnorm(ref)
                 torch.manual_seed(42)
-                new = load(name).ModelNew()
+                new = load(name, precision).ModelNew()
                 new.load_state_dict(ref.state_dict())
                 exact = ref_cls().double()
                 exact.load_state_dict(ref.state_dict())
@@ -96,5 +114,7 @@ if __name__ == "__main__":
         for batch in (10, 128):
             profile("mobilenet_v1", batch, training=True, top=16)
             profile("efficientnet_b1", batch, training=True, top=16)
+    elif "--precision" in sys.argv:
+        main(sys.argv[sys.argv.index("--precision") + 1])
     else:
         main()

@@ -2,22 +2,22 @@
 shapes of MobileNetV1 and EfficientNetB1 at batch 128 (GPU). Only GEMM configs whose pipelined tiles fit
 an RTX 4090's 99 KB of shared memory per block are tried. Prints each layer's time under the first
 config (the default when the sweep was written) and the best. `--dw` sweeps the depthwise kernels only;
-`--batch N` sets the batch (default 128)."""
+`--batch N` sets the batch (default 128); `--precision P` the GEMMs' tl.dot precision (default tf32, as
+generated). `--rounding` times each GEMM at its generated tile under every precision variant of
+time_models.PRECISIONS instead."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import torch
 import triton
 import triton.testing
 
-ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("mb", ROOT / "generated" / "mobilenet_v1.py")
-mb = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mb)
+from time_models import PRECISIONS, load  # this script's folder is on sys.path
+
+mb = load("mobilenet_v1")
 
 BATCH = int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else 128
+PRECISION = sys.argv[sys.argv.index("--precision") + 1] if "--precision" in sys.argv else "tf32"
 # (C_in, C_out, H) of the 1x1 convs: MobileNetV1's, then EfficientNetB1's expand and project convs
 GEMMS = [
     (32, 64, 112), (64, 128, 56), (128, 128, 56), (128, 256, 28), (256, 256, 28), (256, 512, 14), (512, 512, 14),
@@ -26,9 +26,9 @@ GEMMS = [
 ]  # fmt: skip
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the first is today's default
 CONFIGS = [
-    (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 8, 3), (128, 128, 32, 8, 2),
-    (128, 128, 32, 8, 3), (64, 64, 64, 4, 3), (128, 256, 32, 8, 2), (64, 32, 32, 4, 3), (32, 64, 32, 4, 3),
-    (32, 64, 64, 4, 3), (64, 32, 64, 4, 3), (32, 32, 64, 4, 3),
+    (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (128, 128, 32, 4, 3),
+    (128, 64, 64, 4, 2), (64, 64, 64, 4, 3), (128, 256, 32, 8, 2), (256, 64, 32, 8, 2), (64, 32, 64, 4, 3),
+    (32, 64, 64, 4, 3), (32, 32, 64, 4, 3),
 ]  # fmt: skip
 SMEM_LIMIT = 99 * 1024
 # (C, H_in, stride) of the depthwise convs, and (BLOCK_M, BLOCK_N, num_warps) to try; the first is the default
@@ -47,7 +47,7 @@ def fits(bm, bn, bk, stages):
     return (bm * bk + bk * bn) * 4 * stages <= SMEM_LIMIT
 
 
-def time_gemm(c_in, c_out, h, bm, bn, bk, warps, stages):
+def time_gemm(c_in, c_out, h, bm, bn, bk, warps, stages, module=mb, precision=PRECISION):
     x = torch.rand(BATCH, c_in, h, h, device="cuda").to(memory_format=torch.channels_last)
     w = torch.randn(c_out, c_in, 1, 1, device="cuda")
     bn_args = batch_norm_tensors(c_out)
@@ -55,9 +55,9 @@ def time_gemm(c_in, c_out, h, bm, bn, bk, warps, stages):
     grid = (triton.cdiv(BATCH * h * h, bm), triton.cdiv(c_out, bn))
 
     def run():
-        mb.conv1x1_bn_relu_kernel[grid](
+        module.conv1x1_bn_relu_kernel[grid](
             x, w, *bn_args, out, BATCH, h, h, h, h, 1e-5, C_in=c_in, C_out=c_out, STRIDE=1,
-            DOT_PRECISION="bf16x3", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+            DOT_PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
@@ -97,10 +97,30 @@ def sweep_dw():
     print(f"sum over the depthwise layers: default {total_default:.3f} ms, best {total_best:.3f} ms")
 
 
+def rounding_costs():
+    """Each GEMM at its generated tile (gemm_tile, 4 warps, 3 stages) under each precision variant."""
+    variants = {name: load("mobilenet_v1", name) for name in PRECISIONS}
+    print(f"device: {torch.cuda.get_device_name()}, batch {BATCH}; ms at the generated tile")
+    print(f"{'conv1x1':<22}{'tile':>16}" + "".join(f"{name:>19}" for name in variants))
+    totals = dict.fromkeys(variants, 0.0)
+    for c_in, c_out, h in GEMMS:
+        tile = mb.gemm_tile(BATCH * h * h, c_in, c_out)
+        row = f"{f'{c_in}->{c_out} @{h}':<22}{str(tile):>16}"
+        for name, module in variants.items():
+            precision = name.split("-")[0]  # tf32-truncated and tf32-round-a-only launch tf32
+            ms = time_gemm(c_in, c_out, h, *tile, 4, 3, module=module, precision=precision)
+            totals[name] += ms
+            row += f"{ms:>19.4f}"
+        print(row)
+    print(f"{'sum':<38}" + "".join(f"{t:>19.3f}" for t in totals.values()))
+
+
 def main():
     if "--dw" in sys.argv:
         return sweep_dw()
-    print(f"device: {torch.cuda.get_device_name()}, batch {BATCH}, configs (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)")
+    if "--rounding" in sys.argv:
+        return rounding_costs()
+    print(f"device: {torch.cuda.get_device_name()}, batch {BATCH}, tl.dot {PRECISION}, configs (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)")
     total_default = total_best = 0.0
     for c_in, c_out, h in GEMMS:
         results = []

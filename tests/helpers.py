@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import linecache
 import types
 
@@ -17,20 +18,25 @@ ON_GPU = DEVICE == "cuda"
 TOLERANCE = 1e-3 if ON_GPU else 1e-5
 
 _modules: dict[str, types.ModuleType] = {}
+_files = itertools.count()
 
 
 def load_spec(text: str, name: str = "test_spec") -> types.ModuleType:
     """Compiles spec text through the whole pipeline and imports the generated file (cached by text)."""
     if text not in _modules:
-        source = compile_spec(text, f"specs/{name}.fuse")
-        filename = f"<fusegen {name} {len(_modules)}>"
-        # @triton.jit reads each kernel's source through inspect, which needs a file: register one.
-        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        module = types.ModuleType(name)
-        exec(compile(source, filename, "exec"), module.__dict__)
-        module.SOURCE = source
-        _modules[text] = module
+        _modules[text] = load_source(compile_spec(text, f"specs/{name}.fuse"), name)
     return _modules[text]
+
+
+def load_source(source: str, name: str) -> types.ModuleType:
+    """Imports generated source as a module."""
+    filename = f"<fusegen {name} {next(_files)}>"
+    # @triton.jit reads each kernel's source through inspect, which needs a file: register one.
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    module = types.ModuleType(name)
+    exec(compile(source, filename, "exec"), module.__dict__)
+    module.SOURCE = source
+    return module
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -94,6 +94,23 @@ def mark(source: str, needle: str, rules: str = "") -> str:
 
 
 LAUNCH = "add_kernel[("
+# A wrapper's block size unpacked from a function of the file (as gemm_tile): each return's element.
+TILE_FUNCTION = """def tile(n):
+    def half(size):
+        return size // 2
+
+    if half(n) > 1024:
+        return 128, min(128, max(16, triton.next_power_of_2(n)))
+    return 64, 16
+
+
+"""
+
+
+def tile_wrapper(tile: str) -> str:
+    return WRAPPER.replace("BLOCK=64", "BLOCK=block").replace("def add(x):", tile + "def add(x):").replace(
+        "    n = x.numel()\n", "    n = x.numel()\n    _, block = tile(n)\n"
+    )
 STORE = "tl.store(out_ptr + offs, x + 1.0, mask=mask)"
 
 # (rule, violating source, clean source). In the violating source every line that must be reported
@@ -168,6 +185,11 @@ CASES = {
         "TRI006",
         mark(model_file(ADD, WRAPPER.replace("BLOCK=64", "BLOCK=min(n, 16)")), LAUNCH),
         model_file(ADD, WRAPPER.replace("BLOCK=64", "BLOCK=32 if n > 1024 else 16")),
+    ),
+    "TRI006-tile-function": (
+        "TRI006",
+        mark(model_file(ADD, tile_wrapper(TILE_FUNCTION.replace("64, 16", "64, 48"))), LAUNCH),
+        model_file(ADD, tile_wrapper(TILE_FUNCTION)),
     ),
     "TRI007": (
         "TRI007",

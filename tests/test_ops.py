@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
-from helpers import DEVICE, TOLERANCE, load_spec, randomize_batchnorm, rel_error
+from fusegen import compile_spec
+from helpers import DEVICE, TOLERANCE, load_source, load_spec, randomize_batchnorm, rel_error
 
 # Random examples per test, on top of the pinned @example edge cases. No shrinking: under the
 # interpreter it can take minutes, and the failure message already shows the failing spec.
@@ -184,6 +185,33 @@ def test_conv_kxk(k, padding, stride, n, c_in, c_out, h, w):
 @example(stride=1, n=2, c_in=WIDE, c_out=WIDE, h=3, w=5)
 def test_conv1x1(stride, n, c_in, c_out, h, w):
     check((n, c_in, h, w), [conv(1, c_in, c_out, stride)])
+
+
+def tf32_bits(t: torch.Tensor, round_half: int) -> torch.Tensor:
+    """t as TF32: its low 13 mantissa bits dropped after adding `round_half` (0x1000 rounds to nearest)."""
+    return ((t.view(torch.int32) + round_half) & ~0x1FFF).view(torch.float32)
+
+
+def test_tf32_dot_rounds_its_operands_to_nearest():
+    """The GPU's "tf32" tl.dot path, on the CPU too: both operands are rounded to the nearest TF32 value
+    first (tensor cores would truncate them), then multiplied exactly and summed in fp32."""
+    source = compile_spec(spec_text((2, 48, 5, 3), ["op0: conv1x1(48, 24)"]), "specs/tf32.fuse")
+    assert source.count('"tf32" if x.is_cuda else "ieee"') == 1
+    module = load_source(source.replace('"tf32" if x.is_cuda else "ieee"', '"tf32"'), "tf32")
+    torch.manual_seed(0)
+    model = module.ModelNew().to(DEVICE).eval()
+    x = torch.randn(2, 48, 5, 3, device=DEVICE)
+    with torch.no_grad():
+        out = model(x)
+        weight = model.op0.weight
+
+        def conv_of(round_half):
+            return F.conv2d(tf32_bits(x, round_half).double(), tf32_bits(weight, round_half).double())
+
+        rounded, truncated = rel_error(out, conv_of(0x1000)), rel_error(out, conv_of(0))
+    # (interpreter: 9e-8 and 9e-4; plain fp32 operands would be 3e-4 off the rounded ones)
+    assert rounded < 2e-5, f"{rounded:.2g} off the product of the rounded operands"
+    assert truncated > 10 * rounded, "the operands were truncated, not rounded"
 
 
 @few_examples
