@@ -46,11 +46,18 @@ def check_32bit_offsets(*tensors):
 GRAPH_REPLAY = """\
 def replay_cuda_graph(model, x):
     \"\"\"Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype, device and mode. The
-    graph is captured again when a parameter or buffer is replaced or model.captured_scalars() changes;
-    each call returns a fresh tensor, never one that a later call overwrites.\"\"\"
-    # The kernels read parameters and buffers where they lie, so in-place changes need no new capture;
-    # scalars such as BatchNorm's eps and momentum are constants of the graph.
-    state = (*(t.data_ptr() for t in (*model.parameters(), *model.buffers())), *model.captured_scalars())
+    graph is captured again when a parameter or buffer is replaced, a parameter changes in place, or
+    model.captured_scalars() changes; each call returns a fresh tensor, never one that a later call
+    overwrites.\"\"\"
+    # The kernels read buffers where they lie, so in-place changes to them need no new capture. A
+    # parameter changed in place (its _version) captures again: dot_weight's TF32 copies are made
+    # then. Scalars such as BatchNorm's eps and momentum are constants of the graph.
+    params = list(model.parameters())
+    state = (
+        *(t.data_ptr() for t in (*params, *model.buffers())),
+        *(p._version for p in params),
+        *model.captured_scalars(),
+    )
     key = (x.shape, x.dtype, x.device, model.training)
     entry = model.cuda_graphs.get(key)
     if entry is None or entry[0] != state:
@@ -208,8 +215,9 @@ def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
     parts += [k.kernel_source for k in lowered]
     parts += [h.kernel for h in helpers]
     parts.append(OFFSETS_CHECK)
-    if any("gemm_tile(" in k.wrapper_source for k in lowered):
-        parts.append(O.GEMM_TILE)
+    for helper, name in ((O.GEMM_TILE, "gemm_tile("), (O.DOT_WEIGHT, "dot_weight(")):
+        if any(name in k.wrapper_source for k in lowered):
+            parts.append(helper)
     parts += [k.wrapper_source for k in lowered]
     parts += [h.wrapper for h in helpers]
     parts += dict.fromkeys(u.op.reference_helper for c in model.chains for u in c.ops if u.op.reference_helper)

@@ -160,6 +160,11 @@ def lower(kernel: Kernel) -> LoweredKernel:
     channels = [(d, d) for d in _CHANNELS]
     blocks = [(b, b) for b in dict.fromkeys(["BLOCK_M", "BLOCK_N", "BLOCK_K", *own_blocks])]
     positional = [p for p in pointers + dims + scalars if _used(p[0], body_text)]
+    # a constexpr that another argument's expression reads (dot_weight reads DOT_PRECISION) is a
+    # wrapper variable, set before the launch
+    read = "\n".join(value for _, value in positional)
+    wrapper_constants = [(name, value) for name, value in constexprs if _used(name, read)]
+    constexprs = [(name, name if _used(name, read) else value) for name, value in constexprs]
     keyword = [p for p in channels + constexprs + blocks if _used(p[0], body_text)]
 
     signature = [name for name, _ in positional] + [f"{name}: tl.constexpr" for name, _ in keyword]
@@ -210,6 +215,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
         INDENT + f"out = torch.empty(({out_shape}), device=x.device, dtype=torch.float32{_LAYOUT[out_rank]})",
         INDENT + "check_32bit_offsets(x, out)",
         *(INDENT + line for line in block_lines),
+        *(INDENT + f"{name} = {value}" for name, value in wrapper_constants),
     ]
     wrapper += [
         INDENT + f"grid = (triton.cdiv({rows}, BLOCK_M), triton.cdiv(C_out, BLOCK_N))",

@@ -30,7 +30,8 @@ Shape = tuple[int, ...]
 # Precision of fp32 tl.dot on the GPU. Tensor cores read an fp32 operand as TF32 by dropping its low 13
 # mantissa bits; that truncation always shrinks magnitudes, its error adds up over a whole net, and plain
 # "tf32" left 0.9e-3 to 1.4e-3 relative L2 error on MobileNetV1 and EfficientNetB1 (H200), ten times
-# eager's. `fp32_dot` (FP32_DOT below) rounds the operands to nearest first, as cuBLAS and cuDNN do.
+# eager's. Operands are rounded to nearest first, as cuBLAS and cuDNN do: activations in `fp32_dot`
+# (FP32_DOT below), weights once in the wrapper (`dot_weight`, DOT_WEIGHT).
 # "bf16x3" (three bf16 products, 4e-6) and "tf32x3" (2e-7) are the exact-er, slower choices (notes/perf.md).
 # Triton's interpreter accepts no bf16x3 and computes fp32 anyway: "ieee" says so.
 DOT_PRECISION = "tf32"
@@ -69,10 +70,10 @@ def round_to_tf32(x):
 @triton.jit
 def fp32_dot(a, b, acc, DOT_PRECISION: tl.constexpr):
     \"\"\"acc + a @ b for fp32 tiles. Tensor cores read fp32 operands as TF32 by truncating them, a bias
-    that adds up over a net: for "tf32" they are rounded to nearest first.\"\"\"
+    that adds up over a net: for "tf32" the activations `a` are rounded to nearest here, and the weights
+    `b` come rounded already (dot_weight).\"\"\"
     if DOT_PRECISION == "tf32":
         a = round_to_tf32(a)
-        b = round_to_tf32(b)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 """
 
@@ -372,17 +373,38 @@ def _load_loop(slot: str, prologue: PrologueHook) -> list[str]:
     ]
 
 
-def _weight(dims: str) -> tuple[KernelParam, ...]:
-    """The weight pointer and its strides: a module moved to channels_last has non-contiguous weights."""
+# fp32_dot's weight operand, made in the wrapper (emitted once per file that uses it). For "tf32" it is
+# a copy rounded to TF32: rounding the weight tiles in the kernel cost 8% of the 1x1 convs' time
+# (1.43 -> 1.56 ms summed over 16 layers at batch 128 on an H200; scripts/tune_tiles.py --rounding).
+DOT_WEIGHT = """\
+def dot_weight(module, precision):
+    \"\"\"module.weight as fp32_dot's operand `b` at `precision`: for "tf32", rounded to the nearest TF32
+    values (ties away from zero) with the weight's own strides, once per version of the weight.\"\"\"
+    weight = module.weight
+    if precision != "tf32":
+        return weight
+    key = (weight.data_ptr(), weight._version, weight.device, weight.stride())
+    cached = getattr(module, "tf32_weight", None)
+    if cached is None or cached[0] != key:
+        bits = weight.detach().view(torch.int32)
+        cached = module.tf32_weight = (key, ((bits + 0x1000) & -0x2000).view(torch.float32))
+    return cached[1]
+"""
+
+
+def _weight(dims: str, value: str = "{m}.weight") -> tuple[KernelParam, ...]:
+    """The weight pointer and its strides: a module moved to channels_last has non-contiguous weights
+    (dot_weight keeps the strides)."""
     names = {"o": 0, "i": 1, "h": 2, "w": 3}
-    return (KernelParam("weight_ptr", "{m}.weight"),) + tuple(
+    return (KernelParam("weight_ptr", value),) + tuple(
         KernelParam(f"weight_stride_{d}", f"{{m}}.weight.stride({names[d]})") for d in dims
     )
 
 
+_DOT_WEIGHT = "dot_weight({m}, DOT_PRECISION)"
 # A GEMM's weight as a contiguous [out, in] matrix (a 1x1 weight moved to channels_last already is one):
 # with the row length C_in a constant, its tiles load as vectors whatever C_in is.
-_GEMM_WEIGHT = KernelParam("weight_ptr", "{m}.weight.contiguous()")
+_GEMM_WEIGHT = KernelParam("weight_ptr", _DOT_WEIGHT + ".contiguous()")
 
 
 # The tile of a 1x1 conv's GEMM, chosen in its wrapper from the shape (emitted once per file).
@@ -422,14 +444,14 @@ _STATS_TILES = {_GEMM_TILE: "gemm_tile(N * OH * OW, C_in, C_out, max_rows=64)"} 
 # off); the classifier's error lands on the output unfiltered, and TF32 there put whole nets at 3x
 # eager's error (H200). It is a tiny GEMM: bf16x3 costs nothing measurable.
 _MATMUL_DOT_PRECISION = _dot_precision("bf16x3")
-_CONV_PARAMS = (
-    *_weight("oihw"),
+_WINDOW = (
     KernelParam("KH", "{m}.kernel_size[0]", constexpr=True),
     KernelParam("KW", "{m}.kernel_size[1]", constexpr=True),
     KernelParam("STRIDE", "{m}.stride[0]", constexpr=True),
     KernelParam("PAD", "{m}.padding[0]", constexpr=True),
-    _DOT_PRECISION,
 )
+_CONV_PARAMS = (*_weight("oihw", _DOT_WEIGHT), *_WINDOW, _DOT_PRECISION)
+_DWCONV_PARAMS = (*_weight("ohw"), *_WINDOW)  # fp32 multiply-adds, no tl.dot
 _CONV_PIXELS = (
     "OH = (H + 2 * {m}.padding[0] - {m}.kernel_size[0]) // {m}.stride[0] + 1",
     "OW = (W + 2 * {m}.padding[1] - {m}.kernel_size[1]) // {m}.stride[1] + 1",
@@ -474,7 +496,7 @@ def _dwconv_op(k: int) -> Op:
         shape=_conv_shape(k, "channels", None, name),
         reference=lambda x, m: f"{m}({x})",
         lowering=Anchor(
-            _CONV_PARAMS,
+            _DWCONV_PARAMS,
             "C_in",
             _CONV_PIXELS,
             _dwconv_loop,

@@ -16,10 +16,10 @@ def round_to_tf32(x):
 @triton.jit
 def fp32_dot(a, b, acc, DOT_PRECISION: tl.constexpr):
     """acc + a @ b for fp32 tiles. Tensor cores read fp32 operands as TF32 by truncating them, a bias
-    that adds up over a net: for "tf32" they are rounded to nearest first."""
+    that adds up over a net: for "tf32" the activations `a` are rounded to nearest here, and the weights
+    `b` come rounded already (dot_weight)."""
     if DOT_PRECISION == "tf32":
         a = round_to_tf32(a)
-        b = round_to_tf32(b)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
@@ -1080,6 +1080,24 @@ def gemm_tile(rows, C_in, C_out, max_rows=128):
     return 32, min(block_n, 32), block_k
 
 
+def dot_weight(module, precision):
+    """module.weight as fp32_dot's operand `b` at `precision`: for "tf32", rounded to the nearest TF32
+    values (ties away from zero) with the weight's own strides, once per version of the weight.
+    """
+    weight = module.weight
+    if precision != "tf32":
+        return weight
+    key = (weight.data_ptr(), weight._version, weight.device, weight.stride())
+    cached = getattr(module, "tf32_weight", None)
+    if cached is None or cached[0] != key:
+        bits = weight.detach().view(torch.int32)
+        cached = module.tf32_weight = (
+            key,
+            ((bits + 0x1000) & -0x2000).view(torch.float32),
+        )
+    return cached[1]
+
+
 def conv3x3_bn_relu(x, conv, bn):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
@@ -1096,10 +1114,11 @@ def conv3x3_bn_relu(x, conv, bn):
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     BLOCK_K = 32
+    DOT_PRECISION = "tf32" if x.is_cuda else "ieee"
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     conv3x3_bn_relu_kernel[grid](
         x,
-        conv.weight,
+        dot_weight(conv, DOT_PRECISION),
         bn.weight,
         bn.bias,
         bn.running_mean,
@@ -1121,7 +1140,7 @@ def conv3x3_bn_relu(x, conv, bn):
         KW=conv.kernel_size[1],
         STRIDE=conv.stride[0],
         PAD=conv.padding[0],
-        DOT_PRECISION="tf32" if x.is_cuda else "ieee",
+        DOT_PRECISION=DOT_PRECISION,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1143,10 +1162,11 @@ def conv1x1_bn_relu6(x, conv, bn):
     )
     check_32bit_offsets(x, out)
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out)
+    DOT_PRECISION = "tf32" if x.is_cuda else "ieee"
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     conv1x1_bn_relu6_kernel[grid](
         x,
-        conv.weight.contiguous(),
+        dot_weight(conv, DOT_PRECISION).contiguous(),
         bn.weight,
         bn.bias,
         bn.running_mean,
@@ -1161,7 +1181,7 @@ def conv1x1_bn_relu6(x, conv, bn):
         C_in=C_in,
         C_out=C_out,
         STRIDE=conv.stride[0],
-        DOT_PRECISION="tf32" if x.is_cuda else "ieee",
+        DOT_PRECISION=DOT_PRECISION,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1228,10 +1248,11 @@ def conv1x1_bn(x, conv, bn):
     )
     check_32bit_offsets(x, out)
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out)
+    DOT_PRECISION = "tf32" if x.is_cuda else "ieee"
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     conv1x1_bn_kernel[grid](
         x,
-        conv.weight.contiguous(),
+        dot_weight(conv, DOT_PRECISION).contiguous(),
         bn.weight,
         bn.bias,
         bn.running_mean,
@@ -1246,7 +1267,7 @@ def conv1x1_bn(x, conv, bn):
         C_in=C_in,
         C_out=C_out,
         STRIDE=conv.stride[0],
-        DOT_PRECISION="tf32" if x.is_cuda else "ieee",
+        DOT_PRECISION=DOT_PRECISION,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1268,10 +1289,11 @@ def conv1x1_bn_relu(x, conv, bn):
     )
     check_32bit_offsets(x, out)
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out)
+    DOT_PRECISION = "tf32" if x.is_cuda else "ieee"
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     conv1x1_bn_relu_kernel[grid](
         x,
-        conv.weight.contiguous(),
+        dot_weight(conv, DOT_PRECISION).contiguous(),
         bn.weight,
         bn.bias,
         bn.running_mean,
@@ -1286,7 +1308,7 @@ def conv1x1_bn_relu(x, conv, bn):
         C_in=C_in,
         C_out=C_out,
         STRIDE=conv.stride[0],
-        DOT_PRECISION="tf32" if x.is_cuda else "ieee",
+        DOT_PRECISION=DOT_PRECISION,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1337,16 +1359,17 @@ def linear(x, fc):
     BLOCK_M = min(32, max(16, triton.next_power_of_2(N)))
     BLOCK_N = 32
     BLOCK_K = min(64, max(16, triton.next_power_of_2(C_in)))
+    DOT_PRECISION = "bf16x3" if x.is_cuda else "ieee"
     grid = (triton.cdiv(N, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     linear_kernel[grid](
         x,
-        fc.weight.contiguous(),
+        dot_weight(fc, DOT_PRECISION).contiguous(),
         fc.bias,
         out,
         N,
         C_in=C_in,
         C_out=C_out,
-        DOT_PRECISION="bf16x3" if x.is_cuda else "ieee",
+        DOT_PRECISION=DOT_PRECISION,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1370,12 +1393,13 @@ def conv3x3_stats(x, conv):
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     BLOCK_K = 32
+    DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     tile_sum = torch.empty((grid[0], C_out), device=x.device, dtype=torch.float32)
     tile_m2 = torch.empty_like(tile_sum)
     conv3x3_stats_kernel[grid](
         x,
-        conv.weight,
+        dot_weight(conv, DOT_PRECISION),
         out,
         tile_sum,
         tile_m2,
@@ -1394,7 +1418,7 @@ def conv3x3_stats(x, conv):
         KW=conv.kernel_size[1],
         STRIDE=conv.stride[0],
         PAD=conv.padding[0],
-        DOT_PRECISION="tf32x3" if x.is_cuda else "ieee",
+        DOT_PRECISION=DOT_PRECISION,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1416,6 +1440,7 @@ def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
     )
     check_32bit_offsets(x, out)
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, max_rows=64)
+    DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     tile_sum = torch.empty((grid[0], C_out), device=x.device, dtype=torch.float32)
     tile_m2 = torch.empty_like(tile_sum)
@@ -1425,7 +1450,7 @@ def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
         bn_mean,
         bn_scale,
         bn.bias,
-        conv.weight.contiguous(),
+        dot_weight(conv, DOT_PRECISION).contiguous(),
         out,
         tile_sum,
         tile_m2,
@@ -1437,7 +1462,7 @@ def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
         C_in=C_in,
         C_out=C_out,
         STRIDE=conv.stride[0],
-        DOT_PRECISION="tf32x3" if x.is_cuda else "ieee",
+        DOT_PRECISION=DOT_PRECISION,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1507,6 +1532,7 @@ def bn_relu6_conv1x1_stats_train(x, x_stats, bn, conv):
     )
     check_32bit_offsets(x, out)
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, max_rows=64)
+    DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     tile_sum = torch.empty((grid[0], C_out), device=x.device, dtype=torch.float32)
     tile_m2 = torch.empty_like(tile_sum)
@@ -1516,7 +1542,7 @@ def bn_relu6_conv1x1_stats_train(x, x_stats, bn, conv):
         bn_mean,
         bn_scale,
         bn.bias,
-        conv.weight.contiguous(),
+        dot_weight(conv, DOT_PRECISION).contiguous(),
         out,
         tile_sum,
         tile_m2,
@@ -1528,7 +1554,7 @@ def bn_relu6_conv1x1_stats_train(x, x_stats, bn, conv):
         C_in=C_in,
         C_out=C_out,
         STRIDE=conv.stride[0],
-        DOT_PRECISION="tf32x3" if x.is_cuda else "ieee",
+        DOT_PRECISION=DOT_PRECISION,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1550,6 +1576,7 @@ def bn_conv1x1_stats_train(x, x_stats, bn, conv):
     )
     check_32bit_offsets(x, out)
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, max_rows=64)
+    DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     tile_sum = torch.empty((grid[0], C_out), device=x.device, dtype=torch.float32)
     tile_m2 = torch.empty_like(tile_sum)
@@ -1559,7 +1586,7 @@ def bn_conv1x1_stats_train(x, x_stats, bn, conv):
         bn_mean,
         bn_scale,
         bn.bias,
-        conv.weight.contiguous(),
+        dot_weight(conv, DOT_PRECISION).contiguous(),
         out,
         tile_sum,
         tile_m2,
@@ -1571,7 +1598,7 @@ def bn_conv1x1_stats_train(x, x_stats, bn, conv):
         C_in=C_in,
         C_out=C_out,
         STRIDE=conv.stride[0],
-        DOT_PRECISION="tf32x3" if x.is_cuda else "ieee",
+        DOT_PRECISION=DOT_PRECISION,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -1670,12 +1697,16 @@ def batch_norm_reference(x, bn):
 
 def replay_cuda_graph(model, x):
     """Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype, device and mode. The
-    graph is captured again when a parameter or buffer is replaced or model.captured_scalars() changes;
-    each call returns a fresh tensor, never one that a later call overwrites."""
-    # The kernels read parameters and buffers where they lie, so in-place changes need no new capture;
-    # scalars such as BatchNorm's eps and momentum are constants of the graph.
+    graph is captured again when a parameter or buffer is replaced, a parameter changes in place, or
+    model.captured_scalars() changes; each call returns a fresh tensor, never one that a later call
+    overwrites."""
+    # The kernels read buffers where they lie, so in-place changes to them need no new capture. A
+    # parameter changed in place (its _version) captures again: dot_weight's TF32 copies are made
+    # then. Scalars such as BatchNorm's eps and momentum are constants of the graph.
+    params = list(model.parameters())
     state = (
-        *(t.data_ptr() for t in (*model.parameters(), *model.buffers())),
+        *(t.data_ptr() for t in (*params, *model.buffers())),
+        *(p._version for p in params),
         *model.captured_scalars(),
     )
     key = (x.shape, x.dtype, x.device, model.training)

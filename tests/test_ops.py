@@ -214,6 +214,23 @@ def test_tf32_dot_rounds_its_operands_to_nearest():
     assert truncated > 10 * rounded, "the operands were truncated, not rounded"
 
 
+def test_dot_weight_rounds_once_per_version_of_the_weight():
+    module = load_spec(spec_text((1, 8, 4, 4), ["op0: conv1x1(8, 16)"]), "dot_weight")
+    conv = nn.Conv2d(8, 16, 1, bias=False)
+    assert module.dot_weight(conv, "tf32x3") is conv.weight  # other precisions take the weight as it is
+    rounded = module.dot_weight(conv, "tf32")
+    assert torch.equal(rounded, tf32_bits(conv.weight.detach(), 0x1000))
+    assert not torch.equal(rounded, conv.weight) and rounded.stride() == conv.weight.stride()
+    assert module.dot_weight(conv, "tf32") is rounded  # kept while the weight is unchanged
+    with torch.no_grad():
+        conv.weight.mul_(3.0)  # in place: a new version
+    assert torch.equal(module.dot_weight(conv, "tf32"), tf32_bits(conv.weight.detach(), 0x1000))
+    conv.weight = nn.Parameter(torch.randn(16, 8, 1, 1))  # replaced
+    assert torch.equal(module.dot_weight(conv, "tf32"), tf32_bits(conv.weight.detach(), 0x1000))
+    channels_last = nn.Conv2d(8, 16, 3, bias=False).to(memory_format=torch.channels_last)
+    assert module.dot_weight(channels_last, "tf32").stride() == channels_last.weight.stride()
+
+
 @few_examples
 @given(
     k=st.sampled_from([3, 5]),
