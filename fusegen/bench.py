@@ -253,8 +253,8 @@ class Peaks:
 
 def floor_ms(nbytes: int, flops: int, peaks: Peaks) -> float:
     """The least time the work can take: moving its bytes at peak bandwidth or doing its FLOPs at TF32
-    peak. fusegen's tl.dot runs bf16x3 (three bf16 products per multiply, for near-fp32 accuracy; bf16
-    tensor cores run at twice TF32's rate), so a compute-bound GEMM can reach about two thirds of it."""
+    peak. fusegen's convolutions run TF32 dots (operands rounded to nearest), so the peak applies to them
+    as it is; the classifier's bf16x3 dot (three bf16 products at twice TF32's rate) reaches two thirds."""
     return max(nbytes / peaks.bandwidth_gb_per_s / 1e6, flops / peaks.tf32_tflop_per_s / 1e9)
 
 

@@ -32,9 +32,11 @@ Shape = tuple[int, ...]
 # "tf32" left 0.9e-3 to 1.4e-3 relative L2 error on MobileNetV1 and EfficientNetB1 (H200), ten times
 # eager's. Operands are rounded to nearest first, as cuBLAS and cuDNN do: activations in `fp32_dot`
 # (FP32_DOT below), weights once in the wrapper (`dot_weight`, DOT_WEIGHT).
-# "bf16x3" (three bf16 products, 4e-6) and "tf32x3" (2e-7) are the exact-er, slower choices (notes/perf.md).
+# "bf16x3" (three bf16 products, 4e-6) and "tf32x3" (2e-7) are more exact and slower (notes/perf.md).
 # Triton's interpreter accepts no bf16x3 and computes fp32 anyway: "ieee" says so.
 DOT_PRECISION = "tf32"
+# A kernel whose output feeds training-mode BatchNorm: normalising by the batch's spread amplifies
+# rounding, and bf16x3 left the running buffers 1e-4 off float64 (outputs 1-4e-4); tf32x3 does not.
 STATS_DOT_PRECISION = "tf32x3"
 
 
