@@ -6,8 +6,11 @@ from pathlib import Path
 
 import black
 import pytest
+import triton
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from fusegen import compile_spec
+from fusegen import compile_spec, ops
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "specs").glob("*.fuse"))
@@ -229,3 +232,17 @@ def test_a_producer_runs_inside_the_k_loop_and_is_never_stored():
     (wrapper,) = [f for f in ast.parse(SOURCES["extra.fuse"]).body if getattr(f, "name", "") == kernel.name[: -len("_kernel")]]
     (launch,) = [c for c in ast.walk(wrapper) if isinstance(c, ast.Call) and ast.unparse(c.func).startswith(kernel.name)]
     assert {kw.arg: ast.unparse(kw.value) for kw in launch.keywords}["num_stages"] == "1"
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.integers(1, 128 * 224 * 224), c_in=st.integers(1, 2048), c_out=st.integers(1, 2048), stats=st.booleans())
+def test_gemm_tiles_are_powers_of_two_that_fit_a_4090(rows, c_in, c_out, stats):
+    """gemm_tile, as emitted: power-of-two blocks of at least 16 (tl.dot's minimum), pipelined in 3 stages
+    within the 99 KB of shared memory an RTX 4090 gives a block; 64 rows at most for tf32x3 kernels."""
+    namespace: dict = {}
+    exec(ops.GEMM_TILE, {"triton": triton}, namespace)
+    block_m, block_n, block_k = namespace["gemm_tile"](rows, c_in, c_out, **({"max_rows": 64} if stats else {}))
+    for block in (block_m, block_n, block_k):
+        assert block >= 16 and block & (block - 1) == 0
+    assert (block_m * block_k + block_k * block_n) * 4 * 3 <= 99 * 1024
+    assert block_n <= max(16, triton.next_power_of_2(c_out)) and (block_m <= 64 or not stats)
