@@ -205,20 +205,23 @@ def _run_methods(plan: Plan) -> list[str]:
     return lines
 
 
+def _called(functions: dict[str, str], callers: list[str]) -> list[str]:
+    """The sources of the op table's shared functions (name -> source) that some caller calls."""
+    return [source for name, source in functions.items() if any(f"{name}(" in text for text in callers)]
+
+
 def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
     model = plan.model
     ctor = ", ".join(["self", *(f"{name}={default}" for name, default in model.params)])
     helpers = _helpers(plan)
+    kernels, wrappers = [k.kernel_source for k in lowered], [k.wrapper_source for k in lowered]
     parts = [HEADER.format(spec=spec_path)]
-    if any("fp32_dot(" in k.kernel_source for k in lowered):
-        parts.append(O.FP32_DOT)
-    parts += [k.kernel_source for k in lowered]
+    parts += _called(O.KERNEL_FUNCTIONS, kernels)
+    parts += kernels
     parts += [h.kernel for h in helpers]
     parts.append(OFFSETS_CHECK)
-    for helper, name in ((O.GEMM_TILE, "gemm_tile("), (O.DOT_WEIGHT, "dot_weight(")):
-        if any(name in k.wrapper_source for k in lowered):
-            parts.append(helper)
-    parts += [k.wrapper_source for k in lowered]
+    parts += _called(O.WRAPPER_FUNCTIONS, wrappers)
+    parts += wrappers
     parts += [h.wrapper for h in helpers]
     parts += dict.fromkeys(u.op.reference_helper for c in model.chains for u in c.ops if u.op.reference_helper)
     parts.append(GRAPH_REPLAY)

@@ -116,6 +116,30 @@ def _out_dims(kernel: Kernel) -> list[str]:
     ]
 
 
+def _block_lines(kernel: Kernel, out_rank: int, body_text: str, own_blocks: dict[str, str]) -> list[str]:
+    """Wrapper lines that set the block sizes: defaults, overridden by the anchor's own (which come
+    last, in its order: one may read another, or a default), or the anchor's whole tile rule."""
+    anchor: O.Anchor = kernel.anchor.op.lowering
+    if kernel.producer:
+        # every block of output channels computes the producer again: span up to 256 channels, and
+        # shorten the rows to keep the accumulator at 8192 floats
+        return [
+            "BLOCK_N = min(256, max(16, triton.next_power_of_2(C_out)))",
+            "BLOCK_M = max(16, min(64, triton.next_power_of_2(8192 // BLOCK_N)))",
+            "BLOCK_K = 32",
+        ]
+    if anchor.tile:
+        return [f"BLOCK_M, BLOCK_N, BLOCK_K = {anchor.tile}"]
+    default_blocks = {
+        "BLOCK_M": "64" if out_rank == 4 else "min(64, max(16, triton.next_power_of_2(N)))",
+        "BLOCK_N": "min(64, max(16, triton.next_power_of_2(C_out)))",
+    }
+    if _used("BLOCK_K", body_text):
+        default_blocks["BLOCK_K"] = "32"
+    values = {**{b: v for b, v in default_blocks.items() if b not in own_blocks}, **own_blocks}
+    return [f"{name} = {value}" for name, value in values.items()]
+
+
 def lower(kernel: Kernel) -> LoweredKernel:
     anchor: O.Anchor = kernel.anchor.op.lowering
     out_rank = anchor.out_rank
@@ -160,11 +184,13 @@ def lower(kernel: Kernel) -> LoweredKernel:
     channels = [(d, d) for d in _CHANNELS]
     blocks = [(b, b) for b in dict.fromkeys(["BLOCK_M", "BLOCK_N", "BLOCK_K", *own_blocks])]
     positional = [p for p in pointers + dims + scalars if _used(p[0], body_text)]
-    # a constexpr that another argument's expression reads (dot_weight reads DOT_PRECISION) is a
-    # wrapper variable, set before the launch
-    read = "\n".join(value for _, value in positional)
-    wrapper_constants = [(name, value) for name, value in constexprs if _used(name, read)]
-    constexprs = [(name, name if _used(name, read) else value) for name, value in constexprs]
+    block_lines = _block_lines(kernel, out_rank, body_text, own_blocks)
+    # a constexpr that another wrapper expression reads (dot_weight and gemm_tile read DOT_PRECISION)
+    # is a wrapper variable, set first
+    read = "\n".join([*(value for _, value in positional), *block_lines])
+    variables = {name for name, _ in constexprs if _used(name, read)}
+    variable_lines = [f"{name} = {value}" for name, value in constexprs if name in variables]
+    constexprs = [(name, name if name in variables else value) for name, value in constexprs]
     keyword = [p for p in channels + constexprs + blocks if _used(p[0], body_text)]
 
     signature = [name for name, _ in positional] + [f"{name}: tl.constexpr" for name, _ in keyword]
@@ -185,25 +211,6 @@ def lower(kernel: Kernel) -> LoweredKernel:
     if kernel.producer:
         anchor_dims += [line.format(m=kernel.anchor.slot) for line in anchor.consume_guard]
     out_shape = ", ".join(["N", *out_dims])
-    default_blocks = {
-        "BLOCK_M": "64" if out_rank == 4 else "min(64, max(16, triton.next_power_of_2(N)))",
-        "BLOCK_N": "min(64, max(16, triton.next_power_of_2(C_out)))",
-    }
-    if _used("BLOCK_K", body_text):
-        default_blocks["BLOCK_K"] = "32"
-    # an op's own blocks come last, in its order: one may read another, or a default
-    block_values = {**{b: v for b, v in default_blocks.items() if b not in own_blocks}, **own_blocks}
-    if kernel.producer:
-        # every block of output channels computes the producer again: span up to 256 channels, and
-        # shorten the rows to keep the accumulator at 8192 floats
-        block_values = {
-            "BLOCK_N": "min(256, max(16, triton.next_power_of_2(C_out)))",
-            "BLOCK_M": "max(16, min(64, triton.next_power_of_2(8192 // BLOCK_N)))",
-            "BLOCK_K": "32",
-        }
-    block_lines = [f"{name} = {value}" for name, value in block_values.items()]
-    if anchor.tile and not kernel.producer:
-        block_lines = [f"BLOCK_M, BLOCK_N, BLOCK_K = {anchor.tile}"]
     rows = "N * OH * OW" if out_rank == 4 else "N"
     inputs = ["x", "x_stats"] if kernel.reads_batch_stats else ["x"]
     setup = [line.format(m=f.slot) for f in kernel.prologue if f.elementwise for line in f.elementwise.setup]
@@ -214,8 +221,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
         *(INDENT + line for line in anchor_dims),
         INDENT + f"out = torch.empty(({out_shape}), device=x.device, dtype=torch.float32{_LAYOUT[out_rank]})",
         INDENT + "check_32bit_offsets(x, out)",
-        *(INDENT + line for line in block_lines),
-        *(INDENT + f"{name} = {value}" for name, value in wrapper_constants),
+        *(INDENT + line for line in variable_lines + block_lines),
     ]
     wrapper += [
         INDENT + f"grid = (triton.cdiv({rows}, BLOCK_M), triton.cdiv(C_out, BLOCK_N))",

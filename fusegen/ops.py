@@ -182,8 +182,7 @@ class Op:
             return self
         precise = _dot_precision(STATS_DOT_PRECISION)
         params = tuple(precise if p.name == "DOT_PRECISION" else p for p in lowering.params)
-        tile = _STATS_TILES.get(lowering.tile, lowering.tile)
-        return replace(self, lowering=replace(lowering, params=params, tile=tile))
+        return replace(self, lowering=replace(lowering, params=params))
 
 
 # -- shape rules -------------------------------------------------------------------------------------
@@ -411,10 +410,10 @@ _GEMM_WEIGHT = KernelParam("weight_ptr", _DOT_WEIGHT + ".contiguous()")
 
 # The tile of a 1x1 conv's GEMM, chosen in its wrapper from the shape (emitted once per file).
 GEMM_TILE = """\
-def gemm_tile(rows, C_in, C_out, max_rows=128):
+def gemm_tile(rows, C_in, C_out, precision):
     \"\"\"(BLOCK_M, BLOCK_N, BLOCK_K) for a 1x1 conv of `rows` pixels, from tile sweeps of TF32 dots at
-    batch 10 and 128 on an H200 (scripts/tune_tiles.py; notes/perf.md). Tiles of a tf32x3 dot (three
-    products) take max_rows=64: with 128 rows, MobileNetV1's training forward went 5.6 -> 6.7 ms.\"\"\"
+    batch 10 and 128 on an H200 (scripts/tune_tiles.py; notes/perf.md). A tf32x3 dot (three products
+    per tile) keeps 64 rows: with 128, MobileNetV1's training forward went 5.6 -> 6.7 ms.\"\"\"
 
     def programs(block_m, block_n):
         return triton.cdiv(rows, block_m) * triton.cdiv(C_out, block_n)
@@ -422,7 +421,7 @@ def gemm_tile(rows, C_in, C_out, max_rows=128):
     # up to 128 channels, so that each input row is read once for up to 128 output channels
     block_n = min(128, max(16, triton.next_power_of_2(C_out)))
     # 128 rows where that leaves five programs per SM of a 128-SM GPU (256 -> 256 @28: 0.151 -> 0.106 ms)
-    if max_rows >= 128 and C_in >= 32 and block_n >= 64 and programs(128, block_n) >= 640:
+    if precision != "tf32x3" and C_in >= 32 and block_n >= 64 and programs(128, block_n) >= 640:
         return 128, block_n, 32
     if programs(64, block_n) >= 128:
         return 64, block_n, 32
@@ -435,13 +434,17 @@ def gemm_tile(rows, C_in, C_out, max_rows=128):
 """
 
 
+# Functions that lowered kernels (jit) and wrappers call, by name: emit adds each to a generated file
+# that calls it, once.
+KERNEL_FUNCTIONS = {"fp32_dot": FP32_DOT}
+WRAPPER_FUNCTIONS = {"gemm_tile": GEMM_TILE, "dot_weight": DOT_WEIGHT}
+
+
 def _dot_precision(precision: str) -> KernelParam:
     return KernelParam("DOT_PRECISION", f'"{precision}" if x.is_cuda else "ieee"', constexpr=True)
 
 
 _DOT_PRECISION = _dot_precision(DOT_PRECISION)
-_GEMM_TILE = "gemm_tile(N * OH * OW, C_in, C_out)"
-_STATS_TILES = {_GEMM_TILE: "gemm_tile(N * OH * OW, C_in, C_out, max_rows=64)"}  # tf32x3: see gemm_tile
 # torch runs convolutions in TF32 (cudnn.allow_tf32) but matmuls in fp32 (cuda.matmul.allow_tf32 is
 # off); the classifier's error lands on the output unfiltered, and TF32 there put whole nets at 3x
 # eager's error (H200). It is a tiny GEMM: bf16x3 costs nothing measurable.
@@ -688,7 +691,7 @@ FIXED_OPS = {
                 ("OH = (H - 1) // {m}.stride[0] + 1", "OW = (W - 1) // {m}.stride[1] + 1"),
                 _gemm_loop("(n * H + oh * STRIDE) * W + ow * STRIDE", bias=False),
                 "each of its outputs reads every input channel of a pixel, but a program of this kernel holds only BLOCK_N of them",
-                tile=_GEMM_TILE,
+                tile="gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)",
                 consume=_gemm_consume,
                 consume_refusal=_stride_one,
                 consume_guard=(

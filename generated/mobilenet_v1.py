@@ -777,10 +777,10 @@ def check_32bit_offsets(*tensors):
             )
 
 
-def gemm_tile(rows, C_in, C_out, max_rows=128):
+def gemm_tile(rows, C_in, C_out, precision):
     """(BLOCK_M, BLOCK_N, BLOCK_K) for a 1x1 conv of `rows` pixels, from tile sweeps of TF32 dots at
-    batch 10 and 128 on an H200 (scripts/tune_tiles.py; notes/perf.md). Tiles of a tf32x3 dot (three
-    products) take max_rows=64: with 128 rows, MobileNetV1's training forward went 5.6 -> 6.7 ms.
+    batch 10 and 128 on an H200 (scripts/tune_tiles.py; notes/perf.md). A tf32x3 dot (three products
+    per tile) keeps 64 rows: with 128, MobileNetV1's training forward went 5.6 -> 6.7 ms.
     """
 
     def programs(block_m, block_n):
@@ -790,7 +790,7 @@ def gemm_tile(rows, C_in, C_out, max_rows=128):
     block_n = min(128, max(16, triton.next_power_of_2(C_out)))
     # 128 rows where that leaves five programs per SM of a 128-SM GPU (256 -> 256 @28: 0.151 -> 0.106 ms)
     if (
-        max_rows >= 128
+        precision != "tf32x3"
         and C_in >= 32
         and block_n >= 64
         and programs(128, block_n) >= 640
@@ -837,10 +837,10 @@ def conv3x3_bn_relu(x, conv, bn):
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
+    DOT_PRECISION = "tf32" if x.is_cuda else "ieee"
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     BLOCK_K = 32
-    DOT_PRECISION = "tf32" if x.is_cuda else "ieee"
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     conv3x3_bn_relu_kernel[grid](
         x,
@@ -932,8 +932,8 @@ def conv1x1_bn_relu(x, conv, bn):
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
-    BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out)
     DOT_PRECISION = "tf32" if x.is_cuda else "ieee"
+    BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     conv1x1_bn_relu_kernel[grid](
         x,
@@ -1002,10 +1002,10 @@ def linear(x, fc):
     C_out = fc.out_features
     out = torch.empty((N, C_out), device=x.device, dtype=torch.float32)
     check_32bit_offsets(x, out)
+    DOT_PRECISION = "bf16x3" if x.is_cuda else "ieee"
     BLOCK_M = min(32, max(16, triton.next_power_of_2(N)))
     BLOCK_N = 32
     BLOCK_K = min(64, max(16, triton.next_power_of_2(C_in)))
-    DOT_PRECISION = "bf16x3" if x.is_cuda else "ieee"
     grid = (triton.cdiv(N, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     linear_kernel[grid](
         x,
@@ -1036,10 +1036,10 @@ def conv3x3_stats(x, conv):
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
+    DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     BLOCK_K = 32
-    DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     tile_sum = torch.empty((grid[0], C_out), device=x.device, dtype=torch.float32)
     tile_m2 = torch.empty_like(tile_sum)
@@ -1133,8 +1133,8 @@ def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
-    BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, max_rows=64)
     DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
+    BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M), triton.cdiv(C_out, BLOCK_N))
     tile_sum = torch.empty((grid[0], C_out), device=x.device, dtype=torch.float32)
     tile_m2 = torch.empty_like(tile_sum)

@@ -23,21 +23,23 @@ NETS = {"mobilenet_v1": (reference_models.MobileNetV1, 224), "efficientnet_b1": 
 # The generated files' eval-mode tl.dot precision ("tf32", operands rounded to nearest: activations in
 # the kernel, weights by dot_weight) and the
 # alternatives to compare it with, as edits of the generated source.
-def _edit(old, new):
+def _edit(*replacements):
+    """A source edit: each (old, new) replaced, each old required."""
+
     def edit(source):
-        assert old in source, f"the generated source no longer has {old!r}"
-        return source.replace(old, new)
+        for old, new in replacements:
+            assert old in source, f"the generated source no longer has {old!r}"
+            source = source.replace(old, new)
+        return source
 
     return edit
 
 
 PRECISIONS = {
-    "tf32": lambda source: source,
-    "tf32-truncated": lambda source: _edit('if precision != "tf32":', "if True:")(
-        _edit('if DOT_PRECISION == "tf32":', "if False:")(source)
-    ),
-    "bf16x3": _edit('"tf32" if x.is_cuda', '"bf16x3" if x.is_cuda'),
-    "tf32x3": _edit('"tf32" if x.is_cuda', '"tf32x3" if x.is_cuda'),
+    "tf32": _edit(),
+    "tf32-truncated": _edit(('if DOT_PRECISION == "tf32":', "if False:"), ('if precision != "tf32":', "if True:")),
+    "bf16x3": _edit(('"tf32" if x.is_cuda', '"bf16x3" if x.is_cuda')),
+    "tf32x3": _edit(('"tf32" if x.is_cuda', '"tf32x3" if x.is_cuda')),
 }
 
 

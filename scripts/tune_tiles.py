@@ -104,7 +104,7 @@ def rounding_costs():
     print(f"{'conv1x1':<22}{'tile':>16}" + "".join(f"{name:>19}" for name in variants))
     totals = dict.fromkeys(variants, 0.0)
     for c_in, c_out, h in GEMMS:
-        tile = mb.gemm_tile(BATCH * h * h, c_in, c_out)
+        tile = mb.gemm_tile(BATCH * h * h, c_in, c_out, "tf32")
         row = f"{f'{c_in}->{c_out} @{h}':<22}{str(tile):>16}"
         for name, module in variants.items():
             precision = name.split("-")[0]  # tf32-truncated launches tf32

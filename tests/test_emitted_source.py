@@ -238,10 +238,10 @@ def test_a_producer_runs_inside_the_k_loop_and_is_never_stored():
 @given(rows=st.integers(1, 128 * 224 * 224), c_in=st.integers(1, 2048), c_out=st.integers(1, 2048), stats=st.booleans())
 def test_gemm_tiles_are_powers_of_two_that_fit_a_4090(rows, c_in, c_out, stats):
     """gemm_tile, as emitted: power-of-two blocks of at least 16 (tl.dot's minimum), pipelined in 3 stages
-    within the 99 KB of shared memory an RTX 4090 gives a block; 64 rows at most for tf32x3 kernels."""
+    within the 99 KB of shared memory an RTX 4090 gives a block; 64 rows at most for tf32x3 dots."""
     namespace: dict = {}
     exec(ops.GEMM_TILE, {"triton": triton}, namespace)
-    block_m, block_n, block_k = namespace["gemm_tile"](rows, c_in, c_out, **({"max_rows": 64} if stats else {}))
+    block_m, block_n, block_k = namespace["gemm_tile"](rows, c_in, c_out, "tf32x3" if stats else "tf32")
     for block in (block_m, block_n, block_k):
         assert block >= 16 and block & (block - 1) == 0
     assert (block_m * block_k + block_k * block_n) * 4 * 3 <= 99 * 1024
