@@ -43,21 +43,35 @@ def check_32bit_offsets(*tensors):
 
 # On the GPU the whole chain of launches replays as one CUDA graph: at small batch the Python
 # launches, not the kernels, take most of the time.
+GRAPH_STATE = """\
+def graph_state(module, attrs, state):
+    \"\"\"Appends to `state` what a CUDA graph captured for `module` and its children depends on: each
+    parameter's address and version, each buffer's address, and the module attributes named in `attrs`.
+    A plain walk of the module tree: 6x faster than parameters(), buffers() and attribute paths, which
+    took 0.33 ms per call for MobileNetV1, more than its kernels at batch 10.\"\"\"
+    for t in module._parameters.values():
+        if t is not None:
+            state += (t.data_ptr(), t._version)
+    for t in module._buffers.values():
+        if t is not None:
+            state.append(t.data_ptr())
+    for name in attrs:
+        state.append(module.__dict__.get(name))
+    for child in module._modules.values():
+        graph_state(child, attrs, state)
+    return state
+"""
+
 GRAPH_REPLAY = """\
 def replay_cuda_graph(model, x):
     \"\"\"Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype, device and mode. The
-    graph is captured again when a parameter or buffer is replaced, a parameter changes in place, or
-    model.captured_scalars() changes; each call returns a fresh tensor, never one that a later call
-    overwrites.\"\"\"
+    graph is captured again when a parameter or buffer is replaced, a parameter changes in place, or a
+    module attribute named in model.captured_attrs changes; each call returns a fresh tensor, never one
+    that a later call overwrites.\"\"\"
     # The kernels read buffers where they lie, so in-place changes to them need no new capture. A
     # parameter changed in place (its _version) captures again: dot_weight's TF32 copies are made
     # then. Scalars such as BatchNorm's eps and momentum are constants of the graph.
-    params = list(model.parameters())
-    state = (
-        *(t.data_ptr() for t in (*params, *model.buffers())),
-        *(p._version for p in params),
-        *model.captured_scalars(),
-    )
+    state = graph_state(model, model.captured_attrs, [])
     key = (x.shape, x.dtype, x.device, model.training)
     entry = model.cuda_graphs.get(key)
     if entry is None or entry[0] != state:
@@ -175,15 +189,12 @@ def _helpers(plan: Plan) -> list[O.Helper]:
     return list(dict.fromkeys(found))
 
 
-def _captured_scalars_lines(plan: Plan) -> list[str]:
-    """ModelNew.captured_scalars: the module attributes a CUDA graph holds as constants."""
-    values = [
-        f"self.{use.module_path}.{attr}" for chain in plan.model.chains for use in chain.ops for attr in use.op.captured_attrs
-    ]
+def _captured_attrs_lines(plan: Plan) -> list[str]:
+    """ModelNew.captured_attrs: the names of the module attributes that a CUDA graph holds as constants."""
+    names = dict.fromkeys(attr for chain in plan.model.chains for use in chain.ops for attr in use.op.captured_attrs)
     return [
-        "def captured_scalars(self):",
-        f'{INDENT}"""Module attributes that a captured CUDA graph holds as constants (a change captures again)."""',
-        f"{INDENT}return ({''.join(v + ', ' for v in values)})",
+        "# module attributes that a captured CUDA graph holds as constants: a change captures again",
+        f"captured_attrs = ({', '.join(map(repr, names))}{',' if len(names) == 1 else ''})",
     ]
 
 
@@ -224,12 +235,14 @@ def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
     parts += wrappers
     parts += [h.wrapper for h in helpers]
     parts += dict.fromkeys(u.op.reference_helper for c in model.chains for u in c.ops if u.op.reference_helper)
-    parts.append(GRAPH_REPLAY)
+    parts += [GRAPH_STATE, GRAPH_REPLAY]
     cls = [
         "class ModelNew(nn.Module):",
         f'{INDENT}"""{model.name}, generated from {spec_path}; example input {"x".join(map(str, model.example_input))}."""',
         "",
         *(INDENT + line for line in TORCH_BACKWARD.splitlines()),
+        "",
+        *(INDENT + line for line in _captured_attrs_lines(plan)),
         "",
         f"{INDENT}def __init__({ctor}):",
         f"{INDENT * 2}super().__init__()",
@@ -239,8 +252,6 @@ def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
         "",
         f"{INDENT}def forward(self, x):",
         *(INDENT * 2 + line for line in _forward_lines(plan)),
-        "",
-        *(INDENT + line for line in _captured_scalars_lines(plan)),
         "",
         *(INDENT + line for line in _run_methods(plan)),
         "",

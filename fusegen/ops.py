@@ -102,8 +102,10 @@ class Anchor:
     # wrapper expression of (BLOCK_M, BLOCK_N, BLOCK_K), where the shape decides all three together
     tile: str | None = None
     # A producer (depthwise conv): kernel lines that leave its output at the frame's pixels, channels
-    # offs_k (mask_k), in the tile `a` [BLOCK_M, BLOCK_K], to run inside a consumer's K loop.
+    # offs_k (mask_k), in the tile `a` [BLOCK_M, BLOCK_K], to run inside a consumer's K loop; and the
+    # wrapper expression of the kernel's (BLOCK_M, BLOCK_N, BLOCK_K, num_stages) (`{m}`: the producer).
     produce: Callable[[str, PrologueHook], list[str]] | None = None
+    produce_tile: str | None = None
     # A consumer (1x1 conv): its loop with the input tile computed by a producer's lines instead of
     # loaded, so the producer's output never touches memory; `consume_refusal(args)` says why these
     # args cannot (None: they can).
@@ -434,10 +436,29 @@ def gemm_tile(rows, C_in, C_out, precision):
 """
 
 
+# The tile of a 1x1 conv that computes a depthwise conv in its K loop (emitted once per file).
+PRODUCER_TILE = """\
+def producer_tile(C_in, C_out, taps):
+    \"\"\"(BLOCK_M, BLOCK_N, BLOCK_K, num_stages) for a 1x1 conv from C_in to C_out channels whose input
+    tile a depthwise conv of `taps` taps computes in its K loop, from sweeps at batch 10 and 128 on an
+    H200 (scripts/tune_fused.py; notes/perf.md).\"\"\"
+    # up to 128 output channels in one block: each further block computes the depthwise conv again
+    block_n = min(128, max(16, triton.next_power_of_2(C_out)))
+    if C_in <= 64:
+        # one K step: the depthwise tile is computed once, all its taps' loads in flight together
+        # (MobileNetV1 32 -> 64 @112, batch 128: 0.356 ms as two kernels, 0.281 ms fused)
+        return (64 if block_n <= 64 else 32), block_n, max(16, triton.next_power_of_2(C_in)), 1
+    # K steps of 32 channels; Triton prefetches the next step's taps through shared memory where two
+    # stages fit a 4090's 99 KB (EfficientNetB1 96 -> 24 @120/s2: 0.329 -> 0.299 ms with two)
+    stage_bytes = (taps * 32 * 32 + 32 * block_n) * 4
+    return 32, block_n, 32, (2 if 2 * stage_bytes + 32 * 32 * 4 <= 99 * 1024 else 1)
+"""
+
+
 # Functions that lowered kernels (jit) and wrappers call, by name: emit adds each to a generated file
 # that calls it, once.
 KERNEL_FUNCTIONS = {"fp32_dot": FP32_DOT}
-WRAPPER_FUNCTIONS = {"gemm_tile": GEMM_TILE, "dot_weight": DOT_WEIGHT}
+WRAPPER_FUNCTIONS = {"gemm_tile": GEMM_TILE, "producer_tile": PRODUCER_TILE, "dot_weight": DOT_WEIGHT}
 
 
 def _dot_precision(precision: str) -> KernelParam:
@@ -507,6 +528,7 @@ def _dwconv_op(k: int) -> Op:
             _dwconv_loop,
             _NEIGHBOURHOOD.format(k=k),
             produce=_dwconv_produce,
+            produce_tile="producer_tile(C_in, C_out, {m}.kernel_size[0] * {m}.kernel_size[1])",
         ),
         summary=f"depthwise {k}x{k} convolution (groups = channels), no bias",
     )

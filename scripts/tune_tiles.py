@@ -52,7 +52,7 @@ def time_gemm(c_in, c_out, h, bm, bn, bk, warps, stages, module=mb, precision=PR
     w = torch.randn(c_out, c_in, 1, 1, device="cuda")
     bn_args = batch_norm_tensors(c_out)
     out = torch.empty(BATCH, c_out, h, h, device="cuda").to(memory_format=torch.channels_last)
-    grid = (triton.cdiv(BATCH * h * h, bm), triton.cdiv(c_out, bn))
+    grid = (triton.cdiv(BATCH * h * h, bm) * triton.cdiv(c_out, bn),)
 
     def run():
         module.conv1x1_bn_relu_kernel[grid](
@@ -69,7 +69,7 @@ def time_dw(c, h, stride, bm, bn, warps):
     oh = (h - 1) // stride + 1
     bn_args = batch_norm_tensors(c)
     out = torch.empty(BATCH, c, oh, oh, device="cuda").to(memory_format=torch.channels_last)
-    grid = (triton.cdiv(BATCH * oh * oh, bm), triton.cdiv(c, bn))
+    grid = (triton.cdiv(BATCH * oh * oh, bm) * triton.cdiv(c, bn),)
 
     def run():
         mb.dwconv3x3_bn_relu_kernel[grid](

@@ -1,0 +1,141 @@
+"""Times a depthwise-separable pair fused into one kernel (dwconv3x3 -> bn -> act computed in the 1x1
+conv's K loop) against the same pair as the two generated kernels, at the block shapes of MobileNetV1
+and EfficientNetB1 (GPU). For each shape: the two kernels through their wrappers (generated tiles), then
+the fused kernel under every (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) that fits an RTX 4090's
+99 KB, whole K (BLOCK_K = all input channels, up to 256: one K step) among them. Where BLOCK_N < C_out
+each channel block computes the depthwise tile again (the generated grid runs the channel blocks of
+one pixel block adjacent, so the repeats read their input from L2).
+`--batch B ...` sets the batches (default 10 128). At batch 10 the two wrappers' Python time exceeds
+their kernels' (the fused row then looks 2x faster): compare whole nets there (time_models.py, which
+replays a CUDA graph). `--shapes mb|eff|mid|all` (mid: the pairs where one K step lost at batch 128);
+`--pipelined` tries K steps of 16-32 channels in 2-3 stages instead (Triton prefetches the next step's
+taps through shared memory).
+Prints one line per shape and batch: two-kernel ms, best fused ms and its config, and the runner-ups.
+"""
+
+import itertools
+import re
+import sys
+
+import torch
+import triton
+import triton.testing
+
+from time_models import ROOT, load  # this script's folder is on sys.path
+
+sys.path.insert(0, str(ROOT / "tests"))
+from helpers import load_source  # noqa: E402
+
+from fusegen import compile_spec  # noqa: E402
+
+BATCHES = [int(b) for b in sys.argv[sys.argv.index("--batch") + 1 :] if b.isdigit()] if "--batch" in sys.argv else [10, 128]
+WHICH = sys.argv[sys.argv.index("--shapes") + 1] if "--shapes" in sys.argv else "all"
+PIPELINED = "--pipelined" in sys.argv
+# (C_in, H_in, stride, C_out) of each dw -> 1x1 pair
+MB = [(32, 112, 1, 64), (64, 112, 2, 128), (128, 56, 1, 128), (128, 56, 2, 256), (256, 28, 1, 256),
+      (256, 28, 2, 512), (512, 14, 1, 512), (512, 14, 2, 1024), (1024, 7, 1, 1024)]  # fmt: skip
+EFF = [(32, 120, 1, 16), (96, 120, 2, 24), (144, 60, 2, 40), (240, 30, 2, 80), (480, 15, 1, 112),
+       (672, 15, 2, 192), (1152, 8, 1, 320)]  # fmt: skip
+MID = [(128, 56, 1, 128), (128, 56, 2, 256), (256, 28, 1, 256), (256, 28, 2, 512), (512, 14, 1, 512),
+       (96, 120, 2, 24), (144, 60, 2, 40), (480, 15, 1, 112), (32, 112, 1, 64)]  # fmt: skip
+SHAPES = {"mb": MB, "eff": EFF, "mid": MID, "all": MB + EFF}[WHICH]
+SMEM_LIMIT = 99 * 1024
+
+SPEC = """\
+model Pair(c_in=32, c_out=64, stride=1)
+input(2, c_in, 8, 8)
+forward:
+    conv: dwconv3x3(c_in, stride) -> bn: bn(c_in) -> relu -> conv2: conv1x1(c_in, c_out) -> bn2: bn(c_out) -> relu
+"""
+fused = load_source(compile_spec(SPEC, "specs/pair.fuse"), "pair")
+KERNEL = "dwconv3x3_bn_relu_conv1x1_bn_relu_kernel"
+mb = load("mobilenet_v1")
+
+
+def modules(c_in, c_out, stride):
+    conv = torch.nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False)
+    conv2 = torch.nn.Conv2d(c_in, c_out, 1, bias=False)
+    bns = [torch.nn.BatchNorm2d(c) for c in (c_in, c_out)]
+    for bn in bns:
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 1.5)
+    return [m.cuda().eval() for m in (conv, bns[0], conv2, bns[1])]
+
+
+def configs(c_in, c_out):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) that fit 99 KB of shared memory."""
+    k_all = max(16, triton.next_power_of_2(c_in))
+    n_all = max(16, triton.next_power_of_2(c_out))
+    found = set()
+    blocks_k, stages = ((16, 32), (2, 3)) if PIPELINED else ((32, k_all if k_all <= 256 else 32), (1,))
+    for bm, bn, bk, stage in itertools.product((32, 64, 128), (64, 128, 256), blocks_k, stages):
+        bn, bk = min(bn, n_all), min(bk, k_all)
+        # a stage holds the 9 taps [BLOCK_M, BLOCK_K] and the weights [BLOCK_K, BLOCK_N]; the taps'
+        # sum is converted to tl.dot's layout through one more [BLOCK_M, BLOCK_K] buffer
+        smem = ((9 * bm * bk if stage > 1 else 0) + bk * bn) * 4 * stage + bm * bk * 4
+        if bm * bn > 16384 or smem > SMEM_LIMIT or bm * bk > 16384:
+            continue
+        found.add((bm, bn, bk, 8 if bm * bn >= 8192 or bm * bk >= 8192 else 4, stage))
+    return sorted(found)
+
+
+def launcher(x, mods, out, bm, bn, bk, warps, stages):
+    conv, bn1, conv2, bn2 = mods
+    n, c_in, h, w = x.shape
+    c_out, oh, ow = out.shape[1:]
+    weight2 = mb.dot_weight(conv2, "tf32").contiguous()
+    kernel = getattr(fused, KERNEL)[(triton.cdiv(n * oh * ow, bm) * triton.cdiv(c_out, bn),)]
+
+    def run():
+        kernel(
+            x, conv.weight, bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var,
+            weight2, bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var, out,
+            n, h, w, oh, ow, conv.weight.stride(0), conv.weight.stride(2), conv.weight.stride(3), bn1.eps, bn2.eps,
+            C_in=c_in, C_out=c_out, CONV_KH=3, CONV_KW=3, CONV_STRIDE=conv.stride[0], CONV_PAD=1,
+            DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    return run
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def main():
+    print(f"device: {torch.cuda.get_device_name()}; batches {BATCHES}; config = (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)")
+    print(f"{'C_in':>5}{'H':>5}{'s':>3}{'C_out':>6}{'batch':>6}{'2 kernels':>10}{'fused':>8}  best config        runner-ups")
+    torch.manual_seed(0)
+    for c_in, h, stride, c_out in SHAPES:
+        mods = modules(c_in, c_out, stride)
+        for batch in BATCHES:
+            x = torch.rand(batch, c_in, h, h, device="cuda").to(memory_format=torch.channels_last)
+            with torch.no_grad():
+                expected = mb.conv1x1_bn_relu(mb.dwconv3x3_bn_relu(x, mods[0], mods[1]), mods[2], mods[3])
+                two = bench(lambda: mb.conv1x1_bn_relu(mb.dwconv3x3_bn_relu(x, mods[0], mods[1]), mods[2], mods[3]))
+            out = torch.empty_like(expected)
+            times = []
+            for config in configs(c_in, c_out):
+                run = launcher(x, mods, out, *config)
+                try:
+                    run()
+                except Exception as error:  # out of resources: report, go on
+                    print(f"  skipped {config}: {str(error).splitlines()[0][:80]}")
+                    continue
+                err = ((out - expected).norm() / expected.norm()).item()
+                assert err < 1e-3, f"fused {config} differs: {err:.1e}"
+                times.append((bench(run), config))
+            times.sort()
+            best = times[0]
+            others = "  ".join(f"{t:.4f} {re.sub(' ', '', str(c))}" for t, c in times[1:4])
+            print(
+                f"{c_in:>5}{h:>5}{stride:>3}{c_out:>6}{batch:>6}{two:>10.4f}{best[0]:>8.4f}  "
+                f"{re.sub(' ', '', str(best[1])):<18} {others}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
