@@ -47,8 +47,8 @@ GRAPH_STATE = """\
 def graph_state(module, attrs, state):
     \"\"\"Appends to `state` what a CUDA graph captured for `module` and its children depends on: each
     parameter's address and version, each buffer's address, and the module attributes named in `attrs`.
-    A plain walk of the module tree: 6x faster than parameters(), buffers() and attribute paths, which
-    took 0.33 ms per call for MobileNetV1, more than its kernels at batch 10.\"\"\"
+    A plain walk of the module tree: for MobileNetV1 0.074 ms per call where parameters(), buffers()
+    and attribute paths took 0.33 ms (a CPU), more than its kernels at batch 10.\"\"\"
     for t in module._parameters.values():
         if t is not None:
             state += (t.data_ptr(), t._version)

@@ -119,8 +119,9 @@ def _out_dims(kernel: Kernel) -> list[str]:
 
 
 def _block_lines(kernel: Kernel, out_rank: int, body_text: str, own_blocks: dict[str, str]) -> list[str]:
-    """Wrapper lines that set the block sizes: defaults, overridden by the anchor's own (which come
-    last, in its order: one may read another, or a default), or the anchor's whole tile rule."""
+    """Wrapper lines that set the block sizes: the producer's tile rule (which also sets num_stages),
+    or the anchor's whole tile rule, or defaults overridden by the anchor's own (which come last, in
+    its order: one may read another, or a default)."""
     anchor: O.Anchor = kernel.anchor.op.lowering
     if kernel.producer:
         producer = kernel.producer[0]

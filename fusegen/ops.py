@@ -440,8 +440,8 @@ def gemm_tile(rows, C_in, C_out, precision):
 PRODUCER_TILE = """\
 def producer_tile(C_in, C_out, taps):
     \"\"\"(BLOCK_M, BLOCK_N, BLOCK_K, num_stages) for a 1x1 conv from C_in to C_out channels whose input
-    tile a depthwise conv of `taps` taps computes in its K loop, from sweeps at batch 10 and 128 on an
-    H200 (scripts/tune_fused.py; notes/perf.md).\"\"\"
+    tile a depthwise conv of `taps` taps computes in its K loop, from sweeps at batch 128 on an H200
+    (scripts/tune_fused.py; notes/perf.md).\"\"\"
     # up to 128 output channels in one block: each further block computes the depthwise conv again
     block_n = min(128, max(16, triton.next_power_of_2(C_out)))
     if C_in <= 64:

@@ -14,7 +14,6 @@ Prints one line per shape and batch: two-kernel ms, best fused ms and its config
 """
 
 import itertools
-import re
 import sys
 
 import torch
@@ -129,10 +128,10 @@ def main():
                 times.append((bench(run), config))
             times.sort()
             best = times[0]
-            others = "  ".join(f"{t:.4f} {re.sub(' ', '', str(c))}" for t, c in times[1:4])
+            others = "  ".join(f"{t:.4f} {str(c).replace(' ', '')}" for t, c in times[1:4])
             print(
                 f"{c_in:>5}{h:>5}{stride:>3}{c_out:>6}{batch:>6}{two:>10.4f}{best[0]:>8.4f}  "
-                f"{re.sub(' ', '', str(best[1])):<18} {others}",
+                f"{str(best[1]).replace(' ', ''):<18} {others}",
                 flush=True,
             )
 
