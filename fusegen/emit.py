@@ -7,7 +7,7 @@ import black
 
 from fusegen import ops as O
 from fusegen.check import Assign
-from fusegen.lower import INDENT, LoweredKernel
+from fusegen.lower import INDENT, LoweredKernel, reads_any_layout
 from fusegen.plan import Launch, Plan
 
 HEADER = """\
@@ -76,9 +76,8 @@ def replay_cuda_graph(model, x):
     entry = model.cuda_graphs.get(key)
     if entry is None or entry[0] != state:
         model.cuda_graphs.pop(key, None)
-        # in the layout the kernels read, so that each replay's copy of x is also the layout change
-        layout = torch.channels_last if x.dim() == 4 else torch.contiguous_format
-        static_x = torch.empty_like(x, memory_format=layout).copy_(x)
+        # in the layout the first kernel reads, so that each replay's copy of x is also any layout change
+        static_x = torch.empty_like(x, memory_format=model.input_layout).copy_(x)
         with torch.cuda.device(x.device):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -189,6 +188,17 @@ def _helpers(plan: Plan) -> list[O.Helper]:
     return list(dict.fromkeys(found))
 
 
+def _input_layout_lines(plan: Plan) -> list[str]:
+    """ModelNew.input_layout: the layout of a captured graph's copy of the input, the one the first
+    kernel reads (a kernel that reads any layout takes the caller's as it is)."""
+    first = plan.steps[0]
+    any_layout = isinstance(first, Launch) and reads_any_layout(first.kernel)
+    return [
+        "# the layout of a CUDA graph's copy of the input: the first kernel's",
+        f"input_layout = torch.{'preserve_format' if any_layout else 'channels_last'}",
+    ]
+
+
 def _captured_attrs_lines(plan: Plan) -> list[str]:
     """ModelNew.captured_attrs: the names of the module attributes that a CUDA graph holds as constants."""
     names = dict.fromkeys(attr for chain in plan.model.chains for use in chain.ops for attr in use.op.captured_attrs)
@@ -243,6 +253,7 @@ def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
         *(INDENT + line for line in TORCH_BACKWARD.splitlines()),
         "",
         *(INDENT + line for line in _captured_attrs_lines(plan)),
+        *(INDENT + line for line in _input_layout_lines(plan)),
         "",
         f"{INDENT}def __init__({ctor}):",
         f"{INDENT * 2}super().__init__()",

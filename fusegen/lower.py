@@ -19,11 +19,13 @@ from fusegen.plan import FusedOp, Kernel
 INDENT = "    "
 # Activations between kernels are channels-last: the tile's channel axis then has stride 1, so every
 # load and store of a tile is coalesced, and a 1x1 conv reads plain rows of a GEMM operand. A kernel
-# reads and writes contiguous tensors in that layout only (the wrapper copies any other input, such
-# as the model's NCHW input, once), so addresses need no strides: Triton sees C_in and C_out as
-# constants and proves the alignment that vector loads and stores need.
+# reads and writes contiguous tensors in that layout (the wrapper copies any other input once), so
+# addresses need no strides: Triton sees C_in and C_out as constants and proves the alignment that
+# vector loads and stores need. An anchor with strided_input (a dense conv, whose K loop gathers
+# anyway) reads any layout through x's strides instead, the model's NCHW input among them.
 _LAYOUT = {4: ", memory_format=torch.channels_last", 2: ""}
 _CONTIGUOUS = {4: "x = x.contiguous(memory_format=torch.channels_last)", 2: "x = x.contiguous()"}
+_X_STRIDES = [(f"x_stride_{d}", f"x.stride({i})") for i, d in enumerate("nchw")]
 _CHANNELS = ("C_in", "C_out")
 
 
@@ -48,6 +50,11 @@ def _prologue_hook(prologue: tuple[FusedOp, ...]) -> O.PrologueHook:
         return lines
 
     return hook
+
+
+def reads_any_layout(kernel: Kernel) -> bool:
+    """The kernel takes x in any layout (through its strides), so its wrapper copies nothing."""
+    return kernel.anchor.op.lowering.strided_input and not kernel.producer
 
 
 def _frame(out_rank: int, loop: list[str]) -> list[str]:
@@ -127,7 +134,7 @@ def _block_lines(kernel: Kernel, out_rank: int, body_text: str, own_blocks: dict
         producer = kernel.producer[0]
         return [f"BLOCK_M, BLOCK_N, BLOCK_K, num_stages = {producer.op.lowering.produce_tile.format(m=producer.slot)}"]
     if anchor.tile:
-        return [f"BLOCK_M, BLOCK_N, BLOCK_K = {anchor.tile}"]
+        return [f"{', '.join(['BLOCK_M', 'BLOCK_N', 'BLOCK_K', *anchor.tile_options])} = {anchor.tile}"]
     default_blocks = {
         "BLOCK_M": "64" if out_rank == 4 else "min(64, max(16, triton.next_power_of_2(N)))",
         "BLOCK_N": "min(64, max(16, triton.next_power_of_2(C_out)))",
@@ -136,6 +143,14 @@ def _block_lines(kernel: Kernel, out_rank: int, body_text: str, own_blocks: dict
         default_blocks["BLOCK_K"] = "32"
     values = {**{b: v for b, v in default_blocks.items() if b not in own_blocks}, **own_blocks}
     return [f"{name} = {value}" for name, value in values.items()]
+
+
+def _launch_options(kernel: Kernel) -> tuple[str, ...]:
+    """The launch options (num_warps, num_stages) that the wrapper's tile rule sets."""
+    if kernel.producer:
+        return ("num_stages",)
+    anchor: O.Anchor = kernel.anchor.op.lowering
+    return anchor.tile_options if anchor.tile else ()
 
 
 def lower(kernel: Kernel) -> LoweredKernel:
@@ -181,7 +196,8 @@ def lower(kernel: Kernel) -> LoweredKernel:
     dims = [(d, d) for d in dict.fromkeys(in_dims + out_dims) if d not in _CHANNELS]
     channels = [(d, d) for d in _CHANNELS]
     blocks = [(b, b) for b in dict.fromkeys(["BLOCK_M", "BLOCK_N", "BLOCK_K", *own_blocks])]
-    positional = [p for p in pointers + dims + scalars if _used(p[0], body_text)]
+    strides = _X_STRIDES if reads_any_layout(kernel) else []
+    positional = [p for p in pointers + dims + strides + scalars if _used(p[0], body_text)]
     block_lines = _block_lines(kernel, out_rank, body_text, own_blocks)
     # a constexpr that another wrapper expression reads (dot_weight and gemm_tile read DOT_PRECISION)
     # is a wrapper variable, set first
@@ -214,7 +230,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
     setup = [line.format(m=f.slot) for f in kernel.prologue if f.elementwise for line in f.elementwise.setup]
     wrapper = [
         f"def {kernel.name}({', '.join([*inputs, *modules])}):",
-        INDENT + _CONTIGUOUS[kernel.in_rank],
+        *([] if reads_any_layout(kernel) else [INDENT + _CONTIGUOUS[kernel.in_rank]]),
         INDENT + f"{', '.join(in_dims)} = x.shape",
         *(INDENT + line for line in anchor_dims),
         INDENT + f"out = torch.empty(({out_shape}), device=x.device, dtype=torch.float32{_LAYOUT[out_rank]})",
@@ -235,8 +251,9 @@ def lower(kernel: Kernel) -> LoweredKernel:
         *(INDENT * 2 + f"{value}," for _, value in positional),
         *(INDENT * 2 + f"{name}={value}," for name, value in keyword),
         # Triton pipelines the producer's KH*KW tap loads of a K step through shared memory: the tile
-        # rule says how many stages fit (a dwconv5x5 producer asked for 438 KB with Triton's default)
-        *([INDENT * 2 + "num_stages=num_stages,"] if kernel.producer else []),
+        # rule says how many stages fit (a dwconv5x5 producer asked for 438 KB with Triton's default);
+        # an anchor's tile rule may set launch options too
+        *(INDENT * 2 + f"{option}={option}," for option in _launch_options(kernel)),
         INDENT + ")",
     ]
     result = kernel.view.op.lowering.expr("out") if kernel.view else "out"

@@ -11,8 +11,9 @@ torch reference, and how it lowers:
 
 Kernel code uses the names that fusegen.lower defines: `x_ptr`, `N, C_in, H, W` (input),
 `C_out, OH, OW` (output), the tile `offs_m, offs_n, mask_m, mask_n, mask` and the output pixel of
-each row `n, oh, ow`. The input is channels-last contiguous (`_x_at` addresses it) and the channel
-counts C_in and C_out are compile-time constants. An op's own kernel parameters are prefixed with its slot
+each row `n, oh, ow`. The input is channels-last contiguous (`_x_at` addresses it), or any layout
+for an anchor that reads it through its strides (`_x_strided_at`), and the channel counts C_in and
+C_out are compile-time constants. An op's own kernel parameters are prefixed with its slot
 (`bn_weight_ptr`, `conv_weight_ptr`), so two ops of one kind never clash.
 """
 
@@ -99,8 +100,10 @@ class Anchor:
     loop: Callable[[str, PrologueHook], list[str]]
     # why no later anchor can join this kernel (for the fusion-legality error)
     barrier: str
-    # wrapper expression of (BLOCK_M, BLOCK_N, BLOCK_K), where the shape decides all three together
+    # wrapper expression of (BLOCK_M, BLOCK_N, BLOCK_K), where the shape decides all three together,
+    # followed by the launch options named in tile_options (num_warps, num_stages), if any
     tile: str | None = None
+    tile_options: tuple[str, ...] = ()
     # A producer (depthwise conv): kernel lines that leave its output at the frame's pixels, channels
     # offs_k (mask_k), in the tile `a` [BLOCK_M, BLOCK_K], to run inside a consumer's K loop; and the
     # wrapper expression of the kernel's (BLOCK_M, BLOCK_N, BLOCK_K, num_stages) (`{m}`: the producer).
@@ -113,6 +116,9 @@ class Anchor:
     consume_refusal: Callable[[dict], "str | None"] = lambda args: None
     # wrapper lines that refuse, at run time, a module that consume_refusal would refuse
     consume_guard: tuple[str, ...] = ()
+    # the loop reads x through its four strides (`_x_strided_at`): the wrapper passes x in whatever
+    # layout it comes, so the model's NCHW input reaches a first conv without a channels-last copy
+    strided_input: bool = False
 
     @property
     def out_rank(self) -> int:
@@ -240,9 +246,15 @@ def _x_at(n: str, ih: str, iw: str, ch: str) -> str:
     return f"x_ptr + (({n} * H + {ih}) * W + {iw}) * C_in + {ch}"
 
 
+def _x_strided_at(n: str, ih: str, iw: str, ch: str) -> str:
+    """Address of channel `ch` of input pixel (n, ih, iw) in any layout. Triton specialises a stride
+    of 1, so a channels-last input still has its channel runs known to be contiguous."""
+    return f"x_ptr + {n} * x_stride_n + {ch} * x_stride_c + {ih} * x_stride_h + {iw} * x_stride_w"
+
+
 def _conv_loop(slot: str, prologue: PrologueHook) -> list[str]:
     return [
-        "# implicit GEMM: K runs over (kh, kw, input channel), channels fastest as they lie in memory",
+        "# implicit GEMM: K runs over (kh, kw, input channel), channels fastest (as a channels-last input lies)",
         "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
         "for k0 in range(0, KH * KW * C_in, BLOCK_K):",
         "    offs_k = k0 + tl.arange(0, BLOCK_K)",
@@ -253,7 +265,7 @@ def _conv_loop(slot: str, prologue: PrologueHook) -> list[str]:
         "    ih = oh[:, None] * STRIDE - PAD + kh[None, :]",
         "    iw = ow[:, None] * STRIDE - PAD + kw[None, :]",
         "    inside = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)",
-        f"    a = tl.load({_x_at('n[:, None]', 'ih', 'iw', 'ci[None, :]')}, mask=inside, other=0.0)",
+        f"    a = tl.load({_x_strided_at('n[:, None]', 'ih', 'iw', 'ci[None, :]')}, mask=inside, other=0.0)",
         *("    " + line for line in _where_inside(prologue("a", "ci", "mask_k", "inside"), "a", "inside")),
         f"    b = tl.load({slot}_weight_ptr + offs_n[None, :] * {slot}_weight_stride_o"
         f" + (ci * {slot}_weight_stride_i + kh * {slot}_weight_stride_h + kw * {slot}_weight_stride_w)[:, None],"
@@ -361,10 +373,12 @@ _POOL_BLOCKS = (
 )
 # The classifier has a batch of rows and a long K: short row and channel blocks give more programs,
 # long K blocks fewer sequential steps (at batch 10 the 64 x 64 x 32 default ran 16 programs of 32 steps).
+# Timed in a CUDA graph on an H200, 1024 -> 1000: batch 10 0.0118 -> 0.0109 ms with K blocks of 128 (32
+# channels); batch 128 0.0184 -> 0.0161 ms with 16 channels, twice the programs.
 _LINEAR_BLOCKS = (
     KernelParam("BLOCK_M", "min(32, max(16, triton.next_power_of_2(N)))", constexpr=True),
-    KernelParam("BLOCK_N", "32", constexpr=True),
-    KernelParam("BLOCK_K", "min(64, max(16, triton.next_power_of_2(C_in)))", constexpr=True),
+    KernelParam("BLOCK_N", "32 if N <= 16 else 16", constexpr=True),
+    KernelParam("BLOCK_K", "min(128, max(16, triton.next_power_of_2(C_in)))", constexpr=True),
 )
 
 
@@ -428,11 +442,27 @@ def gemm_tile(rows, C_in, C_out, precision):
     if programs(64, block_n) >= 128:
         return 64, block_n, 32
     # under a wave of programs (batch 10's late layers): narrower tiles, longer K steps
-    # (1152 -> 320 @8: 0.024 -> 0.015 ms; 1024 -> 1024 @7: 0.023 -> 0.019 ms)
+    # (1152 -> 320 @8: 0.024 -> 0.015 ms; 1024 -> 1024 @7: 0.023 -> 0.019 ms). Sweeps of these layers
+    # alone in a CUDA graph favoured wider tiles with K steps of 32, but in the whole net that made
+    # MobileNetV1 at batch 10 slower (0.262 -> 0.270 ms, H200; notes/perf.md, session 6)
     block_k = 64 if C_in >= 64 else 32
     if programs(64, min(block_n, 64)) >= 128:
         return 64, min(block_n, 64), block_k
     return 32, min(block_n, 32), block_k
+"""
+
+
+# The tile and launch options of a KxK conv's implicit GEMM (emitted once per file that has one).
+CONV_TILE = """\
+def conv_tile(K, C_out):
+    \"\"\"(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a KxK conv whose implicit GEMM has K =
+    KH * KW * C_in, from sweeps of the stem (3x3, 3 -> 32, stride 2) on an H200 (scripts/tune_tiles.py).\"\"\"
+    block_n = min(64, max(16, triton.next_power_of_2(C_out)))
+    if K <= 32:
+        # one K step (the stem's 27): nothing to pipeline, and 2 warps per 64 x 32 tile
+        # (MobileNetV1's stem, batch 128: 0.117 -> 0.092 ms; EfficientNetB1's: 0.136 -> 0.105 ms)
+        return 64, block_n, 32, 2, 1
+    return 64, block_n, 32, 4, 3
 """
 
 
@@ -458,7 +488,12 @@ def producer_tile(C_in, C_out, taps):
 # Functions that lowered kernels (jit) and wrappers call, by name: emit adds each to a generated file
 # that calls it, once.
 KERNEL_FUNCTIONS = {"fp32_dot": FP32_DOT}
-WRAPPER_FUNCTIONS = {"gemm_tile": GEMM_TILE, "producer_tile": PRODUCER_TILE, "dot_weight": DOT_WEIGHT}
+WRAPPER_FUNCTIONS = {
+    "gemm_tile": GEMM_TILE,
+    "conv_tile": CONV_TILE,
+    "producer_tile": PRODUCER_TILE,
+    "dot_weight": DOT_WEIGHT,
+}
 
 
 def _dot_precision(precision: str) -> KernelParam:
@@ -499,7 +534,18 @@ def _conv_op(k: int) -> Op:
         channels_attr="in_channels",
         shape=_conv_shape(k, "in_channels", "out_channels", name),
         reference=lambda x, m: f"{m}({x})",
-        lowering=Anchor(_CONV_PARAMS, "{m}.out_channels", _CONV_PIXELS, _conv_loop, _NEIGHBOURHOOD.format(k=k)),
+        # its K loop gathers single channels of KH x KW pixels whatever the layout: reading the model's
+        # NCHW input as it is saves the stem a layout copy
+        lowering=Anchor(
+            _CONV_PARAMS,
+            "{m}.out_channels",
+            _CONV_PIXELS,
+            _conv_loop,
+            _NEIGHBOURHOOD.format(k=k),
+            tile="conv_tile(KH * KW * C_in, C_out)",
+            tile_options=("num_warps", "num_stages"),
+            strided_input=True,
+        ),
         summary=f"{k}x{k} convolution, groups=1, no bias (implicit GEMM on tl.dot)",
     )
 

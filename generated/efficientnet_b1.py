@@ -39,6 +39,10 @@ def conv3x3_bn_relu_kernel(
     W,
     OH,
     OW,
+    x_stride_n,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
     conv_weight_stride_o,
     conv_weight_stride_i,
     conv_weight_stride_h,
@@ -70,7 +74,7 @@ def conv3x3_bn_relu_kernel(
     oh = offs_m // OW % OH
     ow = offs_m % OW
     # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot)
-    # implicit GEMM: K runs over (kh, kw, input channel), channels fastest as they lie in memory
+    # implicit GEMM: K runs over (kh, kw, input channel), channels fastest (as a channels-last input lies)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, KH * KW * C_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -89,7 +93,11 @@ def conv3x3_bn_relu_kernel(
             & (iw < W)
         )
         a = tl.load(
-            x_ptr + ((n[:, None] * H + ih) * W + iw) * C_in + ci[None, :],
+            x_ptr
+            + n[:, None] * x_stride_n
+            + ci[None, :] * x_stride_c
+            + ih * x_stride_h
+            + iw * x_stride_w,
             mask=inside,
             other=0.0,
         )
@@ -637,6 +645,10 @@ def conv3x3_stats_kernel(
     W,
     OH,
     OW,
+    x_stride_n,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
     conv_weight_stride_o,
     conv_weight_stride_i,
     conv_weight_stride_h,
@@ -667,7 +679,7 @@ def conv3x3_stats_kernel(
     oh = offs_m // OW % OH
     ow = offs_m % OW
     # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot)
-    # implicit GEMM: K runs over (kh, kw, input channel), channels fastest as they lie in memory
+    # implicit GEMM: K runs over (kh, kw, input channel), channels fastest (as a channels-last input lies)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, KH * KW * C_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -686,7 +698,11 @@ def conv3x3_stats_kernel(
             & (iw < W)
         )
         a = tl.load(
-            x_ptr + ((n[:, None] * H + ih) * W + iw) * C_in + ci[None, :],
+            x_ptr
+            + n[:, None] * x_stride_n
+            + ci[None, :] * x_stride_c
+            + ih * x_stride_h
+            + iw * x_stride_w,
             mask=inside,
             other=0.0,
         )
@@ -1217,11 +1233,25 @@ def gemm_tile(rows, C_in, C_out, precision):
     if programs(64, block_n) >= 128:
         return 64, block_n, 32
     # under a wave of programs (batch 10's late layers): narrower tiles, longer K steps
-    # (1152 -> 320 @8: 0.024 -> 0.015 ms; 1024 -> 1024 @7: 0.023 -> 0.019 ms)
+    # (1152 -> 320 @8: 0.024 -> 0.015 ms; 1024 -> 1024 @7: 0.023 -> 0.019 ms). Sweeps of these layers
+    # alone in a CUDA graph favoured wider tiles with K steps of 32, but in the whole net that made
+    # MobileNetV1 at batch 10 slower (0.262 -> 0.270 ms, H200; notes/perf.md, session 6)
     block_k = 64 if C_in >= 64 else 32
     if programs(64, min(block_n, 64)) >= 128:
         return 64, min(block_n, 64), block_k
     return 32, min(block_n, 32), block_k
+
+
+def conv_tile(K, C_out):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a KxK conv whose implicit GEMM has K =
+    KH * KW * C_in, from sweeps of the stem (3x3, 3 -> 32, stride 2) on an H200 (scripts/tune_tiles.py).
+    """
+    block_n = min(64, max(16, triton.next_power_of_2(C_out)))
+    if K <= 32:
+        # one K step (the stem's 27): nothing to pipeline, and 2 warps per 64 x 32 tile
+        # (MobileNetV1's stem, batch 128: 0.117 -> 0.092 ms; EfficientNetB1's: 0.136 -> 0.105 ms)
+        return 64, block_n, 32, 2, 1
+    return 64, block_n, 32, 4, 3
 
 
 def producer_tile(C_in, C_out, taps):
@@ -1264,7 +1294,6 @@ def dot_weight(module, precision):
 
 
 def conv3x3_bn_relu(x, conv, bn):
-    x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
     OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
@@ -1276,10 +1305,10 @@ def conv3x3_bn_relu(x, conv, bn):
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
+    KH = conv.kernel_size[0]
+    KW = conv.kernel_size[1]
     DOT_PRECISION = "tf32" if x.is_cuda else "ieee"
-    BLOCK_M = 64
-    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
-    BLOCK_K = 32
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(KH * KW * C_in, C_out)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
     conv3x3_bn_relu_kernel[grid](
         x,
@@ -1294,6 +1323,10 @@ def conv3x3_bn_relu(x, conv, bn):
         W,
         OH,
         OW,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        x.stride(3),
         conv.weight.stride(0),
         conv.weight.stride(1),
         conv.weight.stride(2),
@@ -1301,14 +1334,16 @@ def conv3x3_bn_relu(x, conv, bn):
         bn.eps,
         C_in=C_in,
         C_out=C_out,
-        KH=conv.kernel_size[0],
-        KW=conv.kernel_size[1],
+        KH=KH,
+        KW=KW,
         STRIDE=conv.stride[0],
         PAD=conv.padding[0],
         DOT_PRECISION=DOT_PRECISION,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
 
@@ -1583,8 +1618,8 @@ def linear(x, fc):
     check_32bit_offsets(x, out)
     DOT_PRECISION = "bf16x3" if x.is_cuda else "ieee"
     BLOCK_M = min(32, max(16, triton.next_power_of_2(N)))
-    BLOCK_N = 32
-    BLOCK_K = min(64, max(16, triton.next_power_of_2(C_in)))
+    BLOCK_N = 32 if N <= 16 else 16
+    BLOCK_K = min(128, max(16, triton.next_power_of_2(C_in)))
     grid = (triton.cdiv(N, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
     linear_kernel[grid](
         x,
@@ -1603,7 +1638,6 @@ def linear(x, fc):
 
 
 def conv3x3_stats(x, conv):
-    x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
     OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
@@ -1615,10 +1649,10 @@ def conv3x3_stats(x, conv):
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
+    KH = conv.kernel_size[0]
+    KW = conv.kernel_size[1]
     DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
-    BLOCK_M = 64
-    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
-    BLOCK_K = 32
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(KH * KW * C_in, C_out)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
     tile_sum = torch.empty(
         (triton.cdiv(N * OH * OW, BLOCK_M), C_out), device=x.device, dtype=torch.float32
@@ -1635,20 +1669,26 @@ def conv3x3_stats(x, conv):
         W,
         OH,
         OW,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        x.stride(3),
         conv.weight.stride(0),
         conv.weight.stride(1),
         conv.weight.stride(2),
         conv.weight.stride(3),
         C_in=C_in,
         C_out=C_out,
-        KH=conv.kernel_size[0],
-        KW=conv.kernel_size[1],
+        KH=KH,
+        KW=KW,
         STRIDE=conv.stride[0],
         PAD=conv.padding[0],
         DOT_PRECISION=DOT_PRECISION,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out, (tile_sum, tile_m2, BLOCK_M, N * OH * OW)
 
@@ -1961,9 +2001,8 @@ def replay_cuda_graph(model, x):
     entry = model.cuda_graphs.get(key)
     if entry is None or entry[0] != state:
         model.cuda_graphs.pop(key, None)
-        # in the layout the kernels read, so that each replay's copy of x is also the layout change
-        layout = torch.channels_last if x.dim() == 4 else torch.contiguous_format
-        static_x = torch.empty_like(x, memory_format=layout).copy_(x)
+        # in the layout the first kernel reads, so that each replay's copy of x is also any layout change
+        static_x = torch.empty_like(x, memory_format=model.input_layout).copy_(x)
         with torch.cuda.device(x.device):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -2013,6 +2052,8 @@ class ModelNew(nn.Module):
 
     # module attributes that a captured CUDA graph holds as constants: a change captures again
     captured_attrs = ("eps", "momentum")
+    # the layout of a CUDA graph's copy of the input: the first kernel's
+    input_layout = torch.preserve_format
 
     def __init__(self, num_classes=1000):
         super().__init__()

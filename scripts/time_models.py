@@ -3,7 +3,8 @@ mode (BatchNorm with batch statistics, KernelBench's setting); prints a table.
 
 A quick baseline, not `fusegen bench`: do_bench medians over rotated inputs, batch 10 and 128.
 `--precision P` times the generated files with another tl.dot precision (see PRECISIONS) in eval mode;
-`--profile` and `--profile-train` print where the GPU time goes per kernel.
+`--profile` and `--profile-train` print where the GPU time goes per kernel; `--timeline B` prints one CUDA-graph
+replay of each net at batch B kernel by kernel (start, duration, idle gap before it), after an L2 flush.
 """
 
 import sys
@@ -110,8 +111,44 @@ def profile(name: str, batch: int, training: bool = False, top: int = 12) -> Non
         print(f"  {e.key[:60]:<60}{e.device_time_total / 5 / 1000:>9.3f} ms{e.count // 5:>5} launches")
 
 
+def timeline(name: str, batch: int, replays: int = 5) -> None:
+    """The last of `replays` forwards (each after an L2 flush, as do_bench) kernel by kernel: where the
+    time of a CUDA-graph replay goes, kernels or the gaps between them."""
+    ref_cls, size = NETS[name]
+    torch.manual_seed(42)
+    new = load(name).ModelNew().eval().cuda()
+    x = torch.rand(batch, 3, size, size, device="cuda")
+    flush = torch.empty(256 * 2**20 // 4, device="cuda")
+    with torch.no_grad():
+        for _ in range(3):
+            new(x)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(replays):
+                flush.zero_()
+                new(x)
+            torch.cuda.synchronize()
+    kernels = sorted(
+        (e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda e: e.time_range.start
+    )
+    starts = [i for i, e in enumerate(kernels) if e.time_range.elapsed_us() > 20 and "fill" in e.key.lower()]
+    last = kernels[starts[-1] + 1 :] if starts else kernels
+    print(f"\n{name} batch {batch}: one replay after an L2 flush ({len(last)} kernels, copies included)")
+    print(f"{'start us':>9}{'us':>8}{'gap us':>8}  kernel")
+    busy = 0.0
+    for i, e in enumerate(last):
+        gap = e.time_range.start - last[i - 1].time_range.end if i else 0.0
+        busy += e.time_range.elapsed_us()
+        print(f"{e.time_range.start - last[0].time_range.start:>9.1f}{e.time_range.elapsed_us():>8.1f}{gap:>8.1f}  {e.key[:70]}")
+    span = last[-1].time_range.end - last[0].time_range.start
+    print(f"span {span:.1f} us: kernels {busy:.1f} us, gaps {span - busy:.1f} us")
+
+
 if __name__ == "__main__":
-    if "--profile" in sys.argv:
+    if "--timeline" in sys.argv:
+        for name in NETS:
+            timeline(name, int(sys.argv[sys.argv.index("--timeline") + 1]))
+    elif "--profile" in sys.argv:
         profile("mobilenet_v1", 128)
         profile("efficientnet_b1", 128)
     elif "--profile-train" in sys.argv:

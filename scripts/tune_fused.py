@@ -9,7 +9,8 @@ one pixel block adjacent, so the repeats read their input from L2).
 their kernels' (the fused row then looks 2x faster): compare whole nets there (time_models.py, which
 replays a CUDA graph). `--shapes mb|eff|mid|all` (mid: the pairs where one K step lost at batch 128);
 `--pipelined` tries K steps of 16-32 channels in 2-3 stages instead (Triton prefetches the next step's
-taps through shared memory).
+taps through shared memory). `--graph` times both through a CUDA graph (do_bench_cudagraph, L2 not
+flushed), as the generated ModelNew runs them: the batch-10 rows then compare kernels, not wrappers.
 Prints one line per shape and batch: two-kernel ms, best fused ms and its config, and the runner-ups.
 """
 
@@ -30,6 +31,7 @@ from fusegen import compile_spec  # noqa: E402
 BATCHES = [int(b) for b in sys.argv[sys.argv.index("--batch") + 1 :] if b.isdigit()] if "--batch" in sys.argv else [10, 128]
 WHICH = sys.argv[sys.argv.index("--shapes") + 1] if "--shapes" in sys.argv else "all"
 PIPELINED = "--pipelined" in sys.argv
+GRAPH = "--graph" in sys.argv
 # (C_in, H_in, stride, C_out) of each dw -> 1x1 pair
 MB = [(32, 112, 1, 64), (64, 112, 2, 128), (128, 56, 1, 128), (128, 56, 2, 256), (256, 28, 1, 256),
       (256, 28, 2, 512), (512, 14, 1, 512), (512, 14, 2, 1024), (1024, 7, 1, 1024)]  # fmt: skip
@@ -69,7 +71,7 @@ def configs(c_in, c_out):
     n_all = max(16, triton.next_power_of_2(c_out))
     found = set()
     blocks_k, stages = ((16, 32), (2, 3)) if PIPELINED else ((32, k_all if k_all <= 256 else 32), (1,))
-    for bm, bn, bk, stage in itertools.product((32, 64, 128), (64, 128, 256), blocks_k, stages):
+    for bm, bn, bk, stage in itertools.product((32, 64, 128), (32, 64, 128, 256), blocks_k, stages):
         bn, bk = min(bn, n_all), min(bk, k_all)
         # a stage holds the 9 taps [BLOCK_M, BLOCK_K] and the weights [BLOCK_K, BLOCK_N]; the taps'
         # sum is converted to tl.dot's layout through one more [BLOCK_M, BLOCK_K] buffer
@@ -100,11 +102,14 @@ def launcher(x, mods, out, bm, bn, bk, warps, stages):
 
 
 def bench(fn):
+    if GRAPH:
+        fn()  # compiled and the weights' copies cached before capture
+        return triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median")
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
 def main():
-    print(f"device: {torch.cuda.get_device_name()}; batches {BATCHES}; config = (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)")
+    print(f"device: {torch.cuda.get_device_name()}; batches {BATCHES}; {'CUDA graph' if GRAPH else 'do_bench'}; config = (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)")
     print(f"{'C_in':>5}{'H':>5}{'s':>3}{'C_out':>6}{'batch':>6}{'2 kernels':>10}{'fused':>8}  best config        runner-ups")
     torch.manual_seed(0)
     for c_in, h, stride, c_out in SHAPES:

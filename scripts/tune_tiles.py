@@ -4,8 +4,14 @@ an RTX 4090's 99 KB of shared memory per block are tried. Prints each layer's ti
 config (the default when the sweep was written) and the best. `--dw` sweeps the depthwise kernels only;
 `--batch N` sets the batch (default 128); `--precision P` the GEMMs' tl.dot precision (default tf32, as
 generated). `--rounding` times each GEMM at its generated tile under every precision variant of
-time_models.PRECISIONS instead."""
+time_models.PRECISIONS instead. `--stem` sweeps the first conv (3x3, 3 -> 32 channels, stride 2) at both
+nets' input sizes, reading the model's NCHW input as it is (as generated) and a channels-last copy.
+`--linear` sweeps the classifier. `--graph` times through a CUDA graph (do_bench_cudagraph: back to back,
+L2 not flushed) as the generated ModelNew runs them: at batch 10 do_bench's launch overhead swamps the
+kernels. `--late` sweeps the GEMMs of the late layers (latency-bound at batch 10) over small tiles, the
+generated tile (gemm_tile) first."""
 
+import itertools
 import sys
 
 import torch
@@ -17,6 +23,7 @@ from time_models import PRECISIONS, load  # this script's folder is on sys.path
 mb = load("mobilenet_v1")
 
 BATCH = int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else 128
+GRAPH = "--graph" in sys.argv
 PRECISION = sys.argv[sys.argv.index("--precision") + 1] if "--precision" in sys.argv else "tf32"
 # (C_in, C_out, H) of the 1x1 convs: MobileNetV1's, then EfficientNetB1's expand and project convs
 GEMMS = [
@@ -30,11 +37,32 @@ CONFIGS = [
     (128, 64, 64, 4, 2), (64, 64, 64, 4, 3), (128, 256, 32, 8, 2), (256, 64, 32, 8, 2), (64, 32, 64, 4, 3),
     (32, 64, 64, 4, 3), (32, 32, 64, 4, 3),
 ]  # fmt: skip
+# the late layers' GEMMs, and small tiles for when they run under a wave of programs (batch 10)
+LATE_GEMMS = [
+    (128, 128, 56), (128, 256, 28), (256, 256, 28), (256, 512, 14), (512, 512, 14), (512, 1024, 7), (1024, 1024, 7),
+    (40, 240, 30), (240, 80, 15), (80, 480, 15), (480, 112, 15), (112, 672, 15), (672, 192, 8), (192, 1152, 8),
+    (1152, 320, 8), (320, 1280, 8),
+]  # fmt: skip
+LATE_CONFIGS = [
+    (64, 64, 32, 4, 3), (64, 64, 64, 4, 3), (64, 32, 64, 4, 3), (32, 64, 64, 4, 3), (32, 32, 64, 4, 3),
+    (32, 32, 128, 4, 3), (32, 64, 128, 4, 2), (64, 32, 128, 4, 2), (32, 128, 64, 4, 3), (64, 128, 32, 4, 3),
+    (32, 32, 64, 2, 3), (32, 64, 64, 2, 4), (16, 64, 128, 4, 2), (16, 32, 128, 2, 3),
+]  # fmt: skip
+# (C_in, C_out) of the classifiers; (BLOCK_N, BLOCK_K, num_warps, num_stages) to try, BLOCK_M as generated
+LINEARS = [(1024, 1000), (1280, 1000)]
+LINEAR_CONFIGS = [(bn, bk, w, st) for bn in (16, 32, 64) for bk in (64, 128, 256) for w in (2, 4) for st in (2, 3)]
 SMEM_LIMIT = 99 * 1024
 # (C, H_in, stride) of the depthwise convs, and (BLOCK_M, BLOCK_N, num_warps) to try; the first is the default
 DWS = [(32, 112, 1), (64, 112, 2), (128, 56, 1), (256, 28, 1), (512, 14, 1), (1024, 7, 1), (96, 120, 2), (144, 60, 2),
        (480, 15, 1), (1152, 8, 1)]  # fmt: skip
 DW_CONFIGS = [(64, 64, 4), (32, 32, 2), (64, 32, 2), (32, 64, 4), (128, 32, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8)]
+
+
+def bench(run):
+    if GRAPH:
+        run()  # compiled before capture
+        return triton.testing.do_bench_cudagraph(run, rep=20, return_mode="median")
+    return bench(run)
 
 
 def batch_norm_tensors(c):
@@ -60,7 +88,7 @@ def time_gemm(c_in, c_out, h, bm, bn, bk, warps, stages, module=mb, precision=PR
             DOT_PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
-    return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+    return bench(run)
 
 
 def time_dw(c, h, stride, bm, bn, warps):
@@ -77,7 +105,74 @@ def time_dw(c, h, stride, bm, bn, warps):
             C_in=c, C_out=c, KH=3, KW=3, STRIDE=stride, PAD=1, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
         )  # fmt: skip
 
-    return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+    return bench(run)
+
+
+# (H_in, C_out) of the stem convs, and (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) to try; the
+# first is the default
+STEMS = [(224, 32), (240, 32)]
+STEM_CONFIGS = [(64, 32, 32, 4, 3)] + [
+    (bm, 32, 32, warps, stages) for bm in (32, 64, 128, 256) for warps in (2, 4, 8) for stages in (1, 2)
+]
+
+
+def time_stem(h, c_out, layout, bm, bn, bk, warps, stages):
+    x = torch.rand(BATCH, 3, h, h, device="cuda").to(memory_format=layout)
+    w = torch.randn(c_out, 3, 3, 3, device="cuda")
+    oh = (h - 1) // 2 + 1
+    bn_args = batch_norm_tensors(c_out)
+    out = torch.empty(BATCH, c_out, oh, oh, device="cuda").to(memory_format=torch.channels_last)
+    grid = (triton.cdiv(BATCH * oh * oh, bm) * triton.cdiv(c_out, bn),)
+
+    def run():
+        mb.conv3x3_bn_relu_kernel[grid](
+            x, w, *bn_args, out, BATCH, h, h, oh, oh, *x.stride(), *w.stride(), 1e-5, C_in=3, C_out=c_out, KH=3, KW=3,
+            STRIDE=2, PAD=1, DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+            num_stages=stages,
+        )  # fmt: skip
+
+    return bench(run)
+
+
+def sweep_stem():
+    for (h, c_out), layout in itertools.product(STEMS, (torch.contiguous_format, torch.channels_last)):
+        results = [(time_stem(h, c_out, layout, *config), config) for config in STEM_CONFIGS]
+        default = results[0][0]
+        results.sort()
+        oh = (h - 1) // 2 + 1
+        gbs = 4 * BATCH * (3 * h * h + c_out * oh * oh) / results[0][0] / 1e6
+        print(
+            f"conv3x3 3->{c_out} @{h}/s2 from {str(layout).split('.')[-1]}: default {default:.4f} ms; best {results[0][0]:.4f} ms {results[0][1]}"
+            f" ({gbs:.0f} GB/s); next {[(round(t, 4), c) for t, c in results[1:6]]}"
+        )
+
+
+def time_linear(c_in, c_out, bm, bn, bk, warps, stages):
+    x = torch.rand(BATCH, c_in, device="cuda")
+    w = torch.randn(c_out, c_in, device="cuda")
+    bias = torch.randn(c_out, device="cuda")
+    out = torch.empty(BATCH, c_out, device="cuda")
+    grid = (triton.cdiv(BATCH, bm) * triton.cdiv(c_out, bn),)
+
+    def run():
+        mb.linear_kernel[grid](
+            x, w, bias, out, BATCH, C_in=c_in, C_out=c_out, DOT_PRECISION="bf16x3", BLOCK_M=bm, BLOCK_N=bn,
+            BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    return bench(run)
+
+
+def sweep_linear():
+    bm = min(32, max(16, triton.next_power_of_2(BATCH)))
+    for c_in, c_out in LINEARS:
+        results = [(time_linear(c_in, c_out, bm, *config), config) for config in [(32, 64, 4, 3), *LINEAR_CONFIGS]]
+        default = results[0][0]
+        results.sort()
+        print(
+            f"linear {c_in}->{c_out} (BLOCK_M {bm}): default {default:.4f} ms; best {results[0][0]:.4f} ms "
+            f"{results[0][1]}; next {[(round(t, 4), c) for t, c in results[1:6]]}"
+        )
 
 
 def sweep_dw():
@@ -118,13 +213,19 @@ def rounding_costs():
 def main():
     if "--dw" in sys.argv:
         return sweep_dw()
+    if "--stem" in sys.argv:
+        return sweep_stem()
+    if "--linear" in sys.argv:
+        return sweep_linear()
     if "--rounding" in sys.argv:
         return rounding_costs()
-    print(f"device: {torch.cuda.get_device_name()}, batch {BATCH}, tl.dot {PRECISION}, configs (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)")
+    late = "--late" in sys.argv
+    print(f"device: {torch.cuda.get_device_name()}, batch {BATCH}, {'CUDA graph' if GRAPH else 'do_bench'}, tl.dot {PRECISION}, configs (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)")
     total_default = total_best = 0.0
-    for c_in, c_out, h in GEMMS:
+    for c_in, c_out, h in LATE_GEMMS if late else GEMMS:
         results = []
-        for config in CONFIGS:
+        generated = (*mb.gemm_tile(BATCH * h * h, c_in, c_out, "tf32"), 4, 3)
+        for config in [generated, *LATE_CONFIGS] if late else CONFIGS:
             if fits(*config[:3], config[4]):
                 results.append((time_gemm(c_in, c_out, h, *config), config))
         default = results[0][0]

@@ -44,6 +44,21 @@ def test_replay_equals_direct_launches(model):
 
 
 @torch.no_grad()
+def test_inputs_in_any_layout_replay_alike(model):
+    """The first conv reads any layout, so the graph's copy of the input keeps the caller's: the
+    first call's layout fixes it, and later inputs in other layouts are copied into it."""
+    x = rand(2, 3, 17, 15)
+    strided = torch.full((2, 3, 17, 30), float("nan"), device="cuda")
+    strided[..., ::2] = x
+    direct = model.run_kernels(x)
+    for first in (x.to(memory_format=torch.channels_last), x):
+        model.cuda_graphs.clear()
+        for layout in (first, x, x.to(memory_format=torch.channels_last), strided[..., ::2]):
+            assert torch.equal(model(layout), direct)
+        assert len(model.cuda_graphs) == 1
+
+
+@torch.no_grad()
 def test_returned_tensors_are_never_overwritten(model):
     first = model(rand(2, 3, 17, 15))
     kept = first.clone()
