@@ -62,7 +62,7 @@ def bench(run):
     if GRAPH:
         run()  # compiled before capture
         return triton.testing.do_bench_cudagraph(run, rep=20, return_mode="median")
-    return bench(run)
+    return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
 
 
 def batch_norm_tensors(c):
