@@ -125,16 +125,26 @@ def _out_dims(kernel: Kernel) -> list[str]:
     ]
 
 
-def _block_lines(kernel: Kernel, out_rank: int, body_text: str, own_blocks: dict[str, str]) -> list[str]:
-    """Wrapper lines that set the block sizes: the producer's tile rule (which also sets num_stages),
-    or the anchor's whole tile rule, or defaults overridden by the anchor's own (which come last, in
-    its order: one may read another, or a default)."""
-    anchor: O.Anchor = kernel.anchor.op.lowering
+TileRule = tuple[str, tuple[str, ...]]  # a wrapper expression, and the launch options it returns after the blocks
+
+
+def _tile_rule(kernel: Kernel) -> TileRule | None:
+    """The wrapper expression that sets all the block sizes, and the launch options it also returns:
+    the producer's rule in a kernel with one, else the anchor's; None where neither has one."""
     if kernel.producer:
         producer = kernel.producer[0]
-        return [f"BLOCK_M, BLOCK_N, BLOCK_K, num_stages = {producer.op.lowering.produce_tile.format(m=producer.slot)}"]
-    if anchor.tile:
-        return [f"{', '.join(['BLOCK_M', 'BLOCK_N', 'BLOCK_K', *anchor.tile_options])} = {anchor.tile}"]
+        lowering: O.Anchor = producer.op.lowering
+        return lowering.produce_tile.format(m=producer.slot), lowering.produce_tile_options
+    anchor: O.Anchor = kernel.anchor.op.lowering
+    return (anchor.tile, anchor.tile_options) if anchor.tile else None
+
+
+def _block_lines(rule: TileRule | None, out_rank: int, body_text: str, own_blocks: dict[str, str]) -> list[str]:
+    """Wrapper lines that set the block sizes: the kernel's tile rule, or defaults overridden by the
+    anchor's own (which come last, in its order: one may read another, or a default)."""
+    if rule:
+        expression, options = rule
+        return [f"{', '.join(['BLOCK_M', 'BLOCK_N', 'BLOCK_K', *options])} = {expression}"]
     default_blocks = {
         "BLOCK_M": "64" if out_rank == 4 else "min(64, max(16, triton.next_power_of_2(N)))",
         "BLOCK_N": "min(64, max(16, triton.next_power_of_2(C_out)))",
@@ -143,14 +153,6 @@ def _block_lines(kernel: Kernel, out_rank: int, body_text: str, own_blocks: dict
         default_blocks["BLOCK_K"] = "32"
     values = {**{b: v for b, v in default_blocks.items() if b not in own_blocks}, **own_blocks}
     return [f"{name} = {value}" for name, value in values.items()]
-
-
-def _launch_options(kernel: Kernel) -> tuple[str, ...]:
-    """The launch options (num_warps, num_stages) that the wrapper's tile rule sets."""
-    if kernel.producer:
-        return ("num_stages",)
-    anchor: O.Anchor = kernel.anchor.op.lowering
-    return anchor.tile_options if anchor.tile else ()
 
 
 def lower(kernel: Kernel) -> LoweredKernel:
@@ -198,7 +200,8 @@ def lower(kernel: Kernel) -> LoweredKernel:
     blocks = [(b, b) for b in dict.fromkeys(["BLOCK_M", "BLOCK_N", "BLOCK_K", *own_blocks])]
     strides = _X_STRIDES if reads_any_layout(kernel) else []
     positional = [p for p in pointers + dims + strides + scalars if _used(p[0], body_text)]
-    block_lines = _block_lines(kernel, out_rank, body_text, own_blocks)
+    rule = _tile_rule(kernel)
+    block_lines = _block_lines(rule, out_rank, body_text, own_blocks)
     # a constexpr that another wrapper expression reads (dot_weight and gemm_tile read DOT_PRECISION)
     # is a wrapper variable, set first
     read = "\n".join([*(value for _, value in positional), *block_lines])
@@ -250,10 +253,8 @@ def lower(kernel: Kernel) -> LoweredKernel:
         INDENT + f"{kernel.name}_kernel[grid](",
         *(INDENT * 2 + f"{value}," for _, value in positional),
         *(INDENT * 2 + f"{name}={value}," for name, value in keyword),
-        # Triton pipelines the producer's KH*KW tap loads of a K step through shared memory: the tile
-        # rule says how many stages fit (a dwconv5x5 producer asked for 438 KB with Triton's default);
-        # an anchor's tile rule may set launch options too
-        *(INDENT * 2 + f"{option}={option}," for option in _launch_options(kernel)),
+        # the launch options (num_warps, num_stages) that the tile rule set
+        *(INDENT * 2 + f"{option}={option}," for option in (rule[1] if rule else ())),
         INDENT + ")",
     ]
     result = kernel.view.op.lowering.expr("out") if kernel.view else "out"

@@ -106,9 +106,10 @@ class Anchor:
     tile_options: tuple[str, ...] = ()
     # A producer (depthwise conv): kernel lines that leave its output at the frame's pixels, channels
     # offs_k (mask_k), in the tile `a` [BLOCK_M, BLOCK_K], to run inside a consumer's K loop; and the
-    # wrapper expression of the kernel's (BLOCK_M, BLOCK_N, BLOCK_K, num_stages) (`{m}`: the producer).
+    # kernel's tile rule, as `tile` above (`{m}`: the producer), which replaces the consumer's.
     produce: Callable[[str, PrologueHook], list[str]] | None = None
     produce_tile: str | None = None
+    produce_tile_options: tuple[str, ...] = ()
     # A consumer (1x1 conv): its loop with the input tile computed by a producer's lines instead of
     # loaded, so the producer's output never touches memory; `consume_refusal(args)` says why these
     # args cannot (None: they can).
@@ -575,6 +576,9 @@ def _dwconv_op(k: int) -> Op:
             _NEIGHBOURHOOD.format(k=k),
             produce=_dwconv_produce,
             produce_tile="producer_tile(C_in, C_out, {m}.kernel_size[0] * {m}.kernel_size[1])",
+            # Triton would pipeline the taps of a K step through shared memory as deep as its default
+            # (a dwconv5x5 producer asked for 438 KB): the rule says how many stages fit
+            produce_tile_options=("num_stages",),
         ),
         summary=f"depthwise {k}x{k} convolution (groups = channels), no bias",
     )

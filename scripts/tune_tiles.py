@@ -65,6 +65,20 @@ def bench(run):
     return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
 
 
+def sweep(label, time_config, configs, rate, runner_ups=3):
+    """Times time_config(*config) for each config (the first is the default), prints the default, the
+    best with its rate (`rate(ms)`, e.g. "3068 GB/s") and the runner-ups; returns (default ms, best ms)."""
+    results = [(time_config(*config), config) for config in configs]
+    default = results[0][0]
+    results.sort()
+    best, config = results[0]
+    print(
+        f"{label}: default {default:.4f} ms; best {best:.4f} ms {config} ({rate(best)});"
+        f" next {[(round(t, 4), c) for t, c in results[1 : 1 + runner_ups]]}"
+    )
+    return default, best
+
+
 def batch_norm_tensors(c):
     """weight, bias, running_mean, running_var of a BatchNorm over c channels (variance > 0)."""
     return [torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda"),
@@ -136,14 +150,13 @@ def time_stem(h, c_out, layout, bm, bn, bk, warps, stages):
 
 def sweep_stem():
     for (h, c_out), layout in itertools.product(STEMS, (torch.contiguous_format, torch.channels_last)):
-        results = [(time_stem(h, c_out, layout, *config), config) for config in STEM_CONFIGS]
-        default = results[0][0]
-        results.sort()
         oh = (h - 1) // 2 + 1
-        gbs = 4 * BATCH * (3 * h * h + c_out * oh * oh) / results[0][0] / 1e6
-        print(
-            f"conv3x3 3->{c_out} @{h}/s2 from {str(layout).split('.')[-1]}: default {default:.4f} ms; best {results[0][0]:.4f} ms {results[0][1]}"
-            f" ({gbs:.0f} GB/s); next {[(round(t, 4), c) for t, c in results[1:6]]}"
+        sweep(
+            f"conv3x3 3->{c_out} @{h}/s2 from {str(layout).split('.')[-1]}",
+            lambda *config: time_stem(h, c_out, layout, *config),
+            STEM_CONFIGS,
+            lambda ms: f"{4 * BATCH * (3 * h * h + c_out * oh * oh) / ms / 1e6:.0f} GB/s",
+            runner_ups=5,
         )
 
 
@@ -166,29 +179,27 @@ def time_linear(c_in, c_out, bm, bn, bk, warps, stages):
 def sweep_linear():
     bm = min(32, max(16, triton.next_power_of_2(BATCH)))
     for c_in, c_out in LINEARS:
-        results = [(time_linear(c_in, c_out, bm, *config), config) for config in [(32, 64, 4, 3), *LINEAR_CONFIGS]]
-        default = results[0][0]
-        results.sort()
-        print(
-            f"linear {c_in}->{c_out} (BLOCK_M {bm}): default {default:.4f} ms; best {results[0][0]:.4f} ms "
-            f"{results[0][1]}; next {[(round(t, 4), c) for t, c in results[1:6]]}"
+        sweep(
+            f"linear {c_in}->{c_out} (BLOCK_M {bm})",
+            lambda *config: time_linear(c_in, c_out, bm, *config),
+            [(32, 64, 4, 3), *LINEAR_CONFIGS],
+            lambda ms: f"{2 * BATCH * c_in * c_out / ms / 1e9:.1f} TFLOP/s",
+            runner_ups=5,
         )
 
 
 def sweep_dw():
     total_default = total_best = 0.0
     for c, h, stride in DWS:
-        results = [(time_dw(c, h, stride, *config), config) for config in DW_CONFIGS]
-        default = results[0][0]
-        results.sort()
-        total_default += default
-        total_best += results[0][0]
         oh = (h - 1) // stride + 1
-        gbs = 4 * BATCH * c * (h * h + oh * oh) / results[0][0] / 1e6
-        print(
-            f"dwconv {c} @{h}/s{stride}: default {default:.4f} ms; best {results[0][0]:.4f} ms {results[0][1]}"
-            f" ({gbs:.0f} GB/s); next {[(round(t, 4), c) for t, c in results[1:4]]}"
+        default, best = sweep(
+            f"dwconv {c} @{h}/s{stride}",
+            lambda *config: time_dw(c, h, stride, *config),
+            DW_CONFIGS,
+            lambda ms: f"{4 * BATCH * c * (h * h + oh * oh) / ms / 1e6:.0f} GB/s",
         )
+        total_default += default
+        total_best += best
     print(f"sum over the depthwise layers: default {total_default:.3f} ms, best {total_best:.3f} ms")
 
 
@@ -223,20 +234,16 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}, batch {BATCH}, {'CUDA graph' if GRAPH else 'do_bench'}, tl.dot {PRECISION}, configs (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)")
     total_default = total_best = 0.0
     for c_in, c_out, h in LATE_GEMMS if late else GEMMS:
-        results = []
         generated = (*mb.gemm_tile(BATCH * h * h, c_in, c_out, "tf32"), 4, 3)
-        for config in [generated, *LATE_CONFIGS] if late else CONFIGS:
-            if fits(*config[:3], config[4]):
-                results.append((time_gemm(c_in, c_out, h, *config), config))
-        default = results[0][0]
-        results.sort()
-        total_default += default
-        total_best += results[0][0]
-        flops = 2 * BATCH * h * h * c_in * c_out
-        print(
-            f"conv1x1 {c_in}->{c_out} @{h}: default {default:.4f} ms; best {results[0][0]:.4f} ms {results[0][1]}"
-            f" ({flops / results[0][0] / 1e9:.0f} TFLOP/s); next {[(round(t, 4), c) for t, c in results[1:4]]}"
+        configs = [generated, *LATE_CONFIGS] if late else CONFIGS
+        default, best = sweep(
+            f"conv1x1 {c_in}->{c_out} @{h}",
+            lambda *config: time_gemm(c_in, c_out, h, *config),
+            [config for config in configs if fits(*config[:3], config[4])],
+            lambda ms: f"{2 * BATCH * h * h * c_in * c_out / ms / 1e9:.0f} TFLOP/s",
         )
+        total_default += default
+        total_best += best
     print(f"sum over the listed layers: default {total_default:.3f} ms, best {total_best:.3f} ms")
 
 
