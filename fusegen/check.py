@@ -72,6 +72,13 @@ class Model:
     example_input: O.Shape
     init: tuple[Function | Assign, ...]  # the body of ModelNew.__init__, in order
     chains: tuple[ChainUse, ...]  # the forward pass, in order
+    activation_dtype: str = "float32"  # torch dtype of the tensors between kernels in eval mode
+
+
+# What `activations(...)` may store. float16 keeps TF32's 10-bit mantissa, so the 1x1 convs see the
+# same operands they would round to anyway, at half the bytes (its range ends at 65504, far above
+# activations after BatchNorm). bfloat16 is not offered: its 7 bits round 8x coarser than TF32.
+ACTIVATION_DTYPES = ("float32", "float16")
 
 
 # -- expressions -----------------------------------------------------------------------------------------
@@ -428,7 +435,17 @@ class _Checker:
         self.forward(scope)
         if not self.chains:
             raise SpecError(self.spec.forward.pos, "forward has no chains")
-        return Model(self.spec.model.name, params, tuple(dims), tuple(self.init), tuple(self.chains))
+        return Model(
+            self.spec.model.name, params, tuple(dims), tuple(self.init), tuple(self.chains), self.activation_dtype()
+        )
+
+    def activation_dtype(self) -> str:
+        decl = self.spec.activations
+        if decl is None:
+            return "float32"
+        if decl.dtype not in ACTIVATION_DTYPES:
+            raise SpecError(decl.dtype_pos, f"activations(...) takes {' or '.join(ACTIVATION_DTYPES)}, got {decl.dtype!r}")
+        return decl.dtype
 
 
 def _is_expr(value: object) -> bool:

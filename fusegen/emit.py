@@ -137,7 +137,8 @@ def _run_kernels_lines(steps) -> list[str]:
             lines.append(f"# {comment}")
         if isinstance(step, Launch):
             inputs = ["x", "x_stats"] if step.kernel.reads_batch_stats else ["x"]
-            args = ", ".join([*inputs, *(f"self.{path}" for path in step.modules)])
+            stored = ["self.activation_dtype"] if step.stores_activation else []
+            args = ", ".join([*inputs, *(f"self.{path}" for path in step.modules), *stored])
             outputs = "x, x_stats" if step.kernel.writes_batch_stats else "x"
             lines.append(f"{outputs} = {step.kernel.name}({args})")
         else:
@@ -202,9 +203,26 @@ def _input_layout_lines(plan: Plan) -> list[str]:
 def _captured_attrs_lines(plan: Plan) -> list[str]:
     """ModelNew.captured_attrs: the names of the module attributes that a CUDA graph holds as constants."""
     names = dict.fromkeys(attr for chain in plan.model.chains for use in chain.ops for attr in use.op.captured_attrs)
+    if _stores_activations(plan):
+        names["activation_dtype"] = None
     return [
         "# module attributes that a captured CUDA graph holds as constants: a change captures again",
         f"captured_attrs = ({', '.join(map(repr, names))}{',' if len(names) == 1 else ''})",
+    ]
+
+
+def _stores_activations(plan: Plan) -> bool:
+    return any(isinstance(step, Launch) and step.stores_activation for step in plan.steps)
+
+
+def _activation_dtype_lines(plan: Plan) -> list[str]:
+    """ModelNew.activation_dtype, where the spec narrows the tensors between kernels."""
+    if not _stores_activations(plan):
+        return []
+    return [
+        "# eval mode stores the tensors between kernels in this dtype (the spec's activations(...));",
+        "# a linear's input, the output and training mode stay float32",
+        f"self.activation_dtype = torch.{plan.model.activation_dtype}",
     ]
 
 
@@ -258,6 +276,7 @@ def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
         f"{INDENT}def __init__({ctor}):",
         f"{INDENT * 2}super().__init__()",
         *(INDENT * 2 + line for line in _init_lines(plan)),
+        *(INDENT * 2 + line for line in _activation_dtype_lines(plan)),
         f"{INDENT * 2}self.use_cuda_graphs = True  # replay forward as a CUDA graph on the GPU",
         f"{INDENT * 2}self.cuda_graphs = {{}}",
         "",

@@ -231,12 +231,15 @@ def lower(kernel: Kernel) -> LoweredKernel:
     rows = "N * OH * OW" if out_rank == 4 else "N"
     inputs = ["x", "x_stats"] if kernel.reads_batch_stats else ["x"]
     setup = [line.format(m=f.slot) for f in kernel.prologue if f.elementwise for line in f.elementwise.setup]
+    # the kernel computes in float32 and its store converts to the output's dtype: an activation for a
+    # later kernel may be stored narrower (the model's activation_dtype), the model's output is float32
+    out_dtype = ["out_dtype=torch.float32"] if kernel.stores_activations else []
     wrapper = [
-        f"def {kernel.name}({', '.join([*inputs, *modules])}):",
+        f"def {kernel.name}({', '.join([*inputs, *modules, *out_dtype])}):",
         *([] if reads_any_layout(kernel) else [INDENT + _CONTIGUOUS[kernel.in_rank]]),
         INDENT + f"{', '.join(in_dims)} = x.shape",
         *(INDENT + line for line in anchor_dims),
-        INDENT + f"out = torch.empty(({out_shape}), device=x.device, dtype=torch.float32{_LAYOUT[out_rank]})",
+        INDENT + f"out = torch.empty(({out_shape}), device=x.device, dtype={'out_dtype' if out_dtype else 'torch.float32'}{_LAYOUT[out_rank]})",
         INDENT + "check_32bit_offsets(x, out)",
         *(INDENT + line for line in variable_lines + block_lines),
     ]

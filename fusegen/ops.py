@@ -35,6 +35,9 @@ Shape = tuple[int, ...]
 # (FP32_DOT below), weights once in the wrapper (`dot_weight`, DOT_WEIGHT).
 # "bf16x3" (three bf16 products, 4e-6) and "tf32x3" (2e-7) are more exact and slower (notes/perf.md).
 # Triton's interpreter accepts no bf16x3 and computes fp32 anyway: "ieee" says so.
+# A conv whose input is a float16 activation (the spec's `activations(float16)`) runs "fp16" instead:
+# float16 has TF32's 10-bit mantissa, so both operands round the same, and tensor cores multiply them at
+# twice the rate (`dot_precision` chooses; a weight outside float16's comfortable range keeps "tf32").
 DOT_PRECISION = "tf32"
 # A kernel whose output feeds training-mode BatchNorm: normalising by the batch's spread amplifies
 # rounding, and bf16x3 left the running buffers 1e-4 off float64 (outputs 1-4e-4); tf32x3 does not.
@@ -72,12 +75,18 @@ def round_to_tf32(x):
 
 @triton.jit
 def fp32_dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    \"\"\"acc + a @ b for fp32 tiles. Tensor cores read fp32 operands as TF32 by truncating them, a bias
-    that adds up over a net: for "tf32" the activations `a` are rounded to nearest here, and the weights
-    `b` come rounded already (dot_weight).\"\"\"
-    if DOT_PRECISION == "tf32":
-        a = round_to_tf32(a)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    \"\"\"acc + a @ b for an fp32 tile `a` and dot_weight's `b`, accumulated in fp32. Tensor cores read
+    fp32 operands as TF32 by truncating them, a bias that adds up over a net: for "tf32" the activations
+    `a` are rounded to nearest here, and the weights `b` come rounded already. For "fp16" `a` rounds to
+    nearest float16 and `b` comes as float16.\"\"\"
+    # if/else, not an early return: Triton compiles the code after a return in a constexpr branch too
+    if DOT_PRECISION == "fp16":
+        acc = tl.dot(a.to(tl.float16), b, acc)
+    else:
+        if DOT_PRECISION == "tf32":
+            a = round_to_tf32(a)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
 """
 
 
@@ -120,6 +129,8 @@ class Anchor:
     # the loop reads x through its four strides (`_x_strided_at`): the wrapper passes x in whatever
     # layout it comes, so the model's NCHW input reaches a first conv without a channels-last copy
     strided_input: bool = False
+    # eval mode: its input may be stored in the model's narrower activation dtype (activations(float16))
+    narrow_input: bool = True
 
     @property
     def out_rank(self) -> int:
@@ -247,6 +258,12 @@ def _x_at(n: str, ih: str, iw: str, ch: str) -> str:
     return f"x_ptr + (({n} * H + {ih}) * W + {iw}) * C_in + {ch}"
 
 
+def _load_x(address: str, mask: str) -> str:
+    """A tile of the input activation, in float32 whatever dtype it is stored in (a model's
+    `activations(float16)`): every op computes in float32."""
+    return f"tl.load({address}, mask={mask}, other=0.0).to(tl.float32)"
+
+
 def _x_strided_at(n: str, ih: str, iw: str, ch: str) -> str:
     """Address of channel `ch` of input pixel (n, ih, iw) in any layout. Triton specialises a stride
     of 1, so a channels-last input still has its channel runs known to be contiguous."""
@@ -266,7 +283,7 @@ def _conv_loop(slot: str, prologue: PrologueHook) -> list[str]:
         "    ih = oh[:, None] * STRIDE - PAD + kh[None, :]",
         "    iw = ow[:, None] * STRIDE - PAD + kw[None, :]",
         "    inside = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)",
-        f"    a = tl.load({_x_strided_at('n[:, None]', 'ih', 'iw', 'ci[None, :]')}, mask=inside, other=0.0)",
+        f"    a = {_load_x(_x_strided_at('n[:, None]', 'ih', 'iw', 'ci[None, :]'), 'inside')}",
         *("    " + line for line in _where_inside(prologue("a", "ci", "mask_k", "inside"), "a", "inside")),
         f"    b = tl.load({slot}_weight_ptr + offs_n[None, :] * {slot}_weight_stride_o"
         f" + (ci * {slot}_weight_stride_i + kh * {slot}_weight_stride_h + kw * {slot}_weight_stride_w)[:, None],"
@@ -285,7 +302,7 @@ def _depthwise(slot: str, prologue: PrologueHook, out: str, channels: str, chann
         "        ih = oh * STRIDE - PAD + kh",
         "        iw = ow * STRIDE - PAD + kw",
         f"        inside = mask_m[:, None] & {channel_mask}[None, :] & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]",
-        f"        x_tap = tl.load({_x_at('n[:, None]', 'ih[:, None]', 'iw[:, None]', f'{channels}[None, :]')}, mask=inside, other=0.0)",
+        f"        x_tap = {_load_x(_x_at('n[:, None]', 'ih[:, None]', 'iw[:, None]', f'{channels}[None, :]'), 'inside')}",
         *("        " + line for line in _where_inside(prologue("x_tap", channels, channel_mask, "inside"), "x_tap", "inside")),
         f"        w = tl.load({slot}_weight_ptr + {channels} * {slot}_weight_stride_o + kh * {slot}_weight_stride_h"
         f" + kw * {slot}_weight_stride_w, mask={channel_mask}, other=0.0)",
@@ -325,7 +342,7 @@ def _gemm_loop(row: str, bias: bool):
 
     def loop(slot: str, prologue: PrologueHook) -> list[str]:
         a_tile = [
-            "a = tl.load(x_ptr + x_row[:, None] * C_in + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)",
+            f"a = {_load_x('x_ptr + x_row[:, None] * C_in + offs_k[None, :]', 'mask_m[:, None] & mask_k[None, :]')}",
             # masked lanes meet zero weights, so the prologue needs no re-masking here
             *prologue("a", "offs_k", "mask_k", None),
         ]
@@ -355,7 +372,7 @@ def _pool_loop(window: str, pixels: str, divisor: str):
             "    p = p0 + tl.arange(0, BLOCK_P)",
             *(f"    {line}" for line in window.split("\n")),
             f"    inside = mask_m[:, None, None] & (p < {pixels})[None, :, None] & mask_n[None, None, :]",
-            f"    a = tl.load({_x_at('n[:, None, None]', 'ih', 'iw', 'offs_n[None, None, :]')}, mask=inside, other=0.0)",
+            f"    a = {_load_x(_x_at('n[:, None, None]', 'ih', 'iw', 'offs_n[None, None, :]'), 'inside')}",
             *("    " + line for line in _where_inside(prologue("a", "offs_n", "mask_n", "inside"), "a", "inside")),
             "    acc += tl.sum(a, axis=1)",
             f"acc = acc / ({divisor})",
@@ -386,7 +403,7 @@ _LINEAR_BLOCKS = (
 def _load_loop(slot: str, prologue: PrologueHook) -> list[str]:
     """The anchor of a chain of elementwise ops only: the input tile itself (output row = input row)."""
     return [
-        "acc = tl.load(x_ptr + offs_m[:, None] * C_in + offs_n[None, :], mask=mask, other=0.0)",
+        f"acc = {_load_x('x_ptr + offs_m[:, None] * C_in + offs_n[None, :]', 'mask')}",
         *prologue("acc", "offs_n", "mask_n", None),
     ]
 
@@ -396,17 +413,39 @@ def _load_loop(slot: str, prologue: PrologueHook) -> list[str]:
 # (1.43 -> 1.56 ms summed over 16 layers at batch 128 on an H200; scripts/tune_tiles.py --rounding).
 DOT_WEIGHT = """\
 def dot_weight(module, precision):
-    \"\"\"module.weight as fp32_dot's operand `b` at `precision`: for "tf32", rounded to the nearest TF32
-    values (ties away from zero) with the weight's own strides, once per version of the weight.\"\"\"
+    \"\"\"module.weight as fp32_dot's operand `b` at `precision`, with the weight's own strides, made once
+    per version of the weight. "tf32": rounded to the nearest TF32 values (ties away from zero). "fp16":
+    rounded to float16, or None where that loses more than TF32 would: where the largest magnitude is
+    above 2**15 (near float16's overflow) or below 2**-8 (then the weights under 2**-14 that go subnormal
+    lose more than 1/64 of the largest one's TF32 rounding).\"\"\"
     weight = module.weight
-    if precision != "tf32":
+    if precision not in ("tf32", "fp16"):
         return weight
     key = (weight.data_ptr(), weight._version, weight.device, weight.stride())
-    cached = getattr(module, "tf32_weight", None)
+    cached = getattr(module, f"{precision}_weight", None)
     if cached is None or cached[0] != key:
-        bits = weight.detach().view(torch.int32)
-        cached = module.tf32_weight = (key, ((bits + 0x1000) & -0x2000).view(torch.float32))
+        w = weight.detach()
+        if precision == "tf32":
+            operand = ((w.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+        else:  # one sync per version of the weight, made before a CUDA graph's capture
+            operand = w.half() if 2**-8 <= w.abs().amax().item() <= 2**15 else None
+        cached = (key, operand)
+        setattr(module, f"{precision}_weight", cached)
     return cached[1]
+"""
+
+
+# A conv's fp32_dot precision, chosen in its wrapper (emitted once per file that uses it).
+DOT_PRECISION_RULE = """\
+def dot_precision(x, module):
+    \"\"\"fp32_dot's precision for input x and module.weight: "ieee" off the GPU (Triton's interpreter
+    computes fp32); on it "fp16" where x is a float16 activation and the weight rounds to float16 as
+    well as to TF32 (dot_weight), else "tf32".\"\"\"
+    if not x.is_cuda:
+        return "ieee"
+    if x.dtype == torch.float16 and dot_weight(module, "fp16") is not None:
+        return "fp16"
+    return "tf32"
 """
 
 
@@ -494,6 +533,7 @@ WRAPPER_FUNCTIONS = {
     "conv_tile": CONV_TILE,
     "producer_tile": PRODUCER_TILE,
     "dot_weight": DOT_WEIGHT,
+    "dot_precision": DOT_PRECISION_RULE,
 }
 
 
@@ -501,7 +541,8 @@ def _dot_precision(precision: str) -> KernelParam:
     return KernelParam("DOT_PRECISION", f'"{precision}" if x.is_cuda else "ieee"', constexpr=True)
 
 
-_DOT_PRECISION = _dot_precision(DOT_PRECISION)
+# a conv: "tf32", or "fp16" on a float16 activation (dot_precision)
+_DOT_PRECISION = KernelParam("DOT_PRECISION", "dot_precision(x, {m})", constexpr=True)
 # torch runs convolutions in TF32 (cudnn.allow_tf32) but matmuls in fp32 (cuda.matmul.allow_tf32 is
 # off); the classifier's error lands on the output unfiltered, and TF32 there put whole nets at 3x
 # eager's error (H200). It is a tiny GEMM: bf16x3 costs nothing measurable.
@@ -791,6 +832,9 @@ FIXED_OPS = {
                 (),
                 _gemm_loop("n", bias=True),
                 "each of its outputs reads every input feature of a row, but a program of this kernel holds only BLOCK_N of them",
+                # the classifier's input error lands on the output unfiltered: float16 features nearly
+                # doubled EfficientNetB1's error (CPU, 7.4e-5 -> 1.4e-4); they are a few KB
+                narrow_input=False,
             ),
             summary="fully connected layer with bias, GEMM on tl.dot",
         ),

@@ -103,6 +103,9 @@ class _ToSyntax(Transformer):
     def input_decl(self, meta, items):
         return S.InputDecl(tuple(items), _pos(meta))
 
+    def activations_decl(self, meta, items):
+        return S.ActivationsDecl(str(items[0]), _pos(items[0]), _pos(meta))
+
     def let_params(self, meta, items):
         return tuple(str(t) for t in items)
 
@@ -166,11 +169,15 @@ def _assemble(statements: list) -> S.Spec:
         if len(found) > 1:
             raise SpecError(found[1].pos, f"a second {what} declaration; a spec describes one model")
         singles[kind] = found[0]
+    optional = by_kind.get(S.ActivationsDecl, [])
+    if len(optional) > 1:
+        raise SpecError(optional[1].pos, "a second `activations(...)` declaration")
     if statements[0] is not singles[S.ModelDecl]:
         raise SpecError(statements[0].pos, "a spec starts with its `model Name(...)` header")
     return S.Spec(
         model=singles[S.ModelDecl],
         input=singles[S.InputDecl],
+        activations=optional[0] if optional else None,
         lets=tuple(by_kind.get(S.LetDecl, [])),
         blocks=tuple(by_kind.get(S.BlockDecl, [])),
         forward=singles[S.ForwardDecl],

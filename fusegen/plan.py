@@ -49,6 +49,9 @@ class Kernel:
     writes_batch_stats: bool = False
     # a producer anchor and the elementwise ops after it: the anchor's input tile, made in registers
     producer: tuple[FusedOp, ...] = ()
+    # eval mode: some launch stores an activation for a later kernel, at the model's activation_dtype
+    # (its wrapper takes out_dtype; the model's output stays float32)
+    stores_activations: bool = False
 
     @property
     def ops(self) -> tuple[FusedOp, ...]:
@@ -71,6 +74,7 @@ class Launch:
     kernel: Kernel
     modules: tuple[str, ...]  # module path for each of kernel.module_ops
     comment: str
+    stores_activation: bool = False  # its output feeds a later kernel at the model's activation_dtype
 
 
 @dataclass(frozen=True)
@@ -259,9 +263,28 @@ class _Kernels:
         ]
 
 
+def _store_activations(steps: list[Launch | ViewOnly], kernels: _Kernels) -> list[Launch | ViewOnly]:
+    """Eval mode with a narrower activation dtype: a launch stores its output in it where the next
+    launch's anchor takes a narrow input (the model returns float32), and their kernels' wrappers take
+    the dtype."""
+    def reads_narrow(kernel: Kernel) -> bool:
+        reader = kernel.producer[0] if kernel.producer else kernel.anchor  # the op that loads x
+        return reader.op.lowering.narrow_input
+
+    launches = [s for s in steps if isinstance(s, Launch)]
+    narrow = {id(s) for s, after in zip(launches, launches[1:]) if reads_narrow(after.kernel)}
+    stored = {s.kernel.name for s in launches if id(s) in narrow}
+    for key, kernel in kernels.by_key.items():
+        if kernel.name in stored:
+            kernels.by_key[key] = replace(kernel, stores_activations=True)
+    return [replace(s, stores_activation=True) if id(s) in narrow else s for s in steps]
+
+
 def plan(model: Model, spec_name: str) -> Plan:
     kernels = _Kernels(spec_name)
     steps = kernels.steps(_eval_groups(model), training=False)
+    if model.activation_dtype != "float32":
+        steps = _store_activations(steps, kernels)
     has_batch_stats = any(_needs_batch_stats(u) for chain in model.chains for u in chain.ops)
     train_steps = kernels.steps(_training_groups(model), training=True) if has_batch_stats else None
     # The Launch objects hold the kernel as it was when built; point them at the final kernels (sources).

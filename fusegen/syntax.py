@@ -80,6 +80,15 @@ class InputDecl:
 
 
 @dataclass(frozen=True)
+class ActivationsDecl:
+    """`activations(float16)`: the dtype of the tensors between kernels in eval mode."""
+
+    dtype: str
+    dtype_pos: Pos
+    pos: Pos
+
+
+@dataclass(frozen=True)
 class LetDecl:
     """`let h = round(ci * expand)` or the function `let c(v) = int(v * alpha)`."""
 
@@ -158,6 +167,7 @@ class ForwardDecl:
 class Spec:
     model: ModelDecl
     input: InputDecl
+    activations: ActivationsDecl | None
     lets: tuple[LetDecl, ...]
     blocks: tuple[BlockDecl, ...]
     forward: ForwardDecl

@@ -15,16 +15,22 @@ def round_to_tf32(x):
 
 @triton.jit
 def fp32_dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    """acc + a @ b for fp32 tiles. Tensor cores read fp32 operands as TF32 by truncating them, a bias
-    that adds up over a net: for "tf32" the activations `a` are rounded to nearest here, and the weights
-    `b` come rounded already (dot_weight)."""
-    if DOT_PRECISION == "tf32":
-        a = round_to_tf32(a)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    """acc + a @ b for an fp32 tile `a` and dot_weight's `b`, accumulated in fp32. Tensor cores read
+    fp32 operands as TF32 by truncating them, a bias that adds up over a net: for "tf32" the activations
+    `a` are rounded to nearest here, and the weights `b` come rounded already. For "fp16" `a` rounds to
+    nearest float16 and `b` comes as float16."""
+    # if/else, not an early return: Triton compiles the code after a return in a constexpr branch too
+    if DOT_PRECISION == "fp16":
+        acc = tl.dot(a.to(tl.float16), b, acc)
+    else:
+        if DOT_PRECISION == "tf32":
+            a = round_to_tf32(a)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 # conv3x3 -> bn -> relu: one kernel, one store.
-# efficientnet_b1.fuse:21: conv1: conv3x3(3, 32, stride=2) -> bn1: bn(32) -> relu
+# efficientnet_b1.fuse:25: conv1: conv3x3(3, 32, stride=2) -> bn1: bn(32) -> relu
 @triton.jit
 def conv3x3_bn_relu_kernel(
     x_ptr,
@@ -100,7 +106,7 @@ def conv3x3_bn_relu_kernel(
             + iw * x_stride_w,
             mask=inside,
             other=0.0,
-        )
+        ).to(tl.float32)
         b = tl.load(
             conv_weight_ptr
             + offs_n[None, :] * conv_weight_stride_o
@@ -128,8 +134,8 @@ def conv3x3_bn_relu_kernel(
 
 
 # conv1x1 -> bn -> relu6: one kernel, one store.
-# efficientnet_b1.fuse:17: conv1x1(ci, h) -> bn(h) -> relu6
-# efficientnet_b1.fuse:8: conv1x1(ci, h) -> bn(h) -> relu6
+# efficientnet_b1.fuse:21: conv1x1(ci, h) -> bn(h) -> relu6
+# efficientnet_b1.fuse:11: conv1x1(ci, h) -> bn(h) -> relu6
 @triton.jit
 def conv1x1_bn_relu6_kernel(
     x_ptr,
@@ -177,7 +183,7 @@ def conv1x1_bn_relu6_kernel(
             x_ptr + x_row[:, None] * C_in + offs_k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
-        )
+        ).to(tl.float32)
         b = tl.load(
             conv_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
             mask=mask_k[:, None] & mask_n[None, :],
@@ -199,7 +205,7 @@ def conv1x1_bn_relu6_kernel(
 
 
 # dwconv3x3 -> bn -> relu6 -> conv1x1 -> bn: one kernel, one store.
-# efficientnet_b1.fuse:18: dwconv3x3(h, stride) -> bn(h) -> relu6 -> conv1x1(h, co) -> bn(co)
+# efficientnet_b1.fuse:22: dwconv3x3(h, stride) -> bn(h) -> relu6 -> conv1x1(h, co) -> bn(co)
 @triton.jit
 def dwconv3x3_bn_relu6_conv1x1_bn_kernel(
     x_ptr,
@@ -271,7 +277,7 @@ def dwconv3x3_bn_relu6_conv1x1_bn_kernel(
                     + offs_k[None, :],
                     mask=inside,
                     other=0.0,
-                )
+                ).to(tl.float32)
                 w = tl.load(
                     conv_weight_ptr
                     + offs_k * conv_weight_stride_o
@@ -311,7 +317,7 @@ def dwconv3x3_bn_relu6_conv1x1_bn_kernel(
 
 
 # dwconv3x3 -> bn -> relu6: one kernel, one store.
-# efficientnet_b1.fuse:9: dwconv3x3(h, stride) -> bn(h) -> relu6
+# efficientnet_b1.fuse:12: dwconv3x3(h, stride) -> bn(h) -> relu6
 @triton.jit
 def dwconv3x3_bn_relu6_kernel(
     x_ptr,
@@ -370,7 +376,7 @@ def dwconv3x3_bn_relu6_kernel(
                 + offs_n[None, :],
                 mask=inside,
                 other=0.0,
-            )
+            ).to(tl.float32)
             w = tl.load(
                 conv_weight_ptr
                 + offs_n * conv_weight_stride_o
@@ -395,7 +401,7 @@ def dwconv3x3_bn_relu6_kernel(
 
 
 # conv1x1 -> bn: one kernel, one store.
-# efficientnet_b1.fuse:10: conv1x1(h, co) -> bn(co)
+# efficientnet_b1.fuse:13: conv1x1(h, co) -> bn(co)
 @triton.jit
 def conv1x1_bn_kernel(
     x_ptr,
@@ -443,7 +449,7 @@ def conv1x1_bn_kernel(
             x_ptr + x_row[:, None] * C_in + offs_k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
-        )
+        ).to(tl.float32)
         b = tl.load(
             conv_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
             mask=mask_k[:, None] & mask_n[None, :],
@@ -463,7 +469,7 @@ def conv1x1_bn_kernel(
 
 
 # conv1x1 -> bn -> relu: one kernel, one store.
-# efficientnet_b1.fuse:29: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu
+# efficientnet_b1.fuse:33: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu
 @triton.jit
 def conv1x1_bn_relu_kernel(
     x_ptr,
@@ -511,7 +517,7 @@ def conv1x1_bn_relu_kernel(
             x_ptr + x_row[:, None] * C_in + offs_k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
-        )
+        ).to(tl.float32)
         b = tl.load(
             conv_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
             mask=mask_k[:, None] & mask_n[None, :],
@@ -533,7 +539,7 @@ def conv1x1_bn_relu_kernel(
 
 
 # global_avgpool: one kernel, one store.
-# efficientnet_b1.fuse:30: global_avgpool -> flatten
+# efficientnet_b1.fuse:34: global_avgpool -> flatten
 @triton.jit
 def global_avgpool_flatten_kernel(
     x_ptr,
@@ -576,14 +582,14 @@ def global_avgpool_flatten_kernel(
             + offs_n[None, None, :],
             mask=inside,
             other=0.0,
-        )
+        ).to(tl.float32)
         acc += tl.sum(a, axis=1)
     acc = acc / (H * W)
     tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
 # linear: one kernel, one store.
-# efficientnet_b1.fuse:31: fc: linear(1280, num_classes)
+# efficientnet_b1.fuse:35: fc: linear(1280, num_classes)
 @triton.jit
 def linear_kernel(
     x_ptr,
@@ -620,7 +626,7 @@ def linear_kernel(
             x_ptr + x_row[:, None] * C_in + offs_k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
-        )
+        ).to(tl.float32)
         b = tl.load(
             fc_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
             mask=mask_k[:, None] & mask_n[None, :],
@@ -632,7 +638,7 @@ def linear_kernel(
 
 
 # conv3x3 (training mode: with the output's batch statistics): one kernel, one store per output.
-# efficientnet_b1.fuse:21: conv1: conv3x3(3, 32, stride=2) -> bn1: bn(32) -> relu
+# efficientnet_b1.fuse:25: conv1: conv3x3(3, 32, stride=2) -> bn1: bn(32) -> relu
 @triton.jit
 def conv3x3_stats_kernel(
     x_ptr,
@@ -705,7 +711,7 @@ def conv3x3_stats_kernel(
             + iw * x_stride_w,
             mask=inside,
             other=0.0,
-        )
+        ).to(tl.float32)
         b = tl.load(
             conv_weight_ptr
             + offs_n[None, :] * conv_weight_stride_o
@@ -732,8 +738,8 @@ def conv3x3_stats_kernel(
 
 
 # bn -> relu -> conv1x1 (training mode: with the output's batch statistics): one kernel, one store per output.
-# efficientnet_b1.fuse:17: conv1x1(ci, h) -> bn(h) -> relu6
-# efficientnet_b1.fuse:21: conv1: conv3x3(3, 32, stride=2) -> bn1: bn(32) -> relu
+# efficientnet_b1.fuse:21: conv1x1(ci, h) -> bn(h) -> relu6
+# efficientnet_b1.fuse:25: conv1: conv3x3(3, 32, stride=2) -> bn1: bn(32) -> relu
 @triton.jit
 def bn_relu_conv1x1_stats_train_kernel(
     x_ptr,
@@ -781,7 +787,7 @@ def bn_relu_conv1x1_stats_train_kernel(
             x_ptr + x_row[:, None] * C_in + offs_k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
-        )
+        ).to(tl.float32)
         # prologue: bn on the loaded input tile
         bn_mean = tl.load(bn_mean_ptr + offs_k, mask=mask_k, other=0.0)
         bn_scale = tl.load(bn_scale_ptr + offs_k, mask=mask_k, other=0.0)
@@ -809,10 +815,10 @@ def bn_relu_conv1x1_stats_train_kernel(
 
 
 # bn -> relu6 -> dwconv3x3 (training mode: with the output's batch statistics): one kernel, one store per output.
-# efficientnet_b1.fuse:18: dwconv3x3(h, stride) -> bn(h) -> relu6 -> conv1x1(h, co) -> bn(co)
-# efficientnet_b1.fuse:17: conv1x1(ci, h) -> bn(h) -> relu6
-# efficientnet_b1.fuse:9: dwconv3x3(h, stride) -> bn(h) -> relu6
-# efficientnet_b1.fuse:8: conv1x1(ci, h) -> bn(h) -> relu6
+# efficientnet_b1.fuse:22: dwconv3x3(h, stride) -> bn(h) -> relu6 -> conv1x1(h, co) -> bn(co)
+# efficientnet_b1.fuse:21: conv1x1(ci, h) -> bn(h) -> relu6
+# efficientnet_b1.fuse:12: dwconv3x3(h, stride) -> bn(h) -> relu6
+# efficientnet_b1.fuse:11: conv1x1(ci, h) -> bn(h) -> relu6
 @triton.jit
 def bn_relu6_dwconv3x3_stats_train_kernel(
     x_ptr,
@@ -871,7 +877,7 @@ def bn_relu6_dwconv3x3_stats_train_kernel(
                 + offs_n[None, :],
                 mask=inside,
                 other=0.0,
-            )
+            ).to(tl.float32)
             # prologue: bn on the loaded input tile
             bn_mean = tl.load(bn_mean_ptr + offs_n, mask=mask_n, other=0.0)
             bn_scale = tl.load(bn_scale_ptr + offs_n, mask=mask_n, other=0.0)
@@ -903,9 +909,9 @@ def bn_relu6_dwconv3x3_stats_train_kernel(
 
 
 # bn -> relu6 -> conv1x1 (training mode: with the output's batch statistics): one kernel, one store per output.
-# efficientnet_b1.fuse:18: dwconv3x3(h, stride) -> bn(h) -> relu6 -> conv1x1(h, co) -> bn(co)
-# efficientnet_b1.fuse:10: conv1x1(h, co) -> bn(co)
-# efficientnet_b1.fuse:9: dwconv3x3(h, stride) -> bn(h) -> relu6
+# efficientnet_b1.fuse:22: dwconv3x3(h, stride) -> bn(h) -> relu6 -> conv1x1(h, co) -> bn(co)
+# efficientnet_b1.fuse:13: conv1x1(h, co) -> bn(co)
+# efficientnet_b1.fuse:12: dwconv3x3(h, stride) -> bn(h) -> relu6
 @triton.jit
 def bn_relu6_conv1x1_stats_train_kernel(
     x_ptr,
@@ -953,7 +959,7 @@ def bn_relu6_conv1x1_stats_train_kernel(
             x_ptr + x_row[:, None] * C_in + offs_k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
-        )
+        ).to(tl.float32)
         # prologue: bn on the loaded input tile
         bn_mean = tl.load(bn_mean_ptr + offs_k, mask=mask_k, other=0.0)
         bn_scale = tl.load(bn_scale_ptr + offs_k, mask=mask_k, other=0.0)
@@ -981,11 +987,10 @@ def bn_relu6_conv1x1_stats_train_kernel(
 
 
 # bn -> conv1x1 (training mode: with the output's batch statistics): one kernel, one store per output.
-# efficientnet_b1.fuse:17: conv1x1(ci, h) -> bn(h) -> relu6
-# efficientnet_b1.fuse:18: dwconv3x3(h, stride) -> bn(h) -> relu6 -> conv1x1(h, co) -> bn(co)
-# efficientnet_b1.fuse:8: conv1x1(ci, h) -> bn(h) -> relu6
-# efficientnet_b1.fuse:10: conv1x1(h, co) -> bn(co)
-# efficientnet_b1.fuse:29: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu
+# efficientnet_b1.fuse:11: conv1x1(ci, h) -> bn(h) -> relu6
+# efficientnet_b1.fuse:22: dwconv3x3(h, stride) -> bn(h) -> relu6 -> conv1x1(h, co) -> bn(co)
+# efficientnet_b1.fuse:13: conv1x1(h, co) -> bn(co)
+# efficientnet_b1.fuse:33: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu
 @triton.jit
 def bn_conv1x1_stats_train_kernel(
     x_ptr,
@@ -1033,7 +1038,7 @@ def bn_conv1x1_stats_train_kernel(
             x_ptr + x_row[:, None] * C_in + offs_k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
-        )
+        ).to(tl.float32)
         # prologue: bn on the loaded input tile
         bn_mean = tl.load(bn_mean_ptr + offs_k, mask=mask_k, other=0.0)
         bn_scale = tl.load(bn_scale_ptr + offs_k, mask=mask_k, other=0.0)
@@ -1059,8 +1064,8 @@ def bn_conv1x1_stats_train_kernel(
 
 
 # bn -> relu -> global_avgpool: one kernel, one store.
-# efficientnet_b1.fuse:30: global_avgpool -> flatten
-# efficientnet_b1.fuse:29: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu
+# efficientnet_b1.fuse:34: global_avgpool -> flatten
+# efficientnet_b1.fuse:33: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu
 @triton.jit
 def bn_relu_global_avgpool_flatten_train_kernel(
     x_ptr,
@@ -1106,7 +1111,7 @@ def bn_relu_global_avgpool_flatten_train_kernel(
             + offs_n[None, None, :],
             mask=inside,
             other=0.0,
-        )
+        ).to(tl.float32)
         # prologue: bn on the loaded input tile
         bn_mean = tl.load(bn_mean_ptr + offs_n, mask=mask_n, other=0.0)
         bn_scale = tl.load(bn_scale_ptr + offs_n, mask=mask_n, other=0.0)
@@ -1276,24 +1281,39 @@ def producer_tile(C_in, C_out, taps):
 
 
 def dot_weight(module, precision):
-    """module.weight as fp32_dot's operand `b` at `precision`: for "tf32", rounded to the nearest TF32
-    values (ties away from zero) with the weight's own strides, once per version of the weight.
-    """
+    """module.weight as fp32_dot's operand `b` at `precision`, with the weight's own strides, made once
+    per version of the weight. "tf32": rounded to the nearest TF32 values (ties away from zero). "fp16":
+    rounded to float16, or None where that loses more than TF32 would: where the largest magnitude is
+    above 2**15 (near float16's overflow) or below 2**-8 (then the weights under 2**-14 that go subnormal
+    lose more than 1/64 of the largest one's TF32 rounding)."""
     weight = module.weight
-    if precision != "tf32":
+    if precision not in ("tf32", "fp16"):
         return weight
     key = (weight.data_ptr(), weight._version, weight.device, weight.stride())
-    cached = getattr(module, "tf32_weight", None)
+    cached = getattr(module, f"{precision}_weight", None)
     if cached is None or cached[0] != key:
-        bits = weight.detach().view(torch.int32)
-        cached = module.tf32_weight = (
-            key,
-            ((bits + 0x1000) & -0x2000).view(torch.float32),
-        )
+        w = weight.detach()
+        if precision == "tf32":
+            operand = ((w.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+        else:  # one sync per version of the weight, made before a CUDA graph's capture
+            operand = w.half() if 2**-8 <= w.abs().amax().item() <= 2**15 else None
+        cached = (key, operand)
+        setattr(module, f"{precision}_weight", cached)
     return cached[1]
 
 
-def conv3x3_bn_relu(x, conv, bn):
+def dot_precision(x, module):
+    """fp32_dot's precision for input x and module.weight: "ieee" off the GPU (Triton's interpreter
+    computes fp32); on it "fp16" where x is a float16 activation and the weight rounds to float16 as
+    well as to TF32 (dot_weight), else "tf32"."""
+    if not x.is_cuda:
+        return "ieee"
+    if x.dtype == torch.float16 and dot_weight(module, "fp16") is not None:
+        return "fp16"
+    return "tf32"
+
+
+def conv3x3_bn_relu(x, conv, bn, out_dtype=torch.float32):
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
     OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
@@ -1301,13 +1321,13 @@ def conv3x3_bn_relu(x, conv, bn):
     out = torch.empty(
         (N, C_out, OH, OW),
         device=x.device,
-        dtype=torch.float32,
+        dtype=out_dtype,
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
     KH = conv.kernel_size[0]
     KW = conv.kernel_size[1]
-    DOT_PRECISION = "tf32" if x.is_cuda else "ieee"
+    DOT_PRECISION = dot_precision(x, conv)
     BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(KH * KW * C_in, C_out)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
     conv3x3_bn_relu_kernel[grid](
@@ -1348,7 +1368,7 @@ def conv3x3_bn_relu(x, conv, bn):
     return out
 
 
-def conv1x1_bn_relu6(x, conv, bn):
+def conv1x1_bn_relu6(x, conv, bn, out_dtype=torch.float32):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
@@ -1357,11 +1377,11 @@ def conv1x1_bn_relu6(x, conv, bn):
     out = torch.empty(
         (N, C_out, OH, OW),
         device=x.device,
-        dtype=torch.float32,
+        dtype=out_dtype,
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
-    DOT_PRECISION = "tf32" if x.is_cuda else "ieee"
+    DOT_PRECISION = dot_precision(x, conv)
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
     conv1x1_bn_relu6_kernel[grid](
@@ -1389,7 +1409,7 @@ def conv1x1_bn_relu6(x, conv, bn):
     return out
 
 
-def dwconv3x3_bn_relu6_conv1x1_bn(x, conv, bn, conv2, bn2):
+def dwconv3x3_bn_relu6_conv1x1_bn(x, conv, bn, conv2, bn2, out_dtype=torch.float32):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv2.out_channels
@@ -1402,11 +1422,11 @@ def dwconv3x3_bn_relu6_conv1x1_bn(x, conv, bn, conv2, bn2):
     out = torch.empty(
         (N, C_out, OH, OW),
         device=x.device,
-        dtype=torch.float32,
+        dtype=out_dtype,
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
-    DOT_PRECISION = "tf32" if x.is_cuda else "ieee"
+    DOT_PRECISION = dot_precision(x, conv2)
     BLOCK_M, BLOCK_N, BLOCK_K, num_stages = producer_tile(
         C_in, C_out, conv.kernel_size[0] * conv.kernel_size[1]
     )
@@ -1449,7 +1469,7 @@ def dwconv3x3_bn_relu6_conv1x1_bn(x, conv, bn, conv2, bn2):
     return out
 
 
-def dwconv3x3_bn_relu6(x, conv, bn):
+def dwconv3x3_bn_relu6(x, conv, bn, out_dtype=torch.float32):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = C_in
@@ -1458,7 +1478,7 @@ def dwconv3x3_bn_relu6(x, conv, bn):
     out = torch.empty(
         (N, C_out, OH, OW),
         device=x.device,
-        dtype=torch.float32,
+        dtype=out_dtype,
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
@@ -1494,7 +1514,7 @@ def dwconv3x3_bn_relu6(x, conv, bn):
     return out
 
 
-def conv1x1_bn(x, conv, bn):
+def conv1x1_bn(x, conv, bn, out_dtype=torch.float32):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
@@ -1503,11 +1523,11 @@ def conv1x1_bn(x, conv, bn):
     out = torch.empty(
         (N, C_out, OH, OW),
         device=x.device,
-        dtype=torch.float32,
+        dtype=out_dtype,
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
-    DOT_PRECISION = "tf32" if x.is_cuda else "ieee"
+    DOT_PRECISION = dot_precision(x, conv)
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
     conv1x1_bn_kernel[grid](
@@ -1535,7 +1555,7 @@ def conv1x1_bn(x, conv, bn):
     return out
 
 
-def conv1x1_bn_relu(x, conv, bn):
+def conv1x1_bn_relu(x, conv, bn, out_dtype=torch.float32):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
@@ -1544,11 +1564,11 @@ def conv1x1_bn_relu(x, conv, bn):
     out = torch.empty(
         (N, C_out, OH, OW),
         device=x.device,
-        dtype=torch.float32,
+        dtype=out_dtype,
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
-    DOT_PRECISION = "tf32" if x.is_cuda else "ieee"
+    DOT_PRECISION = dot_precision(x, conv)
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
     conv1x1_bn_relu_kernel[grid](
@@ -2051,7 +2071,7 @@ class ModelNew(nn.Module):
             return (None, *(next(grads) if need else None for need in needs))
 
     # module attributes that a captured CUDA graph holds as constants: a change captures again
-    captured_attrs = ("eps", "momentum")
+    captured_attrs = ("eps", "momentum", "activation_dtype")
     # the layout of a CUDA graph's copy of the input: the first kernel's
     input_layout = torch.preserve_format
 
@@ -2087,8 +2107,8 @@ class ModelNew(nn.Module):
         self.conv1 = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(32)
         self.mbconv1 = mbconv_fused(32, 16, 1, 1)
-        self.mbconv2 = mbconv_fused(16, 24, 2, 6)
-        self.mbconv3 = mbconv_fused(24, 40, 2, 6)
+        self.mbconv2 = mbconv(16, 24, 2, 6)
+        self.mbconv3 = mbconv(24, 40, 2, 6)
         self.mbconv4 = mbconv(40, 80, 2, 6)
         self.mbconv5 = mbconv(80, 112, 1, 6)
         self.mbconv6 = mbconv(112, 192, 2, 6)
@@ -2096,6 +2116,9 @@ class ModelNew(nn.Module):
         self.conv2 = nn.Conv2d(320, 1280, 1, 1, 0, bias=False)
         self.bn2 = nn.BatchNorm2d(1280)
         self.fc = nn.Linear(1280, num_classes)
+        # eval mode stores the tensors between kernels in this dtype (the spec's activations(...));
+        # a linear's input, the output and training mode stay float32
+        self.activation_dtype = torch.float16
         self.use_cuda_graphs = True  # replay forward as a CUDA graph on the GPU
         self.cuda_graphs = {}
 
@@ -2125,52 +2148,67 @@ class ModelNew(nn.Module):
         """The forward pass: one launch per chain of the spec (eval mode)."""
         if self.training:
             return self.run_training_kernels(x)
-        # efficientnet_b1.fuse:21: conv1: conv3x3(3, 32, stride=2) -> bn1: bn(32) -> relu
-        x = conv3x3_bn_relu(x, self.conv1, self.bn1)
-        # efficientnet_b1.fuse:22: mbconv1: mbconv_fused(32, 16, 1, 1)
-        x = conv1x1_bn_relu6(x, self.mbconv1[0], self.mbconv1[1])
+        # efficientnet_b1.fuse:25: conv1: conv3x3(3, 32, stride=2) -> bn1: bn(32) -> relu
+        x = conv3x3_bn_relu(x, self.conv1, self.bn1, self.activation_dtype)
+        # efficientnet_b1.fuse:26: mbconv1: mbconv_fused(32, 16, 1, 1)
+        x = conv1x1_bn_relu6(x, self.mbconv1[0], self.mbconv1[1], self.activation_dtype)
         x = dwconv3x3_bn_relu6_conv1x1_bn(
-            x, self.mbconv1[3], self.mbconv1[4], self.mbconv1[6], self.mbconv1[7]
+            x,
+            self.mbconv1[3],
+            self.mbconv1[4],
+            self.mbconv1[6],
+            self.mbconv1[7],
+            self.activation_dtype,
         )
-        # efficientnet_b1.fuse:23: mbconv2: mbconv_fused(16, 24, 2, 6)
-        x = conv1x1_bn_relu6(x, self.mbconv2[0], self.mbconv2[1])
-        x = dwconv3x3_bn_relu6_conv1x1_bn(
-            x, self.mbconv2[3], self.mbconv2[4], self.mbconv2[6], self.mbconv2[7]
+        # efficientnet_b1.fuse:27: mbconv2: mbconv(16, 24, 2, 6)
+        x = conv1x1_bn_relu6(x, self.mbconv2[0], self.mbconv2[1], self.activation_dtype)
+        x = dwconv3x3_bn_relu6(
+            x, self.mbconv2[3], self.mbconv2[4], self.activation_dtype
         )
-        # efficientnet_b1.fuse:24: mbconv3: mbconv_fused(24, 40, 2, 6)
-        x = conv1x1_bn_relu6(x, self.mbconv3[0], self.mbconv3[1])
-        x = dwconv3x3_bn_relu6_conv1x1_bn(
-            x, self.mbconv3[3], self.mbconv3[4], self.mbconv3[6], self.mbconv3[7]
+        x = conv1x1_bn(x, self.mbconv2[6], self.mbconv2[7], self.activation_dtype)
+        # efficientnet_b1.fuse:28: mbconv3: mbconv(24, 40, 2, 6)
+        x = conv1x1_bn_relu6(x, self.mbconv3[0], self.mbconv3[1], self.activation_dtype)
+        x = dwconv3x3_bn_relu6(
+            x, self.mbconv3[3], self.mbconv3[4], self.activation_dtype
         )
-        # efficientnet_b1.fuse:25: mbconv4: mbconv(40, 80, 2, 6)
-        x = conv1x1_bn_relu6(x, self.mbconv4[0], self.mbconv4[1])
-        x = dwconv3x3_bn_relu6(x, self.mbconv4[3], self.mbconv4[4])
-        x = conv1x1_bn(x, self.mbconv4[6], self.mbconv4[7])
-        # efficientnet_b1.fuse:26: mbconv5: mbconv(80, 112, 1, 6)
-        x = conv1x1_bn_relu6(x, self.mbconv5[0], self.mbconv5[1])
-        x = dwconv3x3_bn_relu6(x, self.mbconv5[3], self.mbconv5[4])
-        x = conv1x1_bn(x, self.mbconv5[6], self.mbconv5[7])
-        # efficientnet_b1.fuse:27: mbconv6: mbconv(112, 192, 2, 6)
-        x = conv1x1_bn_relu6(x, self.mbconv6[0], self.mbconv6[1])
-        x = dwconv3x3_bn_relu6(x, self.mbconv6[3], self.mbconv6[4])
-        x = conv1x1_bn(x, self.mbconv6[6], self.mbconv6[7])
-        # efficientnet_b1.fuse:28: mbconv7: mbconv(192, 320, 1, 6)
-        x = conv1x1_bn_relu6(x, self.mbconv7[0], self.mbconv7[1])
-        x = dwconv3x3_bn_relu6(x, self.mbconv7[3], self.mbconv7[4])
-        x = conv1x1_bn(x, self.mbconv7[6], self.mbconv7[7])
-        # efficientnet_b1.fuse:29: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu
-        x = conv1x1_bn_relu(x, self.conv2, self.bn2)
-        # efficientnet_b1.fuse:30: global_avgpool -> flatten
+        x = conv1x1_bn(x, self.mbconv3[6], self.mbconv3[7], self.activation_dtype)
+        # efficientnet_b1.fuse:29: mbconv4: mbconv(40, 80, 2, 6)
+        x = conv1x1_bn_relu6(x, self.mbconv4[0], self.mbconv4[1], self.activation_dtype)
+        x = dwconv3x3_bn_relu6(
+            x, self.mbconv4[3], self.mbconv4[4], self.activation_dtype
+        )
+        x = conv1x1_bn(x, self.mbconv4[6], self.mbconv4[7], self.activation_dtype)
+        # efficientnet_b1.fuse:30: mbconv5: mbconv(80, 112, 1, 6)
+        x = conv1x1_bn_relu6(x, self.mbconv5[0], self.mbconv5[1], self.activation_dtype)
+        x = dwconv3x3_bn_relu6(
+            x, self.mbconv5[3], self.mbconv5[4], self.activation_dtype
+        )
+        x = conv1x1_bn(x, self.mbconv5[6], self.mbconv5[7], self.activation_dtype)
+        # efficientnet_b1.fuse:31: mbconv6: mbconv(112, 192, 2, 6)
+        x = conv1x1_bn_relu6(x, self.mbconv6[0], self.mbconv6[1], self.activation_dtype)
+        x = dwconv3x3_bn_relu6(
+            x, self.mbconv6[3], self.mbconv6[4], self.activation_dtype
+        )
+        x = conv1x1_bn(x, self.mbconv6[6], self.mbconv6[7], self.activation_dtype)
+        # efficientnet_b1.fuse:32: mbconv7: mbconv(192, 320, 1, 6)
+        x = conv1x1_bn_relu6(x, self.mbconv7[0], self.mbconv7[1], self.activation_dtype)
+        x = dwconv3x3_bn_relu6(
+            x, self.mbconv7[3], self.mbconv7[4], self.activation_dtype
+        )
+        x = conv1x1_bn(x, self.mbconv7[6], self.mbconv7[7], self.activation_dtype)
+        # efficientnet_b1.fuse:33: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu
+        x = conv1x1_bn_relu(x, self.conv2, self.bn2, self.activation_dtype)
+        # efficientnet_b1.fuse:34: global_avgpool -> flatten
         x = global_avgpool_flatten(x)
-        # efficientnet_b1.fuse:31: fc: linear(1280, num_classes)
+        # efficientnet_b1.fuse:35: fc: linear(1280, num_classes)
         x = linear(x, self.fc)
         return x
 
     def run_training_kernels(self, x):
         """Training mode: BatchNorm normalises with batch statistics in the next kernel's prologue."""
-        # efficientnet_b1.fuse:21: conv1: conv3x3(3, 32, stride=2) -> bn1: bn(32) -> relu
+        # efficientnet_b1.fuse:25: conv1: conv3x3(3, 32, stride=2) -> bn1: bn(32) -> relu
         x, x_stats = conv3x3_stats(x, self.conv1)
-        # efficientnet_b1.fuse:22: mbconv1: mbconv_fused(32, 16, 1, 1)
+        # efficientnet_b1.fuse:26: mbconv1: mbconv_fused(32, 16, 1, 1)
         x, x_stats = bn_relu_conv1x1_stats_train(x, x_stats, self.bn1, self.mbconv1[0])
         x, x_stats = bn_relu6_dwconv3x3_stats_train(
             x, x_stats, self.mbconv1[1], self.mbconv1[3]
@@ -2178,7 +2216,7 @@ class ModelNew(nn.Module):
         x, x_stats = bn_relu6_conv1x1_stats_train(
             x, x_stats, self.mbconv1[4], self.mbconv1[6]
         )
-        # efficientnet_b1.fuse:23: mbconv2: mbconv_fused(16, 24, 2, 6)
+        # efficientnet_b1.fuse:27: mbconv2: mbconv(16, 24, 2, 6)
         x, x_stats = bn_conv1x1_stats_train(
             x, x_stats, self.mbconv1[7], self.mbconv2[0]
         )
@@ -2188,7 +2226,7 @@ class ModelNew(nn.Module):
         x, x_stats = bn_relu6_conv1x1_stats_train(
             x, x_stats, self.mbconv2[4], self.mbconv2[6]
         )
-        # efficientnet_b1.fuse:24: mbconv3: mbconv_fused(24, 40, 2, 6)
+        # efficientnet_b1.fuse:28: mbconv3: mbconv(24, 40, 2, 6)
         x, x_stats = bn_conv1x1_stats_train(
             x, x_stats, self.mbconv2[7], self.mbconv3[0]
         )
@@ -2198,7 +2236,7 @@ class ModelNew(nn.Module):
         x, x_stats = bn_relu6_conv1x1_stats_train(
             x, x_stats, self.mbconv3[4], self.mbconv3[6]
         )
-        # efficientnet_b1.fuse:25: mbconv4: mbconv(40, 80, 2, 6)
+        # efficientnet_b1.fuse:29: mbconv4: mbconv(40, 80, 2, 6)
         x, x_stats = bn_conv1x1_stats_train(
             x, x_stats, self.mbconv3[7], self.mbconv4[0]
         )
@@ -2208,7 +2246,7 @@ class ModelNew(nn.Module):
         x, x_stats = bn_relu6_conv1x1_stats_train(
             x, x_stats, self.mbconv4[4], self.mbconv4[6]
         )
-        # efficientnet_b1.fuse:26: mbconv5: mbconv(80, 112, 1, 6)
+        # efficientnet_b1.fuse:30: mbconv5: mbconv(80, 112, 1, 6)
         x, x_stats = bn_conv1x1_stats_train(
             x, x_stats, self.mbconv4[7], self.mbconv5[0]
         )
@@ -2218,7 +2256,7 @@ class ModelNew(nn.Module):
         x, x_stats = bn_relu6_conv1x1_stats_train(
             x, x_stats, self.mbconv5[4], self.mbconv5[6]
         )
-        # efficientnet_b1.fuse:27: mbconv6: mbconv(112, 192, 2, 6)
+        # efficientnet_b1.fuse:31: mbconv6: mbconv(112, 192, 2, 6)
         x, x_stats = bn_conv1x1_stats_train(
             x, x_stats, self.mbconv5[7], self.mbconv6[0]
         )
@@ -2228,7 +2266,7 @@ class ModelNew(nn.Module):
         x, x_stats = bn_relu6_conv1x1_stats_train(
             x, x_stats, self.mbconv6[4], self.mbconv6[6]
         )
-        # efficientnet_b1.fuse:28: mbconv7: mbconv(192, 320, 1, 6)
+        # efficientnet_b1.fuse:32: mbconv7: mbconv(192, 320, 1, 6)
         x, x_stats = bn_conv1x1_stats_train(
             x, x_stats, self.mbconv6[7], self.mbconv7[0]
         )
@@ -2238,11 +2276,11 @@ class ModelNew(nn.Module):
         x, x_stats = bn_relu6_conv1x1_stats_train(
             x, x_stats, self.mbconv7[4], self.mbconv7[6]
         )
-        # efficientnet_b1.fuse:29: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu
+        # efficientnet_b1.fuse:33: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu
         x, x_stats = bn_conv1x1_stats_train(x, x_stats, self.mbconv7[7], self.conv2)
-        # efficientnet_b1.fuse:30: global_avgpool -> flatten
+        # efficientnet_b1.fuse:34: global_avgpool -> flatten
         x = bn_relu_global_avgpool_flatten_train(x, x_stats, self.bn2)
-        # efficientnet_b1.fuse:31: fc: linear(1280, num_classes)
+        # efficientnet_b1.fuse:35: fc: linear(1280, num_classes)
         x = linear(x, self.fc)
         return x
 

@@ -15,16 +15,22 @@ def round_to_tf32(x):
 
 @triton.jit
 def fp32_dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    """acc + a @ b for fp32 tiles. Tensor cores read fp32 operands as TF32 by truncating them, a bias
-    that adds up over a net: for "tf32" the activations `a` are rounded to nearest here, and the weights
-    `b` come rounded already (dot_weight)."""
-    if DOT_PRECISION == "tf32":
-        a = round_to_tf32(a)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    """acc + a @ b for an fp32 tile `a` and dot_weight's `b`, accumulated in fp32. Tensor cores read
+    fp32 operands as TF32 by truncating them, a bias that adds up over a net: for "tf32" the activations
+    `a` are rounded to nearest here, and the weights `b` come rounded already. For "fp16" `a` rounds to
+    nearest float16 and `b` comes as float16."""
+    # if/else, not an early return: Triton compiles the code after a return in a constexpr branch too
+    if DOT_PRECISION == "fp16":
+        acc = tl.dot(a.to(tl.float16), b, acc)
+    else:
+        if DOT_PRECISION == "tf32":
+            a = round_to_tf32(a)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 # conv3x3 -> bn -> relu: one kernel, one store.
-# mobilenet_v1.fuse:8: conv3x3(inp, oup, stride) -> bn(oup) -> relu
+# mobilenet_v1.fuse:11: conv3x3(inp, oup, stride) -> bn(oup) -> relu
 @triton.jit
 def conv3x3_bn_relu_kernel(
     x_ptr,
@@ -100,7 +106,7 @@ def conv3x3_bn_relu_kernel(
             + iw * x_stride_w,
             mask=inside,
             other=0.0,
-        )
+        ).to(tl.float32)
         b = tl.load(
             conv_weight_ptr
             + offs_n[None, :] * conv_weight_stride_o
@@ -128,7 +134,7 @@ def conv3x3_bn_relu_kernel(
 
 
 # dwconv3x3 -> bn -> relu -> conv1x1 -> bn -> relu: one kernel, one store.
-# mobilenet_v1.fuse:18: dwconv3x3(inp, stride) -> bn(inp) -> relu -> conv1x1(inp, oup) -> bn(oup) -> relu
+# mobilenet_v1.fuse:21: dwconv3x3(inp, stride) -> bn(inp) -> relu -> conv1x1(inp, oup) -> bn(oup) -> relu
 @triton.jit
 def dwconv3x3_bn_relu_conv1x1_bn_relu_kernel(
     x_ptr,
@@ -200,7 +206,7 @@ def dwconv3x3_bn_relu_conv1x1_bn_relu_kernel(
                     + offs_k[None, :],
                     mask=inside,
                     other=0.0,
-                )
+                ).to(tl.float32)
                 w = tl.load(
                     conv_weight_ptr
                     + offs_k * conv_weight_stride_o
@@ -242,7 +248,7 @@ def dwconv3x3_bn_relu_conv1x1_bn_relu_kernel(
 
 
 # dwconv3x3 -> bn -> relu: one kernel, one store.
-# mobilenet_v1.fuse:11: dwconv3x3(inp, stride) -> bn(inp) -> relu
+# mobilenet_v1.fuse:14: dwconv3x3(inp, stride) -> bn(inp) -> relu
 @triton.jit
 def dwconv3x3_bn_relu_kernel(
     x_ptr,
@@ -301,7 +307,7 @@ def dwconv3x3_bn_relu_kernel(
                 + offs_n[None, :],
                 mask=inside,
                 other=0.0,
-            )
+            ).to(tl.float32)
             w = tl.load(
                 conv_weight_ptr
                 + offs_n * conv_weight_stride_o
@@ -326,7 +332,7 @@ def dwconv3x3_bn_relu_kernel(
 
 
 # conv1x1 -> bn -> relu: one kernel, one store.
-# mobilenet_v1.fuse:12: conv1x1(inp, oup) -> bn(oup) -> relu
+# mobilenet_v1.fuse:15: conv1x1(inp, oup) -> bn(oup) -> relu
 @triton.jit
 def conv1x1_bn_relu_kernel(
     x_ptr,
@@ -374,7 +380,7 @@ def conv1x1_bn_relu_kernel(
             x_ptr + x_row[:, None] * C_in + offs_k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
-        )
+        ).to(tl.float32)
         b = tl.load(
             conv_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
             mask=mask_k[:, None] & mask_n[None, :],
@@ -396,7 +402,7 @@ def conv1x1_bn_relu_kernel(
 
 
 # avgpool: one kernel, one store.
-# mobilenet_v1.fuse:32: avgpool(7)
+# mobilenet_v1.fuse:35: avgpool(7)
 @triton.jit
 def avgpool_kernel(
     x_ptr,
@@ -443,14 +449,14 @@ def avgpool_kernel(
             + offs_n[None, None, :],
             mask=inside,
             other=0.0,
-        )
+        ).to(tl.float32)
         acc += tl.sum(a, axis=1)
     acc = acc / (KH * KW)
     tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
 # linear: one kernel, one store.
-# mobilenet_v1.fuse:34: fc: linear(c(1024), num_classes)
+# mobilenet_v1.fuse:37: fc: linear(c(1024), num_classes)
 @triton.jit
 def linear_kernel(
     x_ptr,
@@ -487,7 +493,7 @@ def linear_kernel(
             x_ptr + x_row[:, None] * C_in + offs_k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
-        )
+        ).to(tl.float32)
         b = tl.load(
             fc_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
             mask=mask_k[:, None] & mask_n[None, :],
@@ -499,7 +505,7 @@ def linear_kernel(
 
 
 # conv3x3 (training mode: with the output's batch statistics): one kernel, one store per output.
-# mobilenet_v1.fuse:8: conv3x3(inp, oup, stride) -> bn(oup) -> relu
+# mobilenet_v1.fuse:11: conv3x3(inp, oup, stride) -> bn(oup) -> relu
 @triton.jit
 def conv3x3_stats_kernel(
     x_ptr,
@@ -572,7 +578,7 @@ def conv3x3_stats_kernel(
             + iw * x_stride_w,
             mask=inside,
             other=0.0,
-        )
+        ).to(tl.float32)
         b = tl.load(
             conv_weight_ptr
             + offs_n[None, :] * conv_weight_stride_o
@@ -599,10 +605,10 @@ def conv3x3_stats_kernel(
 
 
 # bn -> relu -> dwconv3x3 (training mode: with the output's batch statistics): one kernel, one store per output.
-# mobilenet_v1.fuse:18: dwconv3x3(inp, stride) -> bn(inp) -> relu -> conv1x1(inp, oup) -> bn(oup) -> relu
-# mobilenet_v1.fuse:8: conv3x3(inp, oup, stride) -> bn(oup) -> relu
-# mobilenet_v1.fuse:11: dwconv3x3(inp, stride) -> bn(inp) -> relu
-# mobilenet_v1.fuse:12: conv1x1(inp, oup) -> bn(oup) -> relu
+# mobilenet_v1.fuse:21: dwconv3x3(inp, stride) -> bn(inp) -> relu -> conv1x1(inp, oup) -> bn(oup) -> relu
+# mobilenet_v1.fuse:11: conv3x3(inp, oup, stride) -> bn(oup) -> relu
+# mobilenet_v1.fuse:14: dwconv3x3(inp, stride) -> bn(inp) -> relu
+# mobilenet_v1.fuse:15: conv1x1(inp, oup) -> bn(oup) -> relu
 @triton.jit
 def bn_relu_dwconv3x3_stats_train_kernel(
     x_ptr,
@@ -661,7 +667,7 @@ def bn_relu_dwconv3x3_stats_train_kernel(
                 + offs_n[None, :],
                 mask=inside,
                 other=0.0,
-            )
+            ).to(tl.float32)
             # prologue: bn on the loaded input tile
             bn_mean = tl.load(bn_mean_ptr + offs_n, mask=mask_n, other=0.0)
             bn_scale = tl.load(bn_scale_ptr + offs_n, mask=mask_n, other=0.0)
@@ -693,9 +699,9 @@ def bn_relu_dwconv3x3_stats_train_kernel(
 
 
 # bn -> relu -> conv1x1 (training mode: with the output's batch statistics): one kernel, one store per output.
-# mobilenet_v1.fuse:18: dwconv3x3(inp, stride) -> bn(inp) -> relu -> conv1x1(inp, oup) -> bn(oup) -> relu
-# mobilenet_v1.fuse:12: conv1x1(inp, oup) -> bn(oup) -> relu
-# mobilenet_v1.fuse:11: dwconv3x3(inp, stride) -> bn(inp) -> relu
+# mobilenet_v1.fuse:21: dwconv3x3(inp, stride) -> bn(inp) -> relu -> conv1x1(inp, oup) -> bn(oup) -> relu
+# mobilenet_v1.fuse:15: conv1x1(inp, oup) -> bn(oup) -> relu
+# mobilenet_v1.fuse:14: dwconv3x3(inp, stride) -> bn(inp) -> relu
 @triton.jit
 def bn_relu_conv1x1_stats_train_kernel(
     x_ptr,
@@ -743,7 +749,7 @@ def bn_relu_conv1x1_stats_train_kernel(
             x_ptr + x_row[:, None] * C_in + offs_k[None, :],
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
-        )
+        ).to(tl.float32)
         # prologue: bn on the loaded input tile
         bn_mean = tl.load(bn_mean_ptr + offs_k, mask=mask_k, other=0.0)
         bn_scale = tl.load(bn_scale_ptr + offs_k, mask=mask_k, other=0.0)
@@ -771,8 +777,8 @@ def bn_relu_conv1x1_stats_train_kernel(
 
 
 # bn -> relu -> avgpool: one kernel, one store.
-# mobilenet_v1.fuse:32: avgpool(7)
-# mobilenet_v1.fuse:12: conv1x1(inp, oup) -> bn(oup) -> relu
+# mobilenet_v1.fuse:35: avgpool(7)
+# mobilenet_v1.fuse:15: conv1x1(inp, oup) -> bn(oup) -> relu
 @triton.jit
 def bn_relu_avgpool_train_kernel(
     x_ptr,
@@ -822,7 +828,7 @@ def bn_relu_avgpool_train_kernel(
             + offs_n[None, None, :],
             mask=inside,
             other=0.0,
-        )
+        ).to(tl.float32)
         # prologue: bn on the loaded input tile
         bn_mean = tl.load(bn_mean_ptr + offs_n, mask=mask_n, other=0.0)
         bn_scale = tl.load(bn_scale_ptr + offs_n, mask=mask_n, other=0.0)
@@ -992,24 +998,39 @@ def producer_tile(C_in, C_out, taps):
 
 
 def dot_weight(module, precision):
-    """module.weight as fp32_dot's operand `b` at `precision`: for "tf32", rounded to the nearest TF32
-    values (ties away from zero) with the weight's own strides, once per version of the weight.
-    """
+    """module.weight as fp32_dot's operand `b` at `precision`, with the weight's own strides, made once
+    per version of the weight. "tf32": rounded to the nearest TF32 values (ties away from zero). "fp16":
+    rounded to float16, or None where that loses more than TF32 would: where the largest magnitude is
+    above 2**15 (near float16's overflow) or below 2**-8 (then the weights under 2**-14 that go subnormal
+    lose more than 1/64 of the largest one's TF32 rounding)."""
     weight = module.weight
-    if precision != "tf32":
+    if precision not in ("tf32", "fp16"):
         return weight
     key = (weight.data_ptr(), weight._version, weight.device, weight.stride())
-    cached = getattr(module, "tf32_weight", None)
+    cached = getattr(module, f"{precision}_weight", None)
     if cached is None or cached[0] != key:
-        bits = weight.detach().view(torch.int32)
-        cached = module.tf32_weight = (
-            key,
-            ((bits + 0x1000) & -0x2000).view(torch.float32),
-        )
+        w = weight.detach()
+        if precision == "tf32":
+            operand = ((w.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+        else:  # one sync per version of the weight, made before a CUDA graph's capture
+            operand = w.half() if 2**-8 <= w.abs().amax().item() <= 2**15 else None
+        cached = (key, operand)
+        setattr(module, f"{precision}_weight", cached)
     return cached[1]
 
 
-def conv3x3_bn_relu(x, conv, bn):
+def dot_precision(x, module):
+    """fp32_dot's precision for input x and module.weight: "ieee" off the GPU (Triton's interpreter
+    computes fp32); on it "fp16" where x is a float16 activation and the weight rounds to float16 as
+    well as to TF32 (dot_weight), else "tf32"."""
+    if not x.is_cuda:
+        return "ieee"
+    if x.dtype == torch.float16 and dot_weight(module, "fp16") is not None:
+        return "fp16"
+    return "tf32"
+
+
+def conv3x3_bn_relu(x, conv, bn, out_dtype=torch.float32):
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
     OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
@@ -1017,13 +1038,13 @@ def conv3x3_bn_relu(x, conv, bn):
     out = torch.empty(
         (N, C_out, OH, OW),
         device=x.device,
-        dtype=torch.float32,
+        dtype=out_dtype,
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
     KH = conv.kernel_size[0]
     KW = conv.kernel_size[1]
-    DOT_PRECISION = "tf32" if x.is_cuda else "ieee"
+    DOT_PRECISION = dot_precision(x, conv)
     BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(KH * KW * C_in, C_out)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
     conv3x3_bn_relu_kernel[grid](
@@ -1064,7 +1085,7 @@ def conv3x3_bn_relu(x, conv, bn):
     return out
 
 
-def dwconv3x3_bn_relu_conv1x1_bn_relu(x, conv, bn, conv2, bn2):
+def dwconv3x3_bn_relu_conv1x1_bn_relu(x, conv, bn, conv2, bn2, out_dtype=torch.float32):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv2.out_channels
@@ -1077,11 +1098,11 @@ def dwconv3x3_bn_relu_conv1x1_bn_relu(x, conv, bn, conv2, bn2):
     out = torch.empty(
         (N, C_out, OH, OW),
         device=x.device,
-        dtype=torch.float32,
+        dtype=out_dtype,
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
-    DOT_PRECISION = "tf32" if x.is_cuda else "ieee"
+    DOT_PRECISION = dot_precision(x, conv2)
     BLOCK_M, BLOCK_N, BLOCK_K, num_stages = producer_tile(
         C_in, C_out, conv.kernel_size[0] * conv.kernel_size[1]
     )
@@ -1124,7 +1145,7 @@ def dwconv3x3_bn_relu_conv1x1_bn_relu(x, conv, bn, conv2, bn2):
     return out
 
 
-def dwconv3x3_bn_relu(x, conv, bn):
+def dwconv3x3_bn_relu(x, conv, bn, out_dtype=torch.float32):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = C_in
@@ -1133,7 +1154,7 @@ def dwconv3x3_bn_relu(x, conv, bn):
     out = torch.empty(
         (N, C_out, OH, OW),
         device=x.device,
-        dtype=torch.float32,
+        dtype=out_dtype,
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
@@ -1169,7 +1190,7 @@ def dwconv3x3_bn_relu(x, conv, bn):
     return out
 
 
-def conv1x1_bn_relu(x, conv, bn):
+def conv1x1_bn_relu(x, conv, bn, out_dtype=torch.float32):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
@@ -1178,11 +1199,11 @@ def conv1x1_bn_relu(x, conv, bn):
     out = torch.empty(
         (N, C_out, OH, OW),
         device=x.device,
-        dtype=torch.float32,
+        dtype=out_dtype,
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
-    DOT_PRECISION = "tf32" if x.is_cuda else "ieee"
+    DOT_PRECISION = dot_precision(x, conv)
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
     conv1x1_bn_relu_kernel[grid](
@@ -1597,7 +1618,7 @@ class ModelNew(nn.Module):
             return (None, *(next(grads) if need else None for need in needs))
 
     # module attributes that a captured CUDA graph holds as constants: a change captures again
-    captured_attrs = ("eps", "momentum")
+    captured_attrs = ("eps", "momentum", "activation_dtype")
     # the layout of a CUDA graph's copy of the input: the first kernel's
     input_layout = torch.preserve_format
 
@@ -1648,6 +1669,9 @@ class ModelNew(nn.Module):
             nn.AvgPool2d(7),
         )
         self.fc = nn.Linear(c(1024), num_classes)
+        # eval mode stores the tensors between kernels in this dtype (the spec's activations(...));
+        # a linear's input, the output and training mode stay float32
+        self.activation_dtype = torch.float16
         self.use_cuda_graphs = True  # replay forward as a CUDA graph on the GPU
         self.cuda_graphs = {}
 
@@ -1677,100 +1701,156 @@ class ModelNew(nn.Module):
         """The forward pass: one launch per chain of the spec (eval mode)."""
         if self.training:
             return self.run_training_kernels(x)
-        # mobilenet_v1.fuse:22: conv_bn(input_channels, c(32), 2)
-        x = conv3x3_bn_relu(x, self.model[0][0], self.model[0][1])
-        # mobilenet_v1.fuse:23: conv_dw_fused(c(32), c(64), 1)
-        x = dwconv3x3_bn_relu_conv1x1_bn_relu(
-            x, self.model[1][0], self.model[1][1], self.model[1][3], self.model[1][4]
+        # mobilenet_v1.fuse:25: conv_bn(input_channels, c(32), 2)
+        x = conv3x3_bn_relu(
+            x, self.model[0][0], self.model[0][1], self.activation_dtype
         )
-        # mobilenet_v1.fuse:24: conv_dw_fused(c(64), c(128), 2)
+        # mobilenet_v1.fuse:26: conv_dw_fused(c(32), c(64), 1)
         x = dwconv3x3_bn_relu_conv1x1_bn_relu(
-            x, self.model[2][0], self.model[2][1], self.model[2][3], self.model[2][4]
+            x,
+            self.model[1][0],
+            self.model[1][1],
+            self.model[1][3],
+            self.model[1][4],
+            self.activation_dtype,
         )
-        # mobilenet_v1.fuse:25: conv_dw(c(128), c(128), 1)
-        x = dwconv3x3_bn_relu(x, self.model[3][0], self.model[3][1])
-        x = conv1x1_bn_relu(x, self.model[3][3], self.model[3][4])
-        # mobilenet_v1.fuse:26: conv_dw(c(128), c(256), 2)
-        x = dwconv3x3_bn_relu(x, self.model[4][0], self.model[4][1])
-        x = conv1x1_bn_relu(x, self.model[4][3], self.model[4][4])
-        # mobilenet_v1.fuse:27: conv_dw(c(256), c(256), 1)
-        x = dwconv3x3_bn_relu(x, self.model[5][0], self.model[5][1])
-        x = conv1x1_bn_relu(x, self.model[5][3], self.model[5][4])
-        # mobilenet_v1.fuse:28: conv_dw(c(256), c(512), 2)
-        x = dwconv3x3_bn_relu(x, self.model[6][0], self.model[6][1])
-        x = conv1x1_bn_relu(x, self.model[6][3], self.model[6][4])
-        # mobilenet_v1.fuse:29: conv_dw(c(512), c(512), 1) * 5
-        x = dwconv3x3_bn_relu(x, self.model[7][0], self.model[7][1])
-        x = conv1x1_bn_relu(x, self.model[7][3], self.model[7][4])
-        x = dwconv3x3_bn_relu(x, self.model[8][0], self.model[8][1])
-        x = conv1x1_bn_relu(x, self.model[8][3], self.model[8][4])
-        x = dwconv3x3_bn_relu(x, self.model[9][0], self.model[9][1])
-        x = conv1x1_bn_relu(x, self.model[9][3], self.model[9][4])
-        x = dwconv3x3_bn_relu(x, self.model[10][0], self.model[10][1])
-        x = conv1x1_bn_relu(x, self.model[10][3], self.model[10][4])
-        x = dwconv3x3_bn_relu(x, self.model[11][0], self.model[11][1])
-        x = conv1x1_bn_relu(x, self.model[11][3], self.model[11][4])
-        # mobilenet_v1.fuse:30: conv_dw(c(512), c(1024), 2)
-        x = dwconv3x3_bn_relu(x, self.model[12][0], self.model[12][1])
-        x = conv1x1_bn_relu(x, self.model[12][3], self.model[12][4])
-        # mobilenet_v1.fuse:31: conv_dw(c(1024), c(1024), 1)
-        x = dwconv3x3_bn_relu(x, self.model[13][0], self.model[13][1])
-        x = conv1x1_bn_relu(x, self.model[13][3], self.model[13][4])
-        # mobilenet_v1.fuse:32: avgpool(7)
+        # mobilenet_v1.fuse:27: conv_dw_fused(c(64), c(128), 2)
+        x = dwconv3x3_bn_relu_conv1x1_bn_relu(
+            x,
+            self.model[2][0],
+            self.model[2][1],
+            self.model[2][3],
+            self.model[2][4],
+            self.activation_dtype,
+        )
+        # mobilenet_v1.fuse:28: conv_dw(c(128), c(128), 1)
+        x = dwconv3x3_bn_relu(
+            x, self.model[3][0], self.model[3][1], self.activation_dtype
+        )
+        x = conv1x1_bn_relu(
+            x, self.model[3][3], self.model[3][4], self.activation_dtype
+        )
+        # mobilenet_v1.fuse:29: conv_dw(c(128), c(256), 2)
+        x = dwconv3x3_bn_relu(
+            x, self.model[4][0], self.model[4][1], self.activation_dtype
+        )
+        x = conv1x1_bn_relu(
+            x, self.model[4][3], self.model[4][4], self.activation_dtype
+        )
+        # mobilenet_v1.fuse:30: conv_dw(c(256), c(256), 1)
+        x = dwconv3x3_bn_relu(
+            x, self.model[5][0], self.model[5][1], self.activation_dtype
+        )
+        x = conv1x1_bn_relu(
+            x, self.model[5][3], self.model[5][4], self.activation_dtype
+        )
+        # mobilenet_v1.fuse:31: conv_dw(c(256), c(512), 2)
+        x = dwconv3x3_bn_relu(
+            x, self.model[6][0], self.model[6][1], self.activation_dtype
+        )
+        x = conv1x1_bn_relu(
+            x, self.model[6][3], self.model[6][4], self.activation_dtype
+        )
+        # mobilenet_v1.fuse:32: conv_dw(c(512), c(512), 1) * 5
+        x = dwconv3x3_bn_relu(
+            x, self.model[7][0], self.model[7][1], self.activation_dtype
+        )
+        x = conv1x1_bn_relu(
+            x, self.model[7][3], self.model[7][4], self.activation_dtype
+        )
+        x = dwconv3x3_bn_relu(
+            x, self.model[8][0], self.model[8][1], self.activation_dtype
+        )
+        x = conv1x1_bn_relu(
+            x, self.model[8][3], self.model[8][4], self.activation_dtype
+        )
+        x = dwconv3x3_bn_relu(
+            x, self.model[9][0], self.model[9][1], self.activation_dtype
+        )
+        x = conv1x1_bn_relu(
+            x, self.model[9][3], self.model[9][4], self.activation_dtype
+        )
+        x = dwconv3x3_bn_relu(
+            x, self.model[10][0], self.model[10][1], self.activation_dtype
+        )
+        x = conv1x1_bn_relu(
+            x, self.model[10][3], self.model[10][4], self.activation_dtype
+        )
+        x = dwconv3x3_bn_relu(
+            x, self.model[11][0], self.model[11][1], self.activation_dtype
+        )
+        x = conv1x1_bn_relu(
+            x, self.model[11][3], self.model[11][4], self.activation_dtype
+        )
+        # mobilenet_v1.fuse:33: conv_dw(c(512), c(1024), 2)
+        x = dwconv3x3_bn_relu(
+            x, self.model[12][0], self.model[12][1], self.activation_dtype
+        )
+        x = conv1x1_bn_relu(
+            x, self.model[12][3], self.model[12][4], self.activation_dtype
+        )
+        # mobilenet_v1.fuse:34: conv_dw(c(1024), c(1024), 1)
+        x = dwconv3x3_bn_relu(
+            x, self.model[13][0], self.model[13][1], self.activation_dtype
+        )
+        x = conv1x1_bn_relu(
+            x, self.model[13][3], self.model[13][4], self.activation_dtype
+        )
+        # mobilenet_v1.fuse:35: avgpool(7)
         x = avgpool(x, self.model[14])
-        # mobilenet_v1.fuse:33: flatten
+        # mobilenet_v1.fuse:36: flatten
         x = x.flatten(1)
-        # mobilenet_v1.fuse:34: fc: linear(c(1024), num_classes)
+        # mobilenet_v1.fuse:37: fc: linear(c(1024), num_classes)
         x = linear(x, self.fc)
         return x
 
     def run_training_kernels(self, x):
         """Training mode: BatchNorm normalises with batch statistics in the next kernel's prologue."""
-        # mobilenet_v1.fuse:22: conv_bn(input_channels, c(32), 2)
+        # mobilenet_v1.fuse:25: conv_bn(input_channels, c(32), 2)
         x, x_stats = conv3x3_stats(x, self.model[0][0])
-        # mobilenet_v1.fuse:23: conv_dw_fused(c(32), c(64), 1)
+        # mobilenet_v1.fuse:26: conv_dw_fused(c(32), c(64), 1)
         x, x_stats = bn_relu_dwconv3x3_stats_train(
             x, x_stats, self.model[0][1], self.model[1][0]
         )
         x, x_stats = bn_relu_conv1x1_stats_train(
             x, x_stats, self.model[1][1], self.model[1][3]
         )
-        # mobilenet_v1.fuse:24: conv_dw_fused(c(64), c(128), 2)
+        # mobilenet_v1.fuse:27: conv_dw_fused(c(64), c(128), 2)
         x, x_stats = bn_relu_dwconv3x3_stats_train(
             x, x_stats, self.model[1][4], self.model[2][0]
         )
         x, x_stats = bn_relu_conv1x1_stats_train(
             x, x_stats, self.model[2][1], self.model[2][3]
         )
-        # mobilenet_v1.fuse:25: conv_dw(c(128), c(128), 1)
+        # mobilenet_v1.fuse:28: conv_dw(c(128), c(128), 1)
         x, x_stats = bn_relu_dwconv3x3_stats_train(
             x, x_stats, self.model[2][4], self.model[3][0]
         )
         x, x_stats = bn_relu_conv1x1_stats_train(
             x, x_stats, self.model[3][1], self.model[3][3]
         )
-        # mobilenet_v1.fuse:26: conv_dw(c(128), c(256), 2)
+        # mobilenet_v1.fuse:29: conv_dw(c(128), c(256), 2)
         x, x_stats = bn_relu_dwconv3x3_stats_train(
             x, x_stats, self.model[3][4], self.model[4][0]
         )
         x, x_stats = bn_relu_conv1x1_stats_train(
             x, x_stats, self.model[4][1], self.model[4][3]
         )
-        # mobilenet_v1.fuse:27: conv_dw(c(256), c(256), 1)
+        # mobilenet_v1.fuse:30: conv_dw(c(256), c(256), 1)
         x, x_stats = bn_relu_dwconv3x3_stats_train(
             x, x_stats, self.model[4][4], self.model[5][0]
         )
         x, x_stats = bn_relu_conv1x1_stats_train(
             x, x_stats, self.model[5][1], self.model[5][3]
         )
-        # mobilenet_v1.fuse:28: conv_dw(c(256), c(512), 2)
+        # mobilenet_v1.fuse:31: conv_dw(c(256), c(512), 2)
         x, x_stats = bn_relu_dwconv3x3_stats_train(
             x, x_stats, self.model[5][4], self.model[6][0]
         )
         x, x_stats = bn_relu_conv1x1_stats_train(
             x, x_stats, self.model[6][1], self.model[6][3]
         )
-        # mobilenet_v1.fuse:29: conv_dw(c(512), c(512), 1) * 5
+        # mobilenet_v1.fuse:32: conv_dw(c(512), c(512), 1) * 5
         x, x_stats = bn_relu_dwconv3x3_stats_train(
             x, x_stats, self.model[6][4], self.model[7][0]
         )
@@ -1801,25 +1881,25 @@ class ModelNew(nn.Module):
         x, x_stats = bn_relu_conv1x1_stats_train(
             x, x_stats, self.model[11][1], self.model[11][3]
         )
-        # mobilenet_v1.fuse:30: conv_dw(c(512), c(1024), 2)
+        # mobilenet_v1.fuse:33: conv_dw(c(512), c(1024), 2)
         x, x_stats = bn_relu_dwconv3x3_stats_train(
             x, x_stats, self.model[11][4], self.model[12][0]
         )
         x, x_stats = bn_relu_conv1x1_stats_train(
             x, x_stats, self.model[12][1], self.model[12][3]
         )
-        # mobilenet_v1.fuse:31: conv_dw(c(1024), c(1024), 1)
+        # mobilenet_v1.fuse:34: conv_dw(c(1024), c(1024), 1)
         x, x_stats = bn_relu_dwconv3x3_stats_train(
             x, x_stats, self.model[12][4], self.model[13][0]
         )
         x, x_stats = bn_relu_conv1x1_stats_train(
             x, x_stats, self.model[13][1], self.model[13][3]
         )
-        # mobilenet_v1.fuse:32: avgpool(7)
+        # mobilenet_v1.fuse:35: avgpool(7)
         x = bn_relu_avgpool_train(x, x_stats, self.model[13][4], self.model[14])
-        # mobilenet_v1.fuse:33: flatten
+        # mobilenet_v1.fuse:36: flatten
         x = x.flatten(1)
-        # mobilenet_v1.fuse:34: fc: linear(c(1024), num_classes)
+        # mobilenet_v1.fuse:37: fc: linear(c(1024), num_classes)
         x = linear(x, self.fc)
         return x
 

@@ -44,16 +44,31 @@ def fuse_blocks(block, fused, first_args=None):
     return edit
 
 
+def activations(dtype):
+    """The spec with `activations(dtype)` instead of its own declaration."""
+
+    def edit(spec):
+        edited = re.sub(r"^activations\(\w+\)$", f"activations({dtype})", spec, flags=re.M)
+        assert edited != spec, "the spec declares no other activations(...)"
+        return edited
+
+    return edit
+
+
 VARIANTS = {
     "mobilenet_v1": {
         "spec": None,
+        "fp32-act": activations("float32"),
         "fuse-all": fuse_blocks("conv_dw", "conv_dw_fused"),
         "fuse-512+": fuse_blocks("conv_dw", "conv_dw_fused", {"c(512)", "c(1024)"}),
     },
     "efficientnet_b1": {
         "spec": None,
+        "fp32-act": activations("float32"),
         "fuse-all": fuse_blocks("mbconv", "mbconv_fused"),
         "fuse-80+": fuse_blocks("mbconv", "mbconv_fused", {"80", "112", "192"}),
+        # session 6's spec: mbconv2 and mbconv3 fused too (with float16 activations they lose)
+        "fuse-16,24": fuse_blocks("mbconv", "mbconv_fused", {"16", "24"}),
     },
 }
 

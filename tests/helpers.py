@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import linecache
 import types
@@ -37,6 +38,25 @@ def load_source(source: str, name: str) -> types.ModuleType:
     exec(compile(source, filename, "exec"), module.__dict__)
     module.SOURCE = source
     return module
+
+
+@contextlib.contextmanager
+def float16_activations(model: torch.nn.Module):
+    """Inside, the plain-torch `model` rounds the output of every BatchNorm and activation to float16
+    and back: the rounding that a spec's `activations(float16)` adds where a kernel stores its output
+    (and a little more: also inside a fused pair, whose depthwise output stays in registers). The pool
+    before the classifier stays float32, as in the kernels."""
+    kinds = (torch.nn.BatchNorm2d, torch.nn.ReLU, torch.nn.ReLU6)
+    hooks = [
+        m.register_forward_hook(lambda module, args, out: out.half().to(out.dtype))
+        for m in model.modules()
+        if isinstance(m, kinds)
+    ]
+    try:
+        yield model
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -22,10 +22,14 @@ forward:
 """
 
 
-@pytest.fixture
-def model():
+# the same net with float16 between its kernels in eval mode
+FLOAT16_SPEC = SPEC.replace("input(2, 3, 17, 15)\n", "input(2, 3, 17, 15)\nactivations(float16)\n")
+
+
+@pytest.fixture(params=[SPEC, FLOAT16_SPEC], ids=["float32", "float16"])
+def model(request):
     torch.manual_seed(0)
-    m = load_spec(SPEC, "graphs").ModelNew().cuda().eval()
+    m = load_spec(request.param, "graphs").ModelNew().cuda().eval()
     randomize_batchnorm(m)
     return m
 
@@ -101,6 +105,20 @@ def test_forward_inside_a_callers_own_capture(model):
         out = model(x)
     graph.replay()
     assert torch.equal(out, expected)
+
+
+@torch.no_grad()
+def test_a_changed_activation_dtype_captures_again():
+    torch.manual_seed(0)
+    model = load_spec(FLOAT16_SPEC, "graphs").ModelNew().cuda().eval()
+    randomize_batchnorm(model)
+    x = rand(2, 3, 17, 15)
+    narrow = model(x)
+    model.activation_dtype = torch.float32
+    wide = model(x)
+    assert torch.equal(wide, model.run_kernels(x)) and not torch.equal(wide, narrow)
+    model.activation_dtype = torch.float16
+    assert torch.equal(model(x), narrow)
 
 
 @torch.no_grad()

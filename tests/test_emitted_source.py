@@ -299,7 +299,7 @@ def test_the_stem_reads_the_nchw_input_without_a_copy(spec):
     stages."""
     source = SOURCES[spec]
     stem = kernels(source)[0]
-    loads = ast.unparse(calls(stem, "tl.load")[0].args[0])
+    (loads,) = [ast.unparse(c.args[0]) for c in calls(stem, "tl.load") if "x_ptr" in ast.unparse(c.args[0])]
     assert all(f"x_stride_{d}" in loads for d in "nchw") and "C_in" not in loads
     wrapper = ast.unparse(wrapper_of(source, stem.name))
     assert "contiguous" not in wrapper
@@ -315,3 +315,29 @@ def test_a_graph_copies_the_input_channels_last_for_a_first_kernel_that_needs_it
     first = kernels(source)[0]
     assert "x = x.contiguous(memory_format=torch.channels_last)" in ast.unparse(wrapper_of(source, first.name))
     assert "input_layout = torch.channels_last" in source
+
+
+def run_kernels_calls(source: str) -> list[str]:
+    """The launches in ModelNew.run_kernels (eval mode), as source."""
+    (cls,) = [n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "ModelNew"]
+    (method,) = [f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == "run_kernels"]
+    return [ast.unparse(n.value) for n in method.body if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)]
+
+
+@pytest.mark.parametrize("narrow", [False, True], ids=["float32", "float16"])
+def test_activations_between_kernels_in_the_declared_dtype(narrow):
+    """With `activations(float16)`, every launch whose output another kernel reads passes the model's
+    activation_dtype, except the one that feeds the classifier; the last returns float32. Every load of
+    the input activation widens it to float32. Without the declaration there is no trace of it."""
+    spec = EXTRA.replace("input(2, c, 9, 7)\n", "input(2, c, 9, 7)\nactivations(float16)\n" if narrow else "input(2, c, 9, 7)\n")
+    source = compile_spec(spec, "specs/extra.fuse")
+    launches = run_kernels_calls(source)
+    passes = ["self.activation_dtype" in launch for launch in launches]
+    # bn0 -> pw, bn2, dw -> pw2, pool, global_avgpool -> flatten (feeds fc), fc
+    assert passes == ([True, True, True, True, False, False] if narrow else [False] * 6)
+    assert ("self.activation_dtype = torch.float16" in source) == narrow
+    assert ("out_dtype=torch.float32" in source) == narrow
+    for kernel in kernels(source):
+        for load in calls(kernel, "tl.load"):
+            if ast.unparse(load.args[0]).startswith("x_ptr"):
+                assert f"{ast.unparse(load)}.to(tl.float32)" in ast.unparse(kernel), kernel.name

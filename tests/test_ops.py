@@ -8,6 +8,7 @@ eps (so a module built with the wrong hyper-parameters is caught too).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 from itertools import count
@@ -192,14 +193,21 @@ def tf32_bits(t: torch.Tensor, round_half: int) -> torch.Tensor:
     return ((t.view(torch.int32) + round_half) & ~0x1FFF).view(torch.float32)
 
 
+def with_dot_precision(spec: str, precision: str, convs: int) -> nn.Module:
+    """ModelNew of `spec`, whose `convs` 1x1 convs choose their dot with dot_precision, with that choice
+    forced to `precision` (so the GPU's paths run on the CPU too)."""
+    source = compile_spec(spec, f"specs/{precision}.fuse")
+    choice = "DOT_PRECISION = dot_precision(x, conv)"
+    assert source.count(choice) == convs
+    module = load_source(source.replace(choice, f'DOT_PRECISION = "{precision}"'), precision)
+    torch.manual_seed(0)
+    return module.ModelNew().to(DEVICE).eval()
+
+
 def test_tf32_dot_rounds_its_operands_to_nearest():
     """The GPU's "tf32" tl.dot path, on the CPU too: both operands are rounded to the nearest TF32 value
     first (tensor cores would truncate them), then multiplied exactly and summed in fp32."""
-    source = compile_spec(spec_text((2, 48, 5, 3), ["op0: conv1x1(48, 24)"]), "specs/tf32.fuse")
-    assert source.count('"tf32" if x.is_cuda else "ieee"') == 1
-    module = load_source(source.replace('"tf32" if x.is_cuda else "ieee"', '"tf32"'), "tf32")
-    torch.manual_seed(0)
-    model = module.ModelNew().to(DEVICE).eval()
+    model = with_dot_precision(spec_text((2, 48, 5, 3), ["op0: conv1x1(48, 24)"]), "tf32", convs=1)
     x = torch.randn(2, 48, 5, 3, device=DEVICE)
     with torch.no_grad():
         out = model(x)
@@ -212,6 +220,25 @@ def test_tf32_dot_rounds_its_operands_to_nearest():
     # (interpreter: 9e-8 and 9e-4; plain fp32 operands would be 3e-4 off the rounded ones)
     assert rounded < 2e-5, f"{rounded:.2g} off the product of the rounded operands"
     assert truncated > 10 * rounded, "the operands were truncated, not rounded"
+
+
+def test_fp16_dot_multiplies_float16_operands():
+    """The GPU's "fp16" tl.dot path (a conv reading float16 activations), on the CPU too: the activation
+    tile and dot_weight's copy of the weight are both rounded to nearest float16, and their products
+    summed in fp32."""
+    spec = "model Net()\ninput(2, 48, 5, 3)\nactivations(float16)\nforward:\n"
+    model = with_dot_precision(spec + "    a: conv1x1(48, 64) -> relu\n    b: conv1x1(64, 24)\n", "fp16", convs=2)
+    x = torch.randn(2, 48, 5, 3, device=DEVICE)
+    with torch.no_grad():
+        out = model(x)
+        a, b = model.a.weight.double(), model.b.weight.double()
+        hidden = F.relu(F.conv2d(x.half().double(), a.half().double())).half().double()
+        rounded = rel_error(out, F.conv2d(hidden, b.half().double()))
+        # the same, but with the second conv's weight as it is
+        unrounded_weight = rel_error(out, F.conv2d(hidden, b))
+    # (interpreter: 1e-7 and 4e-4)
+    assert rounded < 2e-5, f"{rounded:.2g} off the product of the rounded operands"
+    assert unrounded_weight > 10 * rounded, "the weight was not rounded to float16"
 
 
 def test_dot_weight_rounds_once_per_version_of_the_weight():
@@ -229,6 +256,53 @@ def test_dot_weight_rounds_once_per_version_of_the_weight():
     assert torch.equal(module.dot_weight(conv, "tf32"), tf32_bits(conv.weight.detach(), 0x1000))
     channels_last = nn.Conv2d(8, 16, 3, bias=False).to(memory_format=torch.channels_last)
     assert module.dot_weight(channels_last, "tf32").stride() == channels_last.weight.stride()
+
+
+def test_dot_weight_in_float16_only_where_it_rounds_as_well_as_tf32():
+    """dot_weight(m, "fp16"): a float16 copy, once per version, unless the largest magnitude is outside
+    [2**-8, 2**15]: then None, and dot_precision keeps "tf32"."""
+    module = load_spec(spec_text((1, 8, 4, 4), ["op0: conv1x1(8, 16)"]), "dot_weight")
+    conv = nn.Conv2d(8, 16, 1, bias=False)
+    half = module.dot_weight(conv, "fp16")
+    assert half.dtype == torch.float16 and torch.equal(half, conv.weight.detach().half())
+    assert module.dot_weight(conv, "fp16") is half  # kept while the weight is unchanged
+    for scale, fits in ((2.0**-14, False), (2.0**24, False), (1.0, True)):
+        with torch.no_grad():
+            conv.weight.copy_(torch.rand(16, 8, 1, 1) * 0.5 + 0.5).mul_(scale)  # in place: a new version
+        assert (module.dot_weight(conv, "fp16") is not None) == fits, scale
+    assert module.dot_precision(torch.rand(1, 8, 4, 4), conv) == "ieee"  # Triton's interpreter
+
+
+FLOAT16_NET = """\
+model Net()
+input(2, 8, 9, 7)
+activations(float16)
+forward:
+    pw: conv1x1(8, 24) -> bn1: bn(24) -> relu
+    dw: dwconv3x3(24) -> bn2: bn(24) -> relu
+    mid: conv1x1(24, 24) -> bn3: bn(24) -> relu
+    out: conv1x1(24, 16) -> bn4: bn(16)
+"""
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter computes every dot in fp32 (\"ieee\")")
+def test_float16_activations_with_a_tiny_weight():
+    """A 1x1 conv weight scaled by 2**-20 (its BatchNorm's weight by 2**20 makes up for it) would lose
+    most of its bits in float16's subnormals: that conv keeps its TF32 dot, the one before it runs
+    float16, and the net stays within TOLERANCE of float64."""
+    module = load_spec(FLOAT16_NET, "float16_net")
+    torch.manual_seed(0)
+    model = module.ModelNew().to(DEVICE).eval()
+    randomize_batchnorm(model)
+    x = torch.randn(2, 8, 9, 7, device=DEVICE)
+    with torch.no_grad():
+        model.out.weight.mul_(2.0**-20)
+        model.bn4.weight.mul_(2.0**20)
+        exact = copy.deepcopy(model).double().reference_forward(x.double())
+        err = rel_error(model(x), exact)
+    # the first conv reads the model's float32 input: "tf32"; the others float16 activations
+    assert [module.dot_precision(x.half(), m) for m in (model.mid, model.out)] == ["fp16", "tf32"]
+    assert err < TOLERANCE, err
 
 
 @few_examples

@@ -16,6 +16,8 @@ def error_of(text: str) -> SpecError:
 CASES = [
     # (spec, line, column, fragment of the message)
     (HEADER + "forward:\n    conv1: conv3x3(3, c) ->\n", 4, 28, "expected a name"),
+    (HEADER + "activations(bfloat16)\nforward:\n    relu\n", 3, 13, "activations(...) takes float32 or float16, got 'bfloat16'"),
+    (HEADER + "activations(float16)\nactivations(float32)\nforward:\n    relu\n", 4, 1, "a second `activations(...)`"),
     (HEADER + "forward:\n    conv1: conv3x3(3, c) @ 2\n", 4, 26, "unexpected character '@'"),
     (HEADER + "forward:\n    conv1: conv3x3(3, c)\n      bn1: bn(c)\n", 5, 7, "unexpected indentation"),
     (HEADER + "forward:\n    conv1: conv3x3(3, c)\n  bn1: bn(c)\n", 5, 3, "indentation matches no enclosing block"),
