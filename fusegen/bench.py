@@ -518,7 +518,6 @@ def kernel_times_ms(groups: list[tuple[KernelLaunch, int]]) -> list[float]:
         with torch.cuda.graph(graph):  # the recording ran it already: compiled, weights' dot copies made
             launch.run()
         times.append(triton.testing.do_bench(graph.replay, return_mode="median"))
-        del graph
     return times
 
 
