@@ -125,26 +125,28 @@ def _out_dims(kernel: Kernel) -> list[str]:
     ]
 
 
-TileRule = tuple[str, tuple[str, ...]]  # a wrapper expression, and the launch options it returns after the blocks
+# a wrapper expression, the blocks it returns, and the launch options it returns after them
+TileRule = tuple[str, tuple[str, ...], tuple[str, ...]]
 
 
 def _tile_rule(kernel: Kernel) -> TileRule | None:
-    """The wrapper expression that sets all the block sizes, and the launch options it also returns:
-    the producer's rule in a kernel with one, else the anchor's; None where neither has one."""
+    """The wrapper expression that sets the block sizes, and the launch options it also returns: the
+    producer's rule in a kernel with one, else the anchor's; None where neither has one."""
     if kernel.producer:
         producer = kernel.producer[0]
         lowering: O.Anchor = producer.op.lowering
-        return lowering.produce_tile.format(m=producer.slot), lowering.produce_tile_options
+        blocks = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+        return lowering.produce_tile.format(m=producer.slot), blocks, lowering.produce_tile_options
     anchor: O.Anchor = kernel.anchor.op.lowering
-    return (anchor.tile, anchor.tile_options) if anchor.tile else None
+    return (anchor.tile, anchor.tile_blocks, anchor.tile_options) if anchor.tile else None
 
 
 def _block_lines(rule: TileRule | None, out_rank: int, body_text: str, own_blocks: dict[str, str]) -> list[str]:
     """Wrapper lines that set the block sizes: the kernel's tile rule, or defaults overridden by the
     anchor's own (which come last, in its order: one may read another, or a default)."""
     if rule:
-        expression, options = rule
-        return [f"{', '.join(['BLOCK_M', 'BLOCK_N', 'BLOCK_K', *options])} = {expression}"]
+        expression, blocks, options = rule
+        return [f"{', '.join([*blocks, *options])} = {expression}"]
     default_blocks = {
         "BLOCK_M": "64" if out_rank == 4 else "min(64, max(16, triton.next_power_of_2(N)))",
         "BLOCK_N": "min(64, max(16, triton.next_power_of_2(C_out)))",
@@ -257,7 +259,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
         *(INDENT * 2 + f"{value}," for _, value in positional),
         *(INDENT * 2 + f"{name}={value}," for name, value in keyword),
         # the launch options (num_warps, num_stages) that the tile rule set
-        *(INDENT * 2 + f"{option}={option}," for option in (rule[1] if rule else ())),
+        *(INDENT * 2 + f"{option}={option}," for option in (rule[2] if rule else ())),
         INDENT + ")",
     ]
     result = kernel.view.op.lowering.expr("out") if kernel.view else "out"

@@ -109,9 +109,10 @@ class Anchor:
     loop: Callable[[str, PrologueHook], list[str]]
     # why no later anchor can join this kernel (for the fusion-legality error)
     barrier: str
-    # wrapper expression of (BLOCK_M, BLOCK_N, BLOCK_K), where the shape decides all three together,
+    # wrapper expression of the blocks named in tile_blocks, where the shape decides them together,
     # followed by the launch options named in tile_options (num_warps, num_stages), if any
     tile: str | None = None
+    tile_blocks: tuple[str, ...] = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
     tile_options: tuple[str, ...] = ()
     # A producer (depthwise conv): kernel lines that leave its output at the frame's pixels, channels
     # offs_k (mask_k), in the tile `a` [BLOCK_M, BLOCK_K], to run inside a consumer's K loop; and the
@@ -297,7 +298,10 @@ def _depthwise(slot: str, prologue: PrologueHook, out: str, channels: str, chann
     frame's pixels, for `channels`."""
     return [
         f"{out} = tl.zeros((BLOCK_M, {block}), dtype=tl.float32)",
-        "for kh in tl.static_range(KH):",
+        # a loop over kernel rows, not unrolled: unrolled, the loads of all KH * KW taps were hoisted
+        # together (160 registers a thread); float16 activations, batch 128, H200, summed over 10 layers'
+        # kernels at their tiles: 0.892 -> 0.840 ms (scripts/tune_tiles.py --dw --fp16 [--dw-rolled])
+        "for kh in range(KH):",
         "    for kw in tl.static_range(KW):",
         "        ih = oh * STRIDE - PAD + kh",
         "        iw = ow * STRIDE - PAD + kw",
@@ -476,11 +480,14 @@ def gemm_tile(rows, C_in, C_out, precision):
 
     # up to 128 channels, so that each input row is read once for up to 128 output channels
     block_n = min(128, max(16, triton.next_power_of_2(C_out)))
+    # float16 operands: K steps of 64 carry the bytes of 32 fp32 ones, where that leaves two steps or
+    # more to pipeline (batch 128, summed over 16 layers: 0.899 -> 0.861 ms; 1024 -> 1024 @7: 0.040 -> 0.030)
+    block_k = 64 if precision == "fp16" and C_in >= 128 else 32
     # 128 rows where that leaves five programs per SM of a 128-SM GPU (256 -> 256 @28: 0.151 -> 0.106 ms)
     if precision != "tf32x3" and C_in >= 32 and block_n >= 64 and programs(128, block_n) >= 640:
-        return 128, block_n, 32
+        return 128, block_n, block_k
     if programs(64, block_n) >= 128:
-        return 64, block_n, 32
+        return 64, block_n, block_k
     # under a wave of programs (batch 10's late layers): narrower tiles, longer K steps
     # (1152 -> 320 @8: 0.024 -> 0.015 ms; 1024 -> 1024 @7: 0.023 -> 0.019 ms). Sweeps of these layers
     # alone in a CUDA graph favoured wider tiles with K steps of 32, but in the whole net that made
@@ -506,22 +513,43 @@ def conv_tile(K, C_out):
 """
 
 
+# The tile of a depthwise conv (emitted once per file that has one).
+DWCONV_TILE = """\
+def dwconv_tile(C, dtype):
+    \"\"\"(BLOCK_M, BLOCK_N, num_warps) for a depthwise conv over C channels stored in `dtype`, from sweeps
+    at batch 128 on an H200 (scripts/tune_tiles.py --dw; notes/perf.md).\"\"\"
+    if dtype == torch.float16:
+        # 16 pixels a program and 16 values a thread: many small programs keep more of the taps' loads in
+        # flight; a channel block that C fills, so no lane is masked (96 @120/s2: 0.202 ms at 64 x 64 on
+        # 4 warps, 0.144 at 16 x 32 on 1). MobileNetV1's standalone depthwise convs at batch 128 (bench's
+        # per-kernel table), with the loop over kernel rows: 0.574 -> 0.477 ms.
+        block_n = min(128 if C % 128 == 0 else 64 if C % 64 == 0 else 32, max(16, triton.next_power_of_2(C)))
+        return 16, block_n, max(1, block_n // 32)
+    return 64, min(64, max(16, triton.next_power_of_2(C))), 4
+"""
+
+
 # The tile of a 1x1 conv that computes a depthwise conv in its K loop (emitted once per file).
 PRODUCER_TILE = """\
-def producer_tile(C_in, C_out, taps):
-    \"\"\"(BLOCK_M, BLOCK_N, BLOCK_K, num_stages) for a 1x1 conv from C_in to C_out channels whose input
-    tile a depthwise conv of `taps` taps computes in its K loop, from sweeps at batch 128 on an H200
-    (scripts/tune_fused.py; notes/perf.md).\"\"\"
+def producer_tile(C_in, C_out, taps, dtype):
+    \"\"\"(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a 1x1 conv from C_in to C_out channels
+    whose input tile a depthwise conv of `taps` taps computes in its K loop, its input stored in `dtype`,
+    from sweeps at batch 128 on an H200 (scripts/tune_fused.py; notes/perf.md).\"\"\"
     # up to 128 output channels in one block: each further block computes the depthwise conv again
     block_n = min(128, max(16, triton.next_power_of_2(C_out)))
     if C_in <= 64:
-        # one K step: the depthwise tile is computed once, all its taps' loads in flight together
-        # (MobileNetV1 32 -> 64 @112, batch 128: 0.356 ms as two kernels, 0.281 ms fused)
-        return (64 if block_n <= 64 else 32), block_n, max(16, triton.next_power_of_2(C_in)), 1
+        # one K step: the depthwise tile is computed once (MobileNetV1 32 -> 64 @112, float32, batch 128:
+        # 0.356 ms as two kernels, 0.281 ms fused)
+        block_k = max(16, triton.next_power_of_2(C_in))
+        if dtype == torch.float16:
+            # 32 rows, a warp per 32 channels of the depthwise tile (32 of its values a thread), batch 128:
+            # 32 -> 64 @112 0.195 -> 0.156 ms, 64 -> 128 @112/s2 0.150 -> 0.133, 32 -> 16 @120 0.176 -> 0.163
+            return 32, block_n, block_k, max(1, block_k // 32), 1
+        return (64 if block_n <= 64 else 32), block_n, block_k, 4, 1
     # K steps of 32 channels; Triton prefetches the next step's taps through shared memory where two
     # stages fit a 4090's 99 KB (EfficientNetB1 96 -> 24 @120/s2: 0.329 -> 0.299 ms with two)
     stage_bytes = (taps * 32 * 32 + 32 * block_n) * 4
-    return 32, block_n, 32, (2 if 2 * stage_bytes + 32 * 32 * 4 <= 99 * 1024 else 1)
+    return 32, block_n, 32, 4, (2 if 2 * stage_bytes + 32 * 32 * 4 <= 99 * 1024 else 1)
 """
 
 
@@ -531,6 +559,7 @@ KERNEL_FUNCTIONS = {"fp32_dot": FP32_DOT}
 WRAPPER_FUNCTIONS = {
     "gemm_tile": GEMM_TILE,
     "conv_tile": CONV_TILE,
+    "dwconv_tile": DWCONV_TILE,
     "producer_tile": PRODUCER_TILE,
     "dot_weight": DOT_WEIGHT,
     "dot_precision": DOT_PRECISION_RULE,
@@ -615,11 +644,14 @@ def _dwconv_op(k: int) -> Op:
             _CONV_PIXELS,
             _dwconv_loop,
             _NEIGHBOURHOOD.format(k=k),
+            tile="dwconv_tile(C_in, x.dtype)",
+            tile_blocks=("BLOCK_M", "BLOCK_N"),
+            tile_options=("num_warps",),
             produce=_dwconv_produce,
-            produce_tile="producer_tile(C_in, C_out, {m}.kernel_size[0] * {m}.kernel_size[1])",
+            produce_tile="producer_tile(C_in, C_out, {m}.kernel_size[0] * {m}.kernel_size[1], x.dtype)",
             # Triton would pipeline the taps of a K step through shared memory as deep as its default
             # (a dwconv5x5 producer asked for 438 KB): the rule says how many stages fit
-            produce_tile_options=("num_stages",),
+            produce_tile_options=("num_warps", "num_stages"),
         ),
         summary=f"depthwise {k}x{k} convolution (groups = channels), no bias",
     )

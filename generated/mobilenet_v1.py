@@ -191,7 +191,7 @@ def dwconv3x3_bn_relu_conv1x1_bn_relu_kernel(
         mask_k = offs_k < C_in
         # producer: depthwise 3x3 convolution (groups = channels), no bias
         a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for kh in tl.static_range(CONV_KH):
+        for kh in range(CONV_KH):
             for kw in tl.static_range(CONV_KW):
                 ih = oh * CONV_STRIDE - CONV_PAD + kh
                 iw = ow * CONV_STRIDE - CONV_PAD + kw
@@ -292,7 +292,7 @@ def dwconv3x3_bn_relu_kernel(
     ow = offs_m % OW
     # anchor: depthwise 3x3 convolution (groups = channels), no bias
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in tl.static_range(KH):
+    for kh in range(KH):
         for kw in tl.static_range(KW):
             ih = oh * STRIDE - PAD + kh
             iw = ow * STRIDE - PAD + kw
@@ -652,7 +652,7 @@ def bn_relu_dwconv3x3_stats_train_kernel(
     ow = offs_m % OW
     # anchor: depthwise 3x3 convolution (groups = channels), no bias
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in tl.static_range(KH):
+    for kh in range(KH):
         for kw in tl.static_range(KW):
             ih = oh * STRIDE - PAD + kh
             iw = ow * STRIDE - PAD + kw
@@ -944,6 +944,9 @@ def gemm_tile(rows, C_in, C_out, precision):
 
     # up to 128 channels, so that each input row is read once for up to 128 output channels
     block_n = min(128, max(16, triton.next_power_of_2(C_out)))
+    # float16 operands: K steps of 64 carry the bytes of 32 fp32 ones, where that leaves two steps or
+    # more to pipeline (batch 128, summed over 16 layers: 0.899 -> 0.861 ms; 1024 -> 1024 @7: 0.040 -> 0.030)
+    block_k = 64 if precision == "fp16" and C_in >= 128 else 32
     # 128 rows where that leaves five programs per SM of a 128-SM GPU (256 -> 256 @28: 0.151 -> 0.106 ms)
     if (
         precision != "tf32x3"
@@ -951,9 +954,9 @@ def gemm_tile(rows, C_in, C_out, precision):
         and block_n >= 64
         and programs(128, block_n) >= 640
     ):
-        return 128, block_n, 32
+        return 128, block_n, block_k
     if programs(64, block_n) >= 128:
-        return 64, block_n, 32
+        return 64, block_n, block_k
     # under a wave of programs (batch 10's late layers): narrower tiles, longer K steps
     # (1152 -> 320 @8: 0.024 -> 0.015 ms; 1024 -> 1024 @7: 0.023 -> 0.019 ms). Sweeps of these layers
     # alone in a CUDA graph favoured wider tiles with K steps of 32, but in the whole net that made
@@ -976,25 +979,41 @@ def conv_tile(K, C_out):
     return 64, block_n, 32, 4, 3
 
 
-def producer_tile(C_in, C_out, taps):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_stages) for a 1x1 conv from C_in to C_out channels whose input
-    tile a depthwise conv of `taps` taps computes in its K loop, from sweeps at batch 128 on an H200
-    (scripts/tune_fused.py; notes/perf.md)."""
+def dwconv_tile(C, dtype):
+    """(BLOCK_M, BLOCK_N, num_warps) for a depthwise conv over C channels stored in `dtype`, from sweeps
+    at batch 128 on an H200 (scripts/tune_tiles.py --dw; notes/perf.md)."""
+    if dtype == torch.float16:
+        # 16 pixels a program and 16 values a thread: many small programs keep more of the taps' loads in
+        # flight; a channel block that C fills, so no lane is masked (96 @120/s2: 0.202 ms at 64 x 64 on
+        # 4 warps, 0.144 at 16 x 32 on 1). MobileNetV1's standalone depthwise convs at batch 128 (bench's
+        # per-kernel table), with the loop over kernel rows: 0.574 -> 0.477 ms.
+        block_n = min(
+            128 if C % 128 == 0 else 64 if C % 64 == 0 else 32,
+            max(16, triton.next_power_of_2(C)),
+        )
+        return 16, block_n, max(1, block_n // 32)
+    return 64, min(64, max(16, triton.next_power_of_2(C))), 4
+
+
+def producer_tile(C_in, C_out, taps, dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a 1x1 conv from C_in to C_out channels
+    whose input tile a depthwise conv of `taps` taps computes in its K loop, its input stored in `dtype`,
+    from sweeps at batch 128 on an H200 (scripts/tune_fused.py; notes/perf.md)."""
     # up to 128 output channels in one block: each further block computes the depthwise conv again
     block_n = min(128, max(16, triton.next_power_of_2(C_out)))
     if C_in <= 64:
-        # one K step: the depthwise tile is computed once, all its taps' loads in flight together
-        # (MobileNetV1 32 -> 64 @112, batch 128: 0.356 ms as two kernels, 0.281 ms fused)
-        return (
-            (64 if block_n <= 64 else 32),
-            block_n,
-            max(16, triton.next_power_of_2(C_in)),
-            1,
-        )
+        # one K step: the depthwise tile is computed once (MobileNetV1 32 -> 64 @112, float32, batch 128:
+        # 0.356 ms as two kernels, 0.281 ms fused)
+        block_k = max(16, triton.next_power_of_2(C_in))
+        if dtype == torch.float16:
+            # 32 rows, a warp per 32 channels of the depthwise tile (32 of its values a thread), batch 128:
+            # 32 -> 64 @112 0.195 -> 0.156 ms, 64 -> 128 @112/s2 0.150 -> 0.133, 32 -> 16 @120 0.176 -> 0.163
+            return 32, block_n, block_k, max(1, block_k // 32), 1
+        return (64 if block_n <= 64 else 32), block_n, block_k, 4, 1
     # K steps of 32 channels; Triton prefetches the next step's taps through shared memory where two
     # stages fit a 4090's 99 KB (EfficientNetB1 96 -> 24 @120/s2: 0.329 -> 0.299 ms with two)
     stage_bytes = (taps * 32 * 32 + 32 * block_n) * 4
-    return 32, block_n, 32, (2 if 2 * stage_bytes + 32 * 32 * 4 <= 99 * 1024 else 1)
+    return 32, block_n, 32, 4, (2 if 2 * stage_bytes + 32 * 32 * 4 <= 99 * 1024 else 1)
 
 
 def dot_weight(module, precision):
@@ -1103,8 +1122,8 @@ def dwconv3x3_bn_relu_conv1x1_bn_relu(x, conv, bn, conv2, bn2, out_dtype=torch.f
     )
     check_32bit_offsets(x, out)
     DOT_PRECISION = dot_precision(x, conv2)
-    BLOCK_M, BLOCK_N, BLOCK_K, num_stages = producer_tile(
-        C_in, C_out, conv.kernel_size[0] * conv.kernel_size[1]
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = producer_tile(
+        C_in, C_out, conv.kernel_size[0] * conv.kernel_size[1], x.dtype
     )
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
     dwconv3x3_bn_relu_conv1x1_bn_relu_kernel[grid](
@@ -1140,6 +1159,7 @@ def dwconv3x3_bn_relu_conv1x1_bn_relu(x, conv, bn, conv2, bn2, out_dtype=torch.f
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        num_warps=num_warps,
         num_stages=num_stages,
     )
     return out
@@ -1158,8 +1178,7 @@ def dwconv3x3_bn_relu(x, conv, bn, out_dtype=torch.float32):
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
-    BLOCK_M = 64
-    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
+    BLOCK_M, BLOCK_N, num_warps = dwconv_tile(C_in, x.dtype)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
     dwconv3x3_bn_relu_kernel[grid](
         x,
@@ -1186,6 +1205,7 @@ def dwconv3x3_bn_relu(x, conv, bn, out_dtype=torch.float32):
         PAD=conv.padding[0],
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
+        num_warps=num_warps,
     )
     return out
 
@@ -1363,8 +1383,7 @@ def bn_relu_dwconv3x3_stats_train(x, x_stats, bn, conv):
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
-    BLOCK_M = 64
-    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
+    BLOCK_M, BLOCK_N, num_warps = dwconv_tile(C_in, x.dtype)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
     tile_sum = torch.empty(
         (triton.cdiv(N * OH * OW, BLOCK_M), C_out), device=x.device, dtype=torch.float32
@@ -1396,6 +1415,7 @@ def bn_relu_dwconv3x3_stats_train(x, x_stats, bn, conv):
         PAD=conv.padding[0],
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
+        num_warps=num_warps,
     )
     return out, (tile_sum, tile_m2, BLOCK_M, N * OH * OW)
 

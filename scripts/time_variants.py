@@ -61,6 +61,7 @@ VARIANTS = {
         "fp32-act": activations("float32"),
         "fuse-all": fuse_blocks("conv_dw", "conv_dw_fused"),
         "fuse-512+": fuse_blocks("conv_dw", "conv_dw_fused", {"c(512)", "c(1024)"}),
+        "fuse-none": fuse_blocks("conv_dw_fused", "conv_dw"),
     },
     "efficientnet_b1": {
         "spec": None,
@@ -69,6 +70,7 @@ VARIANTS = {
         "fuse-80+": fuse_blocks("mbconv", "mbconv_fused", {"80", "112", "192"}),
         # session 6's spec: mbconv2 and mbconv3 fused too (with float16 activations they lose)
         "fuse-16,24": fuse_blocks("mbconv", "mbconv_fused", {"16", "24"}),
+        "fuse-none": fuse_blocks("mbconv_fused", "mbconv"),
     },
 }
 

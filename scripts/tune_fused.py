@@ -11,7 +11,11 @@ replays a CUDA graph). `--shapes mb|eff|mid|all` (mid: the pairs where one K ste
 `--pipelined` tries K steps of 16-32 channels in 2-3 stages instead (Triton prefetches the next step's
 taps through shared memory). `--graph` times both through a CUDA graph (do_bench_cudagraph, L2 not
 flushed), as the generated ModelNew runs them: the batch-10 rows then compare kernels, not wrappers.
-Prints one line per shape and batch: two-kernel ms, best fused ms and its config, and the runner-ups.
+`--fp16` runs both on float16 activations with float16 dots (the specs' `activations(float16)`), also
+over short row blocks and 1-2 warps, and `--shapes spec` are the pairs that the shipped specs fuse.
+`--warm K/N` only compiles every Nth config from the Kth (N processes side by side fill Triton's cache).
+Prints one line per shape and batch: two-kernel ms, the fused kernel at its generated tile
+(producer_tile), the best fused ms and its config, and the runner-ups.
 """
 
 import itertools
@@ -32,6 +36,10 @@ BATCHES = [int(b) for b in sys.argv[sys.argv.index("--batch") + 1 :] if b.isdigi
 WHICH = sys.argv[sys.argv.index("--shapes") + 1] if "--shapes" in sys.argv else "all"
 PIPELINED = "--pipelined" in sys.argv
 GRAPH = "--graph" in sys.argv
+FP16 = "--fp16" in sys.argv
+ACTIVATIONS = torch.float16 if FP16 else torch.float32
+PRECISION = "fp16" if FP16 else "tf32"
+WARM = tuple(map(int, sys.argv[sys.argv.index("--warm") + 1].split("/"))) if "--warm" in sys.argv else None
 # (C_in, H_in, stride, C_out) of each dw -> 1x1 pair
 MB = [(32, 112, 1, 64), (64, 112, 2, 128), (128, 56, 1, 128), (128, 56, 2, 256), (256, 28, 1, 256),
       (256, 28, 2, 512), (512, 14, 1, 512), (512, 14, 2, 1024), (1024, 7, 1, 1024)]  # fmt: skip
@@ -39,7 +47,8 @@ EFF = [(32, 120, 1, 16), (96, 120, 2, 24), (144, 60, 2, 40), (240, 30, 2, 80), (
        (672, 15, 2, 192), (1152, 8, 1, 320)]  # fmt: skip
 MID = [(128, 56, 1, 128), (128, 56, 2, 256), (256, 28, 1, 256), (256, 28, 2, 512), (512, 14, 1, 512),
        (96, 120, 2, 24), (144, 60, 2, 40), (480, 15, 1, 112), (32, 112, 1, 64)]  # fmt: skip
-SHAPES = {"mb": MB, "eff": EFF, "mid": MID, "all": MB + EFF}[WHICH]
+FUSED_IN_SPECS = [(32, 112, 1, 64), (64, 112, 2, 128), (32, 120, 1, 16)]
+SHAPES = {"mb": MB, "eff": EFF, "mid": MID, "all": MB + EFF, "spec": FUSED_IN_SPECS}[WHICH]
 SMEM_LIMIT = 99 * 1024
 
 SPEC = """\
@@ -71,7 +80,8 @@ def configs(c_in, c_out):
     n_all = max(16, triton.next_power_of_2(c_out))
     found = set()
     blocks_k, stages = ((16, 32), (2, 3)) if PIPELINED else ((32, k_all if k_all <= 256 else 32), (1,))
-    for bm, bn, bk, stage in itertools.product((32, 64, 128), (32, 64, 128, 256), blocks_k, stages):
+    rows = (16, 32, 64, 128) if FP16 else (32, 64, 128)
+    for bm, bn, bk, stage in itertools.product(rows, (32, 64, 128, 256), blocks_k, stages):
         bn, bk = min(bn, n_all), min(bk, k_all)
         # a stage holds the 9 taps [BLOCK_M, BLOCK_K] and the weights [BLOCK_K, BLOCK_N]; the taps'
         # sum is converted to tl.dot's layout through one more [BLOCK_M, BLOCK_K] buffer
@@ -79,6 +89,8 @@ def configs(c_in, c_out):
         if bm * bn > 16384 or smem > SMEM_LIMIT or bm * bk > 16384:
             continue
         found.add((bm, bn, bk, 8 if bm * bn >= 8192 or bm * bk >= 8192 else 4, stage))
+        if FP16:
+            found.update((bm, bn, bk, warps, stage) for warps in (1, 2, 4) if bm * bn <= 2048 * warps)
     return sorted(found)
 
 
@@ -86,7 +98,7 @@ def launcher(x, mods, out, bm, bn, bk, warps, stages):
     conv, bn1, conv2, bn2 = mods
     n, c_in, h, w = x.shape
     c_out, oh, ow = out.shape[1:]
-    weight2 = mb.dot_weight(conv2, "tf32").contiguous()
+    weight2 = mb.dot_weight(conv2, PRECISION).contiguous()
     kernel = getattr(fused, KERNEL)[(triton.cdiv(n * oh * ow, bm) * triton.cdiv(c_out, bn),)]
 
     def run():
@@ -95,7 +107,7 @@ def launcher(x, mods, out, bm, bn, bk, warps, stages):
             weight2, bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var, out,
             n, h, w, oh, ow, conv.weight.stride(0), conv.weight.stride(2), conv.weight.stride(3), bn1.eps, bn2.eps,
             C_in=c_in, C_out=c_out, CONV_KH=3, CONV_KW=3, CONV_STRIDE=conv.stride[0], CONV_PAD=1,
-            DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+            DOT_PRECISION=PRECISION, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     return run
@@ -110,32 +122,44 @@ def bench(fn):
 
 def main():
     print(f"device: {torch.cuda.get_device_name()}; batches {BATCHES}; {'CUDA graph' if GRAPH else 'do_bench'}; config = (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)")
-    print(f"{'C_in':>5}{'H':>5}{'s':>3}{'C_out':>6}{'batch':>6}{'2 kernels':>10}{'fused':>8}  best config        runner-ups")
+    print(f"{'C_in':>5}{'H':>5}{'s':>3}{'C_out':>6}{'batch':>6}{'2 kernels':>10}{'generated':>10}{'fused':>8}  best config        runner-ups")
     torch.manual_seed(0)
+    seen = 0
     for c_in, h, stride, c_out in SHAPES:
         mods = modules(c_in, c_out, stride)
         for batch in BATCHES:
-            x = torch.rand(batch, c_in, h, h, device="cuda").to(memory_format=torch.channels_last)
+            x = torch.rand(batch, c_in, h, h, device="cuda", dtype=ACTIVATIONS).to(memory_format=torch.channels_last)
+
+            def two_kernels():
+                return mb.conv1x1_bn_relu(mb.dwconv3x3_bn_relu(x, mods[0], mods[1], ACTIVATIONS), mods[2], mods[3], ACTIVATIONS)
+
             with torch.no_grad():
-                expected = mb.conv1x1_bn_relu(mb.dwconv3x3_bn_relu(x, mods[0], mods[1]), mods[2], mods[3])
-                two = bench(lambda: mb.conv1x1_bn_relu(mb.dwconv3x3_bn_relu(x, mods[0], mods[1]), mods[2], mods[3]))
+                expected = two_kernels()
+                two = bench(two_kernels) if not WARM else 0.0
             out = torch.empty_like(expected)
             times = []
-            for config in configs(c_in, c_out):
+            generated = mb.producer_tile(c_in, c_out, 9, ACTIVATIONS)
+            for config in [generated, *(c for c in configs(c_in, c_out) if c != generated)]:
+                seen += 1
+                if WARM and seen % WARM[1] != WARM[0]:
+                    continue
                 run = launcher(x, mods, out, *config)
                 try:
                     run()
                 except Exception as error:  # out of resources: report, go on
                     print(f"  skipped {config}: {str(error).splitlines()[0][:80]}")
                     continue
-                err = ((out - expected).norm() / expected.norm()).item()
-                assert err < 1e-3, f"fused {config} differs: {err:.1e}"
-                times.append((bench(run), config))
+                err = ((out.float() - expected.float()).norm() / expected.float().norm()).item()
+                assert err < (2e-3 if FP16 else 1e-3), f"fused {config} differs: {err:.1e}"
+                times.append((bench(run) if not WARM else 0.0, config))
+            if WARM:
+                continue
+            at_generated = times[0][0] if times[0][1] == generated else float("nan")
             times.sort()
             best = times[0]
             others = "  ".join(f"{t:.4f} {str(c).replace(' ', '')}" for t, c in times[1:4])
             print(
-                f"{c_in:>5}{h:>5}{stride:>3}{c_out:>6}{batch:>6}{two:>10.4f}{best[0]:>8.4f}  "
+                f"{c_in:>5}{h:>5}{stride:>3}{c_out:>6}{batch:>6}{two:>10.4f}{at_generated:>10.4f}{best[0]:>8.4f}  "
                 f"{str(best[1]).replace(' ', ''):<18} {others}",
                 flush=True,
             )

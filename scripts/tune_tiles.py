@@ -1,15 +1,22 @@
 """Sweeps tile sizes, warps and stages of the generated conv1x1 and depthwise kernels at the layer
 shapes of MobileNetV1 and EfficientNetB1 at batch 128 (GPU). Only GEMM configs whose pipelined tiles fit
-an RTX 4090's 99 KB of shared memory per block are tried. Prints each layer's time under the first
-config (the default when the sweep was written) and the best. `--dw` sweeps the depthwise kernels only;
-`--batch N` sets the batch (default 128); `--precision P` the GEMMs' tl.dot precision (default tf32, as
-generated). `--rounding` times each GEMM at its generated tile under every precision variant of
-time_models.PRECISIONS instead. `--stem` sweeps the first conv (3x3, 3 -> 32 channels, stride 2) at both
-nets' input sizes, reading the model's NCHW input as it is (as generated) and a channels-last copy.
-`--linear` sweeps the classifier. `--graph` times through a CUDA graph (do_bench_cudagraph: back to back,
-L2 not flushed) as the generated ModelNew runs them: at batch 10 do_bench's launch overhead swamps the
-kernels. `--late` sweeps the GEMMs of the late layers (latency-bound at batch 10) over small tiles, the
-generated tile (gemm_tile) first."""
+an RTX 4090's 99 KB of shared memory per block are tried. Prints each layer's time under the tile the
+generated wrapper picks and the best.
+
+`--dw` sweeps the depthwise kernels only; `--batch N` sets the batch (default 128); `--precision P` the
+GEMMs' tl.dot precision (default tf32, as generated for float32 activations). `--fp16` feeds the GEMMs and
+depthwise convs float16 activations and stores float16, as the specs' `activations(float16)` runs them,
+with float16 weights and "fp16" dots in the GEMMs. `--rounding` times each GEMM at its generated tile
+under every precision variant of time_models.PRECISIONS instead. `--stem` sweeps the first conv (3x3, 3
+-> 32 channels, stride 2) at both nets' input sizes, reading the model's NCHW input as it is (as
+generated) and a channels-last copy. `--linear` sweeps the classifier. `--graph` times through a CUDA
+graph (do_bench_cudagraph: back to back, L2 not flushed) as the generated ModelNew runs them: at batch 10
+do_bench's launch overhead swamps the kernels. `--late` sweeps the GEMMs of the late layers
+(latency-bound at batch 10) over small tiles, the generated tile (gemm_tile) first.
+
+`--warm K/N` only compiles (and runs once) every Nth config from the Kth: N such processes side by side
+fill Triton's cache, so that the timing run after them compiles nothing. `--dw-rolled` times the depthwise
+kernel with its loop over kernel rows not unrolled."""
 
 import itertools
 import sys
@@ -18,25 +25,38 @@ import torch
 import triton
 import triton.testing
 
-from time_models import PRECISIONS, load  # this script's folder is on sys.path
+from time_models import PRECISIONS, ROOT, load, load_source  # this script's folder is on sys.path
 
 mb = load("mobilenet_v1")
+if "--dw-rolled" in sys.argv:  # the depthwise taps' row loop not unrolled: fewer loads hoisted, fewer registers
+    mb = load_source(
+        (ROOT / "generated" / "mobilenet_v1.py").read_text().replace("for kh in tl.static_range(KH):", "for kh in range(KH):"),
+        "mobilenet_v1_dw_rolled",
+    )
 
 BATCH = int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else 128
 GRAPH = "--graph" in sys.argv
-PRECISION = sys.argv[sys.argv.index("--precision") + 1] if "--precision" in sys.argv else "tf32"
+FP16 = "--fp16" in sys.argv
+PRECISION = sys.argv[sys.argv.index("--precision") + 1] if "--precision" in sys.argv else ("fp16" if FP16 else "tf32")
+ACTIVATIONS = torch.float16 if FP16 else torch.float32
+WARM = tuple(map(int, sys.argv[sys.argv.index("--warm") + 1].split("/"))) if "--warm" in sys.argv else None
 # (C_in, C_out, H) of the 1x1 convs: MobileNetV1's, then EfficientNetB1's expand and project convs
 GEMMS = [
     (32, 64, 112), (64, 128, 56), (128, 128, 56), (128, 256, 28), (256, 256, 28), (256, 512, 14), (512, 512, 14),
     (512, 1024, 7), (1024, 1024, 7),
     (16, 96, 120), (24, 144, 60), (40, 240, 30), (80, 480, 15), (192, 1152, 8), (96, 24, 60), (1152, 320, 8),
 ]  # fmt: skip
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the first is today's default
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), timed after the generated tile
 CONFIGS = [
     (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (128, 128, 32, 4, 3),
     (128, 64, 64, 4, 2), (64, 64, 64, 4, 3), (128, 256, 32, 8, 2), (256, 64, 32, 8, 2), (64, 32, 64, 4, 3),
     (32, 64, 64, 4, 3), (32, 32, 64, 4, 3),
 ]  # fmt: skip
+if FP16:  # half the bytes per K step: longer K steps and deeper pipelines fit
+    CONFIGS += [
+        (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 4),
+        (128, 128, 32, 4, 4), (128, 256, 64, 8, 2), (64, 64, 128, 4, 3), (128, 64, 128, 4, 2),
+    ]  # fmt: skip
 # the late layers' GEMMs, and small tiles for when they run under a wave of programs (batch 10)
 LATE_GEMMS = [
     (128, 128, 56), (128, 256, 28), (256, 256, 28), (256, 512, 14), (512, 512, 14), (512, 1024, 7), (1024, 1024, 7),
@@ -52,13 +72,27 @@ LATE_CONFIGS = [
 LINEARS = [(1024, 1000), (1280, 1000)]
 LINEAR_CONFIGS = [(bn, bk, w, st) for bn in (16, 32, 64) for bk in (64, 128, 256) for w in (2, 4) for st in (2, 3)]
 SMEM_LIMIT = 99 * 1024
-# (C, H_in, stride) of the depthwise convs, and (BLOCK_M, BLOCK_N, num_warps) to try; the first is the default
+# (C, H_in, stride) of the depthwise convs, and (BLOCK_M, BLOCK_N, num_warps) to try after the generated tile
 DWS = [(32, 112, 1), (64, 112, 2), (128, 56, 1), (256, 28, 1), (512, 14, 1), (1024, 7, 1), (96, 120, 2), (144, 60, 2),
        (480, 15, 1), (1152, 8, 1)]  # fmt: skip
 DW_CONFIGS = [(64, 64, 4), (32, 32, 2), (64, 32, 2), (32, 64, 4), (128, 32, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8)]
+if FP16:  # float16 halves the bytes of a channel run: wider channel blocks, and warps for them
+    DW_CONFIGS += [
+        (32, 128, 4), (16, 128, 2), (32, 64, 2), (64, 64, 8), (64, 128, 8), (32, 128, 8), (16, 64, 2), (64, 32, 4),
+        (16, 64, 1), (8, 64, 1), (16, 32, 1), (8, 128, 2), (32, 64, 1), (16, 128, 4), (8, 64, 2),
+    ]  # fmt: skip
+
+
+_configs_seen = [0]
 
 
 def bench(run):
+    if WARM:
+        shard, shards = WARM
+        _configs_seen[0] += 1
+        if _configs_seen[0] % shards == shard:
+            run()
+        return float("inf")
     if GRAPH:
         run()  # compiled before capture
         return triton.testing.do_bench_cudagraph(run, rep=20, return_mode="median")
@@ -86,14 +120,14 @@ def batch_norm_tensors(c):
 
 
 def fits(bm, bn, bk, stages):
-    return (bm * bk + bk * bn) * 4 * stages <= SMEM_LIMIT
+    return (bm * bk + bk * bn) * (2 if FP16 else 4) * stages <= SMEM_LIMIT
 
 
 def time_gemm(c_in, c_out, h, bm, bn, bk, warps, stages, module=mb, precision=PRECISION):
-    x = torch.rand(BATCH, c_in, h, h, device="cuda").to(memory_format=torch.channels_last)
-    w = torch.randn(c_out, c_in, 1, 1, device="cuda")
+    x = torch.rand(BATCH, c_in, h, h, device="cuda", dtype=ACTIVATIONS).to(memory_format=torch.channels_last)
+    w = torch.randn(c_out, c_in, 1, 1, device="cuda", dtype=torch.float16 if precision == "fp16" else torch.float32)
     bn_args = batch_norm_tensors(c_out)
-    out = torch.empty(BATCH, c_out, h, h, device="cuda").to(memory_format=torch.channels_last)
+    out = torch.empty(BATCH, c_out, h, h, device="cuda", dtype=ACTIVATIONS).to(memory_format=torch.channels_last)
     grid = (triton.cdiv(BATCH * h * h, bm) * triton.cdiv(c_out, bn),)
 
     def run():
@@ -106,11 +140,11 @@ def time_gemm(c_in, c_out, h, bm, bn, bk, warps, stages, module=mb, precision=PR
 
 
 def time_dw(c, h, stride, bm, bn, warps):
-    x = torch.rand(BATCH, c, h, h, device="cuda").to(memory_format=torch.channels_last)
+    x = torch.rand(BATCH, c, h, h, device="cuda", dtype=ACTIVATIONS).to(memory_format=torch.channels_last)
     w = torch.randn(c, 1, 3, 3, device="cuda")
     oh = (h - 1) // stride + 1
     bn_args = batch_norm_tensors(c)
-    out = torch.empty(BATCH, c, oh, oh, device="cuda").to(memory_format=torch.channels_last)
+    out = torch.empty(BATCH, c, oh, oh, device="cuda", dtype=ACTIVATIONS).to(memory_format=torch.channels_last)
     grid = (triton.cdiv(BATCH * oh * oh, bm) * triton.cdiv(c, bn),)
 
     def run():
@@ -188,6 +222,15 @@ def sweep_linear():
         )
 
 
+def dw_tile(c):
+    """The generated depthwise kernel's (BLOCK_M, BLOCK_N, num_warps) for c channels."""
+    return 64, min(64, max(16, triton.next_power_of_2(c))), 4
+
+
+def generated_first(generated, configs):
+    return [generated, *(config for config in configs if config != generated)]
+
+
 def sweep_dw():
     total_default = total_best = 0.0
     for c, h, stride in DWS:
@@ -195,8 +238,8 @@ def sweep_dw():
         default, best = sweep(
             f"dwconv {c} @{h}/s{stride}",
             lambda *config: time_dw(c, h, stride, *config),
-            DW_CONFIGS,
-            lambda ms: f"{4 * BATCH * c * (h * h + oh * oh) / ms / 1e6:.0f} GB/s",
+            generated_first(dw_tile(c), DW_CONFIGS),
+            lambda ms: f"{ACTIVATIONS.itemsize * BATCH * c * (h * h + oh * oh) / ms / 1e6:.0f} GB/s",
         )
         total_default += default
         total_best += best
@@ -234,8 +277,8 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}, batch {BATCH}, {'CUDA graph' if GRAPH else 'do_bench'}, tl.dot {PRECISION}, configs (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)")
     total_default = total_best = 0.0
     for c_in, c_out, h in LATE_GEMMS if late else GEMMS:
-        generated = (*mb.gemm_tile(BATCH * h * h, c_in, c_out, "tf32"), 4, 3)
-        configs = [generated, *LATE_CONFIGS] if late else CONFIGS
+        generated = (*mb.gemm_tile(BATCH * h * h, c_in, c_out, PRECISION), 4, 3)
+        configs = generated_first(generated, LATE_CONFIGS if late else CONFIGS)
         default, best = sweep(
             f"conv1x1 {c_in}->{c_out} @{h}",
             lambda *config: time_gemm(c_in, c_out, h, *config),

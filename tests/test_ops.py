@@ -22,7 +22,7 @@ from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
 from fusegen import compile_spec
-from helpers import DEVICE, TOLERANCE, load_source, load_spec, randomize_batchnorm, rel_error
+from helpers import DEVICE, ON_GPU, TOLERANCE, load_source, load_spec, randomize_batchnorm, rel_error
 
 # Random examples per test, on top of the pinned @example edge cases. No shrinking: under the
 # interpreter it can take minutes, and the failure message already shows the failing spec.
@@ -471,6 +471,33 @@ def test_dwconv_producer_into_conv1x1(k, stride, n, c, c_out, h, w, with_prologu
         (n, c, h, w),  # the default padding k // 2 keeps every size valid
         [*prologue, dwconv(k, c, stride), bn(c), relu6, conv(1, c, c_out), bn(c_out), relu],
     )
+
+
+# float16 storage of a tensor between kernels, for the reference: not an op of the spec
+to_float16 = Op("", lambda m, y: y.half().float(), has_params=False)
+
+
+@few_examples
+@given(stride=strides, n=batches, c=channels, c_out=channels, h=sizes, w=sizes)
+@example(stride=2, n=2, c=24, c_out=17, h=9, w=6)  # a masked 32-channel block of float16
+@example(stride=1, n=1, c=96, c_out=40, h=5, w=7)  # three full 32-channel blocks
+@example(stride=1, n=1, c=WIDE, c_out=WIDE, h=3, w=4)
+def test_float16_activations_into_depthwise_convs(stride, n, c, c_out, h, w):
+    """`activations(float16)`: a depthwise conv and a depthwise producer read float16 tensors stored by
+    the kernel before them (their tiles are chosen for float16), and the producer's 1x1 conv multiplies
+    float16 operands on the GPU. The reference rounds where the kernels store, and on the GPU also the
+    depthwise tile that goes into the fp16 dot."""
+    text = (
+        f"model Net()\ninput({n}, {c}, {h}, {w})\nactivations(float16)\nforward:\n"
+        f"    op0: conv1x1({c}, {c}) -> op1: bn({c}) -> relu\n"
+        f"    op2: dwconv3x3({c}, stride={stride}) -> op3: bn({c}) -> relu6\n"
+        f"    op4: dwconv3x3({c}) -> op5: bn({c}) -> relu -> op6: conv1x1({c}, {c_out}) -> op7: bn({c_out}) -> relu\n"
+    )
+    steps = [(conv(1, c, c), "op0"), (bn(c), "op1"), (relu, None), (to_float16, None)]
+    steps += [(dwconv(3, c, stride), "op2"), (bn(c), "op3"), (relu6, None), (to_float16, None)]
+    steps += [(dwconv(3, c), "op4"), (bn(c), "op5"), (relu, None), *([(to_float16, None)] if ON_GPU else [])]
+    steps += [(conv(1, c, c_out), "op6"), (bn(c_out), "op7"), (relu, None)]
+    compare(text, steps, (n, c, h, w))
 
 
 def test_a_producer_consumer_with_stride_is_refused_at_run_time():
