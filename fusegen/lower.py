@@ -135,8 +135,7 @@ def _tile_rule(kernel: Kernel) -> TileRule | None:
     if kernel.producer:
         producer = kernel.producer[0]
         lowering: O.Anchor = producer.op.lowering
-        blocks = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
-        return lowering.produce_tile.format(m=producer.slot), blocks, lowering.produce_tile_options
+        return lowering.produce_tile.format(m=producer.slot), O.TILE_BLOCKS, lowering.produce_tile_options
     anchor: O.Anchor = kernel.anchor.op.lowering
     return (anchor.tile, anchor.tile_blocks, anchor.tile_options) if anchor.tile else None
 
@@ -199,7 +198,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
         pointers += [("tile_sum_ptr", "tile_sum"), ("tile_m2_ptr", "tile_m2")]
     dims = [(d, d) for d in dict.fromkeys(in_dims + out_dims) if d not in _CHANNELS]
     channels = [(d, d) for d in _CHANNELS]
-    blocks = [(b, b) for b in dict.fromkeys(["BLOCK_M", "BLOCK_N", "BLOCK_K", *own_blocks])]
+    blocks = [(b, b) for b in dict.fromkeys([*O.TILE_BLOCKS, *own_blocks])]
     strides = _X_STRIDES if reads_any_layout(kernel) else []
     positional = [p for p in pointers + dims + strides + scalars if _used(p[0], body_text)]
     rule = _tile_rule(kernel)

@@ -44,6 +44,10 @@ DOT_PRECISION = "tf32"
 STATS_DOT_PRECISION = "tf32x3"
 
 
+# The blocks of a tile rule that does not name its own (`Anchor.tile_blocks`), and of every producer's.
+TILE_BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+
+
 class Role(Enum):
     ANCHOR = "anchor"
     ELEMENTWISE = "elementwise"
@@ -112,7 +116,7 @@ class Anchor:
     # wrapper expression of the blocks named in tile_blocks, where the shape decides them together,
     # followed by the launch options named in tile_options (num_warps, num_stages), if any
     tile: str | None = None
-    tile_blocks: tuple[str, ...] = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+    tile_blocks: tuple[str, ...] = TILE_BLOCKS
     tile_options: tuple[str, ...] = ()
     # A producer (depthwise conv): kernel lines that leave its output at the frame's pixels, channels
     # offs_k (mask_k), in the tile `a` [BLOCK_M, BLOCK_K], to run inside a consumer's K loop; and the
@@ -300,7 +304,7 @@ def _depthwise(slot: str, prologue: PrologueHook, out: str, channels: str, chann
         f"{out} = tl.zeros((BLOCK_M, {block}), dtype=tl.float32)",
         # a loop over kernel rows, not unrolled: unrolled, the loads of all KH * KW taps were hoisted
         # together (160 registers a thread); float16 activations, batch 128, H200, summed over 10 layers'
-        # kernels at their tiles: 0.892 -> 0.840 ms (scripts/tune_tiles.py --dw --fp16 [--dw-rolled])
+        # kernels at their tiles: 0.892 -> 0.840 ms (scripts/tune_tiles.py --dw --fp16 [--dw-unrolled])
         "for kh in range(KH):",
         "    for kw in tl.static_range(KW):",
         "        ih = oh * STRIDE - PAD + kh",

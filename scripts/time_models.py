@@ -7,6 +7,7 @@ A quick baseline, not `fusegen bench`: do_bench medians over rotated inputs, bat
 replay of each net at batch B kernel by kernel (start, duration, idle gap before it), after an L2 flush.
 """
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -47,6 +48,17 @@ PRECISIONS = {
 def load(name, precision="tf32"):
     source = PRECISIONS[precision]((ROOT / "generated" / f"{name}.py").read_text())
     return load_source(source, f"{name}_{precision}")
+
+
+def warm_shard(argv):
+    """`--warm K/N` of a sweep script: a function to call once per config, in order, that says whether
+    this process compiles it (every Nth from the Kth), so N processes side by side fill Triton's cache;
+    None without the flag."""
+    if "--warm" not in argv:
+        return None
+    shard, shards = map(int, argv[argv.index("--warm") + 1].split("/"))
+    seen = itertools.count(1)
+    return lambda: next(seen) % shards == shard
 
 
 def median_ms(fn, inputs):

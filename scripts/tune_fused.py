@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.testing
 
-from time_models import ROOT, load  # this script's folder is on sys.path
+from time_models import ROOT, load, warm_shard  # this script's folder is on sys.path
 
 sys.path.insert(0, str(ROOT / "tests"))
 from helpers import load_source  # noqa: E402
@@ -39,7 +39,7 @@ GRAPH = "--graph" in sys.argv
 FP16 = "--fp16" in sys.argv
 ACTIVATIONS = torch.float16 if FP16 else torch.float32
 PRECISION = "fp16" if FP16 else "tf32"
-WARM = tuple(map(int, sys.argv[sys.argv.index("--warm") + 1].split("/"))) if "--warm" in sys.argv else None
+WARM = warm_shard(sys.argv)
 # (C_in, H_in, stride, C_out) of each dw -> 1x1 pair
 MB = [(32, 112, 1, 64), (64, 112, 2, 128), (128, 56, 1, 128), (128, 56, 2, 256), (256, 28, 1, 256),
       (256, 28, 2, 512), (512, 14, 1, 512), (512, 14, 2, 1024), (1024, 7, 1, 1024)]  # fmt: skip
@@ -124,7 +124,6 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}; batches {BATCHES}; {'CUDA graph' if GRAPH else 'do_bench'}; config = (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)")
     print(f"{'C_in':>5}{'H':>5}{'s':>3}{'C_out':>6}{'batch':>6}{'2 kernels':>10}{'generated':>10}{'fused':>8}  best config        runner-ups")
     torch.manual_seed(0)
-    seen = 0
     for c_in, h, stride, c_out in SHAPES:
         mods = modules(c_in, c_out, stride)
         for batch in BATCHES:
@@ -140,8 +139,7 @@ def main():
             times = []
             generated = mb.producer_tile(c_in, c_out, 9, ACTIVATIONS)
             for config in [generated, *(c for c in configs(c_in, c_out) if c != generated)]:
-                seen += 1
-                if WARM and seen % WARM[1] != WARM[0]:
+                if WARM and not WARM():
                     continue
                 run = launcher(x, mods, out, *config)
                 try:

@@ -15,8 +15,8 @@ do_bench's launch overhead swamps the kernels. `--late` sweeps the GEMMs of the 
 (latency-bound at batch 10) over small tiles, the generated tile (gemm_tile) first.
 
 `--warm K/N` only compiles (and runs once) every Nth config from the Kth: N such processes side by side
-fill Triton's cache, so that the timing run after them compiles nothing. `--dw-rolled` times the depthwise
-kernel with its loop over kernel rows not unrolled."""
+fill Triton's cache, so that the timing run after them compiles nothing. `--dw-unrolled` times the
+depthwise kernel with its loop over kernel rows unrolled, as it was generated until session 8."""
 
 import itertools
 import sys
@@ -25,13 +25,13 @@ import torch
 import triton
 import triton.testing
 
-from time_models import PRECISIONS, ROOT, load, load_source  # this script's folder is on sys.path
+from time_models import PRECISIONS, ROOT, load, load_source, warm_shard  # this script's folder is on sys.path
 
 mb = load("mobilenet_v1")
-if "--dw-rolled" in sys.argv:  # the depthwise taps' row loop not unrolled: fewer loads hoisted, fewer registers
+if "--dw-unrolled" in sys.argv:  # all the taps' loads can be hoisted together: more registers
     mb = load_source(
-        (ROOT / "generated" / "mobilenet_v1.py").read_text().replace("for kh in tl.static_range(KH):", "for kh in range(KH):"),
-        "mobilenet_v1_dw_rolled",
+        (ROOT / "generated" / "mobilenet_v1.py").read_text().replace("for kh in range(KH):", "for kh in tl.static_range(KH):"),
+        "mobilenet_v1_dw_unrolled",
     )
 
 BATCH = int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else 128
@@ -39,7 +39,7 @@ GRAPH = "--graph" in sys.argv
 FP16 = "--fp16" in sys.argv
 PRECISION = sys.argv[sys.argv.index("--precision") + 1] if "--precision" in sys.argv else ("fp16" if FP16 else "tf32")
 ACTIVATIONS = torch.float16 if FP16 else torch.float32
-WARM = tuple(map(int, sys.argv[sys.argv.index("--warm") + 1].split("/"))) if "--warm" in sys.argv else None
+WARM = warm_shard(sys.argv)
 # (C_in, C_out, H) of the 1x1 convs: MobileNetV1's, then EfficientNetB1's expand and project convs
 GEMMS = [
     (32, 64, 112), (64, 128, 56), (128, 128, 56), (128, 256, 28), (256, 256, 28), (256, 512, 14), (512, 512, 14),
@@ -83,14 +83,9 @@ if FP16:  # float16 halves the bytes of a channel run: wider channel blocks, and
     ]  # fmt: skip
 
 
-_configs_seen = [0]
-
-
 def bench(run):
     if WARM:
-        shard, shards = WARM
-        _configs_seen[0] += 1
-        if _configs_seen[0] % shards == shard:
+        if WARM():
             run()
         return float("inf")
     if GRAPH:
@@ -222,11 +217,6 @@ def sweep_linear():
         )
 
 
-def dw_tile(c):
-    """The generated depthwise kernel's (BLOCK_M, BLOCK_N, num_warps) for c channels."""
-    return 64, min(64, max(16, triton.next_power_of_2(c))), 4
-
-
 def generated_first(generated, configs):
     return [generated, *(config for config in configs if config != generated)]
 
@@ -238,7 +228,7 @@ def sweep_dw():
         default, best = sweep(
             f"dwconv {c} @{h}/s{stride}",
             lambda *config: time_dw(c, h, stride, *config),
-            generated_first(dw_tile(c), DW_CONFIGS),
+            generated_first(mb.dwconv_tile(c, ACTIVATIONS), DW_CONFIGS),
             lambda ms: f"{ACTIVATIONS.itemsize * BATCH * c * (h * h + oh * oh) / ms / 1e6:.0f} GB/s",
         )
         total_default += default
