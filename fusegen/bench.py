@@ -148,8 +148,8 @@ def record_launches(model: nn.Module, x: torch.Tensor) -> list[KernelLaunch]:
     launches: list[KernelLaunch] = []
 
     def recorder(name: str, wrapper: Callable) -> Callable:
-        def record(*args):
-            output = wrapper(*args)
+        def record(*args, **options):  # run_first_kernel passes out=None
+            output = wrapper(*args, **options)
             launches.append(KernelLaunch(name, wrapper, args, output))
             return output
 

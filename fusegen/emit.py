@@ -7,7 +7,7 @@ import black
 
 from fusegen import ops as O
 from fusegen.check import Assign
-from fusegen.lower import INDENT, LoweredKernel, reads_any_layout
+from fusegen.lower import INDENT, LoweredKernel
 from fusegen.plan import Launch, Plan
 
 HEADER = """\
@@ -43,23 +43,33 @@ def check_32bit_offsets(*tensors):
 
 # On the GPU the whole chain of launches replays as one CUDA graph: at small batch the Python
 # launches, not the kernels, take most of the time.
-GRAPH_STATE = """\
-def graph_state(module, attrs, state):
-    \"\"\"Appends to `state` what a CUDA graph captured for `module` and its children depends on: each
-    parameter's address and version, each buffer's address, and the module attributes named in `attrs`.
-    A plain walk of the module tree: for MobileNetV1 0.074 ms per call where parameters(), buffers()
-    and attribute paths took 0.33 ms (a CPU), more than its kernels at batch 10.\"\"\"
-    for t in module._parameters.values():
-        if t is not None:
-            state += (t.data_ptr(), t._version)
-    for t in module._buffers.values():
-        if t is not None:
-            state.append(t.data_ptr())
-    for name in attrs:
-        state.append(module.__dict__.get(name))
-    for child in module._modules.values():
-        graph_state(child, attrs, state)
-    return state
+GRAPH_INPUTS = """\
+def graph_inputs(model, attrs):
+    \"\"\"What a CUDA graph captured for `model` reads: (table, name, object) for every parameter, buffer
+    and child module in the tree and each attribute named in `attrs` where a module has one; then the
+    parameters and buffers with their addresses, and the parameters with their versions.\"\"\"
+    slots, tensors, parameters = [], [], []
+    modules = [model]
+    for module in modules:  # appending while iterating: the whole tree, breadth first
+        for table in (module._parameters, module._buffers, module._modules):
+            slots += [(table, name, value) for name, value in table.items()]
+        slots += [(module.__dict__, name, module.__dict__[name]) for name in attrs if name in module.__dict__]
+        tensors += [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+        parameters += [t for t in module._parameters.values() if t is not None]
+        modules += [child for child in module._modules.values() if child is not None]
+    return slots, tensors, [t.data_ptr() for t in tensors], parameters, [t._version for t in parameters]
+
+
+def graph_inputs_unchanged(inputs):
+    \"\"\"Whether what graph_inputs found is as it was: three list comprehensions per call (MobileNetV1:
+    34 us where a walk of the module tree took 75 us, a CPU; with the walk, a batch-10 call cost an
+    H200's host as long as its kernels took).\"\"\"
+    slots, tensors, addresses, parameters, versions = inputs
+    return (
+        all([table.get(name) is value for table, name, value in slots])
+        and [t.data_ptr() for t in tensors] == addresses
+        and [t._version for t in parameters] == versions
+    )
 """
 
 GRAPH_REPLAY = """\
@@ -67,24 +77,34 @@ def replay_cuda_graph(model, x):
     \"\"\"Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype, device and mode. The
     graph is captured again when a parameter or buffer is replaced, a parameter changes in place, or a
     module attribute named in model.captured_attrs changes; each call returns a fresh tensor, never one
-    that a later call overwrites.\"\"\"
+    that a later call overwrites. From model.first_kernel_outside_graph_numel input elements (eval mode)
+    the first launch runs outside the graph on x itself, so that x is not copied into the graph.\"\"\"
     # The kernels read buffers where they lie, so in-place changes to them need no new capture. A
     # parameter changed in place (its _version) captures again: dot_weight's TF32 copies are made
     # then. Scalars such as BatchNorm's eps and momentum are constants of the graph.
-    state = graph_state(model, model.captured_attrs, [])
     key = (x.shape, x.dtype, x.device, model.training)
     entry = model.cuda_graphs.get(key)
-    if entry is None or entry[0] != state:
+    if entry is None or not graph_inputs_unchanged(entry[0]):
         model.cuda_graphs.pop(key, None)
-        # in the layout the first kernel reads, so that each replay's copy of x is also any layout change
-        static_x = torch.empty_like(x, memory_format=model.input_layout).copy_(x)
+        inputs = graph_inputs(model, model.captured_attrs)
+        outside = (
+            not model.training
+            and model.first_kernel_outside_graph_numel is not None
+            and x.numel() >= model.first_kernel_outside_graph_numel
+        )
+        if outside:  # the graph starts from the first launch's output
+            static_x = model.run_first_kernel(x)
+            run = model.run_kernels_after_first
+        else:  # in the layout the first kernel reads, so that each replay's copy is also any layout change
+            static_x = torch.empty_like(x, memory_format=model.input_layout).copy_(x)
+            run = model.run_kernels
         with torch.cuda.device(x.device):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 # compiles the kernels outside the capture; training mode must not count this run
                 buffers = [b.clone() for b in model.buffers()]
-                model.run_kernels(static_x)
+                run(static_x)
                 for b, saved in zip(model.buffers(), buffers):
                     b.copy_(saved)
             torch.cuda.current_stream().wait_stream(side)
@@ -92,10 +112,13 @@ def replay_cuda_graph(model, x):
             # torch.cuda.graph's default capture stream lives on whichever GPU first captured
             # anything in this process: capture on a stream of x's GPU instead
             with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
-                static_out = model.run_kernels(static_x)
-        entry = model.cuda_graphs[key] = (state, graph, static_x, static_out)
-    _, graph, static_x, static_out = entry
-    static_x.copy_(x)
+                static_out = run(static_x)
+        entry = model.cuda_graphs[key] = (inputs, graph, static_x, static_out, outside)
+    _, graph, static_x, static_out, outside = entry
+    if outside:
+        model.run_first_kernel(x, out=static_x)
+    else:
+        static_x.copy_(x)
     graph.replay()
     return static_out.clone()
 """
@@ -193,7 +216,7 @@ def _input_layout_lines(plan: Plan) -> list[str]:
     """ModelNew.input_layout: the layout of a captured graph's copy of the input, the one the first
     kernel reads (a kernel that reads any layout takes the caller's as it is)."""
     first = plan.steps[0]
-    any_layout = isinstance(first, Launch) and reads_any_layout(first.kernel)
+    any_layout = isinstance(first, Launch) and first.kernel.reads_any_layout
     return [
         "# the layout of a CUDA graph's copy of the input: the first kernel's",
         f"input_layout = torch.{'preserve_format' if any_layout else 'channels_last'}",
@@ -226,14 +249,35 @@ def _activation_dtype_lines(plan: Plan) -> list[str]:
     ]
 
 
+def _first_launch_outside_graph(plan: Plan) -> bool:
+    """The eval forward's first launch can run outside a CUDA graph (see plan._mark_first_launch)."""
+    first = plan.steps[0]
+    return isinstance(first, Launch) and first.kernel.writes_given_out
+
+
 def _run_methods(plan: Plan) -> list[str]:
     training = plan.train_steps is not None
-    lines = [
-        "def run_kernels(self, x):",
-        f'{INDENT}"""The forward pass: one launch per chain of the spec{" (eval mode)" if training else ""}."""',
-        *([f"{INDENT}if self.training:", f"{INDENT * 2}return self.run_training_kernels(x)"] if training else []),
-        *(INDENT + line for line in _run_kernels_lines(plan.steps)),
-    ]
+    doc = f'{INDENT}"""The forward pass: one launch per chain of the spec{" (eval mode)" if training else ""}."""'
+    train = [f"{INDENT}if self.training:", f"{INDENT * 2}return self.run_training_kernels(x)"] if training else []
+    if _first_launch_outside_graph(plan):
+        *comment, call, _ = _run_kernels_lines(plan.steps[:1])  # "# spec line", "x = wrapper(...)", "return x"
+        lines = [
+            "def run_kernels(self, x):",
+            doc,
+            *train,
+            f"{INDENT}return self.run_kernels_after_first(self.run_first_kernel(x))",
+            "",
+            "def run_first_kernel(self, x, out=None):",
+            f'{INDENT}"""The first launch, which a CUDA graph replay of a large input runs outside the graph."""',
+            *(INDENT + line for line in comment),
+            f"{INDENT}return {call.removeprefix('x = ').removesuffix(')')}, out=out)",
+            "",
+            "def run_kernels_after_first(self, x):",
+            f'{INDENT}"""The launches after run_first_kernel."""',
+            *(INDENT + line for line in _run_kernels_lines(plan.steps[1:])),
+        ]
+    else:
+        lines = ["def run_kernels(self, x):", doc, *train, *(INDENT + line for line in _run_kernels_lines(plan.steps))]
     if training:
         lines += [
             "",
@@ -242,6 +286,20 @@ def _run_methods(plan: Plan) -> list[str]:
             *(INDENT + line for line in _run_kernels_lines(plan.train_steps)),
         ]
     return lines
+
+
+def _first_kernel_outside_lines(plan: Plan) -> list[str]:
+    """ModelNew.first_kernel_outside_graph_numel: from how large an input a replay runs the first launch
+    outside the graph instead of copying the input into it (None: the first launch cannot)."""
+    if not _first_launch_outside_graph(plan):
+        return ["# a CUDA graph replay copies the input into the graph (the first launch needs its copy)", "first_kernel_outside_graph_numel = None"]
+    return [
+        "# from this many input elements a CUDA graph replay runs the first launch outside the graph on the",
+        "# caller's tensor instead of copying the input in (H200, ms: MobileNetV1 at batch 128 1.233 -> 1.194,",
+        "# at batch 16 0.241 -> 0.235). A smaller input is copied: the launch from Python costs the host",
+        "# 0.05-0.14 ms, so a small batch would wait for the host (EfficientNetB1 at batch 8: 0.174 -> 0.234)",
+        "first_kernel_outside_graph_numel = 2**21",
+    ]
 
 
 def _called(functions: dict[str, str], callers: list[str]) -> list[str]:
@@ -263,7 +321,7 @@ def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
     parts += wrappers
     parts += [h.wrapper for h in helpers]
     parts += dict.fromkeys(u.op.reference_helper for c in model.chains for u in c.ops if u.op.reference_helper)
-    parts += [GRAPH_STATE, GRAPH_REPLAY]
+    parts += [GRAPH_INPUTS, GRAPH_REPLAY]
     cls = [
         "class ModelNew(nn.Module):",
         f'{INDENT}"""{model.name}, generated from {spec_path}; example input {"x".join(map(str, model.example_input))}."""',
@@ -272,6 +330,7 @@ def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
         "",
         *(INDENT + line for line in _captured_attrs_lines(plan)),
         *(INDENT + line for line in _input_layout_lines(plan)),
+        *(INDENT + line for line in _first_kernel_outside_lines(plan)),
         "",
         f"{INDENT}def __init__({ctor}):",
         f"{INDENT * 2}super().__init__()",

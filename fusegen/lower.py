@@ -52,11 +52,6 @@ def _prologue_hook(prologue: tuple[FusedOp, ...]) -> O.PrologueHook:
     return hook
 
 
-def reads_any_layout(kernel: Kernel) -> bool:
-    """The kernel takes x in any layout (through its strides), so its wrapper copies nothing."""
-    return kernel.anchor.op.lowering.strided_input and not kernel.producer
-
-
 def _frame(out_rank: int, loop: list[str]) -> list[str]:
     """The tile's offsets and masks, and the output pixel of each row where the anchor's loop uses it."""
     rows = "N * OH * OW" if out_rank == 4 else "N"
@@ -199,7 +194,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
     dims = [(d, d) for d in dict.fromkeys(in_dims + out_dims) if d not in _CHANNELS]
     channels = [(d, d) for d in _CHANNELS]
     blocks = [(b, b) for b in dict.fromkeys([*O.TILE_BLOCKS, *own_blocks])]
-    strides = _X_STRIDES if reads_any_layout(kernel) else []
+    strides = _X_STRIDES if kernel.reads_any_layout else []
     positional = [p for p in pointers + dims + strides + scalars if _used(p[0], body_text)]
     rule = _tile_rule(kernel)
     block_lines = _block_lines(rule, out_rank, body_text, own_blocks)
@@ -235,12 +230,15 @@ def lower(kernel: Kernel) -> LoweredKernel:
     # the kernel computes in float32 and its store converts to the output's dtype: an activation for a
     # later kernel may be stored narrower (the model's activation_dtype), the model's output is float32
     out_dtype = ["out_dtype=torch.float32"] if kernel.stores_activations else []
+    given_out = ["out=None"] if kernel.writes_given_out else []
+    new_out = f"torch.empty(({out_shape}), device=x.device, dtype={'out_dtype' if out_dtype else 'torch.float32'}{_LAYOUT[out_rank]})"
     wrapper = [
-        f"def {kernel.name}({', '.join([*inputs, *modules, *out_dtype])}):",
-        *([] if reads_any_layout(kernel) else [INDENT + _CONTIGUOUS[kernel.in_rank]]),
+        f"def {kernel.name}({', '.join([*inputs, *modules, *out_dtype, *given_out])}):",
+        *([] if kernel.reads_any_layout else [INDENT + _CONTIGUOUS[kernel.in_rank]]),
         INDENT + f"{', '.join(in_dims)} = x.shape",
         *(INDENT + line for line in anchor_dims),
-        INDENT + f"out = torch.empty(({out_shape}), device=x.device, dtype={'out_dtype' if out_dtype else 'torch.float32'}{_LAYOUT[out_rank]})",
+        # a given `out` is a CUDA graph's copy of this launch's output, made by this wrapper for the same x
+        INDENT + (f"out = {new_out} if out is None else out" if given_out else f"out = {new_out}"),
         INDENT + "check_32bit_offsets(x, out)",
         *(INDENT + line for line in variable_lines + block_lines),
     ]

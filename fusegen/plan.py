@@ -52,6 +52,9 @@ class Kernel:
     # eval mode: some launch stores an activation for a later kernel, at the model's activation_dtype
     # (its wrapper takes out_dtype; the model's output stays float32)
     stores_activations: bool = False
+    # eval mode's first launch, on the model's input in any layout: a CUDA graph replay of a large input
+    # runs it outside the graph, into the graph's copy of its output (its wrapper takes `out`)
+    writes_given_out: bool = False
 
     @property
     def ops(self) -> tuple[FusedOp, ...]:
@@ -62,6 +65,11 @@ class Kernel:
     def module_ops(self) -> tuple[FusedOp, ...]:
         """Ops whose module the wrapper takes, in chain order."""
         return tuple(f for f in self.ops if f.reads_module)
+
+    @property
+    def reads_any_layout(self) -> bool:
+        """The kernel takes x in any layout (through its strides), so its wrapper copies nothing."""
+        return self.anchor.op.lowering.strided_input and not self.producer
 
     @property
     def reads_batch_stats(self) -> bool:
@@ -280,11 +288,22 @@ def _store_activations(steps: list[Launch | ViewOnly], kernels: _Kernels) -> lis
     return [replace(s, stores_activation=True) if id(s) in narrow else s for s in steps]
 
 
+def _mark_first_launch(steps: list[Launch | ViewOnly], kernels: _Kernels) -> None:
+    """Eval mode: a first launch that reads the model's input in any layout can run outside a CUDA
+    graph on the caller's tensor, so that a replay need not copy the input into the graph."""
+    first = steps[0] if steps else None
+    if isinstance(first, Launch) and first.kernel.reads_any_layout:
+        for key, kernel in kernels.by_key.items():
+            if kernel.name == first.kernel.name:
+                kernels.by_key[key] = replace(kernel, writes_given_out=True)
+
+
 def plan(model: Model, spec_name: str) -> Plan:
     kernels = _Kernels(spec_name)
     steps = kernels.steps(_eval_groups(model), training=False)
     if model.activation_dtype != "float32":
         steps = _store_activations(steps, kernels)
+    _mark_first_launch(steps, kernels)
     has_batch_stats = any(_needs_batch_stats(u) for chain in model.chains for u in chain.ops)
     train_steps = kernels.steps(_training_groups(model), training=True) if has_batch_stats else None
     # The Launch objects hold the kernel as it was when built; point them at the final kernels (sources).

@@ -1049,16 +1049,20 @@ def dot_precision(x, module):
     return "tf32"
 
 
-def conv3x3_bn_relu(x, conv, bn, out_dtype=torch.float32):
+def conv3x3_bn_relu(x, conv, bn, out_dtype=torch.float32, out=None):
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
     OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
     OW = (W + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
-    out = torch.empty(
-        (N, C_out, OH, OW),
-        device=x.device,
-        dtype=out_dtype,
-        memory_format=torch.channels_last,
+    out = (
+        torch.empty(
+            (N, C_out, OH, OW),
+            device=x.device,
+            dtype=out_dtype,
+            memory_format=torch.channels_last,
+        )
+        if out is None
+        else out
     )
     check_32bit_offsets(x, out)
     KH = conv.kernel_size[0]
@@ -1557,46 +1561,82 @@ def batch_norm_reference(x, bn):
     )
 
 
-def graph_state(module, attrs, state):
-    """Appends to `state` what a CUDA graph captured for `module` and its children depends on: each
-    parameter's address and version, each buffer's address, and the module attributes named in `attrs`.
-    A plain walk of the module tree: for MobileNetV1 0.074 ms per call where parameters(), buffers()
-    and attribute paths took 0.33 ms (a CPU), more than its kernels at batch 10."""
-    for t in module._parameters.values():
-        if t is not None:
-            state += (t.data_ptr(), t._version)
-    for t in module._buffers.values():
-        if t is not None:
-            state.append(t.data_ptr())
-    for name in attrs:
-        state.append(module.__dict__.get(name))
-    for child in module._modules.values():
-        graph_state(child, attrs, state)
-    return state
+def graph_inputs(model, attrs):
+    """What a CUDA graph captured for `model` reads: (table, name, object) for every parameter, buffer
+    and child module in the tree and each attribute named in `attrs` where a module has one; then the
+    parameters and buffers with their addresses, and the parameters with their versions.
+    """
+    slots, tensors, parameters = [], [], []
+    modules = [model]
+    for module in modules:  # appending while iterating: the whole tree, breadth first
+        for table in (module._parameters, module._buffers, module._modules):
+            slots += [(table, name, value) for name, value in table.items()]
+        slots += [
+            (module.__dict__, name, module.__dict__[name])
+            for name in attrs
+            if name in module.__dict__
+        ]
+        tensors += [
+            t
+            for t in (*module._parameters.values(), *module._buffers.values())
+            if t is not None
+        ]
+        parameters += [t for t in module._parameters.values() if t is not None]
+        modules += [child for child in module._modules.values() if child is not None]
+    return (
+        slots,
+        tensors,
+        [t.data_ptr() for t in tensors],
+        parameters,
+        [t._version for t in parameters],
+    )
+
+
+def graph_inputs_unchanged(inputs):
+    """Whether what graph_inputs found is as it was: three list comprehensions per call (MobileNetV1:
+    34 us where a walk of the module tree took 75 us, a CPU; with the walk, a batch-10 call cost an
+    H200's host as long as its kernels took)."""
+    slots, tensors, addresses, parameters, versions = inputs
+    return (
+        all([table.get(name) is value for table, name, value in slots])
+        and [t.data_ptr() for t in tensors] == addresses
+        and [t._version for t in parameters] == versions
+    )
 
 
 def replay_cuda_graph(model, x):
     """Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype, device and mode. The
     graph is captured again when a parameter or buffer is replaced, a parameter changes in place, or a
     module attribute named in model.captured_attrs changes; each call returns a fresh tensor, never one
-    that a later call overwrites."""
+    that a later call overwrites. From model.first_kernel_outside_graph_numel input elements (eval mode)
+    the first launch runs outside the graph on x itself, so that x is not copied into the graph.
+    """
     # The kernels read buffers where they lie, so in-place changes to them need no new capture. A
     # parameter changed in place (its _version) captures again: dot_weight's TF32 copies are made
     # then. Scalars such as BatchNorm's eps and momentum are constants of the graph.
-    state = graph_state(model, model.captured_attrs, [])
     key = (x.shape, x.dtype, x.device, model.training)
     entry = model.cuda_graphs.get(key)
-    if entry is None or entry[0] != state:
+    if entry is None or not graph_inputs_unchanged(entry[0]):
         model.cuda_graphs.pop(key, None)
-        # in the layout the first kernel reads, so that each replay's copy of x is also any layout change
-        static_x = torch.empty_like(x, memory_format=model.input_layout).copy_(x)
+        inputs = graph_inputs(model, model.captured_attrs)
+        outside = (
+            not model.training
+            and model.first_kernel_outside_graph_numel is not None
+            and x.numel() >= model.first_kernel_outside_graph_numel
+        )
+        if outside:  # the graph starts from the first launch's output
+            static_x = model.run_first_kernel(x)
+            run = model.run_kernels_after_first
+        else:  # in the layout the first kernel reads, so that each replay's copy is also any layout change
+            static_x = torch.empty_like(x, memory_format=model.input_layout).copy_(x)
+            run = model.run_kernels
         with torch.cuda.device(x.device):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 # compiles the kernels outside the capture; training mode must not count this run
                 buffers = [b.clone() for b in model.buffers()]
-                model.run_kernels(static_x)
+                run(static_x)
                 for b, saved in zip(model.buffers(), buffers):
                     b.copy_(saved)
             torch.cuda.current_stream().wait_stream(side)
@@ -1604,10 +1644,13 @@ def replay_cuda_graph(model, x):
             # torch.cuda.graph's default capture stream lives on whichever GPU first captured
             # anything in this process: capture on a stream of x's GPU instead
             with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
-                static_out = model.run_kernels(static_x)
-        entry = model.cuda_graphs[key] = (state, graph, static_x, static_out)
-    _, graph, static_x, static_out = entry
-    static_x.copy_(x)
+                static_out = run(static_x)
+        entry = model.cuda_graphs[key] = (inputs, graph, static_x, static_out, outside)
+    _, graph, static_x, static_out, outside = entry
+    if outside:
+        model.run_first_kernel(x, out=static_x)
+    else:
+        static_x.copy_(x)
     graph.replay()
     return static_out.clone()
 
@@ -1641,6 +1684,11 @@ class ModelNew(nn.Module):
     captured_attrs = ("eps", "momentum", "activation_dtype")
     # the layout of a CUDA graph's copy of the input: the first kernel's
     input_layout = torch.preserve_format
+    # from this many input elements a CUDA graph replay runs the first launch outside the graph on the
+    # caller's tensor instead of copying the input in (H200, ms: MobileNetV1 at batch 128 1.233 -> 1.194,
+    # at batch 16 0.241 -> 0.235). A smaller input is copied: the launch from Python costs the host
+    # 0.05-0.14 ms, so a small batch would wait for the host (EfficientNetB1 at batch 8: 0.174 -> 0.234)
+    first_kernel_outside_graph_numel = 2**21
 
     def __init__(self, num_classes=1000, input_channels=3, alpha=1.0):
         super().__init__()
@@ -1721,10 +1769,17 @@ class ModelNew(nn.Module):
         """The forward pass: one launch per chain of the spec (eval mode)."""
         if self.training:
             return self.run_training_kernels(x)
+        return self.run_kernels_after_first(self.run_first_kernel(x))
+
+    def run_first_kernel(self, x, out=None):
+        """The first launch, which a CUDA graph replay of a large input runs outside the graph."""
         # mobilenet_v1.fuse:25: conv_bn(input_channels, c(32), 2)
-        x = conv3x3_bn_relu(
-            x, self.model[0][0], self.model[0][1], self.activation_dtype
+        return conv3x3_bn_relu(
+            x, self.model[0][0], self.model[0][1], self.activation_dtype, out=out
         )
+
+    def run_kernels_after_first(self, x):
+        """The launches after run_first_kernel."""
         # mobilenet_v1.fuse:26: conv_dw_fused(c(32), c(64), 1)
         x = dwconv3x3_bn_relu_conv1x1_bn_relu(
             x,

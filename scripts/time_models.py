@@ -4,11 +4,13 @@ mode (BatchNorm with batch statistics, KernelBench's setting); prints a table.
 A quick baseline, not `fusegen bench`: do_bench medians over rotated inputs, batch 10 and 128.
 `--precision P` times the generated files with another tl.dot precision (see PRECISIONS) in eval mode;
 `--profile` and `--profile-train` print where the GPU time goes per kernel; `--timeline B` prints one CUDA-graph
-replay of each net at batch B kernel by kernel (start, duration, idle gap before it), after an L2 flush.
+replay of each net at batch B kernel by kernel (start, duration, idle gap before it), after an L2 flush;
+`--host B` prints the host's time per forward at batch B.
 """
 
 import itertools
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -156,8 +158,29 @@ def timeline(name: str, batch: int, replays: int = 5) -> None:
     print(f"span {span:.1f} us: kernels {busy:.1f} us, gaps {span - busy:.1f} us")
 
 
+def host_time(name: str, batch: int, calls: int = 200) -> None:
+    """The host's time per eval-mode forward: the calls queue behind a long GPU sleep, so the host never
+    waits for the GPU. Where it is above the GPU's time per forward, the host bounds the forward."""
+    _, size = NETS[name]
+    new = load(name).ModelNew().eval().cuda()
+    x = torch.rand(batch, 3, size, size, device="cuda")
+    with torch.no_grad():
+        new(x)
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)  # about a second of GPU cycles
+        start = time.perf_counter()
+        for _ in range(calls):
+            new(x)
+        host_ms = (time.perf_counter() - start) / calls * 1e3
+        torch.cuda.synchronize()
+    print(f"{name} batch {batch}: host {host_ms:.3f} ms per forward")
+
+
 if __name__ == "__main__":
-    if "--timeline" in sys.argv:
+    if "--host" in sys.argv:
+        for name in NETS:
+            host_time(name, int(sys.argv[sys.argv.index("--host") + 1]))
+    elif "--timeline" in sys.argv:
         for name in NETS:
             timeline(name, int(sys.argv[sys.argv.index("--timeline") + 1]))
     elif "--profile" in sys.argv:

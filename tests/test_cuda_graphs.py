@@ -26,10 +26,17 @@ forward:
 FLOAT16_SPEC = SPEC.replace("input(2, 3, 17, 15)\n", "input(2, 3, 17, 15)\nactivations(float16)\n")
 
 
-@pytest.fixture(params=[SPEC, FLOAT16_SPEC], ids=["float32", "float16"])
+@pytest.fixture(
+    params=[(SPEC, None), (FLOAT16_SPEC, None), (FLOAT16_SPEC, 0)],
+    ids=["float32", "float16", "float16-first-kernel-outside"],
+)
 def model(request):
+    """The last: every input counts as large, so a replay runs the first launch outside the graph."""
+    spec, outside_from = request.param
     torch.manual_seed(0)
-    m = load_spec(request.param, "graphs").ModelNew().cuda().eval()
+    m = load_spec(spec, "graphs").ModelNew().cuda().eval()
+    if outside_from is not None:
+        m.first_kernel_outside_graph_numel = outside_from
     randomize_batchnorm(m)
     return m
 
@@ -178,3 +185,18 @@ def test_launches_on_the_inputs_device_not_the_current_one(model, graphs, traini
         expected = expected_model(x)
     assert out.device == torch.device("cuda:1")
     assert torch.equal(out.cpu(), expected.cpu())
+
+
+@torch.no_grad()
+def test_only_a_large_input_skips_the_copy_into_the_graph():
+    """From first_kernel_outside_graph_numel input elements the first launch runs outside the graph,
+    on the caller's tensor; a smaller input is copied into the graph."""
+    torch.manual_seed(0)
+    model = load_spec(FLOAT16_SPEC, "graphs").ModelNew().cuda().eval()
+    randomize_batchnorm(model)
+    large, small = rand(4, 3, 17, 15), rand(2, 3, 17, 15)
+    model.first_kernel_outside_graph_numel = large.numel()
+    for x in (large, small, large, small):
+        assert torch.equal(model(x), model.run_kernels(x))
+    outside = {key[0]: entry[-1] for key, entry in model.cuda_graphs.items()}
+    assert outside == {large.shape: True, small.shape: False}

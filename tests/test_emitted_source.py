@@ -134,10 +134,13 @@ def test_forward_calls_only_wrappers_and_views(spec):
     wrappers = {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.decorator_list}
     model = next(n for n in tree.body if isinstance(n, ast.ClassDef))
     methods = {n.name: n for n in model.body if isinstance(n, ast.FunctionDef)}
-    for method in ("run_kernels", "run_training_kernels"):
+    run_methods = {"self.run_training_kernels", "self.run_first_kernel", "self.run_kernels_after_first"}
+    # run_first_kernel and run_kernels_after_first where the first launch reads the input in any layout
+    assert ("run_first_kernel" in methods) == ("run_kernels_after_first" in methods)
+    for method in {"run_kernels", *(m.removeprefix("self.") for m in run_methods)} & methods.keys():
         for call in (n for n in ast.walk(methods[method]) if isinstance(n, ast.Call)):
             func = ast.unparse(call.func)
-            assert func in wrappers - {"replay_cuda_graph"} | {"x.flatten", "self.run_training_kernels"}, func
+            assert func in wrappers - {"replay_cuda_graph"} | {"x.flatten"} | run_methods, func
     forward_calls = {ast.unparse(n.func) for n in ast.walk(methods["forward"]) if isinstance(n, ast.Call)}
     assert forward_calls <= {
         "RuntimeError",
