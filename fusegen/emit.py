@@ -151,6 +151,13 @@ def _forward_lines(plan: Plan) -> list[str]:
     return lines
 
 
+def _launch_call(step: Launch, *extra_args: str) -> str:
+    """The wrapper call of a launch in ModelNew: `name(x, self.module..., extra_args)`."""
+    inputs = ["x", "x_stats"] if step.kernel.reads_batch_stats else ["x"]
+    stored = ["self.activation_dtype"] if step.stores_activation else []
+    return f"{step.kernel.name}({', '.join([*inputs, *(f'self.{path}' for path in step.modules), *stored, *extra_args])})"
+
+
 def _run_kernels_lines(steps) -> list[str]:
     lines = []
     comment = None
@@ -159,11 +166,8 @@ def _run_kernels_lines(steps) -> list[str]:
             comment = step.comment
             lines.append(f"# {comment}")
         if isinstance(step, Launch):
-            inputs = ["x", "x_stats"] if step.kernel.reads_batch_stats else ["x"]
-            stored = ["self.activation_dtype"] if step.stores_activation else []
-            args = ", ".join([*inputs, *(f"self.{path}" for path in step.modules), *stored])
             outputs = "x, x_stats" if step.kernel.writes_batch_stats else "x"
-            lines.append(f"{outputs} = {step.kernel.name}({args})")
+            lines.append(f"{outputs} = {_launch_call(step)}")
         else:
             view: O.View = step.op.lowering
             lines.append(f"x = {view.expr('x')}")
@@ -260,7 +264,7 @@ def _run_methods(plan: Plan) -> list[str]:
     doc = f'{INDENT}"""The forward pass: one launch per chain of the spec{" (eval mode)" if training else ""}."""'
     train = [f"{INDENT}if self.training:", f"{INDENT * 2}return self.run_training_kernels(x)"] if training else []
     if _first_launch_outside_graph(plan):
-        *comment, call, _ = _run_kernels_lines(plan.steps[:1])  # "# spec line", "x = wrapper(...)", "return x"
+        first = plan.steps[0]
         lines = [
             "def run_kernels(self, x):",
             doc,
@@ -269,8 +273,8 @@ def _run_methods(plan: Plan) -> list[str]:
             "",
             "def run_first_kernel(self, x, out=None):",
             f'{INDENT}"""The first launch, which a CUDA graph replay of a large input runs outside the graph."""',
-            *(INDENT + line for line in comment),
-            f"{INDENT}return {call.removeprefix('x = ').removesuffix(')')}, out=out)",
+            f"{INDENT}# {first.comment}",
+            f"{INDENT}return {_launch_call(first, 'out=out')}",
             "",
             "def run_kernels_after_first(self, x):",
             f'{INDENT}"""The launches after run_first_kernel."""',

@@ -264,6 +264,12 @@ class _Kernels:
         modules = tuple(u.module_path for f, u in zip(fused, body) if f.reads_module)
         return Launch(self.by_key[key], modules, self.comment(chain))
 
+    def mark(self, names: set[str], **fields) -> None:
+        """Sets `fields` on the kernels named in `names` (a flag that some launch of them needs)."""
+        for key, kernel in self.by_key.items():
+            if kernel.name in names:
+                self.by_key[key] = replace(kernel, **fields)
+
     def steps(self, groups: list[_Group | ChainUse], training: bool) -> list[Launch | ViewOnly]:
         return [
             self.launch(g, training) if isinstance(g, _Group) else ViewOnly(g.ops[-1].op, self.comment(g))
@@ -281,10 +287,7 @@ def _store_activations(steps: list[Launch | ViewOnly], kernels: _Kernels) -> lis
 
     launches = [s for s in steps if isinstance(s, Launch)]
     narrow = {id(s) for s, after in zip(launches, launches[1:]) if reads_narrow(after.kernel)}
-    stored = {s.kernel.name for s in launches if id(s) in narrow}
-    for key, kernel in kernels.by_key.items():
-        if kernel.name in stored:
-            kernels.by_key[key] = replace(kernel, stores_activations=True)
+    kernels.mark({s.kernel.name for s in launches if id(s) in narrow}, stores_activations=True)
     return [replace(s, stores_activation=True) if id(s) in narrow else s for s in steps]
 
 
@@ -293,9 +296,7 @@ def _mark_first_launch(steps: list[Launch | ViewOnly], kernels: _Kernels) -> Non
     graph on the caller's tensor, so that a replay need not copy the input into the graph."""
     first = steps[0] if steps else None
     if isinstance(first, Launch) and first.kernel.reads_any_layout:
-        for key, kernel in kernels.by_key.items():
-            if kernel.name == first.kernel.name:
-                kernels.by_key[key] = replace(kernel, writes_given_out=True)
+        kernels.mark({first.kernel.name}, writes_given_out=True)
 
 
 def plan(model: Model, spec_name: str) -> Plan:
