@@ -203,11 +203,20 @@ def launch_flops(launch: KernelLaunch) -> int:
     - relu: 1 per output element (a max), relu6: 2 (a max and a min)
 
     Elementwise ops are counted on the output even when they run in the prologue on the input;
-    beside the anchors they are noise, and every such kernel is bandwidth-bound anyway.
+    beside the anchors they are noise, and every such kernel is bandwidth-bound anyway. In a kernel
+    that a pool ends, the ops before the pool are counted at the conv's output pixels.
     """
     x, out = launch.inputs[0], launch.outputs[0]
     # a producer (the depthwise conv inside a 1x1 conv's kernel) has the output's pixels, its own channels
     pixels = out.numel() // out.shape[1]
+    convs = [m for m in launch.modules if isinstance(m, nn.Conv2d)]
+    if convs and {"avgpool", "global_avgpool"} & set(launch.ops):  # a pool ends the conv's kernel
+        conv = convs[0]
+        oh, ow = ((size + 2 * p - k) // s + 1 for size, k, s, p in zip(x.shape[2:], conv.kernel_size, conv.stride, conv.padding))
+        pool = next((m for m in launch.modules if isinstance(m, nn.AvgPool2d)), None)
+        if pool is not None:  # only the pixels of whole windows are computed
+            oh, ow = oh // pool.kernel_size * pool.kernel_size, ow // pool.kernel_size * pool.kernel_size
+        pixels = x.shape[0] * oh * ow
     flops = 0
     for m in launch.modules:
         if isinstance(m, nn.Conv2d):
@@ -221,8 +230,8 @@ def launch_flops(launch: KernelLaunch) -> int:
             flops += out.numel() * k[0] * k[1]
     for op in launch.ops:
         if op == "global_avgpool":
-            flops += x.numel()
-        flops += ACTIVATION_FLOPS.get(op, 0) * out.numel()
+            flops += pixels * out.shape[1] if convs else x.numel()
+        flops += ACTIVATION_FLOPS.get(op, 0) * pixels * out.shape[1]
     return flops
 
 

@@ -459,7 +459,9 @@ def _sequential(items: list[str]) -> str:
 def _check_fusion(uses: list[OpUse], values: list[dict]) -> None:
     """A chain is one kernel: elementwise prologue, one anchor, elementwise epilogue, a final view. A
     second anchor may follow a first that can produce its input tile inside the second's K loop
-    (dwconv -> ... -> conv1x1): then the first and the elementwise ops after it are that producer."""
+    (dwconv -> ... -> conv1x1): then the first and the elementwise ops after it are that producer. Or
+    a pool may end the chain of an anchor with a 4-d output (conv1x1 -> bn -> relu -> avgpool(7)): the
+    kernel computes the pool's windows and stores only the pooled pixels."""
     anchors: list[OpUse] = []
     for i, (use, args) in enumerate(zip(uses, values)):
         role = use.op.role
@@ -468,11 +470,22 @@ def _check_fusion(uses: list[OpUse], values: list[dict]) -> None:
                 uses[i + 1].pos,
                 f"{use.op.name} only reshapes the kernel's output, so it must end its chain; start a new line here",
             )
+        if anchors and anchors[-1].op.lowering.pool and len(anchors) == 2 and role is not O.Role.VIEW:
+            raise SpecError(
+                use.pos,
+                f"{anchors[-1].op.name} ends the kernel of {anchors[0].op.name}, so only a view may follow it;"
+                f" start a new chain (a new line) at {use.op.name}",
+            )
         if role is not O.Role.ANCHOR:
             continue
         if anchors:
             first, lowering = anchors[-1], use.op.lowering
             why = lowering.barrier
+            if lowering.pool and first.op.lowering.out_rank == 4 and not first.op.lowering.pool:
+                if len(anchors) == 1:
+                    anchors.append(use)
+                    continue
+                why = f"a pool ends the kernel of one anchor, and this kernel computes {anchors[0].op.name} inside {first.op.name}"
             if len(anchors) == 1 and first.op.lowering.produce and lowering.consume:
                 refusal = lowering.consume_refusal(args)
                 if refusal is None:

@@ -77,6 +77,44 @@ def _frame(out_rank: int, loop: list[str]) -> list[str]:
 _STORE = "tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)"
 
 
+# Wrapper lines of a pooled kernel: its output pixels, and torch's error where the window does not fit.
+_POOLED_PIXELS = [
+    "PH, PW = OH // POOL_H, OW // POOL_W",
+    "if PH == 0 or PW == 0:",
+    '    raise ValueError(f"a {POOL_H}x{POOL_W} pooling window does not fit in {OH}x{OW} pixels")',
+]
+
+
+def _pooled(tile: list[str]) -> list[str]:
+    """The frame of a kernel that a pool ends: a program's output is one pooled pixel (n, ph, pw) for
+    BLOCK_N channels, and its tile's rows are the pixels of that pixel's pooling window, BLOCK_M at a
+    time. `tile` (the anchor's loop and the epilogue) leaves each window tile in `acc`."""
+    return [
+        "# Output tile: one pooled pixel x BLOCK_N channels. Its rows are the pixels of the pooling window,",
+        "# BLOCK_M at a time; every fused op uses these offsets and masks, and the window's tiles are summed",
+        "# in registers until the one store. Channel blocks are fastest, so adjacent programs share a window.",
+        "pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)",
+        "pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)",
+        "offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)",
+        "mask_n = offs_n < C_out",
+        "ph = pid_m // PW % PH",
+        "pw = pid_m % PW",
+        "# the image of every row",
+        "n = pid_m // (PH * PW) + tl.zeros((BLOCK_M,), dtype=tl.int32)",
+        "pooled = tl.zeros((BLOCK_N,), dtype=tl.float32)",
+        "for p0 in range(0, POOL_H * POOL_W, BLOCK_M):",
+        "    offs_m = p0 + tl.arange(0, BLOCK_M)  # pixels of the window",
+        "    mask_m = offs_m < POOL_H * POOL_W",
+        "    mask = mask_m[:, None] & mask_n[None, :]",
+        "    oh = ph * POOL_H + offs_m // POOL_W",
+        "    ow = pw * POOL_W + offs_m % POOL_W",
+        *(INDENT + line for line in tile),
+        "    # pool: the sum of the window's rows",
+        "    pooled += tl.sum(tl.where(mask, acc, 0.0), axis=0)",
+        "tl.store(out_ptr + pid_m * C_out + offs_n, pooled / (POOL_H * POOL_W), mask=mask_n)",
+    ]
+
+
 # Training mode: statistics of the output tile for the BatchNorm that follows in the next kernel. The
 # deviations are taken from the tile's own mean, so merging the tiles later does not cancel.
 _TILE_STATS = [
@@ -158,20 +196,21 @@ def lower(kernel: Kernel) -> LoweredKernel:
         loop = anchor.consume(kernel.anchor.slot, _produced(kernel))
     else:
         loop = anchor.loop(kernel.anchor.slot, _prologue_hook(kernel.prologue))
-    body = _frame(out_rank, loop)
-    body.append(f"# anchor: {kernel.anchor.op.summary}")
-    body += loop
+    tile = [f"# anchor: {kernel.anchor.op.summary}", *loop]
     for f in kernel.epilogue:
-        body.append(f"# epilogue: {f.op.name}")
-        body += f.op.lowering.apply("acc", f.slot, "offs_n", "mask_n")
-    body.append(_STORE)
-    if kernel.writes_batch_stats:
-        body += _TILE_STATS
+        tile.append(f"# epilogue: {f.op.name}")
+        tile += f.op.lowering.apply("acc", f.slot, "offs_n", "mask_n")
+    if kernel.pool:
+        assert not kernel.writes_batch_stats, "training mode gives a pool its own launch"
+        body = _pooled(tile)
+    else:
+        body = [*_frame(out_rank, loop), *tile, _STORE, *(_TILE_STATS if kernel.writes_batch_stats else [])]
     body_text = "\n".join(body)
 
     # Candidate parameters in signature order, each with the wrapper expression that feeds it.
     in_dims = ["N", "C_in", "H", "W"][: kernel.in_rank]
-    out_dims = ["C_out", "OH", "OW"][: out_rank - 1]
+    # a pooled kernel's output has the pooled pixels (PH, PW) of the anchor's output pixels (OH, OW)
+    out_dims = ["C_out", *(["PH", "PW"] if kernel.pool else ["OH", "OW"])][: out_rank - 1]
     pointers = [("x_ptr", "x")]
     scalars: list[tuple[str, str]] = []
     constexprs: list[tuple[str, str]] = []
@@ -192,17 +231,25 @@ def lower(kernel: Kernel) -> LoweredKernel:
     if kernel.writes_batch_stats:
         pointers += [("tile_sum_ptr", "tile_sum"), ("tile_m2_ptr", "tile_m2")]
     dims = [(d, d) for d in dict.fromkeys(in_dims + out_dims) if d not in _CHANNELS]
+    # the pool's window: wrapper variables (set with the output's dims), passed as constexprs
+    pool = kernel.pool
+    window = [(_param_name(pool, p, is_anchor=False), p.value.format(m=pool.slot)) for p in pool.params] if pool else []
     channels = [(d, d) for d in _CHANNELS]
     blocks = [(b, b) for b in dict.fromkeys([*O.TILE_BLOCKS, *own_blocks])]
     strides = _X_STRIDES if kernel.reads_any_layout else []
     positional = [p for p in pointers + dims + strides + scalars if _used(p[0], body_text)]
     rule = _tile_rule(kernel)
     block_lines = _block_lines(rule, out_rank, body_text, own_blocks)
+    if kernel.pool:
+        # a program's rows are one pooling window's pixels, 64 a tile (the last 1x1 convs with their pools
+        # on an H200: 64 x 128 tiles were the fastest at batch 10 and 128). Not fewer for a small window:
+        # with 16 rows, a conv3x3's K loop pipelined in 3 stages on 4 warps gave wrong sums on an H200
+        block_lines.append("BLOCK_M = 64")
     # a constexpr that another wrapper expression reads (dot_weight and gemm_tile read DOT_PRECISION)
     # is a wrapper variable, set first
     read = "\n".join([*(value for _, value in positional), *block_lines])
-    variables = {name for name, _ in constexprs if _used(name, read)}
-    variable_lines = [f"{name} = {value}" for name, value in constexprs if name in variables]
+    variables = {name for name, _ in constexprs if _used(name, read)} | {name for name, _ in window}
+    variable_lines = [f"{name} = {value}" for name, value in constexprs if name in variables and (name, value) not in window]
     constexprs = [(name, name if name in variables else value) for name, value in constexprs]
     keyword = [p for p in channels + constexprs + blocks if _used(p[0], body_text)]
 
@@ -223,8 +270,10 @@ def lower(kernel: Kernel) -> LoweredKernel:
     anchor_dims = _out_dims(kernel)
     if kernel.producer:
         anchor_dims += [line.format(m=kernel.anchor.slot) for line in anchor.consume_guard]
+    if kernel.pool:
+        anchor_dims += [f"{name} = {value}" for name, value in window] + _POOLED_PIXELS
     out_shape = ", ".join(["N", *out_dims])
-    rows = "N * OH * OW" if out_rank == 4 else "N"
+    rows = ("N * PH * PW" if kernel.pool else "N * OH * OW") if out_rank == 4 else "N"
     inputs = ["x", "x_stats"] if kernel.reads_batch_stats else ["x"]
     setup = [line.format(m=f.slot) for f in kernel.prologue if f.elementwise for line in f.elementwise.setup]
     # the kernel computes in float32 and its store converts to the output's dtype: an activation for a
@@ -242,9 +291,9 @@ def lower(kernel: Kernel) -> LoweredKernel:
         INDENT + "check_32bit_offsets(x, out)",
         *(INDENT + line for line in variable_lines + block_lines),
     ]
-    wrapper += [
-        INDENT + f"grid = (triton.cdiv({rows}, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)",
-    ]
+    # a pooled kernel: one pooled pixel a program
+    row_blocks = f"triton.cdiv({rows}, 1)" if kernel.pool else f"triton.cdiv({rows}, BLOCK_M)"
+    wrapper += [INDENT + f"grid = ({row_blocks} * triton.cdiv(C_out, BLOCK_N),)"]
     if kernel.writes_batch_stats:
         wrapper += [
             INDENT + f"tile_sum = torch.empty((triton.cdiv({rows}, BLOCK_M), C_out), device=x.device, dtype=torch.float32)",

@@ -136,10 +136,23 @@ class Anchor:
     strided_input: bool = False
     # eval mode: its input may be stored in the model's narrower activation dtype (activations(float16))
     narrow_input: bool = True
+    # A pool: how it ends the kernel of an anchor before it in the chain (None: it cannot)
+    pool: "Pool | None" = None
 
     @property
     def out_rank(self) -> int:
         return 4 if self.out_pixels else 2
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A pool at the end of another anchor's kernel (conv1x1 -> bn -> relu -> avgpool(7)): the rows of the
+    kernel's tile are the pixels of one pooling window (its stride is its size, no padding), which the
+    anchor computes, the epilogue maps and the pool sums in registers; the kernel stores only the pooled
+    pixels. `params` are the window's height and width (POOL_H, POOL_W in the kernel), from the anchor's
+    output pixels OH and OW."""
+
+    params: tuple[KernelParam, ...]
 
 
 @dataclass(frozen=True)
@@ -406,6 +419,12 @@ _LINEAR_BLOCKS = (
     KernelParam("BLOCK_N", "32 if N <= 16 else 16", constexpr=True),
     KernelParam("BLOCK_K", "min(128, max(16, triton.next_power_of_2(C_in)))", constexpr=True),
 )
+
+
+def _pool_window(height: str, width: str) -> tuple[KernelParam, ...]:
+    """A pool's window when it ends another anchor's kernel (Pool): constexprs, so that splitting a row
+    of the window into its pixel's row and column is cheap."""
+    return (KernelParam("H", height, constexpr=True), KernelParam("W", width, constexpr=True))
 
 
 def _load_loop(slot: str, prologue: PrologueHook) -> list[str]:
@@ -895,6 +914,7 @@ FIXED_OPS = {
                 ("OH = (H - {m}.kernel_size) // {m}.kernel_size + 1", "OW = (W - {m}.kernel_size) // {m}.kernel_size + 1"),
                 _pool_loop(_WINDOW_PIXEL, "KH * KW", "KH * KW"),
                 "it reads a window of its input, and those pixels are computed by other programs of this kernel",
+                pool=Pool(_pool_window("{m}.kernel_size", "{m}.kernel_size")),
             ),
             summary="AvgPool2d(k): mean over k x k windows, stride k, no padding",
         ),
@@ -914,6 +934,7 @@ FIXED_OPS = {
                 ("OH = 1", "OW = 1"),
                 _pool_loop(_ANY_PIXEL, "H * W", "H * W"),
                 "it reads every pixel of its input, and those pixels are computed by other programs of this kernel",
+                pool=Pool(_pool_window("OH", "OW")),
             ),
             summary="adaptive average pool to 1x1 (mean over H and W)",
         ),

@@ -3,7 +3,9 @@
 The kernel IR is small on purpose: a kernel is a prologue (elementwise ops applied to each input tile
 as it is loaded), optionally a producer (a depthwise conv and the elementwise ops after it, computed
 inside the anchor's K loop as its input tile), one anchor (the loop nest that produces the output
-tile), an epilogue (elementwise ops on the fp32 accumulator) and an optional view of the output.
+tile), an epilogue (elementwise ops on the fp32 accumulator), optionally a pool (the tiles of each
+pooling window summed in registers, so only the pooled pixels are stored) and an optional view of the
+output.
 Chains with the same structure share one kernel definition.
 """
 
@@ -23,7 +25,7 @@ class FusedOp:
     @property
     def params(self) -> tuple[O.KernelParam, ...]:
         lowering = self.op.lowering
-        return lowering.params if isinstance(lowering, (O.Anchor, O.Elementwise)) else ()
+        return lowering.params if isinstance(lowering, (O.Anchor, O.Elementwise, O.Pool)) else ()
 
     @property
     def elementwise(self) -> O.Elementwise | None:
@@ -55,11 +57,13 @@ class Kernel:
     # eval mode's first launch, on the model's input in any layout: a CUDA graph replay of a large input
     # runs it outside the graph, into the graph's copy of its output (its wrapper takes `out`)
     writes_given_out: bool = False
+    # a pool that ends the kernel (its lowering is the op's Pool): the tile's rows are a pooling window
+    pool: FusedOp | None = None
 
     @property
     def ops(self) -> tuple[FusedOp, ...]:
-        """Prologue, producer, anchor and epilogue, in chain order."""
-        return (*self.prologue, *self.producer, self.anchor, *self.epilogue)
+        """Prologue, producer, anchor, epilogue and pool, in chain order."""
+        return (*self.prologue, *self.producer, self.anchor, *self.epilogue, *([self.pool] if self.pool else []))
 
     @property
     def module_ops(self) -> tuple[FusedOp, ...]:
@@ -111,29 +115,32 @@ class _Group:
     chains: list[ChainUse]  # where its ops are written, first the one that names the launch
     writes_batch_stats: bool = False
     producer: list[OpUse] = field(default_factory=list)
+    pool: OpUse | None = None
 
 
 def _split(chain: ChainUse):
-    """(prologue, producer, anchor, epilogue, view) of a chain whose legality check already passed;
-    the producer is a first anchor and the elementwise ops after it, when the chain has two."""
+    """(prologue, producer, anchor, epilogue, pool, view) of a chain whose legality check already
+    passed. Of two anchors, a second that is a pool ends the first's kernel; otherwise the first and
+    the elementwise ops after it are the second's producer."""
     uses = list(chain.ops)
     view = uses.pop() if uses and uses[-1].op.role is O.Role.VIEW else None
     anchors = [i for i, u in enumerate(uses) if u.op.role is O.Role.ANCHOR]
     if not anchors:
-        return [], [], None, uses, view
+        return [], [], None, uses, None, view
+    pool = uses.pop(anchors.pop()) if len(anchors) == 2 and uses[anchors[-1]].op.lowering.pool else None
     first, last = anchors[0], anchors[-1]
-    return uses[:first], uses[first:last], uses[last], uses[last + 1 :], view
+    return uses[:first], uses[first:last], uses[last], uses[last + 1 :], pool, view
 
 
 def _eval_groups(model: Model) -> list[_Group | ChainUse]:
     """Eval mode: one launch per chain (a chain that is only a view: the ChainUse itself, no launch)."""
     groups: list[_Group | ChainUse] = []
     for chain in model.chains:
-        prologue, producer, anchor, epilogue, view = _split(chain)
+        prologue, producer, anchor, epilogue, pool, view = _split(chain)
         if anchor is None and not epilogue:
             groups.append(chain)
         else:
-            groups.append(_Group(prologue, anchor, epilogue, view, [chain], producer=producer))
+            groups.append(_Group(prologue, anchor, epilogue, view, [chain], producer=producer, pool=pool))
     return groups
 
 
@@ -143,12 +150,17 @@ def _needs_batch_stats(use: OpUse) -> bool:
 
 def _split_at_batch_stats(chain: ChainUse) -> list[ChainUse]:
     """Training mode: a producer that ends normalised by batch statistics (dwconv -> bn -> conv1x1)
-    needs its whole output reduced before its consumer can run, so the chain becomes two launches."""
-    prologue, producer, _, _, _ = _split(chain)
-    if not any(_needs_batch_stats(u) for u in producer):
+    needs its whole output reduced before its consumer can run, so the chain becomes two launches. So
+    does a pool that ends an anchor's kernel: the BatchNorm before it would need the same, and a pooled
+    kernel does not store the per-tile statistics that a BatchNorm after it would."""
+    prologue, producer, _, _, pool, _ = _split(chain)
+    if pool is not None:
+        cut = next(i for i, u in enumerate(chain.ops) if u is pool)
+    elif any(_needs_batch_stats(u) for u in producer):
+        cut = len(prologue) + len(producer)
+    else:
         return [chain]
-    cut = len(prologue) + len(producer)
-    return [replace(chain, ops=chain.ops[:cut]), replace(chain, ops=chain.ops[cut:], in_shape=producer[-1].out_shape)]
+    return [replace(chain, ops=chain.ops[:cut]), replace(chain, ops=chain.ops[cut:], in_shape=chain.ops[cut - 1].out_shape)]
 
 
 def _training_groups(model: Model) -> list[_Group | ChainUse]:
@@ -176,7 +188,7 @@ def _training_groups(model: Model) -> list[_Group | ChainUse]:
         return _Group([u for u, _ in part], anchor, list(epilogue), view, chains, producer=list(producer))
 
     for chain in (piece for whole in model.chains for piece in _split_at_batch_stats(whole)):
-        prologue, producer, anchor, epilogue, view = _split(chain)
+        prologue, producer, anchor, epilogue, _, view = _split(chain)
         if anchor is None:
             carried += [(u, chain) for u in epilogue]
         else:
@@ -231,9 +243,11 @@ class _Kernels:
         chain = group.chains[0]
         in_rank = len(chain.in_shape)  # elementwise ops and anchors keep the rank
         anchor = group.anchor or OpUse(O.load_anchor(in_rank), None, chain.ops[0].pos)
-        body = [*group.prologue, *group.producer, anchor, *group.epilogue]
+        body = [*group.prologue, *group.producer, anchor, *group.epilogue, *([group.pool] if group.pool else [])]
         ops = [u.op.train_lowered() if training else u.op for u in body]
         trained = any(op is not u.op for op, u in zip(ops, body))
+        if group.pool:  # the pool lowers as the end of the anchor's kernel
+            ops[-1] = replace(ops[-1], lowering=ops[-1].lowering.pool)
         if group.writes_batch_stats:
             ops = [op.feeding_batch_stats() for op in ops]
         fused = [FusedOp(op, slot) for op, slot in zip(ops, _slots(body))]
@@ -246,12 +260,14 @@ class _Kernels:
             if any(k.name == name for k in self.by_key.values()):
                 name = f"{name}_{in_rank}d"
             at = len(group.prologue) + len(group.producer)  # the anchor's place in the body
+            end = len(fused) - (1 if group.pool else 0)  # the pool's place
             self.by_key[key] = Kernel(
                 name=name,
                 prologue=tuple(fused[: len(group.prologue)]),
                 producer=tuple(fused[len(group.prologue) : at]),
                 anchor=fused[at],
-                epilogue=tuple(fused[at + 1 :]),
+                epilogue=tuple(fused[at + 1 : end]),
+                pool=fused[end] if group.pool else None,
                 view=FusedOp(group.view.op, group.view.op.slot) if group.view else None,
                 in_rank=in_rank,
                 sources=(),

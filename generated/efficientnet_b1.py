@@ -468,10 +468,10 @@ def conv1x1_bn_kernel(
     tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
-# conv1x1 -> bn -> relu: one kernel, one store.
-# efficientnet_b1.fuse:33: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu
+# conv1x1 -> bn -> relu -> global_avgpool: one kernel, one store.
+# efficientnet_b1.fuse:35: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu -> global_avgpool -> flatten
 @triton.jit
-def conv1x1_bn_relu_kernel(
+def conv1x1_bn_relu_global_avgpool_flatten_kernel(
     x_ptr,
     conv_weight_ptr,
     bn_weight_ptr,
@@ -479,117 +479,74 @@ def conv1x1_bn_relu_kernel(
     bn_mean_ptr,
     bn_var_ptr,
     out_ptr,
-    N,
     H,
     W,
-    OH,
-    OW,
+    PH,
+    PW,
     bn_eps,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
     STRIDE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    POOL_H: tl.constexpr,
+    POOL_W: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
-    # and the tile stays in registers until the one store.
-    # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # Output tile: one pooled pixel x BLOCK_N channels. Its rows are the pixels of the pooling window,
+    # BLOCK_M at a time; every fused op uses these offsets and masks, and the window's tiles are summed
+    # in registers until the one store. Channel blocks are fastest, so adjacent programs share a window.
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < N * OH * OW
     mask_n = offs_n < C_out
-    mask = mask_m[:, None] & mask_n[None, :]
-    n = offs_m // (OH * OW)
-    oh = offs_m // OW % OH
-    ow = offs_m % OW
-    # anchor: 1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot
-    x_row = (n * H + oh * STRIDE) * W + ow * STRIDE
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, C_in, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < C_in
-        a = tl.load(
-            x_ptr + x_row[:, None] * C_in + offs_k[None, :],
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        b = tl.load(
-            conv_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0.0,
+    ph = pid_m // PW % PH
+    pw = pid_m % PW
+    # the image of every row
+    n = pid_m // (PH * PW) + tl.zeros((BLOCK_M,), dtype=tl.int32)
+    pooled = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for p0 in range(0, POOL_H * POOL_W, BLOCK_M):
+        offs_m = p0 + tl.arange(0, BLOCK_M)  # pixels of the window
+        mask_m = offs_m < POOL_H * POOL_W
+        mask = mask_m[:, None] & mask_n[None, :]
+        oh = ph * POOL_H + offs_m // POOL_W
+        ow = pw * POOL_W + offs_m % POOL_W
+        # anchor: 1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot
+        x_row = (n * H + oh * STRIDE) * W + ow * STRIDE
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, C_in, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < C_in
+            a = tl.load(
+                x_ptr + x_row[:, None] * C_in + offs_k[None, :],
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            b = tl.load(
+                conv_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            acc = fp32_dot(a, b, acc, DOT_PRECISION)
+        # epilogue: bn
+        bn_scale = tl.load(bn_weight_ptr + offs_n, mask=mask_n, other=0.0) * tl.rsqrt(
+            tl.load(bn_var_ptr + offs_n, mask=mask_n, other=1.0) + bn_eps
         )
-        acc = fp32_dot(a, b, acc, DOT_PRECISION)
-    # epilogue: bn
-    bn_scale = tl.load(bn_weight_ptr + offs_n, mask=mask_n, other=0.0) * tl.rsqrt(
-        tl.load(bn_var_ptr + offs_n, mask=mask_n, other=1.0) + bn_eps
-    )
-    bn_shift = (
-        tl.load(bn_bias_ptr + offs_n, mask=mask_n, other=0.0)
-        - tl.load(bn_mean_ptr + offs_n, mask=mask_n, other=0.0) * bn_scale
-    )
-    acc = acc * bn_scale[None, :] + bn_shift[None, :]
-    # epilogue: relu
-    acc = tl.maximum(acc, 0.0)
-    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
-
-
-# global_avgpool: one kernel, one store.
-# efficientnet_b1.fuse:34: global_avgpool -> flatten
-@triton.jit
-def global_avgpool_flatten_kernel(
-    x_ptr,
-    out_ptr,
-    N,
-    H,
-    W,
-    OH,
-    OW,
-    C_in: tl.constexpr,
-    C_out: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
-    # and the tile stays in registers until the one store.
-    # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
-    pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
-    pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < N * OH * OW
-    mask_n = offs_n < C_out
-    mask = mask_m[:, None] & mask_n[None, :]
-    n = offs_m // (OH * OW)
-    # anchor: adaptive average pool to 1x1 (mean over H and W)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for p0 in range(0, H * W, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        ih = (p // W)[None, :, None]
-        iw = (p % W)[None, :, None]
-        inside = (
-            mask_m[:, None, None] & (p < H * W)[None, :, None] & mask_n[None, None, :]
+        bn_shift = (
+            tl.load(bn_bias_ptr + offs_n, mask=mask_n, other=0.0)
+            - tl.load(bn_mean_ptr + offs_n, mask=mask_n, other=0.0) * bn_scale
         )
-        a = tl.load(
-            x_ptr
-            + ((n[:, None, None] * H + ih) * W + iw) * C_in
-            + offs_n[None, None, :],
-            mask=inside,
-            other=0.0,
-        ).to(tl.float32)
-        acc += tl.sum(a, axis=1)
-    acc = acc / (H * W)
-    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
+        acc = acc * bn_scale[None, :] + bn_shift[None, :]
+        # epilogue: relu
+        acc = tl.maximum(acc, 0.0)
+        # pool: the sum of the window's rows
+        pooled += tl.sum(tl.where(mask, acc, 0.0), axis=0)
+    tl.store(out_ptr + pid_m * C_out + offs_n, pooled / (POOL_H * POOL_W), mask=mask_n)
 
 
 # linear: one kernel, one store.
-# efficientnet_b1.fuse:35: fc: linear(1280, num_classes)
+# efficientnet_b1.fuse:36: fc: linear(1280, num_classes)
 @triton.jit
 def linear_kernel(
     x_ptr,
@@ -990,7 +947,7 @@ def bn_relu6_conv1x1_stats_train_kernel(
 # efficientnet_b1.fuse:11: conv1x1(ci, h) -> bn(h) -> relu6
 # efficientnet_b1.fuse:22: dwconv3x3(h, stride) -> bn(h) -> relu6 -> conv1x1(h, co) -> bn(co)
 # efficientnet_b1.fuse:13: conv1x1(h, co) -> bn(co)
-# efficientnet_b1.fuse:33: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu
+# efficientnet_b1.fuse:35: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu -> global_avgpool -> flatten
 @triton.jit
 def bn_conv1x1_stats_train_kernel(
     x_ptr,
@@ -1064,8 +1021,7 @@ def bn_conv1x1_stats_train_kernel(
 
 
 # bn -> relu -> global_avgpool: one kernel, one store.
-# efficientnet_b1.fuse:34: global_avgpool -> flatten
-# efficientnet_b1.fuse:33: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu
+# efficientnet_b1.fuse:35: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu -> global_avgpool -> flatten
 @triton.jit
 def bn_relu_global_avgpool_flatten_train_kernel(
     x_ptr,
@@ -1579,23 +1535,31 @@ def conv1x1_bn(x, conv, bn, out_dtype=torch.float32):
     return out
 
 
-def conv1x1_bn_relu(x, conv, bn, out_dtype=torch.float32):
+def conv1x1_bn_relu_global_avgpool_flatten(x, conv, bn):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
     OH = (H - 1) // conv.stride[0] + 1
     OW = (W - 1) // conv.stride[1] + 1
+    POOL_H = OH
+    POOL_W = OW
+    PH, PW = OH // POOL_H, OW // POOL_W
+    if PH == 0 or PW == 0:
+        raise ValueError(
+            f"a {POOL_H}x{POOL_W} pooling window does not fit in {OH}x{OW} pixels"
+        )
     out = torch.empty(
-        (N, C_out, OH, OW),
+        (N, C_out, PH, PW),
         device=x.device,
-        dtype=out_dtype,
+        dtype=torch.float32,
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
     DOT_PRECISION = dot_precision(x, conv)
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
-    grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
-    conv1x1_bn_relu_kernel[grid](
+    BLOCK_M = 64
+    grid = (triton.cdiv(N * PH * PW, 1) * triton.cdiv(C_out, BLOCK_N),)
+    conv1x1_bn_relu_global_avgpool_flatten_kernel[grid](
         x,
         dot_weight(conv, DOT_PRECISION).contiguous(),
         bn.weight,
@@ -1603,53 +1567,20 @@ def conv1x1_bn_relu(x, conv, bn, out_dtype=torch.float32):
         bn.running_mean,
         bn.running_var,
         out,
-        N,
         H,
         W,
-        OH,
-        OW,
+        PH,
+        PW,
         bn.eps,
         C_in=C_in,
         C_out=C_out,
         STRIDE=conv.stride[0],
         DOT_PRECISION=DOT_PRECISION,
+        POOL_H=POOL_H,
+        POOL_W=POOL_W,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
-    )
-    return out
-
-
-def global_avgpool_flatten(x):
-    x = x.contiguous(memory_format=torch.channels_last)
-    N, C_in, H, W = x.shape
-    C_out = C_in
-    OH = 1
-    OW = 1
-    out = torch.empty(
-        (N, C_out, OH, OW),
-        device=x.device,
-        dtype=torch.float32,
-        memory_format=torch.channels_last,
-    )
-    check_32bit_offsets(x, out)
-    BLOCK_M = min(16, triton.next_power_of_2(N * OH * OW))
-    BLOCK_N = 16
-    BLOCK_P = 32
-    grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
-    global_avgpool_flatten_kernel[grid](
-        x,
-        out,
-        N,
-        H,
-        W,
-        OH,
-        OW,
-        C_in=C_in,
-        C_out=C_out,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_P=BLOCK_P,
     )
     return out.flatten(1)
 
@@ -2271,11 +2202,9 @@ class ModelNew(nn.Module):
             x, self.mbconv7[3], self.mbconv7[4], self.activation_dtype
         )
         x = conv1x1_bn(x, self.mbconv7[6], self.mbconv7[7], self.activation_dtype)
-        # efficientnet_b1.fuse:33: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu
-        x = conv1x1_bn_relu(x, self.conv2, self.bn2, self.activation_dtype)
-        # efficientnet_b1.fuse:34: global_avgpool -> flatten
-        x = global_avgpool_flatten(x)
-        # efficientnet_b1.fuse:35: fc: linear(1280, num_classes)
+        # efficientnet_b1.fuse:35: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu -> global_avgpool -> flatten
+        x = conv1x1_bn_relu_global_avgpool_flatten(x, self.conv2, self.bn2)
+        # efficientnet_b1.fuse:36: fc: linear(1280, num_classes)
         x = linear(x, self.fc)
         return x
 
@@ -2351,11 +2280,10 @@ class ModelNew(nn.Module):
         x, x_stats = bn_relu6_conv1x1_stats_train(
             x, x_stats, self.mbconv7[4], self.mbconv7[6]
         )
-        # efficientnet_b1.fuse:33: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu
+        # efficientnet_b1.fuse:35: conv2: conv1x1(320, 1280) -> bn2: bn(1280) -> relu -> global_avgpool -> flatten
         x, x_stats = bn_conv1x1_stats_train(x, x_stats, self.mbconv7[7], self.conv2)
-        # efficientnet_b1.fuse:34: global_avgpool -> flatten
         x = bn_relu_global_avgpool_flatten_train(x, x_stats, self.bn2)
-        # efficientnet_b1.fuse:35: fc: linear(1280, num_classes)
+        # efficientnet_b1.fuse:36: fc: linear(1280, num_classes)
         x = linear(x, self.fc)
         return x
 

@@ -140,6 +140,31 @@ def test_bytes_and_flops_match_the_hand_count(launches):
     assert [bench.launch_flops(launch) for launch in launches] == EXPECTED_FLOPS
 
 
+POOLED = """\
+model Pooled()
+input(2, 3, 9, 9)
+forward:
+    pw: conv1x1(3, 8, stride=2) -> bn1: bn(8) -> relu -> p: avgpool(2)
+    pw2: conv1x1(8, 4) -> bn2: bn(4) -> relu -> global_avgpool -> flatten
+"""
+
+
+def test_bytes_and_flops_of_kernels_that_a_pool_ends():
+    """The ops before the pool count at the conv's pixels that the windows cover; worked by hand:
+    conv1x1_bn_relu_avgpool: 2x3x9x9, conv 5x5 of which avgpool(2) covers 4x4 (32 pixels), 2x8x2x2 out:
+      486 in + 24 weight + 32 bn + 64 out = 606 elements; conv 2*32*8*3 = 1536, bn 2*32*8 = 512, relu
+      32*8 = 256, pool 64*4 = 256: 2560 FLOPs
+    conv1x1_bn_relu_global_avgpool_flatten: 2x8x2x2 (8 pixels), 2x4 out: 64 + 32 + 16 + 8 = 120 elements;
+      conv 2*8*4*8 = 512, bn 2*8*4 = 64, relu 32, pool 32: 640 FLOPs"""
+    spec = bench.compile_model("specs/pooled.fuse", POOLED)
+    model = bench.build_model(spec).to(DEVICE)
+    x = torch.rand(bench.input_shape(spec, 2), device=DEVICE)
+    launches = bench.label_launches(bench.record_launches(model, x), spec.launch_steps)
+    assert [launch.wrapper for launch in launches] == ["conv1x1_bn_relu_avgpool", "conv1x1_bn_relu_global_avgpool_flatten"]
+    assert [bench.launch_bytes(launch) for launch in launches] == [606 * 4, 120 * 4]
+    assert [bench.launch_flops(launch) for launch in launches] == [2560, 640]
+
+
 def test_identical_launches_group_with_a_count_in_first_appearance_order(launches):
     groups = bench.group_launches(launches)
     assert [(launch.wrapper, count) for launch, count in groups] == [

@@ -389,6 +389,28 @@ def test_global_avgpool_flatten_linear_relu(n, c, h, w, f_out):
     check((n, c, h, w), [global_avgpool, flatten], [linear(c, f_out), relu])
 
 
+# -- a pool at the end of an anchor's kernel ------------------------------------------------------------
+
+POOLS = {"avgpool2": [avgpool(2)], "avgpool3": [avgpool(3)], "global": [global_avgpool], "global_flatten": [global_avgpool, flatten]}
+
+
+@pytest.mark.parametrize("kind", ["conv3x3", "dwconv3x3", "conv1x1"])
+@few_examples
+@given(pool=st.sampled_from(list(POOLS)), stride=strides, n=batches, c_in=channels, c_out=channels, h=sizes, w=sizes)
+@example(pool="global", stride=1, n=1, c_in=1, c_out=1, h=1, w=1)
+@example(pool="avgpool2", stride=1, n=1, c_in=1, c_out=1, h=2, w=2)
+@example(pool="global_flatten", stride=1, n=2, c_in=5, c_out=WIDE, h=9, w=8)  # 72 pixels: two 64-row tiles
+@example(pool="avgpool3", stride=2, n=3, c_in=17, c_out=33, h=14, w=9)  # 7x5: a row and 2 columns left over
+@example(pool="global", stride=2, n=1, c_in=9, c_out=22, h=4, w=6)  # 16-row tiles summed wrongly on an H200
+def test_pool_ends_the_anchor_kernel(kind, pool, stride, n, c_in, c_out, h, w):
+    """`anchor -> bn -> relu -> pool`: one kernel computes the anchor over each pooling window, tile by
+    tile, and stores only the pooled pixels; pixels that no window covers are never computed."""
+    anchor, channels_out = anchor_op(kind, c_in, c_out, stride)
+    k = int(pool[-1]) if pool.startswith("avgpool") else 1
+    size = (k - 1) * stride + 1  # the least input whose anchor output, (size - 1) // stride + 1, holds a window
+    check((n, c_in, at_least(h, size), at_least(w, size)), [anchor, bn(channels_out), relu, *POOLS[pool]])
+
+
 # -- elementwise-only chains (the identity "load" anchor) ------------------------------------------------
 
 

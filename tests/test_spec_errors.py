@@ -46,6 +46,21 @@ CASES = [
         "conv1x1 cannot join the kernel of conv1x1: each of its outputs reads every input channel",
     ),
     (HEADER + "forward:\n    global_avgpool -> flatten -> relu\n", 4, 34, "flatten only reshapes"),
+    (
+        HEADER + "forward:\n    pw: conv1x1(3, c) -> global_avgpool -> relu\n",
+        4,
+        44,
+        "global_avgpool ends the kernel of conv1x1, so only a view may follow it; start a new chain (a new line) at relu",
+    ),
+    (
+        HEADER + "forward:\n    dw: dwconv3x3(3) -> pw: conv1x1(3, c) -> p: avgpool(2)\n",
+        4,
+        49,
+        "avgpool cannot join the kernel of conv1x1: a pool ends the kernel of one anchor, and this kernel"
+        " computes dwconv3x3 inside conv1x1",
+    ),
+    (HEADER + "forward:\n    p: avgpool(2) -> global_avgpool\n", 4, 22, "global_avgpool cannot join the kernel of avgpool"),
+    (HEADER + "forward:\n    fc: linear(3, 8) -> global_avgpool\n", 4, 25, "global_avgpool cannot join the kernel of linear"),
     (HEADER + "forward:\n    conv1: conv3x3(3, c) -> bn(c)\n", 4, 29, "bn holds parameters, so it needs a name"),
     (HEADER + "forward:\n    conv1: conv3x3(3, c)\n    conv1: conv1x1(c, c)\n", 5, 5, "'conv1' names a second module"),
     (HEADER + "forward:\n    training: conv3x3(3, c)\n", 4, 5, "is an attribute of nn.Module"),

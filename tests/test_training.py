@@ -15,15 +15,16 @@ from hypothesis import strategies as st
 
 from helpers import DEVICE, TOLERANCE, load_spec, randomize_batchnorm, rel_error
 
-# MobileNet-like: stem, depthwise-separable pair, a projection without activation, pool, classifier.
+# MobileNet-like: stem, depthwise-separable pair, a projection without activation, pool, classifier. In
+# eval mode the pool ends the projection's kernel; in training mode it gets a launch of its own, whose
+# prologue normalises with bn3's batch statistics.
 SPEC = """\
 model Net(c=8, wide=24, classes=10)
 input(2, 3, 17, 15)
 forward:
     conv1: conv3x3(3, c, stride=2) -> bn1: bn(c) -> relu
     dw: dwconv3x3(c) -> bn2: bn(c) -> relu6
-    pw: conv1x1(c, wide) -> bn3: bn(wide, eps=1e-3, momentum=0.3)
-    global_avgpool -> flatten
+    pw: conv1x1(c, wide) -> bn3: bn(wide, eps=1e-3, momentum=0.3) -> global_avgpool -> flatten
     fc: linear(wide, classes)
 """
 
