@@ -5,7 +5,9 @@ Every kernel has the same frame, which owns the offsets and masks (like Inductor
 `store_output`): a 2-d output tile of BLOCK_M rows (output pixels n, oh, ow, or batch rows for a
 2-d output) by BLOCK_N channels. The anchor fills `acc` inside that frame, the prologue ops rewrite
 each input tile where the anchor loads it, the epilogue ops rewrite `acc`, and one `tl.store` writes
-it. Kernel parameters appear only when the body uses them, so no kernel has a dead parameter.
+it. A kernel that a pool ends has another frame (`_pooled`): one pooled pixel a program, its rows the
+pixels of that pixel's window, whose tiles it sums before the one store. Kernel parameters appear
+only when the body uses them, so no kernel has a dead parameter.
 """
 
 from __future__ import annotations
