@@ -261,15 +261,17 @@ def _first_launch_outside_graph(plan: Plan) -> bool:
 
 def _run_methods(plan: Plan) -> list[str]:
     training = plan.train_steps is not None
-    doc = f'{INDENT}"""The forward pass: one launch per chain of the spec{" (eval mode)" if training else ""}."""'
-    train = [f"{INDENT}if self.training:", f"{INDENT * 2}return self.run_training_kernels(x)"] if training else []
-    if _first_launch_outside_graph(plan):
+    outside = _first_launch_outside_graph(plan)
+    body = ["return self.run_kernels_after_first(self.run_first_kernel(x))"] if outside else _run_kernels_lines(plan.steps)
+    lines = [
+        "def run_kernels(self, x):",
+        f'{INDENT}"""The forward pass: one launch per chain of the spec{" (eval mode)" if training else ""}."""',
+        *([f"{INDENT}if self.training:", f"{INDENT * 2}return self.run_training_kernels(x)"] if training else []),
+        *(INDENT + line for line in body),
+    ]
+    if outside:
         first = plan.steps[0]
-        lines = [
-            "def run_kernels(self, x):",
-            doc,
-            *train,
-            f"{INDENT}return self.run_kernels_after_first(self.run_first_kernel(x))",
+        lines += [
             "",
             "def run_first_kernel(self, x, out=None):",
             f'{INDENT}"""The first launch, which a CUDA graph replay of a large input runs outside the graph."""',
@@ -280,8 +282,6 @@ def _run_methods(plan: Plan) -> list[str]:
             f'{INDENT}"""The launches after run_first_kernel."""',
             *(INDENT + line for line in _run_kernels_lines(plan.steps[1:])),
         ]
-    else:
-        lines = ["def run_kernels(self, x):", doc, *train, *(INDENT + line for line in _run_kernels_lines(plan.steps))]
     if training:
         lines += [
             "",

@@ -233,7 +233,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
     if kernel.writes_batch_stats:
         pointers += [("tile_sum_ptr", "tile_sum"), ("tile_m2_ptr", "tile_m2")]
     dims = [(d, d) for d in dict.fromkeys(in_dims + out_dims) if d not in _CHANNELS]
-    # the pool's window: wrapper variables (set with the output's dims), passed as constexprs
+    # the pool's window: constexprs that the wrapper sets with the output's dims
     pool = kernel.pool
     window = [(_param_name(pool, p, is_anchor=False), p.value.format(m=pool.slot)) for p in pool.params] if pool else []
     channels = [(d, d) for d in _CHANNELS]
@@ -246,12 +246,14 @@ def lower(kernel: Kernel) -> LoweredKernel:
         # a program's rows are one pooling window's pixels, 64 a tile (the last 1x1 convs with their pools
         # on an H200: 64 x 128 tiles were the fastest at batch 10 and 128). Not fewer for a small window:
         # with 16 rows, a conv3x3's K loop pipelined in 3 stages on 4 warps gave wrong sums on an H200
-        block_lines.append("BLOCK_M = 64")
+        block_lines.append("BLOCK_M = 64  # rows: pixels of one pooling window, 64 a tile")
     # a constexpr that another wrapper expression reads (dot_weight and gemm_tile read DOT_PRECISION)
     # is a wrapper variable, set first
     read = "\n".join([*(value for _, value in positional), *block_lines])
-    variables = {name for name, _ in constexprs if _used(name, read)} | {name for name, _ in window}
-    variable_lines = [f"{name} = {value}" for name, value in constexprs if name in variables and (name, value) not in window]
+    # the window's constexprs are wrapper variables too, set with the output's dims (anchor_dims below)
+    window_names = {name for name, _ in window}
+    variables = {name for name, _ in constexprs if _used(name, read)} | window_names
+    variable_lines = [f"{name} = {value}" for name, value in constexprs if name in variables - window_names]
     constexprs = [(name, name if name in variables else value) for name, value in constexprs]
     keyword = [p for p in channels + constexprs + blocks if _used(p[0], body_text)]
 

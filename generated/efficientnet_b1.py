@@ -1557,7 +1557,7 @@ def conv1x1_bn_relu_global_avgpool_flatten(x, conv, bn):
     check_32bit_offsets(x, out)
     DOT_PRECISION = dot_precision(x, conv)
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
-    BLOCK_M = 64
+    BLOCK_M = 64  # rows: pixels of one pooling window, 64 a tile
     grid = (triton.cdiv(N * PH * PW, 1) * triton.cdiv(C_out, BLOCK_N),)
     conv1x1_bn_relu_global_avgpool_flatten_kernel[grid](
         x,

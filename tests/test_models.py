@@ -93,7 +93,8 @@ def test_eval_mode_matches_reference(name, kwargs, shape, activations):
 @pytest.mark.parametrize("name", NETS)
 def test_eval_mode_stores_float16_between_kernels(name):
     """In eval mode every kernel stores float16 (the spec's activations(float16)) but the last two: the
-    pool that feeds the classifier (whose input error reaches the output unfiltered) and the classifier.
+    one whose pool feeds the classifier (whose input error reaches the output unfiltered) and the
+    classifier.
     Training mode stores float32 throughout."""
     _, new = pair(name, SMALL_ARGS[name])
     x = torch.rand(1, 3, 193, 193, device=DEVICE) if name == "mobilenet_v1" else torch.rand(2, 3, 16, 16, device=DEVICE)
