@@ -12,6 +12,7 @@ import copy
 import itertools
 import json
 import linecache
+import math
 import sys
 import time
 import traceback
@@ -26,7 +27,7 @@ import triton
 import triton.testing
 
 from fusegen.errors import SpecError
-from fusegen.ops import DOT_PRECISION
+from fusegen.ops import DOT_PRECISION, lookup
 from fusegen.pipeline import compile_plan
 from fusegen.plan import Launch
 
@@ -193,45 +194,47 @@ ACTIVATION_FLOPS = {"relu": 1, "relu6": 2}  # a max; a max and a min
 
 
 def launch_flops(launch: KernelLaunch) -> int:
-    """Arithmetic of one launch, a multiply-add counted as 2:
+    """Arithmetic of one launch, a multiply-add counted as 2, each op at the pixels and channels where it
+    runs (a 1x1 conv computed at a depthwise conv's taps at its own output pixels, once each: the floor
+    counts the work, not its recomputation):
 
     - Conv2d: 2 * output elements * in_channels / groups * kh * kw
     - Linear: 2 * batch * in_features * out_features (the bias add is left out)
-    - BatchNorm2d, folded into a scale and shift: 2 per output element
+    - BatchNorm2d, folded into a scale and shift: 2 per element
     - AvgPool2d: 1 add per window element per output; global_avgpool: 1 add per input element
       (the one division per output is left out)
-    - relu: 1 per output element (a max), relu6: 2 (a max and a min)
+    - relu: 1 per element (a max), relu6: 2 (a max and a min)
 
-    Elementwise ops are counted on the output even when they run in the prologue on the input;
-    beside the anchors they are noise, and every such kernel is bandwidth-bound anyway. In a kernel
-    that a pool ends, the ops before the pool are counted at the conv's output pixels.
+    In a kernel that a pool ends, the conv and the ops after it count at the conv's pixels that the
+    windows cover.
     """
     x, out = launch.inputs[0], launch.outputs[0]
-    # a producer (the depthwise conv inside a 1x1 conv's kernel) has the output's pixels, its own channels
-    pixels = out.numel() // out.shape[1]
-    convs = [m for m in launch.modules if isinstance(m, nn.Conv2d)]
-    if convs and {"avgpool", "global_avgpool"} & set(launch.ops):  # a pool ends the conv's kernel
-        conv = convs[0]
-        oh, ow = ((size + 2 * p - k) // s + 1 for size, k, s, p in zip(x.shape[2:], conv.kernel_size, conv.stride, conv.padding))
-        pool = next((m for m in launch.modules if isinstance(m, nn.AvgPool2d)), None)
-        if pool is not None:  # only the pixels of whole windows are computed
-            oh, ow = oh // pool.kernel_size * pool.kernel_size, ow // pool.kernel_size * pool.kernel_size
-        pixels = x.shape[0] * oh * ow
+    modules = iter(launch.modules)  # one per op that takes its module, in chain order
+    pool = next((m for m in launch.modules if isinstance(m, nn.AvgPool2d)), None)
+    batch, channels, size = x.shape[0], x.shape[1], tuple(x.shape[2:])
     flops = 0
-    for m in launch.modules:
-        if isinstance(m, nn.Conv2d):
-            flops += 2 * pixels * m.out_channels * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-        elif isinstance(m, nn.Linear):
-            flops += 2 * out.numel() * m.in_features
-        elif isinstance(m, nn.BatchNorm2d):
-            flops += 2 * pixels * m.num_features
-        elif isinstance(m, nn.AvgPool2d):
-            k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size, m.kernel_size)
-            flops += out.numel() * k[0] * k[1]
     for op in launch.ops:
-        if op == "global_avgpool":
-            flops += pixels * out.shape[1] if convs else x.numel()
-        flops += ACTIVATION_FLOPS.get(op, 0) * pixels * out.shape[1]
+        entry = lookup(op)
+        module = next(modules) if entry is not None and entry.needs_module else None
+        pixels = batch * math.prod(size)
+        if isinstance(module, nn.Conv2d):
+            size = tuple((s + 2 * p - k) // st + 1 for s, k, st, p in zip(size, module.kernel_size, module.stride, module.padding))
+            if pool is not None:  # a pool ends this conv's kernel: only the pixels of whole windows are computed
+                size = tuple(s // pool.kernel_size * pool.kernel_size for s in size)
+            channels = module.out_channels
+            flops += 2 * batch * math.prod(size) * channels * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+        elif isinstance(module, nn.Linear):
+            channels = module.out_features
+            flops += 2 * out.numel() * module.in_features
+        elif isinstance(module, nn.BatchNorm2d):
+            flops += 2 * pixels * channels
+        elif isinstance(module, nn.AvgPool2d):
+            k = module.kernel_size if isinstance(module.kernel_size, tuple) else (module.kernel_size, module.kernel_size)
+            flops += out.numel() * k[0] * k[1]
+        elif op == "global_avgpool":
+            flops += pixels * channels
+        else:
+            flops += ACTIVATION_FLOPS.get(op, 0) * pixels * channels
     return flops
 
 

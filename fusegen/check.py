@@ -459,10 +459,12 @@ def _sequential(items: list[str]) -> str:
 def _check_fusion(uses: list[OpUse], values: list[dict]) -> None:
     """A chain is one kernel: elementwise prologue, one anchor, elementwise epilogue, a final view. A
     second anchor may follow a first that can produce its input tile inside the second's K loop
-    (dwconv -> ... -> conv1x1): then the first and the elementwise ops after it are that producer. Or
-    a pool may end the chain of an anchor with a 4-d output (conv1x1 -> bn -> relu -> avgpool(7)): the
-    kernel computes the pool's windows and stores only the pooled pixels."""
+    (dwconv -> ... -> conv1x1), or at each of the second's taps (conv1x1 -> ... -> dwconv): then the
+    first and the elementwise ops after it are that producer. Or a pool may end the chain of an anchor
+    with a 4-d output (conv1x1 -> bn -> relu -> avgpool(7)): the kernel computes the pool's windows and
+    stores only the pooled pixels."""
     anchors: list[OpUse] = []
+    first_args: dict = {}
     for i, (use, args) in enumerate(zip(uses, values)):
         role = use.op.role
         if role is O.Role.VIEW and i != len(uses) - 1:
@@ -492,11 +494,18 @@ def _check_fusion(uses: list[OpUse], values: list[dict]) -> None:
                     anchors.append(use)
                     continue
                 why = f"{use.op.name} computes {first.op.name} in its K loop only at its own pixels, and {refusal}"
+            if len(anchors) == 1 and first.op.lowering.produce_tap and lowering.consume_taps:
+                refusal = first.op.lowering.produce_tap_refusal(first_args)
+                if refusal is None:
+                    anchors.append(use)
+                    continue
+                why = f"{use.op.name} computes {first.op.name} at the input pixels of its taps, and {refusal}"
             raise SpecError(
                 use.pos,
                 f"{use.op.name} cannot join the kernel of {first.op.name}: {why}. Start a new chain (a new line) at {use.op.name}",
             )
         anchors.append(use)
+        first_args = args
 
 
 def check(spec: S.Spec, source: str) -> Model:

@@ -134,15 +134,19 @@ def _used(name: str, body: str) -> bool:
 
 
 def _produced(kernel: Kernel) -> list[str]:
-    """The producer's lines: its anchor computes the input tile `a` for channels offs_k, its
-    elementwise ops rewrite it. Its constexprs carry its slot (CONV_KH), the kernel's anchor owns the
-    bare names."""
+    """The producer's lines: its anchor computes the anchor's input tile (in a K loop: `a` for channels
+    offs_k; at a tap: `x_tap` for channels offs_n), its elementwise ops rewrite it. Its constexprs carry
+    its slot (CONV_KH), the kernel's anchor owns the bare names."""
     producer = kernel.producer[0]
+    lowering: O.Anchor = producer.op.lowering
+    produce, tile, channels, channel_mask = (
+        (lowering.produce_tap, "x_tap", "offs_n", "mask_n") if kernel.producer_at_taps else (lowering.produce, "a", "offs_k", "mask_k")
+    )
     lines = [f"# producer: {producer.op.summary}"]
-    lines += producer.op.lowering.produce(producer.slot, _prologue_hook(kernel.prologue))
+    lines += produce(producer.slot, _prologue_hook(kernel.prologue))
     for f in kernel.producer[1:]:
         lines.append(f"# producer: {f.op.name}")
-        lines += f.op.lowering.apply("a", f.slot, "offs_k", "mask_k")
+        lines += f.op.lowering.apply(tile, f.slot, channels, channel_mask)
     text = "\n".join(lines)
     for p in producer.params:
         if p.constexpr:
@@ -151,9 +155,9 @@ def _produced(kernel: Kernel) -> list[str]:
 
 
 def _out_dims(kernel: Kernel) -> list[str]:
-    """Wrapper lines for C_out, OH and OW. With a producer, the output pixels are the producer's
-    (its consumer keeps them: stride 1) and the channels the anchor's."""
-    pixels = kernel.producer[0] if kernel.producer else kernel.anchor
+    """Wrapper lines for C_out, OH and OW: the anchor's, except that with a producer in its K loop the
+    output pixels are the producer's (its consumer keeps them: stride 1)."""
+    pixels = kernel.producer[0] if kernel.producer and not kernel.producer_at_taps else kernel.anchor
     return [
         f"C_out = {kernel.anchor.op.lowering.out_channels.format(m=kernel.anchor.slot)}",
         *(line.format(m=pixels.slot) for line in pixels.op.lowering.out_pixels),
@@ -165,8 +169,12 @@ TileRule = tuple[str, tuple[str, ...], tuple[str, ...]]
 
 
 def _tile_rule(kernel: Kernel) -> TileRule | None:
-    """The wrapper expression that sets the block sizes, and the launch options it also returns: the
-    producer's rule in a kernel with one, else the anchor's; None where neither has one."""
+    """The wrapper expression that sets the block sizes, and the launch options it also returns: in a
+    kernel with a producer, the rule of the pair (a K-loop producer's, a tap consumer's), else the
+    anchor's; None where neither has one."""
+    if kernel.producer_at_taps:
+        anchor: O.Anchor = kernel.anchor.op.lowering
+        return anchor.consume_taps_tile.format(m=kernel.anchor.slot), O.TILE_BLOCKS, anchor.consume_taps_tile_options
     if kernel.producer:
         producer = kernel.producer[0]
         lowering: O.Anchor = producer.op.lowering
@@ -194,7 +202,9 @@ def _block_lines(rule: TileRule | None, out_rank: int, body_text: str, own_block
 def lower(kernel: Kernel) -> LoweredKernel:
     anchor: O.Anchor = kernel.anchor.op.lowering
     out_rank = anchor.out_rank
-    if kernel.producer:
+    if kernel.producer_at_taps:
+        loop = anchor.consume_taps(kernel.anchor.slot, _produced(kernel))
+    elif kernel.producer:
         loop = anchor.consume(kernel.anchor.slot, _produced(kernel))
     else:
         loop = anchor.loop(kernel.anchor.slot, _prologue_hook(kernel.prologue))
@@ -220,7 +230,12 @@ def lower(kernel: Kernel) -> LoweredKernel:
     for f in kernel.ops:
         is_anchor = f is kernel.anchor
         for p in f.params:
-            entry = (_param_name(f, p, is_anchor), p.value.format(m=f.slot))
+            value = p.value.format(m=f.slot)
+            if not is_anchor:  # a value may read the op's own constexprs (dot_weight's DOT_PRECISION)
+                for q in f.params:
+                    if q.constexpr:
+                        value = re.sub(rf"\b{q.name}\b", _param_name(f, q, is_anchor=False), value)
+            entry = (_param_name(f, p, is_anchor), value)
             if is_anchor and p.name.startswith("BLOCK_"):
                 own_blocks[p.name] = entry[1]
             elif p.constexpr:
@@ -272,7 +287,10 @@ def lower(kernel: Kernel) -> LoweredKernel:
     # The launch wrapper: output shape, block sizes, grid, launch.
     modules = [f.slot for f in kernel.module_ops]
     anchor_dims = _out_dims(kernel)
-    if kernel.producer:
+    if kernel.producer_at_taps:
+        producer = kernel.producer[0]
+        anchor_dims += [line.format(m=producer.slot) for line in producer.op.lowering.produce_tap_guard]
+    elif kernel.producer:
         anchor_dims += [line.format(m=kernel.anchor.slot) for line in anchor.consume_guard]
     if kernel.pool:
         anchor_dims += [f"{name} = {value}" for name, value in window] + _POOLED_PIXELS

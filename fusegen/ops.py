@@ -131,6 +131,19 @@ class Anchor:
     consume_refusal: Callable[[dict], "str | None"] = lambda args: None
     # wrapper lines that refuse, at run time, a module that consume_refusal would refuse
     consume_guard: tuple[str, ...] = ()
+    # A tap producer (1x1 conv): kernel lines that leave its output at the input pixels (n, ih, iw) of a
+    # depthwise consumer's tap (rows in the image: `in_image`), channels offs_n (mask_n), in the tile
+    # `x_tap` [BLOCK_M, BLOCK_N]; `produce_tap_refusal(args)` says why these args cannot (None: they
+    # can), and `produce_tap_guard` refuses such a module at run time.
+    produce_tap: Callable[[str, PrologueHook], list[str]] | None = None
+    produce_tap_refusal: Callable[[dict], "str | None"] = lambda args: None
+    produce_tap_guard: tuple[str, ...] = ()
+    # A tap consumer (depthwise conv): its loop with each tap's input tile computed by a tap producer's
+    # lines instead of loaded, so the producer's output never touches memory; and the kernel's tile rule,
+    # as `tile` above (`{m}`: the consumer), with the blocks TILE_BLOCKS.
+    consume_taps: Callable[[str, list[str]], list[str]] | None = None
+    consume_taps_tile: str | None = None
+    consume_taps_tile_options: tuple[str, ...] = ()
     # the loop reads x through its four strides (`_x_strided_at`): the wrapper passes x in whatever
     # layout it comes, so the model's NCHW input reaches a first conv without a channels-last copy
     strided_input: bool = False
@@ -310,9 +323,19 @@ def _conv_loop(slot: str, prologue: PrologueHook) -> list[str]:
     ]
 
 
-def _depthwise(slot: str, prologue: PrologueHook, out: str, channels: str, channel_mask: str, block: str) -> list[str]:
+def _depthwise(
+    slot: str, prologue: PrologueHook, out: str, channels: str, channel_mask: str, block: str, tap: list[str] | None = None
+) -> list[str]:
     """Each output channel convolves its own input channel: the tile `out` [BLOCK_M, block] at the
-    frame's pixels, for `channels`."""
+    frame's pixels, for `channels`. Each tap's input tile `x_tap` is loaded, or computed by the lines
+    `tap` (a tap producer's: those channels at the tap's input pixels)."""
+    if tap is None:
+        x_tap = [
+            f"x_tap = {_load_x(_x_at('n[:, None]', 'ih[:, None]', 'iw[:, None]', f'{channels}[None, :]'), 'inside')}",
+            *_where_inside(prologue("x_tap", channels, channel_mask, "inside"), "x_tap", "inside"),
+        ]
+    else:  # the padding is zero in the depthwise conv's input, not the producer's output there
+        x_tap = [*tap, "x_tap = tl.where(inside, x_tap, 0.0)"]
     return [
         f"{out} = tl.zeros((BLOCK_M, {block}), dtype=tl.float32)",
         # a loop over kernel rows, not unrolled: unrolled, the loads of all KH * KW taps were hoisted
@@ -322,9 +345,9 @@ def _depthwise(slot: str, prologue: PrologueHook, out: str, channels: str, chann
         "    for kw in tl.static_range(KW):",
         "        ih = oh * STRIDE - PAD + kh",
         "        iw = ow * STRIDE - PAD + kw",
-        f"        inside = mask_m[:, None] & {channel_mask}[None, :] & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]",
-        f"        x_tap = {_load_x(_x_at('n[:, None]', 'ih[:, None]', 'iw[:, None]', f'{channels}[None, :]'), 'inside')}",
-        *("        " + line for line in _where_inside(prologue("x_tap", channels, channel_mask, "inside"), "x_tap", "inside")),
+        "        in_image = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)",
+        f"        inside = in_image[:, None] & {channel_mask}[None, :]",
+        *("        " + line for line in x_tap),
         f"        w = tl.load({slot}_weight_ptr + {channels} * {slot}_weight_stride_o + kh * {slot}_weight_stride_h"
         f" + kw * {slot}_weight_stride_w, mask={channel_mask}, other=0.0)",
         f"        {out} += x_tap * w[None, :]",
@@ -337,6 +360,10 @@ def _dwconv_loop(slot: str, prologue: PrologueHook) -> list[str]:
 
 def _dwconv_produce(slot: str, prologue: PrologueHook) -> list[str]:
     return _depthwise(slot, prologue, "a", "offs_k", "mask_k", "BLOCK_K")
+
+
+def _dwconv_consume_taps(slot: str, produced: list[str]) -> list[str]:
+    return _depthwise(slot, lambda *args: [], "acc", "offs_n", "mask_n", "BLOCK_N", tap=produced)
 
 
 def _gemm(slot: str, a_tile: list[str], bias: bool) -> list[str]:
@@ -370,6 +397,24 @@ def _gemm_loop(row: str, bias: bool):
         return [f"x_row = {row}", *_gemm(slot, a_tile, bias)]
 
     return loop
+
+
+def _gemm_at_tap(slot: str, prologue: PrologueHook) -> list[str]:
+    """A stride-1 1x1 conv at a depthwise consumer's tap: its GEMM over the input channels at the tap's
+    input pixels, for the consumer's channels offs_n. Pixels outside the image load zeros, and the
+    consumer zeroes their rows after the producer's elementwise ops."""
+    return [
+        "x_tap = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
+        "for k0 in range(0, C_in, BLOCK_K):",
+        "    offs_k = k0 + tl.arange(0, BLOCK_K)",
+        "    mask_k = offs_k < C_in",
+        f"    a = {_load_x(_x_at('n[:, None]', 'ih[:, None]', 'iw[:, None]', 'offs_k[None, :]'), 'in_image[:, None] & mask_k[None, :]')}",
+        # masked lanes meet zero weights, so the prologue needs no re-masking here
+        *("    " + line for line in prologue("a", "offs_k", "mask_k", None)),
+        f"    b = tl.load({slot}_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],"
+        " mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
+        "    x_tap = fp32_dot(a, b, x_tap, DOT_PRECISION)",
+    ]
 
 
 def _gemm_consume(slot: str, produced: list[str]) -> list[str]:
@@ -576,6 +621,24 @@ def producer_tile(C_in, C_out, taps, dtype):
 """
 
 
+# The tile of a depthwise conv that computes a 1x1 conv at each tap (emitted once per file that has one).
+TAP_PRODUCER_TILE = """\
+def tap_producer_tile(C_in):
+    \"\"\"(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for a depthwise conv whose taps a 1x1 conv from C_in channels
+    computes (conv1x1 -> bn -> relu6 -> dwconv3x3), from sweeps of EfficientNetB1's expansions into stride-2
+    depthwise convs with float16 activations on an H200 (scripts/tune_taps.py; notes/perf.md).\"\"\"
+    if C_in <= 64:
+        # 16 pixels a program and the whole 1x1 conv in one K step; a warp per 32 channels up to 32 input
+        # channels, then 64 channels on 2 warps. Against 64 x 64 on 4 warps, batch 10 / 128, ms:
+        # 16 -> 96 @120 0.0280 / 0.317 -> 0.0188 / 0.203, 24 -> 144 @60 0.0163 / 0.151 -> 0.0136 / 0.118
+        block_k = max(16, triton.next_power_of_2(C_in))
+        if C_in <= 32:
+            return 16, 32, block_k, 1
+        return 16, 64, block_k, 2
+    return 64, 64, 64, 4
+"""
+
+
 # Functions that lowered kernels (jit) and wrappers call, by name: emit adds each to a generated file
 # that calls it, once.
 KERNEL_FUNCTIONS = {"fp32_dot": FP32_DOT}
@@ -584,6 +647,7 @@ WRAPPER_FUNCTIONS = {
     "conv_tile": CONV_TILE,
     "dwconv_tile": DWCONV_TILE,
     "producer_tile": PRODUCER_TILE,
+    "tap_producer_tile": TAP_PRODUCER_TILE,
     "dot_weight": DOT_WEIGHT,
     "dot_precision": DOT_PRECISION_RULE,
 }
@@ -663,7 +727,7 @@ def _dwconv_op(k: int) -> Op:
         reference=lambda x, m: f"{m}({x})",
         lowering=Anchor(
             _DWCONV_PARAMS,
-            "C_in",
+            "{m}.out_channels",
             _CONV_PIXELS,
             _dwconv_loop,
             _NEIGHBOURHOOD.format(k=k),
@@ -675,6 +739,9 @@ def _dwconv_op(k: int) -> Op:
             # Triton would pipeline the taps of a K step through shared memory as deep as its default
             # (a dwconv5x5 producer asked for 438 KB): the rule says how many stages fit
             produce_tile_options=("num_warps", "num_stages"),
+            consume_taps=_dwconv_consume_taps,
+            consume_taps_tile="tap_producer_tile(C_in)",
+            consume_taps_tile_options=("num_warps",),
         ),
         summary=f"depthwise {k}x{k} convolution (groups = channels), no bias",
     )
@@ -865,6 +932,12 @@ FIXED_OPS = {
                 consume_guard=(
                     "if {m}.stride != (1, 1):",
                     '    raise ValueError(f"conv1x1 computes the depthwise conv before it at its own pixels, so it needs stride 1, not {{{m}.stride}}")',
+                ),
+                produce_tap=_gemm_at_tap,
+                produce_tap_refusal=_stride_one,
+                produce_tap_guard=(
+                    "if {m}.stride != (1, 1):",
+                    '    raise ValueError(f"the depthwise conv computes conv1x1 at the pixels of its taps, so conv1x1 needs stride 1, not {{{m}.stride}}")',
                 ),
             ),
             summary="1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot",

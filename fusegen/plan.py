@@ -1,9 +1,9 @@
 """Stage 3, plan: each checked chain becomes a launch of one fused kernel (or, for a bare view, none).
 
 The kernel IR is small on purpose: a kernel is a prologue (elementwise ops applied to each input tile
-as it is loaded), optionally a producer (a depthwise conv and the elementwise ops after it, computed
-inside the anchor's K loop as its input tile), one anchor (the loop nest that produces the output
-tile), an epilogue (elementwise ops on the fp32 accumulator), optionally a pool (the tiles of each
+as it is loaded), optionally a producer (an anchor and the elementwise ops after it that compute the
+anchor's input in registers: a depthwise conv inside a 1x1 conv's K loop, or a 1x1 conv at each tap of
+a depthwise conv), one anchor (the loop nest that produces the output tile), an epilogue (elementwise ops on the fp32 accumulator), optionally a pool (the tiles of each
 pooling window summed in registers, so only the pooled pixels are stored) and an optional view of the
 output.
 Chains with the same structure share one kernel definition.
@@ -49,7 +49,8 @@ class Kernel:
     sources: tuple[str, ...]  # the spec chains it comes from: "line 9: dwconv3x3(...) -> bn(inp) -> relu"
     # training mode: also store per-tile statistics of the output for the BatchNorm that follows
     writes_batch_stats: bool = False
-    # a producer anchor and the elementwise ops after it: the anchor's input tile, made in registers
+    # a producer anchor and the elementwise ops after it: the anchor's input tile, made in registers (in
+    # its K loop, or at each of its taps where the anchor consumes taps)
     producer: tuple[FusedOp, ...] = ()
     # eval mode: some launch stores an activation for a later kernel, at the model's activation_dtype
     # (its wrapper takes out_dtype; the model's output stays float32)
@@ -64,6 +65,11 @@ class Kernel:
     def ops(self) -> tuple[FusedOp, ...]:
         """Prologue, producer, anchor, epilogue and pool, in chain order."""
         return (*self.prologue, *self.producer, self.anchor, *self.epilogue, *([self.pool] if self.pool else []))
+
+    @property
+    def producer_at_taps(self) -> bool:
+        """The producer runs at each tap of a depthwise anchor (conv1x1 -> dwconv), not in a K loop."""
+        return bool(self.producer) and self.anchor.op.lowering.consume_taps is not None
 
     @property
     def module_ops(self) -> tuple[FusedOp, ...]:

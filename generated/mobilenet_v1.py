@@ -195,11 +195,8 @@ def dwconv3x3_bn_relu_conv1x1_bn_relu_kernel(
             for kw in tl.static_range(CONV_KW):
                 ih = oh * CONV_STRIDE - CONV_PAD + kh
                 iw = ow * CONV_STRIDE - CONV_PAD + kw
-                inside = (
-                    mask_m[:, None]
-                    & mask_k[None, :]
-                    & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
-                )
+                in_image = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                inside = in_image[:, None] & mask_k[None, :]
                 x_tap = tl.load(
                     x_ptr
                     + ((n[:, None] * H + ih[:, None]) * W + iw[:, None]) * C_in
@@ -297,11 +294,8 @@ def dwconv3x3_bn_relu_kernel(
         for kw in tl.static_range(KW):
             ih = oh * STRIDE - PAD + kh
             iw = ow * STRIDE - PAD + kw
-            inside = (
-                mask_m[:, None]
-                & mask_n[None, :]
-                & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
-            )
+            in_image = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            inside = in_image[:, None] & mask_n[None, :]
             x_tap = tl.load(
                 x_ptr
                 + ((n[:, None] * H + ih[:, None]) * W + iw[:, None]) * C_in
@@ -681,11 +675,8 @@ def bn_relu_dwconv3x3_stats_train_kernel(
         for kw in tl.static_range(KW):
             ih = oh * STRIDE - PAD + kh
             iw = ow * STRIDE - PAD + kw
-            inside = (
-                mask_m[:, None]
-                & mask_n[None, :]
-                & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
-            )
+            in_image = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            inside = in_image[:, None] & mask_n[None, :]
             x_tap = tl.load(
                 x_ptr
                 + ((n[:, None] * H + ih[:, None]) * W + iw[:, None]) * C_in
@@ -1198,7 +1189,7 @@ def dwconv3x3_bn_relu_conv1x1_bn_relu(x, conv, bn, conv2, bn2, out_dtype=torch.f
 def dwconv3x3_bn_relu(x, conv, bn, out_dtype=torch.float32):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
-    C_out = C_in
+    C_out = conv.out_channels
     OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
     OW = (W + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
     out = torch.empty(
@@ -1417,7 +1408,7 @@ def conv3x3_stats(x, conv):
 def bn_relu_dwconv3x3_stats_train(x, x_stats, bn, conv):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
-    C_out = C_in
+    C_out = conv.out_channels
     OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
     OW = (W + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
     out = torch.empty(

@@ -71,6 +71,9 @@ VARIANTS = {
         # session 6's spec: mbconv2 and mbconv3 fused too (with float16 activations they lose)
         "fuse-16,24": fuse_blocks("mbconv", "mbconv_fused", {"16", "24"}),
         "fuse-none": fuse_blocks("mbconv_fused", "mbconv"),
+        # the expansions of mbconv2-4 computed at their depthwise convs' taps (session 11), or not
+        "expand-none": fuse_blocks("mbconv_expand_fused", "mbconv"),
+        "expand-16": fuse_blocks("mbconv_expand_fused", "mbconv", {"24", "40"}),
     },
 }
 

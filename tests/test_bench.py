@@ -165,6 +165,29 @@ def test_bytes_and_flops_of_kernels_that_a_pool_ends():
     assert [bench.launch_flops(launch) for launch in launches] == [2560, 640]
 
 
+TAPS = """\
+model Taps()
+input(2, 4, 6, 6)
+forward:
+    e: conv1x1(4, 8) -> bn1: bn(8) -> relu6 -> d: dwconv3x3(8, 2) -> bn2: bn(8) -> relu6
+"""
+
+
+def test_bytes_and_flops_of_a_kernel_with_a_tap_producer():
+    """The 1x1 conv computed at the depthwise conv's taps counts once per pixel of its own output, the
+    ops after the depthwise conv at its pixels; worked by hand, 2x4x6x6 in, 2x8x3x3 out:
+    288 in + 32 weight + 32 bn1 + 72 depthwise weight + 32 bn2 + 144 out = 600 elements;
+    conv1x1 at 72 pixels 2*72*8*4 = 4608, bn1 2*72*8 = 1152, relu6 1152; dwconv3x3 at 18 pixels
+    2*18*8*9 = 2592, bn2 2*18*8 = 288, relu6 288: 10080 FLOPs"""
+    spec = bench.compile_model("specs/taps.fuse", TAPS)
+    model = bench.build_model(spec).to(DEVICE)
+    x = torch.rand(bench.input_shape(spec, 2), device=DEVICE)
+    (launch,) = bench.label_launches(bench.record_launches(model, x), spec.launch_steps)
+    assert launch.wrapper == "conv1x1_bn_relu6_dwconv3x3_bn_relu6"
+    assert bench.launch_bytes(launch) == 600 * 4
+    assert bench.launch_flops(launch) == 10080
+
+
 def test_identical_launches_group_with_a_count_in_first_appearance_order(launches):
     groups = bench.group_launches(launches)
     assert [(launch.wrapper, count) for launch, count in groups] == [

@@ -254,6 +254,43 @@ def test_a_producer_runs_inside_the_k_loop_and_is_never_stored():
     assert rule in ast.unparse(wrapper)
 
 
+def test_a_tap_producer_runs_at_each_tap_and_is_never_stored():
+    """`conv1x1 -> bn -> relu6 -> dwconv3x3 -> bn -> relu6` (EfficientNetB1's expansions): at each tap the
+    depthwise conv computes the 1x1 conv from the kernel's input at the tap's pixels, its bn and relu6,
+    and zero where the tap is padding; the expanded tensor is never stored."""
+    source = SOURCES["efficientnet_b1.fuse"]
+    (kernel,) = [k for k in kernels(source) if k.name == "conv1x1_bn_relu6_dwconv3x3_bn_relu6_kernel"]
+    (rows,) = [n for n in kernel.body if isinstance(n, ast.For) and ast.unparse(n.target) == "kh"]
+    (k_loop,) = [n for n in ast.walk(rows) if isinstance(n, ast.For) and ast.unparse(n.target) == "k0"]
+    assert "x_ptr" in ast.unparse(k_loop) and "fp32_dot(a, b, x_tap, CONV_DOT_PRECISION)" in ast.unparse(k_loop)
+    taps = ast.unparse(rows)
+    assert taps.index("x_tap = tl.minimum(tl.maximum(x_tap, 0.0), 6.0)") < taps.index("x_tap = tl.where(inside, x_tap, 0.0)")
+    assert taps.index("x_tap = tl.where(inside, x_tap, 0.0)") < taps.index("acc += x_tap * w[None, :]")
+    assert [stored_pointer(s) for s in calls(kernel, "tl.store")] == ["out_ptr"]
+    # the producer's constexprs carry its slot; the anchor's own are bare
+    params = {a.arg for a in kernel.args.args}
+    assert {"KH", "STRIDE", "PAD", "CONV_DOT_PRECISION"} <= params and "DOT_PRECISION" not in params
+    wrapper = ast.unparse(wrapper_of(source, kernel.name))
+    assert "BLOCK_M, BLOCK_N, BLOCK_K, num_warps = tap_producer_tile(C_in)" in wrapper
+    assert "dot_weight(conv, CONV_DOT_PRECISION)" in wrapper and "C_out = conv2.out_channels" in wrapper
+
+
+@settings(max_examples=200, deadline=None)
+@given(c_in=st.integers(1, 2048))
+def test_tap_producer_tiles_are_powers_of_two_that_fit_a_4090(c_in):
+    """tap_producer_tile, as emitted: power-of-two blocks of at least 16 (tl.dot's minimum), the whole 1x1
+    conv in one K step up to 64 input channels, at least one output value for each thread; its one
+    pipelined K loop fits the 99 KB of shared memory an RTX 4090 gives a block (4 bytes a value)."""
+    namespace: dict = {}
+    exec(ops.TAP_PRODUCER_TILE, {"triton": triton}, namespace)
+    block_m, block_n, block_k, warps = namespace["tap_producer_tile"](c_in)
+    for block in (block_m, block_n, block_k):
+        assert block >= 16 and block & (block - 1) == 0
+    assert (block_k >= c_in) == (c_in <= 64) and warps in (1, 2, 4)
+    assert block_m * block_n >= 32 * warps
+    assert (block_m * block_k + block_k * block_n) * 4 * 3 <= 99 * 1024
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     rows=st.integers(1, 128 * 224 * 224),

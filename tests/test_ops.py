@@ -495,6 +495,36 @@ def test_dwconv_producer_into_conv1x1(k, stride, n, c, c_out, h, w, with_prologu
     )
 
 
+# -- tap producers: a 1x1 conv computed at each tap of the depthwise conv after it ----------------------------
+
+
+@pytest.mark.parametrize("k", [3, 5])
+@few_examples
+@given(stride=strides, n=batches, c_in=channels, c=channels, h=sizes, w=sizes, with_prologue=st.booleans())
+@example(stride=1, n=1, c_in=1, c=1, h=1, w=1, with_prologue=False)
+@example(stride=2, n=3, c_in=33, c=17, h=9, w=4, with_prologue=True)
+@example(stride=2, n=2, c_in=16, c=WIDE, h=8, w=5, with_prologue=False)  # two 64-channel blocks at C_in 16
+@example(stride=1, n=1, c_in=WIDE, c=40, h=3, w=6, with_prologue=False)  # 70 input channels: K steps of 64
+def test_conv1x1_producer_at_dwconv_taps(k, stride, n, c_in, c, h, w, with_prologue):
+    """`[bn -> relu ->] conv1x1 -> bn -> relu6 -> dwconvKxK -> bn -> relu6`: one kernel whose depthwise conv
+    computes the 1x1 conv, its bn and relu6 at the input pixels of each tap; taps in the padding read zero
+    (not relu6(bn(0))), and the optional prologue applies to the 1x1 conv's input."""
+    prologue = [bn(c_in), relu] if with_prologue else []
+    check(
+        (n, c_in, h, w),
+        [*prologue, conv(1, c_in, c), bn(c), relu6, dwconv(k, c, stride), bn(c), relu6],
+    )
+
+
+def test_a_tap_producer_with_stride_is_refused_at_run_time():
+    """The spec checks the 1x1 conv's stride at its example arguments; a module changed later is refused."""
+    module = load(spec_text((1, 4, 5, 5), ["pw: conv1x1(4, 6) -> bn0: bn(6) -> relu -> dw: dwconv3x3(6)"]))
+    model = module.ModelNew().to(DEVICE).eval()
+    model.pw.stride = (2, 2)
+    with torch.no_grad(), pytest.raises(ValueError, match="conv1x1 needs stride 1"):
+        model(torch.randn(1, 4, 5, 5, device=DEVICE))
+
+
 # float16 storage of a tensor between kernels, for the reference: not an op of the spec
 to_float16 = Op("", lambda m, y: y.half().float(), has_params=False)
 

@@ -45,6 +45,19 @@ CASES = [
         51,
         "conv1x1 cannot join the kernel of conv1x1: each of its outputs reads every input channel",
     ),
+    (
+        HEADER + "forward:\n    pw: conv1x1(3, c, stride=2) -> dw: dwconv3x3(c)\n",
+        4,
+        40,
+        "dwconv3x3 cannot join the kernel of conv1x1: dwconv3x3 computes conv1x1 at the input pixels of its taps,"
+        " and with stride 2 its input pixels are not its output pixels",
+    ),
+    (
+        HEADER + "forward:\n    pw: conv1x1(3, c) -> dw: dwconv3x3(c) -> pw2: conv1x1(c, c)\n",
+        4,
+        51,
+        "conv1x1 cannot join the kernel of dwconv3x3: each of its outputs reads every input channel",
+    ),
     (HEADER + "forward:\n    global_avgpool -> flatten -> relu\n", 4, 34, "flatten only reshapes"),
     (
         HEADER + "forward:\n    pw: conv1x1(3, c) -> global_avgpool -> relu\n",
