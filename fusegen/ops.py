@@ -559,8 +559,10 @@ def gemm_tile(rows, C_in, C_out, precision):
     # under a wave of programs (batch 10's late layers): narrower tiles, longer K steps
     # (1152 -> 320 @8: 0.024 -> 0.015 ms; 1024 -> 1024 @7: 0.023 -> 0.019 ms). Sweeps of these layers
     # alone in a CUDA graph favoured wider tiles with K steps of 32, but in the whole net that made
-    # MobileNetV1 at batch 10 slower (0.262 -> 0.270 ms, H200; notes/perf.md, session 6)
-    block_k = 64 if C_in >= 64 else 32
+    # MobileNetV1 at batch 10 slower (0.262 -> 0.270 ms, H200; notes/perf.md, session 6). Each K step
+    # waits on its loads, so float16 operands take steps of 128 (3 stages: 96 KB): whole nets at batch
+    # 10, MobileNetV1 0.200 -> 0.193 ms, EfficientNetB1 0.173 -> 0.168 ms (H200, session 11)
+    block_k = 128 if precision == "fp16" and C_in >= 128 else 64 if C_in >= 64 else 32
     if programs(64, min(block_n, 64)) >= 128:
         return 64, min(block_n, 64), block_k
     return 32, min(block_n, 32), block_k
