@@ -3,9 +3,9 @@
 The kernel IR is small on purpose: a kernel is a prologue (elementwise ops applied to each input tile
 as it is loaded), optionally a producer (an anchor and the elementwise ops after it that compute the
 anchor's input in registers: a depthwise conv inside a 1x1 conv's K loop, or a 1x1 conv at each tap of
-a depthwise conv), one anchor (the loop nest that produces the output tile), an epilogue (elementwise ops on the fp32 accumulator), optionally a pool (the tiles of each
-pooling window summed in registers, so only the pooled pixels are stored) and an optional view of the
-output.
+a depthwise conv), one anchor (the loop nest that produces the output tile), an epilogue (elementwise
+ops on the fp32 accumulator), optionally a pool (the tiles of each pooling window summed in registers,
+so only the pooled pixels are stored) and an optional view of the output.
 Chains with the same structure share one kernel definition.
 """
 

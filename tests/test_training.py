@@ -56,20 +56,25 @@ forward:
     bn2: bn(7) -> relu6
 """
 
-# Producer chains: BatchNorm between the depthwise conv and its 1x1 consumer needs the depthwise output
-# reduced first (two launches); without one, the pair stays one kernel, normalising its input taps.
+# Producer chains, in a 1x1 conv's K loop (dw -> pw) and at a depthwise conv's taps (pe -> dw3): BatchNorm
+# between producer and consumer needs the producer's output reduced first (two launches); without one,
+# the pair stays one kernel, normalising its input taps (dw2 -> pw2) or its 1x1 conv's input (pe2 -> dw4).
 PRODUCER_SPEC = """\
 model Prod(c=6)
 input(2, c, 9, 7)
 forward:
     dw: dwconv3x3(c) -> bn1: bn(c) -> relu6 -> pw: conv1x1(c, 10) -> bn2: bn(10) -> relu
     dw2: dwconv3x3(10, stride=2) -> relu -> pw2: conv1x1(10, 5) -> bn3: bn(5)
+    pe: conv1x1(5, 12) -> bn4: bn(12) -> relu6 -> dw3: dwconv3x3(12, stride=2) -> bn5: bn(12) -> relu6
+    pe2: conv1x1(12, 8) -> relu -> dw4: dwconv3x3(8) -> bn6: bn(8)
 """
 
 
 def producer_reference(m, x):
     x = F.relu(m.bn2(m.pw(F.relu6(m.bn1(m.dw(x))))))
-    return m.bn3(m.pw2(F.relu(m.dw2(x))))
+    x = m.bn3(m.pw2(F.relu(m.dw2(x))))
+    x = F.relu6(m.bn5(m.dw3(F.relu6(m.bn4(m.pe(x))))))
+    return m.bn6(m.dw4(F.relu(m.pe2(x))))
 
 
 def odd_reference(m, x):
