@@ -43,6 +43,15 @@ def _param_name(f: FusedOp, p: O.KernelParam, is_anchor: bool) -> str:
     return f"{f.slot}_{p.name}"
 
 
+def _slotted(f: FusedOp, text: str) -> str:
+    """`text` with the bare names of f's constexprs (KH, DOT_PRECISION) replaced by the slot-prefixed ones
+    that an op other than the kernel's anchor takes (CONV_KH, CONV_DOT_PRECISION)."""
+    for p in f.params:
+        if p.constexpr:
+            text = re.sub(rf"\b{p.name}\b", _param_name(f, p, is_anchor=False), text)
+    return text
+
+
 def _prologue_hook(prologue: tuple[FusedOp, ...]) -> O.PrologueHook:
     def hook(tile: str, channels: str, channel_mask: str, inside: str | None) -> list[str]:
         lines = []
@@ -147,11 +156,7 @@ def _produced(kernel: Kernel) -> list[str]:
     for f in kernel.producer[1:]:
         lines.append(f"# producer: {f.op.name}")
         lines += f.op.lowering.apply(tile, f.slot, channels, channel_mask)
-    text = "\n".join(lines)
-    for p in producer.params:
-        if p.constexpr:
-            text = re.sub(rf"\b{p.name}\b", _param_name(producer, p, is_anchor=False), text)
-    return text.split("\n")
+    return _slotted(producer, "\n".join(lines)).split("\n")
 
 
 def _out_dims(kernel: Kernel) -> list[str]:
@@ -231,11 +236,8 @@ def lower(kernel: Kernel) -> LoweredKernel:
         is_anchor = f is kernel.anchor
         for p in f.params:
             value = p.value.format(m=f.slot)
-            if not is_anchor:  # a value may read the op's own constexprs (dot_weight's DOT_PRECISION)
-                for q in f.params:
-                    if q.constexpr:
-                        value = re.sub(rf"\b{q.name}\b", _param_name(f, q, is_anchor=False), value)
-            entry = (_param_name(f, p, is_anchor), value)
+            # a value may read the op's own constexprs (dot_weight's DOT_PRECISION)
+            entry = (_param_name(f, p, is_anchor), value if is_anchor else _slotted(f, value))
             if is_anchor and p.name.startswith("BLOCK_"):
                 own_blocks[p.name] = entry[1]
             elif p.constexpr:

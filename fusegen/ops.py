@@ -323,19 +323,19 @@ def _conv_loop(slot: str, prologue: PrologueHook) -> list[str]:
     ]
 
 
-def _depthwise(
-    slot: str, prologue: PrologueHook, out: str, channels: str, channel_mask: str, block: str, tap: list[str] | None = None
-) -> list[str]:
+def _loaded_tap(prologue: PrologueHook, channels: str, channel_mask: str) -> list[str]:
+    """A depthwise tap's input tile `x_tap`, loaded at the tap's input pixels for `channels`, the prologue
+    applied, zero in the padding."""
+    return [
+        f"x_tap = {_load_x(_x_at('n[:, None]', 'ih[:, None]', 'iw[:, None]', f'{channels}[None, :]'), 'inside')}",
+        *_where_inside(prologue("x_tap", channels, channel_mask, "inside"), "x_tap", "inside"),
+    ]
+
+
+def _depthwise(slot: str, out: str, channels: str, channel_mask: str, block: str, tap: list[str]) -> list[str]:
     """Each output channel convolves its own input channel: the tile `out` [BLOCK_M, block] at the
-    frame's pixels, for `channels`. Each tap's input tile `x_tap` is loaded, or computed by the lines
-    `tap` (a tap producer's: those channels at the tap's input pixels)."""
-    if tap is None:
-        x_tap = [
-            f"x_tap = {_load_x(_x_at('n[:, None]', 'ih[:, None]', 'iw[:, None]', f'{channels}[None, :]'), 'inside')}",
-            *_where_inside(prologue("x_tap", channels, channel_mask, "inside"), "x_tap", "inside"),
-        ]
-    else:  # the padding is zero in the depthwise conv's input, not the producer's output there
-        x_tap = [*tap, "x_tap = tl.where(inside, x_tap, 0.0)"]
+    frame's pixels, for `channels`. `tap` are the lines that leave each tap's input tile in `x_tap`
+    (`_loaded_tap`, or a tap producer's)."""
     return [
         f"{out} = tl.zeros((BLOCK_M, {block}), dtype=tl.float32)",
         # a loop over kernel rows, not unrolled: unrolled, the loads of all KH * KW taps were hoisted
@@ -347,7 +347,7 @@ def _depthwise(
         "        iw = ow * STRIDE - PAD + kw",
         "        in_image = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)",
         f"        inside = in_image[:, None] & {channel_mask}[None, :]",
-        *("        " + line for line in x_tap),
+        *("        " + line for line in tap),
         f"        w = tl.load({slot}_weight_ptr + {channels} * {slot}_weight_stride_o + kh * {slot}_weight_stride_h"
         f" + kw * {slot}_weight_stride_w, mask={channel_mask}, other=0.0)",
         f"        {out} += x_tap * w[None, :]",
@@ -355,29 +355,30 @@ def _depthwise(
 
 
 def _dwconv_loop(slot: str, prologue: PrologueHook) -> list[str]:
-    return _depthwise(slot, prologue, "acc", "offs_n", "mask_n", "BLOCK_N")
+    return _depthwise(slot, "acc", "offs_n", "mask_n", "BLOCK_N", _loaded_tap(prologue, "offs_n", "mask_n"))
 
 
 def _dwconv_produce(slot: str, prologue: PrologueHook) -> list[str]:
-    return _depthwise(slot, prologue, "a", "offs_k", "mask_k", "BLOCK_K")
+    return _depthwise(slot, "a", "offs_k", "mask_k", "BLOCK_K", _loaded_tap(prologue, "offs_k", "mask_k"))
 
 
 def _dwconv_consume_taps(slot: str, produced: list[str]) -> list[str]:
-    return _depthwise(slot, lambda *args: [], "acc", "offs_n", "mask_n", "BLOCK_N", tap=produced)
+    # the padding is zero in the depthwise conv's input, not the producer's output there
+    return _depthwise(slot, "acc", "offs_n", "mask_n", "BLOCK_N", [*produced, "x_tap = tl.where(inside, x_tap, 0.0)"])
 
 
-def _gemm(slot: str, a_tile: list[str], bias: bool) -> list[str]:
-    """acc[pixel, out] = sum over input channels k of a[pixel, k] * w[out, k], where `a_tile` are the
-    lines that leave the input tile of channels offs_k in `a`."""
+def _gemm(slot: str, a_tile: list[str], bias: bool, out: str = "acc") -> list[str]:
+    """out[pixel, channel] = sum over input channels k of a[pixel, k] * w[channel, k], where `a_tile` are
+    the lines that leave the input tile of channels offs_k in `a`."""
     lines = [
-        "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
+        f"{out} = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
         "for k0 in range(0, C_in, BLOCK_K):",
         "    offs_k = k0 + tl.arange(0, BLOCK_K)",
         "    mask_k = offs_k < C_in",
         *("    " + line for line in a_tile),
         f"    b = tl.load({slot}_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],"
         " mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
-        "    acc = fp32_dot(a, b, acc, DOT_PRECISION)",
+        f"    {out} = fp32_dot(a, b, {out}, DOT_PRECISION)",
     ]
     if bias:
         lines.append(f"acc += tl.load({slot}_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]")
@@ -401,20 +402,14 @@ def _gemm_loop(row: str, bias: bool):
 
 def _gemm_at_tap(slot: str, prologue: PrologueHook) -> list[str]:
     """A stride-1 1x1 conv at a depthwise consumer's tap: its GEMM over the input channels at the tap's
-    input pixels, for the consumer's channels offs_n. Pixels outside the image load zeros, and the
-    consumer zeroes their rows after the producer's elementwise ops."""
-    return [
-        "x_tap = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
-        "for k0 in range(0, C_in, BLOCK_K):",
-        "    offs_k = k0 + tl.arange(0, BLOCK_K)",
-        "    mask_k = offs_k < C_in",
-        f"    a = {_load_x(_x_at('n[:, None]', 'ih[:, None]', 'iw[:, None]', 'offs_k[None, :]'), 'in_image[:, None] & mask_k[None, :]')}",
+    input pixels, for the consumer's channels offs_n, in `x_tap`. Pixels outside the image load zeros,
+    and the consumer zeroes their rows after the producer's elementwise ops."""
+    a_tile = [
+        f"a = {_load_x(_x_at('n[:, None]', 'ih[:, None]', 'iw[:, None]', 'offs_k[None, :]'), 'in_image[:, None] & mask_k[None, :]')}",
         # masked lanes meet zero weights, so the prologue needs no re-masking here
-        *("    " + line for line in prologue("a", "offs_k", "mask_k", None)),
-        f"    b = tl.load({slot}_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],"
-        " mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
-        "    x_tap = fp32_dot(a, b, x_tap, DOT_PRECISION)",
+        *prologue("a", "offs_k", "mask_k", None),
     ]
+    return _gemm(slot, a_tile, bias=False, out="x_tap")
 
 
 def _gemm_consume(slot: str, produced: list[str]) -> list[str]:
