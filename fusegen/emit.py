@@ -73,51 +73,73 @@ def graph_inputs_unchanged(inputs):
 """
 
 GRAPH_REPLAY = """\
+def capture_cuda_graph(model, x, copy_input):
+    \"\"\"A CUDA graph of model.run_kernels on x: (graph, the tensor that a replay writes first, its output,
+    whether a replay runs the first launch outside it). Without copy_input it reads x where x lies (and
+    keeps no reference to it, so the caller's next input may take its memory). With it, its own copy of
+    x, or from model.first_kernel_outside_graph_numel input elements (eval mode) the first launch's output:
+    that launch runs outside the graph, on x itself. The graphs of a device share one memory pool: each
+    replay writes what it reads first and its output is cloned at once, so none needs another's memory kept.\"\"\"
+    outside = (
+        copy_input
+        and not model.training
+        and model.first_kernel_outside_graph_numel is not None
+        and x.numel() >= model.first_kernel_outside_graph_numel
+    )
+    run, static_x = model.run_kernels, None
+    if outside:  # the graph starts from the first launch's output
+        run, static_x = model.run_kernels_after_first, model.run_first_kernel(x)
+    elif copy_input:
+        # in the layout the first kernel reads, so that each replay's copy is also any layout change
+        static_x = torch.empty_like(x, memory_format=model.input_layout).copy_(x)
+    graph_x = x if static_x is None else static_x
+    with torch.cuda.device(x.device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            # compiles the kernels outside the capture; training mode must not count this run
+            buffers = [b.clone() for b in model.buffers()]
+            run(graph_x)
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        pool = model.cuda_graph_pools.setdefault(x.device, torch.cuda.graph_pool_handle())
+        # torch.cuda.graph's default capture stream lives on whichever GPU first captured
+        # anything in this process: capture on a stream of x's GPU instead
+        with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream()):
+            static_out = run(graph_x)
+    return graph, static_x, static_out, outside
+
+
 def replay_cuda_graph(model, x):
-    \"\"\"Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype, device and mode. The
-    graph is captured again when a parameter or buffer is replaced, a parameter changes in place, or a
-    module attribute named in model.captured_attrs changes; each call returns a fresh tensor, never one
-    that a later call overwrites. From model.first_kernel_outside_graph_numel input elements (eval mode)
-    the first launch runs outside the graph on x itself, so that x is not copied into the graph.\"\"\"
+    \"\"\"Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype, device and mode. Graphs are
+    captured again when a parameter or buffer is replaced, a parameter changes in place, or a module
+    attribute named in model.captured_attrs changes; each call returns a fresh tensor, never one that a
+    later call overwrites. Up to model.direct_graphs graphs per shape read the caller's tensor where it
+    lies, one per address and strides, so that a replay copies nothing in: a later input there has x's
+    shape and layout, so the graph reads it as it is then. An input at another address shares one graph
+    that copies it in (see capture_cuda_graph).\"\"\"
     # The kernels read buffers where they lie, so in-place changes to them need no new capture. A
     # parameter changed in place (its _version) captures again: dot_weight's TF32 copies are made
     # then. Scalars such as BatchNorm's eps and momentum are constants of the graph.
-    key = (x.shape, x.dtype, x.device, model.training)
-    entry = model.cuda_graphs.get(key)
-    if entry is None or not graph_inputs_unchanged(entry[0]):
-        model.cuda_graphs.pop(key, None)
+    graphs = model.cuda_graphs.setdefault((x.shape, x.dtype, x.device, model.training), {})
+    address = (x.data_ptr(), x.stride())  # None: the graph that copies its input in
+    if address not in graphs and sum(a is not None for a in graphs) >= model.direct_graphs:
+        address = None
+    entry = graphs.get(address)
+    if entry is not None and not graph_inputs_unchanged(entry[0]):
+        # all graphs were captured with the same parameters and attributes: all are stale
+        model.cuda_graphs.clear()
+        model.cuda_graph_pools.clear()
+        return replay_cuda_graph(model, x)
+    if entry is None:
         inputs = graph_inputs(model, model.captured_attrs)
-        outside = (
-            not model.training
-            and model.first_kernel_outside_graph_numel is not None
-            and x.numel() >= model.first_kernel_outside_graph_numel
-        )
-        if outside:  # the graph starts from the first launch's output
-            static_x = model.run_first_kernel(x)
-            run = model.run_kernels_after_first
-        else:  # in the layout the first kernel reads, so that each replay's copy is also any layout change
-            static_x = torch.empty_like(x, memory_format=model.input_layout).copy_(x)
-            run = model.run_kernels
-        with torch.cuda.device(x.device):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                # compiles the kernels outside the capture; training mode must not count this run
-                buffers = [b.clone() for b in model.buffers()]
-                run(static_x)
-                for b, saved in zip(model.buffers(), buffers):
-                    b.copy_(saved)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # torch.cuda.graph's default capture stream lives on whichever GPU first captured
-            # anything in this process: capture on a stream of x's GPU instead
-            with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
-                static_out = run(static_x)
-        entry = model.cuda_graphs[key] = (inputs, graph, static_x, static_out, outside)
+        entry = graphs[address] = (inputs, *capture_cuda_graph(model, x, copy_input=address is None))
     _, graph, static_x, static_out, outside = entry
     if outside:
         model.run_first_kernel(x, out=static_x)
-    else:
+    elif static_x is not None:
         static_x.copy_(x)
     graph.replay()
     return static_out.clone()
@@ -298,12 +320,21 @@ def _first_kernel_outside_lines(plan: Plan) -> list[str]:
     if not _first_launch_outside_graph(plan):
         return ["# a CUDA graph replay copies the input into the graph (the first launch needs its copy)", "first_kernel_outside_graph_numel = None"]
     return [
-        "# from this many input elements a CUDA graph replay runs the first launch outside the graph on the",
-        "# caller's tensor instead of copying the input in (H200, ms: MobileNetV1 at batch 128 1.233 -> 1.194,",
+        "# from this many input elements the graph of inputs past direct_graphs runs the first launch outside",
+        "# on the caller's tensor instead of copying the input in (H200, ms: MobileNetV1 at batch 128 1.233 -> 1.194,",
         "# at batch 16 0.241 -> 0.235). A smaller input is copied: the launch from Python costs the host",
         "# 0.05-0.14 ms, so a small batch would wait for the host (EfficientNetB1 at batch 8: 0.174 -> 0.234)",
         "first_kernel_outside_graph_numel = 2**21",
     ]
+
+
+# ModelNew.direct_graphs, with why
+DIRECT_GRAPHS = [
+    "# CUDA graphs per input shape that read the caller's tensor where it lies (one per address and",
+    "# strides), so that a replay copies nothing in: H200, batch 10, MobileNetV1 0.190 -> 0.185 ms,",
+    "# EfficientNetB1 0.163 -> 0.157 ms. Inputs at other addresses share one graph that copies them in.",
+    "direct_graphs = 4",
+]
 
 
 def _called(functions: dict[str, str], callers: list[str]) -> list[str]:
@@ -335,13 +366,15 @@ def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
         *(INDENT + line for line in _captured_attrs_lines(plan)),
         *(INDENT + line for line in _input_layout_lines(plan)),
         *(INDENT + line for line in _first_kernel_outside_lines(plan)),
+        *(INDENT + line for line in DIRECT_GRAPHS),
         "",
         f"{INDENT}def __init__({ctor}):",
         f"{INDENT * 2}super().__init__()",
         *(INDENT * 2 + line for line in _init_lines(plan)),
         *(INDENT * 2 + line for line in _activation_dtype_lines(plan)),
         f"{INDENT * 2}self.use_cuda_graphs = True  # replay forward as a CUDA graph on the GPU",
-        f"{INDENT * 2}self.cuda_graphs = {{}}",
+        f"{INDENT * 2}self.cuda_graphs = {{}}  # (shape, dtype, device, training) -> {{input address: graph}}",
+        f"{INDENT * 2}self.cuda_graph_pools = {{}}  # device -> the memory pool its graphs share",
         "",
         f"{INDENT}def forward(self, x):",
         *(INDENT * 2 + line for line in _forward_lines(plan)),

@@ -6,8 +6,10 @@ Every kernel has the same frame, which owns the offsets and masks (like Inductor
 2-d output) by BLOCK_N channels. The anchor fills `acc` inside that frame, the prologue ops rewrite
 each input tile where the anchor loads it, the epilogue ops rewrite `acc`, and one `tl.store` writes
 it. A kernel that a pool ends has another frame (`_pooled`): one pooled pixel a program, its rows the
-pixels of that pixel's window, whose tiles it sums before the one store. Kernel parameters appear
-only when the body uses them, so no kernel has a dead parameter.
+pixels of that pixel's window, whose tiles it sums before the one store. An anchor that splits K
+(`Anchor.split_k_finish`) lowers to two kernels in the same frame: one stores each slice of K's
+partial sums, the other adds them and runs the epilogue. Kernel parameters appear only when the body
+uses them, so no kernel has a dead parameter.
 """
 
 from __future__ import annotations
@@ -126,6 +128,24 @@ def _pooled(tile: list[str]) -> list[str]:
     ]
 
 
+# Split K: the first kernel's program axis 1 is its slice of K, whose partial sums it stores in a
+# [SPLIT_K, rows, C_out] tensor; the second adds them up.
+_SLICE = ["# this program's slice of K (program axis 1): K_SLICE input channels from split * K_SLICE", "split = tl.program_id(1)"]
+
+
+def _partial_offsets(rows: str) -> str:
+    return f"partial_ptr + split * {rows} * C_out + offs_m[:, None] * C_out + offs_n[None, :]"
+
+
+def _sum_slices(rows: str) -> list[str]:
+    return [
+        "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
+        "# in slice order, so that every call adds them the same way (a CUDA graph replay equals a direct run)",
+        "for split in tl.static_range(SPLIT_K):",
+        f"    acc += tl.load({_partial_offsets(rows)}, mask=mask, other=0.0)",
+    ]
+
+
 # Training mode: statistics of the output tile for the BatchNorm that follows in the next kernel. The
 # deviations are taken from the tile's own mean, so merging the tiles later does not cancel.
 _TILE_STATS = [
@@ -204,16 +224,53 @@ def _block_lines(rule: TileRule | None, out_rank: int, body_text: str, own_block
     return [f"{name} = {value}" for name, value in values.items()]
 
 
+# A kernel parameter and the wrapper expression that feeds it
+Param = tuple[str, str]
+
+
+def _used_by(body: list[str], params: list[Param]) -> list[Param]:
+    """The params that a kernel body uses, in order: no kernel has a dead parameter."""
+    text = "\n".join(body)
+    return [p for p in params if _used(p[0], text)]
+
+
+def _kernel_source(name: str, comments: list[str], body: list[str], positional: list[Param], keyword: list[Param]) -> list[str]:
+    params = [name for name, _ in _used_by(body, positional)]
+    params += [f"{name}: tl.constexpr" for name, _ in _used_by(body, keyword)]
+    return [*comments, "@triton.jit", f"def {name}({', '.join(params)}):", *(INDENT + line for line in body)]
+
+
+def _launch(name: str, grid: str, body: list[str], positional: list[Param], keyword: list[Param], options: tuple[str, ...]) -> list[str]:
+    """Wrapper lines that launch the kernel `name` whose body is `body`."""
+    return [
+        f"{name}[{grid}](",
+        *(INDENT + f"{value}," for _, value in _used_by(body, positional)),
+        *(INDENT + f"{param}={value}," for param, value in _used_by(body, keyword)),
+        # the launch options (num_warps, num_stages) that the tile rule set
+        *(INDENT + f"{option}={option}," for option in options),
+        ")",
+    ]
+
+
 def lower(kernel: Kernel) -> LoweredKernel:
     anchor: O.Anchor = kernel.anchor.op.lowering
     out_rank = anchor.out_rank
+    rows = ("N * PH * PW" if kernel.pool else "N * OH * OW") if out_rank == 4 else "N"
     if kernel.producer_at_taps:
         loop = anchor.consume_taps(kernel.anchor.slot, _produced(kernel))
     elif kernel.producer:
         loop = anchor.consume(kernel.anchor.slot, _produced(kernel))
     else:
         loop = anchor.loop(kernel.anchor.slot, _prologue_hook(kernel.prologue))
-    tile = [f"# anchor: {kernel.anchor.op.summary}", *loop]
+    # split K: a first kernel (`slices`) runs the loop over each slice of K, this one adds their sums
+    split_k = anchor.split_k_finish is not None
+    slices = []
+    if split_k:
+        assert not kernel.producer and not kernel.pool, "split K: an anchor with neither producer nor pool"
+        slices = [*_frame(out_rank, loop), *_SLICE, f"# anchor: {kernel.anchor.op.summary}, over one slice of K", *loop]
+        slices.append(f"tl.store({_partial_offsets(rows)}, acc, mask=mask)")
+        loop = [*_sum_slices(rows), *anchor.split_k_finish(kernel.anchor.slot)]
+    tile = [f"# anchor: {kernel.anchor.op.summary}" + (", the sum of its slices of K" if split_k else ""), *loop]
     for f in kernel.epilogue:
         tile.append(f"# epilogue: {f.op.name}")
         tile += f.op.lowering.apply("acc", f.slot, "offs_n", "mask_n")
@@ -222,7 +279,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
         body = _pooled(tile)
     else:
         body = [*_frame(out_rank, loop), *tile, _STORE, *(_TILE_STATS if kernel.writes_batch_stats else [])]
-    body_text = "\n".join(body)
+    body_text = "\n".join([*body, *slices])  # what either kernel uses
 
     # Candidate parameters in signature order, each with the wrapper expression that feeds it.
     in_dims = ["N", "C_in", "H", "W"][: kernel.in_rank]
@@ -246,7 +303,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
                 pointers.append(entry)
             else:
                 scalars.append(entry)
-    pointers.append(("out_ptr", "out"))
+    pointers += [("partial_ptr", "partial"), ("out_ptr", "out")]
     if kernel.writes_batch_stats:
         pointers += [("tile_sum_ptr", "tile_sum"), ("tile_m2_ptr", "tile_m2")]
     dims = [(d, d) for d in dict.fromkeys(in_dims + out_dims) if d not in _CHANNELS]
@@ -254,10 +311,10 @@ def lower(kernel: Kernel) -> LoweredKernel:
     pool = kernel.pool
     window = [(_param_name(pool, p, is_anchor=False), p.value.format(m=pool.slot)) for p in pool.params] if pool else []
     channels = [(d, d) for d in _CHANNELS]
-    blocks = [(b, b) for b in dict.fromkeys([*O.TILE_BLOCKS, *own_blocks])]
+    rule = _tile_rule(kernel)
+    blocks = [(b, b) for b in dict.fromkeys([*O.TILE_BLOCKS, *own_blocks, *(rule[1] if rule else ()), "SPLIT_K"])]
     strides = _X_STRIDES if kernel.reads_any_layout else []
     positional = [p for p in pointers + dims + strides + scalars if _used(p[0], body_text)]
-    rule = _tile_rule(kernel)
     block_lines = _block_lines(rule, out_rank, body_text, own_blocks)
     if kernel.pool:
         # a program's rows are one pooling window's pixels, 64 a tile (the last 1x1 convs with their pools
@@ -274,17 +331,17 @@ def lower(kernel: Kernel) -> LoweredKernel:
     constexprs = [(name, name if name in variables else value) for name, value in constexprs]
     keyword = [p for p in channels + constexprs + blocks if _used(p[0], body_text)]
 
-    signature = [name for name, _ in positional] + [f"{name}: tl.constexpr" for name, _ in keyword]
     fused = " -> ".join(f.op.name for f in kernel.ops if f.op.name != "load") or "copy"
     if kernel.writes_batch_stats:
         fused += " (training mode: with the output's batch statistics)"
-    kernel_lines = [
-        f"# {fused}: one kernel, one store{' per output' if kernel.writes_batch_stats else ''}.",
-        *(f"# {source}" for source in kernel.sources),
-        "@triton.jit",
-        f"def {kernel.name}_kernel({', '.join(signature)}):",
-        *(INDENT + line for line in body),
-    ]
+    sources = [f"# {source}" for source in kernel.sources]
+    kernel_lines = []
+    if split_k:
+        comment = f"# {kernel.anchor.op.name} over slices of K: each slice's partial sums, for {kernel.name}_kernel to add."
+        kernel_lines += [*_kernel_source(f"{kernel.name}_slices_kernel", [comment, *sources], slices, positional, keyword), "", ""]
+        fused += f" (adding up {kernel.name}_slices_kernel's partial sums first)"
+    header = f"# {fused}: one kernel, one store{' per output' if kernel.writes_batch_stats else ''}."
+    kernel_lines += _kernel_source(f"{kernel.name}_kernel", [header, *sources], body, positional, keyword)
 
     # The launch wrapper: output shape, block sizes, grid, launch.
     modules = [f.slot for f in kernel.module_ops]
@@ -297,7 +354,6 @@ def lower(kernel: Kernel) -> LoweredKernel:
     if kernel.pool:
         anchor_dims += [f"{name} = {value}" for name, value in window] + _POOLED_PIXELS
     out_shape = ", ".join(["N", *out_dims])
-    rows = ("N * PH * PW" if kernel.pool else "N * OH * OW") if out_rank == 4 else "N"
     inputs = ["x", "x_stats"] if kernel.reads_batch_stats else ["x"]
     setup = [line.format(m=f.slot) for f in kernel.prologue if f.elementwise for line in f.elementwise.setup]
     # the kernel computes in float32 and its store converts to the output's dtype: an activation for a
@@ -323,15 +379,17 @@ def lower(kernel: Kernel) -> LoweredKernel:
             INDENT + f"tile_sum = torch.empty((triton.cdiv({rows}, BLOCK_M), C_out), device=x.device, dtype=torch.float32)",
             INDENT + "tile_m2 = torch.empty_like(tile_sum)",
         ]
-    wrapper += [
-        *(INDENT + line for line in setup),
-        INDENT + f"{kernel.name}_kernel[grid](",
-        *(INDENT * 2 + f"{value}," for _, value in positional),
-        *(INDENT * 2 + f"{name}={value}," for name, value in keyword),
-        # the launch options (num_warps, num_stages) that the tile rule set
-        *(INDENT * 2 + f"{option}={option}," for option in (rule[2] if rule else ())),
-        INDENT + ")",
-    ]
+    options = rule[2] if rule else ()
+    wrapper += [INDENT + line for line in setup]
+    if split_k:
+        wrapper += [
+            INDENT + "# split K: a program for each slice of K_SLICE input channels of a tile",
+            INDENT + "SPLIT_K = triton.cdiv(C_in, K_SLICE)",
+            INDENT + f"partial = torch.empty((SPLIT_K, {rows}, C_out), device=x.device, dtype=torch.float32)",
+            INDENT + f"slices_grid = ({row_blocks} * triton.cdiv(C_out, BLOCK_N), SPLIT_K)",
+            *(INDENT + line for line in _launch(f"{kernel.name}_slices_kernel", "slices_grid", slices, positional, keyword, options)),
+        ]
+    wrapper += [INDENT + line for line in _launch(f"{kernel.name}_kernel", "grid", body, positional, keyword, options)]
     result = kernel.view.op.lowering.expr("out") if kernel.view else "out"
     if kernel.writes_batch_stats:
         result += f", (tile_sum, tile_m2, BLOCK_M, {rows})"

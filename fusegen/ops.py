@@ -151,6 +151,11 @@ class Anchor:
     narrow_input: bool = True
     # A pool: how it ends the kernel of an anchor before it in the chain (None: it cannot)
     pool: "Pool | None" = None
+    # Split K (linear, whose few rows at batch 10 leave most SMs idle): `loop` sums one slice of the input
+    # channels, K_SLICE from split * K_SLICE (`split`: program axis 1; the tile rule sets K_SLICE), and a
+    # first kernel stores each slice's sums. A second adds them in slice order, then runs these lines on
+    # `acc` (the bias) and the rest of the chain. None: one kernel, the whole K loop.
+    split_k_finish: Callable[[str], list[str]] | None = None
 
     @property
     def out_rank(self) -> int:
@@ -367,12 +372,14 @@ def _dwconv_consume_taps(slot: str, produced: list[str]) -> list[str]:
     return _depthwise(slot, "acc", "offs_n", "mask_n", "BLOCK_N", [*produced, "x_tap = tl.where(inside, x_tap, 0.0)"])
 
 
-def _gemm(slot: str, a_tile: list[str], bias: bool, out: str = "acc") -> list[str]:
+def _gemm(slot: str, a_tile: list[str], out: str = "acc", k_slice: bool = False) -> list[str]:
     """out[pixel, channel] = sum over input channels k of a[pixel, k] * w[channel, k], where `a_tile` are
-    the lines that leave the input tile of channels offs_k in `a`."""
-    lines = [
+    the lines that leave the input tile of channels offs_k in `a`; with k_slice, k only in the
+    program's slice (split K)."""
+    k_range = "split * K_SLICE, (split + 1) * K_SLICE" if k_slice else "0, C_in"
+    return [
         f"{out} = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
-        "for k0 in range(0, C_in, BLOCK_K):",
+        f"for k0 in range({k_range}, BLOCK_K):",
         "    offs_k = k0 + tl.arange(0, BLOCK_K)",
         "    mask_k = offs_k < C_in",
         *("    " + line for line in a_tile),
@@ -380,14 +387,15 @@ def _gemm(slot: str, a_tile: list[str], bias: bool, out: str = "acc") -> list[st
         " mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
         f"    {out} = fp32_dot(a, b, {out}, DOT_PRECISION)",
     ]
-    if bias:
-        lines.append(f"acc += tl.load({slot}_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]")
-    return lines
 
 
-def _gemm_loop(row: str, bias: bool):
+def _add_bias(slot: str) -> list[str]:
+    return [f"acc += tl.load({slot}_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]"]
+
+
+def _gemm_loop(row: str, k_slice: bool = False):
     """1x1 conv and linear: `row` is the input row (pixel) that each output row reads, and the A
-    operand is rows of C_in floats."""
+    operand is rows of C_in floats; with k_slice, the channels of the program's slice of K."""
 
     def loop(slot: str, prologue: PrologueHook) -> list[str]:
         a_tile = [
@@ -395,7 +403,7 @@ def _gemm_loop(row: str, bias: bool):
             # masked lanes meet zero weights, so the prologue needs no re-masking here
             *prologue("a", "offs_k", "mask_k", None),
         ]
-        return [f"x_row = {row}", *_gemm(slot, a_tile, bias)]
+        return [f"x_row = {row}", *_gemm(slot, a_tile, k_slice=k_slice)]
 
     return loop
 
@@ -409,12 +417,12 @@ def _gemm_at_tap(slot: str, prologue: PrologueHook) -> list[str]:
         # masked lanes meet zero weights, so the prologue needs no re-masking here
         *prologue("a", "offs_k", "mask_k", None),
     ]
-    return _gemm(slot, a_tile, bias=False, out="x_tap")
+    return _gemm(slot, a_tile, out="x_tap")
 
 
 def _gemm_consume(slot: str, produced: list[str]) -> list[str]:
     """A stride-1 1x1 conv whose input tile a producer computes: channels beyond C_in meet zero weights."""
-    return _gemm(slot, produced, bias=False)
+    return _gemm(slot, produced)
 
 
 def _stride_one(args: dict) -> str | None:
@@ -454,13 +462,6 @@ _POOL_BLOCKS = (
 # long K blocks fewer sequential steps (at batch 10 the 64 x 64 x 32 default ran 16 programs of 32 steps).
 # Timed in a CUDA graph on an H200, 1024 -> 1000: batch 10 0.0118 -> 0.0109 ms with K blocks of 128 (32
 # channels); batch 128 0.0184 -> 0.0161 ms with 16 channels, twice the programs.
-_LINEAR_BLOCKS = (
-    KernelParam("BLOCK_M", "min(32, max(16, triton.next_power_of_2(N)))", constexpr=True),
-    KernelParam("BLOCK_N", "32 if N <= 16 else 16", constexpr=True),
-    KernelParam("BLOCK_K", "min(128, max(16, triton.next_power_of_2(C_in)))", constexpr=True),
-)
-
-
 def _pool_window(height: str, width: str) -> tuple[KernelParam, ...]:
     """A pool's window when it ends another anchor's kernel (Pool): constexprs, so that splitting a row
     of the window into its pixel's row and column is cheap."""
@@ -636,6 +637,25 @@ def tap_producer_tile(C_in):
 """
 
 
+# The tile of a linear layer and the slices of its split K (emitted once per file that has one).
+LINEAR_TILE = """\
+def linear_tile(N, C_in, C_out):
+    \"\"\"(BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE) for a linear layer of N rows: each program sums K_SLICE of
+    the C_in input features, and a second kernel adds the slices' sums (split K).\"\"\"
+    block_m = min(32, max(16, triton.next_power_of_2(N)))
+    block_n = 32 if N <= 16 else 16
+    if triton.cdiv(N, block_m) * triton.cdiv(C_out, block_n) >= 128:
+        # a wave of programs or more: the whole K in one slice
+        block_k = min(128, max(16, triton.next_power_of_2(C_in)))
+        return block_m, block_n, block_k, triton.cdiv(C_in, block_k) * block_k
+    # under a wave (the classifier at batch 10: 32 programs for 1000 classes), each K step of 64 a program
+    # of its own: whole nets on an H200 at batch 10, MobileNetV1 0.193 -> 0.189 ms, EfficientNetB1 0.169
+    # -> 0.163 ms (16-channel tiles: 0.191 / 0.166; slices of 128: 0.189 / 0.163)
+    block_k = min(64, max(16, triton.next_power_of_2(C_in)))
+    return block_m, block_n, block_k, block_k
+"""
+
+
 # Functions that lowered kernels (jit) and wrappers call, by name: emit adds each to a generated file
 # that calls it, once.
 KERNEL_FUNCTIONS = {"fp32_dot": FP32_DOT}
@@ -645,6 +665,7 @@ WRAPPER_FUNCTIONS = {
     "dwconv_tile": DWCONV_TILE,
     "producer_tile": PRODUCER_TILE,
     "tap_producer_tile": TAP_PRODUCER_TILE,
+    "linear_tile": LINEAR_TILE,
     "dot_weight": DOT_WEIGHT,
     "dot_precision": DOT_PRECISION_RULE,
 }
@@ -921,7 +942,7 @@ FIXED_OPS = {
                 (_GEMM_WEIGHT, KernelParam("STRIDE", "{m}.stride[0]", constexpr=True), _DOT_PRECISION),
                 "{m}.out_channels",
                 ("OH = (H - 1) // {m}.stride[0] + 1", "OW = (W - 1) // {m}.stride[1] + 1"),
-                _gemm_loop("(n * H + oh * STRIDE) * W + ow * STRIDE", bias=False),
+                _gemm_loop("(n * H + oh * STRIDE) * W + ow * STRIDE"),
                 "each of its outputs reads every input channel of a pixel, but a program of this kernel holds only BLOCK_N of them",
                 tile="gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)",
                 consume=_gemm_consume,
@@ -952,11 +973,14 @@ FIXED_OPS = {
             shape=_linear_shape,
             reference=lambda x, m: f"{m}({x})",
             lowering=Anchor(
-                (_GEMM_WEIGHT, KernelParam("bias_ptr", "{m}.bias"), _MATMUL_DOT_PRECISION, *_LINEAR_BLOCKS),
+                (_GEMM_WEIGHT, KernelParam("bias_ptr", "{m}.bias"), _MATMUL_DOT_PRECISION),
                 "{m}.out_features",
                 (),
-                _gemm_loop("n", bias=True),
+                _gemm_loop("n", k_slice=True),
                 "each of its outputs reads every input feature of a row, but a program of this kernel holds only BLOCK_N of them",
+                tile="linear_tile(N, C_in, C_out)",
+                tile_blocks=("BLOCK_M", "BLOCK_N", "BLOCK_K", "K_SLICE"),
+                split_k_finish=_add_bias,
                 # the classifier's input error lands on the output unfiltered: EfficientNetB1's error was
                 # 1.4e-4 with float16 features, 7.1e-5 with float32 ones (CPU, 2x3x37x45); they are a few KB
                 narrow_input=False,

@@ -473,14 +473,13 @@ def conv1x1_bn_relu_avgpool_kernel(
     tl.store(out_ptr + pid_m * C_out + offs_n, pooled / (POOL_H * POOL_W), mask=mask_n)
 
 
-# linear: one kernel, one store.
+# linear over slices of K: each slice's partial sums, for linear_kernel to add.
 # mobilenet_v1.fuse:44: fc: linear(c(1024), num_classes)
 @triton.jit
-def linear_kernel(
+def linear_slices_kernel(
     x_ptr,
     fc_weight_ptr,
-    fc_bias_ptr,
-    out_ptr,
+    partial_ptr,
     N,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
@@ -488,6 +487,7 @@ def linear_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    K_SLICE: tl.constexpr,
 ):
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
@@ -501,10 +501,12 @@ def linear_kernel(
     mask_n = offs_n < C_out
     mask = mask_m[:, None] & mask_n[None, :]
     n = offs_m
-    # anchor: fully connected layer with bias, GEMM on tl.dot
+    # this program's slice of K (program axis 1): K_SLICE input channels from split * K_SLICE
+    split = tl.program_id(1)
+    # anchor: fully connected layer with bias, GEMM on tl.dot, over one slice of K
     x_row = n
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, C_in, BLOCK_K):
+    for k0 in range(split * K_SLICE, (split + 1) * K_SLICE, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < C_in
         a = tl.load(
@@ -518,6 +520,46 @@ def linear_kernel(
             other=0.0,
         )
         acc = fp32_dot(a, b, acc, DOT_PRECISION)
+    tl.store(
+        partial_ptr + split * N * C_out + offs_m[:, None] * C_out + offs_n[None, :],
+        acc,
+        mask=mask,
+    )
+
+
+# linear (adding up linear_slices_kernel's partial sums first): one kernel, one store.
+# mobilenet_v1.fuse:44: fc: linear(c(1024), num_classes)
+@triton.jit
+def linear_kernel(
+    fc_bias_ptr,
+    partial_ptr,
+    out_ptr,
+    N,
+    C_out: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
+    # and the tile stays in registers until the one store.
+    # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
+    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
+    pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < N
+    mask_n = offs_n < C_out
+    mask = mask_m[:, None] & mask_n[None, :]
+    # anchor: fully connected layer with bias, GEMM on tl.dot, the sum of its slices of K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # in slice order, so that every call adds them the same way (a CUDA graph replay equals a direct run)
+    for split in tl.static_range(SPLIT_K):
+        acc += tl.load(
+            partial_ptr + split * N * C_out + offs_m[:, None] * C_out + offs_n[None, :],
+            mask=mask,
+            other=0.0,
+        )
     acc += tl.load(fc_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
@@ -1035,6 +1077,22 @@ def producer_tile(C_in, C_out, taps, dtype):
     return 32, block_n, 32, 4, (2 if 2 * stage_bytes + 32 * 32 * 4 <= 99 * 1024 else 1)
 
 
+def linear_tile(N, C_in, C_out):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE) for a linear layer of N rows: each program sums K_SLICE of
+    the C_in input features, and a second kernel adds the slices' sums (split K)."""
+    block_m = min(32, max(16, triton.next_power_of_2(N)))
+    block_n = 32 if N <= 16 else 16
+    if triton.cdiv(N, block_m) * triton.cdiv(C_out, block_n) >= 128:
+        # a wave of programs or more: the whole K in one slice
+        block_k = min(128, max(16, triton.next_power_of_2(C_in)))
+        return block_m, block_n, block_k, triton.cdiv(C_in, block_k) * block_k
+    # under a wave (the classifier at batch 10: 32 programs for 1000 classes), each K step of 64 a program
+    # of its own: whole nets on an H200 at batch 10, MobileNetV1 0.193 -> 0.189 ms, EfficientNetB1 0.169
+    # -> 0.163 ms (16-channel tiles: 0.191 / 0.166; slices of 128: 0.189 / 0.163)
+    block_k = min(64, max(16, triton.next_power_of_2(C_in)))
+    return block_m, block_n, block_k, block_k
+
+
 def dot_weight(module, precision):
     """module.weight as fp32_dot's operand `b` at `precision`, with the weight's own strides, made once
     per version of the weight. "tf32": rounded to the nearest TF32 values (ties away from zero). "fp16":
@@ -1331,15 +1389,16 @@ def linear(x, fc):
     out = torch.empty((N, C_out), device=x.device, dtype=torch.float32)
     check_32bit_offsets(x, out)
     DOT_PRECISION = "bf16x3" if x.is_cuda else "ieee"
-    BLOCK_M = min(32, max(16, triton.next_power_of_2(N)))
-    BLOCK_N = 32 if N <= 16 else 16
-    BLOCK_K = min(128, max(16, triton.next_power_of_2(C_in)))
+    BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE = linear_tile(N, C_in, C_out)
     grid = (triton.cdiv(N, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
-    linear_kernel[grid](
+    # split K: a program for each slice of K_SLICE input channels of a tile
+    SPLIT_K = triton.cdiv(C_in, K_SLICE)
+    partial = torch.empty((SPLIT_K, N, C_out), device=x.device, dtype=torch.float32)
+    slices_grid = (triton.cdiv(N, BLOCK_M) * triton.cdiv(C_out, BLOCK_N), SPLIT_K)
+    linear_slices_kernel[slices_grid](
         x,
         dot_weight(fc, DOT_PRECISION).contiguous(),
-        fc.bias,
-        out,
+        partial,
         N,
         C_in=C_in,
         C_out=C_out,
@@ -1347,6 +1406,17 @@ def linear(x, fc):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        K_SLICE=K_SLICE,
+    )
+    linear_kernel[grid](
+        fc.bias,
+        partial,
+        out,
+        N,
+        C_out=C_out,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        SPLIT_K=SPLIT_K,
     )
     return out
 
@@ -1637,52 +1707,84 @@ def graph_inputs_unchanged(inputs):
     )
 
 
-def replay_cuda_graph(model, x):
-    """Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype, device and mode. The
-    graph is captured again when a parameter or buffer is replaced, a parameter changes in place, or a
-    module attribute named in model.captured_attrs changes; each call returns a fresh tensor, never one
-    that a later call overwrites. From model.first_kernel_outside_graph_numel input elements (eval mode)
-    the first launch runs outside the graph on x itself, so that x is not copied into the graph.
+def capture_cuda_graph(model, x, copy_input):
+    """A CUDA graph of model.run_kernels on x: (graph, the tensor that a replay writes first, its output,
+    whether a replay runs the first launch outside it). Without copy_input it reads x where x lies (and
+    keeps no reference to it, so the caller's next input may take its memory). With it, its own copy of
+    x, or from model.first_kernel_outside_graph_numel input elements (eval mode) the first launch's output:
+    that launch runs outside the graph, on x itself. The graphs of a device share one memory pool: each
+    replay writes what it reads first and its output is cloned at once, so none needs another's memory kept.
     """
+    outside = (
+        copy_input
+        and not model.training
+        and model.first_kernel_outside_graph_numel is not None
+        and x.numel() >= model.first_kernel_outside_graph_numel
+    )
+    run, static_x = model.run_kernels, None
+    if outside:  # the graph starts from the first launch's output
+        run, static_x = model.run_kernels_after_first, model.run_first_kernel(x)
+    elif copy_input:
+        # in the layout the first kernel reads, so that each replay's copy is also any layout change
+        static_x = torch.empty_like(x, memory_format=model.input_layout).copy_(x)
+    graph_x = x if static_x is None else static_x
+    with torch.cuda.device(x.device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            # compiles the kernels outside the capture; training mode must not count this run
+            buffers = [b.clone() for b in model.buffers()]
+            run(graph_x)
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        pool = model.cuda_graph_pools.setdefault(
+            x.device, torch.cuda.graph_pool_handle()
+        )
+        # torch.cuda.graph's default capture stream lives on whichever GPU first captured
+        # anything in this process: capture on a stream of x's GPU instead
+        with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream()):
+            static_out = run(graph_x)
+    return graph, static_x, static_out, outside
+
+
+def replay_cuda_graph(model, x):
+    """Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype, device and mode. Graphs are
+    captured again when a parameter or buffer is replaced, a parameter changes in place, or a module
+    attribute named in model.captured_attrs changes; each call returns a fresh tensor, never one that a
+    later call overwrites. Up to model.direct_graphs graphs per shape read the caller's tensor where it
+    lies, one per address and strides, so that a replay copies nothing in: a later input there has x's
+    shape and layout, so the graph reads it as it is then. An input at another address shares one graph
+    that copies it in (see capture_cuda_graph)."""
     # The kernels read buffers where they lie, so in-place changes to them need no new capture. A
     # parameter changed in place (its _version) captures again: dot_weight's TF32 copies are made
     # then. Scalars such as BatchNorm's eps and momentum are constants of the graph.
-    key = (x.shape, x.dtype, x.device, model.training)
-    entry = model.cuda_graphs.get(key)
-    if entry is None or not graph_inputs_unchanged(entry[0]):
-        model.cuda_graphs.pop(key, None)
+    graphs = model.cuda_graphs.setdefault(
+        (x.shape, x.dtype, x.device, model.training), {}
+    )
+    address = (x.data_ptr(), x.stride())  # None: the graph that copies its input in
+    if (
+        address not in graphs
+        and sum(a is not None for a in graphs) >= model.direct_graphs
+    ):
+        address = None
+    entry = graphs.get(address)
+    if entry is not None and not graph_inputs_unchanged(entry[0]):
+        # all graphs were captured with the same parameters and attributes: all are stale
+        model.cuda_graphs.clear()
+        model.cuda_graph_pools.clear()
+        return replay_cuda_graph(model, x)
+    if entry is None:
         inputs = graph_inputs(model, model.captured_attrs)
-        outside = (
-            not model.training
-            and model.first_kernel_outside_graph_numel is not None
-            and x.numel() >= model.first_kernel_outside_graph_numel
+        entry = graphs[address] = (
+            inputs,
+            *capture_cuda_graph(model, x, copy_input=address is None),
         )
-        if outside:  # the graph starts from the first launch's output
-            static_x = model.run_first_kernel(x)
-            run = model.run_kernels_after_first
-        else:  # in the layout the first kernel reads, so that each replay's copy is also any layout change
-            static_x = torch.empty_like(x, memory_format=model.input_layout).copy_(x)
-            run = model.run_kernels
-        with torch.cuda.device(x.device):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                # compiles the kernels outside the capture; training mode must not count this run
-                buffers = [b.clone() for b in model.buffers()]
-                run(static_x)
-                for b, saved in zip(model.buffers(), buffers):
-                    b.copy_(saved)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # torch.cuda.graph's default capture stream lives on whichever GPU first captured
-            # anything in this process: capture on a stream of x's GPU instead
-            with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
-                static_out = run(static_x)
-        entry = model.cuda_graphs[key] = (inputs, graph, static_x, static_out, outside)
     _, graph, static_x, static_out, outside = entry
     if outside:
         model.run_first_kernel(x, out=static_x)
-    else:
+    elif static_x is not None:
         static_x.copy_(x)
     graph.replay()
     return static_out.clone()
@@ -1717,11 +1819,15 @@ class ModelNew(nn.Module):
     captured_attrs = ("eps", "momentum", "activation_dtype")
     # the layout of a CUDA graph's copy of the input: the first kernel's
     input_layout = torch.preserve_format
-    # from this many input elements a CUDA graph replay runs the first launch outside the graph on the
-    # caller's tensor instead of copying the input in (H200, ms: MobileNetV1 at batch 128 1.233 -> 1.194,
+    # from this many input elements the graph of inputs past direct_graphs runs the first launch outside
+    # on the caller's tensor instead of copying the input in (H200, ms: MobileNetV1 at batch 128 1.233 -> 1.194,
     # at batch 16 0.241 -> 0.235). A smaller input is copied: the launch from Python costs the host
     # 0.05-0.14 ms, so a small batch would wait for the host (EfficientNetB1 at batch 8: 0.174 -> 0.234)
     first_kernel_outside_graph_numel = 2**21
+    # CUDA graphs per input shape that read the caller's tensor where it lies (one per address and
+    # strides), so that a replay copies nothing in: H200, batch 10, MobileNetV1 0.190 -> 0.185 ms,
+    # EfficientNetB1 0.163 -> 0.157 ms. Inputs at other addresses share one graph that copies them in.
+    direct_graphs = 4
 
     def __init__(self, num_classes=1000, input_channels=3, alpha=1.0):
         super().__init__()
@@ -1784,7 +1890,10 @@ class ModelNew(nn.Module):
         # a linear's input, the output and training mode stay float32
         self.activation_dtype = torch.float16
         self.use_cuda_graphs = True  # replay forward as a CUDA graph on the GPU
-        self.cuda_graphs = {}
+        self.cuda_graphs = (
+            {}
+        )  # (shape, dtype, device, training) -> {input address: graph}
+        self.cuda_graph_pools = {}  # device -> the memory pool its graphs share
 
     def forward(self, x):
         if (

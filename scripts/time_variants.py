@@ -62,6 +62,8 @@ VARIANTS = {
         "fuse-all": fuse_blocks("conv_dw", "conv_dw_fused"),
         "fuse-512+": fuse_blocks("conv_dw", "conv_dw_fused", {"c(512)", "c(1024)"}),
         "fuse-none": fuse_blocks("conv_dw_fused", "conv_dw"),
+        # the 56x56 blocks (128 -> 128, 128 -> 256 after a stride-2 depthwise conv): slower (session 12)
+        "fuse-128": fuse_blocks("conv_dw", "conv_dw_fused", {"c(128)"}),
     },
     "efficientnet_b1": {
         "spec": None,

@@ -1,7 +1,9 @@
 """On the GPU, ModelNew replays its launches as a CUDA graph: same results as direct launches, never
-stale after a parameter, shape or device change, and never overwriting a tensor it returned."""
+stale after a parameter, shape or device change, never overwriting a tensor it returned, whether the
+graph reads the caller's tensor where it lies or copies it in."""
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -27,16 +29,20 @@ FLOAT16_SPEC = SPEC.replace("input(2, 3, 17, 15)\n", "input(2, 3, 17, 15)\nactiv
 
 
 @pytest.fixture(
-    params=[(SPEC, None), (FLOAT16_SPEC, None), (FLOAT16_SPEC, 0)],
-    ids=["float32", "float16", "float16-first-kernel-outside"],
+    params=[(SPEC, None, None), (FLOAT16_SPEC, None, None), (FLOAT16_SPEC, None, 0), (FLOAT16_SPEC, 0, 0)],
+    ids=["float32", "float16", "float16-copied-input", "float16-first-kernel-outside"],
 )
 def model(request):
-    """The last: every input counts as large, so a replay runs the first launch outside the graph."""
-    spec, outside_from = request.param
+    """The first two read the caller's tensor where it lies; the others have no such graphs, so a replay
+    copies the input in, and in the last every input counts as large, so a replay runs the first launch
+    outside the graph instead."""
+    spec, outside_from, direct_graphs = request.param
     torch.manual_seed(0)
     m = load_spec(spec, "graphs").ModelNew().cuda().eval()
     if outside_from is not None:
         m.first_kernel_outside_graph_numel = outside_from
+    if direct_graphs is not None:
+        m.direct_graphs = direct_graphs
     randomize_batchnorm(m)
     return m
 
@@ -56,8 +62,9 @@ def test_replay_equals_direct_launches(model):
 
 @torch.no_grad()
 def test_inputs_in_any_layout_replay_alike(model):
-    """The first conv reads any layout, so the graph's copy of the input keeps the caller's: the
-    first call's layout fixes it, and later inputs in other layouts are copied into it."""
+    """The first conv reads any layout: a graph that reads the caller's tensor is captured for its
+    strides, and a graph's copy of the input keeps the first call's layout, later inputs in other
+    layouts copied into it."""
     x = rand(2, 3, 17, 15)
     strided = torch.full((2, 3, 17, 30), float("nan"), device="cuda")
     strided[..., ::2] = x
@@ -67,6 +74,39 @@ def test_inputs_in_any_layout_replay_alike(model):
         for layout in (first, x, x.to(memory_format=torch.channels_last), strided[..., ::2]):
             assert torch.equal(model(layout), direct)
         assert len(model.cuda_graphs) == 1
+
+
+@torch.no_grad()
+def test_a_graph_reads_the_callers_tensor_where_it_lies(model):
+    """A tensor changed in place between calls is read as it is then, by the graph captured for its
+    address (or, without such graphs, by the one that copies it in)."""
+    x = rand(2, 3, 17, 15)
+    assert torch.equal(model(x), model.run_kernels(x))
+    x.normal_()
+    assert torch.equal(model(x), model.run_kernels(x))
+    graphs = model.cuda_graphs[(x.shape, x.dtype, x.device, False)]
+    assert list(graphs) == ([(x.data_ptr(), x.stride())] if model.direct_graphs else [None])
+    # and keeps no reference to it: the caller's next input may take its memory
+    alive = weakref.ref(x)
+    del x
+    assert alive() is None
+
+
+@torch.no_grad()
+def test_inputs_past_the_direct_graphs_share_one_graph_that_copies_them():
+    """Four inputs alive at four addresses with direct_graphs = 2: the first two get graphs of their own,
+    the other two share one; replays in turn (whose graphs share a memory pool) stay right."""
+    torch.manual_seed(0)
+    model = load_spec(FLOAT16_SPEC, "graphs").ModelNew().cuda().eval()
+    randomize_batchnorm(model)
+    model.direct_graphs = 2
+    inputs = [rand(2, 3, 17, 15) for _ in range(4)]
+    expected = [model.run_kernels(x) for x in inputs]
+    for _ in range(2):
+        outputs = [model(x) for x in inputs]
+        assert all(torch.equal(out, want) for out, want in zip(outputs, expected))
+    (graphs,) = model.cuda_graphs.values()
+    assert list(graphs) == [(x.data_ptr(), x.stride()) for x in inputs[:2]] + [None]
 
 
 @torch.no_grad()
@@ -189,14 +229,15 @@ def test_launches_on_the_inputs_device_not_the_current_one(model, graphs, traini
 
 @torch.no_grad()
 def test_only_a_large_input_skips_the_copy_into_the_graph():
-    """From first_kernel_outside_graph_numel input elements the first launch runs outside the graph,
-    on the caller's tensor; a smaller input is copied into the graph."""
+    """In the graph of inputs past direct_graphs: from first_kernel_outside_graph_numel input elements
+    the first launch runs outside the graph, on the caller's tensor; a smaller input is copied in."""
     torch.manual_seed(0)
     model = load_spec(FLOAT16_SPEC, "graphs").ModelNew().cuda().eval()
     randomize_batchnorm(model)
+    model.direct_graphs = 0
     large, small = rand(4, 3, 17, 15), rand(2, 3, 17, 15)
     model.first_kernel_outside_graph_numel = large.numel()
     for x in (large, small, large, small):
         assert torch.equal(model(x), model.run_kernels(x))
-    outside = {key[0]: entry[-1] for key, entry in model.cuda_graphs.items()}
+    outside = {key[0]: graphs[None][-1] for key, graphs in model.cuda_graphs.items()}
     assert outside == {large.shape: True, small.shape: False}

@@ -221,6 +221,8 @@ def test_blocks_share_kernels():
         "conv1x1_bn_relu_kernel",
         # conv_dw_pool: the last block's 1x1 conv with the pool at the end of its kernel
         "conv1x1_bn_relu_avgpool_kernel",
+        # the classifier: partial sums over slices of K, then their sum with the bias
+        "linear_slices_kernel",
         "linear_kernel",
         # training mode: each BatchNorm normalises in the next kernel's prologue (the pool's too: it gets a
         # launch of its own)
@@ -230,6 +232,27 @@ def test_blocks_share_kernels():
         "bn_relu_avgpool_train_kernel",
         "batch_norm_batch_stats_kernel",
     ]
+
+
+def test_split_k_stores_each_slice_once_and_adds_the_slices_in_order():
+    """`linear -> relu`: the slices kernel runs the K loop over its program's slice and stores the partial
+    sums once; the second kernel adds them in slice order (an unrolled loop: every call adds them the same
+    way), then the bias and relu, and stores the output once."""
+    by_name = {k.name: k for k in kernels(SOURCES["extra.fuse"])}
+    slices, total = by_name["linear_relu_slices_kernel"], by_name["linear_relu_kernel"]
+    (k_loop,) = [n for n in ast.walk(slices) if isinstance(n, ast.For) and ast.unparse(n.target) == "k0"]
+    assert ast.unparse(k_loop.iter) == "range(split * K_SLICE, (split + 1) * K_SLICE, BLOCK_K)"
+    assert [stored_pointer(s) for s in calls(slices, "tl.store")] == ["partial_ptr"]
+    assert "fc_bias_ptr" not in {a.arg for a in slices.args.args}
+
+    (sum_loop,) = [n for n in total.body if isinstance(n, ast.For)]
+    assert ast.unparse(sum_loop.iter) == "tl.static_range(SPLIT_K)"
+    (load,) = calls(sum_loop, "tl.load")
+    assert stored_pointer(load) == "partial_ptr" and "mask=mask" in ast.unparse(load)
+    after = ast.unparse(ast.Module(body=total.body[total.body.index(sum_loop) + 1 :], type_ignores=[]))
+    assert after.index("fc_bias_ptr") < after.index("tl.maximum") < after.index("tl.store(out_ptr")
+    assert [stored_pointer(s) for s in calls(total, "tl.store")] == ["out_ptr"]
+    assert "x_ptr" not in {a.arg for a in total.args.args}
 
 
 def test_a_producer_runs_inside_the_k_loop_and_is_never_stored():
