@@ -1426,18 +1426,22 @@ def tap_producer_tile(C_in):
 
 def linear_tile(N, C_in, C_out):
     """(BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE) for a linear layer of N rows: each program sums K_SLICE of
-    the C_in input features, and a second kernel adds the slices' sums (split K)."""
+    the C_in input features, and a second kernel adds the slices' sums (split K). From sweeps of the
+    classifiers (1024 and 1280 -> 1000) on an H200 (scripts/tune_tiles.py --linear; notes/perf.md).
+    """
     block_m = min(32, max(16, triton.next_power_of_2(N)))
-    block_n = 32 if N <= 16 else 16
-    if triton.cdiv(N, block_m) * triton.cdiv(C_out, block_n) >= 128:
-        # a wave of programs or more: the whole K in one slice
-        block_k = min(128, max(16, triton.next_power_of_2(C_in)))
-        return block_m, block_n, block_k, triton.cdiv(C_in, block_k) * block_k
-    # under a wave (the classifier at batch 10: 32 programs for 1000 classes), each K step of 64 a program
-    # of its own: whole nets on an H200 at batch 10, MobileNetV1 0.193 -> 0.189 ms, EfficientNetB1 0.169
-    # -> 0.163 ms (16-channel tiles: 0.191 / 0.166; slices of 128: 0.189 / 0.163)
+    block_n = 32 if N <= 16 else 64
     block_k = min(64, max(16, triton.next_power_of_2(C_in)))
-    return block_m, block_n, block_k, block_k
+    if triton.cdiv(N, block_m) * triton.cdiv(C_out, block_n) >= 256:
+        # two waves of tiles or more: the whole K in one slice
+        return block_m, block_n, block_k, triton.cdiv(C_in, block_k) * block_k
+    if N <= 16:
+        # batch 10, 32 tiles of 16 x 32 for 1000 classes: a program for each K step of 64 (whole nets,
+        # MobileNetV1 0.193 -> 0.189 ms, EfficientNetB1 0.169 -> 0.163 ms against the whole K on 32 programs)
+        return block_m, block_n, block_k, block_k
+    # batch 128, 64 tiles of 32 x 64: slices of four K steps (1024 -> 1000: 22.8 us as 252 tiles of
+    # 32 x 16 over the whole K, 15.6 us so; 1280 -> 1000: 27.4 -> 18.6 us)
+    return block_m, block_n, block_k, 4 * block_k
 
 
 def dot_weight(module, precision):

@@ -9,7 +9,7 @@ depthwise convs float16 activations and stores float16, as the specs' `activatio
 with float16 weights and "fp16" dots in the GEMMs. `--rounding` times each GEMM at its generated tile
 under every precision variant of time_models.PRECISIONS instead. `--stem` sweeps the first conv (3x3, 3
 -> 32 channels, stride 2) at both nets' input sizes, reading the model's NCHW input as it is (as
-generated) and a channels-last copy. `--linear` sweeps the classifier. `--graph` times through a CUDA
+generated) and a channels-last copy. `--linear` sweeps the classifier's tiles and slices of K. `--graph` times through a CUDA
 graph (do_bench_cudagraph: back to back, L2 not flushed) as the generated ModelNew runs them: at batch 10
 do_bench's launch overhead swamps the kernels. `--late` sweeps the GEMMs of the late layers
 (latency-bound at batch 10) over small tiles, the generated tile (gemm_tile) first.
@@ -70,7 +70,8 @@ LATE_CONFIGS = [
 ]  # fmt: skip
 # (C_in, C_out) of the classifiers; (BLOCK_N, BLOCK_K, num_warps, num_stages) to try, BLOCK_M as generated
 LINEARS = [(1024, 1000), (1280, 1000)]
-LINEAR_CONFIGS = [(bn, bk, w, st) for bn in (16, 32, 64) for bk in (64, 128, 256) for w in (2, 4) for st in (2, 3)]
+# (BLOCK_N, BLOCK_K, K_SLICE) of the classifier's split K
+LINEAR_CONFIGS = [(bn, bk, bk * steps) for bn in (16, 32, 64) for bk in (32, 64, 128) for steps in (1, 2, 4)]
 SMEM_LIMIT = 99 * 1024
 # (C, H_in, stride) of the depthwise convs, and (BLOCK_M, BLOCK_N, num_warps) to try after the generated tile
 DWS = [(32, 112, 1), (64, 112, 2), (128, 56, 1), (256, 28, 1), (512, 14, 1), (1024, 7, 1), (96, 120, 2), (144, 60, 2),
@@ -189,29 +190,36 @@ def sweep_stem():
         )
 
 
-def time_linear(c_in, c_out, bm, bn, bk, warps, stages):
+def time_linear(c_in, c_out, bm, bn, bk, k_slice):
+    """The classifier as generated: the partial sums of each slice of K, then their sum with the bias."""
     x = torch.rand(BATCH, c_in, device="cuda")
     w = torch.randn(c_out, c_in, device="cuda")
     bias = torch.randn(c_out, device="cuda")
     out = torch.empty(BATCH, c_out, device="cuda")
-    grid = (triton.cdiv(BATCH, bm) * triton.cdiv(c_out, bn),)
+    split_k = triton.cdiv(c_in, k_slice)
+    partial = torch.empty(split_k, BATCH, c_out, device="cuda")
+    tiles = triton.cdiv(BATCH, bm) * triton.cdiv(c_out, bn)
 
     def run():
-        mb.linear_kernel[grid](
-            x, w, bias, out, BATCH, C_in=c_in, C_out=c_out, DOT_PRECISION="bf16x3", BLOCK_M=bm, BLOCK_N=bn,
-            BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        mb.linear_slices_kernel[(tiles, split_k)](
+            x, w, partial, BATCH, C_in=c_in, C_out=c_out, DOT_PRECISION="bf16x3", BLOCK_M=bm, BLOCK_N=bn,
+            BLOCK_K=bk, K_SLICE=k_slice,
         )  # fmt: skip
+        mb.linear_kernel[(tiles,)](bias, partial, out, BATCH, C_out=c_out, BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split_k)
 
     return bench(run)
 
 
 def sweep_linear():
-    bm = min(32, max(16, triton.next_power_of_2(BATCH)))
+    """(BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE), linear_tile's first; K_SLICE = C_in: K not split."""
     for c_in, c_out in LINEARS:
+        bm = min(32, max(16, triton.next_power_of_2(BATCH)))
+        configs = [(bm, bn, bk, ks) for bn, bk, ks in LINEAR_CONFIGS if ks <= c_in]
+        configs += [(bm, bn, bk, triton.cdiv(c_in, bk) * bk) for bn in (16, 32) for bk in (64, 128)]
         sweep(
-            f"linear {c_in}->{c_out} (BLOCK_M {bm})",
-            lambda *config: time_linear(c_in, c_out, bm, *config),
-            [(32, 64, 4, 3), *LINEAR_CONFIGS],
+            f"linear {c_in}->{c_out}",
+            lambda *config: time_linear(c_in, c_out, *config),
+            generated_first(mb.linear_tile(BATCH, c_in, c_out), configs),
             lambda ms: f"{2 * BATCH * c_in * c_out / ms / 1e9:.1f} TFLOP/s",
             runner_ups=5,
         )

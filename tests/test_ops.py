@@ -331,11 +331,13 @@ def test_dwconv(k, padding, stride, n, c, h, w):
 @example(n=3, c=17, h=1, w=1, f_out=33)
 @example(n=2, c=5, h=3, w=2, f_out=17)
 @example(n=2, c=WIDE, h=1, w=2, f_out=WIDE)
-@example(n=17, c=5, h=1, w=2, f_out=2048)
+@example(n=17, c=WIDE, h=1, w=4, f_out=WIDE)
+@example(n=17, c=5, h=1, w=2, f_out=16384)
 def test_linear(n, c, h, w, f_out):
-    """A bare `flatten` line (a view, no kernel) feeds the 2-d linear kernels. Under a wave of programs
-    (all drawn examples) K is split in slices of up to 64 features (140 features: two whole slices and one
-    of 12); from 128 programs (17 x 2048) it is one slice."""
+    """A bare `flatten` line (a view, no kernel) feeds the 2-d linear kernels. Under 256 tiles K is split:
+    up to 16 rows (all drawn examples) in slices of one K step of up to 64 features (140 features: two
+    whole slices and one of 12), from 17 rows of four steps (280 features: 256 and 24); from 256 tiles
+    (17 x 16384) it is one slice."""
     check((n, c, h, w), [flatten], [linear(c * h * w, f_out)])
 
 
