@@ -373,7 +373,11 @@ def lower(kernel: Kernel) -> LoweredKernel:
     ]
     # a pooled kernel: one pooled pixel a program
     row_blocks = f"triton.cdiv({rows}, 1)" if kernel.pool else f"triton.cdiv({rows}, BLOCK_M)"
-    wrapper += [INDENT + f"grid = ({row_blocks} * triton.cdiv(C_out, BLOCK_N),)"]
+    tiles = f"{row_blocks} * triton.cdiv(C_out, BLOCK_N)"
+    if split_k:  # the slices kernel launches the same tiles for each slice of K
+        wrapper.append(INDENT + f"tiles = {tiles}")
+        tiles = "tiles"
+    wrapper += [INDENT + f"grid = ({tiles},)"]
     if kernel.writes_batch_stats:
         wrapper += [
             INDENT + f"tile_sum = torch.empty((triton.cdiv({rows}, BLOCK_M), C_out), device=x.device, dtype=torch.float32)",
@@ -386,7 +390,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
             INDENT + "# split K: a program for each slice of K_SLICE input channels of a tile",
             INDENT + "SPLIT_K = triton.cdiv(C_in, K_SLICE)",
             INDENT + f"partial = torch.empty((SPLIT_K, {rows}, C_out), device=x.device, dtype=torch.float32)",
-            INDENT + f"slices_grid = ({row_blocks} * triton.cdiv(C_out, BLOCK_N), SPLIT_K)",
+            INDENT + "slices_grid = (tiles, SPLIT_K)",
             *(INDENT + line for line in _launch(f"{kernel.name}_slices_kernel", "slices_grid", slices, positional, keyword, options)),
         ]
     wrapper += [INDENT + line for line in _launch(f"{kernel.name}_kernel", "grid", body, positional, keyword, options)]

@@ -1842,11 +1842,12 @@ def linear(x, fc):
     check_32bit_offsets(x, out)
     DOT_PRECISION = "bf16x3" if x.is_cuda else "ieee"
     BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE = linear_tile(N, C_in, C_out)
-    grid = (triton.cdiv(N, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
+    tiles = triton.cdiv(N, BLOCK_M) * triton.cdiv(C_out, BLOCK_N)
+    grid = (tiles,)
     # split K: a program for each slice of K_SLICE input channels of a tile
     SPLIT_K = triton.cdiv(C_in, K_SLICE)
     partial = torch.empty((SPLIT_K, N, C_out), device=x.device, dtype=torch.float32)
-    slices_grid = (triton.cdiv(N, BLOCK_M) * triton.cdiv(C_out, BLOCK_N), SPLIT_K)
+    slices_grid = (tiles, SPLIT_K)
     linear_slices_kernel[slices_grid](
         x,
         dot_weight(fc, DOT_PRECISION).contiguous(),
