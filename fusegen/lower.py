@@ -158,6 +158,19 @@ _TILE_STATS = [
 ]
 
 
+# The first lines of every kernel. Launched with programmatic dependent launch (LAUNCH_PDL: launch_pdl
+# sets it for small launches on Hopper and later), a kernel's programs may start while the launch before
+# it runs, so that its launch latency hides behind that one's last programs. They wait for that launch's
+# writes before any load or store (an output may take the memory of an input that the launch before still
+# reads), then let the next launch start: it waits in turn, so launches still finish in order.
+_PDL = [
+    "# programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start",
+    "if LAUNCH_PDL:",
+    "    tl.extra.cuda.gdc_wait()",
+    "    tl.extra.cuda.gdc_launch_dependents()",
+]
+
+
 def _used(name: str, body: str) -> bool:
     return re.search(rf"\b{re.escape(name)}\b", body) is not None
 
@@ -243,11 +256,13 @@ def _kernel_source(name: str, comments: list[str], body: list[str], positional: 
 def _launch(name: str, grid: str, body: list[str], positional: list[Param], keyword: list[Param], options: tuple[str, ...]) -> list[str]:
     """Wrapper lines that launch the kernel `name` whose body is `body`."""
     return [
+        f"LAUNCH_PDL = launch_pdl(x, {grid})",
         f"{name}[{grid}](",
         *(INDENT + f"{value}," for _, value in _used_by(body, positional)),
         *(INDENT + f"{param}={value}," for param, value in _used_by(body, keyword)),
         # the launch options (num_warps, num_stages) that the tile rule set
         *(INDENT + f"{option}={option}," for option in options),
+        INDENT + "launch_pdl=LAUNCH_PDL,",
         ")",
     ]
 
@@ -267,7 +282,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
     slices = []
     if split_k:
         assert not kernel.producer and not kernel.pool, "split K: an anchor with neither producer nor pool"
-        slices = [*_frame(out_rank, loop), *_SLICE, f"# anchor: {kernel.anchor.op.summary}, over one slice of K", *loop]
+        slices = [*_PDL, *_frame(out_rank, loop), *_SLICE, f"# anchor: {kernel.anchor.op.summary}, over one slice of K", *loop]
         slices.append(f"tl.store({_partial_offsets(rows)}, acc, mask=mask)")
         loop = [*_sum_slices(rows), *anchor.split_k_finish(kernel.anchor.slot)]
     tile = [f"# anchor: {kernel.anchor.op.summary}" + (", the sum of its slices of K" if split_k else ""), *loop]
@@ -276,9 +291,9 @@ def lower(kernel: Kernel) -> LoweredKernel:
         tile += f.op.lowering.apply("acc", f.slot, "offs_n", "mask_n")
     if kernel.pool:
         assert not kernel.writes_batch_stats, "training mode gives a pool its own launch"
-        body = _pooled(tile)
+        body = [*_PDL, *_pooled(tile)]
     else:
-        body = [*_frame(out_rank, loop), *tile, _STORE, *(_TILE_STATS if kernel.writes_batch_stats else [])]
+        body = [*_PDL, *_frame(out_rank, loop), *tile, _STORE, *(_TILE_STATS if kernel.writes_batch_stats else [])]
     body_text = "\n".join([*body, *slices])  # what either kernel uses
 
     # Candidate parameters in signature order, each with the wrapper expression that feeds it.
@@ -313,6 +328,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
     channels = [(d, d) for d in _CHANNELS]
     rule = _tile_rule(kernel)
     blocks = [(b, b) for b in dict.fromkeys([*O.TILE_BLOCKS, *own_blocks, *(rule[1] if rule else ()), "SPLIT_K"])]
+    blocks.append(("LAUNCH_PDL", "LAUNCH_PDL"))
     strides = _X_STRIDES if kernel.reads_any_layout else []
     positional = [p for p in pointers + dims + strides + scalars if _used(p[0], body_text)]
     block_lines = _block_lines(rule, out_rank, body_text, own_blocks)

@@ -64,7 +64,12 @@ def conv3x3_bn_relu_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    LAUNCH_PDL: tl.constexpr,
 ):
+    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
+    if LAUNCH_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
@@ -169,7 +174,12 @@ def dwconv3x3_bn_relu_conv1x1_bn_relu_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    LAUNCH_PDL: tl.constexpr,
 ):
+    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
+    if LAUNCH_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
@@ -273,7 +283,12 @@ def dwconv3x3_bn_relu_kernel(
     PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    LAUNCH_PDL: tl.constexpr,
 ):
+    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
+    if LAUNCH_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
@@ -350,7 +365,12 @@ def conv1x1_bn_relu_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    LAUNCH_PDL: tl.constexpr,
 ):
+    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
+    if LAUNCH_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
@@ -421,7 +441,12 @@ def conv1x1_bn_relu_avgpool_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    LAUNCH_PDL: tl.constexpr,
 ):
+    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
+    if LAUNCH_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # Output tile: one pooled pixel x BLOCK_N channels. Its rows are the pixels of the pooling window,
     # BLOCK_M at a time; every fused op uses these offsets and masks, and the window's tiles are summed
     # in registers until the one store. Channel blocks are fastest, so adjacent programs share a window.
@@ -488,7 +513,12 @@ def linear_slices_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     K_SLICE: tl.constexpr,
+    LAUNCH_PDL: tl.constexpr,
 ):
+    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
+    if LAUNCH_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
@@ -539,7 +569,12 @@ def linear_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    LAUNCH_PDL: tl.constexpr,
 ):
+    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
+    if LAUNCH_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
@@ -596,7 +631,12 @@ def conv3x3_stats_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    LAUNCH_PDL: tl.constexpr,
 ):
+    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
+    if LAUNCH_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
@@ -696,7 +736,12 @@ def bn_relu_dwconv3x3_stats_train_kernel(
     PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    LAUNCH_PDL: tl.constexpr,
 ):
+    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
+    if LAUNCH_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
@@ -784,7 +829,12 @@ def bn_relu_conv1x1_stats_train_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    LAUNCH_PDL: tl.constexpr,
 ):
+    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
+    if LAUNCH_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
@@ -857,7 +907,12 @@ def bn_relu_avgpool_train_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    LAUNCH_PDL: tl.constexpr,
 ):
+    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
+    if LAUNCH_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
@@ -1130,6 +1185,20 @@ def dot_precision(x, module):
     return "tf32"
 
 
+def launch_pdl(x, grid):
+    """Whether a launch of `grid` programs on x's GPU uses programmatic dependent launch: its programs may
+    start while the launch before runs, and wait for that one's writes before their first load or store.
+    Only small launches: whole nets on an H200, with every launch so, went 0.181 -> 0.175 ms (MobileNetV1)
+    at batch 10 but 1.18 -> 1.31 ms at batch 128."""
+    if not x.is_cuda:
+        return False
+    gpu = torch.cuda.get_device_properties(x.device)
+    programs = 1
+    for size in grid:
+        programs *= size
+    return gpu.major >= 9 and programs <= 8 * gpu.multi_processor_count
+
+
 def conv3x3_bn_relu(x, conv, bn, out_dtype=torch.float32, out=None):
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
@@ -1151,6 +1220,7 @@ def conv3x3_bn_relu(x, conv, bn, out_dtype=torch.float32, out=None):
     DOT_PRECISION = dot_precision(x, conv)
     BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(KH * KW * C_in, C_out)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
+    LAUNCH_PDL = launch_pdl(x, grid)
     conv3x3_bn_relu_kernel[grid](
         x,
         dot_weight(conv, DOT_PRECISION),
@@ -1183,8 +1253,10 @@ def conv3x3_bn_relu(x, conv, bn, out_dtype=torch.float32, out=None):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        LAUNCH_PDL=LAUNCH_PDL,
         num_warps=num_warps,
         num_stages=num_stages,
+        launch_pdl=LAUNCH_PDL,
     )
     return out
 
@@ -1211,6 +1283,7 @@ def dwconv3x3_bn_relu_conv1x1_bn_relu(x, conv, bn, conv2, bn2, out_dtype=torch.f
         C_in, C_out, conv.kernel_size[0] * conv.kernel_size[1], x.dtype
     )
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
+    LAUNCH_PDL = launch_pdl(x, grid)
     dwconv3x3_bn_relu_conv1x1_bn_relu_kernel[grid](
         x,
         conv.weight,
@@ -1244,8 +1317,10 @@ def dwconv3x3_bn_relu_conv1x1_bn_relu(x, conv, bn, conv2, bn2, out_dtype=torch.f
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        LAUNCH_PDL=LAUNCH_PDL,
         num_warps=num_warps,
         num_stages=num_stages,
+        launch_pdl=LAUNCH_PDL,
     )
     return out
 
@@ -1265,6 +1340,7 @@ def dwconv3x3_bn_relu(x, conv, bn, out_dtype=torch.float32):
     check_32bit_offsets(x, out)
     BLOCK_M, BLOCK_N, num_warps = dwconv_tile(C_in, x.dtype)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
+    LAUNCH_PDL = launch_pdl(x, grid)
     dwconv3x3_bn_relu_kernel[grid](
         x,
         conv.weight,
@@ -1290,7 +1366,9 @@ def dwconv3x3_bn_relu(x, conv, bn, out_dtype=torch.float32):
         PAD=conv.padding[0],
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
+        LAUNCH_PDL=LAUNCH_PDL,
         num_warps=num_warps,
+        launch_pdl=LAUNCH_PDL,
     )
     return out
 
@@ -1311,6 +1389,7 @@ def conv1x1_bn_relu(x, conv, bn, out_dtype=torch.float32):
     DOT_PRECISION = dot_precision(x, conv)
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
+    LAUNCH_PDL = launch_pdl(x, grid)
     conv1x1_bn_relu_kernel[grid](
         x,
         dot_weight(conv, DOT_PRECISION).contiguous(),
@@ -1332,6 +1411,8 @@ def conv1x1_bn_relu(x, conv, bn, out_dtype=torch.float32):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        LAUNCH_PDL=LAUNCH_PDL,
+        launch_pdl=LAUNCH_PDL,
     )
     return out
 
@@ -1360,6 +1441,7 @@ def conv1x1_bn_relu_avgpool(x, conv, bn, pool):
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
     BLOCK_M = 64  # rows: pixels of one pooling window, 64 a tile
     grid = (triton.cdiv(N * PH * PW, 1) * triton.cdiv(C_out, BLOCK_N),)
+    LAUNCH_PDL = launch_pdl(x, grid)
     conv1x1_bn_relu_avgpool_kernel[grid](
         x,
         dot_weight(conv, DOT_PRECISION).contiguous(),
@@ -1382,6 +1464,8 @@ def conv1x1_bn_relu_avgpool(x, conv, bn, pool):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        LAUNCH_PDL=LAUNCH_PDL,
+        launch_pdl=LAUNCH_PDL,
     )
     return out
 
@@ -1400,6 +1484,7 @@ def linear(x, fc):
     SPLIT_K = triton.cdiv(C_in, K_SLICE)
     partial = torch.empty((SPLIT_K, N, C_out), device=x.device, dtype=torch.float32)
     slices_grid = (tiles, SPLIT_K)
+    LAUNCH_PDL = launch_pdl(x, slices_grid)
     linear_slices_kernel[slices_grid](
         x,
         dot_weight(fc, DOT_PRECISION).contiguous(),
@@ -1412,7 +1497,10 @@ def linear(x, fc):
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
         K_SLICE=K_SLICE,
+        LAUNCH_PDL=LAUNCH_PDL,
+        launch_pdl=LAUNCH_PDL,
     )
+    LAUNCH_PDL = launch_pdl(x, grid)
     linear_kernel[grid](
         fc.bias,
         partial,
@@ -1422,6 +1510,8 @@ def linear(x, fc):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         SPLIT_K=SPLIT_K,
+        LAUNCH_PDL=LAUNCH_PDL,
+        launch_pdl=LAUNCH_PDL,
     )
     return out
 
@@ -1447,6 +1537,7 @@ def conv3x3_stats(x, conv):
         (triton.cdiv(N * OH * OW, BLOCK_M), C_out), device=x.device, dtype=torch.float32
     )
     tile_m2 = torch.empty_like(tile_sum)
+    LAUNCH_PDL = launch_pdl(x, grid)
     conv3x3_stats_kernel[grid](
         x,
         dot_weight(conv, DOT_PRECISION),
@@ -1476,8 +1567,10 @@ def conv3x3_stats(x, conv):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        LAUNCH_PDL=LAUNCH_PDL,
         num_warps=num_warps,
         num_stages=num_stages,
+        launch_pdl=LAUNCH_PDL,
     )
     return out, (tile_sum, tile_m2, BLOCK_M, N * OH * OW)
 
@@ -1502,6 +1595,7 @@ def bn_relu_dwconv3x3_stats_train(x, x_stats, bn, conv):
     )
     tile_m2 = torch.empty_like(tile_sum)
     bn_mean, bn_scale = batch_norm_batch_stats(x_stats, bn)
+    LAUNCH_PDL = launch_pdl(x, grid)
     bn_relu_dwconv3x3_stats_train_kernel[grid](
         x,
         bn_mean,
@@ -1527,7 +1621,9 @@ def bn_relu_dwconv3x3_stats_train(x, x_stats, bn, conv):
         PAD=conv.padding[0],
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
+        LAUNCH_PDL=LAUNCH_PDL,
         num_warps=num_warps,
+        launch_pdl=LAUNCH_PDL,
     )
     return out, (tile_sum, tile_m2, BLOCK_M, N * OH * OW)
 
@@ -1553,6 +1649,7 @@ def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
     )
     tile_m2 = torch.empty_like(tile_sum)
     bn_mean, bn_scale = batch_norm_batch_stats(x_stats, bn)
+    LAUNCH_PDL = launch_pdl(x, grid)
     bn_relu_conv1x1_stats_train_kernel[grid](
         x,
         bn_mean,
@@ -1574,6 +1671,8 @@ def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        LAUNCH_PDL=LAUNCH_PDL,
+        launch_pdl=LAUNCH_PDL,
     )
     return out, (tile_sum, tile_m2, BLOCK_M, N * OH * OW)
 
@@ -1596,6 +1695,7 @@ def bn_relu_avgpool_train(x, x_stats, bn, pool):
     BLOCK_P = 32
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
     bn_mean, bn_scale = batch_norm_batch_stats(x_stats, bn)
+    LAUNCH_PDL = launch_pdl(x, grid)
     bn_relu_avgpool_train_kernel[grid](
         x,
         bn_mean,
@@ -1614,6 +1714,8 @@ def bn_relu_avgpool_train(x, x_stats, bn, pool):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_P=BLOCK_P,
+        LAUNCH_PDL=LAUNCH_PDL,
+        launch_pdl=LAUNCH_PDL,
     )
     return out
 
@@ -1712,27 +1814,42 @@ def graph_inputs_unchanged(inputs):
     )
 
 
-def capture_cuda_graph(model, x, copy_input):
-    """A CUDA graph of model.run_kernels on x: (graph, the tensor that a replay writes first, its output,
-    whether a replay runs the first launch outside it). Without copy_input it reads x where x lies (and
-    keeps no reference to it, so the caller's next input may take its memory). With it, its own copy of
-    x, or from model.first_kernel_outside_graph_numel input elements (eval mode) the first launch's output:
-    that launch runs outside the graph, on x itself. The graphs of a device share one memory pool: each
-    replay writes what it reads first and its output is cloned at once, so none needs another's memory kept.
-    """
+def graph_entry(model, x, copy_input):
+    """The CUDA graphs of one input shape, dtype, device and mode and one input address (or of the inputs
+    at other addresses). They all read `static_x` (None: the caller's tensor where it lies; the graphs keep
+    no reference to it, so the caller's next input may take its memory) and differ only in where they
+    write: the outputs of `returned` go to the caller as they are, that of `cloned` is copied out, for when
+    the caller still holds all of those. Each graph is (graph, output)."""
+    # from model.first_kernel_outside_graph_numel input elements (eval mode) graphs that copy their input
+    # in start from the first launch's output instead: that launch runs outside, on x itself
     outside = (
         copy_input
         and not model.training
         and model.first_kernel_outside_graph_numel is not None
         and x.numel() >= model.first_kernel_outside_graph_numel
     )
-    run, static_x = model.run_kernels, None
-    if outside:  # the graph starts from the first launch's output
-        run, static_x = model.run_kernels_after_first, model.run_first_kernel(x)
+    static_x = None
+    if outside:
+        static_x = model.run_first_kernel(x)
     elif copy_input:
         # in the layout the first kernel reads, so that each replay's copy is also any layout change
         static_x = torch.empty_like(x, memory_format=model.input_layout).copy_(x)
-    graph_x = x if static_x is None else static_x
+    inputs = graph_inputs(model, model.captured_attrs)
+    return {
+        "inputs": inputs,
+        "outside": outside,
+        "static_x": static_x,
+        "returned": [],
+        "cloned": None,
+    }
+
+
+def capture_cuda_graph(model, entry, x):
+    """A CUDA graph of model.run_kernels on x as `entry` feeds it: (graph, its output). The graphs of a
+    device share one memory pool: each replay writes what it reads first, and an output stays allocated
+    while its entry holds it, so none needs another's intermediates kept."""
+    run = model.run_kernels_after_first if entry["outside"] else model.run_kernels
+    graph_x = x if entry["static_x"] is None else entry["static_x"]
     with torch.cuda.device(x.device):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -1750,49 +1867,59 @@ def capture_cuda_graph(model, x, copy_input):
         # torch.cuda.graph's default capture stream lives on whichever GPU first captured
         # anything in this process: capture on a stream of x's GPU instead
         with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream()):
-            static_out = run(graph_x)
-    return graph, static_x, static_out, outside
+            out = run(graph_x)
+    return graph, out
+
+
+def caller_holds(output):
+    """Whether anything besides its graph entry holds a graph's output (the tensor handed out, a view
+    of it): the entry's tensor and the storage object asked for count two."""
+    return torch._C._storage_Use_Count(output.untyped_storage()._cdata) > 2
 
 
 def replay_cuda_graph(model, x):
     """Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype, device and mode. Graphs are
     captured again when a parameter or buffer is replaced, a parameter changes in place, or a module
-    attribute named in model.captured_attrs changes; each call returns a fresh tensor, never one that a
-    later call overwrites. Up to model.direct_graphs graphs per shape read the caller's tensor where it
-    lies, one per address and strides, so that a replay copies nothing in: a later input there has x's
-    shape and layout, so the graph reads it as it is then. An input at another address shares one graph
-    that copies it in (see capture_cuda_graph)."""
+    attribute named in model.captured_attrs changes. Up to model.direct_graphs graphs per shape read the
+    caller's tensor where it lies, one per address and strides, so that a replay copies nothing in: a
+    later input there has x's shape and layout, so the graph reads it as it is then. An input at another
+    address shares graphs that copy it in. A call never overwrites a tensor that the caller still holds:
+    it hands out the output of a graph whose last output the caller has let go (up to
+    model.returned_outputs such graphs), or else a clone."""
     # The kernels read buffers where they lie, so in-place changes to them need no new capture. A
     # parameter changed in place (its _version) captures again: dot_weight's TF32 copies are made
     # then. Scalars such as BatchNorm's eps and momentum are constants of the graph.
     graphs = model.cuda_graphs.setdefault(
         (x.shape, x.dtype, x.device, model.training), {}
     )
-    address = (x.data_ptr(), x.stride())  # None: the graph that copies its input in
+    address = (x.data_ptr(), x.stride())  # None: the graphs that copy their input in
     if (
         address not in graphs
         and sum(a is not None for a in graphs) >= model.direct_graphs
     ):
         address = None
     entry = graphs.get(address)
-    if entry is not None and not graph_inputs_unchanged(entry[0]):
+    if entry is not None and not graph_inputs_unchanged(entry["inputs"]):
         # all graphs were captured with the same parameters and attributes: all are stale
         model.cuda_graphs.clear()
         model.cuda_graph_pools.clear()
         return replay_cuda_graph(model, x)
     if entry is None:
-        inputs = graph_inputs(model, model.captured_attrs)
-        entry = graphs[address] = (
-            inputs,
-            *capture_cuda_graph(model, x, copy_input=address is None),
-        )
-    _, graph, static_x, static_out, outside = entry
-    if outside:
-        model.run_first_kernel(x, out=static_x)
-    elif static_x is not None:
-        static_x.copy_(x)
+        entry = graphs[address] = graph_entry(model, x, copy_input=address is None)
+    returned = next((r for r in entry["returned"] if not caller_holds(r[1])), None)
+    if returned is None and len(entry["returned"]) < model.returned_outputs:
+        returned = capture_cuda_graph(model, entry, x)
+        entry["returned"].append(returned)
+    if returned is None and entry["cloned"] is None:
+        entry["cloned"] = capture_cuda_graph(model, entry, x)
+    graph, out = returned or entry["cloned"]
+    if entry["outside"]:
+        model.run_first_kernel(x, out=entry["static_x"])
+    elif entry["static_x"] is not None:
+        entry["static_x"].copy_(x)
     graph.replay()
-    return static_out.clone()
+    # an alias, not `out` itself: the caller's hold on it must count in caller_holds
+    return out.detach() if returned else out.clone()
 
 
 class ModelNew(nn.Module):
@@ -1833,6 +1960,10 @@ class ModelNew(nn.Module):
     # strides), so that a replay copies nothing in: H200, batch 10, MobileNetV1 0.190 -> 0.185 ms,
     # EfficientNetB1 0.163 -> 0.157 ms. Inputs at other addresses share one graph that copies them in.
     direct_graphs = 4
+    # graphs per input whose output goes to the caller as it is, while the caller has let go of it: a
+    # `y = model(x)` loop alternates two (H200, batch 10: MobileNetV1 0.183 -> 0.179 ms, EfficientNetB1
+    # 0.156 -> 0.152 ms, against a clone of each output). Past them a replay hands out a clone.
+    returned_outputs = 2
 
     def __init__(self, num_classes=1000, input_channels=3, alpha=1.0):
         super().__init__()

@@ -107,7 +107,8 @@ def launcher(x, mods, out, bm, bn, bk, warps, stages):
             weight2, bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var, out,
             n, h, w, oh, ow, conv.weight.stride(0), conv.weight.stride(2), conv.weight.stride(3), bn1.eps, bn2.eps,
             C_in=c_in, C_out=c_out, CONV_KH=3, CONV_KW=3, CONV_STRIDE=conv.stride[0], CONV_PAD=1,
-            DOT_PRECISION=PRECISION, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+            DOT_PRECISION=PRECISION, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LAUNCH_PDL=False, num_warps=warps,
+            num_stages=stages,
         )  # fmt: skip
 
     return run

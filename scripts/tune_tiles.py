@@ -129,7 +129,8 @@ def time_gemm(c_in, c_out, h, bm, bn, bk, warps, stages, module=mb, precision=PR
     def run():
         module.conv1x1_bn_relu_kernel[grid](
             x, w, *bn_args, out, BATCH, h, h, h, h, 1e-5, C_in=c_in, C_out=c_out, STRIDE=1,
-            DOT_PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+            DOT_PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LAUNCH_PDL=False, num_warps=warps,
+            num_stages=stages,
         )  # fmt: skip
 
     return bench(run)
@@ -146,7 +147,7 @@ def time_dw(c, h, stride, bm, bn, warps):
     def run():
         mb.dwconv3x3_bn_relu_kernel[grid](
             x, w, *bn_args, out, BATCH, h, h, oh, oh, w.stride(0), w.stride(2), w.stride(3), 1e-5,
-            C_in=c, C_out=c, KH=3, KW=3, STRIDE=stride, PAD=1, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+            C_in=c, C_out=c, KH=3, KW=3, STRIDE=stride, PAD=1, BLOCK_M=bm, BLOCK_N=bn, LAUNCH_PDL=False, num_warps=warps,
         )  # fmt: skip
 
     return bench(run)
@@ -171,7 +172,7 @@ def time_stem(h, c_out, layout, bm, bn, bk, warps, stages):
     def run():
         mb.conv3x3_bn_relu_kernel[grid](
             x, w, *bn_args, out, BATCH, h, h, oh, oh, *x.stride(), *w.stride(), 1e-5, C_in=3, C_out=c_out, KH=3, KW=3,
-            STRIDE=2, PAD=1, DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+            STRIDE=2, PAD=1, DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LAUNCH_PDL=False, num_warps=warps,
             num_stages=stages,
         )  # fmt: skip
 
@@ -203,9 +204,11 @@ def time_linear(c_in, c_out, bm, bn, bk, k_slice):
     def run():
         mb.linear_slices_kernel[(tiles, split_k)](
             x, w, partial, BATCH, C_in=c_in, C_out=c_out, DOT_PRECISION="bf16x3", BLOCK_M=bm, BLOCK_N=bn,
-            BLOCK_K=bk, K_SLICE=k_slice,
+            BLOCK_K=bk, K_SLICE=k_slice, LAUNCH_PDL=False,
         )  # fmt: skip
-        mb.linear_kernel[(tiles,)](bias, partial, out, BATCH, C_out=c_out, BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split_k)
+        mb.linear_kernel[(tiles,)](
+            bias, partial, out, BATCH, C_out=c_out, BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split_k, LAUNCH_PDL=False,
+        )  # fmt: skip
 
     return bench(run)
 

@@ -1,6 +1,6 @@
 """On the GPU, ModelNew replays its launches as a CUDA graph: same results as direct launches, never
-stale after a parameter, shape or device change, never overwriting a tensor it returned, whether the
-graph reads the caller's tensor where it lies or copies it in."""
+stale after a parameter, shape or device change, never overwriting a tensor that the caller holds,
+whether the graph reads the caller's tensor where it lies or copies it in."""
 
 import copy
 import weakref
@@ -116,6 +116,51 @@ def test_returned_tensors_are_never_overwritten(model):
     second = model(rand(2, 3, 17, 15))
     assert torch.equal(first, kept)
     assert not torch.equal(first, second)
+
+
+@torch.no_grad()
+def test_an_output_is_handed_out_again_only_once_the_caller_lets_go(model):
+    """A replay hands out its graph's own output, written in place once the caller has let go of the
+    last one; while the caller holds it (or only a view of it) another graph writes, and past
+    model.returned_outputs held outputs a clone is handed out."""
+    x = rand(2, 3, 17, 15)  # one address: one graph entry, changed in place between calls
+    inputs = [rand(2, 3, 17, 15) for _ in range(5)]
+    expected = [model.run_kernels(i) for i in inputs]
+    address = model(x).data_ptr()  # dropped at once
+    x.copy_(inputs[0])
+    assert model(x).data_ptr() == address
+    row = model(x)[0]  # only a view of the output held
+    held = []
+    for i in inputs[1:]:
+        x.copy_(i)
+        held.append(model(x))
+    assert torch.equal(row, expected[0][0])
+    assert all(torch.equal(out, want) for out, want in zip(held, expected[1:]))
+    assert len({row.data_ptr(), *(out.data_ptr() for out in held)}) == 5
+    ((entry,),) = (graphs.values() for graphs in model.cuda_graphs.values())
+    assert len(entry["returned"]) == model.returned_outputs == 2 and entry["cloned"] is not None
+    del row, held
+    x.copy_(inputs[4])
+    assert model(x).data_ptr() == address
+
+
+@pytest.mark.skipif(ON_GPU and torch.cuda.get_device_capability()[0] < 9, reason="dependent launches need Hopper on")
+@torch.no_grad()
+def test_dependent_launches_compute_what_plain_ones_do(monkeypatch):
+    """Programmatic dependent launch for every launch (not only the small ones that launch_pdl picks), on
+    an input large enough for several waves of programs: each launch still reads what the one before it
+    wrote, bit for bit, launched directly and in a graph."""
+    torch.manual_seed(0)
+    module = load_spec(FLOAT16_SPEC, "graphs")
+    model = module.ModelNew().cuda().eval()
+    randomize_batchnorm(model)
+    x = rand(64, 3, 97, 89)
+    monkeypatch.setattr(module, "launch_pdl", lambda x, grid: False)
+    plain = model.run_kernels(x)
+    monkeypatch.setattr(module, "launch_pdl", lambda x, grid: True)
+    for _ in range(3):
+        assert torch.equal(model.run_kernels(x), plain)
+        assert torch.equal(model(x), plain)
 
 
 @torch.no_grad()
@@ -239,5 +284,5 @@ def test_only_a_large_input_skips_the_copy_into_the_graph():
     model.first_kernel_outside_graph_numel = large.numel()
     for x in (large, small, large, small):
         assert torch.equal(model(x), model.run_kernels(x))
-    outside = {key[0]: graphs[None][-1] for key, graphs in model.cuda_graphs.items()}
+    outside = {key[0]: graphs[None]["outside"] for key, graphs in model.cuda_graphs.items()}
     assert outside == {large.shape: True, small.shape: False}

@@ -234,6 +234,35 @@ def test_blocks_share_kernels():
     ]
 
 
+@pytest.mark.parametrize("spec", SOURCES)
+def test_dependent_launches_wait_before_their_first_load_or_store(spec):
+    """A kernel launched with programmatic dependent launch may start while the launch before it runs: its
+    first lines wait for that launch's writes, before any load or store, and only then let the next launch
+    start. Its wrapper launches it so exactly when the kernel waits: one LAUNCH_PDL, from the launch's grid,
+    for both. (BatchNorm's batch statistics launch plainly.)"""
+    tree = ast.parse(SOURCES[spec])
+    chains = [k for k in kernels(SOURCES[spec]) if k.name != "batch_norm_batch_stats_kernel"]
+    for kernel in chains:
+        assert "LAUNCH_PDL" in {a.arg for a in kernel.args.args}
+        assert ast.unparse(kernel.body[0]) == (
+            "if LAUNCH_PDL:\n    tl.extra.cuda.gdc_wait()\n    tl.extra.cuda.gdc_launch_dependents()"
+        )
+    launched = []
+    for wrapper in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
+        for before, statement in zip(wrapper.body, wrapper.body[1:]):
+            call = statement.value if isinstance(statement, ast.Expr) else None
+            if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Subscript)):
+                continue
+            options = {k.arg: ast.unparse(k.value) for k in call.keywords}
+            if ast.unparse(call.func.value) == "batch_norm_batch_stats_kernel":
+                assert "launch_pdl" not in options
+                continue
+            launched.append(ast.unparse(call.func.value))
+            assert ast.unparse(before) == f"LAUNCH_PDL = launch_pdl(x, {ast.unparse(call.func.slice)})"
+            assert options["LAUNCH_PDL"] == options["launch_pdl"] == "LAUNCH_PDL"
+    assert sorted(launched) == sorted(k.name for k in chains)
+
+
 def test_split_k_stores_each_slice_once_and_adds_the_slices_in_order():
     """`linear -> relu`: the slices kernel runs the K loop over its program's slice and stores the partial
     sums once; the second kernel adds them in slice order (an unrolled loop: every call adds them the same
