@@ -660,8 +660,9 @@ def linear_tile(N, C_in, C_out):
 
 
 # Whether a wrapper launches its kernel with programmatic dependent launch (every kernel's frame waits for
-# the launch before it first: fusegen.lower). The GPU must have it (compute capability 9.0, Hopper, on):
-# elsewhere (an RTX 4090, the interpreter) the launch is plain and the kernel has no such wait.
+# the launch before it first: fusegen.lower). The GPU must have it (an NVIDIA GPU of compute capability
+# 9.0, Hopper, on): elsewhere (an RTX 4090, ROCm, the interpreter) the launch is plain and the kernel has no
+# such wait.
 LAUNCH_PDL = """\
 def launch_pdl(x, grid):
     \"\"\"Whether a launch of `grid` programs on x's GPU uses programmatic dependent launch: its programs may
@@ -674,7 +675,7 @@ def launch_pdl(x, grid):
     programs = 1
     for size in grid:
         programs *= size
-    return gpu.major >= 9 and programs <= 8 * gpu.multi_processor_count
+    return torch.version.hip is None and gpu.major >= 9 and programs <= 8 * gpu.multi_processor_count
 """
 
 

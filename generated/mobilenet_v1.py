@@ -1196,7 +1196,11 @@ def launch_pdl(x, grid):
     programs = 1
     for size in grid:
         programs *= size
-    return gpu.major >= 9 and programs <= 8 * gpu.multi_processor_count
+    return (
+        torch.version.hip is None
+        and gpu.major >= 9
+        and programs <= 8 * gpu.multi_processor_count
+    )
 
 
 def conv3x3_bn_relu(x, conv, bn, out_dtype=torch.float32, out=None):
