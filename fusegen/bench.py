@@ -462,8 +462,9 @@ def median_ms(fn: Callable, inputs: list[torch.Tensor]) -> float:
 
 
 def cuda_graph_of(fn: Callable, example: torch.Tensor) -> Callable:
-    """fn captured as a CUDA graph, called like fusegen's forward: copy the input in, replay, return a
-    copy of the output (so both do the same work around the graph)."""
+    """fn captured as a CUDA graph: copy the input in, replay, return a copy of the output. (fusegen's
+    forward reads its input where it lies and hands out its graph's own output where it can: about 4 + 4
+    us at batch 10 on an H200, against this configuration's 0.6 ms or more.)"""
     static_x = example.clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
