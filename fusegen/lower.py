@@ -248,9 +248,10 @@ def _used_by(body: list[str], params: list[Param]) -> list[Param]:
 
 
 def _kernel_source(name: str, comments: list[str], body: list[str], positional: list[Param], keyword: list[Param]) -> list[str]:
+    """The @triton.jit kernel `name`: `body` after the wait of a dependent launch (_PDL)."""
     params = [name for name, _ in _used_by(body, positional)]
-    params += [f"{name}: tl.constexpr" for name, _ in _used_by(body, keyword)]
-    return [*comments, "@triton.jit", f"def {name}({', '.join(params)}):", *(INDENT + line for line in body)]
+    params += [f"{name}: tl.constexpr" for name, _ in _used_by(body, keyword)] + ["LAUNCH_PDL: tl.constexpr"]
+    return [*comments, "@triton.jit", f"def {name}({', '.join(params)}):", *(INDENT + line for line in [*_PDL, *body])]
 
 
 def _launch(name: str, grid: str, body: list[str], positional: list[Param], keyword: list[Param], options: tuple[str, ...]) -> list[str]:
@@ -260,6 +261,7 @@ def _launch(name: str, grid: str, body: list[str], positional: list[Param], keyw
         f"{name}[{grid}](",
         *(INDENT + f"{value}," for _, value in _used_by(body, positional)),
         *(INDENT + f"{param}={value}," for param, value in _used_by(body, keyword)),
+        INDENT + "LAUNCH_PDL=LAUNCH_PDL,",
         # the launch options (num_warps, num_stages) that the tile rule set
         *(INDENT + f"{option}={option}," for option in options),
         INDENT + "launch_pdl=LAUNCH_PDL,",
@@ -282,7 +284,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
     slices = []
     if split_k:
         assert not kernel.producer and not kernel.pool, "split K: an anchor with neither producer nor pool"
-        slices = [*_PDL, *_frame(out_rank, loop), *_SLICE, f"# anchor: {kernel.anchor.op.summary}, over one slice of K", *loop]
+        slices = [*_frame(out_rank, loop), *_SLICE, f"# anchor: {kernel.anchor.op.summary}, over one slice of K", *loop]
         slices.append(f"tl.store({_partial_offsets(rows)}, acc, mask=mask)")
         loop = [*_sum_slices(rows), *anchor.split_k_finish(kernel.anchor.slot)]
     tile = [f"# anchor: {kernel.anchor.op.summary}" + (", the sum of its slices of K" if split_k else ""), *loop]
@@ -291,9 +293,9 @@ def lower(kernel: Kernel) -> LoweredKernel:
         tile += f.op.lowering.apply("acc", f.slot, "offs_n", "mask_n")
     if kernel.pool:
         assert not kernel.writes_batch_stats, "training mode gives a pool its own launch"
-        body = [*_PDL, *_pooled(tile)]
+        body = _pooled(tile)
     else:
-        body = [*_PDL, *_frame(out_rank, loop), *tile, _STORE, *(_TILE_STATS if kernel.writes_batch_stats else [])]
+        body = [*_frame(out_rank, loop), *tile, _STORE, *(_TILE_STATS if kernel.writes_batch_stats else [])]
     body_text = "\n".join([*body, *slices])  # what either kernel uses
 
     # Candidate parameters in signature order, each with the wrapper expression that feeds it.
@@ -328,7 +330,6 @@ def lower(kernel: Kernel) -> LoweredKernel:
     channels = [(d, d) for d in _CHANNELS]
     rule = _tile_rule(kernel)
     blocks = [(b, b) for b in dict.fromkeys([*O.TILE_BLOCKS, *own_blocks, *(rule[1] if rule else ()), "SPLIT_K"])]
-    blocks.append(("LAUNCH_PDL", "LAUNCH_PDL"))
     strides = _X_STRIDES if kernel.reads_any_layout else []
     positional = [p for p in pointers + dims + strides + scalars if _used(p[0], body_text)]
     block_lines = _block_lines(rule, out_rank, body_text, own_blocks)
