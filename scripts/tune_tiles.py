@@ -9,9 +9,9 @@ depthwise convs float16 activations and stores float16, as the specs' `activatio
 with float16 weights and "fp16" dots in the GEMMs. `--rounding` times each GEMM at its generated tile
 under every precision variant of time_models.PRECISIONS instead. `--stem` sweeps the first conv (3x3, 3
 -> 32 channels, stride 2) at both nets' input sizes, reading the model's NCHW input as it is (as
-generated) and a channels-last copy. `--linear` sweeps the classifier's tiles and slices of K. `--graph` times through a CUDA
-graph (do_bench_cudagraph: back to back, L2 not flushed) as the generated ModelNew runs them: at batch 10
-do_bench's launch overhead swamps the kernels. `--late` sweeps the GEMMs of the late layers
+generated) and a channels-last copy. `--linear` sweeps the classifier's tiles and slices of K. `--graph`
+times through a CUDA graph (do_bench_cudagraph: back to back, L2 not flushed) as the generated ModelNew
+runs them: at batch 10 do_bench's launch overhead swamps the kernels. `--late` sweeps the GEMMs of the late layers
 (latency-bound at batch 10) over small tiles, the generated tile (gemm_tile) first.
 
 `--warm K/N` only compiles (and runs once) every Nth config from the Kth: N such processes side by side
@@ -147,7 +147,8 @@ def time_dw(c, h, stride, bm, bn, warps):
     def run():
         mb.dwconv3x3_bn_relu_kernel[grid](
             x, w, *bn_args, out, BATCH, h, h, oh, oh, w.stride(0), w.stride(2), w.stride(3), 1e-5,
-            C_in=c, C_out=c, KH=3, KW=3, STRIDE=stride, PAD=1, BLOCK_M=bm, BLOCK_N=bn, LAUNCH_PDL=False, num_warps=warps,
+            C_in=c, C_out=c, KH=3, KW=3, STRIDE=stride, PAD=1, BLOCK_M=bm, BLOCK_N=bn, LAUNCH_PDL=False,
+            num_warps=warps,
         )  # fmt: skip
 
     return bench(run)
@@ -172,8 +173,8 @@ def time_stem(h, c_out, layout, bm, bn, bk, warps, stages):
     def run():
         mb.conv3x3_bn_relu_kernel[grid](
             x, w, *bn_args, out, BATCH, h, h, oh, oh, *x.stride(), *w.stride(), 1e-5, C_in=3, C_out=c_out, KH=3, KW=3,
-            STRIDE=2, PAD=1, DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LAUNCH_PDL=False, num_warps=warps,
-            num_stages=stages,
+            STRIDE=2, PAD=1, DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LAUNCH_PDL=False,
+            num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     return bench(run)
