@@ -1,8 +1,13 @@
-"""Stage 2, check: resolve names and ops, evaluate the spec at its default constructor arguments and
-example input, and verify shapes, channel counts and that every chain can be one kernel.
+"""Stage 2, check: resolve names and ops, and turn the spec into what plan and emit need.
 
-It also records, symbolically, how ModelNew.__init__ builds the module tree (so that other
-constructor arguments still work) and where each op's module lives (`model[3][4]`).
+Two walks over the spec:
+- `_InitWriter` translates each block and the forward body into Python for ModelNew.__init__, line
+  by line (so module creation order, registration order and every construction-time `if`, repeat and
+  argument follow the spec, at any constructor arguments);
+- `_GraphBuilder` evaluates the spec at its default constructor arguments and example input, inlines
+  every block at its call site and builds the dataflow graph (fusegen.graph), checking shapes, channel
+  counts and that every chain can be one kernel. The forward pass is compiled for the structure it
+  finds, so a branch or a repeat count that depends on a constructor parameter is refused.
 """
 
 from __future__ import annotations
@@ -17,52 +22,19 @@ import torch.nn as nn
 from fusegen import ops as O
 from fusegen import syntax as S
 from fusegen.errors import Pos, SpecError
+from fusegen.graph import Chain, Graph, Node, Value
 
-# Functions a spec expression may call besides its own `let` functions.
-BUILTINS = {"int": int, "round": round, "min": min, "max": max}
-# Names the generated module uses itself.
-RESERVED = {"self", "x", "nn", "torch", "triton", "tl", "super", "range", "ModelNew"} | set(dir(builtins))
-_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2, "//": 2, "%": 2}
+# Functions a spec expression may call besides its own `let` functions and blocks.
+BUILTINS = {"int": int, "round": round, "min": min, "max": max, "abs": abs, "len": len}
+CONSTANTS = {"None": None, "True": True, "False": False}
+# Names the generated module uses itself (`block` is a module body's nn.Module while it is built).
+RESERVED = {"self", "x", "nn", "torch", "triton", "tl", "super", "range", "ModelNew", "block"} | (
+    set(dir(builtins)) - set(CONSTANTS)
+)
+_PRECEDENCE = {"if": 0, "or": 1, "and": 2, "not": 3, "compare": 4, "+": 5, "-": 5, "*": 6, "/": 6, "//": 6, "%": 6}
 
 
 # -- what check hands to plan and emit ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OpUse:
-    """One op of a chain, resolved."""
-
-    op: O.Op
-    module_path: str | None  # where ModelNew holds its module, relative to self: "model[3][4]", "fc"
-    pos: Pos
-    out_shape: O.Shape = ()  # the tensor after this op, at the example input and default arguments
-
-
-@dataclass(frozen=True)
-class ChainUse:
-    """One chain of the forward pass, as instantiated at one place."""
-
-    ops: tuple[OpUse, ...]
-    line: int  # spec line where the chain is written
-    text: str  # the chain as written
-    site: str  # where a block instantiates it: "20: conv_dw(c(32), c(64), 1)"; "" outside blocks
-    in_shape: O.Shape  # at the example input and default arguments
-
-
-@dataclass(frozen=True)
-class Function:
-    """A nested function of __init__: a `let` function or a block that returns nn.Sequential."""
-
-    name: str
-    params: tuple[str, ...]
-    lets: tuple[tuple[str, str], ...]
-    result: str
-
-
-@dataclass(frozen=True)
-class Assign:
-    target: str  # "h" or "self.conv1"
-    value: str
 
 
 @dataclass(frozen=True)
@@ -70,9 +42,13 @@ class Model:
     name: str
     params: tuple[tuple[str, str], ...]  # constructor parameter, default as source
     example_input: O.Shape
-    init: tuple[Function | Assign, ...]  # the body of ModelNew.__init__, in order
-    chains: tuple[ChainUse, ...]  # the forward pass, in order
+    init: tuple[str, ...]  # the body of ModelNew.__init__ after super().__init__(), as Python lines
+    graph: Graph  # the forward pass
     activation_dtype: str = "float32"  # torch dtype of the tensors between kernels in eval mode
+
+    @property
+    def chains(self) -> tuple[Chain, ...]:
+        return self.graph.chains
 
 
 # What `activations(...)` may store. float16 keeps TF32's 10-bit mantissa, so the 1x1 convs see the
@@ -84,7 +60,7 @@ ACTIVATION_DTYPES = ("float32", "float16")
 # -- expressions -----------------------------------------------------------------------------------------
 
 
-def expr_source(e: S.Expr, parent: int = 0, right: bool = False) -> str:
+def expr_source(e: S.Expr, parent: int = -1, right: bool = False) -> str:
     """Python source of an expression, with the parentheses that precedence needs."""
     if isinstance(e, S.IntLiteral):
         return str(e.value)
@@ -92,55 +68,58 @@ def expr_source(e: S.Expr, parent: int = 0, right: bool = False) -> str:
         return repr(e.value)
     if isinstance(e, S.Name):
         return e.id
+    if isinstance(e, S.StringLiteral):
+        return repr(e.value)
     if isinstance(e, S.Apply):
         return f"{e.func}({', '.join(expr_source(a) for a in e.args)})"
+    if isinstance(e, S.ListLiteral):
+        return f"[{', '.join(expr_source(a) for a in e.items)}]"
+    if isinstance(e, S.Index):
+        return f"{expr_source(e.value, 9)}[{expr_source(e.index)}]"
     if isinstance(e, S.Neg):
-        return f"-{expr_source(e.operand, 3)}"
-    prec = _PRECEDENCE[e.op]
-    text = f"{expr_source(e.left, prec)} {e.op} {expr_source(e.right, prec, right=True)}"
+        return f"-{expr_source(e.operand, 7)}"
+    if isinstance(e, S.Not):
+        text, prec = f"not {expr_source(e.operand, 3)}", 3
+    elif isinstance(e, S.IfExpr):
+        prec = 0
+        text = f"{expr_source(e.body, 1)} if {expr_source(e.test, 1)} else {expr_source(e.orelse, 0)}"
+    else:  # BinOp, Compare, BoolOp: left-associative
+        prec = _PRECEDENCE["compare" if isinstance(e, S.Compare) else e.op]
+        text = f"{expr_source(e.left, prec)} {e.op} {expr_source(e.right, prec, right=True)}"
     return f"({text})" if prec < parent or (right and prec == parent) else text
+
+
+@dataclass(frozen=True)
+class Val:
+    """A construction-time value and the constructor parameters it depends on."""
+
+    value: object
+    deps: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class BlockInstance:
+    """The value of a block call inside an expression (`shortcut(inp, oup, stride)` passed to a module):
+    __init__ makes its modules where it evaluates the expression; forward inlines it where it is used."""
+
+    block: S.BlockDecl
+    args: dict
+    pos: Pos
 
 
 @dataclass
 class _Scope:
-    values: dict[str, object]
+    values: dict[str, Val]
     # let functions, each with the values visible where it was declared (Python closes over those)
-    functions: dict[str, tuple[S.LetDecl, dict[str, object]]]
+    functions: dict[str, tuple[S.LetDecl, dict[str, Val]]]
+    blocks: dict[str, S.BlockDecl]
+    globals: dict[str, Val]  # the constructor parameters and global lets: block defaults see these
 
-    def child(self, values: dict[str, object]) -> "_Scope":
-        return _Scope({**self.values, **values}, self.functions)
+    def child(self, values: dict[str, Val]) -> "_Scope":
+        return _Scope({**self.values, **values}, self.functions, self.blocks, self.globals)
 
 
-def evaluate(e: S.Expr, scope: _Scope) -> object:
-    if isinstance(e, S.IntLiteral):
-        return e.value
-    if isinstance(e, S.FloatLiteral):
-        return e.value
-    if isinstance(e, S.Name):
-        if e.id not in scope.values:
-            known = sorted(scope.values)
-            hint = difflib.get_close_matches(e.id, known, 1)
-            extra = f"; did you mean {hint[0]!r}?" if hint else (f"; known names: {', '.join(known)}" if known else "")
-            raise SpecError(e.pos, f"unknown name {e.id!r}{extra}")
-        return scope.values[e.id]
-    if isinstance(e, S.Neg):
-        return -_number(evaluate(e.operand, scope), e.operand.pos)
-    if isinstance(e, S.Apply):
-        args = [evaluate(a, scope) for a in e.args]
-        if e.func in scope.functions:
-            let, closure = scope.functions[e.func]
-            if len(args) != len(let.params):
-                raise SpecError(e.pos, f"{e.func}() takes {len(let.params)} argument(s), {len(args)} given")
-            return evaluate(let.value, _Scope({**closure, **dict(zip(let.params, args))}, scope.functions))
-        if e.func not in BUILTINS:
-            known = sorted([*BUILTINS, *scope.functions])
-            raise SpecError(e.pos, f"unknown function {e.func!r}; expressions may call {', '.join(known)}")
-        try:
-            return BUILTINS[e.func](*args)
-        except TypeError as err:
-            raise SpecError(e.pos, f"{e.func}(): {err}") from None
-    left = _number(evaluate(e.left, scope), e.left.pos)
-    right = _number(evaluate(e.right, scope), e.right.pos)
+def _binary(op: str, left, right, pos: Pos):
     try:
         return {
             "+": lambda: left + right,
@@ -149,13 +128,110 @@ def evaluate(e: S.Expr, scope: _Scope) -> object:
             "/": lambda: left / right,
             "//": lambda: left // right,
             "%": lambda: left % right,
-        }[e.op]()
+            "==": lambda: left == right,
+            "!=": lambda: left != right,
+            "<": lambda: left < right,
+            "<=": lambda: left <= right,
+            ">": lambda: left > right,
+            ">=": lambda: left >= right,
+        }[op]()
     except ZeroDivisionError:
-        raise SpecError(e.pos, "division by zero") from None
+        raise SpecError(pos, "division by zero") from None
+    except TypeError:
+        raise SpecError(pos, f"cannot apply {op!r} to {left!r} and {right!r}") from None
+
+
+def evaluate(e: S.Expr, scope: _Scope) -> Val:
+    if isinstance(e, (S.IntLiteral, S.FloatLiteral, S.StringLiteral)):
+        return Val(e.value)
+    if isinstance(e, S.Name):
+        if e.id in scope.values:
+            return scope.values[e.id]
+        if e.id in CONSTANTS:
+            return Val(CONSTANTS[e.id])
+        known = sorted(scope.values)
+        hint = difflib.get_close_matches(e.id, known, 1)
+        extra = f"; did you mean {hint[0]!r}?" if hint else (f"; known names: {', '.join(known)}" if known else "")
+        raise SpecError(e.pos, f"unknown name {e.id!r}{extra}")
+    if isinstance(e, S.ListLiteral):
+        items = [evaluate(i, scope) for i in e.items]
+        return Val([i.value for i in items], frozenset().union(*(i.deps for i in items)))
+    if isinstance(e, S.Index):
+        value, index = evaluate(e.value, scope), evaluate(e.index, scope)
+        try:
+            return Val(value.value[index.value], value.deps | index.deps)
+        except (TypeError, IndexError, KeyError):
+            raise SpecError(e.pos, f"cannot index {value.value!r} with {index.value!r}") from None
+    if isinstance(e, S.Neg):
+        operand = evaluate(e.operand, scope)
+        return Val(-_number(operand.value, e.operand.pos), operand.deps)
+    if isinstance(e, S.Not):
+        operand = evaluate(e.operand, scope)
+        return Val(not operand.value, operand.deps)
+    if isinstance(e, S.IfExpr):
+        test = evaluate(e.test, scope)
+        chosen = evaluate(e.body if test.value else e.orelse, scope)
+        return Val(chosen.value, test.deps | chosen.deps)
+    if isinstance(e, S.BoolOp):
+        left = evaluate(e.left, scope)
+        if bool(left.value) == (e.op == "or"):  # short circuit, as Python
+            return left
+        right = evaluate(e.right, scope)
+        return Val(right.value, left.deps | right.deps)
+    if isinstance(e, S.Apply):
+        return _apply(e, scope)
+    left, right = evaluate(e.left, scope), evaluate(e.right, scope)
+    if isinstance(e, S.BinOp):
+        _number(left.value, e.left.pos), _number(right.value, e.right.pos)
+    return Val(_binary(e.op, left.value, right.value, e.pos), left.deps | right.deps)
+
+
+def _apply(e: S.Apply, scope: _Scope) -> Val:
+    args = [evaluate(a, scope) for a in e.args]
+    deps = frozenset().union(*(a.deps for a in args))
+    if e.func in scope.functions:
+        let, closure = scope.functions[e.func]
+        if len(args) != len(let.params):
+            raise SpecError(e.pos, f"{e.func}() takes {len(let.params)} argument(s), {len(args)} given")
+        return evaluate(let.value, replace(scope, values={**closure, **dict(zip(let.params, args))}))
+    if e.func in scope.blocks:
+        block = scope.blocks[e.func]
+        # whether the instance exists does not depend on its arguments
+        return Val(BlockInstance(block, _bind_block(block, tuple(e.args), (), args, (), e.pos, scope), e.pos))
+    if e.func not in BUILTINS:
+        known = sorted([*BUILTINS, *scope.functions, *scope.blocks])
+        raise SpecError(e.pos, f"unknown function {e.func!r}; expressions may call {', '.join(known)}")
+    try:
+        return Val(BUILTINS[e.func](*(a.value for a in args)), deps)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise SpecError(e.pos, f"{e.func}(): {err}") from None
+
+
+def _bind_block(block, args, kwargs, arg_values, kwarg_values, pos, scope) -> dict[str, Val]:
+    """A block call's arguments by parameter; missing ones take the block's defaults."""
+    names = [p.name for p in block.params]
+    if len(args) > len(names):
+        raise SpecError(pos, f"block {block.name!r} takes {len(names)} argument(s) ({', '.join(names)}), {len(args)} given")
+    bound = dict(zip(names, arg_values))
+    for kw, value in zip(kwargs, kwarg_values):
+        if kw.name not in names:
+            raise SpecError(kw.pos, f"block {block.name!r} has no parameter {kw.name!r} ({', '.join(names)})")
+        if kw.name in bound:
+            raise SpecError(kw.pos, f"block {block.name!r} gets {kw.name!r} twice")
+        bound[kw.name] = value
+    for p in block.params:
+        if p.name not in bound:
+            if p.default is None:
+                given = len(args) + len(kwargs)
+                raise SpecError(
+                    pos, f"block {block.name!r} takes {len(names)} argument(s) ({', '.join(names)}), {given} given; {p.name!r} has no default"
+                )
+            bound[p.name] = evaluate(p.default, replace(scope, values=scope.globals))
+    return bound
 
 
 def _number(value: object, pos: Pos) -> int | float:
-    if not isinstance(value, (int, float)):
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise SpecError(pos, f"expected a number, got {value!r}")
     return value
 
@@ -165,88 +241,38 @@ def _check_name(name: str, pos: Pos, what: str) -> None:
         raise SpecError(pos, f"{what} {name!r} clashes with a name the generated Python uses; pick another")
 
 
-# -- the checker ------------------------------------------------------------------------------------------
+def _static(value: Val, pos: Pos, what: str) -> object:
+    """A value that decides the forward pass's structure: it must not depend on constructor parameters."""
+    if value.deps:
+        names = ", ".join(sorted(value.deps))
+        raise SpecError(
+            pos,
+            f"{what} depends on the constructor parameter(s) {names}; fusegen compiles one forward pass, so"
+            " the structure must be fixed by constants and block arguments (structure that follows constructor"
+            " arguments is not supported yet)",
+        )
+    return value.value
 
 
-class _Checker:
-    def __init__(self, spec: S.Spec, source: str):
-        self.spec = spec
-        self.lines = source.splitlines()
-        self.blocks: dict[str, S.BlockDecl] = {}
-        self.init: list[Function | Assign] = []
-        self.chains: list[ChainUse] = []
-        self.attributes: set[str] = set()
-        self.block_stack: list[str] = []
+def _is_expr(value: object) -> bool:
+    return isinstance(
+        value,
+        (S.IntLiteral, S.FloatLiteral, S.StringLiteral, S.Name, S.Apply, S.BinOp, S.Neg, S.Compare, S.BoolOp, S.Not, S.IfExpr, S.ListLiteral, S.Index),
+    )
 
-    # The model header, global lets and blocks.
 
-    def declarations(self) -> tuple[_Scope, tuple[tuple[str, str], ...]]:
-        params = []
-        values: dict[str, object] = {}
-        for p in self.spec.model.params:
-            _check_name(p.name, p.pos, "constructor parameter")
-            if p.name in values:
-                raise SpecError(p.pos, f"constructor parameter {p.name!r} is declared twice")
-            values[p.name] = evaluate(p.default, _Scope({}, {}))
-            params.append((p.name, expr_source(p.default)))
-        scope = _Scope(values, {})
-        for let in self.spec.lets:
-            scope = self.let(let, scope, in_block=False)
-        for block in self.spec.blocks:
-            _check_name(block.name, block.pos, "block")
-            if block.name in self.blocks or block.name in scope.functions:
-                raise SpecError(block.pos, f"{block.name!r} is defined twice")
-            if O.lookup(block.name) is not None:
-                raise SpecError(block.pos, f"block {block.name!r} has the name of an op")
-            if len(set(block.params)) != len(block.params):
-                raise SpecError(block.pos, f"block {block.name!r} names a parameter twice")
-            self.blocks[block.name] = block
-            self.init.append(self.block_function(block))
-        return scope, tuple(params)
+def _indent(lines: list[str]) -> list[str]:
+    return ["    " + line for line in lines]
 
-    def let(self, let: S.LetDecl, scope: _Scope, in_block: bool) -> _Scope:
-        _check_name(let.name, let.pos, "let")
-        if let.params is not None:
-            if in_block:
-                raise SpecError(let.pos, "let functions are declared at the top of the spec, not inside a body")
-            self.init.append(Function(let.name, let.params, (), expr_source(let.value)))
-            return _Scope(scope.values, {**scope.functions, let.name: (let, scope.values)})
-        value = evaluate(let.value, scope)
-        if not in_block:
-            self.init.append(Assign(let.name, expr_source(let.value)))
-        return scope.child({let.name: value})
 
-    def block_function(self, block: S.BlockDecl) -> Function:
-        lets = []
-        items = []
-        for line in block.body:
-            if isinstance(line, S.LetDecl):
-                if line.params is not None:
-                    raise SpecError(line.pos, "let functions are declared at the top of the spec, not inside a body")
-                lets.append((line.name, expr_source(line.value)))
-            elif isinstance(line, S.Sequence):
-                raise SpecError(line.pos, "a block is already an nn.Sequential; a named sequence belongs in forward")
-            else:
-                items.extend(self.item_sources(line))
-        return Function(block.name, block.params, tuple(lets), _sequential(items))
+# -- ops and their arguments ---------------------------------------------------------------------------
 
-    def item_sources(self, line: S.ChainLine) -> list[str]:
-        """The nn.Sequential items a body line creates, as Python source (creation order kept)."""
-        items = []
-        for step in line.chain.steps:
-            call = step.call
-            if call.name in self.blocks:
-                items.append(f"{call.name}({', '.join(expr_source(a) for a in call.args)})")
-            else:
-                op = self.op(call)
-                items.append(op.module(self.arg_sources(op, call)))
-        if line.repeat is None:
-            return items
-        if len(items) == 1:
-            return [f"*({items[0]} for _ in range({line.repeat}))"]
-        return items * line.repeat
 
-    # Ops and their arguments.
+class _Ops:
+    """Op lookup and argument binding, shared by both walks."""
+
+    def __init__(self, blocks: dict[str, S.BlockDecl]):
+        self.blocks = blocks
 
     def op(self, call: S.Call) -> O.Op:
         op = O.lookup(call.name)
@@ -283,187 +309,395 @@ class _Checker:
                 bound[name] = op.defaults[name]
         return bound
 
-    def arg_sources(self, op: O.Op, call: S.Call) -> dict[str, str]:
-        return {k: expr_source(v) if _is_expr(v) else repr(v) for k, v in self.bind(op, call).items()}
+    def module_source(self, op: O.Op, call: S.Call) -> str:
+        if op.module is None or op.tensor_args:
+            raise SpecError(call.pos, f"{op.name} reads other values, so it has no module; use it in a module body")
+        return op.module({k: expr_source(v) if _is_expr(v) else repr(v) for k, v in self.bind(op, call).items()})
 
-    def arg_values(self, op: O.Op, call: S.Call, scope: _Scope) -> dict[str, object]:
+    def values(self, op: O.Op, call: S.Call, scope: _Scope) -> dict[str, object]:
+        """The op's arguments at build time (tensor arguments keep their syntax: the builder resolves them)."""
         values = {}
         for name, value in self.bind(op, call).items():
+            if name in op.tensor_args:
+                values[name] = value
+                continue
             if _is_expr(value):
                 pos = value.pos
-                value = evaluate(value, scope)
+                value = evaluate(value, scope).value
             else:
                 pos = call.pos
-            if name in op.int_args and (not isinstance(value, int) or value < (0 if name == "padding" else 1)):
+            if name in op.int_args and (not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "padding" else 1)):
                 hint = " (wrap it in int(...))" if isinstance(value, float) else ""
                 raise SpecError(pos, f"{op.name}: {name} must be a positive integer, got {value!r}{hint}")
             values[name] = value
         return values
 
-    # The forward pass.
 
-    def forward(self, scope: _Scope) -> None:
-        for line in self.spec.forward.body:
-            if isinstance(line, S.LetDecl):
-                scope = self.let(line, scope, in_block=False)
-            elif isinstance(line, S.Sequence):
-                self.attribute(line.name, line.pos)
-                items = self.body(line.body, scope, line.name, site=None)
-                self.init.append(Assign(f"self.{line.name}", _sequential(items)))
-            else:
-                self.top_level_line(line, scope)
+def _head(chain: S.Chain, tensors) -> tuple[str | None, tuple[S.Step, ...]]:
+    """A chain that starts with a value (`out -> conv2: ...`): that value's name and the steps after it."""
+    first = chain.steps[0]
+    call = first.call
+    if first.label is None and not call.args and not call.kwargs and call.name in tensors:
+        return call.name, chain.steps[1:]
+    return None, chain.steps
 
-    def attribute(self, name: str, pos: Pos) -> None:
-        _check_name(name, pos, "name")
-        if name in self.attributes:
-            raise SpecError(pos, f"{name!r} names a second module; module names must be unique")
-        if hasattr(nn.Module(), name):
-            raise SpecError(pos, f"{name!r} is an attribute of nn.Module; pick another name")
-        self.attributes.add(name)
 
-    def top_level_line(self, line: S.ChainLine, scope: _Scope) -> None:
-        if line.repeat is not None:
-            raise SpecError(line.pos, "`* N` repeats lines of a sequence or block; at the top level name each module")
-        first = line.chain.steps[0]
-        if first.call.name in self.blocks:
-            self.no_block_in_chain(line.chain)
-            if first.label is None:
-                raise SpecError(first.pos, f"a block at the top level needs a name: `name: {first.call.name}(...)`")
-            self.attribute(first.label, first.pos)
-            self.block_call(first.call, scope, first.label, site=first.call.pos)
-            self.init.append(Assign(f"self.{first.label}", self.item_sources(S.ChainLine(line.chain, None, line.pos))[0]))
-            return
-        uses = []
-        for step in line.chain.steps:
-            op = self.op(step.call)
-            if step.label is None:
-                if op.needs_module:
-                    raise SpecError(step.pos, f"{op.name} holds parameters, so it needs a name: `name: {op.name}(...)`")
-                uses.append(OpUse(op, None, step.call.pos))
-                continue
-            self.attribute(step.label, step.pos)
-            self.init.append(Assign(f"self.{step.label}", op.module(self.arg_sources(op, step.call))))
-            uses.append(OpUse(op, step.label, step.call.pos))
-        self.chain(line.chain, uses, scope, site=None)
+def _is_bare(step: S.Step) -> bool:
+    return step.label is None and not step.call.args and not step.call.kwargs
 
-    def body(self, body: tuple, scope: _Scope, prefix: str, site: Pos | None) -> list[str]:
-        """Walks an nn.Sequential body (a named sequence or a block); returns its item sources."""
+
+# -- walk 1: ModelNew.__init__ -------------------------------------------------------------------------------
+
+
+class _InitWriter:
+    """Python for ModelNew.__init__: a nested function per block and the forward body's modules, in the
+    spec's order, with its construction-time `if`s, repeats and arguments as Python."""
+
+    def __init__(self, ops: _Ops):
+        self.ops = ops
+        self.blocks = ops.blocks
+
+    def block_function(self, block: S.BlockDecl) -> list[str]:
+        params = ", ".join(p.name + (f"={expr_source(p.default)}" if p.default is not None else "") for p in block.params)
+        if block.kind == "block":
+            lets, items = self.sequential(block.body, top=True)
+            return [f"def {block.name}({params}):", *_indent(lets), f"    return {_sequential(items)}"]
+        tensors = {"x"}
+        lines = self.module_body(block.body, "block", {p.name for p in block.params}, tensors, set())
+        return [f"def {block.name}({params}):", "    block = nn.Module()", *_indent(lines), "    return block"]
+
+    def sequential(self, body: tuple, top: bool) -> tuple[list[str], list[str]]:
+        """(lets, nn.Sequential items) of a sequential body."""
+        lets: list[str] = []
         items: list[str] = []
-        index = 0
         for line in body:
             if isinstance(line, S.LetDecl):
-                scope = scope.child({line.name: evaluate(line.value, scope)})
-                continue
-            if isinstance(line, S.Sequence):
-                raise SpecError(line.pos, "named sequences belong at the top level of forward")
-            for step in line.chain.steps:
-                if step.label is not None:
-                    raise SpecError(
-                        step.pos,
-                        "modules inside a sequence or block are numbered like nn.Sequential; names belong at the top level",
-                    )
-            items.extend(self.item_sources(line))
-            for _ in range(line.repeat or 1):
-                first = line.chain.steps[0]
-                if first.call.name in self.blocks:
-                    self.no_block_in_chain(line.chain)
-                    self.block_call(first.call, scope, f"{prefix}[{index}]", site=site or first.call.pos)
-                    index += 1
-                    continue
-                uses = []
+                if line.params is not None:
+                    raise SpecError(line.pos, "let functions are declared at the top of the spec, not inside a body")
+                if not top:
+                    raise SpecError(line.pos, "a `let` inside an `if` of a sequential block; put it at the block's top")
+                _check_name(line.name, line.pos, "let")
+                lets.append(f"{line.name} = {expr_source(line.value)}")
+            elif isinstance(line, S.If):
+                then = self.sequential(line.body, top=False)[1]
+                orelse = self.sequential(line.orelse, top=False)[1]
+                items.append(f"*([{', '.join(then)}] if {expr_source(line.test)} else [{', '.join(orelse)}])")
+            elif isinstance(line, S.ChainLine):
+                if line.target is not None:
+                    raise SpecError(line.pos, "a sequential block's lines run one after another; name values in a `module`")
                 for step in line.chain.steps:
-                    uses.append(OpUse(self.op(step.call), f"{prefix}[{index}]", step.call.pos))
-                    index += 1
-                self.chain(line.chain, uses, scope, site=site)
-        return items
+                    if step.label is not None:
+                        raise SpecError(
+                            step.pos,
+                            "modules inside a sequence or block are numbered like nn.Sequential; names belong in a `module`",
+                        )
+                items.extend(self.items(line))
+            else:
+                what = "a return" if isinstance(line, S.Return) else "a named sequence"
+                raise SpecError(line.pos, f"{what} belongs in a `module` or forward, not in a sequential block")
+        return lets, items
 
-    def no_block_in_chain(self, chain: S.Chain) -> None:
-        for step in chain.steps:
-            if step.call.name in self.blocks and len(chain.steps) > 1:
-                raise SpecError(
-                    step.call.pos,
-                    f"block {step.call.name!r} expands to chains of its own; put it on a line by itself",
-                )
+    def items(self, line: S.ChainLine) -> list[str]:
+        """The nn.Sequential items a chain line creates, as Python source (creation order kept)."""
+        items = []
+        for step in line.chain.steps:
+            if step.call.name in self.blocks:
+                items.append(self.block_call(step.call))
+            else:
+                items.append(self.ops.module_source(self.ops.op(step.call), step.call))
+        if line.repeat is None:
+            return items
+        count = expr_source(line.repeat)
+        if len(items) == 1:
+            return [f"*({items[0]} for _ in range({count}))"]
+        if isinstance(line.repeat, S.IntLiteral):
+            return items * line.repeat.value
+        return [f"*(module for _ in range({count}) for module in ({', '.join(items)},))"]
 
-    def block_call(self, call: S.Call, scope: _Scope, path: str, site: Pos) -> None:
-        block = self.blocks[call.name]
-        if call.kwargs:
-            raise SpecError(call.kwargs[0].pos, f"block {block.name!r} takes positional arguments only")
-        if len(call.args) != len(block.params):
-            raise SpecError(
-                call.pos,
-                f"block {block.name!r} takes {len(block.params)} argument(s) ({', '.join(block.params)}),"
-                f" {len(call.args)} given",
-            )
-        if block.name in self.block_stack:
-            raise SpecError(call.pos, f"block {block.name!r} calls itself")
-        values = {p: evaluate(a, scope) for p, a in zip(block.params, call.args)}
-        self.block_stack.append(block.name)
-        self.body(block.body, scope.child(values), path, site=site)
-        self.block_stack.pop()
+    def block_call(self, call: S.Call) -> str:
+        args = [expr_source(a) for a in call.args] + [f"{kw.name}={expr_source(kw.value)}" for kw in call.kwargs]
+        return f"{call.name}({', '.join(args)})"
 
-    def chain(self, chain: S.Chain, uses: list[OpUse], scope: _Scope, site: Pos | None) -> None:
-        """Checks fusion legality, then follows the tensor's shape through the chain."""
-        values = [self.arg_values(use.op, step.call, scope) for use, step in zip(uses, chain.steps)]
-        _check_fusion(uses, values)
-        in_shape = self.shape
-        where = ""
-        if site is not None:
-            where = f" (in {self.block_stack[-1] if self.block_stack else 'the block'} called at line {site.line})"
-        shaped = []
-        for use, args in zip(uses, values):
-            try:
-                self.shape = use.op.shape(args, self.shape)
-            except O.ShapeError as err:
-                raise SpecError(use.pos, f"{err}{where}") from None
-            shaped.append(replace(use, out_shape=self.shape))
-        text = self.lines[chain.pos.line - 1].split("#")[0].strip()
-        call_site = f"{site.line}: {self.lines[site.line - 1].split('#')[0].strip()}" if site else ""
-        self.chains.append(ChainUse(tuple(shaped), chain.pos.line, text, call_site, in_shape))
+    def module_body(self, body: tuple, target: str, params: set[str], tensors: set[str], registered: set[str]) -> list[str]:
+        """Lines that add a module body's children to `target` (`self` or a block's nn.Module)."""
+        lines: list[str] = []
+        for line in body:
+            if isinstance(line, S.LetDecl):
+                if line.params is not None:
+                    raise SpecError(line.pos, "let functions are declared at the top of the spec, not inside a body")
+                _check_name(line.name, line.pos, "let")
+                lines.append(f"{line.name} = {expr_source(line.value)}")
+            elif isinstance(line, S.Sequence):
+                _check_name(line.name, line.pos, "name")
+                lets, items = self.sequential(line.body, top=True)
+                lines += [*lets, f"{target}.{line.name} = {_sequential(items)}"]
+                tensors.add(line.target or "x")
+            elif isinstance(line, S.If):
+                then = self.module_body(line.body, target, params, tensors, registered)
+                orelse = self.module_body(line.orelse, target, params, tensors, registered)
+                test = expr_source(line.test)
+                if then:
+                    lines += [f"if {test}:", *_indent(then), *(["else:", *_indent(orelse)] if orelse else [])]
+                elif orelse:
+                    lines += [f"if not ({test}):", *_indent(orelse)]
+            else:
+                chain = line.chain
+                head, steps = _head(chain, tensors)
+                if isinstance(line, S.ChainLine) and line.repeat is not None and any(s.label for s in steps):
+                    raise SpecError(line.pos, "a repeated line would name its modules twice; repeat it in a sequential block")
+                for step in steps:
+                    lines += self.module_step(step, len(steps), target, params, registered)
+                if isinstance(line, S.ChainLine):
+                    tensors.add(line.target or "x")
+        return lines
 
-    def run(self) -> Model:
-        scope, params = self.declarations()
-        dims = []
-        for d in self.spec.input.dims:
-            value = evaluate(d, scope)
-            if not isinstance(value, int) or value < 1:
-                raise SpecError(d.pos, f"input dimensions are positive integers, got {value!r}")
-            dims.append(value)
-        if len(dims) != 4:
-            raise SpecError(self.spec.input.pos, f"the example input is N, C, H, W (4 dimensions), got {len(dims)}")
-        self.shape: O.Shape = tuple(dims)
-        self.forward(scope)
-        if not self.chains:
-            raise SpecError(self.spec.forward.pos, "forward has no chains")
-        return Model(
-            self.spec.model.name, params, tuple(dims), tuple(self.init), tuple(self.chains), self.activation_dtype()
-        )
-
-    def activation_dtype(self) -> str:
-        decl = self.spec.activations
-        if decl is None:
-            return "float32"
-        if decl.dtype not in ACTIVATION_DTYPES:
-            raise SpecError(decl.dtype_pos, f"activations(...) takes {' or '.join(ACTIVATION_DTYPES)}, got {decl.dtype!r}")
-        return decl.dtype
-
-
-def _is_expr(value: object) -> bool:
-    return isinstance(value, (S.IntLiteral, S.FloatLiteral, S.Name, S.Apply, S.BinOp, S.Neg))
+    def module_step(self, step: S.Step, steps: int, target: str, params: set[str], registered: set[str]) -> list[str]:
+        call = step.call
+        if _is_bare(step) and call.name in params and call.name not in self.blocks and O.lookup(call.name) is None:
+            # a module passed in as an argument (`downsample`): registered where it is first used
+            if call.name in registered:
+                return []
+            registered.add(call.name)
+            return [f"{target}.{call.name} = {call.name}"]
+        if call.name in self.blocks:
+            if steps > 1:
+                raise SpecError(call.pos, f"block {call.name!r} expands to chains of its own; put it on a line by itself")
+            if step.label is None:
+                where = "at the top level" if target == "self" else "in a module body"
+                raise SpecError(step.pos, f"a block {where} needs a name: `name: {call.name}(...)`")
+            _check_name(step.label, step.pos, "name")
+            return [f"{target}.{step.label} = {self.block_call(call)}"]
+        op = self.ops.op(call)
+        if step.label is None:
+            if op.needs_module:
+                raise SpecError(step.pos, f"{op.name} holds parameters, so it needs a name: `name: {op.name}(...)`")
+            self.ops.bind(op, call)
+            return []
+        _check_name(step.label, step.pos, "name")
+        return [f"{target}.{step.label} = {self.ops.module_source(op, call)}"]
 
 
 def _sequential(items: list[str]) -> str:
     return f"nn.Sequential({', '.join(items)})"
 
 
-def _check_fusion(uses: list[OpUse], values: list[dict]) -> None:
+# The module classes a spec's modules have, and the torch.nn.init functions an `init:` rule may call.
+INIT_CLASSES = ("Conv2d", "BatchNorm2d", "Linear")
+INIT_FUNCTIONS = (
+    "constant", "ones", "zeros", "normal", "uniform", "trunc_normal",
+    "kaiming_normal", "kaiming_uniform", "xavier_normal", "xavier_uniform",
+)  # fmt: skip
+
+
+def _init_rules(decl: S.InitDecl) -> list[str]:
+    """`init:` as torch code writes it: a loop over self.modules() that applies each rule of a module's
+    class in turn (a missing bias is skipped)."""
+    by_class: dict[str, list[str]] = {}
+    for rule in decl.rules:
+        if rule.module_class not in INIT_CLASSES:
+            raise SpecError(rule.pos, f"init: {rule.module_class!r} is not a module class of a spec ({', '.join(INIT_CLASSES)})")
+        if rule.call.name not in INIT_FUNCTIONS:
+            raise SpecError(rule.call.pos, f"init: {rule.call.name!r} is not one of torch.nn.init's {', '.join(INIT_FUNCTIONS)}")
+        args = [f"module.{rule.parameter}"] + [expr_source(a) for a in rule.call.args]
+        args += [f"{kw.name}={expr_source(kw.value)}" for kw in rule.call.kwargs]
+        apply = f"nn.init.{rule.call.name}_({', '.join(args)})"
+        guard = [f"if module.{rule.parameter} is not None:", f"    {apply}"] if rule.parameter == "bias" else [apply]
+        by_class.setdefault(rule.module_class, []).extend(guard)
+    lines = ["for module in self.modules():"]
+    for i, (cls, body) in enumerate(by_class.items()):
+        lines += [f"    {'if' if i == 0 else 'elif'} isinstance(module, nn.{cls}):", *_indent(_indent(body))]
+    return lines
+
+
+# -- walk 2: the dataflow graph ----------------------------------------------------------------------------
+
+
+class _GraphBuilder:
+    def __init__(self, ops: _Ops, lines: list[str], scope: _Scope):
+        self.ops = ops
+        self.scope = scope  # the global scope: a block's body sees it and its arguments
+        self.blocks = ops.blocks
+        self.lines = lines
+        self.chains: list[Chain] = []
+        self.block_stack: list[str] = []
+
+    # Bodies. A module body (a `module`, or forward) names its children; a sequential body numbers them.
+
+    def module_body(self, body, scope: _Scope, tensors: dict[str, Value], path: str, site: Pos | None) -> tuple[Value, bool]:
+        """Runs a module body on tensors["x"]; returns its value and whether a `return` gave it."""
+        for line in body:
+            if isinstance(line, S.LetDecl):
+                scope = scope.child({line.name: evaluate(line.value, scope)}) if line.params is None else scope
+            elif isinstance(line, S.ChainLine):
+                head, steps = _head(line.chain, tensors)
+                value = tensors[head or "x"]
+                for _ in range(self.repeat(line, scope)):
+                    value = self.module_steps(line.chain, steps, value, scope, tensors, path, site, line.target)
+                tensors[line.target or "x"] = self.named(value, line.target)
+            elif isinstance(line, S.Sequence):
+                value, _ = self.sequential_body(line.body, scope, tensors["x"], _child(path, line.name), site, 0)
+                tensors[line.target or "x"] = self.named(value, line.target)
+            elif isinstance(line, S.If):
+                test = _static(evaluate(line.test, scope), line.test.pos, "this condition")
+                value, returned = self.module_body(line.body if test else line.orelse, scope, tensors, path, site)
+                if returned:
+                    return value, True
+            else:  # Return
+                head, steps = _head(line.chain, tensors)
+                value = tensors[head or "x"]
+                if steps:
+                    value = self.module_steps(line.chain, steps, value, scope, tensors, path, site, None)
+                return value, True
+        return tensors["x"], False
+
+    def sequential_body(self, body, scope: _Scope, value: Value, prefix: str, site: Pos | None, index: int) -> tuple[Value, int]:
+        """Runs a sequential body on `value`, its children numbered from `index`; returns the value and the
+        next index."""
+        for line in body:
+            if isinstance(line, S.LetDecl):
+                scope = scope.child({line.name: evaluate(line.value, scope)})
+            elif isinstance(line, S.If):
+                test = _static(evaluate(line.test, scope), line.test.pos, "this condition")
+                value, index = self.sequential_body(line.body if test else line.orelse, scope, value, prefix, site, index)
+            else:
+                for _ in range(self.repeat(line, scope)):
+                    first = line.chain.steps[0]
+                    if first.call.name in self.blocks:
+                        value = self.block_call(first.call, scope, value, f"{prefix}[{index}]", site or first.call.pos)
+                        index += 1
+                        continue
+                    uses = []
+                    for step in line.chain.steps:
+                        uses.append((self.ops.op(step.call), step, f"{prefix}[{index}]"))
+                        index += 1
+                    value = self.chain(line.chain, uses, value, scope, {}, site, None)
+        return value, index
+
+    def named(self, value: Value, name: str | None) -> Value:
+        """`value` under the name a line binds it to, where the line's last chain made it (a block's or a
+        sequence's chains name their outputs x)."""
+        last = self.chains[-1] if self.chains else None
+        if name is None or last is None or last.output is not value or value.name == name:
+            return value
+        renamed = Value(name, value.shape)
+        self.chains[-1] = replace(last, output=renamed)
+        return renamed
+
+    def repeat(self, line, scope: _Scope) -> int:
+        if not isinstance(line, S.ChainLine) or line.repeat is None:
+            return 1
+        count = _static(evaluate(line.repeat, scope), line.repeat.pos, "this repeat count")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise SpecError(line.repeat.pos, f"a line repeats a whole number of times, got {count!r}")
+        return count
+
+    def module_steps(self, chain: S.Chain, steps, value: Value, scope, tensors, path, site, target) -> Value:
+        """The steps of a chain in a module body: ops (labelled ones own a module), or one block."""
+        uses = []
+        for step in steps:
+            call = step.call
+            instance = scope.values.get(call.name) if _is_bare(step) and call.name not in self.blocks else None
+            if instance is not None and O.lookup(call.name) is None:
+                module = instance.value
+                if not isinstance(module, BlockInstance):
+                    raise SpecError(call.pos, f"{call.name!r} is {module!r} here, not a module to apply")
+                if len(steps) > 1:
+                    raise SpecError(call.pos, f"{call.name!r} expands to chains of its own; put it on a line by itself")
+                return self.inline(module.block, module.args, value, _child(path, call.name), site or call.pos)
+            if call.name in self.blocks:
+                return self.block_call(call, scope, value, _child(path, step.label), site or call.pos)
+            op = self.ops.op(call)
+            uses.append((op, step, _child(path, step.label) if step.label else None))
+        return self.chain(chain, uses, value, scope, tensors, site, target)
+
+    def block_call(self, call: S.Call, scope: _Scope, value: Value, path: str, site: Pos) -> Value:
+        block = self.blocks[call.name]
+        args = _bind_block(
+            block,
+            call.args,
+            call.kwargs,
+            [evaluate(a, scope) for a in call.args],
+            [evaluate(kw.value, scope) for kw in call.kwargs],
+            call.pos,
+            scope,
+        )
+        return self.inline(block, args, value, path, site)
+
+    def inline(self, block: S.BlockDecl, args: dict[str, Val], value: Value, path: str, site: Pos) -> Value:
+        if block.name in self.block_stack:
+            raise SpecError(site, f"block {block.name!r} calls itself")
+        self.block_stack.append(block.name)
+        scope = replace(self.scope, values={**self.scope.globals, **args})
+        if block.kind == "block":
+            value, _ = self.sequential_body(block.body, scope, value, path, site, 0)
+        else:
+            value, _ = self.module_body(block.body, scope, {"x": value}, path, site)
+        self.block_stack.pop()
+        return value
+
+    # Chains.
+
+    def chain(self, chain: S.Chain, uses, value: Value, scope: _Scope, tensors, site: Pos | None, target: str | None) -> Value:
+        """One chain on `value`: checks fusion legality, follows the shape, records the chain."""
+        nodes, values = [], []
+        for op, step, path in uses:
+            args = self.ops.values(op, step.call, scope)
+            operands = []
+            for name in op.tensor_args:
+                ref = args[name]
+                if not isinstance(ref, S.Name) or ref.id not in tensors:
+                    pos = getattr(ref, "pos", step.call.pos)
+                    raise SpecError(pos, f"{op.name}: {name} must name a value of this body ({', '.join(sorted(tensors))})")
+                operands.append(tensors[ref.id])
+                args[name] = tensors[ref.id].shape
+            nodes.append(Node(op, path, step.call.pos, operands=tuple(operands)))
+            values.append(args)
+        _check_fusion(nodes, values)
+        where = ""
+        if site is not None:
+            where = f" (in {self.block_stack[-1] if self.block_stack else 'the block'} called at line {site.line})"
+        shape = value.shape
+        shaped = []
+        for node, args in zip(nodes, values):
+            try:
+                shape = node.op.shape(args, shape)
+            except O.ShapeError as err:
+                raise SpecError(node.pos, f"{err}{where}") from None
+            shaped.append(replace(node, out_shape=shape))
+        if not shaped:
+            return value
+        text = self.lines[chain.pos.line - 1].split("#")[0].strip()
+        call_site = f"{site.line}: {self.lines[site.line - 1].split('#')[0].strip()}" if site else ""
+        output = Value(target or "x", shape)
+        self.chains.append(Chain(tuple(shaped), chain.pos.line, text, call_site, value, output))
+        return output
+
+
+def _child(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _check_fusion(uses: list[Node], values: list[dict]) -> None:
     """A chain is one kernel: elementwise prologue, one anchor, elementwise epilogue, a final view. A
     second anchor may follow a first that can produce its input tile inside the second's K loop
     (dwconv -> ... -> conv1x1), or at each of the second's taps (conv1x1 -> ... -> dwconv): then the
     first and the elementwise ops after it are that producer. Or a pool may end the chain of an anchor
     with a 4-d output (conv1x1 -> bn -> relu -> avgpool(7)): the kernel computes the pool's windows and
-    stores only the pooled pixels."""
-    anchors: list[OpUse] = []
+    stores only the pooled pixels. An op that reads another value (add) reads it at the output tile's
+    offsets, so it belongs to the epilogue of a kernel that stores every pixel it computes."""
+    anchor_at = [i for i, use in enumerate(uses) if use.op.role is O.Role.ANCHOR]
+    for i, use in enumerate(uses):
+        if not use.operands:
+            continue
+        if anchor_at and i < anchor_at[-1]:
+            raise SpecError(
+                use.pos,
+                f"{use.op.name} reads another value at the output tile's offsets, so it must come after the kernel's"
+                f" last anchor ({uses[anchor_at[-1]].op.name}); end the chain before it",
+            )
+        if any(u.op.lowering.pool for u in uses if isinstance(u.op.lowering, O.Anchor)) and len(anchor_at) == 2:
+            raise SpecError(use.pos, f"{use.op.name} cannot join a kernel that a pool ends; start a new chain at the pool")
+    anchors: list[Node] = []
     first_args: dict = {}
     for i, (use, args) in enumerate(zip(uses, values)):
         role = use.op.role
@@ -508,6 +742,106 @@ def _check_fusion(uses: list[OpUse], values: list[dict]) -> None:
         first_args = args
 
 
+# -- the checker ------------------------------------------------------------------------------------------
+
+
+class _Checker:
+    def __init__(self, spec: S.Spec, source: str):
+        self.spec = spec
+        self.lines = source.splitlines()
+
+    def declarations(self) -> tuple[_Scope, tuple[tuple[str, str], ...], list[str]]:
+        """The constructor parameters, global lets and blocks: their scope, the parameters with their
+        defaults as source, and the __init__ lines that define the lets and blocks."""
+        params = []
+        values: dict[str, Val] = {}
+        for p in self.spec.model.params:
+            _check_name(p.name, p.pos, "constructor parameter")
+            if p.name in values:
+                raise SpecError(p.pos, f"constructor parameter {p.name!r} is declared twice")
+            values[p.name] = Val(evaluate(p.default, _Scope({}, {}, {}, {})).value, frozenset({p.name}))
+            params.append((p.name, expr_source(p.default)))
+        blocks: dict[str, S.BlockDecl] = {}
+        scope = _Scope(values, {}, blocks, values)
+        init: list[str] = []
+        for let in self.spec.lets:
+            _check_name(let.name, let.pos, "let")
+            if let.params is not None:
+                init += [f"def {let.name}({', '.join(let.params)}):", f"    return {expr_source(let.value)}"]
+                scope = replace(scope, functions={**scope.functions, let.name: (let, scope.values)})
+            else:
+                init.append(f"{let.name} = {expr_source(let.value)}")
+                scope = scope.child({let.name: evaluate(let.value, scope)})
+        scope = replace(scope, globals=scope.values)
+        for block in self.spec.blocks:
+            _check_name(block.name, block.pos, "block")
+            if block.name in blocks or block.name in scope.functions:
+                raise SpecError(block.pos, f"{block.name!r} is defined twice")
+            if O.lookup(block.name) is not None:
+                raise SpecError(block.pos, f"block {block.name!r} has the name of an op")
+            names = [p.name for p in block.params]
+            if len(set(names)) != len(names):
+                raise SpecError(block.pos, f"block {block.name!r} names a parameter twice")
+            for p in block.params:
+                _check_name(p.name, p.pos, "block parameter")
+            blocks[block.name] = block
+        return scope, tuple(params), init
+
+    def run(self) -> Model:
+        scope, params, init = self.declarations()
+        ops = _Ops(scope.blocks)
+        writer = _InitWriter(ops)
+        for block in self.spec.blocks:
+            init += writer.block_function(block)
+        self.check_attributes(self.spec.forward.body, set())
+        init += writer.module_body(self.spec.forward.body, "self", set(), {"x"}, set())
+        if self.spec.init is not None:
+            init += _init_rules(self.spec.init)
+
+        dims = []
+        for d in self.spec.input.dims:
+            value = evaluate(d, scope).value
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SpecError(d.pos, f"input dimensions are positive integers, got {value!r}")
+            dims.append(value)
+        if len(dims) != 4:
+            raise SpecError(self.spec.input.pos, f"the example input is N, C, H, W (4 dimensions), got {len(dims)}")
+        builder = _GraphBuilder(ops, self.lines, scope)
+        model_input = Value("x", tuple(dims))
+        output, _ = builder.module_body(self.spec.forward.body, scope, {"x": model_input}, "", None)
+        if not builder.chains:
+            raise SpecError(self.spec.forward.pos, "forward has no chains")
+        graph = Graph(model_input, tuple(builder.chains), output)
+        return Model(self.spec.model.name, params, tuple(dims), tuple(init), graph, self.activation_dtype())
+
+    def check_attributes(self, body: tuple, seen: set[str]) -> None:
+        """The forward body's module names: unique, and none that nn.Module has already."""
+        for line in body:
+            names = []
+            if isinstance(line, S.Sequence):
+                names = [(line.name, line.pos)]
+            elif isinstance(line, S.If):
+                self.check_attributes(line.body, seen)
+                self.check_attributes(line.orelse, seen)
+            elif isinstance(line, (S.ChainLine, S.Return)):
+                if isinstance(line, S.ChainLine) and line.repeat is not None:
+                    raise SpecError(line.pos, "`* N` repeats lines of a sequence or block; at the top level name each module")
+                names = [(s.label, s.pos) for s in line.chain.steps if s.label]
+            for name, pos in names:
+                if name in seen:
+                    raise SpecError(pos, f"{name!r} names a second module; module names must be unique")
+                if hasattr(nn.Module(), name):
+                    raise SpecError(pos, f"{name!r} is an attribute of nn.Module; pick another name")
+                seen.add(name)
+
+    def activation_dtype(self) -> str:
+        decl = self.spec.activations
+        if decl is None:
+            return "float32"
+        if decl.dtype not in ACTIVATION_DTYPES:
+            raise SpecError(decl.dtype_pos, f"activations(...) takes {' or '.join(ACTIVATION_DTYPES)}, got {decl.dtype!r}")
+        return decl.dtype
+
+
 def check(spec: S.Spec, source: str) -> Model:
     return _Checker(spec, source).run()
-

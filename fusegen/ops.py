@@ -225,6 +225,10 @@ class Op:
     reference_helper: str | None = None
     # how the op lowers in training mode, where that differs (BatchNorm: batch statistics)
     train_lowering: Elementwise | None = None
+    # arguments that name values of the forward pass (add's other operand), not construction-time
+    # values: the kernel reads them at the output tile's offsets, and its wrapper takes them where it
+    # takes modules (`{m}` in a parameter's value is the tensor)
+    tensor_args: tuple[str, ...] = ()
 
     def train_lowered(self) -> "Op":
         """The op as it lowers in training mode."""
@@ -657,6 +661,17 @@ def linear_tile(N, C_in, C_out):
 """
 
 
+# The other operand of an elementwise op that reads a second tensor (add), in the layout of the kernel's
+# output, whose offsets the kernel reads it at (emitted once per file that has one).
+SAME_LAYOUT = """\
+def same_layout(t, out):
+    \"\"\"t in out's layout (channels-last if 4-d, contiguous), for a kernel that reads it at out's offsets.\"\"\"
+    if t.shape != out.shape:
+        raise ValueError(f"add: the operands' shapes {tuple(t.shape)} and {tuple(out.shape)} differ")
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.contiguous()
+"""
+
+
 # Whether a wrapper launches its kernel with programmatic dependent launch (every kernel's frame waits for
 # the launch before it first: fusegen.lower). The GPU must have it (an NVIDIA GPU of compute capability
 # 9.0, Hopper, on): elsewhere (an RTX 4090, ROCm, the interpreter) the launch is plain and the kernel has no
@@ -690,6 +705,7 @@ WRAPPER_FUNCTIONS = {
     "dot_weight": DOT_WEIGHT,
     "dot_precision": DOT_PRECISION_RULE,
     "launch_pdl": LAUNCH_PDL,
+    "same_layout": SAME_LAYOUT,
 }
 
 
@@ -945,6 +961,12 @@ def _same(a: dict, shape: Shape) -> Shape:
     return shape
 
 
+def _add_shape(a: dict, shape: Shape) -> Shape:
+    if tuple(a["other"]) != tuple(shape):
+        raise ShapeError(f"add: the value added has shape {list(a['other'])}, the tensor flowing in {list(shape)}")
+    return shape
+
+
 FIXED_OPS = {
     op.name: op
     for op in (
@@ -1117,6 +1139,25 @@ FIXED_OPS = {
             reference=lambda x, m: f"nn.functional.relu6({x})",
             lowering=Elementwise((), lambda v, slot, ch, ch_mask: [f"{v} = tl.minimum(tl.maximum({v}, 0.0), 6.0)"]),
             summary="min(max(x, 0), 6)",
+        ),
+        Op(
+            name="add",
+            slot="add",
+            role=Role.ELEMENTWISE,
+            args=("other",),
+            defaults={},
+            tensor_args=("other",),
+            module=None,
+            needs_module=False,
+            shape=_add_shape,
+            reference=lambda x, m: f"{x} + {m}",
+            lowering=Elementwise(
+                (KernelParam("ptr", "same_layout({m}, out)"),),
+                lambda v, slot, ch, ch_mask: [
+                    f"{v} += tl.load({slot}_ptr + offs_m[:, None] * C_out + {ch}[None, :], mask=mask, other=0.0).to(tl.float32)"
+                ],
+            ),
+            summary="x + other, another value of the same shape read at the output tile's offsets (a residual)",
         ),
         Op(
             name="flatten",

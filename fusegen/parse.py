@@ -19,6 +19,8 @@ TOKEN_WORDS = {
     "NAME": "a name",
     "INT": "an integer",
     "FLOAT": "a number",
+    "COMPARE": "a comparison",
+    "STRING": "a string",
     "_NL": "end of line",
     "_INDENT": "an indented block",
     "_DEDENT": "less indentation",
@@ -76,6 +78,15 @@ class _ToSyntax(Transformer):
     def float_literal(self, meta, items):
         return S.FloatLiteral(float(items[0]), str(items[0]), _pos(meta))
 
+    def string_literal(self, meta, items):
+        return S.StringLiteral(str(items[0])[1:-1], _pos(meta))
+
+    def init_rule(self, meta, items):
+        return S.InitRule(str(items[0]), str(items[1]), items[2], _pos(meta))
+
+    def init_decl(self, meta, items):
+        return S.InitDecl(tuple(items), _pos(meta))
+
     def name(self, meta, items):
         return S.Name(str(items[0]), _pos(meta))
 
@@ -92,6 +103,27 @@ class _ToSyntax(Transformer):
 
     def neg(self, meta, items):
         return S.Neg(items[0], _pos(meta))
+
+    def compare(self, meta, items):
+        return S.Compare(str(items[1]), items[0], items[2], _pos(meta))
+
+    def or_op(self, meta, items):
+        return S.BoolOp("or", items[0], items[1], _pos(meta))
+
+    def and_op(self, meta, items):
+        return S.BoolOp("and", items[0], items[1], _pos(meta))
+
+    def not_op(self, meta, items):
+        return S.Not(items[0], _pos(meta))
+
+    def if_expr(self, meta, items):
+        return S.IfExpr(items[0], items[1], items[2], _pos(meta))
+
+    def list_literal(self, meta, items):
+        return S.ListLiteral(tuple(i for i in items if i is not None), _pos(meta))
+
+    def index(self, meta, items):
+        return S.Index(items[0], items[1], _pos(meta))
 
     def ctor_param(self, meta, items):
         return S.CtorParam(str(items[0]), items[1], _pos(meta))
@@ -134,20 +166,36 @@ class _ToSyntax(Transformer):
         return S.Chain(tuple(items), _pos(meta))
 
     def chain_line(self, meta, items):
-        chain, repeat = items
-        if repeat is not None and int(repeat) < 1:
-            raise SpecError(_pos(repeat), "a line repeats at least once")
-        return S.ChainLine(chain, int(repeat) if repeat is not None else None, _pos(meta))
+        target, chain, repeat = items
+        return S.ChainLine(str(target) if target is not None else None, chain, repeat, _pos(meta))
 
     def body(self, meta, items):
         return tuple(items)
 
     def sequence(self, meta, items):
-        return S.Sequence(str(items[0]), items[1], _pos(meta))
+        target, name, body = items
+        return S.Sequence(str(target) if target is not None else None, str(name), body, _pos(meta))
+
+    def if_stmt(self, meta, items):
+        test, body, orelse = items
+        return S.If(test, body, orelse or (), _pos(meta))
+
+    def else_clause(self, meta, items):
+        return items[0]
+
+    def return_stmt(self, meta, items):
+        return S.Return(items[0], _pos(meta))
+
+    def block_param(self, meta, items):
+        return S.BlockParam(str(items[0]), items[1], _pos(meta))
 
     def block_decl(self, meta, items):
         name, *params, body = items
-        return S.BlockDecl(str(name), tuple(str(p) for p in params if p is not None), body, _pos(meta))
+        return S.BlockDecl(str(name), tuple(p for p in params if p is not None), body, _pos(meta))
+
+    def module_decl(self, meta, items):
+        name, *params, body = items
+        return S.BlockDecl(str(name), tuple(p for p in params if p is not None), body, _pos(meta), kind="module")
 
     def forward_decl(self, meta, items):
         return S.ForwardDecl(items[0], _pos(meta))
@@ -172,6 +220,9 @@ def _assemble(statements: list) -> S.Spec:
     optional = by_kind.get(S.ActivationsDecl, [])
     if len(optional) > 1:
         raise SpecError(optional[1].pos, "a second `activations(...)` declaration")
+    inits = by_kind.get(S.InitDecl, [])
+    if len(inits) > 1:
+        raise SpecError(inits[1].pos, "a second `init:` declaration; put all the rules in one")
     if statements[0] is not singles[S.ModelDecl]:
         raise SpecError(statements[0].pos, "a spec starts with its `model Name(...)` header")
     return S.Spec(
@@ -181,6 +232,7 @@ def _assemble(statements: list) -> S.Spec:
         lets=tuple(by_kind.get(S.LetDecl, [])),
         blocks=tuple(by_kind.get(S.BlockDecl, [])),
         forward=singles[S.ForwardDecl],
+        init=inits[0] if inits else None,
     )
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from fusegen import ops as O
-from fusegen.check import ChainUse, Model, OpUse
+from fusegen.check import Model
+from fusegen.graph import Chain, Graph, Node, Value
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,12 @@ class Kernel:
 @dataclass(frozen=True)
 class Launch:
     kernel: Kernel
-    modules: tuple[str, ...]  # module path for each of kernel.module_ops
+    # what the wrapper takes for each of kernel.module_ops: the module's path, or the value the op reads
+    # (add's other operand)
+    args: tuple[str | Value, ...]
     comment: str
+    input: Value
+    output: Value
     stores_activation: bool = False  # its output feeds a later kernel at the model's activation_dtype
 
 
@@ -100,6 +105,8 @@ class Launch:
 class ViewOnly:
     op: O.Op
     comment: str
+    input: Value
+    output: Value
 
 
 @dataclass(frozen=True)
@@ -115,17 +122,19 @@ class Plan:
 class _Group:
     """The ops of one launch, before its kernel is built."""
 
-    prologue: list[OpUse]
-    anchor: OpUse | None
-    epilogue: list[OpUse]
-    view: OpUse | None
-    chains: list[ChainUse]  # where its ops are written, first the one that names the launch
+    prologue: list[Node]
+    anchor: Node | None
+    epilogue: list[Node]
+    view: Node | None
+    chains: list[Chain]  # where its ops are written, first the one that names the launch
+    input: Value
+    output: Value
     writes_batch_stats: bool = False
-    producer: list[OpUse] = field(default_factory=list)
-    pool: OpUse | None = None
+    producer: list[Node] = field(default_factory=list)
+    pool: Node | None = None
 
 
-def _split(chain: ChainUse):
+def _split(chain: Chain):
     """(prologue, producer, anchor, epilogue, pool, view) of a chain whose legality check already
     passed. Of two anchors, a second that is a pool ends the first's kernel; otherwise the first and
     the elementwise ops after it are the second's producer."""
@@ -139,23 +148,50 @@ def _split(chain: ChainUse):
     return uses[:first], uses[first:last], uses[last], uses[last + 1 :], pool, view
 
 
-def _eval_groups(model: Model) -> list[_Group | ChainUse]:
-    """Eval mode: one launch per chain (a chain that is only a view: the ChainUse itself, no launch)."""
-    groups: list[_Group | ChainUse] = []
-    for chain in model.chains:
+def why_not_fused(group: _Group, chain: Chain, graph: Graph) -> str | None:
+    """Why a chain of elementwise ops cannot join the epilogue of the kernel that makes its input (None:
+    it can). The spec states chains; this is the one place where fusegen fuses across them."""
+    if group.pool is not None:
+        return f"a pool ({group.pool.op.name}) ends the kernel that makes its input"
+    if group.view is not None:
+        return f"the kernel that makes its input ends with a view ({group.view.op.name})"
+    uses = graph.uses(chain.input)
+    if uses > 1:
+        return f"its input is read {uses} times, so the kernel that makes it stores it"
+    return None
+
+
+def _eval_groups(graph: Graph) -> list[_Group | Chain]:
+    """Eval mode: one launch per chain (a chain that is only a view: the Chain itself, no launch). A chain
+    of elementwise ops joins the epilogue of the kernel that makes its input where why_not_fused allows
+    (`out = conv2 -> bn2` then `return out -> add(identity) -> relu`): that launch moves to its place."""
+    groups: list[_Group | Chain] = []
+    made_by: dict[int, _Group] = {}
+    for chain in graph.chains:
         prologue, producer, anchor, epilogue, pool, view = _split(chain)
         if anchor is None and not epilogue:
             groups.append(chain)
-        else:
-            groups.append(_Group(prologue, anchor, epilogue, view, [chain], producer=producer, pool=pool))
+            continue
+        target = made_by.get(id(chain.input))
+        if anchor is None and view is None and target is not None and why_not_fused(target, chain, graph) is None:
+            target.epilogue += epilogue
+            target.chains.append(chain)
+            target.output = chain.output
+            groups.remove(target)
+            groups.append(target)
+            made_by[id(chain.output)] = target
+            continue
+        group = _Group(prologue, anchor, epilogue, view, [chain], chain.input, chain.output, producer=producer, pool=pool)
+        groups.append(group)
+        made_by[id(chain.output)] = group
     return groups
 
 
-def _needs_batch_stats(use: OpUse) -> bool:
+def _needs_batch_stats(use: Node) -> bool:
     return use.op.train_lowering is not None and use.op.train_lowering.needs_batch_stats
 
 
-def _split_at_batch_stats(chain: ChainUse) -> list[ChainUse]:
+def _split_at_batch_stats(chain: Chain) -> list[Chain]:
     """Training mode: a producer that ends normalised by batch statistics (dwconv -> bn -> conv1x1)
     needs its whole output reduced before its consumer can run, so the chain becomes two launches. So
     does a pool that ends an anchor's kernel: the BatchNorm before it would need the same, and a pooled
@@ -167,64 +203,138 @@ def _split_at_batch_stats(chain: ChainUse) -> list[ChainUse]:
         cut = len(prologue) + len(producer)
     else:
         return [chain]
-    return [replace(chain, ops=chain.ops[:cut]), replace(chain, ops=chain.ops[cut:], in_shape=chain.ops[cut - 1].out_shape)]
+    between = Value(chain.output.name, chain.ops[cut - 1].out_shape)
+    return [replace(chain, ops=chain.ops[:cut], output=between), replace(chain, ops=chain.ops[cut:], input=between)]
 
 
-def _training_groups(model: Model) -> list[_Group | ChainUse]:
+def _pieces(uses: list[tuple[Node, Chain]]) -> list[list[tuple[Node, Chain]]]:
+    """Ops split before every op that needs batch statistics (except a leading one)."""
+    out: list[list[tuple[Node, Chain]]] = []
+    for use in uses:
+        if not out or (_needs_batch_stats(use[0]) and out[-1]):
+            out.append([])
+        out[-1].append(use)
+    return out
+
+
+class _TrainingGroups:
     """Training mode: an op that normalises with batch statistics (BatchNorm) needs its whole input
-    reduced first, so it cannot run in the kernel that produces that input. It moves, with the
-    elementwise ops after it, into the prologue of the next anchor: the producer stores the tensor
-    before it once, with per-tile statistics, and the consumer normalises each tile as it loads it.
-    Where no anchor follows (a second BatchNorm, a view, the end), a kernel of its own applies it."""
-    groups: list[_Group | ChainUse] = []
-    carried: list[tuple[OpUse, ChainUse]] = []  # ops waiting for the next anchor, with their chain
+    reduced first, so it cannot run in the kernel that makes that input. That kernel stores the tensor
+    before it, with per-tile statistics, and the op, with the elementwise ops after it, waits on the
+    value (`pending`) for the kernel that reads it: a single reader with an anchor normalises each tile
+    as it loads it (its prologue). Otherwise (several readers, an op that reads another value, a view,
+    the model's output) kernels of their own apply the waiting ops and store the value."""
 
-    def pieces(uses: list[tuple[OpUse, ChainUse]]) -> list[list[tuple[OpUse, ChainUse]]]:
-        """Split before every op that needs batch statistics (except a leading one)."""
-        out: list[list[tuple[OpUse, ChainUse]]] = []
-        for use in uses:
-            if not out or (_needs_batch_stats(use[0]) and out[-1]):
-                out.append([])
-            out[-1].append(use)
-        return out
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.groups: list[_Group | Chain] = []
+        # value -> (the tensor stored for it, the ops still to apply to that tensor)
+        self.pending: dict[int, tuple[Value, list[tuple[Node, Chain]]]] = {}
+        self.planned_uses: dict[int, int] = {}  # values that plan itself makes: read once
 
-    def group(part, anchor=None, epilogue=(), view=None, chain=None, producer=()) -> _Group:
-        chains: list[ChainUse] = []
+    def uses(self, value: Value) -> int:
+        return self.planned_uses.get(id(value)) or self.graph.uses(value)
+
+    def value(self, like: Value, shape) -> Value:
+        made = Value(like.name, shape)
+        self.planned_uses[id(made)] = 1
+        return made
+
+    def group(self, part, input, output, anchor=None, epilogue=(), view=None, chain=None, producer=()) -> _Group:
+        chains: list[Chain] = []
         for c in [*([chain] if chain else []), *(c for _, c in part)]:
             chains += [] if any(c is seen for seen in chains) else [c]
-        return _Group([u for u, _ in part], anchor, list(epilogue), view, chains, producer=list(producer))
+        group = _Group([u for u, _ in part], anchor, list(epilogue), view, chains, input, output, producer=list(producer))
+        self.groups.append(group)
+        return group
 
-    for chain in (piece for whole in model.chains for piece in _split_at_batch_stats(whole)):
+    def apply(self, stored: Value, ops: list[tuple[Node, Chain]], output: Value, view: Node | None = None) -> None:
+        """Kernels of their own that apply `ops` to `stored`, giving `output` (then `view`)."""
+        parts = _pieces(ops)
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            made = output if last else self.value(output, part[-1][0].out_shape)
+            self.group(part, stored, made, view=view if last else None)
+            stored = made
+
+    def materialize(self, value: Value) -> None:
+        stored, ops = self.pending.pop(id(value))
+        self.apply(stored, ops, value)
+
+    def add(self, chain: Chain) -> None:
         prologue, producer, anchor, epilogue, _, view = _split(chain)
-        if anchor is None:
-            carried += [(u, chain) for u in epilogue]
-        else:
-            parts = pieces(carried + [(u, chain) for u in prologue]) or [[]]
-            groups += [group(part) for part in parts[:-1]]
-            first_bn = next((i for i, u in enumerate(epilogue) if _needs_batch_stats(u)), len(epilogue))
-            groups.append(group(parts[-1], anchor, epilogue[:first_bn], chain=chain, producer=producer))
-            carried = [(u, chain) for u in epilogue[first_bn:]]
-        if view is not None:
-            if carried:  # the ops waiting apply before the view
-                parts = pieces(carried)
-                groups += [group(part, view=view if part is parts[-1] else None) for part in parts]
-                carried = []
-            elif anchor is not None:
-                groups[-1].view = view
+        for node in chain.ops:  # an operand is read as it is stored: its waiting ops apply first
+            for operand in node.operands:
+                if id(operand) in self.pending:
+                    self.materialize(operand)
+        source, carried = chain.input, []
+        waiting = self.pending.get(id(source))
+        if waiting is not None:
+            stored, ops = waiting
+            single = self.uses(source) == 1
+            if single and anchor is not None and not any(node.operands for node, _ in ops):
+                del self.pending[id(source)]
+                source, carried = stored, ops
+            elif single and anchor is None and view is None:
+                del self.pending[id(source)]  # elementwise ops: they wait too
+                self.pending[id(chain.output)] = (stored, ops + [(u, chain) for u in epilogue])
+                return
             else:
-                groups.append(chain)
-    groups += [group(part) for part in pieces(carried)]
+                self.materialize(source)
+        mine = [(u, chain) for u in epilogue]
+        if anchor is None:
+            if not epilogue:
+                self.groups.append(chain)  # a view of a stored value
+            elif view is None:
+                self.pending[id(chain.output)] = (source, mine)
+            else:
+                self.apply(source, mine, chain.output, view)
+            return
+        parts = _pieces(carried + [(u, chain) for u in prologue]) or [[]]
+        for part in parts[:-1]:
+            made = self.value(chain.input, part[-1][0].out_shape)
+            self.group(part, source, made)
+            source = made
+        first_bn = next((i for i, u in enumerate(epilogue) if _needs_batch_stats(u)), len(epilogue))
+        waits = mine[first_bn:]
+        stored = self.value(chain.output, (epilogue[first_bn - 1] if first_bn else anchor).out_shape) if waits else chain.output
+        group = self.group(parts[-1], source, stored, anchor, epilogue[:first_bn], chain=chain, producer=producer)
+        if waits and view is not None:
+            self.apply(stored, waits, chain.output, view)
+        elif waits:
+            self.pending[id(chain.output)] = (stored, waits)
+        else:
+            group.view = view
 
-    # A group that starts by normalising with batch statistics makes the launch before it store them;
-    # the model input has no producer, so an identity kernel stores it with its statistics.
-    launches = [g for g in groups if isinstance(g, _Group)]
-    if launches and launches[0].prologue and _needs_batch_stats(launches[0].prologue[0]):
-        first = _Group([], None, [], None, [model.chains[0]])
-        groups.insert(0, first)
-        launches.insert(0, first)
-    for producer, consumer in zip(launches, launches[1:]):
-        producer.writes_batch_stats = bool(consumer.prologue) and _needs_batch_stats(consumer.prologue[0])
-    return groups
+    def run(self) -> list[_Group | Chain]:
+        for whole in self.graph.chains:
+            pieces = _split_at_batch_stats(whole)
+            for chain in pieces[1:]:
+                self.planned_uses[id(chain.input)] = 1
+            for chain in pieces:
+                self.add(chain)
+        if id(self.graph.output) in self.pending:
+            self.materialize(self.graph.output)
+        self.mark_batch_stats()
+        return self.groups
+
+    def mark_batch_stats(self) -> None:
+        """A launch whose prologue starts by normalising with batch statistics makes the launch that
+        stores its input store them too; the model's input has no such launch, so an identity kernel
+        stores it with its statistics."""
+        launches = [g for g in self.groups if isinstance(g, _Group)]
+        made_by = {id(g.output): g for g in launches}
+        for group in launches:
+            if not (group.prologue and _needs_batch_stats(group.prologue[0])):
+                continue
+            producer = made_by.get(id(group.input))
+            if producer is None:
+                copied = self.value(group.input, group.input.shape)
+                producer = _Group([], None, [], None, group.chains[:1], group.input, copied)
+                self.groups.insert(self.groups.index(group), producer)
+                group.input = copied
+                made_by[id(copied)] = producer
+            producer.writes_batch_stats = True
 
 
 def _slots(uses) -> list[str]:
@@ -243,13 +353,13 @@ class _Kernels:
         self.spec_name = spec_name
         self.by_key: dict[tuple, Kernel] = {}
 
-    def comment(self, chain: ChainUse) -> str:
+    def comment(self, chain: Chain) -> str:
         return f"{self.spec_name}:{chain.site or f'{chain.line}: {chain.text}'}"
 
     def launch(self, group: _Group, training: bool) -> Launch:
         chain = group.chains[0]
-        in_rank = len(chain.in_shape)  # elementwise ops and anchors keep the rank
-        anchor = group.anchor or OpUse(O.load_anchor(in_rank), None, chain.ops[0].pos)
+        in_rank = len(group.input.shape)  # elementwise ops and anchors keep the rank
+        anchor = group.anchor or Node(O.load_anchor(in_rank), None, chain.ops[0].pos)
         body = [*group.prologue, *group.producer, anchor, *group.epilogue, *([group.pool] if group.pool else [])]
         ops = [u.op.train_lowered() if training else u.op for u in body]
         trained = any(op is not u.op for op, u in zip(ops, body))
@@ -284,8 +394,8 @@ class _Kernels:
             source = f"{self.spec_name}:{c.line}: {c.text}"
             if source not in self.by_key[key].sources:
                 self.by_key[key] = replace(self.by_key[key], sources=self.by_key[key].sources + (source,))
-        modules = tuple(u.module_path for f, u in zip(fused, body) if f.reads_module)
-        return Launch(self.by_key[key], modules, self.comment(chain))
+        args = tuple(u.operands[0] if u.op.tensor_args else u.module_path for f, u in zip(fused, body) if f.reads_module)
+        return Launch(self.by_key[key], args, self.comment(chain), group.input, group.output)
 
     def mark(self, names: set[str], **fields) -> None:
         """Sets `fields` on the kernels named in `names` (a flag that some launch of them needs)."""
@@ -293,43 +403,59 @@ class _Kernels:
             if kernel.name in names:
                 self.by_key[key] = replace(kernel, **fields)
 
-    def steps(self, groups: list[_Group | ChainUse], training: bool) -> list[Launch | ViewOnly]:
+    def steps(self, groups: list[_Group | Chain], training: bool) -> list[Launch | ViewOnly]:
         return [
-            self.launch(g, training) if isinstance(g, _Group) else ViewOnly(g.ops[-1].op, self.comment(g))
+            self.launch(g, training) if isinstance(g, _Group) else ViewOnly(g.ops[-1].op, self.comment(g), g.input, g.output)
             for g in groups
         ]
 
 
-def _store_activations(steps: list[Launch | ViewOnly], kernels: _Kernels) -> list[Launch | ViewOnly]:
-    """Eval mode with a narrower activation dtype: a launch stores its output in it where the next
-    launch's anchor takes a narrow input (the model returns float32), and their kernels' wrappers take
-    the dtype."""
-    def reads_narrow(kernel: Kernel) -> bool:
-        reader = kernel.producer[0] if kernel.producer else kernel.anchor  # the op that loads x
+def _store_activations(steps: list[Launch | ViewOnly], kernels: _Kernels, graph: Graph) -> list[Launch | ViewOnly]:
+    """Eval mode with a narrower activation dtype: a launch stores its output in it where every step that
+    reads that value is a launch that takes a narrow input there (the model returns float32; a view's
+    reader is not known to), and their kernels' wrappers take the dtype."""
+
+    def reads_narrow(step: Launch | ViewOnly, value: Value) -> bool:
+        if isinstance(step, ViewOnly):
+            return False
+        if step.input is not value:
+            return True  # an operand: loaded into float32 at the tile's offsets
+        reader = step.kernel.producer[0] if step.kernel.producer else step.kernel.anchor  # the op that loads x
         return reader.op.lowering.narrow_input
 
-    launches = [s for s in steps if isinstance(s, Launch)]
-    narrow = {id(s) for s, after in zip(launches, launches[1:]) if reads_narrow(after.kernel)}
-    kernels.mark({s.kernel.name for s in launches if id(s) in narrow}, stores_activations=True)
+    readers: dict[int, list[Launch | ViewOnly]] = {}
+    for step in steps:
+        for value in {id(step.input): step.input, **{id(a): a for a in getattr(step, "args", ()) if isinstance(a, Value)}}.values():
+            readers.setdefault(id(value), []).append(step)
+    narrow = {
+        id(s)
+        for s in steps
+        if isinstance(s, Launch)
+        and s.output is not graph.output
+        and readers.get(id(s.output))
+        and all(reads_narrow(r, s.output) for r in readers[id(s.output)])
+    }
+    kernels.mark({s.kernel.name for s in steps if id(s) in narrow}, stores_activations=True)
     return [replace(s, stores_activation=True) if id(s) in narrow else s for s in steps]
 
 
-def _mark_first_launch(steps: list[Launch | ViewOnly], kernels: _Kernels) -> None:
-    """Eval mode: a first launch that reads the model's input in any layout can run outside a CUDA
-    graph on the caller's tensor, so that a replay need not copy the input into the graph."""
+def _mark_first_launch(steps: list[Launch | ViewOnly], kernels: _Kernels, graph: Graph) -> None:
+    """Eval mode: a first launch that reads the model's input in any layout, the only step that reads it,
+    can run outside a CUDA graph on the caller's tensor, so that a replay need not copy the input in."""
     first = steps[0] if steps else None
-    if isinstance(first, Launch) and first.kernel.reads_any_layout:
+    if isinstance(first, Launch) and first.kernel.reads_any_layout and graph.uses(graph.input) == 1:
         kernels.mark({first.kernel.name}, writes_given_out=True)
 
 
 def plan(model: Model, spec_name: str) -> Plan:
+    graph = model.graph
     kernels = _Kernels(spec_name)
-    steps = kernels.steps(_eval_groups(model), training=False)
+    steps = kernels.steps(_eval_groups(graph), training=False)
     if model.activation_dtype != "float32":
-        steps = _store_activations(steps, kernels)
-    _mark_first_launch(steps, kernels)
-    has_batch_stats = any(_needs_batch_stats(u) for chain in model.chains for u in chain.ops)
-    train_steps = kernels.steps(_training_groups(model), training=True) if has_batch_stats else None
+        steps = _store_activations(steps, kernels, graph)
+    _mark_first_launch(steps, kernels, graph)
+    has_batch_stats = any(_needs_batch_stats(u) for chain in graph.chains for u in chain.ops)
+    train_steps = kernels.steps(_TrainingGroups(graph).run(), training=True) if has_batch_stats else None
     # The Launch objects hold the kernel as it was when built; point them at the final kernels (sources).
     final = {k.name: k for k in kernels.by_key.values()}
 

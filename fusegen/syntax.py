@@ -25,6 +25,12 @@ class FloatLiteral:
 
 
 @dataclass(frozen=True)
+class StringLiteral:
+    value: str
+    pos: Pos
+
+
+@dataclass(frozen=True)
 class Name:
     id: str
     pos: Pos
@@ -53,7 +59,54 @@ class Neg:
     pos: Pos
 
 
-Expr = Union[IntLiteral, FloatLiteral, Name, Apply, BinOp, Neg]
+@dataclass(frozen=True)
+class Compare:
+    op: str  # one of == != < <= > >=
+    left: "Expr"
+    right: "Expr"
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class BoolOp:
+    op: str  # "and" or "or"
+    left: "Expr"
+    right: "Expr"
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Not:
+    operand: "Expr"
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class IfExpr:
+    """`a if test else b`."""
+
+    body: "Expr"
+    test: "Expr"
+    orelse: "Expr"
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class ListLiteral:
+    items: tuple["Expr", ...]
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Index:
+    """`layers[0]`."""
+
+    value: "Expr"
+    index: "Expr"
+    pos: Pos
+
+
+Expr = Union[IntLiteral, FloatLiteral, StringLiteral, Name, Apply, BinOp, Neg, Compare, BoolOp, Not, IfExpr, ListLiteral, Index]
 
 
 # -- declarations ----------------------------------------------------------------------------------
@@ -132,34 +185,82 @@ class Chain:
 
 @dataclass(frozen=True)
 class ChainLine:
+    """`[target =] chain [* repeat]`: without a target the chain's output becomes the value `x`."""
+
+    target: str | None
     chain: Chain
-    repeat: int | None
+    repeat: Expr | None
     pos: Pos
 
 
 @dataclass(frozen=True)
 class Sequence:
-    """A named nn.Sequential written as an indented body: `model:`."""
+    """A named nn.Sequential written as an indented body: `model:`, or `identity = downsample:`."""
 
+    target: str | None
     name: str
     body: tuple["BodyLine", ...]
     pos: Pos
 
 
-BodyLine = Union[LetDecl, ChainLine, Sequence]
+@dataclass(frozen=True)
+class If:
+    """`if test:` ... [`else:` ...], decided when the model is built."""
+
+    test: Expr
+    body: tuple["BodyLine", ...]
+    orelse: tuple["BodyLine", ...]
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Return:
+    """`return chain`: the value a module body (or forward) produces."""
+
+    chain: Chain
+    pos: Pos
+
+
+BodyLine = Union[LetDecl, ChainLine, Sequence, If, Return]
+
+
+@dataclass(frozen=True)
+class BlockParam:
+    name: str
+    default: Expr | None
+    pos: Pos
 
 
 @dataclass(frozen=True)
 class BlockDecl:
+    """`block` (an nn.Sequential, children numbered) or `module` (an nn.Module, children named)."""
+
     name: str
-    params: tuple[str, ...]
+    params: tuple[BlockParam, ...]
     body: tuple[BodyLine, ...]
     pos: Pos
+    kind: str = "block"  # "block" or "module"
 
 
 @dataclass(frozen=True)
 class ForwardDecl:
     body: tuple[BodyLine, ...]
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class InitRule:
+    """`Conv2d.weight = kaiming_normal(mode="fan_out")`."""
+
+    module_class: str
+    parameter: str
+    call: Call
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class InitDecl:
+    rules: tuple[InitRule, ...]
     pos: Pos
 
 
@@ -171,3 +272,4 @@ class Spec:
     lets: tuple[LetDecl, ...]
     blocks: tuple[BlockDecl, ...]
     forward: ForwardDecl
+    init: InitDecl | None = None

@@ -104,7 +104,7 @@ CASES = [
     (HEADER + "input(1, 3, 8, 8)\nforward:\n    relu\n", 3, 1, "a second `input(...)` declaration"),
     ("model M()\nforward:\n    relu\n", None, None, "no `input(...)` declaration"),
     ("model M(x=1)\ninput(1, 3, 8, 8)\nforward:\n    relu\n", 1, 9, "'x' clashes with a name the generated Python uses"),
-    (HEADER + "forward:\n    seq:\n        relu * 0\n", 5, 16, "a line repeats at least once"),
+    (HEADER + "forward:\n    seq:\n        relu * (0 - 1)\n", 5, 17, "a line repeats a whole number of times, got -1"),
     ("model M()\ninput(2, 3, 16)\nforward:\n    relu\n", 2, 1, "the example input is N, C, H, W"),
     (HEADER + "let f(v) = v / 0\nforward:\n    conv1: conv3x3(3, f(2))\n", 3, 12, "division by zero"),
 ]
