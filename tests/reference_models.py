@@ -93,3 +93,433 @@ class EfficientNetB1(nn.Module):
         x = F.adaptive_avg_pool2d(x, (1, 1))
         x = torch.flatten(x, 1)
         return self.fc(x)
+
+
+class LeNet5(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels=1, out_channels=6, kernel_size=5, stride=1)
+        self.conv2 = nn.Conv2d(in_channels=6, out_channels=16, kernel_size=5, stride=1)
+        self.fc1 = nn.Linear(in_features=16 * 5 * 5, out_features=120)
+        self.fc2 = nn.Linear(in_features=120, out_features=84)
+        self.fc3 = nn.Linear(in_features=84, out_features=num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), kernel_size=2, stride=2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), kernel_size=2, stride=2)
+        # A fixed row length, not the batch: only 32x32 and 33x33 inputs reach the 5x5 that fc1 expects.
+        x = x.view(-1, 16 * 5 * 5)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class AlexNet(nn.Module):
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels=3, out_channels=96, kernel_size=11, stride=4, padding=2)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.maxpool1 = nn.MaxPool2d(kernel_size=3, stride=2)
+        self.conv2 = nn.Conv2d(in_channels=96, out_channels=256, kernel_size=5, padding=2)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.maxpool2 = nn.MaxPool2d(kernel_size=3, stride=2)
+        self.conv3 = nn.Conv2d(in_channels=256, out_channels=384, kernel_size=3, padding=1)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.conv4 = nn.Conv2d(in_channels=384, out_channels=384, kernel_size=3, padding=1)
+        self.relu4 = nn.ReLU(inplace=True)
+        self.conv5 = nn.Conv2d(in_channels=384, out_channels=256, kernel_size=3, padding=1)
+        self.relu5 = nn.ReLU(inplace=True)
+        self.maxpool3 = nn.MaxPool2d(kernel_size=3, stride=2)
+        self.fc1 = nn.Linear(in_features=256 * 6 * 6, out_features=4096)
+        self.relu6 = nn.ReLU(inplace=True)
+        self.dropout1 = nn.Dropout(p=0.0)
+        self.fc2 = nn.Linear(in_features=4096, out_features=4096)
+        self.relu7 = nn.ReLU(inplace=True)
+        self.dropout2 = nn.Dropout(p=0.0)
+        self.fc3 = nn.Linear(in_features=4096, out_features=num_classes)
+
+    def forward(self, x):
+        x = self.maxpool1(self.relu1(self.conv1(x)))
+        x = self.maxpool2(self.relu2(self.conv2(x)))
+        x = self.relu3(self.conv3(x))
+        x = self.relu4(self.conv4(x))
+        x = self.maxpool3(self.relu5(self.conv5(x)))
+        x = torch.flatten(x, 1)
+        x = self.dropout1(self.relu6(self.fc1(x)))
+        x = self.dropout2(self.relu7(self.fc2(x)))
+        return self.fc3(x)
+
+
+class BasicBlock(nn.Module):
+    """ResNet18's block. Its one `relu` module serves both activations."""
+
+    expansion = 1
+
+    def __init__(self, in_channels, out_channels, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class ResNetBasicBlock(BasicBlock):
+    """KernelBench 8: a BasicBlock whose shortcut is always a 1x1 conv and BatchNorm (even at stride 1 with
+    in == out), created after the block's own layers."""
+
+    def __init__(self, in_channels, out_channels, stride=1):
+        super().__init__(in_channels, out_channels, stride)
+        self.downsample = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels * self.expansion, kernel_size=1, stride=stride, bias=False),
+            nn.BatchNorm2d(out_channels * self.expansion),
+        )
+
+
+class Bottleneck(nn.Module):
+    """ResNet101's block. Its one `relu` module serves all three activations."""
+
+    expansion = 4
+
+    def __init__(self, in_channels, out_channels, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv3 = nn.Conv2d(out_channels, out_channels * self.expansion, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class _ResNet(nn.Module):
+    def __init__(self, block, layers, num_classes):
+        super().__init__()
+        self.in_channels = 64
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, 64, layers[0], stride=1)
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+
+    def _make_layer(self, block, out_channels, blocks, stride):
+        """The first block's shortcut is created before the block (its parameters are drawn first) but
+        registered after the block's own layers."""
+        downsample = None
+        if stride != 1 or self.in_channels != out_channels * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.in_channels, out_channels * block.expansion, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels * block.expansion),
+            )
+        layers = [block(self.in_channels, out_channels, stride, downsample)]
+        self.in_channels = out_channels * block.expansion
+        layers += [block(self.in_channels, out_channels) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+
+class ResNet18(_ResNet):
+    def __init__(self, num_classes=1000):
+        super().__init__(BasicBlock, [2, 2, 2, 2], num_classes)
+
+
+class ResNet101(_ResNet):
+    def __init__(self, layers, num_classes=1000):
+        super().__init__(Bottleneck, layers, num_classes)
+
+
+class _VGG(nn.Module):
+    def __init__(self, convs_per_block, num_classes):
+        super().__init__()
+        features, in_channels = [], 3
+        for out_channels, convs in zip((64, 128, 256, 512, 512), convs_per_block):
+            for _ in range(convs):
+                features += [nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+                in_channels = out_channels
+            features.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(
+            nn.Linear(512 * 7 * 7, 4096),
+            nn.ReLU(inplace=True),
+            nn.Dropout(p=0.0),
+            nn.Linear(4096, 4096),
+            nn.ReLU(inplace=True),
+            nn.Dropout(p=0.0),
+            nn.Linear(4096, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class VGG16(_VGG):
+    def __init__(self, num_classes=1000):
+        super().__init__((2, 2, 3, 3, 3), num_classes)
+
+
+class VGG19(_VGG):
+    def __init__(self, num_classes=1000):
+        super().__init__((2, 2, 4, 4, 4), num_classes)
+
+
+class MobileNetV2(nn.Module):
+    """KernelBench's MobileNetV2 has no residual connections: its block helper computes whether a block
+    would have one and the caller drops the answer."""
+
+    # Expand ratio, output channels (multiples of 8, which KernelBench's _make_divisible(c, 8) keeps),
+    # blocks, stride of the first block.
+    SETTINGS = [
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ]
+
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        in_channels, last_channels = 32, 1280
+        features = [nn.Conv2d(3, in_channels, 3, 2, 1, bias=False), nn.BatchNorm2d(in_channels), nn.ReLU6(inplace=True)]
+        for expand_ratio, out_channels, blocks, stride in self.SETTINGS:
+            for i in range(blocks):
+                block_stride = stride if i == 0 else 1
+                features.append(self._inverted_residual(in_channels, out_channels, block_stride, expand_ratio))
+                in_channels = out_channels
+        features += [
+            nn.Conv2d(in_channels, last_channels, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(last_channels),
+            nn.ReLU6(inplace=True),
+            nn.AdaptiveAvgPool2d((1, 1)),
+        ]
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(0.0), nn.Linear(last_channels, num_classes))
+        # KernelBench's re-initialisation, drawn after the default one, in module order. (No conv has a bias,
+        # and its BatchNorm branch sets the defaults again.)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def _inverted_residual(in_channels, out_channels, stride, expand_ratio):
+        hidden = int(in_channels * expand_ratio)
+        layers = []
+        if expand_ratio != 1:
+            layers += [
+                nn.Conv2d(in_channels, hidden, 1, 1, 0, bias=False),
+                nn.BatchNorm2d(hidden),
+                nn.ReLU6(inplace=True),
+            ]
+        layers += [
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, out_channels, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(out_channels),
+        ]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.features(x)
+        x = x.view(x.size(0), -1)
+        return self.classifier(x)
+
+
+class EfficientNetMBConv(nn.Module):
+    """KernelBench 21, and EfficientNetB0's block: no expand_conv at all when expand_ratio is 1."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, expand_ratio):
+        super().__init__()
+        self.use_residual = stride == 1 and in_channels == out_channels
+        hidden = in_channels * expand_ratio
+        if expand_ratio != 1:
+            self.expand_conv = nn.Sequential(
+                nn.Conv2d(in_channels, hidden, kernel_size=1, stride=1, padding=0, bias=False),
+                nn.BatchNorm2d(hidden),
+                nn.ReLU6(inplace=True),
+            )
+        self.depthwise_conv = nn.Sequential(
+            nn.Conv2d(
+                hidden, hidden, kernel_size, stride=stride, padding=(kernel_size - 1) // 2, groups=hidden, bias=False
+            ),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True),
+        )
+        self.project_conv = nn.Sequential(
+            nn.Conv2d(hidden, out_channels, kernel_size=1, stride=1, padding=0, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+
+    def forward(self, x):
+        identity = x
+        if hasattr(self, "expand_conv"):
+            x = self.expand_conv(x)
+        x = self.project_conv(self.depthwise_conv(x))
+        if self.use_residual:
+            x += identity
+        return x
+
+
+class EfficientNetB0(nn.Module):
+    # (in, out, kernel size, stride, expand ratio) of each block
+    BLOCKS = [
+        (32, 16, 3, 1, 1),
+        (16, 24, 3, 2, 6),
+        (24, 24, 3, 1, 6),
+        (24, 40, 5, 2, 6),
+        (40, 40, 5, 1, 6),
+        (40, 80, 3, 2, 6),
+        (80, 80, 3, 1, 6),
+        (80, 112, 5, 1, 6),
+        (112, 112, 5, 1, 6),
+        (112, 192, 5, 2, 6),
+        (192, 192, 5, 1, 6),
+        (192, 192, 5, 1, 6),
+        (192, 320, 3, 1, 6),
+    ]
+
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.blocks = nn.Sequential(*(EfficientNetMBConv(*block) for block in self.BLOCKS))
+        self.conv2 = nn.Conv2d(320, 1280, kernel_size=1, stride=1, padding=0, bias=False)
+        self.bn2 = nn.BatchNorm2d(1280)
+        self.fc = nn.Linear(1280, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.blocks(x)
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.adaptive_avg_pool2d(x, (1, 1))
+        x = x.view(x.size(0), -1)
+        return self.fc(x)
+
+
+class EfficientNetB2(nn.Module):
+    """Each block's "squeeze and excitation" is in sequence, not a gate: its average pool collapses the map
+    to 1x1, so from the first block's output on every tensor is (N, C, 1, 1). The one `relu` module serves
+    the stem and the head."""
+
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.relu = nn.ReLU(inplace=True)
+        self.mbconv1 = self._make_mbconv_block(32, 96, 1, 3)
+        self.mbconv2 = self._make_mbconv_block(96, 144, 2, 6)
+        self.mbconv3 = self._make_mbconv_block(144, 192, 2, 6)
+        self.mbconv4 = self._make_mbconv_block(192, 288, 2, 6)
+        self.mbconv5 = self._make_mbconv_block(288, 384, 1, 6)
+        self.conv_final = nn.Conv2d(384, 1408, kernel_size=1, stride=1, padding=0, bias=False)
+        self.bn_final = nn.BatchNorm2d(1408)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(1408, num_classes)
+
+    @staticmethod
+    def _make_mbconv_block(in_channels, out_channels, stride, expand_ratio):
+        """Every block here expands (no expand ratio is 1)."""
+        hidden = in_channels * expand_ratio
+        return nn.Sequential(
+            nn.Conv2d(in_channels, hidden, kernel_size=1, stride=1, padding=0, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, kernel_size=3, stride=stride, padding=1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d((1, 1)),
+            nn.Conv2d(hidden, hidden // 4, kernel_size=1, stride=1, padding=0, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden // 4, hidden, kernel_size=1, stride=1, padding=0, bias=False),
+            nn.Sigmoid(),
+            nn.Conv2d(hidden, out_channels, kernel_size=1, stride=1, padding=0, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.mbconv5(self.mbconv4(self.mbconv3(self.mbconv2(self.mbconv1(x)))))
+        x = self.relu(self.bn_final(self.conv_final(x)))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+
+# KernelBench level 3 as its files run: stem -> (reference, get_init_inputs(), get_inputs() shape).
+KERNELBENCH = {
+    "lenet5": (LeNet5, [20], (4096, 1, 32, 32)),
+    "alexnet": (AlexNet, [1000], (1024, 3, 224, 224)),
+    "resnet_basic_block": (ResNetBasicBlock, [3, 64, 1], (10, 3, 224, 224)),
+    "resnet18": (ResNet18, [1000], (2, 3, 224, 224)),
+    "resnet101": (ResNet101, [[3, 4, 23, 3], 1000], (10, 3, 224, 224)),
+    "vgg16": (VGG16, [1000], (10, 3, 224, 224)),
+    "vgg19": (VGG19, [1000], (10, 3, 224, 224)),
+    "mobilenet_v2": (MobileNetV2, [1000], (10, 3, 224, 224)),
+    "efficientnet_mbconv": (EfficientNetMBConv, [112, 192, 5, 2, 6], (10, 112, 224, 224)),
+    "efficientnet_b0": (EfficientNetB0, [1000], (10, 3, 224, 224)),
+    "efficientnet_b2": (EfficientNetB2, [1000], (2, 3, 224, 224)),
+    "mobilenet_v1": (MobileNetV1, [1000, 3, 1.0], (10, 3, 224, 224)),
+    "efficientnet_b1": (EfficientNetB1, [1000], (10, 3, 240, 240)),
+}
+
+# Cheap cases, stem -> [(constructor arguments, input shape)]: arguments other than KernelBench's, odd input
+# sizes as small as each net's fixed-size layers allow, batch 2 or more wherever BatchNorm runs in training mode
+# (batch 3 where the map is 1x1).
+SMALL = {
+    # 33 is the only size besides 32 that reaches the 5x5 of fc1.
+    "lenet5": [([7], (3, 1, 33, 33))],
+    # 223 is the smallest input that reaches the 6x6 of fc1.
+    "alexnet": [([7], (2, 3, 223, 223))],
+    # A shortcut with stride 2, and the always-present one where it could be the identity.
+    "resnet_basic_block": [([5, 6, 2], (2, 5, 9, 11)), ([4, 4, 1], (2, 4, 7, 7))],
+    "resnet18": [([7], (2, 3, 33, 35))],
+    # Two blocks in layer2: one without a shortcut conv.
+    "resnet101": [([[1, 2, 1, 1], 7], (2, 3, 33, 33))],
+    # 225 reaches the 7x7 of the classifier; no BatchNorm, so batch 1.
+    "vgg16": [([7], (1, 3, 225, 225))],
+    "vgg19": [([7], (1, 3, 225, 225))],
+    "mobilenet_v2": [([7], (2, 3, 33, 33))],
+    # With the residual; with expand ratio 1 and stride 2; with expand ratio 1 and the residual.
+    "efficientnet_mbconv": [
+        ([8, 8, 3, 1, 3], (2, 8, 9, 9)),
+        ([6, 5, 5, 2, 1], (2, 6, 11, 13)),
+        ([4, 4, 7, 1, 1], (2, 4, 9, 7)),
+    ],
+    "efficientnet_b0": [([7], (2, 3, 33, 33))],
+    "efficientnet_b2": [([7], (3, 3, 15, 15))],
+    # Odd channel counts (9, 19, 38, 76, 153, 307); AvgPool2d(7) needs an input of 193 to 416.
+    "mobilenet_v1": [([7, 2, 0.3], (2, 2, 193, 197))],
+    "efficientnet_b1": [([7], (2, 3, 33, 33))],
+}
