@@ -211,7 +211,9 @@ def _bind_block(block, args, kwargs, arg_values, kwarg_values, pos, scope) -> di
     """A block call's arguments by parameter; missing ones take the block's defaults."""
     names = [p.name for p in block.params]
     if len(args) > len(names):
-        raise SpecError(pos, f"block {block.name!r} takes {len(names)} argument(s) ({', '.join(names)}), {len(args)} given")
+        raise SpecError(
+            pos, f"block {block.name!r} takes {len(names)} argument(s) ({', '.join(names)}), {len(args)} given"
+        )
     bound = dict(zip(names, arg_values))
     for kw, value in zip(kwargs, kwarg_values):
         if kw.name not in names:
@@ -224,7 +226,8 @@ def _bind_block(block, args, kwargs, arg_values, kwarg_values, pos, scope) -> di
             if p.default is None:
                 given = len(args) + len(kwargs)
                 raise SpecError(
-                    pos, f"block {block.name!r} takes {len(names)} argument(s) ({', '.join(names)}), {given} given; {p.name!r} has no default"
+                    pos,
+                    f"block {block.name!r} takes {len(names)} argument(s) ({', '.join(names)}), {given} given; {p.name!r} has no default",
                 )
             bound[p.name] = evaluate(p.default, replace(scope, values=scope.globals))
     return bound
@@ -257,7 +260,21 @@ def _static(value: Val, pos: Pos, what: str) -> object:
 def _is_expr(value: object) -> bool:
     return isinstance(
         value,
-        (S.IntLiteral, S.FloatLiteral, S.StringLiteral, S.Name, S.Apply, S.BinOp, S.Neg, S.Compare, S.BoolOp, S.Not, S.IfExpr, S.ListLiteral, S.Index),
+        (
+            S.IntLiteral,
+            S.FloatLiteral,
+            S.StringLiteral,
+            S.Name,
+            S.Apply,
+            S.BinOp,
+            S.Neg,
+            S.Compare,
+            S.BoolOp,
+            S.Not,
+            S.IfExpr,
+            S.ListLiteral,
+            S.Index,
+        ),
     )
 
 
@@ -298,14 +315,18 @@ class _Ops:
         bound: dict[str, S.Expr | object] = dict(zip(op.args, call.args))
         for kw in call.kwargs:
             if kw.name not in op.args:
-                raise SpecError(kw.pos, f"{op.name} has no argument {kw.name!r} (it takes {', '.join(op.args) or 'none'})")
+                raise SpecError(
+                    kw.pos, f"{op.name} has no argument {kw.name!r} (it takes {', '.join(op.args) or 'none'})"
+                )
             if kw.name in bound:
                 raise SpecError(kw.pos, f"{op.name} gets {kw.name!r} twice")
             bound[kw.name] = kw.value
         for name in op.args:
             if name not in bound:
                 if name not in op.defaults:
-                    raise SpecError(call.pos, f"{op.name} needs the argument {name!r} ({op.name}({', '.join(op.args)}))")
+                    raise SpecError(
+                        call.pos, f"{op.name} needs the argument {name!r} ({op.name}({', '.join(op.args)}))"
+                    )
                 bound[name] = op.defaults[name]
         return bound
 
@@ -326,7 +347,9 @@ class _Ops:
                 value = evaluate(value, scope).value
             else:
                 pos = call.pos
-            if name in op.int_args and (not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "padding" else 1)):
+            if name in op.int_args and (
+                not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "padding" else 1)
+            ):
                 hint = " (wrap it in int(...))" if isinstance(value, float) else ""
                 raise SpecError(pos, f"{op.name}: {name} must be a positive integer, got {value!r}{hint}")
             values[name] = value
@@ -358,7 +381,9 @@ class _InitWriter:
         self.blocks = ops.blocks
 
     def block_function(self, block: S.BlockDecl) -> list[str]:
-        params = ", ".join(p.name + (f"={expr_source(p.default)}" if p.default is not None else "") for p in block.params)
+        params = ", ".join(
+            p.name + (f"={expr_source(p.default)}" if p.default is not None else "") for p in block.params
+        )
         if block.kind == "block":
             lets, items = self.sequential(block.body, top=True)
             return [f"def {block.name}({params}):", *_indent(lets), f"    return {_sequential(items)}"]
@@ -384,7 +409,9 @@ class _InitWriter:
                 items.append(f"*([{', '.join(then)}] if {expr_source(line.test)} else [{', '.join(orelse)}])")
             elif isinstance(line, S.ChainLine):
                 if line.target is not None:
-                    raise SpecError(line.pos, "a sequential block's lines run one after another; name values in a `module`")
+                    raise SpecError(
+                        line.pos, "a sequential block's lines run one after another; name values in a `module`"
+                    )
                 for step in line.chain.steps:
                     if step.label is not None:
                         raise SpecError(
@@ -418,7 +445,9 @@ class _InitWriter:
         args = [expr_source(a) for a in call.args] + [f"{kw.name}={expr_source(kw.value)}" for kw in call.kwargs]
         return f"{call.name}({', '.join(args)})"
 
-    def module_body(self, body: tuple, target: str, params: set[str], tensors: set[str], registered: set[str]) -> list[str]:
+    def module_body(
+        self, body: tuple, target: str, params: set[str], tensors: set[str], registered: set[str]
+    ) -> list[str]:
         """Lines that add a module body's children to `target` (`self` or a block's nn.Module)."""
         lines: list[str] = []
         for line in body:
@@ -444,7 +473,9 @@ class _InitWriter:
                 chain = line.chain
                 head, steps = _head(chain, tensors)
                 if isinstance(line, S.ChainLine) and line.repeat is not None and any(s.label for s in steps):
-                    raise SpecError(line.pos, "a repeated line would name its modules twice; repeat it in a sequential block")
+                    raise SpecError(
+                        line.pos, "a repeated line would name its modules twice; repeat it in a sequential block"
+                    )
                 for step in steps:
                     lines += self.module_step(step, len(steps), target, params, registered)
                 if isinstance(line, S.ChainLine):
@@ -461,7 +492,9 @@ class _InitWriter:
             return [f"{target}.{call.name} = {call.name}"]
         if call.name in self.blocks:
             if steps > 1:
-                raise SpecError(call.pos, f"block {call.name!r} expands to chains of its own; put it on a line by itself")
+                raise SpecError(
+                    call.pos, f"block {call.name!r} expands to chains of its own; put it on a line by itself"
+                )
             if step.label is None:
                 where = "at the top level" if target == "self" else "in a module body"
                 raise SpecError(step.pos, f"a block {where} needs a name: `name: {call.name}(...)`")
@@ -495,9 +528,13 @@ def _init_rules(decl: S.InitDecl) -> list[str]:
     by_class: dict[str, list[str]] = {}
     for rule in decl.rules:
         if rule.module_class not in INIT_CLASSES:
-            raise SpecError(rule.pos, f"init: {rule.module_class!r} is not a module class of a spec ({', '.join(INIT_CLASSES)})")
+            raise SpecError(
+                rule.pos, f"init: {rule.module_class!r} is not a module class of a spec ({', '.join(INIT_CLASSES)})"
+            )
         if rule.call.name not in INIT_FUNCTIONS:
-            raise SpecError(rule.call.pos, f"init: {rule.call.name!r} is not one of torch.nn.init's {', '.join(INIT_FUNCTIONS)}")
+            raise SpecError(
+                rule.call.pos, f"init: {rule.call.name!r} is not one of torch.nn.init's {', '.join(INIT_FUNCTIONS)}"
+            )
         args = [f"module.{rule.parameter}"] + [expr_source(a) for a in rule.call.args]
         args += [f"{kw.name}={expr_source(kw.value)}" for kw in rule.call.kwargs]
         apply = f"nn.init.{rule.call.name}_({', '.join(args)})"
@@ -523,7 +560,9 @@ class _GraphBuilder:
 
     # Bodies. A module body (a `module`, or forward) names its children; a sequential body numbers them.
 
-    def module_body(self, body, scope: _Scope, tensors: dict[str, Value], path: str, site: Pos | None) -> tuple[Value, bool]:
+    def module_body(
+        self, body, scope: _Scope, tensors: dict[str, Value], path: str, site: Pos | None
+    ) -> tuple[Value, bool]:
         """Runs a module body on tensors["x"]; returns its value and whether a `return` gave it."""
         for line in body:
             if isinstance(line, S.LetDecl):
@@ -550,7 +589,9 @@ class _GraphBuilder:
                 return value, True
         return tensors["x"], False
 
-    def sequential_body(self, body, scope: _Scope, value: Value, prefix: str, site: Pos | None, index: int) -> tuple[Value, int]:
+    def sequential_body(
+        self, body, scope: _Scope, value: Value, prefix: str, site: Pos | None, index: int
+    ) -> tuple[Value, int]:
         """Runs a sequential body on `value`, its children numbered from `index`; returns the value and the
         next index."""
         for line in body:
@@ -558,7 +599,9 @@ class _GraphBuilder:
                 scope = scope.child({line.name: evaluate(line.value, scope)})
             elif isinstance(line, S.If):
                 test = _static(evaluate(line.test, scope), line.test.pos, "this condition")
-                value, index = self.sequential_body(line.body if test else line.orelse, scope, value, prefix, site, index)
+                value, index = self.sequential_body(
+                    line.body if test else line.orelse, scope, value, prefix, site, index
+                )
             else:
                 for _ in range(self.repeat(line, scope)):
                     first = line.chain.steps[0]
@@ -637,7 +680,9 @@ class _GraphBuilder:
 
     # Chains.
 
-    def chain(self, chain: S.Chain, uses, value: Value, scope: _Scope, tensors, site: Pos | None, target: str | None) -> Value:
+    def chain(
+        self, chain: S.Chain, uses, value: Value, scope: _Scope, tensors, site: Pos | None, target: str | None
+    ) -> Value:
         """One chain on `value`: checks fusion legality, follows the shape, records the chain."""
         nodes, values = [], []
         for op, step, path in uses:
@@ -647,7 +692,9 @@ class _GraphBuilder:
                 ref = args[name]
                 if not isinstance(ref, S.Name) or ref.id not in tensors:
                     pos = getattr(ref, "pos", step.call.pos)
-                    raise SpecError(pos, f"{op.name}: {name} must name a value of this body ({', '.join(sorted(tensors))})")
+                    raise SpecError(
+                        pos, f"{op.name}: {name} must name a value of this body ({', '.join(sorted(tensors))})"
+                    )
                 operands.append(tensors[ref.id])
                 args[name] = tensors[ref.id].shape
             nodes.append(Node(op, path, step.call.pos, operands=tuple(operands)))
@@ -696,7 +743,9 @@ def _check_fusion(uses: list[Node], values: list[dict]) -> None:
                 f" last anchor ({uses[anchor_at[-1]].op.name}); end the chain before it",
             )
         if any(u.op.lowering.pool for u in uses if isinstance(u.op.lowering, O.Anchor)) and len(anchor_at) == 2:
-            raise SpecError(use.pos, f"{use.op.name} cannot join a kernel that a pool ends; start a new chain at the pool")
+            raise SpecError(
+                use.pos, f"{use.op.name} cannot join a kernel that a pool ends; start a new chain at the pool"
+            )
     anchors: list[Node] = []
     first_args: dict = {}
     for i, (use, args) in enumerate(zip(uses, values)):
@@ -825,7 +874,9 @@ class _Checker:
                 self.check_attributes(line.orelse, seen)
             elif isinstance(line, (S.ChainLine, S.Return)):
                 if isinstance(line, S.ChainLine) and line.repeat is not None:
-                    raise SpecError(line.pos, "`* N` repeats lines of a sequence or block; at the top level name each module")
+                    raise SpecError(
+                        line.pos, "`* N` repeats lines of a sequence or block; at the top level name each module"
+                    )
                 names = [(s.label, s.pos) for s in line.chain.steps if s.label]
             for name, pos in names:
                 if name in seen:
@@ -839,7 +890,9 @@ class _Checker:
         if decl is None:
             return "float32"
         if decl.dtype not in ACTIVATION_DTYPES:
-            raise SpecError(decl.dtype_pos, f"activations(...) takes {' or '.join(ACTIVATION_DTYPES)}, got {decl.dtype!r}")
+            raise SpecError(
+                decl.dtype_pos, f"activations(...) takes {' or '.join(ACTIVATION_DTYPES)}, got {decl.dtype!r}"
+            )
         return decl.dtype
 
 

@@ -342,7 +342,11 @@ def _run_methods(plan: Plan) -> list[str]:
     training = plan.train_steps is not None
     outside = _first_launch_outside_graph(plan)
     given, result = plan.model.graph.input, plan.model.graph.output
-    body = ["return self.run_kernels_after_first(self.run_first_kernel(x))"] if outside else _run_kernels_lines(plan.steps, given, result)
+    body = (
+        ["return self.run_kernels_after_first(self.run_first_kernel(x))"]
+        if outside
+        else _run_kernels_lines(plan.steps, given, result)
+    )
     lines = [
         "def run_kernels(self, x):",
         f'{INDENT}"""The forward pass: one launch per chain of the spec{" (eval mode)" if training else ""}."""',
@@ -376,7 +380,10 @@ def _first_kernel_outside_lines(plan: Plan) -> list[str]:
     """ModelNew.first_kernel_outside_graph_numel: from how large an input a replay runs the first launch
     outside the graph instead of copying the input into it (None: the first launch cannot)."""
     if not _first_launch_outside_graph(plan):
-        return ["# a CUDA graph replay copies the input into the graph (the first launch needs its copy)", "first_kernel_outside_graph_numel = None"]
+        return [
+            "# a CUDA graph replay copies the input into the graph (the first launch needs its copy)",
+            "first_kernel_outside_graph_numel = None",
+        ]
     return [
         "# from this many input elements the graph of inputs past direct_graphs runs the first launch outside",
         "# on the caller's tensor instead of copying the input in (H200, ms: MobileNetV1 at batch 128 1.233 -> 1.194,",

@@ -454,7 +454,9 @@ def _pool_loop(window: str, pixels: str, divisor: str):
     return loop
 
 
-_WINDOW_PIXEL = "ih = (oh[:, None] * KH + p[None, :] // KW)[:, :, None]\niw = (ow[:, None] * KW + p[None, :] % KW)[:, :, None]"
+_WINDOW_PIXEL = (
+    "ih = (oh[:, None] * KH + p[None, :] // KW)[:, :, None]\niw = (ow[:, None] * KW + p[None, :] % KW)[:, :, None]"
+)
 _ANY_PIXEL = "ih = (p // W)[None, :, None]\niw = (p % W)[None, :, None]"
 # Few output rows (pools end a net): a short row block, and the pixels fill the tile instead.
 _POOL_BLOCKS = (
@@ -731,7 +733,9 @@ _CONV_PIXELS = (
     "OH = (H + 2 * {m}.padding[0] - {m}.kernel_size[0]) // {m}.stride[0] + 1",
     "OW = (W + 2 * {m}.padding[1] - {m}.kernel_size[1]) // {m}.stride[1] + 1",
 )
-_NEIGHBOURHOOD = "it reads a {k}x{k} neighbourhood of its input, and those pixels are computed by other programs of this kernel"
+_NEIGHBOURHOOD = (
+    "it reads a {k}x{k} neighbourhood of its input, and those pixels are computed by other programs of this kernel"
+)
 
 
 def _conv_op(k: int) -> Op:
@@ -884,7 +888,7 @@ def _bn_train_apply(v: str, slot: str, ch: str, ch_mask: str) -> list[str]:
 # parallel formula (no sum-of-squares cancellation at large N*H*W), then writes the per-channel mean
 # and scale that the consumer's prologue applies, and updates the running statistics like PyTorch.
 BN_BATCH_STATS = Helper(
-    kernel='''\
+    kernel="""\
 # BatchNorm2d in training mode: batch mean and variance from per-tile statistics; running statistics update.
 @triton.jit
 def batch_norm_batch_stats_kernel(
@@ -930,7 +934,7 @@ def batch_norm_batch_stats_kernel(
     new_var = (1.0 - factor) * running_var + factor * (m2 / (ROWS - 1))
     tl.store(running_mean_ptr + offs_c, new_mean.to(tl.float32), mask=mask_c)
     tl.store(running_var_ptr + offs_c, new_var.to(tl.float32), mask=mask_c)
-''',
+""",
     wrapper='''\
 def batch_norm_batch_stats(x_stats, bn):
     """Training-mode BatchNorm's batch mean and scale (weight / sqrt(var + eps)) per channel, from its
@@ -1049,7 +1053,10 @@ FIXED_OPS = {
                     *_POOL_BLOCKS,
                 ),
                 "C_in",
-                ("OH = (H - {m}.kernel_size) // {m}.kernel_size + 1", "OW = (W - {m}.kernel_size) // {m}.kernel_size + 1"),
+                (
+                    "OH = (H - {m}.kernel_size) // {m}.kernel_size + 1",
+                    "OW = (W - {m}.kernel_size) // {m}.kernel_size + 1",
+                ),
                 _pool_loop(_WINDOW_PIXEL, "KH * KW", "KH * KW"),
                 "it reads a window of its input, and those pixels are computed by other programs of this kernel",
                 pool=Pool(_pool_window("{m}.kernel_size", "{m}.kernel_size")),

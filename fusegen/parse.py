@@ -210,7 +210,11 @@ def _assemble(statements: list) -> S.Spec:
     for st in statements:
         by_kind.setdefault(type(st), []).append(st)
     singles = {}
-    for kind, what in ((S.ModelDecl, "`model Name(...)`"), (S.InputDecl, "`input(...)`"), (S.ForwardDecl, "`forward:`")):
+    for kind, what in (
+        (S.ModelDecl, "`model Name(...)`"),
+        (S.InputDecl, "`input(...)`"),
+        (S.ForwardDecl, "`forward:`"),
+    ):
         found = by_kind.get(kind, [])
         if not found:
             raise SpecError(None, f"the spec has no {what} declaration")
@@ -253,7 +257,9 @@ def _syntax_error(err: UnexpectedInput, text: str, parser: Lark) -> SpecError:
             return SpecError(pos, "unexpected indentation")
         if pos.line > len(text.splitlines()):
             lines = text.splitlines()
-            return SpecError(Pos(len(lines), len(lines[-1]) + 1), f"unexpected end of file; expected {' or '.join(expected)}")
+            return SpecError(
+                Pos(len(lines), len(lines[-1]) + 1), f"unexpected end of file; expected {' or '.join(expected)}"
+            )
     else:
         pos = Pos(token.line, token.column)
     found = _word(token.type, parser) if token.type.startswith("_") else repr(str(token))

@@ -181,7 +181,9 @@ def _eval_groups(graph: Graph) -> list[_Group | Chain]:
             groups.append(target)
             made_by[id(chain.output)] = target
             continue
-        group = _Group(prologue, anchor, epilogue, view, [chain], chain.input, chain.output, producer=producer, pool=pool)
+        group = _Group(
+            prologue, anchor, epilogue, view, [chain], chain.input, chain.output, producer=producer, pool=pool
+        )
         groups.append(group)
         made_by[id(chain.output)] = group
     return groups
@@ -244,7 +246,9 @@ class _TrainingGroups:
         chains: list[Chain] = []
         for c in [*([chain] if chain else []), *(c for _, c in part)]:
             chains += [] if any(c is seen for seen in chains) else [c]
-        group = _Group([u for u, _ in part], anchor, list(epilogue), view, chains, input, output, producer=list(producer))
+        group = _Group(
+            [u for u, _ in part], anchor, list(epilogue), view, chains, input, output, producer=list(producer)
+        )
         self.groups.append(group)
         return group
 
@@ -297,7 +301,11 @@ class _TrainingGroups:
             source = made
         first_bn = next((i for i, u in enumerate(epilogue) if _needs_batch_stats(u)), len(epilogue))
         waits = mine[first_bn:]
-        stored = self.value(chain.output, (epilogue[first_bn - 1] if first_bn else anchor).out_shape) if waits else chain.output
+        stored = (
+            self.value(chain.output, (epilogue[first_bn - 1] if first_bn else anchor).out_shape)
+            if waits
+            else chain.output
+        )
         group = self.group(parts[-1], source, stored, anchor, epilogue[:first_bn], chain=chain, producer=producer)
         if waits and view is not None:
             self.apply(stored, waits, chain.output, view)
@@ -394,7 +402,9 @@ class _Kernels:
             source = f"{self.spec_name}:{c.line}: {c.text}"
             if source not in self.by_key[key].sources:
                 self.by_key[key] = replace(self.by_key[key], sources=self.by_key[key].sources + (source,))
-        args = tuple(u.operands[0] if u.op.tensor_args else u.module_path for f, u in zip(fused, body) if f.reads_module)
+        args = tuple(
+            u.operands[0] if u.op.tensor_args else u.module_path for f, u in zip(fused, body) if f.reads_module
+        )
         return Launch(self.by_key[key], args, self.comment(chain), group.input, group.output)
 
     def mark(self, names: set[str], **fields) -> None:
@@ -405,7 +415,11 @@ class _Kernels:
 
     def steps(self, groups: list[_Group | Chain], training: bool) -> list[Launch | ViewOnly]:
         return [
-            self.launch(g, training) if isinstance(g, _Group) else ViewOnly(g.ops[-1].op, self.comment(g), g.input, g.output)
+            (
+                self.launch(g, training)
+                if isinstance(g, _Group)
+                else ViewOnly(g.ops[-1].op, self.comment(g), g.input, g.output)
+            )
             for g in groups
         ]
 
@@ -425,7 +439,10 @@ def _store_activations(steps: list[Launch | ViewOnly], kernels: _Kernels, graph:
 
     readers: dict[int, list[Launch | ViewOnly]] = {}
     for step in steps:
-        for value in {id(step.input): step.input, **{id(a): a for a in getattr(step, "args", ()) if isinstance(a, Value)}}.values():
+        for value in {
+            id(step.input): step.input,
+            **{id(a): a for a in getattr(step, "args", ()) if isinstance(a, Value)},
+        }.values():
             readers.setdefault(id(value), []).append(step)
     narrow = {
         id(s)

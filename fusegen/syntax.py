@@ -7,7 +7,6 @@ from typing import Union
 
 from fusegen.errors import Pos
 
-
 # -- expressions: integer and float arithmetic on constructor parameters --------------------------
 
 
@@ -106,7 +105,9 @@ class Index:
     pos: Pos
 
 
-Expr = Union[IntLiteral, FloatLiteral, StringLiteral, Name, Apply, BinOp, Neg, Compare, BoolOp, Not, IfExpr, ListLiteral, Index]
+Expr = Union[
+    IntLiteral, FloatLiteral, StringLiteral, Name, Apply, BinOp, Neg, Compare, BoolOp, Not, IfExpr, ListLiteral, Index
+]
 
 
 # -- declarations ----------------------------------------------------------------------------------

@@ -79,8 +79,13 @@ def test_why_an_elementwise_line_is_not_fused():
     model = check(parse_spec(text), text)
     groups = _eval_groups(model.graph)
     relu_chain = next(c for c in model.graph.chains if c.text == "y = out -> relu")
-    conv2 = next(g for g in groups if not isinstance(g, type(relu_chain)) and g.anchor and g.anchor.module_path == "conv2")
-    assert why_not_fused(conv2, relu_chain, model.graph) == "its input is read 2 times, so the kernel that makes it stores it"
+    conv2 = next(
+        g for g in groups if not isinstance(g, type(relu_chain)) and g.anchor and g.anchor.module_path == "conv2"
+    )
+    assert (
+        why_not_fused(conv2, relu_chain, model.graph)
+        == "its input is read 2 times, so the kernel that makes it stores it"
+    )
 
 
 sizes = st.integers(1, 9)
@@ -169,7 +174,9 @@ class TorchNet(nn.Module):
             shortcut = None
             if stride != 1 or cin != cout:
                 shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-            return nn.Sequential(TorchUnit(cin, cout, stride, shortcut), *(TorchUnit(cout, cout) for _ in range(blocks - 1)))
+            return nn.Sequential(
+                TorchUnit(cin, cout, stride, shortcut), *(TorchUnit(cout, cout) for _ in range(blocks - 1))
+            )
 
         self.stage1 = stage(4, 4, 2, 1)
         self.stage2 = stage(4, 6, 1, 2)
@@ -232,7 +239,10 @@ forward:
         ("    y = add(x) -> c1: conv1x1(3, 3)\n", "must come after the kernel's last anchor"),
         ("    seq:\n        add(x)\n", "add reads other values, so it has no module"),
         ("    y = x -> relu -> add(z)\n", "add: other must name a value of this body"),
-        ("    y = x -> relu\n    z = c1: conv1x1(3, 5) -> add(y)\n", "the value added has shape [1, 3, 6, 6], the tensor flowing in [1, 5, 6, 6]"),
+        (
+            "    y = x -> relu\n    z = c1: conv1x1(3, 5) -> add(y)\n",
+            "the value added has shape [1, 3, 6, 6], the tensor flowing in [1, 5, 6, 6]",
+        ),
     ],
 )
 def test_graph_errors(line, fragment):
