@@ -29,7 +29,7 @@ import triton.testing
 from fusegen.errors import SpecError
 from fusegen.ops import DOT_PRECISION, lookup
 from fusegen.pipeline import compile_plan
-from fusegen.plan import Launch
+from fusegen.plan import Launch, launches
 
 NO_GPU = (
     "fusegen bench: needs a CUDA GPU (torch.cuda.is_available() is False); without one the kernels only run "
@@ -58,7 +58,7 @@ class SpecModel:
 def compile_model(spec_path: str, source: str) -> SpecModel:
     """Spec text -> the generated module, executed. Raises SpecError for a bad spec."""
     kernel_plan, text = compile_plan(source, spec_path)
-    steps = [s for s in kernel_plan.steps if isinstance(s, Launch)]
+    steps = list(launches(kernel_plan.steps))
     filename = f"<fusegen bench {spec_path}>"
     # @triton.jit reads each kernel's source through inspect, which needs a file: register one.
     linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
@@ -218,18 +218,32 @@ def launch_flops(launch: KernelLaunch) -> int:
         module = next(modules) if entry is not None and entry.needs_module else None
         pixels = batch * math.prod(size)
         if isinstance(module, nn.Conv2d):
-            size = tuple((s + 2 * p - k) // st + 1 for s, k, st, p in zip(size, module.kernel_size, module.stride, module.padding))
+            size = tuple(
+                (s + 2 * p - k) // st + 1
+                for s, k, st, p in zip(size, module.kernel_size, module.stride, module.padding)
+            )
             if pool is not None:  # a pool ends this conv's kernel: only the pixels of whole windows are computed
                 size = tuple(s // pool.kernel_size * pool.kernel_size for s in size)
             channels = module.out_channels
-            flops += 2 * batch * math.prod(size) * channels * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+            flops += (
+                2
+                * batch
+                * math.prod(size)
+                * channels
+                * (module.in_channels // module.groups)
+                * math.prod(module.kernel_size)
+            )
         elif isinstance(module, nn.Linear):
             channels = module.out_features
             flops += 2 * out.numel() * module.in_features
         elif isinstance(module, nn.BatchNorm2d):
             flops += 2 * pixels * channels
         elif isinstance(module, nn.AvgPool2d):
-            k = module.kernel_size if isinstance(module.kernel_size, tuple) else (module.kernel_size, module.kernel_size)
+            k = (
+                module.kernel_size
+                if isinstance(module.kernel_size, tuple)
+                else (module.kernel_size, module.kernel_size)
+            )
             flops += out.numel() * k[0] * k[1]
         elif op == "global_avgpool":
             flops += pixels * channels
@@ -576,7 +590,11 @@ def bench_batch(
 
 
 def main(
-    spec_paths: list[str], batches: list[int] | None, max_autotune: bool, json_path: str | None, torch_compile: bool = True
+    spec_paths: list[str],
+    batches: list[int] | None,
+    max_autotune: bool,
+    json_path: str | None,
+    torch_compile: bool = True,
 ) -> int:
     specs: list[SpecModel] = []
     failed = False

@@ -15,6 +15,7 @@ from __future__ import annotations
 import builtins
 import difflib
 import keyword
+import re
 from dataclasses import dataclass, replace
 
 import torch.nn as nn
@@ -22,12 +23,13 @@ import torch.nn as nn
 from fusegen import ops as O
 from fusegen import syntax as S
 from fusegen.errors import Pos, SpecError
-from fusegen.graph import Chain, Graph, Node, Value
+from fusegen.graph import Branch, Chain, Graph, Loop, Node, Value, walk
 
 # Functions a spec expression may call besides its own `let` functions and blocks.
 BUILTINS = {"int": int, "round": round, "min": min, "max": max, "abs": abs, "len": len}
 CONSTANTS = {"None": None, "True": True, "False": False}
-# Names the generated module uses itself (`block` is a module body's nn.Module while it is built).
+# Names the generated module uses itself (`block` is a module body's nn.Module while it is built, and
+# block, block_2, ... are forward's loop variables).
 RESERVED = {"self", "x", "nn", "torch", "triton", "tl", "super", "range", "ModelNew", "block"} | (
     set(dir(builtins)) - set(CONSTANTS)
 )
@@ -240,7 +242,7 @@ def _number(value: object, pos: Pos) -> int | float:
 
 
 def _check_name(name: str, pos: Pos, what: str) -> None:
-    if keyword.iskeyword(name) or name in RESERVED:
+    if keyword.iskeyword(name) or name in RESERVED or re.fullmatch(r"block_[0-9]+", name):
         raise SpecError(pos, f"{what} {name!r} clashes with a name the generated Python uses; pick another")
 
 
@@ -555,8 +557,20 @@ class _GraphBuilder:
         self.scope = scope  # the global scope: a block's body sees it and its arguments
         self.blocks = ops.blocks
         self.lines = lines
-        self.chains: list[Chain] = []
+        self.body: list = []  # the chains and regions of the body being built
         self.block_stack: list[str] = []
+        self.loops = 0  # loops open around the body being built
+        # a branch not taken at the default arguments: its shapes there need not fit
+        self.untaken = False
+        # (attribute, condition source, position) of each `if` that __init__ decides for forward
+        self.conditions: list[tuple[str, str, Pos]] = []
+
+    def region(self, build) -> tuple[tuple, object]:
+        """The chains and regions that `build()` adds, as a region body, and what it returns."""
+        outer, self.body = self.body, []
+        result = build()
+        body, self.body = tuple(self.body), outer
+        return body, result
 
     # Bodies. A module body (a `module`, or forward) names its children; a sequential body numbers them.
 
@@ -577,8 +591,12 @@ class _GraphBuilder:
                 value, _ = self.sequential_body(line.body, scope, tensors["x"], _child(path, line.name), site, 0)
                 tensors[line.target or "x"] = self.named(value, line.target)
             elif isinstance(line, S.If):
-                test = _static(evaluate(line.test, scope), line.test.pos, "this condition")
-                value, returned = self.module_body(line.body if test else line.orelse, scope, tensors, path, site)
+                test = evaluate(line.test, scope)
+                if test.deps and not self.block_stack and not self.loops:
+                    self.branch(line, test, scope, tensors, site)
+                    continue
+                taken = _static(test, line.test.pos, "this condition")
+                value, returned = self.module_body(line.body if taken else line.orelse, scope, tensors, path, site)
                 if returned:
                     return value, True
             else:  # Return
@@ -589,12 +607,65 @@ class _GraphBuilder:
                 return value, True
         return tensors["x"], False
 
+    def branch(self, line: S.If, test: Val, scope: _Scope, tensors: dict[str, Value], site) -> None:
+        """A top-level `if` on constructor arguments: both bodies, decided at run time by an attribute that
+        __init__ sets (a `let` name names it); values either body binds merge after it."""
+        attribute = line.test.id if isinstance(line.test, S.Name) else f"condition_line_{line.pos.line}"
+        self.conditions.append((attribute, expr_source(line.test), line.pos))
+        bodies, bound = [], []
+        for taken, lines in ((bool(test.value), line.body), (not test.value, line.orelse)):
+            mine = dict(tensors)
+            untaken, self.untaken = self.untaken, self.untaken or not taken
+            body, (_, returned) = self.region(lambda: self.module_body(lines, scope, mine, "", site))
+            self.untaken = untaken
+            if returned:
+                raise SpecError(
+                    line.pos, "a `return` inside an `if` on constructor arguments; bind the value and return after it"
+                )
+            bodies.append(body)
+            bound.append(mine)
+        merges = []
+        for name in dict.fromkeys([*bound[0], *bound[1]]):
+            first, second = bound[0].get(name), bound[1].get(name)
+            if first is None or second is None:
+                tensors.pop(name, None)  # bound on one side only: not a value after the `if`
+            elif first is second:
+                tensors[name] = first
+            else:
+                merged = Value(name, (first if test.value else second).shape)
+                merges.append((merged, first, second))
+                tensors[name] = merged
+        self.body.append(Branch(attribute, bodies[0], bodies[1], tuple(merges)))
+
+    def loop(self, line: S.ChainLine, rest, scope: _Scope, value: Value, prefix: str, index: int, site) -> Value:
+        """A block repeated a number of times that follows constructor arguments: a loop over the sequential
+        module's children from `index` on, so it must end its sequential body."""
+        first = line.chain.steps[0]
+        if len(line.chain.steps) > 1 or first.call.name not in self.blocks:
+            raise SpecError(line.repeat.pos, "a repeat count that follows constructor arguments repeats one block call")
+        if any(not isinstance(later, S.LetDecl) for later in rest):
+            raise SpecError(
+                line.repeat.pos, "a repeat count that follows constructor arguments repeats the last line of its block"
+            )
+        variable = "block" if not self.loops else f"block_{self.loops + 1}"
+        carried = Value(value.name, value.shape)
+        self.loops += 1
+        body, out = self.region(lambda: self.block_call(first.call, scope, carried, variable, site or first.call.pos))
+        self.loops -= 1
+        if out.shape != value.shape:
+            raise SpecError(
+                first.call.pos,
+                f"a block repeated by a constructor argument must keep its input's shape: {list(value.shape)} becomes {list(out.shape)}",
+            )
+        self.body.append(Loop(prefix, index, variable, body, value, carried, out))
+        return out
+
     def sequential_body(
         self, body, scope: _Scope, value: Value, prefix: str, site: Pos | None, index: int
     ) -> tuple[Value, int]:
         """Runs a sequential body on `value`, its children numbered from `index`; returns the value and the
         next index."""
-        for line in body:
+        for number, line in enumerate(body):
             if isinstance(line, S.LetDecl):
                 scope = scope.child({line.name: evaluate(line.value, scope)})
             elif isinstance(line, S.If):
@@ -602,6 +673,8 @@ class _GraphBuilder:
                 value, index = self.sequential_body(
                     line.body if test else line.orelse, scope, value, prefix, site, index
                 )
+            elif line.repeat is not None and evaluate(line.repeat, scope).deps:
+                value = self.loop(line, body[number + 1 :], scope, value, prefix, index, site)
             else:
                 for _ in range(self.repeat(line, scope)):
                     first = line.chain.steps[0]
@@ -619,11 +692,11 @@ class _GraphBuilder:
     def named(self, value: Value, name: str | None) -> Value:
         """`value` under the name a line binds it to, where the line's last chain made it (a block's or a
         sequence's chains name their outputs x)."""
-        last = self.chains[-1] if self.chains else None
-        if name is None or last is None or last.output is not value or value.name == name:
+        last = self.body[-1] if self.body else None
+        if name is None or not isinstance(last, Chain) or last.output is not value or value.name == name:
             return value
         renamed = Value(name, value.shape)
-        self.chains[-1] = replace(last, output=renamed)
+        self.body[-1] = replace(last, output=renamed)
         return renamed
 
     def repeat(self, line, scope: _Scope) -> int:
@@ -709,14 +782,15 @@ class _GraphBuilder:
             try:
                 shape = node.op.shape(args, shape)
             except O.ShapeError as err:
-                raise SpecError(node.pos, f"{err}{where}") from None
+                if not self.untaken:  # a branch not taken here: its shapes are checked where it runs
+                    raise SpecError(node.pos, f"{err}{where}") from None
             shaped.append(replace(node, out_shape=shape))
         if not shaped:
             return value
         text = self.lines[chain.pos.line - 1].split("#")[0].strip()
         call_site = f"{site.line}: {self.lines[site.line - 1].split('#')[0].strip()}" if site else ""
         output = Value(target or "x", shape)
-        self.chains.append(Chain(tuple(shaped), chain.pos.line, text, call_site, value, output))
+        self.body.append(Chain(tuple(shaped), chain.pos.line, text, call_site, value, output))
         return output
 
 
@@ -842,7 +916,8 @@ class _Checker:
         writer = _InitWriter(ops)
         for block in self.spec.blocks:
             init += writer.block_function(block)
-        self.check_attributes(self.spec.forward.body, set())
+        self.attributes: set[str] = set()
+        self.check_attributes(self.spec.forward.body, self.attributes)
         init += writer.module_body(self.spec.forward.body, "self", set(), {"x"}, set())
         if self.spec.init is not None:
             init += _init_rules(self.spec.init)
@@ -858,20 +933,30 @@ class _Checker:
         builder = _GraphBuilder(ops, self.lines, scope)
         model_input = Value("x", tuple(dims))
         output, _ = builder.module_body(self.spec.forward.body, scope, {"x": model_input}, "", None)
-        if not builder.chains:
+        if not any(walk(builder.body)):
             raise SpecError(self.spec.forward.pos, "forward has no chains")
-        graph = Graph(model_input, tuple(builder.chains), output)
+        for attribute, source, pos in builder.conditions:
+            if attribute in self.attributes or hasattr(nn.Module(), attribute):
+                raise SpecError(
+                    pos,
+                    f"ModelNew keeps this condition as self.{attribute}, which names a module; bind it with another `let` name",
+                )
+            init.append(f"self.{attribute} = {source}  # forward reads it: the structure follows it")
+        graph = Graph(model_input, tuple(builder.body), output)
         return Model(self.spec.model.name, params, tuple(dims), tuple(init), graph, self.activation_dtype())
 
     def check_attributes(self, body: tuple, seen: set[str]) -> None:
-        """The forward body's module names: unique, and none that nn.Module has already."""
+        """The forward body's module names: unique (the two bodies of an `if` may each make one), and none
+        that nn.Module has already."""
         for line in body:
             names = []
             if isinstance(line, S.Sequence):
                 names = [(line.name, line.pos)]
             elif isinstance(line, S.If):
-                self.check_attributes(line.body, seen)
-                self.check_attributes(line.orelse, seen)
+                then, orelse = set(seen), set(seen)
+                self.check_attributes(line.body, then)
+                self.check_attributes(line.orelse, orelse)
+                seen |= then | orelse
             elif isinstance(line, (S.ChainLine, S.Return)):
                 if isinstance(line, S.ChainLine) and line.repeat is not None:
                     raise SpecError(

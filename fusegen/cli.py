@@ -137,7 +137,9 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fusegen", description="Fused Triton kernels and a ModelNew from a .fuse spec.")
+    parser = argparse.ArgumentParser(
+        prog="fusegen", description="Fused Triton kernels and a ModelNew from a .fuse spec."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("build", help="generate Python files from specs (default: every specs/*.fuse)")
     p.add_argument("specs", nargs="*", metavar="SPEC", help="spec files; default: specs/*.fuse")

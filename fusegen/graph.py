@@ -5,12 +5,17 @@ line each, as instantiated at one place). A chain applies its nodes in turn to o
 and names the result, its output; a node may also read other values at the same offsets (`add`'s
 other operand). Values are made once and may be used any number of times; the chains are in program
 order, so each reads only values made before it.
+
+Where the structure follows constructor arguments, the sequence holds regions that generated code
+decides at run time: a Loop (a block repeated a number of times that a constructor argument gives:
+the body runs once per remaining child of a sequential module) and a Branch (an `if` on constructor
+arguments). Fusion stops at a region's edges.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Union
 
 from fusegen import ops as O
 from fusegen.errors import Pos
@@ -52,19 +57,80 @@ class Chain:
 
 
 @dataclass(frozen=True)
+class Loop:
+    """`for block in self.<modules>[start:]`: the body, with its modules at `block`, once per child of a
+    sequential module from `start` on; each iteration reads the value the one before made."""
+
+    modules: str  # the sequential module's path
+    start: int  # the first child the loop runs
+    variable: str  # the loop variable that the body's module paths start with
+    body: tuple["Region", ...]
+    input: Value  # what the first iteration reads
+    carried: Value  # what an iteration reads: the body's input (the one before's output, or `input`)
+    output: Value  # what an iteration makes: the loop's value after the last
+
+
+@dataclass(frozen=True)
+class Branch:
+    """`if self.<attribute>:` ... `else:` ..., an attribute that __init__ sets from constructor arguments.
+    `merges` are the values that either branch may have made: (value after the branch, its value at the
+    end of the first body, at the end of the second)."""
+
+    attribute: str
+    then: tuple["Region", ...]
+    orelse: tuple["Region", ...]
+    merges: tuple[tuple[Value, Value, Value], ...]
+
+
+Region = Union[Chain, Loop, Branch]
+
+
+def walk(body: tuple[Region, ...]) -> Iterator[Chain]:
+    """Every chain of a body, in program order, inside regions too."""
+    for item in body:
+        if isinstance(item, Chain):
+            yield item
+        elif isinstance(item, Loop):
+            yield from walk(item.body)
+        else:
+            yield from walk(item.then)
+            yield from walk(item.orelse)
+
+
+@dataclass(frozen=True)
 class Graph:
     input: Value  # the model's input
-    chains: tuple[Chain, ...]  # in program order
+    body: tuple[Region, ...]  # in program order
     output: Value  # what forward returns
     _uses: dict = field(default_factory=dict, compare=False, repr=False)
 
+    @property
+    def chains(self) -> tuple[Chain, ...]:
+        return tuple(walk(self.body))
+
     def uses(self, value: Value) -> int:
-        """How many times a value is read: as a chain's input, as an operand, and once as the output."""
+        """How many places read a value: a chain's input, an operand, a region that carries it or merges
+        it, and the model's output."""
         if not self._uses:
             counts: dict[int, int] = {id(self.output): 1}
-            for chain in self.chains:
-                for read in self.reads(chain):
+
+            def count(values):
+                for read in values:
                     counts[id(read)] = counts.get(id(read), 0) + 1
+
+            def visit(body):
+                for item in body:
+                    if isinstance(item, Chain):
+                        count(self.reads(item))
+                    elif isinstance(item, Loop):
+                        count([item.input, item.output])  # read by the first iteration and by the next
+                        visit(item.body)
+                    else:
+                        count([v for _, a, b in item.merges for v in (a, b)])
+                        visit(item.then)
+                        visit(item.orelse)
+
+            visit(self.body)
             self._uses.update(counts)
         return self._uses.get(id(value), 0)
 

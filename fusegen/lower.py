@@ -81,7 +81,9 @@ def _frame(out_rank: int, loop: list[str]) -> list[str]:
         "mask_n = offs_n < C_out",
         "mask = mask_m[:, None] & mask_n[None, :]",
     ]
-    pixel = ["n = offs_m // (OH * OW)", "oh = offs_m // OW % OH", "ow = offs_m % OW"] if out_rank == 4 else ["n = offs_m"]
+    pixel = (
+        ["n = offs_m // (OH * OW)", "oh = offs_m // OW % OH", "ow = offs_m % OW"] if out_rank == 4 else ["n = offs_m"]
+    )
     loop_text = "\n".join(loop)
     return lines + [line for line in pixel if _used(line.split(" = ")[0], loop_text)]
 
@@ -130,7 +132,10 @@ def _pooled(tile: list[str]) -> list[str]:
 
 # Split K: the first kernel's program axis 1 is its slice of K, whose partial sums it stores in a
 # [SPLIT_K, rows, C_out] tensor; the second adds them up.
-_SLICE = ["# this program's slice of K (program axis 1): K_SLICE input channels from split * K_SLICE", "split = tl.program_id(1)"]
+_SLICE = [
+    "# this program's slice of K (program axis 1): K_SLICE input channels from split * K_SLICE",
+    "split = tl.program_id(1)",
+]
 
 
 def _partial_offsets(rows: str) -> str:
@@ -182,7 +187,9 @@ def _produced(kernel: Kernel) -> list[str]:
     producer = kernel.producer[0]
     lowering: O.Anchor = producer.op.lowering
     produce, tile, channels, channel_mask = (
-        (lowering.produce_tap, "x_tap", "offs_n", "mask_n") if kernel.producer_at_taps else (lowering.produce, "a", "offs_k", "mask_k")
+        (lowering.produce_tap, "x_tap", "offs_n", "mask_n")
+        if kernel.producer_at_taps
+        else (lowering.produce, "a", "offs_k", "mask_k")
     )
     lines = [f"# producer: {producer.op.summary}"]
     lines += produce(producer.slot, _prologue_hook(kernel.prologue))
@@ -247,14 +254,18 @@ def _used_by(body: list[str], params: list[Param]) -> list[Param]:
     return [p for p in params if _used(p[0], text)]
 
 
-def _kernel_source(name: str, comments: list[str], body: list[str], positional: list[Param], keyword: list[Param]) -> list[str]:
+def _kernel_source(
+    name: str, comments: list[str], body: list[str], positional: list[Param], keyword: list[Param]
+) -> list[str]:
     """The @triton.jit kernel `name`: `body` after the wait of a dependent launch (_PDL)."""
     params = [name for name, _ in _used_by(body, positional)]
     params += [f"{name}: tl.constexpr" for name, _ in _used_by(body, keyword)] + ["LAUNCH_PDL: tl.constexpr"]
     return [*comments, "@triton.jit", f"def {name}({', '.join(params)}):", *(INDENT + line for line in [*_PDL, *body])]
 
 
-def _launch(name: str, grid: str, body: list[str], positional: list[Param], keyword: list[Param], options: tuple[str, ...]) -> list[str]:
+def _launch(
+    name: str, grid: str, body: list[str], positional: list[Param], keyword: list[Param], options: tuple[str, ...]
+) -> list[str]:
     """Wrapper lines that launch the kernel `name` whose body is `body`."""
     return [
         f"LAUNCH_PDL = launch_pdl(x, {grid})",
@@ -354,8 +365,14 @@ def lower(kernel: Kernel) -> LoweredKernel:
     sources = [f"# {source}" for source in kernel.sources]
     kernel_lines = []
     if split_k:
-        comment = f"# {kernel.anchor.op.name} over slices of K: each slice's partial sums, for {kernel.name}_kernel to add."
-        kernel_lines += [*_kernel_source(f"{kernel.name}_slices_kernel", [comment, *sources], slices, positional, keyword), "", ""]
+        comment = (
+            f"# {kernel.anchor.op.name} over slices of K: each slice's partial sums, for {kernel.name}_kernel to add."
+        )
+        kernel_lines += [
+            *_kernel_source(f"{kernel.name}_slices_kernel", [comment, *sources], slices, positional, keyword),
+            "",
+            "",
+        ]
         fused += f" (adding up {kernel.name}_slices_kernel's partial sums first)"
     header = f"# {fused}: one kernel, one store{' per output' if kernel.writes_batch_stats else ''}."
     kernel_lines += _kernel_source(f"{kernel.name}_kernel", [header, *sources], body, positional, keyword)
@@ -397,7 +414,8 @@ def lower(kernel: Kernel) -> LoweredKernel:
     wrapper += [INDENT + f"grid = ({tiles},)"]
     if kernel.writes_batch_stats:
         wrapper += [
-            INDENT + f"tile_sum = torch.empty((triton.cdiv({rows}, BLOCK_M), C_out), device=x.device, dtype=torch.float32)",
+            INDENT
+            + f"tile_sum = torch.empty((triton.cdiv({rows}, BLOCK_M), C_out), device=x.device, dtype=torch.float32)",
             INDENT + "tile_m2 = torch.empty_like(tile_sum)",
         ]
     options = rule[2] if rule else ()
@@ -408,7 +426,10 @@ def lower(kernel: Kernel) -> LoweredKernel:
             INDENT + "SPLIT_K = triton.cdiv(C_in, K_SLICE)",
             INDENT + f"partial = torch.empty((SPLIT_K, {rows}, C_out), device=x.device, dtype=torch.float32)",
             INDENT + "slices_grid = (tiles, SPLIT_K)",
-            *(INDENT + line for line in _launch(f"{kernel.name}_slices_kernel", "slices_grid", slices, positional, keyword, options)),
+            *(
+                INDENT + line
+                for line in _launch(f"{kernel.name}_slices_kernel", "slices_grid", slices, positional, keyword, options)
+            ),
         ]
     wrapper += [INDENT + line for line in _launch(f"{kernel.name}_kernel", "grid", body, positional, keyword, options)]
     result = kernel.view.op.lowering.expr("out") if kernel.view else "out"

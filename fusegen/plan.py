@@ -13,10 +13,11 @@ lowers to two launches of one wrapper: lower's concern, not the plan's.)
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Iterator, Union
 
 from fusegen import ops as O
 from fusegen.check import Model
-from fusegen.graph import Chain, Graph, Node, Value
+from fusegen.graph import Branch, Chain, Graph, Loop, Node, Value
 
 
 @dataclass(frozen=True)
@@ -110,12 +111,65 @@ class ViewOnly:
 
 
 @dataclass(frozen=True)
+class LoopStep:
+    """A graph Loop's steps, run once per child of its sequential module."""
+
+    loop: Loop
+    steps: tuple["Step", ...]
+
+    @property
+    def input(self) -> Value:
+        return self.loop.input
+
+    @property
+    def output(self) -> Value:
+        return self.loop.output
+
+
+@dataclass(frozen=True)
+class BranchStep:
+    """A graph Branch's steps, one body or the other."""
+
+    branch: Branch
+    then: tuple["Step", ...]
+    orelse: tuple["Step", ...]
+
+
+Step = Union[Launch, ViewOnly, LoopStep, BranchStep]
+
+
+def launches(steps) -> Iterator[Launch]:
+    """The launches of steps, inside loops and branches too, in program order."""
+    for step in steps:
+        if isinstance(step, Launch):
+            yield step
+        elif isinstance(step, LoopStep):
+            yield from launches(step.steps)
+        elif isinstance(step, BranchStep):
+            yield from launches(step.then)
+            yield from launches(step.orelse)
+
+
+@dataclass(frozen=True)
 class Plan:
     model: Model
     kernels: tuple[Kernel, ...]
-    steps: tuple[Launch | ViewOnly, ...]  # eval mode
+    steps: tuple[Step, ...]  # eval mode
     # training mode, where it differs (a model with BatchNorm); None: the same steps
-    train_steps: tuple[Launch | ViewOnly, ...] | None
+    train_steps: tuple[Step, ...] | None
+
+
+@dataclass
+class _LoopGroups:
+    loop: Loop
+    groups: list
+
+
+@dataclass
+class _BranchGroups:
+    branch: Branch
+    then: list
+    orelse: list
 
 
 @dataclass
@@ -161,13 +215,20 @@ def why_not_fused(group: _Group, chain: Chain, graph: Graph) -> str | None:
     return None
 
 
-def _eval_groups(graph: Graph) -> list[_Group | Chain]:
+def _eval_groups(body: tuple, graph: Graph) -> list:
     """Eval mode: one launch per chain (a chain that is only a view: the Chain itself, no launch). A chain
     of elementwise ops joins the epilogue of the kernel that makes its input where why_not_fused allows
-    (`out = conv2 -> bn2` then `return out -> add(identity) -> relu`): that launch moves to its place."""
-    groups: list[_Group | Chain] = []
+    (`out = conv2 -> bn2` then `return out -> add(identity) -> relu`): that launch moves to its place.
+    Loops and branches are planned body by body: nothing fuses across their edges."""
+    groups: list = []
     made_by: dict[int, _Group] = {}
-    for chain in graph.chains:
+    for chain in body:
+        if isinstance(chain, Loop):
+            groups.append(_LoopGroups(chain, _eval_groups(chain.body, graph)))
+            continue
+        if isinstance(chain, Branch):
+            groups.append(_BranchGroups(chain, _eval_groups(chain.then, graph), _eval_groups(chain.orelse, graph)))
+            continue
         prologue, producer, anchor, epilogue, pool, view = _split(chain)
         if anchor is None and not epilogue:
             groups.append(chain)
@@ -225,13 +286,14 @@ class _TrainingGroups:
     before it, with per-tile statistics, and the op, with the elementwise ops after it, waits on the
     value (`pending`) for the kernel that reads it: a single reader with an anchor normalises each tile
     as it loads it (its prologue). Otherwise (several readers, an op that reads another value, a view,
-    the model's output) kernels of their own apply the waiting ops and store the value."""
+    a loop's or a branch's edge, the model's output) kernels of their own apply the waiting ops and
+    store the value."""
 
     def __init__(self, graph: Graph):
         self.graph = graph
-        self.groups: list[_Group | Chain] = []
-        # value -> (the tensor stored for it, the ops still to apply to that tensor)
-        self.pending: dict[int, tuple[Value, list[tuple[Node, Chain]]]] = {}
+        self.groups: list = []
+        # id(value) -> (value, the tensor stored for it, the ops still to apply to that tensor)
+        self.pending: dict[int, tuple[Value, Value, list[tuple[Node, Chain]]]] = {}
         self.planned_uses: dict[int, int] = {}  # values that plan itself makes: read once
 
     def uses(self, value: Value) -> int:
@@ -252,6 +314,9 @@ class _TrainingGroups:
         self.groups.append(group)
         return group
 
+    def wait(self, value: Value, stored: Value, ops: list[tuple[Node, Chain]]) -> None:
+        self.pending[id(value)] = (value, stored, ops)
+
     def apply(self, stored: Value, ops: list[tuple[Node, Chain]], output: Value, view: Node | None = None) -> None:
         """Kernels of their own that apply `ops` to `stored`, giving `output` (then `view`)."""
         parts = _pieces(ops)
@@ -262,8 +327,13 @@ class _TrainingGroups:
             stored = made
 
     def materialize(self, value: Value) -> None:
-        stored, ops = self.pending.pop(id(value))
+        _, stored, ops = self.pending.pop(id(value))
         self.apply(stored, ops, value)
+
+    def flush(self) -> None:
+        """Every waiting op applied: nothing waits across a loop's or a branch's edge."""
+        for value, _, _ in list(self.pending.values()):
+            self.materialize(value)
 
     def add(self, chain: Chain) -> None:
         prologue, producer, anchor, epilogue, _, view = _split(chain)
@@ -274,14 +344,14 @@ class _TrainingGroups:
         source, carried = chain.input, []
         waiting = self.pending.get(id(source))
         if waiting is not None:
-            stored, ops = waiting
+            _, stored, ops = waiting
             single = self.uses(source) == 1
             if single and anchor is not None and not any(node.operands for node, _ in ops):
                 del self.pending[id(source)]
                 source, carried = stored, ops
             elif single and anchor is None and view is None:
                 del self.pending[id(source)]  # elementwise ops: they wait too
-                self.pending[id(chain.output)] = (stored, ops + [(u, chain) for u in epilogue])
+                self.wait(chain.output, stored, ops + [(u, chain) for u in epilogue])
                 return
             else:
                 self.materialize(source)
@@ -290,7 +360,7 @@ class _TrainingGroups:
             if not epilogue:
                 self.groups.append(chain)  # a view of a stored value
             elif view is None:
-                self.pending[id(chain.output)] = (source, mine)
+                self.wait(chain.output, source, mine)
             else:
                 self.apply(source, mine, chain.output, view)
             return
@@ -310,36 +380,51 @@ class _TrainingGroups:
         if waits and view is not None:
             self.apply(stored, waits, chain.output, view)
         elif waits:
-            self.pending[id(chain.output)] = (stored, waits)
+            self.wait(chain.output, stored, waits)
         else:
             group.view = view
 
-    def run(self) -> list[_Group | Chain]:
-        for whole in self.graph.chains:
-            pieces = _split_at_batch_stats(whole)
-            for chain in pieces[1:]:
-                self.planned_uses[id(chain.input)] = 1
-            for chain in pieces:
-                self.add(chain)
-        if id(self.graph.output) in self.pending:
+    def body_groups(self, body: tuple, region: bool) -> list:
+        """The groups of one body; a region's body applies whatever waits at its end."""
+        outer, self.groups = self.groups, []
+        for item in body:
+            if isinstance(item, Chain):
+                pieces = _split_at_batch_stats(item)
+                for chain in pieces[1:]:
+                    self.planned_uses[id(chain.input)] = 1
+                for chain in pieces:
+                    self.add(chain)
+                continue
+            self.flush()
+            if isinstance(item, Loop):
+                self.groups.append(_LoopGroups(item, self.body_groups(item.body, region=True)))
+            else:
+                then = self.body_groups(item.then, region=True)
+                self.groups.append(_BranchGroups(item, then, self.body_groups(item.orelse, region=True)))
+        if region:
+            self.flush()
+        elif id(self.graph.output) in self.pending:
             self.materialize(self.graph.output)
-        self.mark_batch_stats()
-        return self.groups
+        groups, self.groups = self.groups, outer
+        self.mark_batch_stats(groups)
+        return groups
 
-    def mark_batch_stats(self) -> None:
+    def run(self) -> list:
+        return self.body_groups(self.graph.body, region=False)
+
+    def mark_batch_stats(self, groups: list) -> None:
         """A launch whose prologue starts by normalising with batch statistics makes the launch that
-        stores its input store them too; the model's input has no such launch, so an identity kernel
-        stores it with its statistics."""
-        launches = [g for g in self.groups if isinstance(g, _Group)]
-        made_by = {id(g.output): g for g in launches}
-        for group in launches:
+        stores its input, in the same body, store them too; where none does (the model's input, a value
+        from outside a loop or branch), an identity kernel stores the input with its statistics."""
+        made_by = {id(g.output): g for g in groups if isinstance(g, _Group)}
+        for group in [g for g in groups if isinstance(g, _Group)]:
             if not (group.prologue and _needs_batch_stats(group.prologue[0])):
                 continue
             producer = made_by.get(id(group.input))
             if producer is None:
                 copied = self.value(group.input, group.input.shape)
                 producer = _Group([], None, [], None, group.chains[:1], group.input, copied)
-                self.groups.insert(self.groups.index(group), producer)
+                groups.insert(groups.index(group), producer)
                 group.input = copied
                 made_by[id(copied)] = producer
             producer.writes_batch_stats = True
@@ -413,21 +498,29 @@ class _Kernels:
             if kernel.name in names:
                 self.by_key[key] = replace(kernel, **fields)
 
-    def steps(self, groups: list[_Group | Chain], training: bool) -> list[Launch | ViewOnly]:
-        return [
-            (
-                self.launch(g, training)
-                if isinstance(g, _Group)
-                else ViewOnly(g.ops[-1].op, self.comment(g), g.input, g.output)
-            )
-            for g in groups
-        ]
+    def steps(self, groups: list, training: bool) -> list[Step]:
+        steps: list[Step] = []
+        for g in groups:
+            if isinstance(g, _Group):
+                steps.append(self.launch(g, training))
+            elif isinstance(g, _LoopGroups):
+                steps.append(LoopStep(g.loop, tuple(self.steps(g.groups, training))))
+            elif isinstance(g, _BranchGroups):
+                steps.append(
+                    BranchStep(g.branch, tuple(self.steps(g.then, training)), tuple(self.steps(g.orelse, training)))
+                )
+            else:
+                steps.append(ViewOnly(g.ops[-1].op, self.comment(g), g.input, g.output))
+        return steps
 
 
 def _store_activations(steps: list[Launch | ViewOnly], kernels: _Kernels, graph: Graph) -> list[Launch | ViewOnly]:
     """Eval mode with a narrower activation dtype: a launch stores its output in it where every step that
     reads that value is a launch that takes a narrow input there (the model returns float32; a view's
-    reader is not known to), and their kernels' wrappers take the dtype."""
+    reader is not known to), and their kernels' wrappers take the dtype. A plan with loops or branches
+    keeps float32 (what crosses their edges is not followed)."""
+    if any(isinstance(s, (LoopStep, BranchStep)) for s in steps):
+        return steps
 
     def reads_narrow(step: Launch | ViewOnly, value: Value) -> bool:
         if isinstance(step, ViewOnly):
@@ -467,7 +560,7 @@ def _mark_first_launch(steps: list[Launch | ViewOnly], kernels: _Kernels, graph:
 def plan(model: Model, spec_name: str) -> Plan:
     graph = model.graph
     kernels = _Kernels(spec_name)
-    steps = kernels.steps(_eval_groups(graph), training=False)
+    steps = kernels.steps(_eval_groups(graph.body, graph), training=False)
     if model.activation_dtype != "float32":
         steps = _store_activations(steps, kernels, graph)
     _mark_first_launch(steps, kernels, graph)
@@ -477,7 +570,13 @@ def plan(model: Model, spec_name: str) -> Plan:
     final = {k.name: k for k in kernels.by_key.values()}
 
     def refresh(s):
-        return replace(s, kernel=final[s.kernel.name]) if isinstance(s, Launch) else s
+        if isinstance(s, Launch):
+            return replace(s, kernel=final[s.kernel.name])
+        if isinstance(s, LoopStep):
+            return replace(s, steps=tuple(map(refresh, s.steps)))
+        if isinstance(s, BranchStep):
+            return replace(s, then=tuple(map(refresh, s.then)), orelse=tuple(map(refresh, s.orelse)))
+        return s
 
     return Plan(
         model,
