@@ -1,6 +1,7 @@
-"""`fusegen bench SPEC [...] --batch N [...]`: times a spec's ModelNew against eager torch and
-torch.compile on the GPU, then accounts for every generated kernel: time, bytes moved, FLOPs, and the
-share of the floor that the machine's measured bandwidth and TF32 peak allow.
+"""`fusegen bench SPEC [...] --batch N [...] --mode eval train`: times a spec's ModelNew against eager
+torch and torch.compile on the GPU, in eval mode and in training mode (KernelBench's: model.train() under
+torch.no_grad()), then accounts for every generated kernel: time, bytes moved, FLOPs, and the share of
+the floor that the machine's measured bandwidth and TF32 peak allow.
 
 The accounting (recording launches, bytes, FLOPs, tables, the JSON report) is plain functions that
 also run on the CPU under Triton's interpreter; only the functions that time things need CUDA.
@@ -27,7 +28,7 @@ import triton
 import triton.testing
 
 from fusegen.errors import SpecError
-from fusegen.ops import DOT_PRECISION, lookup
+from fusegen.ops import DOT_PRECISION, STATS_DOT_PRECISION, lookup
 from fusegen.pipeline import compile_plan
 from fusegen.plan import Launch, launches
 
@@ -39,6 +40,7 @@ DEVICE = "cuda"  # tests swap in "cpu" to run the whole command with fake timing
 SEED = 0
 INPUTS_PER_BATCH = 4  # distinct inputs the model timings rotate through
 FUSEGEN = "fusegen"
+FUSEGEN_NO_GRAPH = "fusegen, no CUDA graph"
 
 
 # -- the model, compiled in memory -----------------------------------------------------------------------
@@ -53,19 +55,24 @@ class SpecModel:
     module: types.ModuleType  # the generated module
     example_input: tuple[int, ...]  # the spec's input(...) at the default constructor arguments
     launch_steps: list[Launch]  # eval-mode launches of run_kernels, in run order
+    train_launch_steps: list[Launch]  # training mode's (run_training_kernels'; without BatchNorm, the eval ones)
+
+    def steps(self, mode: str) -> list[Launch]:
+        return self.train_launch_steps if mode == "train" else self.launch_steps
 
 
 def compile_model(spec_path: str, source: str) -> SpecModel:
     """Spec text -> the generated module, executed. Raises SpecError for a bad spec."""
     kernel_plan, text = compile_plan(source, spec_path)
     steps = list(launches(kernel_plan.steps))
+    train_steps = list(launches(kernel_plan.train_steps or kernel_plan.steps))
     filename = f"<fusegen bench {spec_path}>"
     # @triton.jit reads each kernel's source through inspect, which needs a file: register one.
     linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
     module = types.ModuleType(f"fusegen_bench_{Path(spec_path).stem}")
     exec(compile(text, filename, "exec"), module.__dict__)
     model = kernel_plan.model
-    return SpecModel(spec_path, model.name, module, tuple(model.example_input), steps)
+    return SpecModel(spec_path, model.name, module, tuple(model.example_input), steps, train_steps)
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
@@ -82,16 +89,21 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
                 m.bias.copy_(torch.randn(c, generator=g) * 0.5)
 
 
-def build_model(spec: SpecModel, seed: int = SEED) -> nn.Module:
-    """ModelNew at its default arguments, in eval mode, with random BatchNorm statistics (on the CPU)."""
+def build_model(spec: SpecModel, seed: int = SEED, mode: str = "eval") -> nn.Module:
+    """ModelNew at its default arguments, in `mode` ("eval" or "train"), with random BatchNorm statistics
+    (on the CPU); the same parameters and statistics in either mode."""
     torch.manual_seed(seed)
-    model = spec.module.ModelNew().eval()
+    model = spec.module.ModelNew().train(mode == "train")
     randomize_batchnorm(model, seed)
     return model
 
 
 def input_shape(spec: SpecModel, batch: int) -> tuple[int, ...]:
     return (batch, *spec.example_input[1:])
+
+
+def model_mode(model: nn.Module) -> str:
+    return "train" if model.training else "eval"
 
 
 def rel_error(out: torch.Tensor, exact: torch.Tensor) -> float:
@@ -109,14 +121,16 @@ class KernelLaunch:
 
     wrapper: str  # its name: the @triton.jit kernel's name without `_kernel`
     call: Callable  # the wrapper itself, to time the launch again
-    args: tuple  # the activation first, then the nn.Modules whose parameters the kernel reads
+    # the activation first (in training mode then its per-tile statistics), then the nn.Modules whose
+    # parameters the kernel reads
+    args: tuple
     output: object  # what the wrapper returned
     comment: str = ""  # the spec chain it runs: "mobilenet_v1.fuse:17: conv_dw(c(32), c(64), 1)"
     ops: tuple[str, ...] = ()  # the fused ops' names, in chain order
 
     @property
     def inputs(self) -> list[torch.Tensor]:
-        return [a for a in self.args if isinstance(a, torch.Tensor)]
+        return _tensors(self.args)
 
     @property
     def modules(self) -> list[nn.Module]:
@@ -124,11 +138,20 @@ class KernelLaunch:
 
     @property
     def outputs(self) -> list[torch.Tensor]:
-        items = self.output if isinstance(self.output, (tuple, list)) else (self.output,)
-        return [t for t in items if isinstance(t, torch.Tensor)]
+        return _tensors(self.output if isinstance(self.output, (tuple, list)) else (self.output,))
 
     def run(self):
         return self.call(*self.args)
+
+
+def _tensors(items) -> list[torch.Tensor]:
+    """The tensors among `items` and in the tuples among them: training mode's per-tile statistics, which
+    a wrapper returns with its output and the next one takes after its activation, are such a tuple."""
+    tensors = []
+    for item in items:
+        nested = item if isinstance(item, (tuple, list)) else (item,)
+        tensors += [t for t in nested if isinstance(t, torch.Tensor)]
+    return tensors
 
 
 def launch_wrappers(namespace: dict) -> dict[str, Callable]:
@@ -141,17 +164,26 @@ def launch_wrappers(namespace: dict) -> dict[str, Callable]:
 
 
 def record_launches(model: nn.Module, x: torch.Tensor) -> list[KernelLaunch]:
-    """Runs model.run_kernels(x) once with every launch wrapper replaced by a recorder; returns the
-    launches in run order. run_kernels calls the wrappers by global name, so swapping the module's
-    globals intercepts them; they are restored afterwards."""
+    """Runs model.run_kernels(x) once (in training mode that is run_training_kernels) with every launch
+    wrapper replaced by a recorder; returns the launches in run order. run_kernels calls the wrappers by
+    global name, so swapping the module's globals intercepts them; they are restored afterwards.
+    A wrapper that another calls (training mode's batch_norm_batch_stats, from the wrapper whose prologue
+    normalises with the statistics it merges) is part of that one's launch, as the plan counts them."""
     namespace = type(model).run_kernels.__globals__
     wrappers = launch_wrappers(namespace)
     launches: list[KernelLaunch] = []
+    depth = 0  # wrappers running now
 
     def recorder(name: str, wrapper: Callable) -> Callable:
         def record(*args, **options):  # run_first_kernel passes out=None
-            output = wrapper(*args, **options)
-            launches.append(KernelLaunch(name, wrapper, args, output))
+            nonlocal depth
+            depth += 1
+            try:
+                output = wrapper(*args, **options)
+            finally:
+                depth -= 1
+            if depth == 0:
+                launches.append(KernelLaunch(name, wrapper, args, output))
             return output
 
         return record
@@ -184,13 +216,15 @@ def _module_tensors(module: nn.Module) -> list[torch.Tensor]:
 def launch_bytes(launch: KernelLaunch) -> int:
     """Compulsory DRAM traffic: every input tensor and every floating parameter or buffer of the module
     arguments (conv and linear weights and biases; BatchNorm weight, bias, running_mean, running_var)
-    read once, every output written once. Halo re-reads and re-reads of weights are not counted."""
+    read once, every output written once; in training mode the inputs and outputs include the per-tile
+    statistics that feed the next BatchNorm. Halo re-reads and re-reads of weights are not counted, nor
+    the per-channel batch mean and scale that training mode's batch_norm_batch_stats hands the kernel."""
     tensors = [*launch.inputs, *(t for m in launch.modules for t in _module_tensors(m)), *launch.outputs]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
 # FLOPs per output element of ops that hold no parameters and so are only known by name.
-ACTIVATION_FLOPS = {"relu": 1, "relu6": 2}  # a max; a max and a min
+ELEMENTWISE_FLOPS = {"relu": 1, "relu6": 2, "add": 1}  # a max; a max and a min; an add
 
 
 def launch_flops(launch: KernelLaunch) -> int:
@@ -203,10 +237,11 @@ def launch_flops(launch: KernelLaunch) -> int:
     - BatchNorm2d, folded into a scale and shift: 2 per element
     - AvgPool2d: 1 add per window element per output; global_avgpool: 1 add per input element
       (the one division per output is left out)
-    - relu: 1 per element (a max), relu6: 2 (a max and a min)
+    - relu: 1 per element (a max), relu6: 2 (a max and a min), add: 1
 
     In a kernel that a pool ends, the conv and the ops after it count at the conv's pixels that the
-    windows cover.
+    windows cover. Training mode's BatchNorm counts as in eval mode (normalising with a scale and shift);
+    the per-tile statistics of its input and their merge into the batch mean and variance are left out.
     """
     x, out = launch.inputs[0], launch.outputs[0]
     modules = iter(launch.modules)  # one per op that takes its module, in chain order
@@ -248,7 +283,7 @@ def launch_flops(launch: KernelLaunch) -> int:
         elif op == "global_avgpool":
             flops += pixels * channels
         else:
-            flops += ACTIVATION_FLOPS.get(op, 0) * pixels * channels
+            flops += ELEMENTWISE_FLOPS.get(op, 0) * pixels * channels
     return flops
 
 
@@ -347,10 +382,21 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+MODE_NOTES = {
+    "eval": "mode eval: model.eval(), BatchNorm with the running statistics (random, away from their defaults).",
+    "train": (
+        "mode train: model.train() under torch.no_grad(), as KernelBench times: BatchNorm with batch statistics. "
+        "Every fusegen call updates the running buffers (the outputs do not read them); the torch "
+        "configurations run reference_forward, which computes batch statistics but leaves the running buffers alone."
+    ),
+}
+
+
 def model_table(runs: list[dict]) -> str:
     columns = [
         ("net", "<"),
         ("batch", ">"),
+        ("mode", "<"),
         ("config", "<"),
         ("median ms", ">"),
         ("fusegen speedup", ">"),
@@ -361,12 +407,29 @@ def model_table(runs: list[dict]) -> str:
         for c in run["configs"]:
             ms = "failed" if c["failure"] else _num(c["ms"], ".3f")
             speedup = _num(c["speedup"], ".2f") + ("x" if c["speedup"] else "")
-            rows.append([run["model"], str(run["batch"]), c["config"], ms, speedup, _num(c["rel_error"], ".1e")])
+            error = _num(c["rel_error"], ".1e")
+            rows.append([run["model"], str(run["batch"]), run["mode"], c["config"], ms, speedup, error])
             if c["failure"]:
-                failures.append(f"  {run['model']} batch {run['batch']} {c['config']}: {c['failure']}")
+                failures.append(f"  {run['model']} batch {run['batch']} {run['mode']} {c['config']}: {c['failure']}")
     notes = ["fusegen speedup: the configuration's median time / fusegen's (above 1: fusegen is faster)."]
-    notes.append("rel err: ||y - y64|| / ||y64|| against reference_forward in float64 on the GPU.")
+    notes.append("rel err: ||y - y64|| / ||y64|| against reference_forward in float64 on the GPU, in the same mode.")
+    notes.append(f"{FUSEGEN_NO_GRAPH}: model.use_cuda_graphs = False, every launch from Python.")
+    notes += [note for mode, note in MODE_NOTES.items() if any(run["mode"] == mode for run in runs)]
+    slower = [
+        f"{run['model']} batch {run['batch']} {run['mode']}"
+        for run in runs
+        for c in run["configs"]
+        if c["config"] == "eager" and c["speedup"] is not None and c["speedup"] < 1
+    ]
+    notes.append(f"fusegen slower than eager: {', '.join(slower) or 'none'}")
     return "\n".join([format_table(columns, rows), *notes, *(["failed:", *failures] if failures else [])])
+
+
+TRAIN_KERNEL_NOTE = (
+    "a *_train row times two kernels: its wrapper first launches batch_norm_batch_stats, which merges the "
+    "per-tile statistics of its input (stored by the kernel before) into the batch mean and scale and updates "
+    "the running buffers (on every timing replay too), then the kernel that normalises with them."
+)
 
 
 def kernel_table(run: dict) -> str:
@@ -393,13 +456,17 @@ def kernel_table(run: dict) -> str:
     share = "-" if t["floor_share"] is None else f"{100 * t['floor_share']:.0f}%"
     return "\n".join(
         [
-            f"{run['model']} ({run['spec']}) batch {run['batch']}: per kernel (ms, rates and floor per launch)",
+            (
+                f"{run['model']} ({run['spec']}) batch {run['batch']}, {run['mode']} mode: per kernel "
+                "(ms, rates and floor per launch)"
+            ),
             format_table(columns, rows),
             (
                 f"total: {t['launches']} launches, {t['kernel_ms']:.3f} ms summed one by one (L2 flushed before "
                 f"each; in the forward, L2 carries activations between kernels), fusegen end to end "
                 f"{_num(t['fusegen_ms'], '.3f')} ms; floor {t['floor_ms']:.3f} ms = {share} of end to end"
             ),
+            *([TRAIN_KERNEL_NOTE] if any(r["kernel"].endswith("_train") for r in run["kernels"]) else []),
         ]
     )
 
@@ -437,7 +504,10 @@ def environment() -> dict:
         "tf32": {
             "torch.backends.cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
             "torch.backends.cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "fusegen tl.dot": f"{DOT_PRECISION} (fp16 on float16 activations, the spec's activations(float16))",
+            "fusegen tl.dot": (
+                f"{DOT_PRECISION} (fp16 on float16 activations, the spec's activations(float16)); in training mode "
+                f"{STATS_DOT_PRECISION} where the output feeds BatchNorm, on float32 activations"
+            ),
         },
     }
 
@@ -498,8 +568,22 @@ def cuda_graph_of(fn: Callable, example: torch.Tensor) -> Callable:
     return replay
 
 
+def without_cuda_graphs(model: nn.Module) -> Callable:
+    """model's forward with use_cuda_graphs off for the call (set back afterwards, for the other rows)."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        model.use_cuda_graphs = False
+        try:
+            return model(x)
+        finally:
+            model.use_cuda_graphs = True
+
+    return forward
+
+
 def configurations(model: nn.Module, max_autotune: bool, torch_compile: bool = True) -> list[tuple[str, Callable]]:
-    """(name, make) pairs; make(example input) returns the callable to time."""
+    """(name, make) pairs; make(example input) returns the callable to time. Each runs the model in its
+    mode: reference_forward and ModelNew read model.training."""
     configs = [
         ("eager", lambda x: model.reference_forward),
         ("eager + CUDA graph", lambda x: cuda_graph_of(model.reference_forward, x)),
@@ -513,7 +597,7 @@ def configurations(model: nn.Module, max_autotune: bool, torch_compile: bool = T
         configs.append(
             ("torch.compile max-autotune", lambda x: torch.compile(model.reference_forward, mode="max-autotune"))
         )
-    return configs + [(FUSEGEN, lambda x: model)]
+    return configs + [(FUSEGEN, lambda x: model), (FUSEGEN_NO_GRAPH, lambda x: without_cuda_graphs(model))]
 
 
 def measure_configuration(name: str, make: Callable, inputs: list[torch.Tensor], exact: torch.Tensor) -> dict:
@@ -557,10 +641,11 @@ def bench_batch(
     peaks: Peaks,
     torch_compile: bool = True,
 ) -> dict:
-    """Every configuration at one batch size, then the per-kernel profile; model and model64 (its
-    float64 copy) live on the device the run uses."""
+    """Every configuration at one batch size, then the per-kernel profile, in the mode of model and of
+    model64 (its float64 copy), which live on the device the run uses."""
     shape = input_shape(spec, batch)
-    progress(f"{spec.name} batch {batch} ({'x'.join(map(str, shape))})")
+    mode = model_mode(model)
+    progress(f"{spec.name} batch {batch} ({'x'.join(map(str, shape))}), {mode} mode")
     device = next(model.parameters()).device
     torch.manual_seed(SEED + batch)
     inputs = [torch.rand(shape, device=device) for _ in range(INPUTS_PER_BATCH)]
@@ -572,7 +657,7 @@ def bench_batch(
         ]
         torch.compiler.reset()
         progress("  per kernel: recording one forward, timing each launch")
-        launches = label_launches(record_launches(model, inputs[0]), spec.launch_steps)
+        launches = label_launches(record_launches(model, inputs[0]), spec.steps(mode))
         groups = group_launches(launches)
         kernels = kernel_rows(groups, kernel_times_ms(groups), peaks)
     del launches, groups
@@ -582,6 +667,7 @@ def bench_batch(
         "spec": spec.path,
         "model": spec.name,
         "batch": batch,
+        "mode": mode,
         "input_shape": list(shape),
         "configs": configs,
         "kernels": kernels,
@@ -595,6 +681,7 @@ def main(
     max_autotune: bool,
     json_path: str | None,
     torch_compile: bool = True,
+    modes: list[str] | None = None,
 ) -> int:
     specs: list[SpecModel] = []
     failed = False
@@ -623,14 +710,16 @@ def main(
     peaks = measure_peaks()
     runs = []
     for spec in specs:
-        progress(f"{spec.path}: building {spec.name}")
-        cpu_model = build_model(spec)
-        model64 = copy.deepcopy(cpu_model).double().to(DEVICE)  # before any forward: no captured graphs to copy
-        model = cpu_model.to(DEVICE)
-        for batch in batches or [spec.example_input[0]]:
-            runs.append(bench_batch(spec, model, model64, batch, max_autotune, peaks, torch_compile))
-        del model, model64
-        torch.cuda.empty_cache()
+        # a model per mode, built afresh: training-mode calls move the running statistics that eval reads
+        for mode in modes or ["eval"]:
+            progress(f"{spec.path}: building {spec.name} in {mode} mode")
+            cpu_model = build_model(spec, mode=mode)
+            model64 = copy.deepcopy(cpu_model).double().to(DEVICE)  # before any forward: no captured graphs to copy
+            model = cpu_model.to(DEVICE)
+            for batch in batches or [spec.example_input[0]]:
+                runs.append(bench_batch(spec, model, model64, batch, max_autotune, peaks, torch_compile))
+            del model, model64
+            torch.cuda.empty_cache()
 
     tf32 = env["tf32"]
     print(f"device: {env['device']}; torch {env['torch']}, triton {env['triton']}")
@@ -638,7 +727,7 @@ def main(
         "TF32: the torch baselines run with torch's defaults: "
         f"cudnn.allow_tf32={tf32['torch.backends.cudnn.allow_tf32']} (convolutions), "
         f"cuda.matmul.allow_tf32={tf32['torch.backends.cuda.matmul.allow_tf32']} (matmuls); "
-        f"fusegen's tl.dot runs {tf32['fusegen tl.dot']}. fp32 input and output, eval mode."
+        f"fusegen's tl.dot runs {tf32['fusegen tl.dot']}. fp32 input and output."
     )
     print("timing: triton.testing.do_bench medians, L2 flushed before every rep, inputs rotated")
     print(peaks_line(peaks))

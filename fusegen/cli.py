@@ -1,6 +1,7 @@
 """`fusegen build [SPEC ...] [--check]`: specs/*.fuse -> generated/*.py.
 `fusegen lint FILE [...] [--format json] [--rules]`: the seeds' rules, checked on Python source.
-`fusegen bench SPEC [...] [--batch N ...] [--max-autotune] [--json FILE]`: GPU timings against torch."""
+`fusegen bench SPEC [...] [--batch N ...] [--mode eval train] [--max-autotune] [--no-compile] [--json FILE]`:
+GPU timings against torch."""
 
 from __future__ import annotations
 
@@ -126,7 +127,10 @@ def lint(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     from fusegen.bench import main as run_bench  # imports triton: only for this command
 
-    return run_bench(args.specs, args.batch, args.max_autotune, args.json, torch_compile=not args.no_compile)
+    modes = list(dict.fromkeys(args.mode))  # in the order given, each once
+    return run_bench(
+        args.specs, args.batch, args.max_autotune, args.json, torch_compile=not args.no_compile, modes=modes
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -157,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("specs", nargs="+", metavar="SPEC", help="spec files, compiled in memory (generated/ is not read)")
     p.add_argument(
         "--batch", type=_positive_int, nargs="+", metavar="N", help="batch sizes (default: the spec's example input)"
+    )
+    p.add_argument(
+        "--mode",
+        choices=("eval", "train"),
+        nargs="+",
+        default=["eval"],
+        help="eval: model.eval(); train: model.train() under torch.no_grad(), as KernelBench times (default: eval)",
     )
     p.add_argument(
         "--max-autotune", action="store_true", help="also time torch.compile(mode='max-autotune'): compiles for minutes"
