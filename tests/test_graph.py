@@ -77,7 +77,7 @@ def test_why_an_elementwise_line_is_not_fused():
     """The fusion pass says why a chain of elementwise ops cannot join the kernel that makes its input."""
     text = BLOCK.replace("return out -> add(identity) -> relu", "y = out -> relu\n    return out -> add(y)")
     model = check(parse_spec(text), text)
-    groups = _eval_groups(model.graph)
+    groups = _eval_groups(model.graph.body, model.graph)
     relu_chain = next(c for c in model.graph.chains if c.text == "y = out -> relu")
     conv2 = next(
         g for g in groups if not isinstance(g, type(relu_chain)) and g.anchor and g.anchor.module_path == "conv2"
@@ -234,8 +234,9 @@ forward:
 @pytest.mark.parametrize(
     "line, fragment",
     [
-        ("    if c > 3:\n        relu\n", "this condition depends on the constructor parameter(s) c"),
-        ("    seq:\n        relu * c\n", "this repeat count depends on the constructor parameter(s) c"),
+        ("    y: b(c)\n", "this condition depends on the constructor parameter(s) c"),
+        ("    seq:\n        relu * c\n", "a repeat count that follows constructor arguments repeats one block call"),
+        ("    seq:\n        b(1) * c\n        relu\n", "repeats the last line of its block"),
         ("    y = add(x) -> c1: conv1x1(3, 3)\n", "must come after the kernel's last anchor"),
         ("    seq:\n        add(x)\n", "add reads other values, so it has no module"),
         ("    y = x -> relu -> add(z)\n", "add: other must name a value of this body"),
@@ -246,7 +247,114 @@ forward:
     ],
 )
 def test_graph_errors(line, fragment):
-    text = f"model M(c=4)\ninput(1, 3, 6, 6)\nforward:\n{line}"
+    # an `if` inside a block is decided per call site, so it must not follow constructor arguments
+    text = f"model M(c=4)\ninput(1, 3, 6, 6)\nblock b(k):\n    if k > 3:\n        relu\nforward:\n{line}"
     with pytest.raises(SpecError) as err:
         compile_spec(text, "specs/m.fuse")
     assert fragment in err.value.message
+
+
+LOOP = MODULES.replace("model Net(num_classes=5, widths=[4, 6])", "model Net(layers=[2, 1], num_classes=5)").replace(
+    "stage1: stage(4, 4, 2, 1)\n    stage2: stage(4, 6, 1, 2)", "stage1: stage(4, 4, layers[0], 1)\n    stage2: stage(4, 6, layers[1], 2)"
+)
+
+
+class TorchLoopNet(TorchNet):
+    """TorchNet with its stages' lengths from `layers`."""
+
+    def __init__(self, layers=(2, 1), num_classes=5):
+        nn.Module.__init__(self)
+        self.stem = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+        def stage(cin, cout, blocks, stride):
+            shortcut = None
+            if stride != 1 or cin != cout:
+                shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            return nn.Sequential(TorchUnit(cin, cout, stride, shortcut), *(TorchUnit(cout, cout) for _ in range(blocks - 1)))
+
+        self.stage1 = stage(4, 4, layers[0], 1)
+        self.stage2 = stage(4, 6, layers[1], 2)
+        self.fc = nn.Linear(6, num_classes)
+
+
+@pytest.mark.parametrize("layers", [[1, 1], [3, 2]])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_a_repeat_count_from_a_constructor_argument_is_a_loop(layers, training):
+    """`unit(...) * (blocks - 1)` with blocks from `layers`: forward loops over the stage's remaining
+    children, so the model built with other layers (one unit a stage, or three) still matches."""
+    source = load_spec(LOOP, "graph").SOURCE
+    assert "for block in self.stage1[1:]:" in run_kernels_source(source, "run_kernels_after_first")
+    ref, new = pair(LOOP, TorchLoopNet, layers)
+    if not training:
+        randomize_batchnorm(ref, seed=5)
+        new.load_state_dict(ref.state_dict())
+        ref.eval(), new.eval()
+    x = torch.rand(2, 3, 7, 9, device=DEVICE)
+    with torch.no_grad():
+        assert rel_error(new(x), ref(x)) < TOLERANCE
+    for a, b in zip(new.state_dict().values(), ref.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)
+
+
+BRANCHES = """\
+model MBConv(in_channels=4, out_channels=6, stride=2, expand_ratio=3)
+input(2, in_channels, 9, 9)
+
+forward:
+    let hidden = in_channels * expand_ratio
+    let expands = expand_ratio != 1
+    let use_residual = stride == 1 and in_channels == out_channels
+    identity = x
+    if expands:
+        expand_conv:
+            conv1x1(in_channels, hidden) -> bn(hidden) -> relu6
+    depthwise_conv:
+        dwconv3x3(hidden, stride) -> bn(hidden) -> relu6
+    if use_residual:
+        project_conv:
+            conv1x1(hidden, out_channels) -> bn(out_channels)
+        x = x -> add(identity)
+    else:
+        project_conv:
+            conv1x1(hidden, out_channels) -> bn(out_channels)
+"""
+
+
+class TorchMBConv(nn.Module):
+    def __init__(self, in_channels=4, out_channels=6, stride=2, expand_ratio=3):
+        super().__init__()
+        self.use_residual = stride == 1 and in_channels == out_channels
+        hidden = in_channels * expand_ratio
+        if expand_ratio != 1:
+            self.expand_conv = nn.Sequential(nn.Conv2d(in_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6())
+        self.depthwise_conv = nn.Sequential(
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()
+        )
+        self.project_conv = nn.Sequential(nn.Conv2d(hidden, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+
+    def forward(self, x):
+        identity = x
+        if hasattr(self, "expand_conv"):
+            x = self.expand_conv(x)
+        x = self.project_conv(self.depthwise_conv(x))
+        return x + identity if self.use_residual else x
+
+
+@pytest.mark.parametrize("args", [(4, 6, 2, 3), (4, 4, 1, 3), (4, 4, 1, 1), (5, 3, 2, 1)])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_an_if_on_constructor_arguments_is_decided_at_run_time(args, training):
+    """Both bodies of each `if` are compiled; __init__ keeps the conditions (self.expands,
+    self.use_residual) and forward follows them, so every combination matches."""
+    source = load_spec(BRANCHES, "graph").SOURCE
+    run = run_kernels_source(source)
+    assert "if self.expands:" in run and "if self.use_residual:" in run
+    assert "conv1x1_bn_add(" in run  # the residual still fuses, inside its branch
+    ref, new = pair(BRANCHES, TorchMBConv, *args)
+    if not training:
+        randomize_batchnorm(ref, seed=sum(args))
+        new.load_state_dict(ref.state_dict())
+        ref.eval(), new.eval()
+    x = torch.rand(2, args[0], 9, 7, device=DEVICE)
+    with torch.no_grad():
+        assert rel_error(new(x), ref(x)) < TOLERANCE
