@@ -20,6 +20,8 @@ from fusegen.errors import Pos, SpecError
 
 # Functions a spec expression may call besides its own `let` functions.
 BUILTINS = {"int": int, "round": round, "min": min, "max": max}
+# Names an expression may use anywhere (conv's `bias=False`); Python's own, so no spec can rebind them.
+CONSTANTS = {"True": True, "False": False}
 # Names the generated module uses itself.
 RESERVED = {"self", "x", "nn", "torch", "triton", "tl", "super", "range", "ModelNew"} | set(dir(builtins))
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2, "//": 2, "%": 2}
@@ -117,6 +119,8 @@ def evaluate(e: S.Expr, scope: _Scope) -> object:
     if isinstance(e, S.FloatLiteral):
         return e.value
     if isinstance(e, S.Name):
+        if e.id in CONSTANTS:
+            return CONSTANTS[e.id]
         if e.id not in scope.values:
             known = sorted(scope.values)
             hint = difflib.get_close_matches(e.id, known, 1)
@@ -405,11 +409,12 @@ class _Checker:
     def chain(self, chain: S.Chain, uses: list[OpUse], scope: _Scope, site: Pos | None) -> None:
         """Checks fusion legality, then follows the tensor's shape through the chain."""
         values = [self.arg_values(use.op, step.call, scope) for use, step in zip(uses, chain.steps)]
-        _check_fusion(uses, values)
-        in_shape = self.shape
         where = ""
         if site is not None:
             where = f" (in {self.block_stack[-1] if self.block_stack else 'the block'} called at line {site.line})"
+        uses = [_specialized(use, args, where) for use, args in zip(uses, values)]
+        _check_fusion(uses, values)
+        in_shape = self.shape
         shaped = []
         for use, args in zip(uses, values):
             try:
@@ -450,6 +455,16 @@ class _Checker:
 
 def _is_expr(value: object) -> bool:
     return isinstance(value, (S.IntLiteral, S.FloatLiteral, S.Name, S.Apply, S.BinOp, S.Neg))
+
+
+def _specialized(use: OpUse, args: dict, where: str) -> OpUse:
+    """The op for its argument values, where they decide how it lowers (conv: which anchor)."""
+    if use.op.specialize is None:
+        return use
+    try:
+        return replace(use, op=use.op.specialize(args, use.module_path is not None))
+    except O.ArgumentError as err:
+        raise SpecError(use.pos, f"{err}{where}") from None
 
 
 def _sequential(items: list[str]) -> str:
