@@ -772,10 +772,11 @@ class _GraphBuilder:
                 args[name] = tensors[ref.id].shape
             nodes.append(Node(op, path, step.call.pos, operands=tuple(operands)))
             values.append(args)
-        _check_fusion(nodes, values)
         where = ""
         if site is not None:
             where = f" (in {self.block_stack[-1] if self.block_stack else 'the block'} called at line {site.line})"
+        nodes = [_specialized(node, args, where) for node, args in zip(nodes, values)]
+        _check_fusion(nodes, values)
         shape = value.shape
         shaped = []
         for node, args in zip(nodes, values):
@@ -792,6 +793,16 @@ class _GraphBuilder:
         output = Value(target or "x", shape)
         self.body.append(Chain(tuple(shaped), chain.pos.line, text, call_site, value, output))
         return output
+
+
+def _specialized(node: Node, args: dict, where: str) -> Node:
+    """The op for its argument values, where they decide how it lowers (conv: which anchor)."""
+    if node.op.specialize is None:
+        return node
+    try:
+        return replace(node, op=node.op.specialize(args, node.module_path is not None))
+    except O.ArgumentError as err:
+        raise SpecError(node.pos, f"{err}{where}") from None
 
 
 def _child(path: str, name: str) -> str:

@@ -58,6 +58,10 @@ class ShapeError(Exception):
     """An op cannot take the tensor flowing into it; check turns this into a SpecError."""
 
 
+class ArgumentError(Exception):
+    """No lowering takes an op's argument values (a grouped conv); check turns this into a SpecError."""
+
+
 @dataclass(frozen=True)
 class KernelParam:
     """A kernel parameter of an op and the wrapper expression that feeds it (`{m}` is the op's module)."""
@@ -214,7 +218,8 @@ class Op:
     # torch source of the op on `x`, given the source of its module (None where it has none): the
     # generated reference_forward, which backward differentiates
     reference: Callable[[str, "str | None"], str]
-    lowering: Anchor | Elementwise | View
+    # None where `specialize` gives the lowering
+    lowering: Anchor | Elementwise | View | None
     summary: str
     int_args: tuple[str, ...] = field(default=())
     # the module attribute holding the channel count the op takes (checks the model's input)
@@ -229,6 +234,11 @@ class Op:
     # values: the kernel reads them at the output tile's offsets, and its wrapper takes them where it
     # takes modules (`{m}` in a parameter's value is the tensor)
     tensor_args: tuple[str, ...] = ()
+    # An op whose lowering depends on its argument values (conv: a depthwise, GEMM or implicit-GEMM
+    # anchor): specialize(values, has_module) is the op for the values evaluated at build time, where
+    # has_module says whether ModelNew holds its module (an unlabeled maxpool has none). Raises
+    # ArgumentError where no lowering takes the values.
+    specialize: Callable[[dict[str, object], bool], "Op"] | None = None
 
     def train_lowered(self) -> "Op":
         """The op as it lowers in training mode."""
@@ -393,8 +403,20 @@ def _gemm(slot: str, a_tile: list[str], out: str = "acc", k_slice: bool = False)
     ]
 
 
-def _add_bias(slot: str) -> list[str]:
-    return [f"acc += tl.load({slot}_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]"]
+def _add_bias(slot: str, tile: str = "acc", channels: str = "offs_n", channel_mask: str = "mask_n") -> list[str]:
+    return [f"{tile} += tl.load({slot}_bias_ptr + {channels}, mask={channel_mask}, other=0.0)[None, :]"]
+
+
+def _then_bias(lines: Callable, bias: bool, tile: str = "acc", channels: str = "offs_n", channel_mask: str = "mask_n"):
+    """A conv's kernel lines (loop, producer or consumer: (slot, hook or produced lines) -> lines) and, with
+    `bias`, the bias added to the fp32 tile that they leave (`tile`, for `channels`) after its sum."""
+    if not bias:
+        return lines
+
+    def with_bias(slot: str, arg) -> list[str]:
+        return [*lines(slot, arg), *_add_bias(slot, tile, channels, channel_mask)]
+
+    return with_bias
 
 
 def _gemm_loop(row: str, k_slice: bool = False):
@@ -470,6 +492,28 @@ def _pool_window(height: str, width: str) -> tuple[KernelParam, ...]:
     """A pool's window when it ends another anchor's kernel (Pool): constexprs, so that splitting a row
     of the window into its pixel's row and column is cheap."""
     return (KernelParam("H", height, constexpr=True), KernelParam("W", width, constexpr=True))
+
+
+def _maxpool_loop(slot: str, prologue: PrologueHook) -> list[str]:
+    """Max over each KH x KW window, padding read as -inf (as torch pads it), a tap at a time."""
+    address = _x_at("n[:, None]", "ih[:, None]", "iw[:, None]", "offs_n[None, :]")
+    lines = [
+        'acc = tl.full((BLOCK_M, BLOCK_N), float("-inf"), dtype=tl.float32)',
+        "for kh in range(KH):",
+        "    for kw in tl.static_range(KW):",
+        "        ih = oh * STRIDE - PAD + kh",
+        "        iw = ow * STRIDE - PAD + kw",
+        "        in_image = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)",
+        "        inside = in_image[:, None] & mask_n[None, :]",
+    ]
+    hook = prologue("x_tap", "offs_n", "mask_n", "inside")
+    if hook:  # the prologue maps finite values (padding 0), then the padding is -inf
+        lines += [f"        x_tap = {_load_x(address, 'inside')}", *("        " + line for line in hook)]
+        lines.append('        x_tap = tl.where(inside, x_tap, float("-inf"))')
+    else:
+        lines.append(f'        x_tap = tl.load({address}, mask=inside, other=float("-inf")).to(tl.float32)')
+    # NaN wins, as in torch
+    return lines + ["        acc = tl.maximum(acc, x_tap, propagate_nan=tl.PropagateNan.ALL)"]
 
 
 def _load_loop(slot: str, prologue: PrologueHook) -> list[str]:
@@ -738,6 +782,79 @@ _NEIGHBOURHOOD = (
 )
 
 
+_BIAS = KernelParam("bias_ptr", "{m}.bias")
+
+
+def _bias_words(bias: bool) -> str:
+    return "with bias" if bias else "no bias"
+
+
+def _conv_anchor(k: int, bias: bool, guard: tuple[str, ...] = ()) -> Anchor:
+    """A KxK conv's implicit GEMM; `guard`: wrapper lines that refuse a module it cannot compute."""
+    return Anchor(
+        (*_CONV_PARAMS, _BIAS) if bias else _CONV_PARAMS,
+        "{m}.out_channels",
+        (*guard, *_CONV_PIXELS),
+        _then_bias(_conv_loop, bias),
+        _NEIGHBOURHOOD.format(k=k),
+        tile="conv_tile(KH * KW * C_in, C_out)",
+        tile_options=("num_warps", "num_stages"),
+        # its K loop gathers single channels of KH x KW pixels whatever the layout: reading the model's
+        # NCHW input as it is saves the stem a layout copy
+        strided_input=True,
+    )
+
+
+def _dwconv_anchor(k: int, bias: bool, guard: tuple[str, ...] = ()) -> Anchor:
+    """A depthwise conv; `guard`: wrapper lines that refuse a module it cannot compute."""
+    return Anchor(
+        (*_DWCONV_PARAMS, _BIAS) if bias else _DWCONV_PARAMS,
+        "{m}.out_channels",
+        (*guard, *_CONV_PIXELS),
+        _then_bias(_dwconv_loop, bias),
+        _NEIGHBOURHOOD.format(k=k),
+        tile="dwconv_tile(C_in, x.dtype)",
+        tile_blocks=("BLOCK_M", "BLOCK_N"),
+        tile_options=("num_warps",),
+        produce=_then_bias(_dwconv_produce, bias, "a", "offs_k", "mask_k"),
+        produce_tile="producer_tile(C_in, C_out, {m}.kernel_size[0] * {m}.kernel_size[1], x.dtype)",
+        # Triton would pipeline the taps of a K step through shared memory as deep as its default
+        # (a dwconv5x5 producer asked for 438 KB): the rule says how many stages fit
+        produce_tile_options=("num_warps", "num_stages"),
+        consume_taps=_then_bias(_dwconv_consume_taps, bias),
+        consume_taps_tile="tap_producer_tile(C_in)",
+        consume_taps_tile_options=("num_warps",),
+    )
+
+
+def _gemm_anchor(bias: bool, guard: tuple[str, ...] = ()) -> Anchor:
+    """A 1x1 conv's GEMM; `guard`: wrapper lines that refuse a module it cannot compute (in each of its
+    kernels: alone, as a consumer, as a tap producer)."""
+    stride = KernelParam("STRIDE", "{m}.stride[0]", constexpr=True)
+    return Anchor(
+        (_GEMM_WEIGHT, _BIAS, stride, _DOT_PRECISION) if bias else (_GEMM_WEIGHT, stride, _DOT_PRECISION),
+        "{m}.out_channels",
+        (*guard, "OH = (H - 1) // {m}.stride[0] + 1", "OW = (W - 1) // {m}.stride[1] + 1"),
+        _then_bias(_gemm_loop("(n * H + oh * STRIDE) * W + ow * STRIDE"), bias),
+        "each of its outputs reads every input channel of a pixel, but a program of this kernel holds only BLOCK_N of them",
+        tile="gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)",
+        consume=_then_bias(_gemm_consume, bias),
+        consume_refusal=_stride_one,
+        consume_guard=(
+            "if {m}.stride != (1, 1):",
+            '    raise ValueError(f"conv1x1 computes the depthwise conv before it at its own pixels, so it needs stride 1, not {{{m}.stride}}")',
+            *guard,
+        ),
+        produce_tap=_then_bias(_gemm_at_tap, bias, "x_tap"),
+        produce_tap_refusal=_stride_one,
+        produce_tap_guard=(
+            "if {m}.stride != (1, 1):",
+            '    raise ValueError(f"the depthwise conv computes conv1x1 at the pixels of its taps, so conv1x1 needs stride 1, not {{{m}.stride}}")',
+            *guard,
+        ),
+    )
+
+
 def _conv_op(k: int) -> Op:
     name = f"conv{k}x{k}"
     return Op(
@@ -752,19 +869,8 @@ def _conv_op(k: int) -> Op:
         channels_attr="in_channels",
         shape=_conv_shape(k, "in_channels", "out_channels", name),
         reference=lambda x, m: f"{m}({x})",
-        # its K loop gathers single channels of KH x KW pixels whatever the layout: reading the model's
-        # NCHW input as it is saves the stem a layout copy
-        lowering=Anchor(
-            _CONV_PARAMS,
-            "{m}.out_channels",
-            _CONV_PIXELS,
-            _conv_loop,
-            _NEIGHBOURHOOD.format(k=k),
-            tile="conv_tile(KH * KW * C_in, C_out)",
-            tile_options=("num_warps", "num_stages"),
-            strided_input=True,
-        ),
-        summary=f"{k}x{k} convolution, groups=1, no bias (implicit GEMM on tl.dot)",
+        lowering=_conv_anchor(k, bias=False),
+        summary=f"{k}x{k} convolution, groups=1, {_bias_words(False)} (implicit GEMM on tl.dot)",
     )
 
 
@@ -785,26 +891,148 @@ def _dwconv_op(k: int) -> Op:
         channels_attr="in_channels",
         shape=_conv_shape(k, "channels", None, name),
         reference=lambda x, m: f"{m}({x})",
-        lowering=Anchor(
-            _DWCONV_PARAMS,
-            "{m}.out_channels",
-            _CONV_PIXELS,
-            _dwconv_loop,
-            _NEIGHBOURHOOD.format(k=k),
-            tile="dwconv_tile(C_in, x.dtype)",
-            tile_blocks=("BLOCK_M", "BLOCK_N"),
-            tile_options=("num_warps",),
-            produce=_dwconv_produce,
-            produce_tile="producer_tile(C_in, C_out, {m}.kernel_size[0] * {m}.kernel_size[1], x.dtype)",
-            # Triton would pipeline the taps of a K step through shared memory as deep as its default
-            # (a dwconv5x5 producer asked for 438 KB): the rule says how many stages fit
-            produce_tile_options=("num_warps", "num_stages"),
-            consume_taps=_dwconv_consume_taps,
-            consume_taps_tile="tap_producer_tile(C_in)",
-            consume_taps_tile_options=("num_warps",),
-        ),
-        summary=f"depthwise {k}x{k} convolution (groups = channels), no bias",
+        lowering=_dwconv_anchor(k, bias=False),
+        summary=f"depthwise {k}x{k} convolution (groups = channels), {_bias_words(False)}",
     )
+
+
+# -- the generic conv: nn.Conv2d's arguments, lowered to the anchor that its values call for ------------
+
+CONV_DEFAULTS = {"stride": 1, "padding": 0, "groups": 1, "bias": True}
+
+
+def _conv2d_module(a: dict[str, str]) -> str:
+    extra = "".join(f", {key}={a[key]}" for key in ("groups", "bias") if a[key] != repr(CONV_DEFAULTS[key]))
+    positional = ", ".join(a[key] for key in ("in_channels", "out_channels", "kernel_size", "stride", "padding"))
+    return f"nn.Conv2d({positional}{extra})"
+
+
+def _conv2d_shape(a: dict, shape: Shape) -> Shape:
+    _rank(shape, 4, "conv")
+    _channels(shape, a["in_channels"], "conv")
+    k, stride, padding = a["kernel_size"], a["stride"], a["padding"]
+    oh, ow = (_conv_out(size, k, stride, padding, "conv") for size in shape[2:])
+    return (shape[0], a["out_channels"], oh, ow)
+
+
+def _conv2d_guard(name: str, condition: str, needs: str, bias: bool) -> tuple[str, ...]:
+    """Wrapper lines that refuse a conv module that `name` cannot compute: one built with other constructor
+    arguments than the spec was checked at, which would call for another anchor."""
+    message = (
+        f"conv lowers to {name} (as built from the spec), which needs {needs} and {'a' if bias else 'no'} bias,"
+        " not kernel_size {{{m}.kernel_size}}, padding {{{m}.padding}}, groups {{{m}.groups}}"
+        " and bias {{{m}.bias is not None}}"
+    )
+    has_bias = "{m}.bias is not None" if bias else "{m}.bias is None"
+    return (f"if not ({condition} and {has_bias}):", f'    raise ValueError(f"{message}")')
+
+
+def _conv2d_specialize(a: dict, has_module: bool) -> Op:
+    """The generic conv as the anchor its values call for: depthwise where groups = in_channels =
+    out_channels > 1, the GEMM for a 1x1 conv without padding, else the implicit GEMM (groups 1 is a
+    dense conv, also with one channel). Grouped convs are refused (no anchor yet)."""
+    k, groups, bias = a["kernel_size"], a["groups"], a["bias"]
+    if not isinstance(bias, bool):
+        raise ArgumentError(f"conv: bias must be True or False, got {bias!r}")
+    suffix = "_bias" if bias else ""
+    if groups == a["in_channels"] == a["out_channels"] > 1:
+        name = f"dwconv{k}x{k}{suffix}"
+        condition = "{m}.groups == {m}.in_channels == {m}.out_channels"
+        guard = _conv2d_guard(name, condition, "groups = in_channels = out_channels", bias)
+        lowering = _dwconv_anchor(k, bias, guard)
+        summary = f"depthwise {k}x{k} convolution (groups = channels), {_bias_words(bias)}"
+    elif groups != 1:
+        raise ArgumentError(
+            f"conv with groups={groups} ({a['in_channels']} -> {a['out_channels']} channels) is a grouped convolution,"
+            " which fusegen cannot lower yet; it takes groups=1, or groups = in_channels = out_channels (depthwise)"
+        )
+    elif k == 1 and a["padding"] == 0:
+        name = f"conv1x1{suffix}"
+        condition = "{m}.kernel_size == (1, 1) and {m}.padding == (0, 0) and {m}.groups == 1"
+        guard = _conv2d_guard(name, condition, "kernel_size 1, padding 0, groups 1", bias)
+        lowering = _gemm_anchor(bias, guard)
+        summary = f"1x1 convolution, {_bias_words(bias)}, as a GEMM over pixels x channels on tl.dot"
+    else:
+        # a padded 1x1 conv is an implicit GEMM too, and must not share the GEMM's kernel name
+        name = f"conv{k}x{k}{'_padded' if k == 1 else ''}{suffix}"
+        guard = _conv2d_guard(name, "{m}.groups == 1", "groups 1", bias)
+        lowering = _conv_anchor(k, bias, guard)
+        summary = f"{k}x{k} convolution, groups=1, {_bias_words(bias)} (implicit GEMM on tl.dot)"
+    return replace(FIXED_OPS["conv"], name=name, lowering=lowering, summary=summary, specialize=None)
+
+
+# -- maxpool: a window from its module, or fixed at build time where it has none ------------------------
+
+
+def _maxpool_window(a: dict) -> tuple[int, int, int]:
+    """(kernel size, stride, padding): stride None is the kernel size, as in nn.MaxPool2d."""
+    k = a["kernel_size"]
+    return k, k if a["stride"] is None else a["stride"], a["padding"]
+
+
+def _maxpool_module(a: dict[str, str]) -> str:
+    extra = "".join(f", {key}={a[key]}" for key, default in (("stride", "None"), ("padding", "0")) if a[key] != default)
+    return f"nn.MaxPool2d({a['kernel_size']}{extra})"
+
+
+def _maxpool_shape(a: dict, shape: Shape) -> Shape:
+    _rank(shape, 4, "maxpool")
+    k, stride, padding = _maxpool_window(a)
+    oh, ow = (_conv_out(size, k, stride, padding, "maxpool") for size in shape[2:])
+    return (shape[0], shape[1], oh, ow)
+
+
+def _maxpool_anchor(k: str, stride: str, padding: str) -> Anchor:
+    """Max over windows of k x k pixels, `stride` apart, `padding` around (wrapper expressions)."""
+    return Anchor(
+        (
+            KernelParam("KH", k, constexpr=True),
+            KernelParam("KW", k, constexpr=True),
+            KernelParam("STRIDE", stride, constexpr=True),
+            KernelParam("PAD", padding, constexpr=True),
+        ),
+        "C_in",
+        (f"OH = (H + 2 * {padding} - {k}) // {stride} + 1", f"OW = (W + 2 * {padding} - {k}) // {stride} + 1"),
+        _maxpool_loop,
+        "it reads a window of its input, and those pixels are computed by other programs of this kernel",
+    )
+
+
+def _maxpool_specialize(a: dict, has_module: bool) -> Op:
+    """With a module (nn.MaxPool2d), the kernel reads the window from it at each launch; without one (an
+    unlabeled maxpool at the top level, like F.max_pool2d) the window is the build-time values, and the
+    kernel's name says all of them, so that two windows never share a kernel."""
+    k, stride, padding = _maxpool_window(a)
+    if not isinstance(stride, int) or stride < 1:
+        raise ArgumentError(f"maxpool: stride must be a positive integer, got {stride!r}")
+    if padding > k // 2:
+        raise ArgumentError(
+            f"maxpool: padding {padding} is more than half the {k}x{k} window (torch allows at most {k // 2})"
+        )
+    op = replace(FIXED_OPS["maxpool"], specialize=None)
+    if has_module:
+        return replace(op, lowering=_maxpool_anchor("{m}.kernel_size", "{m}.stride", "{m}.padding"))
+    name = f"maxpool{k}x{k}" + (f"_s{stride}" if stride != k else "") + (f"_p{padding}" if padding else "")
+    return replace(
+        op,
+        name=name,
+        lowering=_maxpool_anchor(str(k), str(stride), str(padding)),
+        reference=lambda x, m: f"nn.functional.max_pool2d({x}, {k}, {stride}, {padding})",
+        captured_attrs=(),
+    )
+
+
+def _dropout_specialize(a: dict, has_module: bool) -> Op:
+    p = a["p"]
+    if not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise ArgumentError(f"dropout: p is a probability between 0 and 1, got {p!r}")
+    if p != 0:
+        raise ArgumentError(
+            f"dropout with p = {p} zeroes random elements in training mode, which no kernel can reproduce exactly;"
+            " fusegen takes p = 0 (KernelBench's dropouts are p = 0.0), where dropout is the identity in training"
+            " and eval mode alike, as it is in eval mode for any p"
+        )
+    return replace(FIXED_OPS["dropout"], specialize=None)
 
 
 def _conv1x1_shape(a: dict, shape: Shape) -> Shape:
@@ -986,27 +1214,40 @@ FIXED_OPS = {
             channels_attr="in_channels",
             shape=_conv1x1_shape,
             reference=lambda x, m: f"{m}({x})",
-            lowering=Anchor(
-                (_GEMM_WEIGHT, KernelParam("STRIDE", "{m}.stride[0]", constexpr=True), _DOT_PRECISION),
-                "{m}.out_channels",
-                ("OH = (H - 1) // {m}.stride[0] + 1", "OW = (W - 1) // {m}.stride[1] + 1"),
-                _gemm_loop("(n * H + oh * STRIDE) * W + ow * STRIDE"),
-                "each of its outputs reads every input channel of a pixel, but a program of this kernel holds only BLOCK_N of them",
-                tile="gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)",
-                consume=_gemm_consume,
-                consume_refusal=_stride_one,
-                consume_guard=(
-                    "if {m}.stride != (1, 1):",
-                    '    raise ValueError(f"conv1x1 computes the depthwise conv before it at its own pixels, so it needs stride 1, not {{{m}.stride}}")',
-                ),
-                produce_tap=_gemm_at_tap,
-                produce_tap_refusal=_stride_one,
-                produce_tap_guard=(
-                    "if {m}.stride != (1, 1):",
-                    '    raise ValueError(f"the depthwise conv computes conv1x1 at the pixels of its taps, so conv1x1 needs stride 1, not {{{m}.stride}}")',
-                ),
-            ),
-            summary="1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot",
+            lowering=_gemm_anchor(bias=False),
+            summary=f"1x1 convolution, {_bias_words(False)}, as a GEMM over pixels x channels on tl.dot",
+        ),
+        Op(
+            name="conv",
+            slot="conv",
+            role=Role.ANCHOR,
+            args=("in_channels", "out_channels", "kernel_size", "stride", "padding", "groups", "bias"),
+            defaults=dict(CONV_DEFAULTS),
+            int_args=("in_channels", "out_channels", "kernel_size", "stride", "padding", "groups"),
+            module=_conv2d_module,
+            needs_module=True,
+            channels_attr="in_channels",
+            shape=_conv2d_shape,
+            reference=lambda x, m: f"{m}({x})",
+            lowering=None,
+            summary="nn.Conv2d: a depthwise, 1x1 GEMM or KxK implicit-GEMM anchor, by its argument values",
+            specialize=_conv2d_specialize,
+        ),
+        Op(
+            name="maxpool",
+            slot="pool",
+            role=Role.ANCHOR,
+            args=("kernel_size", "stride", "padding"),
+            defaults={"stride": None, "padding": 0},
+            int_args=("kernel_size", "padding"),
+            module=_maxpool_module,
+            needs_module=False,
+            shape=_maxpool_shape,
+            reference=lambda x, m: f"{m}({x})",
+            lowering=None,
+            summary="MaxPool2d(k, stride, padding): max over k x k windows, padding read as -inf, floor mode",
+            captured_attrs=("kernel_size", "stride", "padding"),
+            specialize=_maxpool_specialize,
         ),
         Op(
             name="linear",
@@ -1165,6 +1406,62 @@ FIXED_OPS = {
                 ],
             ),
             summary="x + other, another value of the same shape read at the output tile's offsets (a residual)",
+        ),
+        Op(
+            name="dropout",
+            slot="dropout",
+            role=Role.ELEMENTWISE,
+            args=("p",),
+            defaults={"p": 0.5},
+            module=lambda a: f"nn.Dropout({a['p']})",
+            needs_module=False,
+            shape=_same,
+            # p = 0 (specialize refuses any other): the identity, as the kernels compute it
+            reference=lambda x, m: x,
+            lowering=Elementwise((), lambda v, slot, ch, ch_mask: []),
+            summary="Dropout(p = 0): the identity, no kernel code",
+            specialize=_dropout_specialize,
+        ),
+        Op(
+            name="sigmoid",
+            slot="sigmoid",
+            role=Role.ELEMENTWISE,
+            args=(),
+            defaults={},
+            module=lambda a: "nn.Sigmoid()",
+            needs_module=False,
+            shape=_same,
+            reference=lambda x, m: f"torch.sigmoid({x})",
+            lowering=Elementwise((), lambda v, slot, ch, ch_mask: [f"{v} = 1.0 / (1.0 + tl.exp(-{v}))"]),
+            summary="1 / (1 + exp(-x))",
+        ),
+        Op(
+            name="silu",
+            slot="silu",
+            role=Role.ELEMENTWISE,
+            args=(),
+            defaults={},
+            module=lambda a: "nn.SiLU()",
+            needs_module=False,
+            shape=_same,
+            reference=lambda x, m: f"nn.functional.silu({x})",
+            lowering=Elementwise((), lambda v, slot, ch, ch_mask: [f"{v} = {v} / (1.0 + tl.exp(-{v}))"]),
+            summary="x * sigmoid(x)",
+        ),
+        Op(
+            name="hardswish",
+            slot="hardswish",
+            role=Role.ELEMENTWISE,
+            args=(),
+            defaults={},
+            module=lambda a: "nn.Hardswish()",
+            needs_module=False,
+            shape=_same,
+            reference=lambda x, m: f"nn.functional.hardswish({x})",
+            lowering=Elementwise(
+                (), lambda v, slot, ch, ch_mask: [f"{v} = {v} * tl.minimum(tl.maximum({v} + 3.0, 0.0), 6.0) / 6.0"]
+            ),
+            summary="x * min(max(x + 3, 0), 6) / 6",
         ),
         Op(
             name="flatten",

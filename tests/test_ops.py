@@ -106,9 +106,9 @@ def spec_text(input_shape: tuple[int, ...], lines: list[str]) -> str:
 Step = tuple[Op, str | None]  # an op and the ModelNew attribute that holds its module
 
 
-def check(input_shape: tuple[int, ...], *chains: list[Op], seed: int = 0, layout=None, model_layout=None) -> None:
+def check(input_shape: tuple[int, ...], *chains: list[Op], seed: int = 0, layout=None, model_layout=None):
     """Compiles one spec line per chain (ops with parameters named op0, op1, ...) and compares
-    ModelNew with the reference on random data."""
+    ModelNew with the reference on random data; returns the generated module."""
     names = (f"op{i}" for i in count())
     lines, steps = [], []
     for chain in chains:
@@ -118,13 +118,13 @@ def check(input_shape: tuple[int, ...], *chains: list[Op], seed: int = 0, layout
             calls.append(f"{name}: {op.call}" if name else op.call)
             steps.append((op, name))
         lines.append(" -> ".join(calls))
-    compare(spec_text(input_shape, lines), steps, input_shape, seed=seed, layout=layout, model_layout=model_layout)
+    text = spec_text(input_shape, lines)
+    return compare(text, steps, input_shape, seed=seed, layout=layout, model_layout=model_layout)
 
 
-def compare(
-    text: str, steps: list[Step], input_shape, kwargs=None, seed: int = 0, layout=None, model_layout=None
-) -> None:
-    """Runs `ModelNew(**kwargs)` of a spec on random data; the reference applies `steps` in order.
+def compare(text: str, steps: list[Step], input_shape, kwargs=None, seed: int = 0, layout=None, model_layout=None):
+    """Runs `ModelNew(**kwargs)` of a spec on random data; the reference applies `steps` in order. Returns
+    the generated module.
 
     `layout` (optional) re-lays the input out in memory (other strides, maybe a storage offset or
     broadcast rows) before the model sees it; the reference gets a contiguous copy of the same values.
@@ -148,6 +148,7 @@ def compare(
     assert torch.equal(x, x_before), "the model wrote to its input"
     err = rel_error(out, ref)
     assert err < TOLERANCE, f"relative error {err:.3g} >= {TOLERANCE}\nModelNew({kwargs or ''}) of spec:\n{text}"
+    return module
 
 
 def at_least(size: int, minimum: int) -> int:
@@ -687,3 +688,322 @@ def test_weights_in_channels_last_layout(kind):
         "linear": [[flatten], [linear(c_in * h * w, c_out)]],
     }[kind]
     check((n, c_in, h, w), *chains, model_layout=torch.channels_last)
+
+
+# -- the generic conv: nn.Conv2d's arguments, lowered to the anchor its values call for -----------------
+
+
+def conv2d(c_in: int, c_out: int, k: int, stride: int = 1, padding: int = 0, groups: int = 1, bias: bool = True) -> Op:
+    """The generic conv, every argument spelled out as nn.Conv2d's."""
+    call = f"conv({c_in}, {c_out}, {k}, stride={stride}, padding={padding}, groups={groups}, bias={bias})"
+
+    def reference(m: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        assert (m.bias is not None) == bias, "the module's bias does not follow the spec"
+        return F.conv2d(y, m.weight, m.bias, stride, padding, groups=groups)
+
+    return Op(call, reference)
+
+
+def conv_kernel(k: int, padding: int, groups: int, c_in: int, c_out: int, bias: bool) -> str:
+    """The kernel name of a generic conv alone: the anchor it lowers to, and its bias."""
+    suffix = "_bias" if bias else ""
+    if groups == c_in == c_out > 1:
+        return f"dwconv{k}x{k}{suffix}"
+    if k == 1 and padding == 0:
+        return f"conv1x1{suffix}"
+    return f"conv{k}x{k}{'_padded' if k == 1 else ''}{suffix}"
+
+
+@few_examples
+@given(
+    kind=st.sampled_from(["dense", "pointwise", "depthwise"]),
+    k=st.integers(1, 11),
+    stride=st.integers(1, 3),
+    padding=st.integers(0, 5),
+    bias=st.booleans(),
+    n=batches,
+    c_in=channels,
+    c_out=channels,
+    h=sizes,
+    w=sizes,
+)
+@example(kind="dense", k=11, stride=4, padding=2, bias=True, n=1, c_in=3, c_out=17, h=19, w=14)  # AlexNet's stem
+@example(kind="dense", k=5, stride=1, padding=0, bias=True, n=2, c_in=1, c_out=6, h=9, w=8)  # LeNet's
+@example(kind="dense", k=7, stride=2, padding=3, bias=False, n=1, c_in=3, c_out=WIDE, h=9, w=10)  # ResNet's
+@example(kind="dense", k=1, stride=2, padding=1, bias=True, n=1, c_in=5, c_out=3, h=4, w=5)  # a padded 1x1
+@example(kind="pointwise", k=1, stride=2, padding=0, bias=True, n=3, c_in=WIDE, c_out=33, h=5, w=3)
+@example(kind="pointwise", k=1, stride=1, padding=0, bias=False, n=1, c_in=1, c_out=1, h=1, w=1)
+@example(kind="depthwise", k=3, stride=2, padding=1, bias=True, n=2, c_in=WIDE, c_out=WIDE, h=7, w=6)
+@example(kind="depthwise", k=5, stride=1, padding=2, bias=False, n=1, c_in=17, c_out=17, h=1, w=3)
+def test_conv(kind, k, stride, padding, bias, n, c_in, c_out, h, w):
+    """conv(...) as torch computes nn.Conv2d with these arguments, through the anchor its values call for:
+    depthwise where groups = in = out channels, the GEMM for 1x1 without padding, else the implicit GEMM."""
+    if kind == "pointwise":
+        k, padding = 1, 0
+    if kind == "depthwise":
+        c_out = c_in
+    groups = c_in if kind == "depthwise" else 1
+    padding = min(padding, k)
+    smallest = k - 2 * padding
+    module = check(
+        (n, c_in, at_least(h, smallest), at_least(w, smallest)), [conv2d(c_in, c_out, k, stride, padding, groups, bias)]
+    )
+    assert f"def {conv_kernel(k, padding, groups, c_in, c_out, bias)}_kernel(" in module.SOURCE
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        "3, 96, 11, 4, 2",
+        "6, 16, 5",
+        "64, 64, 3, 1, 1, bias=False",
+        "8, 8, 3, 2, 1, groups=8",
+        "32, 32, 5, 1, 2, groups=32, bias=False",
+        "24, 40, 1",
+    ],
+)
+def test_conv_module_is_nn_conv2d(args):
+    """Under one seed the generic conv's module creates nn.Conv2d's parameters (a bias by default), so
+    ModelNew's state_dict and seeded init equal the reference's."""
+    module = load(spec_text((1, int(args.split(",")[0]), 16, 16), [f"c: conv({args})"]))
+    torch.manual_seed(3)
+    generated = module.ModelNew().c
+    torch.manual_seed(3)
+    expected = eval(f"nn.Conv2d({args})")
+    assert repr(generated) == repr(expected)
+    assert generated.state_dict().keys() == expected.state_dict().keys()
+    for key, value in expected.state_dict().items():
+        assert torch.equal(generated.state_dict()[key], value), key
+
+
+# A biased conv in each other role: a depthwise producer in a biased 1x1 conv's K loop, a biased 1x1 conv
+# at a biased depthwise conv's taps, and a biased conv whose kernel a pool ends.
+BIASED_PAIRS = {
+    "dwconv_bias_into_conv1x1_bias": lambda c_in, c_out, k, stride: (
+        [conv2d(c_in, c_in, k, stride, k // 2, groups=c_in), bn(c_in), relu6, conv2d(c_in, c_out, 1)],
+        f"dwconv{k}x{k}_bias_bn_relu6_conv1x1_bias",
+    ),
+    "conv1x1_bias_at_dwconv_bias_taps": lambda c_in, c_out, k, stride: (
+        [conv2d(c_in, c_out, 1), relu6, conv2d(c_out, c_out, k, stride, k // 2, groups=c_out), bn(c_out)],
+        f"conv1x1_bias_relu6_dwconv{k}x{k}_bias_bn",
+    ),
+    "conv_bias_avgpool": lambda c_in, c_out, k, stride: (
+        [conv2d(c_in, c_out, k, 1, k // 2), relu, avgpool(2)],
+        f"conv{k}x{k}_bias_relu_avgpool" if k > 1 else "conv1x1_bias_relu_avgpool",
+    ),
+}
+
+
+@pytest.mark.parametrize("pair", list(BIASED_PAIRS))
+@settings(max_examples=3, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(k=st.sampled_from([1, 3, 5]), stride=strides, n=batches, c_in=channels, c_out=channels, h=sizes, w=sizes)
+@example(k=3, stride=2, n=2, c_in=17, c_out=33, h=7, w=9)
+@example(k=5, stride=1, n=1, c_in=WIDE, c_out=5, h=4, w=3)
+def test_biased_conv_in_fused_kernels(pair, k, stride, n, c_in, c_out, h, w):
+    """The bias is added where each role leaves its fp32 tile: the producer's tile before the ops after it,
+    the tap's tile before the padding is zeroed again, the conv's tile before the pool sums it."""
+    c_in, c_out = max(c_in, 2), max(c_out, 2)  # a 1-channel conv with groups 1 is dense, not depthwise
+    ops, kernel = BIASED_PAIRS[pair](c_in, c_out, k, stride)
+    module = check((n, c_in, at_least(h, 2), at_least(w, 2)), ops)
+    assert f"def {kernel}_kernel(" in module.SOURCE
+
+
+CTOR_CONV = """\
+model Net(k=3, g=1, b=True)
+input(2, 4, 9, 8)
+forward:
+    c: conv(4, 4, k, padding=k // 2, groups=g, bias=b) -> relu
+"""
+
+
+def test_conv_built_with_other_constructor_arguments():
+    """The kernel reads the window from the module (other kernel sizes work); a module that would call
+    for another anchor or no bias than the spec was built with is refused before any launch."""
+    c = conv2d(4, 4, 5, padding=2)
+    compare(CTOR_CONV, [(c, "c"), (relu, None)], (2, 4, 9, 8), kwargs={"k": 5})
+    module = load(CTOR_CONV)
+    for kwargs, wrong in (({"g": 4}, "groups 4"), ({"b": False}, "bias False")):
+        model = module.ModelNew(**kwargs).to(DEVICE).eval()
+        with torch.no_grad(), pytest.raises(ValueError, match=f"conv lowers to conv3x3_bias .*{wrong}"):
+            model(torch.randn(2, 4, 9, 8, device=DEVICE))
+
+
+# -- maxpool ---------------------------------------------------------------------------------------------
+
+
+def maxpool(k: int, stride: int | None = None, padding: int = 0, labeled: bool = False) -> Op:
+    """nn.MaxPool2d's arguments; labeled, ModelNew holds the module and the kernel reads its window."""
+    call = f"maxpool({k}{'' if stride is None else f', stride={stride}'}, padding={padding})"
+    return Op(call, lambda m, y: F.max_pool2d(y, k, stride, padding), has_params=labeled)
+
+
+@few_examples
+@given(
+    k=st.integers(1, 5),
+    stride=st.one_of(st.none(), st.integers(1, 3)),
+    padding=st.integers(0, 2),
+    labeled=st.booleans(),
+    with_prologue=st.booleans(),
+    n=batches,
+    c=channels,
+    h=sizes,
+    w=sizes,
+)
+@example(k=3, stride=2, padding=1, labeled=True, with_prologue=True, n=2, c=WIDE, h=9, w=8)  # ResNet's
+@example(k=2, stride=2, padding=0, labeled=False, with_prologue=False, n=1, c=6, h=11, w=11)  # LeNet's (odd size)
+@example(k=3, stride=2, padding=0, labeled=True, with_prologue=False, n=3, c=17, h=7, w=10)  # AlexNet's
+@example(k=5, stride=None, padding=2, labeled=False, with_prologue=True, n=1, c=1, h=1, w=1)  # all padding but one
+@example(k=1, stride=3, padding=0, labeled=True, with_prologue=False, n=2, c=33, h=5, w=4)
+def test_maxpool(k, stride, padding, labeled, with_prologue, n, c, h, w):
+    """`[bn ->] maxpool`: the max over each window, padding -inf, floor mode; after a prologue the padding is
+    -inf again (bn would map it to +inf where its scale is negative). Unlabeled at the top level the window
+    is fixed at build time and the kernel's name says it; labeled, it comes from the module."""
+    padding = min(padding, k // 2)
+    smallest = k - 2 * padding
+    prologue = [bn(c)] if with_prologue else []
+    shape = (n, c, at_least(h, smallest), at_least(w, smallest))
+    module = check(shape, [*prologue, maxpool(k, stride, padding, labeled)])
+    s = k if stride is None else stride
+    window = f"maxpool{k}x{k}" + (f"_s{s}" if s != k else "") + (f"_p{padding}" if padding else "")
+    name = "maxpool" if labeled else window
+    assert f"def {'bn_' * with_prologue}{name}_kernel(" in module.SOURCE
+
+
+def test_maxpool_propagates_nan_like_torch():
+    module = load(spec_text((1, 3, 4, 4), ["maxpool(2)"]))
+    x = torch.randn(1, 3, 4, 4, device=DEVICE)
+    x[0, 1, 2, 3] = float("nan")
+    with torch.no_grad():
+        out = module.ModelNew().to(DEVICE).eval()(x)
+    assert torch.equal(out.isnan(), F.max_pool2d(x, 2).isnan()) and out.isnan().sum() == 1
+
+
+def test_maxpool_inside_a_sequence_from_the_module():
+    """In a sequence maxpool is an nn.MaxPool2d item (indices as in torch); its window comes from the module."""
+    text = spec_text((2, 3, 12, 10), ["features:", "    conv(3, 8, 3, padding=1) -> relu", "    maxpool(2, stride=2)"])
+    module = load(text)
+    assert [type(m).__name__ for m in module.ModelNew().features] == ["Conv2d", "ReLU", "MaxPool2d"]
+    torch.manual_seed(0)
+    model = module.ModelNew().to(DEVICE).eval()
+    model.features[2].kernel_size = model.features[2].stride = 3
+    x = torch.randn(2, 3, 12, 10, device=DEVICE)
+    with torch.no_grad():
+        assert rel_error(model(x), F.max_pool2d(F.relu(model.features[0](x)), 3)) < TOLERANCE
+
+
+def test_maxpool_on_float16_activations():
+    """A maxpool between kernels that store float16 loads it into fp32; the max of float16 values is one of
+    them, so only the stores round."""
+    text = (
+        "model Net()\ninput(2, 5, 11, 9)\nactivations(float16)\nforward:\n"
+        "    a: conv(5, 12, 3) -> relu\n    maxpool(3, stride=2, padding=1)\n    b: conv(12, 7, 1)\n"
+    )
+    steps = [(conv2d(5, 12, 3), "a"), (relu, None), (to_float16, None)]
+    steps += [(maxpool(3, 2, 1), None), (to_float16, None), (conv2d(12, 7, 1), "b")]
+    compare(text, steps, (2, 5, 11, 9))
+
+
+RESNET_STEM = """\
+model Stem(c=6)
+input(3, 3, 13, 11)
+forward:
+    conv1: conv(3, c, 7, stride=2, padding=3, bias=False) -> bn1: bn(c) -> relu
+    maxpool(3, stride=2, padding=1)
+    conv2: conv(c, c, 3, padding=1, bias=False) -> bn2: bn(c)
+"""
+
+
+def test_maxpool_in_training_mode_normalises_in_its_prologue():
+    """ResNet's stem in training mode: bn1 needs conv1's whole output first, so bn1 and relu run in the
+    maxpool's prologue (padding -inf after them); compared with torch in float64, buffers included."""
+    torch.manual_seed(0)
+    model = load_spec(RESNET_STEM, "resnet_stem").ModelNew()
+    randomize_batchnorm(model)
+    model = model.to(DEVICE).train()
+    ref = copy.deepcopy(model).double()
+    assert "def bn_relu_maxpool3x3_s2_p1_train_kernel(" in load_spec(RESNET_STEM, "resnet_stem").SOURCE
+    x = torch.randn(3, 3, 13, 11, device=DEVICE)
+    with torch.no_grad():
+        out = model(x)
+        expected = ref.bn2(ref.conv2(F.max_pool2d(F.relu(ref.bn1(ref.conv1(x.double()))), 3, 2, 1)))
+    assert rel_error(out, expected) < TOLERANCE
+    for key, value in ref.state_dict().items():
+        assert torch.allclose(model.state_dict()[key].to(value.dtype), value, rtol=1e-4, atol=1e-5), key
+
+
+# -- dropout (p = 0) and the new activations -------------------------------------------------------------
+
+DROPOUT_HEAD = """\
+model Head()
+input(3, 4, 3, 2)
+forward:
+    flatten
+    fc1: linear(24, 40) -> relu -> dropout(0.0)
+    classifier:
+        dropout(0.0) -> linear(40, 70) -> relu
+        dropout(0.0)
+        linear(70, 5)
+"""
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_dropout_p0_is_the_identity(training):
+    """`dropout(0.0)` (all of KernelBench's) adds no kernel code, after an anchor or before one, alone on a
+    line, in both modes; in a sequence it is an nn.Dropout item, so the indices after it are torch's."""
+    module = load(DROPOUT_HEAD)
+    torch.manual_seed(0)
+    model = module.ModelNew().to(DEVICE).train(training)
+    head = nn.Sequential(nn.Dropout(0.0), nn.Linear(40, 70), nn.ReLU(), nn.Dropout(0.0), nn.Linear(70, 5))
+    assert [type(m) for m in model.classifier] == [type(m) for m in head]
+    assert [m.p for m in model.classifier if isinstance(m, nn.Dropout)] == [0.0, 0.0]
+    x = torch.randn(3, 4, 3, 2, device=DEVICE)
+    with torch.no_grad():
+        out = model(x)
+        head.load_state_dict(model.classifier.state_dict())  # strict: the same keys
+        expected = head.to(DEVICE).train(training)(F.relu(model.fc1(x.flatten(1))))
+    assert rel_error(out, expected) < TOLERANCE
+    # no line of kernel code: fc1's kernels are those of the same spec without dropouts, but for names
+    without = load(DROPOUT_HEAD.replace(" -> dropout(0.0)", "")).SOURCE
+    for kernel in ("slices_kernel", "kernel"):
+        plain = kernel_code(without, f"linear_relu_{kernel}")
+        assert kernel_code(module.SOURCE, f"linear_relu_dropout_{kernel}") == plain
+
+
+def kernel_code(source: str, name: str) -> list[str]:
+    """The lines of the @triton.jit function `name` that are not comments, its name left out."""
+    body = source.split(f"def {name}(")[1].split("\n\n\n")[0]
+    return [line for line in body.splitlines() if not line.strip().startswith("#")]
+
+
+ACTIVATION_OPS = {
+    "sigmoid": Op("sigmoid", lambda m, y: torch.sigmoid(y), has_params=False),
+    "silu": Op("silu", lambda m, y: F.silu(y), has_params=False),
+    "hardswish": Op("hardswish", lambda m, y: F.hardswish(y), has_params=False),
+}
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATION_OPS))
+@settings(max_examples=4, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(bias=st.booleans(), stride=strides, n=batches, c_in=channels, c_out=channels, h=sizes, w=sizes)
+@example(bias=True, stride=1, n=1, c_in=1, c_out=1, h=1, w=1)
+@example(bias=False, stride=2, n=2, c_in=17, c_out=WIDE, h=7, w=6)
+def test_activation_after_conv(activation, bias, stride, n, c_in, c_out, h, w):
+    """`conv -> bn -> act`, then `act -> conv` (the activation in the next kernel's prologue), in fp32
+    against torch; inputs scaled by 4 reach hardswish's clamps at -3 and 3 and sigmoid's flat tails."""
+    act = ACTIVATION_OPS[activation]
+    check(
+        (n, c_in, h, w),
+        [conv2d(c_in, c_out, 3, stride, 1, bias=bias), bn(c_out), act],
+        [bn(c_out), act, conv2d(c_out, c_in, 1)],
+    )
+
+
+@few_examples
+@given(n=st.integers(1, 20), c=channels, h=st.integers(1, 4), w=st.integers(1, 4), f_out=channels)
+@example(n=2, c=35, h=2, w=2, f_out=17)  # 140 features: two whole slices of 64 and one of 12
+@example(n=17, c=WIDE, h=2, w=2, f_out=WIDE)  # 17 rows: slices of four K steps (256 and 24)
+@example(n=1, c=1, h=1, w=1, f_out=1)
+def test_linear_relu_after_split_k(n, c, h, w, f_out):
+    """`linear -> relu`: relu runs in the kernel that adds up the slices of K, after the bias."""
+    module = check((n, c, h, w), [flatten], [linear(c * h * w, f_out), relu])
+    assert "def linear_relu_slices_kernel(" in module.SOURCE
