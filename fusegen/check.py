@@ -583,13 +583,14 @@ class _GraphBuilder:
                 scope = scope.child({line.name: evaluate(line.value, scope)}) if line.params is None else scope
             elif isinstance(line, S.ChainLine):
                 head, steps = _head(line.chain, tensors)
-                value = tensors[head or "x"]
+                value, made = tensors[head or "x"], len(self.body)
                 for _ in range(self.repeat(line, scope)):
                     value = self.module_steps(line.chain, steps, value, scope, tensors, path, site, line.target)
-                tensors[line.target or "x"] = self.named(value, line.target)
+                tensors[line.target or "x"] = self.named(value, line.target, made)
             elif isinstance(line, S.Sequence):
+                made = len(self.body)
                 value, _ = self.sequential_body(line.body, scope, tensors["x"], _child(path, line.name), site, 0)
-                tensors[line.target or "x"] = self.named(value, line.target)
+                tensors[line.target or "x"] = self.named(value, line.target, made)
             elif isinstance(line, S.If):
                 test = evaluate(line.test, scope)
                 if test.deps and not self.block_stack and not self.loops:
@@ -689,10 +690,10 @@ class _GraphBuilder:
                     value = self.chain(line.chain, uses, value, scope, {}, site, None)
         return value, index
 
-    def named(self, value: Value, name: str | None) -> Value:
+    def named(self, value: Value, name: str | None, made: int) -> Value:
         """`value` under the name a line binds it to, where the line's last chain made it (a block's or a
-        sequence's chains name their outputs x)."""
-        last = self.body[-1] if self.body else None
+        sequence's chains name their outputs x); `made` is how many items the body had before the line."""
+        last = self.body[-1] if len(self.body) > made else None
         if name is None or not isinstance(last, Chain) or last.output is not value or value.name == name:
             return value
         renamed = Value(name, value.shape)
