@@ -138,10 +138,10 @@ def conv7x7_bn_relu_kernel(
     tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
-# maxpool3x3_s2_p1: one kernel, one store.
-# resnet18.fuse:24: maxpool(3, 2, 1)
+# maxpool: one kernel, one store.
+# resnet18.fuse:24: maxpool: maxpool(3, 2, 1)
 @triton.jit
-def maxpool3x3_s2_p1_kernel(
+def maxpool_kernel(
     x_ptr,
     out_ptr,
     N,
@@ -754,11 +754,11 @@ def conv7x7_stats_kernel(
     )
 
 
-# bn -> relu -> maxpool3x3_s2_p1: one kernel, one store.
-# resnet18.fuse:24: maxpool(3, 2, 1)
+# bn -> relu -> maxpool: one kernel, one store.
+# resnet18.fuse:24: maxpool: maxpool(3, 2, 1)
 # resnet18.fuse:23: conv1: conv7x7(3, 64, stride=2, padding=3) -> bn1: bn(64) -> relu
 @triton.jit
-def bn_relu_maxpool3x3_s2_p1_train_kernel(
+def bn_relu_maxpool_train_kernel(
     x_ptr,
     bn_mean_ptr,
     bn_scale_ptr,
@@ -1500,12 +1500,12 @@ def conv7x7_bn_relu(x, conv, bn, out=None):
     return out
 
 
-def maxpool3x3_s2_p1(x):
+def maxpool(x, pool):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = C_in
-    OH = (H + 2 * 1 - 3) // 2 + 1
-    OW = (W + 2 * 1 - 3) // 2 + 1
+    OH = (H + 2 * pool.padding - pool.kernel_size) // pool.stride + 1
+    OW = (W + 2 * pool.padding - pool.kernel_size) // pool.stride + 1
     out = torch.empty(
         (N, C_out, OH, OW),
         device=x.device,
@@ -1517,7 +1517,7 @@ def maxpool3x3_s2_p1(x):
     BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
     LAUNCH_PDL = launch_pdl(x, grid)
-    maxpool3x3_s2_p1_kernel[grid](
+    maxpool_kernel[grid](
         x,
         out,
         N,
@@ -1527,10 +1527,10 @@ def maxpool3x3_s2_p1(x):
         OW,
         C_in=C_in,
         C_out=C_out,
-        KH=3,
-        KW=3,
-        STRIDE=2,
-        PAD=1,
+        KH=pool.kernel_size,
+        KW=pool.kernel_size,
+        STRIDE=pool.stride,
+        PAD=pool.padding,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         LAUNCH_PDL=LAUNCH_PDL,
@@ -1842,12 +1842,12 @@ def conv7x7_stats(x, conv):
     return out, (tile_sum, tile_m2, BLOCK_M, N * OH * OW)
 
 
-def bn_relu_maxpool3x3_s2_p1_train(x, x_stats, bn):
+def bn_relu_maxpool_train(x, x_stats, bn, pool):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = C_in
-    OH = (H + 2 * 1 - 3) // 2 + 1
-    OW = (W + 2 * 1 - 3) // 2 + 1
+    OH = (H + 2 * pool.padding - pool.kernel_size) // pool.stride + 1
+    OW = (W + 2 * pool.padding - pool.kernel_size) // pool.stride + 1
     out = torch.empty(
         (N, C_out, OH, OW),
         device=x.device,
@@ -1860,7 +1860,7 @@ def bn_relu_maxpool3x3_s2_p1_train(x, x_stats, bn):
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
     bn_mean, bn_scale = batch_norm_batch_stats(x_stats, bn)
     LAUNCH_PDL = launch_pdl(x, grid)
-    bn_relu_maxpool3x3_s2_p1_train_kernel[grid](
+    bn_relu_maxpool_train_kernel[grid](
         x,
         bn_mean,
         bn_scale,
@@ -1873,10 +1873,10 @@ def bn_relu_maxpool3x3_s2_p1_train(x, x_stats, bn):
         OW,
         C_in=C_in,
         C_out=C_out,
-        KH=3,
-        KW=3,
-        STRIDE=2,
-        PAD=1,
+        KH=pool.kernel_size,
+        KW=pool.kernel_size,
+        STRIDE=pool.stride,
+        PAD=pool.padding,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         LAUNCH_PDL=LAUNCH_PDL,
@@ -2355,7 +2355,7 @@ class ModelNew(nn.Module):
             return (None, *(next(grads) if need else None for need in needs))
 
     # module attributes that a captured CUDA graph holds as constants: a change captures again
-    captured_attrs = ("eps", "momentum")
+    captured_attrs = ("eps", "momentum", "kernel_size", "stride", "padding")
     # the layout of a CUDA graph's copy of the input: the first kernel's
     input_layout = torch.preserve_format
     # from this many input elements the graph of inputs past direct_graphs runs the first launch outside
@@ -2408,6 +2408,7 @@ class ModelNew(nn.Module):
 
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         self.layer1 = layer(64, 64, 2, 1)
         self.layer2 = layer(64, 128, 2, 2)
         self.layer3 = layer(128, 256, 2, 2)
@@ -2454,8 +2455,8 @@ class ModelNew(nn.Module):
 
     def run_kernels_after_first(self, x):
         """The launches after run_first_kernel."""
-        # resnet18.fuse:24: maxpool(3, 2, 1)
-        x = maxpool3x3_s2_p1(x)
+        # resnet18.fuse:24: maxpool: maxpool(3, 2, 1)
+        x = maxpool(x, self.maxpool)
         # resnet18.fuse:25: layer1: layer(64, 64, 2, 1)
         out = conv3x3_bn_relu(x, self.layer1[0].conv1, self.layer1[0].bn1)
         x = conv3x3_bn_add_relu(out, self.layer1[0].conv2, self.layer1[0].bn2, x)
@@ -2495,8 +2496,8 @@ class ModelNew(nn.Module):
         """Training mode: BatchNorm normalises with batch statistics in the next kernel's prologue."""
         # resnet18.fuse:23: conv1: conv7x7(3, 64, stride=2, padding=3) -> bn1: bn(64) -> relu
         x, x_stats = conv7x7_stats(x, self.conv1)
-        # resnet18.fuse:24: maxpool(3, 2, 1)
-        x = bn_relu_maxpool3x3_s2_p1_train(x, x_stats, self.bn1)
+        # resnet18.fuse:24: maxpool: maxpool(3, 2, 1)
+        x = bn_relu_maxpool_train(x, x_stats, self.bn1, self.maxpool)
         # resnet18.fuse:25: layer1: layer(64, 64, 2, 1)
         out, out_stats = conv3x3_stats(x, self.layer1[0].conv1)
         out, out_stats = bn_relu_conv3x3_stats_train(
@@ -2558,7 +2559,7 @@ class ModelNew(nn.Module):
         x = self.conv1(x)
         x = batch_norm_reference(x, self.bn1)
         x = torch.relu(x)
-        x = nn.functional.max_pool2d(x, 3, 2, 1)
+        x = self.maxpool(x)
         out = self.layer1[0].conv1(x)
         out = batch_norm_reference(out, self.layer1[0].bn1)
         out = torch.relu(out)
