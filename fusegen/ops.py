@@ -870,7 +870,7 @@ def _conv_op(k: int) -> Op:
         shape=_conv_shape(k, "in_channels", "out_channels", name),
         reference=lambda x, m: f"{m}({x})",
         lowering=_conv_anchor(k, bias=False),
-        summary=f"{k}x{k} convolution, groups=1, {_bias_words(False)} (implicit GEMM on tl.dot)",
+        summary=f"{k}x{k} convolution, groups=1, no bias (implicit GEMM on tl.dot)",
     )
 
 
@@ -892,7 +892,7 @@ def _dwconv_op(k: int) -> Op:
         shape=_conv_shape(k, "channels", None, name),
         reference=lambda x, m: f"{m}({x})",
         lowering=_dwconv_anchor(k, bias=False),
-        summary=f"depthwise {k}x{k} convolution (groups = channels), {_bias_words(False)}",
+        summary=f"depthwise {k}x{k} convolution (groups = channels), no bias",
     )
 
 
@@ -1215,7 +1215,7 @@ FIXED_OPS = {
             shape=_conv1x1_shape,
             reference=lambda x, m: f"{m}({x})",
             lowering=_gemm_anchor(bias=False),
-            summary=f"1x1 convolution, {_bias_words(False)}, as a GEMM over pixels x channels on tl.dot",
+            summary="1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot",
         ),
         Op(
             name="conv",

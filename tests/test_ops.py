@@ -870,6 +870,8 @@ def test_maxpool(k, stride, padding, labeled, with_prologue, n, c, h, w):
 
 
 def test_maxpool_propagates_nan_like_torch():
+    """A NaN in a window is the window's max. (Under the interpreter numpy's max propagates it anyway; on
+    the GPU tl.maximum drops it unless told PropagateNan.ALL.)"""
     module = load(spec_text((1, 3, 4, 4), ["maxpool(2)"]))
     x = torch.randn(1, 3, 4, 4, device=DEVICE)
     x[0, 1, 2, 3] = float("nan")
