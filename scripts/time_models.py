@@ -7,7 +7,8 @@ modes: `--precision P` times the generated files with another tl.dot precision (
 prints one CUDA-graph replay of each net at batch B kernel by kernel (start, duration, idle gap before
 it), after an L2 flush; `--host B` prints the host's time per forward at batch B.
 
-The other scripts here import its helpers (NETS, load, median_ms, warm_shard).
+The other scripts here import its helpers (NETS, load, median_ms, warm_shard) and, through it, the
+fusegen of this checkout.
 Usage: python3 scripts/time_models.py [--precision P | --profile | --profile-train | --timeline B | --host B]
 """
 
@@ -22,7 +23,8 @@ import torch
 import triton.testing
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+# this checkout's fusegen (not another one that pip installed), and the tests' helpers and reference models
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import reference_models  # noqa: E402
 from helpers import load_source, randomize_batchnorm, rel_error  # noqa: E402
 
