@@ -14,7 +14,9 @@ DOC = ROOT / "docs" / "dsl.md"
 
 
 def fusegen(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fusegen", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "fusegen", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_committed_op_table_is_the_registrys():
@@ -63,6 +65,6 @@ def test_ops_command_and_version():
 
 def test_changelog_has_the_pyproject_version():
     version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
-    assert re.search(rf"^## {re.escape(version)}\b", (ROOT / "CHANGELOG.md").read_text(), re.M), (
-        f"CHANGELOG.md has no `## {version}` section for pyproject.toml's version"
-    )
+    assert re.search(
+        rf"^## {re.escape(version)}\b", (ROOT / "CHANGELOG.md").read_text(), re.M
+    ), f"CHANGELOG.md has no `## {version}` section for pyproject.toml's version"
