@@ -1,11 +1,14 @@
 """`fusegen build [SPEC ...] [--check]`: specs/*.fuse -> generated/*.py.
 `fusegen lint FILE [...] [--format json] [--rules]`: the seeds' rules, checked on Python source.
 `fusegen bench SPEC [...] [--batch N ...] [--mode eval train] [--max-autotune] [--no-compile] [--json FILE]`:
-GPU timings against torch."""
+GPU timings against torch.
+`fusegen ops [--markdown | --write DOC]`: the op table, from the op registry.
+`fusegen --version`: the installed package's version."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import re
@@ -13,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fusegen import optable
 from fusegen.errors import SpecError
 from fusegen.lint import RULES, lint_source
 from fusegen.pipeline import compile_spec
@@ -133,6 +137,26 @@ def bench(args: argparse.Namespace) -> int:
     )
 
 
+def list_ops(args: argparse.Namespace) -> int:
+    if args.write:
+        try:
+            changed = optable.write(Path(args.write))
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            print(f"{args.write}: error: {getattr(err, 'strerror', None) or err}", file=sys.stderr)
+            return 2
+        print(f"{args.write}: op table {'rewritten' if changed else 'up to date'}")
+        return 0
+    print(optable.render_markdown() if args.markdown else optable.render_text(), end="")
+    return 0
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("fusegen")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that pip never installed
+        return "unknown (not installed)"
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -144,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fusegen", description="Fused Triton kernels and a ModelNew from a .fuse spec."
     )
+    parser.add_argument("--version", action="version", version=f"fusegen {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("build", help="generate Python files from specs (default: every specs/*.fuse)")
     p.add_argument("specs", nargs="*", metavar="SPEC", help="spec files; default: specs/*.fuse")
@@ -179,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", metavar="FILE", help="also write every measurement to FILE as JSON")
     p.set_defaults(run=bench)
+    p = commands.add_parser("ops", help="list the ops a spec can use (from the op registry, fusegen/ops.py)")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--markdown", action="store_true", help="print the table as Markdown (docs/dsl.md's form)")
+    shape.add_argument(
+        "--write", metavar="DOC", help="rewrite the Markdown table between DOC's op-table markers (docs/dsl.md)"
+    )
+    p.set_defaults(run=list_ops)
     args = parser.parse_args(argv)
     return args.run(args)
 

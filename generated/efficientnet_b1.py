@@ -1400,7 +1400,7 @@ def check_32bit_offsets(*tensors):
 
 def gemm_tile(rows, C_in, C_out, precision):
     """(BLOCK_M, BLOCK_N, BLOCK_K) for a 1x1 conv of `rows` pixels, from tile sweeps of TF32 dots at
-    batch 10 and 128 on an H200 (scripts/tune_tiles.py; notes/perf.md). A tf32x3 dot (three products
+    batch 10 and 128 on an H200 (scripts/tune_tiles.py; docs/performance.md). A tf32x3 dot (three products
     per tile) keeps 64 rows: with 128, MobileNetV1's training forward went 5.6 -> 6.7 ms.
     """
 
@@ -1425,7 +1425,7 @@ def gemm_tile(rows, C_in, C_out, precision):
     # under a wave of programs (batch 10's late layers): narrower tiles, longer K steps
     # (1152 -> 320 @8: 0.024 -> 0.015 ms; 1024 -> 1024 @7: 0.023 -> 0.019 ms). Sweeps of these layers
     # alone in a CUDA graph favoured wider tiles with K steps of 32, but in the whole net that made
-    # MobileNetV1 at batch 10 slower (0.262 -> 0.270 ms, H200; notes/perf.md, session 6). Each K step
+    # MobileNetV1 at batch 10 slower (0.262 -> 0.270 ms, H200; docs/performance.md, session 6). Each K step
     # waits on its loads, so float16 operands take steps of 128 (3 stages: 96 KB): whole nets at batch
     # 10, MobileNetV1 0.200 -> 0.193 ms, EfficientNetB1 0.173 -> 0.168 ms (H200, session 11)
     block_k = 128 if precision == "fp16" and C_in >= 128 else 64 if C_in >= 64 else 32
@@ -1448,7 +1448,7 @@ def conv_tile(K, C_out):
 
 def dwconv_tile(C, dtype):
     """(BLOCK_M, BLOCK_N, num_warps) for a depthwise conv over C channels stored in `dtype`, from sweeps
-    at batch 128 on an H200 (scripts/tune_tiles.py --dw; notes/perf.md)."""
+    at batch 128 on an H200 (scripts/tune_tiles.py --dw; docs/performance.md)."""
     if dtype == torch.float16:
         # 16 pixels a program and 16 values a thread: many small programs keep more of the taps' loads in
         # flight; a channel block that C fills, so no lane is masked (96 @120/s2: 0.202 ms at 64 x 64 on
@@ -1465,7 +1465,7 @@ def dwconv_tile(C, dtype):
 def producer_tile(C_in, C_out, taps, dtype):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a 1x1 conv from C_in to C_out channels
     whose input tile a depthwise conv of `taps` taps computes in its K loop, its input stored in `dtype`,
-    from sweeps at batch 128 on an H200 (scripts/tune_fused.py; notes/perf.md)."""
+    from sweeps at batch 128 on an H200 (scripts/tune_fused.py; docs/performance.md)."""
     # up to 128 output channels in one block: each further block computes the depthwise conv again
     block_n = min(128, max(16, triton.next_power_of_2(C_out)))
     if C_in <= 64:
@@ -1486,7 +1486,7 @@ def producer_tile(C_in, C_out, taps, dtype):
 def tap_producer_tile(C_in):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for a depthwise conv whose taps a 1x1 conv from C_in channels
     computes (conv1x1 -> bn -> relu6 -> dwconv3x3), from sweeps of EfficientNetB1's expansions into stride-2
-    depthwise convs with float16 activations on an H200 (scripts/tune_taps.py; notes/perf.md).
+    depthwise convs with float16 activations on an H200 (scripts/tune_taps.py; docs/performance.md).
     """
     if C_in <= 64:
         # 16 pixels a program and the whole 1x1 conv in one K step; a warp per 32 channels up to 32 input
@@ -1502,7 +1502,7 @@ def tap_producer_tile(C_in):
 def linear_tile(N, C_in, C_out):
     """(BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE) for a linear layer of N rows: each program sums K_SLICE of
     the C_in input features, and a second kernel adds the slices' sums (split K). From sweeps of the
-    classifiers (1024 and 1280 -> 1000) on an H200 (scripts/tune_tiles.py --linear; notes/perf.md).
+    classifiers (1024 and 1280 -> 1000) on an H200 (scripts/tune_tiles.py --linear; docs/performance.md).
     """
     block_m = min(32, max(16, triton.next_power_of_2(N)))
     block_n = 32 if N <= 16 else 64

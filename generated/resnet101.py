@@ -1327,7 +1327,7 @@ def check_32bit_offsets(*tensors):
 
 def gemm_tile(rows, C_in, C_out, precision):
     """(BLOCK_M, BLOCK_N, BLOCK_K) for a 1x1 conv of `rows` pixels, from tile sweeps of TF32 dots at
-    batch 10 and 128 on an H200 (scripts/tune_tiles.py; notes/perf.md). A tf32x3 dot (three products
+    batch 10 and 128 on an H200 (scripts/tune_tiles.py; docs/performance.md). A tf32x3 dot (three products
     per tile) keeps 64 rows: with 128, MobileNetV1's training forward went 5.6 -> 6.7 ms.
     """
 
@@ -1352,7 +1352,7 @@ def gemm_tile(rows, C_in, C_out, precision):
     # under a wave of programs (batch 10's late layers): narrower tiles, longer K steps
     # (1152 -> 320 @8: 0.024 -> 0.015 ms; 1024 -> 1024 @7: 0.023 -> 0.019 ms). Sweeps of these layers
     # alone in a CUDA graph favoured wider tiles with K steps of 32, but in the whole net that made
-    # MobileNetV1 at batch 10 slower (0.262 -> 0.270 ms, H200; notes/perf.md, session 6). Each K step
+    # MobileNetV1 at batch 10 slower (0.262 -> 0.270 ms, H200; docs/performance.md, session 6). Each K step
     # waits on its loads, so float16 operands take steps of 128 (3 stages: 96 KB): whole nets at batch
     # 10, MobileNetV1 0.200 -> 0.193 ms, EfficientNetB1 0.173 -> 0.168 ms (H200, session 11)
     block_k = 128 if precision == "fp16" and C_in >= 128 else 64 if C_in >= 64 else 32
@@ -1376,7 +1376,7 @@ def conv_tile(K, C_out):
 def linear_tile(N, C_in, C_out):
     """(BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE) for a linear layer of N rows: each program sums K_SLICE of
     the C_in input features, and a second kernel adds the slices' sums (split K). From sweeps of the
-    classifiers (1024 and 1280 -> 1000) on an H200 (scripts/tune_tiles.py --linear; notes/perf.md).
+    classifiers (1024 and 1280 -> 1000) on an H200 (scripts/tune_tiles.py --linear; docs/performance.md).
     """
     block_m = min(32, max(16, triton.next_power_of_2(N)))
     block_n = 32 if N <= 16 else 64

@@ -431,7 +431,7 @@ def conv_tile(K, C_out):
 def linear_tile(N, C_in, C_out):
     """(BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE) for a linear layer of N rows: each program sums K_SLICE of
     the C_in input features, and a second kernel adds the slices' sums (split K). From sweeps of the
-    classifiers (1024 and 1280 -> 1000) on an H200 (scripts/tune_tiles.py --linear; notes/perf.md).
+    classifiers (1024 and 1280 -> 1000) on an H200 (scripts/tune_tiles.py --linear; docs/performance.md).
     """
     block_m = min(32, max(16, triton.next_power_of_2(N)))
     block_n = 32 if N <= 16 else 64

@@ -1,8 +1,27 @@
 #!/usr/bin/env bash
 # Device runs: the whole test suite on the GPU (KernelBench shapes included), timing tables and `fusegen bench`.
-# Usage on the device machine: bash scripts/gpu_check.sh [tests | tests-nets tests-rest] [timing] [bench]
-# (default: tests timing bench; carry .whl: lark and black for its Python).
+# Usage on a GPU machine, from the repository root: bash scripts/gpu_check.sh [PART ...] (--help lists them).
+# Where the machine's Python lacks lark and black, put their wheels in .whl/: they are installed first.
 set -uo pipefail
+usage="usage: bash scripts/gpu_check.sh [PART ...]   (default: tests timing bench)
+parts:
+  tests       the whole test suite on the GPU (KernelBench shapes included)
+  tests-nets  its first half: tests/test_models.py, test_ops.py, test_training.py
+  tests-rest  its second half: the other test files
+  timing      eager against the generated ModelNew (scripts/time_models.py) and a per-kernel profile
+  bench       fusegen bench of both specs at batch 10 and 128
+Everything is printed and written to \$OUT (default /tmp/out): device.txt, pytest-*.log, timing.txt,
+profile.txt, bench.txt, bench.json."
+case "${1:-}" in
+-h | --help) echo "$usage"; exit 0 ;;
+esac
+parts=${*:-tests timing bench}
+for part in $parts; do
+    case $part in
+    tests | tests-nets | tests-rest | timing | bench) ;;
+    *) echo "unknown part: $part" >&2; echo "$usage" >&2; exit 2 ;;
+    esac
+done
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -12,7 +31,6 @@ fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
-parts=${*:-tests timing bench}
 for part in $parts; do
     case $part in
     tests | tests-nets | tests-rest)
@@ -32,6 +50,5 @@ for part in $parts; do
         # eager, CUDA graph and torch.compile against fusegen, then a per-kernel roofline (minutes: it compiles)
         python3 -m fusegen bench specs/mobilenet_v1.fuse specs/efficientnet_b1.fuse --batch 10 128 \
             --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" ;;
-    *) echo "unknown part: $part (tests, tests-nets, tests-rest, timing, bench)"; exit 2 ;;
     esac
 done

@@ -1,20 +1,30 @@
-"""One eval-mode forward of a generated net, launched kernel by kernel (no CUDA graph), for a profiler (GPU).
-Usage: ncu --profile-from-start off ... python3 scripts/ncu_forward.py NAME BATCH; the profiler sees only the
-third forward (the first two compile and warm up)."""
+"""One eval-mode forward of a generated net (generated/NAME.py), launched kernel by kernel (no CUDA graph),
+for a profiler (GPU): the profiler sees only the third forward (the first two compile and warm up).
+Usage: ncu --profile-from-start off [--clock-control none ...] python3 scripts/ncu_forward.py NAME BATCH
+"""
 
-import sys
+import argparse
 
 import torch
 
 from time_models import NETS, load  # this script's folder is on sys.path
 
 
-def main():
-    name, batch = sys.argv[1], int(sys.argv[2])
-    _, size = NETS[name]
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="One eval forward, kernel by kernel, between cudaProfilerStart and Stop (GPU; run under ncu)."
+    )
+    parser.add_argument("name", choices=NETS, help="the generated net")
+    parser.add_argument("batch", type=int, help="batch size")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    _, size = NETS[args.name]
     torch.manual_seed(42)
-    new = load(name).ModelNew().eval().cuda()
-    x = torch.rand(batch, 3, size, size, device="cuda")
+    new = load(args.name).ModelNew().eval().cuda()
+    x = torch.rand(args.batch, 3, size, size, device="cuda")
     with torch.no_grad():
         for _ in range(2):
             new.run_kernels(x)

@@ -1,14 +1,20 @@
-"""Times eager torch and the generated ModelNew (fp32) on the GPU, in eval mode and in training
-mode (BatchNorm with batch statistics, KernelBench's setting); prints a table.
+"""Times eager torch and the generated ModelNew (generated/*.py, fp32 input) on the GPU, in eval mode and
+in training mode (BatchNorm with batch statistics, KernelBench's setting); prints a table.
 
-A quick baseline, not `fusegen bench`: do_bench medians over rotated inputs, batch 10 and 128.
-`--precision P` times the generated files with another tl.dot precision (see PRECISIONS) in eval mode;
-`--profile` and `--profile-train` print where the GPU time goes per kernel; `--timeline B` prints one CUDA-graph
-replay of each net at batch B kernel by kernel (start, duration, idle gap before it), after an L2 flush;
-`--host B` prints the host's time per forward at batch B.
+A quick baseline, not `fusegen bench`: do_bench medians over rotated inputs, batch 10 and 128. The other
+modes: `--precision P` times the generated files with another tl.dot precision (PRECISIONS) in eval mode;
+`--profile` and `--profile-train` print where the GPU time goes per kernel (torch.profiler); `--timeline B`
+prints one CUDA-graph replay of each net at batch B kernel by kernel (start, duration, idle gap before
+it), after an L2 flush; `--host B` prints the host's time per forward at batch B.
+
+The other scripts here import its helpers (NETS, load, median_ms, warm_shard) and, through it, the
+fusegen of this checkout.
+Usage: python3 scripts/time_models.py [--precision P | --profile | --profile-train | --timeline B | --host B]
 """
 
+import argparse
 import itertools
+import re
 import sys
 import time
 from pathlib import Path
@@ -17,7 +23,8 @@ import torch
 import triton.testing
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+# this checkout's fusegen (not another one that pip installed), and the tests' helpers and reference models
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import reference_models  # noqa: E402
 from helpers import load_source, randomize_batchnorm, rel_error  # noqa: E402
 
@@ -52,15 +59,32 @@ def load(name, precision="tf32"):
     return load_source(source, f"{name}_{precision}")
 
 
-def warm_shard(argv):
-    """`--warm K/N` of a sweep script: a function to call once per config, in order, that says whether
+def warm_shard(shard: str | None):
+    """A sweep script's `--warm K/N`: a function to call once per config, in order, that says whether
     this process compiles it (every Nth from the Kth), so N processes side by side fill Triton's cache;
     None without the flag."""
-    if "--warm" not in argv:
+    if shard is None:
         return None
-    shard, shards = map(int, argv[argv.index("--warm") + 1].split("/"))
+    shard, shards = map(int, shard.split("/"))
     seen = itertools.count(1)
     return lambda: next(seen) % shards == shard
+
+
+def add_warm_argument(parser: argparse.ArgumentParser) -> None:
+    """A sweep script's `--warm K/N` option (see warm_shard)."""
+
+    def shard(text: str) -> str:
+        if not re.fullmatch(r"\d+/[1-9]\d*", text):
+            raise argparse.ArgumentTypeError(f"K/N, such as 0/4, not {text!r}")
+        return text
+
+    parser.add_argument(
+        "--warm",
+        type=shard,
+        metavar="K/N",
+        help="only compile (and run once) every Nth config from the Kth: N such processes side by side fill"
+        " Triton's cache, so that the timing run after them compiles nothing",
+    )
 
 
 def median_ms(fn, inputs):
@@ -75,7 +99,9 @@ def median_ms(fn, inputs):
 
 def main(precision="tf32"):
     print(f"device: {torch.cuda.get_device_name()}, fusegen's eval-mode tl.dot: {precision}")
-    print("rel err: relative L2 error against a float64 run of the reference in the same mode (eager uses cuDNN defaults)")
+    print(
+        "rel err: relative L2 error against a float64 run of the reference in the same mode (eager uses cuDNN defaults)"
+    )
     print(
         f"{'net':<16}{'mode':>6}{'batch':>6}{'eager ms':>10}{'fusegen ms':>12}{'speedup':>9}{'eager err':>11}{'fusegen err':>13}"
     )
@@ -153,7 +179,9 @@ def timeline(name: str, batch: int, replays: int = 5) -> None:
     for i, e in enumerate(last):
         gap = e.time_range.start - last[i - 1].time_range.end if i else 0.0
         busy += e.time_range.elapsed_us()
-        print(f"{e.time_range.start - last[0].time_range.start:>9.1f}{e.time_range.elapsed_us():>8.1f}{gap:>8.1f}  {e.key[:70]}")
+        print(
+            f"{e.time_range.start - last[0].time_range.start:>9.1f}{e.time_range.elapsed_us():>8.1f}{gap:>8.1f}  {e.key[:70]}"
+        )
     span = last[-1].time_range.end - last[0].time_range.start
     print(f"span {span:.1f} us: kernels {busy:.1f} us, gaps {span - busy:.1f} us")
 
@@ -176,21 +204,38 @@ def host_time(name: str, batch: int, calls: int = 200) -> None:
     print(f"{name} batch {batch}: host {host_ms:.3f} ms per forward")
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Eager torch against the generated ModelNew on the GPU (eval and training mode, batch 10 and 128)."
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="tf32",
+        help="the generated files with this tl.dot precision, eval mode (default tf32, as generated: both modes)",
+    )
+    mode.add_argument("--profile", action="store_true", help="GPU time per kernel of one eval forward at batch 128")
+    mode.add_argument("--profile-train", action="store_true", help="the same in training mode, batch 10 and 128")
+    mode.add_argument("--timeline", type=int, metavar="B", help="one CUDA-graph replay at batch B, kernel by kernel")
+    mode.add_argument("--host", type=int, metavar="B", help="the host's time per forward at batch B")
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
-    if "--host" in sys.argv:
+    args = parse_args()
+    if args.host is not None:
         for name in NETS:
-            host_time(name, int(sys.argv[sys.argv.index("--host") + 1]))
-    elif "--timeline" in sys.argv:
+            host_time(name, args.host)
+    elif args.timeline is not None:
         for name in NETS:
-            timeline(name, int(sys.argv[sys.argv.index("--timeline") + 1]))
-    elif "--profile" in sys.argv:
+            timeline(name, args.timeline)
+    elif args.profile:
         profile("mobilenet_v1", 128)
         profile("efficientnet_b1", 128)
-    elif "--profile-train" in sys.argv:
+    elif args.profile_train:
         for batch in (10, 128):
             profile("mobilenet_v1", batch, training=True, top=16)
             profile("efficientnet_b1", batch, training=True, top=16)
-    elif "--precision" in sys.argv:
-        main(sys.argv[sys.argv.index("--precision") + 1])
     else:
-        main()
+        main(args.precision)

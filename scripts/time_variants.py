@@ -5,10 +5,12 @@ activations between kernels; at batch 10 a launch costs about what a small kerne
 Each variant is a list of (old, new) edits of specs/<net>.fuse; every edit must apply. Prints eval-mode
 median ms (do_bench, L2 flushed, inputs rotated) per net, batch and variant, with the error against
 float64. `--batch B ...` sets the batches (default 10 128); `--baseline DIR,...` adds each DIR/<net>.py (say,
-the generated files of an earlier commit) as a variant named DIR, to time a compiler change; `--variants
-NAME,...` times only those.
+the generated files of an earlier commit, or hand-edited copies) as a variant named DIR, to time a compiler
+change; `--variants NAME,...` times only those (VARIANTS names them per net).
+Usage: python3 scripts/time_variants.py [--batch B ...] [--variants NAME,...] [--baseline DIR,...]
 """
 
+import argparse
 import re
 import sys
 
@@ -20,10 +22,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 from helpers import load_source, randomize_batchnorm, rel_error  # noqa: E402
 
 from fusegen import compile_spec  # noqa: E402
-
-BASELINES = sys.argv[sys.argv.index("--baseline") + 1].split(",") if "--baseline" in sys.argv else []
-ONLY = sys.argv[sys.argv.index("--variants") + 1].split(",") if "--variants" in sys.argv else None
-BATCHES = [int(b) for b in sys.argv[sys.argv.index("--batch") + 1 :] if b.isdigit()] if "--batch" in sys.argv else [10, 128]
 
 
 def fuse_blocks(block, fused, first_args=None):
@@ -71,7 +69,7 @@ VARIANTS = {
         "fuse-all": fuse_blocks("mbconv", "mbconv_fused"),
         "fuse-80+": fuse_blocks("mbconv", "mbconv_fused", {"80", "112", "192"}),
         # session 6's spec: mbconv2 and mbconv3 fused too (with float16 activations they lose)
-        "fuse-16,24": fuse_blocks("mbconv", "mbconv_fused", {"16", "24"}),
+        "fuse-16+24": fuse_blocks("mbconv", "mbconv_fused", {"16", "24"}),
         "fuse-none": fuse_blocks("mbconv_fused", "mbconv"),
         # the expansions of mbconv2-4 computed at their depthwise convs' taps (session 11), or not
         "expand-none": fuse_blocks("mbconv_expand_fused", "mbconv"),
@@ -80,7 +78,30 @@ VARIANTS = {
 }
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
+    names = sorted({name for variants in VARIANTS.values() for name in variants})
+    parser = argparse.ArgumentParser(
+        description="Whole nets from edited specs (and other generated files) against the specs, in one process (GPU)."
+    )
+    parser.add_argument("--batch", type=int, nargs="+", default=[10, 128], metavar="B", help="batches (default 10 128)")
+    parser.add_argument(
+        "--variants",
+        type=lambda text: text.split(","),
+        metavar="NAME,...",
+        help=f"time only these spec variants (default: all of a net's; known: {', '.join(names)})",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=lambda text: text.split(","),
+        default=[],
+        metavar="DIR,...",
+        help="also time DIR/<net>.py for each DIR (relative to the repository root), as a variant named DIR",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     print(f"device: {torch.cuda.get_device_name()}; eval mode, median ms")
     print(f"{'net':<16}{'batch':>6}  {'variant':<12}{'ms':>8}{'vs spec':>9}{'rel err':>10}")
     for name, variants in VARIANTS.items():
@@ -88,12 +109,12 @@ def main():
         spec_path = ROOT / "specs" / f"{name}.fuse"
         modules = {}
         for variant, edit in variants.items():
-            if ONLY and variant not in ONLY:
+            if args.variants and variant not in args.variants:
                 continue
             text = spec_path.read_text() if edit is None else edit(spec_path.read_text())
             source = compile_spec(text, str(spec_path.relative_to(ROOT)))
             modules[variant] = load_source(source, f"{name}_{variant}")
-        for folder in BASELINES:
+        for folder in args.baseline:
             modules[folder] = load_source((ROOT / folder / f"{name}.py").read_text(), f"{name}_{folder}")
         torch.manual_seed(42)
         ref = ref_cls()
@@ -101,7 +122,7 @@ def main():
         exact = ref_cls().double()
         exact.load_state_dict(ref.state_dict())
         exact = exact.eval().cuda()
-        for batch in BATCHES:
+        for batch in args.batch:
             inputs = [torch.rand(batch, 3, size, size, device="cuda") for _ in range(4)]
             with torch.no_grad():
                 exact_out = exact(inputs[0].double())

@@ -6,24 +6,26 @@ each shape and batch: the two kernels at their generated tiles, the fused kernel
 (tap_producer_tile) and under every (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of a grid, best first.
 `--batch B ...` sets the batches (default 10 128), `--shapes I,J` picks entries of SHAPES; `--warm K/N` only
 compiles every Nth config from the Kth (N processes side by side fill Triton's cache).
+docs/performance.md says what these sweeps decided (tap_producer_tile, the specs' mbconv_expand_fused).
+Usage: python3 scripts/tune_taps.py [--batch B ...] [--shapes I,J,...] [--warm K/N]
 """
 
+import argparse
 import itertools
 import sys
+from functools import cache
 
 import torch
 import triton
 import triton.testing
 
-from time_models import ROOT, warm_shard  # this script's folder is on sys.path
+from time_models import ROOT, add_warm_argument, warm_shard  # this script's folder is on sys.path
 
 sys.path.insert(0, str(ROOT / "tests"))
 from helpers import load_source, randomize_batchnorm  # noqa: E402
 
 from fusegen import compile_spec  # noqa: E402
 
-BATCHES = [int(b) for b in sys.argv[sys.argv.index("--batch") + 1 :] if b.isdigit()] if "--batch" in sys.argv else [10, 128]
-WARM = warm_shard(sys.argv)
 # (C_in, H_in, stride, hidden) of EfficientNetB1's expand -> depthwise pairs, then MobileNetV1's 1x1 -> strided dw
 SHAPES = [(16, 120, 2, 96), (24, 60, 2, 144), (40, 30, 2, 240), (80, 15, 1, 480), (112, 15, 2, 672), (192, 8, 1, 1152),
           (128, 56, 2, 128), (256, 28, 2, 256), (512, 14, 2, 512)]  # fmt: skip
@@ -35,10 +37,13 @@ activations(float16)
 forward:
     conv: conv1x1(c_in, hidden) -> bn: bn(hidden) -> relu6{sep}conv2: dwconv3x3(hidden, stride) -> bn2: bn(hidden) -> relu6
 """
-fused = load_source(compile_spec(PAIR.format(sep=" -> "), "specs/pair.fuse"), "fused_pair")
-apart = load_source(compile_spec(PAIR.format(sep="\n    "), "specs/pair.fuse"), "pair")
-if "--shapes" in sys.argv:
-    SHAPES = [SHAPES[int(i)] for i in sys.argv[sys.argv.index("--shapes") + 1].split(",")]
+
+
+@cache
+def pair(fused: bool):
+    """The pair compiled by fusegen: as one chain (one kernel) or as two."""
+    name = "fused_pair" if fused else "pair"
+    return load_source(compile_spec(PAIR.format(sep=" -> " if fused else "\n    "), "specs/pair.fuse"), name)
 
 
 def configs(c_in, hidden):
@@ -52,17 +57,52 @@ def configs(c_in, hidden):
     return sorted(found)
 
 
-def main():
-    print(f"device: {torch.cuda.get_device_name()}; batches {BATCHES}; CUDA graph; config = (BLOCK_M, BLOCK_N, BLOCK_K, warps)")
-    print(f"{'C_in':>5}{'H':>5}{'s':>3}{'hidden':>7}{'batch':>6}{'2 kernels':>10}{'generated':>10}{'fused':>8}  best config        runner-ups")
+def shape_indices(text: str) -> list[int]:
+    try:
+        indices = [int(i) for i in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated indices into SHAPES, not {text!r}") from None
+    if not all(0 <= i < len(SHAPES) for i in indices):
+        raise argparse.ArgumentTypeError(f"indices from 0 to {len(SHAPES) - 1}, not {text!r}")
+    return indices
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="An expansion computed at each tap of the depthwise conv after it, against the two generated"
+        " kernels (GPU, float16 activations, CUDA graphs)."
+    )
+    parser.add_argument("--batch", type=int, nargs="+", default=[10, 128], metavar="B", help="batches (default 10 128)")
+    parser.add_argument(
+        "--shapes",
+        type=shape_indices,
+        metavar="I,J",
+        help="entries of SHAPES, (C_in, H, stride, hidden): "
+        + "; ".join(f"{i} {shape}" for i, shape in enumerate(SHAPES)).replace("%", "%%"),
+    )
+    add_warm_argument(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    warm = warm_shard(args.warm)
+    fused, apart = pair(fused=True), pair(fused=False)
+    shapes = [SHAPES[i] for i in args.shapes] if args.shapes else SHAPES
+    print(
+        f"device: {torch.cuda.get_device_name()}; batches {args.batch}; CUDA graph; config = (BLOCK_M, BLOCK_N, BLOCK_K, warps)"
+    )
+    print(
+        f"{'C_in':>5}{'H':>5}{'s':>3}{'hidden':>7}{'batch':>6}{'2 kernels':>10}{'generated':>10}{'fused':>8}  best config        runner-ups"
+    )
     generated_rule = fused.tap_producer_tile
-    for c_in, h, stride, hidden in SHAPES:
+    for c_in, h, stride, hidden in shapes:
         torch.manual_seed(0)
         model = apart.ModelNew(c_in, hidden, stride)
         randomize_batchnorm(model)
         model = model.cuda().eval()
         conv, bn, conv2, bn2 = model.conv, model.bn, model.conv2, model.bn2
-        for batch in BATCHES:
+        for batch in args.batch:
             x = torch.rand(batch, c_in, h, h, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
 
             def two_kernels():
@@ -71,13 +111,13 @@ def main():
 
             with torch.no_grad():
                 expected = two_kernels().float()
-                two = triton.testing.do_bench_cudagraph(two_kernels, rep=40, return_mode="median") if not WARM else 0.0
+                two = triton.testing.do_bench_cudagraph(two_kernels, rep=40, return_mode="median") if not warm else 0.0
             generated = generated_rule(c_in)
             times = []
             for config in [generated, *(c for c in configs(c_in, hidden) if c != generated)]:
-                if WARM and not WARM():
+                if warm and not warm():
                     continue
-                fused.tap_producer_tile = lambda *args, config=config: config
+                fused.tap_producer_tile = lambda *_, config=config: config
 
                 def run():
                     return fused.conv1x1_bn_relu6_dwconv3x3_bn_relu6(x, conv, bn, conv2, bn2)
@@ -90,10 +130,10 @@ def main():
                     continue
                 err = ((out - expected).norm() / expected.norm()).item()
                 assert err < 2e-3, f"fused {config} differs: {err:.1e}"
-                if not WARM:
+                if not warm:
                     with torch.no_grad():
                         times.append((triton.testing.do_bench_cudagraph(run, rep=40, return_mode="median"), config))
-            if WARM:
+            if warm:
                 continue
             at_generated = times[0][0] if times[0][1] == generated else float("nan")
             times.sort()
