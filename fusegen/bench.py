@@ -13,6 +13,7 @@ import copy
 import itertools
 import json
 import linecache
+import re
 import math
 import sys
 import time
@@ -30,7 +31,7 @@ import triton.testing
 from fusegen.errors import SpecError
 from fusegen.ops import DOT_PRECISION, STATS_DOT_PRECISION, lookup
 from fusegen.pipeline import compile_plan
-from fusegen.plan import Launch, launches
+from fusegen.plan import BranchStep, Launch, LoopStep
 
 NO_GPU = (
     "fusegen bench: needs a CUDA GPU (torch.cuda.is_available() is False); without one the kernels only run "
@@ -54,18 +55,18 @@ class SpecModel:
     name: str  # the spec's model name: "MobileNetV1"
     module: types.ModuleType  # the generated module
     example_input: tuple[int, ...]  # the spec's input(...) at the default constructor arguments
-    launch_steps: list[Launch]  # eval-mode launches of run_kernels, in run order
-    train_launch_steps: list[Launch]  # training mode's (run_training_kernels'; without BatchNorm, the eval ones)
+    launch_steps: list  # eval-mode steps of run_kernels (launches, views, loops, branches), in order
+    train_launch_steps: list  # training mode's (run_training_kernels'; without BatchNorm, the eval ones)
 
-    def steps(self, mode: str) -> list[Launch]:
+    def steps(self, mode: str) -> list:
         return self.train_launch_steps if mode == "train" else self.launch_steps
 
 
 def compile_model(spec_path: str, source: str) -> SpecModel:
     """Spec text -> the generated module, executed. Raises SpecError for a bad spec."""
     kernel_plan, text = compile_plan(source, spec_path)
-    steps = list(launches(kernel_plan.steps))
-    train_steps = list(launches(kernel_plan.train_steps or kernel_plan.steps))
+    steps = list(kernel_plan.steps)
+    train_steps = list(kernel_plan.train_steps or kernel_plan.steps)
     filename = f"<fusegen bench {spec_path}>"
     # @triton.jit reads each kernel's source through inspect, which needs a file: register one.
     linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
@@ -127,6 +128,7 @@ class KernelLaunch:
     output: object  # what the wrapper returned
     comment: str = ""  # the spec chain it runs: "mobilenet_v1.fuse:17: conv_dw(c(32), c(64), 1)"
     ops: tuple[str, ...] = ()  # the fused ops' names, in chain order
+    reads_module: tuple[bool, ...] = ()  # for each op: whether the wrapper takes an argument for it
 
     @property
     def inputs(self) -> list[torch.Tensor]:
@@ -197,15 +199,42 @@ def record_launches(model: nn.Module, x: torch.Tensor) -> list[KernelLaunch]:
     return launches
 
 
-def label_launches(launches: list[KernelLaunch], steps: list[Launch]) -> list[KernelLaunch]:
-    """Adds each launch's spec chain and fused ops from the plan, which lists the same launches in order."""
-    names = [launch.wrapper for launch in launches]
-    if names != [step.kernel.name for step in steps]:
-        raise RuntimeError(f"run_kernels launched {names}, but the plan lists {[s.kernel.name for s in steps]}")
-    for launch, step in zip(launches, steps):
-        launch.comment = step.comment
-        launch.ops = tuple(f.op.name for f in step.kernel.ops)
+def label_launches(launches: list[KernelLaunch], steps: list, model: nn.Module) -> list[KernelLaunch]:
+    """Adds each launch's spec chain and fused ops from the plan's steps, followed as the model runs them: a
+    loop once per child of its sequential module, a branch's body as the model's attribute decides."""
+    position = 0
+
+    def walk(items, names: dict) -> None:
+        nonlocal position
+        for step in items:
+            if isinstance(step, LoopStep):
+                for child in list(_resolve(step.loop.modules, names))[step.loop.start :]:
+                    walk(step.steps, {**names, step.loop.variable: child})
+            elif isinstance(step, BranchStep):
+                walk(step.then if getattr(model, step.branch.attribute) else step.orelse, names)
+            elif isinstance(step, Launch):
+                if position >= len(launches) or launches[position].wrapper != step.kernel.name:
+                    found = launches[position].wrapper if position < len(launches) else "nothing"
+                    raise RuntimeError(f"run_kernels launched {found} where the plan lists {step.kernel.name}")
+                launches[position].comment = step.comment
+                launches[position].ops = tuple(f.op.name for f in step.kernel.ops)
+                launches[position].reads_module = tuple(f.reads_module for f in step.kernel.ops)
+                position += 1
+
+    walk(steps, {"self": model})
+    if position != len(launches):
+        raise RuntimeError(f"run_kernels launched {len(launches)} kernels, the plan {position}")
     return launches
+
+
+def _resolve(path: str, names: dict) -> nn.Module:
+    """A module path of the plan ("layer3", "features[4]", "block.layer"): from the model, or a loop variable."""
+    parts = re.findall(r"(\w+)|\[(\d+)\]", path)
+    first = parts[0][0]
+    module = names[first] if first in names else getattr(names["self"], first)
+    for name, index in parts[1:]:
+        module = module[int(index)] if index else getattr(module, name)
+    return module
 
 
 def _module_tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -244,13 +273,16 @@ def launch_flops(launch: KernelLaunch) -> int:
     the per-tile statistics of its input and their merge into the batch mean and variance are left out.
     """
     x, out = launch.inputs[0], launch.outputs[0]
-    modules = iter(launch.modules)  # one per op that takes its module, in chain order
+    # the wrapper's argument for each op that takes one (its module, or add's other operand), in chain order;
+    # after x (and training mode's statistics), before the activation dtype
+    arguments = iter(a for a in launch.args[1:] if not isinstance(a, (tuple, torch.dtype)))
     pool = next((m for m in launch.modules if isinstance(m, nn.AvgPool2d)), None)
     batch, channels, size = x.shape[0], x.shape[1], tuple(x.shape[2:])
     flops = 0
-    for op in launch.ops:
-        entry = lookup(op)
-        module = next(modules) if entry is not None and entry.needs_module else None
+    for op, takes in zip(
+        launch.ops, launch.reads_module or [lookup(op) is not None and lookup(op).needs_module for op in launch.ops]
+    ):
+        module = next(arguments) if takes else None
         pixels = batch * math.prod(size)
         if isinstance(module, nn.Conv2d):
             size = tuple(
@@ -657,7 +689,7 @@ def bench_batch(
         ]
         torch.compiler.reset()
         progress("  per kernel: recording one forward, timing each launch")
-        launches = label_launches(record_launches(model, inputs[0]), spec.steps(mode))
+        launches = label_launches(record_launches(model, inputs[0]), spec.steps(mode), model)
         groups = group_launches(launches)
         kernels = kernel_rows(groups, kernel_times_ms(groups), peaks)
     del launches, groups

@@ -81,14 +81,14 @@ def tiny():
 def launches(tiny):
     model = bench.build_model(tiny).to(DEVICE)
     x = torch.rand(bench.input_shape(tiny, 2), device=DEVICE)
-    return bench.label_launches(bench.record_launches(model, x), tiny.launch_steps)
+    return bench.label_launches(bench.record_launches(model, x), tiny.launch_steps, model)
 
 
 @pytest.fixture(scope="module")
 def train_launches(tiny):
     model = bench.build_model(tiny, mode="train").to(DEVICE)
     x = torch.rand(bench.input_shape(tiny, 2), device=DEVICE)
-    return bench.label_launches(bench.record_launches(model, x), tiny.steps("train"))
+    return bench.label_launches(bench.record_launches(model, x), tiny.steps("train"), model)
 
 
 def run_fusegen(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -209,9 +209,27 @@ def test_training_recording_runs_the_forward_once_and_puts_every_wrapper_back(ti
     assert counts == [1] * 5
 
 
-def test_label_launches_refuses_a_plan_that_does_not_match(tiny, launches):
-    with pytest.raises(RuntimeError, match="plan lists"):
-        bench.label_launches(launches[1:], tiny.launch_steps)
+def test_label_launches_refuses_launches_the_plan_does_not_list(tiny, launches):
+    with pytest.raises(RuntimeError, match="where the plan lists"):
+        bench.label_launches(launches[1:], tiny.launch_steps, None)
+
+
+def test_label_launches_follows_loops_and_branches():
+    """A loop runs its launches once per block, a branch one body's: each launch still gets its chain."""
+    from test_graph import BRANCHES, LOOP
+
+    for text, args, shape in ((LOOP, ([3, 1],), (2, 3, 7, 9)), (BRANCHES, (4, 4, 1, 3), (2, 4, 9, 7))):
+        spec = bench.compile_model("specs/region.fuse", text)
+        torch.manual_seed(0)
+        model = spec.module.ModelNew(*args).eval().to(DEVICE)
+        launches = bench.label_launches(
+            bench.record_launches(model, torch.rand(shape, device=DEVICE)), spec.launch_steps, model
+        )
+        assert all(launch.comment and launch.ops for launch in launches)
+        if text is LOOP:  # stage1's two blocks after its first, each two launches
+            assert sum("stage(4, 4, layers[0], 1)" in launch.comment for launch in launches) == 2 + 2 * 2
+        else:  # the residual branch: the project conv with the add
+            assert [launch.wrapper for launch in launches][-1] == "conv1x1_bn_add"
 
 
 # -- bytes, FLOPs, floors -------------------------------------------------------------------------------------
@@ -259,7 +277,7 @@ def test_a_residual_add_counts_its_operand_in_both_modes():
     last = {}
     for mode in ("eval", "train"):
         model = bench.build_model(spec, mode=mode).to(DEVICE)
-        launches = bench.label_launches(bench.record_launches(model, x), spec.steps(mode))
+        launches = bench.label_launches(bench.record_launches(model, x), spec.steps(mode), model)
         last[mode] = launches[-1]
     assert last["eval"].wrapper == "conv3x3_bn_add_relu" and last["train"].wrapper == "bn_add_relu_train"
     assert bench.launch_bytes(last["eval"]) == 1024 * 4
@@ -288,8 +306,11 @@ def test_bytes_and_flops_of_kernels_that_a_pool_ends():
     spec = bench.compile_model("specs/pooled.fuse", POOLED)
     model = bench.build_model(spec).to(DEVICE)
     x = torch.rand(bench.input_shape(spec, 2), device=DEVICE)
-    launches = bench.label_launches(bench.record_launches(model, x), spec.launch_steps)
-    assert [launch.wrapper for launch in launches] == ["conv1x1_bn_relu_avgpool", "conv1x1_bn_relu_global_avgpool_flatten"]
+    launches = bench.label_launches(bench.record_launches(model, x), spec.launch_steps, model)
+    assert [launch.wrapper for launch in launches] == [
+        "conv1x1_bn_relu_avgpool",
+        "conv1x1_bn_relu_global_avgpool_flatten",
+    ]
     assert [bench.launch_bytes(launch) for launch in launches] == [606 * 4, 120 * 4]
     assert [bench.launch_flops(launch) for launch in launches] == [2560, 640]
 
@@ -311,7 +332,7 @@ def test_bytes_and_flops_of_a_kernel_with_a_tap_producer():
     spec = bench.compile_model("specs/taps.fuse", TAPS)
     model = bench.build_model(spec).to(DEVICE)
     x = torch.rand(bench.input_shape(spec, 2), device=DEVICE)
-    (launch,) = bench.label_launches(bench.record_launches(model, x), spec.launch_steps)
+    (launch,) = bench.label_launches(bench.record_launches(model, x), spec.launch_steps, model)
     assert launch.wrapper == "conv1x1_bn_relu6_dwconv3x3_bn_relu6"
     assert bench.launch_bytes(launch) == 600 * 4
     assert bench.launch_flops(launch) == 10080
