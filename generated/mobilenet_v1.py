@@ -2058,7 +2058,7 @@ class ModelNew(nn.Module):
             return self.run_kernels(x)
 
     def run_kernels(self, x):
-        """The forward pass: one launch per chain of the spec (eval mode)."""
+        """The forward: one launch per chain of the spec (eval mode)."""
         if self.training:
             return self.run_training_kernels(x)
         return self.run_kernels_after_first(self.run_first_kernel(x))
@@ -2268,7 +2268,7 @@ class ModelNew(nn.Module):
         return x
 
     def reference_forward(self, x):
-        """The forward pass in torch ops, differentiated by backward; leaves running statistics alone."""
+        """The forward in torch ops, differentiated by backward; leaves running statistics alone."""
         x = self.model[0][0](x)
         x = batch_norm_reference(x, self.model[0][1])
         x = torch.relu(x)
