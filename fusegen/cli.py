@@ -1,5 +1,6 @@
 """`fusegen build [SPEC ...] [--check]`: specs/*.fuse -> generated/*.py.
-`fusegen lint FILE [...] [--format json] [--rules]`: the seeds' rules, checked on Python source.
+`fusegen lint FILE [...] [--kernelbench] [--format json] [--rules]`: the seeds' rules and KernelBench's
+static checker, checked on Python source.
 `fusegen bench SPEC [...] [--batch N ...] [--mode eval train] [--max-autotune] [--no-compile] [--json FILE]`:
 GPU timings against torch.
 `fusegen ops [--markdown | --write DOC]`: the op table, from the op registry.
@@ -12,6 +13,7 @@ import importlib.metadata
 import json
 import os
 import re
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +26,7 @@ from fusegen.pipeline import compile_spec
 SPEC_DIR = Path("specs")
 OUT_DIR = Path("generated")
 INTERNAL_ERROR = 70  # EX_SOFTWARE: a fusegen bug, not a bad spec (2)
+LINT_MAX_BYTES = 4 * 2**20  # generated model files are ~100 kB; the limit bounds lint's time and memory
 
 
 def _output_path(spec: Path, out_dir: Path) -> Path:
@@ -64,7 +67,7 @@ def build(args: argparse.Namespace) -> int:
         return 2
     # The generated code must pass `fusegen lint`; if it does not, the generator is wrong.
     for spec, text in outputs.items():
-        violations = lint_source(text, _output_path(spec, out_dir).as_posix())
+        violations = [v for v in lint_source(text, _output_path(spec, out_dir).as_posix()) if v.severity == "error"]
         if violations:
             print(
                 f"fusegen: internal error: generated code for {spec} violates lint rules (a generator bug, please report):",
@@ -97,10 +100,47 @@ def build(args: argparse.Namespace) -> int:
     return 0
 
 
+class LintInputError(Exception):
+    """A file `fusegen lint` cannot check; the message says why."""
+
+
+def _read_python(path: Path) -> str:
+    """The text of a regular file of at most LINT_MAX_BYTES. Opened without blocking, so that a FIFO
+    or a device is refused rather than waited on or read forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        raise LintInputError(f"cannot read: {err.strerror}") from err
+    with os.fdopen(fd, encoding="utf-8") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise LintInputError("not a regular file")
+        try:
+            text = f.read(LINT_MAX_BYTES + 1)
+        except OSError as err:
+            raise LintInputError(f"cannot read: {err.strerror}") from err
+        except UnicodeDecodeError as err:
+            raise LintInputError(f"cannot read: {err}") from err
+    if len(text.encode("utf-8")) > LINT_MAX_BYTES:
+        raise LintInputError(f"larger than {LINT_MAX_BYTES // 2**20} MiB, the most fusegen lint checks")
+    return text
+
+
+def _lint_targets(name: str) -> list[Path]:
+    """FILE as given, or a directory's *.py files."""
+    path = Path(name)
+    if not path.is_dir():
+        return [path]
+    files = sorted(path.glob("*.py"))
+    if not files:
+        raise LintInputError("no .py files in this directory")
+    return files
+
+
 def lint(args: argparse.Namespace) -> int:
+    rules = [r for r in RULES if r.id.startswith("KB")] if args.kernelbench else RULES
     if args.rules:
-        for r in RULES:
-            print(f"{r.id}  {r.name}: {r.rationale}")
+        for r in rules:
+            print(f"{r.id}  {r.name}{' (warning)' if r.severity == 'warning' else ''}: {r.rationale}")
         return 0
     if not args.files:
         print("fusegen: no files to lint", file=sys.stderr)
@@ -108,24 +148,31 @@ def lint(args: argparse.Namespace) -> int:
     violations = []
     unreadable = False
     for name in args.files:
-        paths = sorted(Path(name).glob("*.py")) if Path(name).is_dir() else [Path(name)]
+        try:
+            paths = _lint_targets(name)
+        except LintInputError as err:
+            print(f"{name}: error: {err}", file=sys.stderr)
+            unreadable = True
+            continue
         for path in paths:
             try:
-                source = path.read_text(encoding="utf-8")
-                violations += lint_source(source, str(path))
-            except (OSError, UnicodeDecodeError) as err:
-                print(f"{path}: error: cannot read: {getattr(err, 'strerror', None) or err}", file=sys.stderr)
+                violations += lint_source(_read_python(path), str(path), rules)
+            except LintInputError as err:
+                print(f"{path}: error: {err}", file=sys.stderr)
                 unreadable = True
             except SyntaxError as err:
                 where = f"{path}:{err.lineno}:{err.offset or 1}" if err.lineno else str(path)
                 print(f"{where}: error: not valid Python: {err.msg}", file=sys.stderr)
+                unreadable = True
+            except RecursionError:
+                print(f"{path}: error: nested too deeply to check (Python's recursion limit)", file=sys.stderr)
                 unreadable = True
     if args.format == "json":
         print(json.dumps([v.as_dict() for v in violations], indent=2))
     else:
         for violation in violations:
             print(violation)
-    return 2 if unreadable else 1 if violations else 0
+    return 2 if unreadable else 1 if any(v.severity == "error" for v in violations) else 0
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -175,8 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a generated file is stale")
     p.add_argument("--out-dir", default=str(OUT_DIR), help="where generated files go (default: generated)")
     p.set_defaults(run=build)
-    p = commands.add_parser("lint", help="check Triton model files against the seeds' rules (never runs them)")
+    p = commands.add_parser(
+        "lint", help="check Triton model files against the seeds' rules and KernelBench's checker (never runs them)"
+    )
     p.add_argument("files", nargs="*", metavar="FILE", help="Python files (a directory: its *.py files)")
+    p.add_argument(
+        "--kernelbench",
+        action="store_true",
+        help='only the KB rules: KernelBench\'s validate_kernel_static(backend="triton", precision="fp32")',
+    )
     p.add_argument("--format", choices=("text", "json"), default="text", help="text: file:line:col: RULE message")
     p.add_argument("--rules", action="store_true", help="list the rules with their rationale and exit")
     p.set_defaults(run=lint)

@@ -491,7 +491,7 @@ def _run_methods(plan: Plan) -> list[str]:
     )
     lines = [
         "def run_kernels(self, x):",
-        f'{INDENT}"""The forward pass: one launch per chain of the spec{" (eval mode)" if training else ""}."""',
+        f'{INDENT}"""The forward: one launch per chain of the spec{" (eval mode)" if training else ""}."""',
         *([f"{INDENT}if self.training:", f"{INDENT * 2}return self.run_training_kernels(x)"] if training else []),
         *(INDENT + line for line in body),
     ]
@@ -593,7 +593,7 @@ def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
         *(INDENT + line for line in _run_methods(plan)),
         "",
         f"{INDENT}def reference_forward(self, x):",
-        f'{INDENT * 2}"""The forward pass in torch ops, differentiated by backward; leaves running statistics alone."""',
+        f'{INDENT * 2}"""The forward in torch ops, differentiated by backward; leaves running statistics alone."""',
         *(INDENT * 2 + line for line in _reference_lines(plan)),
     ]
     parts.append("\n".join(cls))

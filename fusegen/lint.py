@@ -23,14 +23,21 @@ Terms used by the rules:
 Rules that can only be judged approximately (data flow through local names only, outputs told
 apart by pointer name, ...) say "approximate" in their message. To add a rule, write a checker
 and decorate it with `@rule(...)`: the table, `--rules` and the CLI pick it up.
+
+The KB* rules are KernelBench's static checker (`validate_kernel_static(code, backend="triton",
+precision="fp32")`), which reads text, not the tree: regular expressions over the source with each
+line cut at its first `#` or `//`. KB0xx are its strict checks (the submission is rejected) and report
+errors; KB1xx are its warnings and report warnings.
 """
 
 from __future__ import annotations
 
 import ast
+import bisect
 import builtins
 import functools
 import importlib
+import re
 import types
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Iterator, Union
@@ -46,15 +53,25 @@ class Violation:
     column: int  # 1-based
     rule: str
     message: str
+    severity: str = "error"  # or "warning"
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.column}: {self.rule} {self.message}"
+        warning = "warning: " if self.severity == "warning" else ""
+        return f"{self.file}:{self.line}:{self.column}: {self.rule} {warning}{self.message}"
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-Finding = tuple[Union[ast.AST, None], str]  # None: the file as a whole (reported at 1:1)
+@dataclass(frozen=True)
+class TextPosition:
+    """A place in the source text, for the rules that read text rather than the tree."""
+
+    lineno: int
+    col_offset: int  # 0-based, in characters
+
+
+Finding = tuple[Union[ast.AST, TextPosition, None], str]  # None: the file as a whole (reported at 1:1)
 
 
 @dataclass(frozen=True)
@@ -63,34 +80,37 @@ class Rule:
     name: str
     rationale: str
     check: Callable[["Source"], Iterable[Finding]]
+    severity: str = "error"  # "warning": reported, but `fusegen lint` still exits 0 and build still writes
 
 
 RULES: list[Rule] = []
 
 
-def rule(id: str, name: str, rationale: str):
+def rule(id: str, name: str, rationale: str, severity: str = "error"):
     """Register a checker in RULES: the one place a rule is defined."""
 
     def register(check: Callable[["Source"], Iterable[Finding]]):
         assert all(r.id != id for r in RULES), id
-        RULES.append(Rule(id, name, rationale, check))
+        assert severity in ("error", "warning"), severity
+        RULES.append(Rule(id, name, rationale, check, severity))
         return check
 
     return register
 
 
-def lint_source(source: str, filename: str = "<source>") -> list[Violation]:
-    """Every violation in `source`, sorted by position. Raises SyntaxError for text that is not Python."""
+def lint_source(source: str, filename: str = "<source>", rules: Iterable[Rule] | None = None) -> list[Violation]:
+    """Every violation of `rules` (default: all) in `source`, sorted by position. Raises SyntaxError for
+    text that is not Python, RecursionError for code nested too deeply to parse or check."""
     try:
         tree = ast.parse(source, filename=filename)
     except ValueError as err:  # null bytes
         raise SyntaxError(str(err)) from err
-    src = Source(tree)
+    src = Source(tree, source)
     found: set[Violation] = set()
-    for r in RULES:
+    for r in RULES if rules is None else rules:
         for node, message in r.check(src):
             line, col = (node.lineno, node.col_offset + 1) if node is not None else (1, 1)
-            found.add(Violation(filename, line, col, r.id, message))
+            found.add(Violation(filename, line, col, r.id, message, r.severity))
     return sorted(found)
 
 
@@ -441,8 +461,9 @@ def _keyword(call: ast.Call, name: str) -> ast.expr | None:
 class Source:
     """The parsed file and what the rules share: import aliases, kernels, launches."""
 
-    def __init__(self, tree: ast.Module):
+    def __init__(self, tree: ast.Module, text: str):
         self.tree = tree
+        self.text = text
         self.tl_names: set[str] = set()
         self.triton_names: set[str] = set()
         self.jit_names = {"jit"}
@@ -491,6 +512,21 @@ class Source:
                     and isinstance(node.func.value, ast.Name)
                 ):
                     self.launches.append((node, scope))
+
+    @functools.cached_property
+    def kernelbench_text(self) -> str:
+        """The text KernelBench's checker matches: each line cut at its first `#` or `//` wherever it
+        stands (in a string, or Python's floor division `a // b`); docstrings and strings stay."""
+        return re.sub(r"(?:#|//).*", "", self.text)
+
+    @functools.cached_property
+    def _kernelbench_line_starts(self) -> list[int]:
+        return [0] + [m.end() for m in re.finditer("\n", self.kernelbench_text)]
+
+    def kernelbench_position(self, offset: int) -> TextPosition:
+        """Where `offset` into kernelbench_text is in the file (cutting lines moves no line start)."""
+        line = bisect.bisect_right(self._kernelbench_line_starts, offset)
+        return TextPosition(line, offset - self._kernelbench_line_starts[line - 1])
 
     def is_jit(self, fn: ast.AST) -> bool:
         if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -1054,3 +1090,255 @@ def _required_imports(src: Source) -> Iterator[Finding]:
     for line, wanted in _REQUIRED_IMPORTS.items():
         if wanted not in bound:
             yield None, f"missing `{line}`"
+
+
+# ---------------------------------------------------------------------------------------------
+# KernelBench's static checker: validate_kernel_static(code, backend="triton", precision="fp32")
+#
+# Each rule is one of its checks: the same regular expressions, matched over Source.kernelbench_text.
+# KernelBench names the first match of each check; these rules report every match.
+
+
+_WORD = re.compile(r"\w*")
+
+
+def _kernelbench_matches(
+    src: Source, check: str, patterns: list[tuple[str | Callable[[str], Iterator[re.Match]], str]], strict: bool
+) -> Iterator[Finding]:
+    """Each match of each pattern (a regular expression, or a function that finds its matches)."""
+    verdict = "rejects the file" if strict else "warns"
+    text = src.kernelbench_text
+    for pattern, what in patterns:
+        for match in pattern(text) if callable(pattern) else re.finditer(pattern, text):
+            shown = match.group(0)
+            if re.search(r"[\w.]$", shown):  # `torch.nn.` -> `torch.nn.Linear`, `except V` -> `except ValueError`
+                shown += _WORD.match(text, match.end()).group(0)
+            shown = shown.split("\n")[0][:60]
+            yield src.kernelbench_position(match.start()), f"`{shown}` {what}: KernelBench's {check} check {verdict}"
+
+
+@rule(
+    "KB001",
+    "no-try-except-pass",
+    "KernelBench rejects `try:`, `except` before `:` or a name, and the word `pass` outside a # comment: in "
+    "docstrings and strings too.",
+)
+def _kb_code_bypass(src: Source) -> Iterator[Finding]:
+    yield from _kernelbench_matches(
+        src,
+        "code_bypass",
+        [
+            (r"\btry\s*:", "reads as a try block (docstrings and strings count too)"),
+            (r"\bexcept(?:\s*:|\s+\w)", "reads as an except clause (docstrings and strings count too)"),
+            (r"\bpass\b", "reads as a pass statement (docstrings and strings count too)"),
+        ],
+        strict=True,
+    )
+
+
+@rule(
+    "KB002",
+    "no-timing-patch",
+    "KernelBench rejects assigning torch.cuda.Event(.record, .elapsed_time), torch.cuda.synchronize, "
+    "time.perf_counter or time.time.",
+)
+def _kb_timing_patch(src: Source) -> Iterator[Finding]:
+    yield from _kernelbench_matches(
+        src,
+        "timing_event_patch",
+        [
+            (
+                r"torch\.cuda\.(?:Event(?:\.record|\.elapsed_time)?|synchronize)\s*=|time\.(?:perf_counter|time)\s*=",
+                "reads as replacing a timing function",
+            )
+        ],
+        strict=True,
+    )
+
+
+@rule("KB003", "no-threads", "KernelBench rejects threading, multiprocessing and concurrent.futures.")
+def _kb_threads(src: Source) -> Iterator[Finding]:
+    yield from _kernelbench_matches(
+        src,
+        "thread_injection",
+        [
+            (r"threading\.Thread\s*\(|import\s+threading|from\s+threading\s+import", "reads as threading"),
+            (
+                r"multiprocessing\.(?:Process|Pool|Manager|Queue|Pipe)|import\s+multiprocessing",
+                "reads as multiprocessing",
+            ),
+            (r"concurrent\.futures|ThreadPoolExecutor|ProcessPoolExecutor", "reads as a concurrent.futures pool"),
+        ],
+        strict=True,
+    )
+
+
+# Two of KernelBench's patterns make re.finditer quadratic: it tries each `class` before a long line,
+# or each `tl.astype(` before a far comma, and scans that line or up to the comma from each. The two
+# functions below find the same matches, trying the pattern only where it matches.
+_TENSOR_CLASS = re.compile(r"class\s+\w+.*\((?:torch\.)?Tensor\)")
+_CLASS_NAME = re.compile(r"class\s+(\w)")
+_ASTYPE_FLOAT16 = re.compile(r"tl\.astype\s*\(\s*[^,]+,\s*tl\.float16\s*\)")
+_FLOAT16_ARGUMENT = re.compile(r",\s*tl\.float16\s*\)")
+
+
+def _tensor_classes(text: str) -> Iterator[re.Match]:
+    """_TENSOR_CLASS tried only at a `class` whose name (after whitespace, newlines too) stands on a line
+    with a `(Tensor)` or `(torch.Tensor)` after the name's first character."""
+    line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
+    last_paren = {}  # line index -> the start of its last (Tensor) / (torch.Tensor)
+    for paren in re.finditer(r"\((?:torch\.)?Tensor\)", text):
+        last_paren[bisect.bisect_right(line_starts, paren.start())] = paren.start()
+    end = 0  # matches do not overlap
+    for word in re.finditer("class", text):
+        named = _CLASS_NAME.match(text, word.start())
+        if word.start() < end or named is None:
+            continue
+        if last_paren.get(bisect.bisect_right(line_starts, named.start(1)), -1) > named.start(1):
+            match = _TENSOR_CLASS.match(text, word.start())
+            end = match.end()
+            yield match
+
+
+def _astype_float16(text: str) -> Iterator[re.Match]:
+    """_ASTYPE_FLOAT16 tried only where the first comma after a `tl.astype(` has characters before it
+    and `tl.float16)` after it."""
+    commas = [m.start() for m in re.finditer(",", text)]
+    float16_after = {}  # comma -> whether `,\s*tl.float16\s*)` starts there
+    end = 0  # matches do not overlap
+    for call in re.finditer(r"tl\.astype\s*\(", text):
+        i = bisect.bisect_left(commas, call.end())
+        if call.start() < end or i == len(commas) or commas[i] == call.end():
+            continue
+        comma = commas[i]
+        if comma not in float16_after:
+            float16_after[comma] = _FLOAT16_ARGUMENT.match(text, comma) is not None
+        if float16_after[comma]:
+            match = _ASTYPE_FLOAT16.match(text, call.start())
+            end = match.end()
+            yield match
+
+
+@rule(
+    "KB004",
+    "no-tensor-subclass",
+    "KernelBench rejects lazy tensors: _make_subclass, `class X(torch.Tensor)` / `(Tensor)`, torch.Tensor.__new__.",
+)
+def _kb_lazy_tensors(src: Source) -> Iterator[Finding]:
+    yield from _kernelbench_matches(
+        src,
+        "lazy_eval",
+        [
+            (r"_make_subclass", "reads as making a tensor subclass"),
+            (_tensor_classes, "reads as a tensor subclass"),
+            (r"torch\.Tensor\.__new__", "reads as building a tensor by hand"),
+        ],
+        strict=True,
+    )
+
+
+@rule(
+    "KB005",
+    "triton-kernel",
+    "KernelBench's triton backend rejects a file without `@triton.jit` or `@triton.autotune` so spelled, "
+    "or without a `tl.` name.",
+)
+def _kb_triton_impl(src: Source) -> Iterator[Finding]:
+    if not re.search(r"@triton\.(?:jit|autotune)", src.kernelbench_text):
+        yield None, "no `@triton.jit` or `@triton.autotune` outside comments: KernelBench's triton_impl check rejects the file"
+    if not re.search(r"\btl\.\w", src.kernelbench_text):
+        yield None, "no `tl.` name outside comments: KernelBench's triton_impl check rejects the file"
+
+
+@rule(
+    "KB101",
+    "torch-nn-layer",
+    "KernelBench warns about torch.nn.<name> but Module, ModuleList/Dict, Parameter, ParameterList/Dict, "
+    "parameter and init.",
+    severity="warning",
+)
+def _kb_torch_nn(src: Source) -> Iterator[Finding]:
+    allowed = "Module|ModuleList|ModuleDict|Parameter|ParameterList|ParameterDict|parameter|init"
+    yield from _kernelbench_matches(
+        src, "pytorch_wrap", [(rf"torch\.nn\.(?!(?:{allowed})\b)", "reads as a torch.nn compute layer")], strict=False
+    )
+
+
+_KB_TORCH_OPS = [
+    *("mm", "bmm", "matmul", "einsum", "linear"),
+    *("conv", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"),
+    *(f"{kind}_pool{d}d" for kind in ("avg", "max", "adaptive_avg", "adaptive_max") for d in (1, 2, 3)),
+    *("relu", "hardtanh", "elu", "selu", "leaky_relu", "gelu", "softsign", "softplus", "softmax", "log_softmax"),
+    *("tanh", "sigmoid", "hardsigmoid", "silu", "mish"),
+    *("batch_norm", "group_norm", "layer_norm", "instance_norm", "rms_norm", "normalize"),
+    *("cross_entropy", "kl_div", "mse_loss", "huber_loss", "triplet_margin_loss", "cosine_similarity"),
+    *("logsumexp", "clamp", "dropout"),
+]
+_KB_F_OPS = "conv|linear|relu|gelu|softmax|batch_norm|layer_norm|dropout|max_pool|avg_pool"  # name prefixes
+
+
+@rule(
+    "KB102",
+    "torch-compute-op",
+    "KernelBench warns about torch computation calls (torch.relu, torch.conv2d, torch.matmul, ...), "
+    "nn.functional.* and F.relu / F.conv... .",
+    severity="warning",
+)
+def _kb_torch_ops(src: Source) -> Iterator[Finding]:
+    yield from _kernelbench_matches(
+        src,
+        "torch_computation_ops",
+        [
+            (rf"\btorch\.(?:{'|'.join(_KB_TORCH_OPS)})(?=\s*\(|\s|$)", "reads as a torch computation op"),
+            (r"\bnn\.functional\.\w+", "reads as a torch.nn.functional op"),
+            (rf"\bF\.(?:{_KB_F_OPS})", "reads as a torch.nn.functional op"),
+        ],
+        strict=False,
+    )
+
+
+@rule(
+    "KB103",
+    "cuda-stream",
+    "KernelBench warns about CUDA streams: cuda.Stream(), `with torch.cuda.stream`, .wait_stream(), .record_stream().",
+    severity="warning",
+)
+def _kb_streams(src: Source) -> Iterator[Finding]:
+    yield from _kernelbench_matches(
+        src,
+        "stream_injection",
+        [
+            (r"cuda\.Stream\s*\(", "reads as creating a CUDA stream"),
+            (r"with\s+torch\.cuda\.stream", "reads as running on another CUDA stream"),
+            (r"\.(?:wait|record)_stream\s*\(", "reads as synchronising CUDA streams"),
+        ],
+        strict=False,
+    )
+
+
+@rule(
+    "KB104",
+    "float16-cast",
+    "KernelBench (precision fp32) warns about float16 casts: .half(), .to(torch.float16), "
+    "tl.astype(..., tl.float16), CUDA/CUTLASS half conversions. bfloat16 is not checked.",
+    severity="warning",
+)
+def _kb_float16(src: Source) -> Iterator[Finding]:
+    what = "reads as a float16 cast (precision fp32)"
+    yield from _kernelbench_matches(
+        src,
+        "precision_downgrade",
+        [
+            (_astype_float16, what),
+            (r"\.(?:half|float16)\s*\(", what),
+            (r"\.to\s*\(\s*(?:dtype\s*=\s*)?torch\.(?:float16|half)\b", what),
+            # CUDA C++, CUTLASS and ThunderKittens, as an inline extension's source would spell them
+            (
+                r"__float2half(?:_rn)?\s*\(|\(\s*__half\s*\)\s*[\w\->.]+|static_cast\s*<\s*(?:__half|half)\s*>\s*\(",
+                what,
+            ),
+            (r"NumericConverter\s*<\s*half_t\s*,\s*float\s*>|LinearCombination\s*<\s*half_t", what),
+            (r"type_convert\s*<\s*half_t\s*>\s*\(|tk::half\s*\(", what),
+        ],
+        strict=False,
+    )
