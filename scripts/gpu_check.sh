@@ -9,7 +9,7 @@ parts:
   tests-nets  its first half: tests/test_models.py, test_ops.py, test_training.py
   tests-rest  its second half: the other test files
   timing      eager against the generated ModelNew (scripts/time_models.py) and a per-kernel profile
-  bench       fusegen bench of both specs at batch 10 and 128
+  bench       fusegen bench of every spec at its batch, eval and training mode (no torch.compile)
 Everything is printed and written to \$OUT (default /tmp/out): device.txt, pytest-*.log, timing.txt,
 profile.txt, bench.txt, bench.json."
 case "${1:-}" in
@@ -47,8 +47,8 @@ for part in $parts; do
         python3 scripts/time_models.py 2>&1 | tee "$OUT/timing.txt"
         python3 scripts/time_models.py --profile 2>&1 | tee "$OUT/profile.txt" ;;
     bench)
-        # eager, CUDA graph and torch.compile against fusegen, then a per-kernel roofline (minutes: it compiles)
-        python3 -m fusegen bench specs/mobilenet_v1.fuse specs/efficientnet_b1.fuse --batch 10 128 \
+        # eager and its CUDA graph against fusegen (with and without a graph), then a per-kernel roofline
+        python3 -m fusegen bench specs/*.fuse --no-compile --mode eval train \
             --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" ;;
     esac
 done
