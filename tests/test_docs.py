@@ -20,7 +20,7 @@ def launches(text: str, name: str) -> list[tuple[str, str]]:
     """(kernel, module paths) of every launch, eval mode then training mode."""
     kernel_plan = plan(check(parse_spec(text), text), name)
     steps = kernel_plan.steps + (kernel_plan.train_steps or ())
-    return [(s.kernel.name, ",".join(s.modules)) for s in steps if hasattr(s, "kernel")]
+    return [(s.kernel.name, ",".join(map(str, s.args))) for s in steps if hasattr(s, "kernel")]
 
 
 def test_readme_spec_is_the_shipped_mobilenet_v1():

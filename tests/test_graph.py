@@ -165,7 +165,7 @@ class TorchNet(nn.Module):
     """The reference of MODULES. The shortcut is made before its unit's convs (a different creation order
     than registration order, as in torchvision's ResNets)."""
 
-    def __init__(self, num_classes=5, widths=(4, 6)):
+    def __init__(self, num_classes=5, layers=(2, 1)):
         super().__init__()
         self.stem = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
         self.bn = nn.BatchNorm2d(4)
@@ -178,8 +178,8 @@ class TorchNet(nn.Module):
                 TorchUnit(cin, cout, stride, shortcut), *(TorchUnit(cout, cout) for _ in range(blocks - 1))
             )
 
-        self.stage1 = stage(4, 4, 2, 1)
-        self.stage2 = stage(4, 6, 1, 2)
+        self.stage1 = stage(4, 4, layers[0], 1)
+        self.stage2 = stage(4, 6, layers[1], 2)
         self.fc = nn.Linear(6, num_classes)
 
     def forward(self, x):
@@ -259,25 +259,6 @@ LOOP = MODULES.replace("model Net(num_classes=5, widths=[4, 6])", "model Net(lay
 )
 
 
-class TorchLoopNet(TorchNet):
-    """TorchNet with its stages' lengths from `layers`."""
-
-    def __init__(self, layers=(2, 1), num_classes=5):
-        nn.Module.__init__(self)
-        self.stem = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(4)
-
-        def stage(cin, cout, blocks, stride):
-            shortcut = None
-            if stride != 1 or cin != cout:
-                shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-            return nn.Sequential(TorchUnit(cin, cout, stride, shortcut), *(TorchUnit(cout, cout) for _ in range(blocks - 1)))
-
-        self.stage1 = stage(4, 4, layers[0], 1)
-        self.stage2 = stage(4, 6, layers[1], 2)
-        self.fc = nn.Linear(6, num_classes)
-
-
 @pytest.mark.parametrize("layers", [[1, 1], [3, 2]])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_a_repeat_count_from_a_constructor_argument_is_a_loop(layers, training):
@@ -285,7 +266,7 @@ def test_a_repeat_count_from_a_constructor_argument_is_a_loop(layers, training):
     children, so the model built with other layers (one unit a stage, or three) still matches."""
     source = load_spec(LOOP, "graph").SOURCE
     assert "for block in self.stage1[1:]:" in run_kernels_source(source, "run_kernels_after_first")
-    ref, new = pair(LOOP, TorchLoopNet, layers)
+    ref, new = pair(LOOP, lambda layers: TorchNet(5, layers), layers)
     if not training:
         randomize_batchnorm(ref, seed=5)
         new.load_state_dict(ref.state_dict())
