@@ -1,146 +1,220 @@
-"""Whole models: the committed generated files against the plain-torch references in reference_models.py."""
+"""Whole models: every committed generated/<stem>.py that KernelBench has a problem for, against its plain-torch
+reference in reference_models.py, at small constructor arguments and inputs (SMALL) and, on the GPU, at
+KernelBench's own (KERNELBENCH). A net is tested here as soon as its generated file exists."""
 
+import contextlib
 import copy
+import functools
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-import reference_models
 from fusegen.bench import record_launches
 from helpers import DEVICE, ON_GPU, TOLERANCE, float16_activations, randomize_batchnorm, rel_error
+from reference_models import KERNELBENCH, SMALL
 
 ROOT = Path(__file__).resolve().parent.parent
+STEMS = [stem for stem in KERNELBENCH if (ROOT / "generated" / f"{stem}.py").exists()]
+SEED = 42  # KernelBench's, set before each constructor
+
+# Nets whose fixed-size layers (MobileNetV1's AvgPool2d(7), the classifiers of AlexNet and VGG) need inputs of
+# 193 to 225 pixels, where one forward under Triton's interpreter takes minutes of CPU. On the CPU they run the
+# checks that launch no kernel and the least that runs every kernel once: eval mode in the spec's activation
+# dtype and one training-mode step (none where training mode runs eval mode's kernels); the rest on the GPU.
+LARGE_INPUT = {"mobilenet_v1", "alexnet", "vgg16", "vgg19"}
+GPU_ONLY = "runs on the GPU only for a large-input net (LARGE_INPUT): too slow under the interpreter"
 
 
-def generated(name: str):
-    spec = importlib.util.spec_from_file_location(f"generated_{name}", ROOT / "generated" / f"{name}.py")
+@functools.cache
+def generated(stem: str):
+    spec = importlib.util.spec_from_file_location(f"generated_{stem}", ROOT / "generated" / f"{stem}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-NETS = {
-    "mobilenet_v1": reference_models.MobileNetV1,
-    "efficientnet_b1": reference_models.EfficientNetB1,
+@functools.cache
+def declares_float16_activations(stem: str) -> bool:
+    """Whether the spec says `activations(float16)`: then eval mode stores the tensors between kernels as
+    float16 unless model.activation_dtype is set to float32."""
+    return "self.activation_dtype" in (ROOT / "generated" / f"{stem}.py").read_text()
+
+
+def has_training_kernels(stem: str) -> bool:
+    """False for a net without BatchNorm: its training mode runs eval mode's kernels."""
+    return hasattr(generated(stem).ModelNew, "run_training_kernels")
+
+
+def cpu_subset(stem: str) -> bool:
+    """Whether only LARGE_INPUT's subset of the checks runs for this net here."""
+    return not ON_GPU and stem in LARGE_INPUT
+
+
+def param(*values, gpu_only_if_large=False):
+    """A parameter set named after its values (the net's stem first); with gpu_only_if_large, skipped on the
+    CPU for a large-input net."""
+    skip = gpu_only_if_large and cpu_subset(values[0])
+    return pytest.param(
+        *values,
+        id="-".join(str(v).replace(" ", "") for v in values),
+        marks=[pytest.mark.skip(reason=GPU_ONLY)] if skip else [],
+    )
+
+
+# Cases that SMALL lacks, stem -> [(constructor arguments, input shape)]. EfficientNetB1 at 9x9 ends in 1x1 maps
+# from mbconv4 on: eval mode on the smallest tiles, and in training mode, at batch 1, BatchNorms with one value
+# per channel, which torch refuses and so must ModelNew.
+EXTRA_CPU_CASES = {"efficientnet_b1": [([7], (1, 3, 9, 9))]}
+# At full width, final maps larger than the pools' windows: MobileNetV1's AvgPool2d(7) on an 8x8 map leaves a
+# row and a column out; EfficientNetB1's adaptive pool on 4x5.
+EXTRA_GPU_CASES = {
+    "mobilenet_v1": [([1000, 3, 1.0], (3, 3, 255, 230))],
+    "efficientnet_b1": [([1000], (1, 3, 97, 131))],
 }
-# Constructor arguments other than the defaults: the generated __init__ must follow them.
-SMALL_ARGS = {"mobilenet_v1": dict(num_classes=10, input_channels=3, alpha=0.25), "efficientnet_b1": dict(num_classes=10)}
-
-# (net, kwargs, input shape). MobileNetV1 ends in AvgPool2d(7), so its input must be at least 193 pixels.
-CPU_CASES = [
-    ("mobilenet_v1", SMALL_ARGS["mobilenet_v1"], (1, 3, 197, 211)),
-    ("efficientnet_b1", SMALL_ARGS["efficientnet_b1"], (2, 3, 37, 45)),
-    ("efficientnet_b1", SMALL_ARGS["efficientnet_b1"], (1, 3, 9, 9)),
-]
+CPU_CASES = [(stem, args, shape) for stem in STEMS for args, shape in SMALL[stem] + EXTRA_CPU_CASES.get(stem, [])]
 GPU_CASES = CPU_CASES + [
-    ("mobilenet_v1", {}, (10, 3, 224, 224)),
-    ("efficientnet_b1", {}, (10, 3, 240, 240)),
-    ("mobilenet_v1", {}, (3, 3, 255, 230)),
-    ("efficientnet_b1", {}, (1, 3, 97, 131)),
+    (stem, args, shape) for stem in STEMS for args, shape in [KERNELBENCH[stem][1:]] + EXTRA_GPU_CASES.get(stem, [])
 ]
+CASES = GPU_CASES if ON_GPU else CPU_CASES
 
 
-def pair(name, kwargs):
+def pair(stem, args):
     """Reference and ModelNew built as KernelBench builds them: the same seed before each constructor."""
-    torch.manual_seed(42)
-    ref = NETS[name](**kwargs)
-    torch.manual_seed(42)
-    new = generated(name).ModelNew(**kwargs)
+    torch.manual_seed(SEED)
+    ref = KERNELBENCH[stem][0](*args)
+    torch.manual_seed(SEED)
+    new = generated(stem).ModelNew(*args)
     return ref, new
 
 
-@pytest.mark.parametrize("name", NETS)
-@pytest.mark.parametrize("small", [False, True], ids=["defaults", "small_args"])
-def test_same_parameters_same_order_same_init(name, small):
-    ref, new = pair(name, SMALL_ARGS[name] if small else {})
+def first_small_case(stem):
+    """(reference, ModelNew, input) at the net's first SMALL case, on DEVICE."""
+    args, shape = SMALL[stem][0]
+    ref, new = pair(stem, args)
+    return ref.to(DEVICE), new.to(DEVICE), torch.rand(*shape, device=DEVICE)
+
+
+@contextlib.contextmanager
+def only_generated_kernels(new):
+    """Inside, a torch conv, batch_norm, linear, pooling, activation or dropout call, any module call (the
+    modules only hold parameters) and the autograd wrapper of gradient mode raise. Call new.forward, not new."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("forward called a torch op that the kernels should replace, or the autograd wrapper")
+
+    with pytest.MonkeyPatch.context() as patch:
+        for fn in ("conv2d", "batch_norm", "linear", "avg_pool2d", "adaptive_avg_pool2d", "max_pool2d"):
+            patch.setattr(F, fn, forbidden)
+        for fn in ("relu", "relu6", "sigmoid", "dropout"):
+            patch.setattr(F, fn, forbidden)
+        for fn in ("conv2d", "batch_norm", "relu", "sigmoid", "max_pool2d"):
+            patch.setattr(torch, fn, forbidden)
+        patch.setattr(torch.nn.Module, "__call__", forbidden)
+        patch.setattr(type(new).TorchBackward, "apply", forbidden)
+        yield
+
+
+def assert_shape_and_layout(out, expected):
+    """The reference's shape, and contiguous where the reference's output is (a caller may .view it)."""
+    assert out.shape == expected.shape
+    if expected.is_contiguous():
+        assert out.is_contiguous(), out.stride()
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+def construction_args(stem):
+    """KernelBench's constructor arguments, then each other one of SMALL's."""
+    args = [KERNELBENCH[stem][1]]
+    for small_args, _ in SMALL[stem]:
+        if small_args not in args:
+            args.append(small_args)
+    return args
+
+
+@pytest.mark.parametrize("stem, args", [param(stem, args) for stem in STEMS for args in construction_args(stem)])
+def test_seeded_construction_gives_identical_state_dicts(stem, args):
+    """KernelBench's comparison uses the same weights only if ModelNew creates the same parameters and
+    buffers, in the same order, drawn from the generator in the same order."""
+    ref, new = pair(stem, args)
     ref_state, new_state = ref.state_dict(), new.state_dict()
     assert list(ref_state) == list(new_state)
     for key in ref_state:
         assert ref_state[key].shape == new_state[key].shape, key
-        assert torch.equal(ref_state[key], new_state[key]), key
+        assert ref_state[key].dtype == new_state[key].dtype, key
+        assert torch.equal(bits(ref_state[key]), bits(new_state[key])), key
     new.load_state_dict(ref_state, strict=True)
+    ref.load_state_dict(new_state, strict=True)
 
 
-@pytest.mark.parametrize("activations", ["float16", "float32"])
-@pytest.mark.parametrize("name, kwargs, shape", GPU_CASES if ON_GPU else CPU_CASES)
-def test_eval_mode_matches_reference(name, kwargs, shape, activations):
-    """Against float64. The specs store activations as float16 (`activations(float16)`): then the bar
-    is TOLERANCE or 1.5x the error of the torch reference with the same float16 roundings, whichever is
-    larger (on the CPU, where the kernels compute plain fp32, that rounding is all the error)."""
-    ref, new = pair(name, kwargs)
+def eval_cases():
+    """Each case in the spec's activation dtype, and in float32 too where the spec declares float16."""
+    for stem, args, shape in CASES:
+        if declares_float16_activations(stem):
+            yield param(stem, args, shape, "float16")
+            yield param(stem, args, shape, "float32", gpu_only_if_large=True)
+        else:
+            yield param(stem, args, shape, "float32")
+
+
+@pytest.mark.parametrize("stem, args, shape, activations", list(eval_cases()))
+def test_eval_mode_matches_reference(stem, args, shape, activations):
+    """Against float64, with only the generated kernels running and no autograd wrapper under inference
+    mode. Where the spec stores activations as float16 (`activations(float16)`) the bar is TOLERANCE or
+    1.5x the error of the torch reference with the same float16 roundings, whichever is larger (on the
+    CPU, where the kernels compute plain fp32, that rounding is all the error)."""
+    ref, new = pair(stem, args)
     randomize_batchnorm(ref, seed=sum(shape))
     new.load_state_dict(ref.state_dict(), strict=True)
     ref, new = ref.eval().to(DEVICE), new.eval().to(DEVICE)
-    new.activation_dtype = getattr(torch, activations)
+    if declares_float16_activations(stem):
+        new.activation_dtype = getattr(torch, activations)
     x = torch.rand(*shape, device=DEVICE)
-    with torch.no_grad():
-        out = new(x)
+    with torch.inference_mode():
+        with only_generated_kernels(new):
+            out = new.forward(x)
         eager = ref(x)
         with float16_activations(ref):
             rounded = ref(x)
         exact = ref.double()(x.double())
+    assert_shape_and_layout(out, eager)
     err, rounded_err = rel_error(out, exact), rel_error(rounded, exact)
     print(
-        f"{name} {list(shape)} {activations} activations: rel. L2 error vs float64 {err:.2e} (eager torch:"
+        f"{stem} {args} {list(shape)} {activations} activations: rel. L2 error vs float64 {err:.2e} (eager torch:"
         f" {rel_error(eager, exact):.2e}; with float16 activations: {rounded_err:.2e})"
     )
     assert err < (max(TOLERANCE, 1.5 * rounded_err) if activations == "float16" else TOLERANCE)
 
 
-@pytest.mark.parametrize("name", NETS)
-def test_eval_mode_stores_float16_between_kernels(name):
-    """In eval mode every kernel stores float16 (the spec's activations(float16)) but the last two: the
-    one whose pool feeds the classifier (whose input error reaches the output unfiltered) and the
-    classifier.
-    Training mode stores float32 throughout."""
-    _, new = pair(name, SMALL_ARGS[name])
-    x = torch.rand(1, 3, 193, 193, device=DEVICE) if name == "mobilenet_v1" else torch.rand(2, 3, 16, 16, device=DEVICE)
-    new = new.to(DEVICE)
-    eval_launches = record_launches(new.eval(), x)
-    dtypes = [launch.outputs[0].dtype for launch in eval_launches]
-    assert dtypes == [torch.float16] * (len(dtypes) - 2) + [torch.float32] * 2
-    train_launches = record_launches(new.train(), x)
-    assert {t.dtype for launch in train_launches for t in launch.outputs} == {torch.float32}
+# A large-input net without BatchNorm runs eval mode's kernels in training mode too: on the CPU its eval-mode
+# run is the one.
+TRAINING_CASES = [param(*case, gpu_only_if_large=not has_training_kernels(case[0])) for case in CASES]
 
 
-@pytest.mark.parametrize("name", NETS)
-def test_forward_runs_only_generated_kernels(name, monkeypatch):
-    """No torch conv, batch_norm, linear or pooling runs in forward (modules only hold parameters)."""
-    _, new = pair(name, SMALL_ARGS[name])
-    shape = (1, 3, 193, 193) if name == "mobilenet_v1" else (1, 3, 16, 16)
+@pytest.mark.parametrize("stem, args, shape", TRAINING_CASES)
+def test_training_mode_matches_reference(stem, args, shape):
+    """KernelBench's setting: BatchNorm in training mode, under no_grad. Outputs and every running buffer
+    after two steps (one for a large-input net on the CPU), against the reference model in training mode
+    run in float64; only the generated kernels run, and no autograd wrapper.
 
-    def forbidden(*args, **kwargs):
-        raise AssertionError("forward called a torch op that the kernels should replace")
-
-    for fn in ("conv2d", "batch_norm", "linear", "avg_pool2d", "adaptive_avg_pool2d", "relu", "relu6"):
-        monkeypatch.setattr(F, fn, forbidden)
-    for fn in ("conv2d", "batch_norm", "relu"):
-        monkeypatch.setattr(torch, fn, forbidden)
-    monkeypatch.setattr(torch.nn.Module, "__call__", forbidden)
-    with torch.no_grad():
-        out = type(new).forward(new.eval().to(DEVICE), torch.rand(*shape, device=DEVICE))
-    assert out.shape == (1, 10)
-
-
-@pytest.mark.parametrize("name, kwargs, shape", GPU_CASES if ON_GPU else CPU_CASES)
-def test_training_mode_matches_reference(name, kwargs, shape):
-    """KernelBench's setting: BatchNorm in training mode, under no_grad. Outputs and every running
-    buffer after two steps, against the reference model in training mode run in float64.
-
-    Normalising by the batch's spread amplifies fp32 rounding (the last BatchNorms here see 49 values
-    per channel): fp32 torch itself is 2e-6 to 1.1e-5 off on the CPU cases, and which of torch and the
+    Normalising by the batch's spread amplifies fp32 rounding (the last BatchNorms see few values per
+    channel): fp32 torch itself is off by up to about 1e-5 on the CPU cases, and which of torch and the
     kernels is closer depends on the seed. So the bar is TOLERANCE or 3x fp32 torch's own error,
     whichever is larger (the issue's bar for eval mode is 3x eager's error)."""
-    ref, new = pair(name, kwargs)
+    ref, new = pair(stem, args)
     randomize_batchnorm(ref, seed=sum(shape))
     new.load_state_dict(ref.state_dict(), strict=True)
     exact = copy.deepcopy(ref).double()
     ref, new, exact = (m.train().to(DEVICE) for m in (ref, new, exact))
     with torch.no_grad():
-        for step in range(2):
+        for step in range(1 if cpu_subset(stem) else 2):
             x = torch.rand(*shape, device=DEVICE) + step
             try:
                 expected = exact(x.double())
@@ -148,10 +222,13 @@ def test_training_mode_matches_reference(name, kwargs, shape):
                 with pytest.raises(ValueError, match="more than 1 value per channel"):
                     new(x)
                 return
-            out, eager = new(x), ref(x)
+            with only_generated_kernels(new):
+                out = new.forward(x)
+            eager = ref(x)
+            assert_shape_and_layout(out, eager)
             err, eager_err = rel_error(out, expected), rel_error(eager, expected)
             print(
-                f"{name} {list(shape)} training step {step}: rel. L2 error vs float64 {err:.2e}"
+                f"{stem} {args} {list(shape)} training step {step}: rel. L2 error vs float64 {err:.2e}"
                 f" (fp32 torch: {eager_err:.2e}); vs fp32 torch {rel_error(out, eager):.2e}"
             )
             assert err < max(TOLERANCE, 3 * eager_err)
@@ -161,21 +238,50 @@ def test_training_mode_matches_reference(name, kwargs, shape):
                     assert torch.allclose(got, buffer, rtol=1e-4, atol=1e-5), key
 
 
-@pytest.mark.parametrize("name, shape", [("efficientnet_b1", (2, 3, 19, 23)), ("mobilenet_v1", (1, 3, 193, 200))])
-def test_gradients_match_the_reference(name, shape):
+# Only a spec with `activations(float16)` stores anything but float32.
+FLOAT16_STEMS = [param(stem, gpu_only_if_large=True) for stem in STEMS if declares_float16_activations(stem)]
+
+
+@pytest.mark.parametrize("stem", FLOAT16_STEMS)
+def test_eval_mode_stores_float16_between_kernels(stem):
+    """In eval mode every kernel stores float16 (the spec's activations(float16)) but the last (the model
+    returns float32) and those whose output a linear reads (it loads its input in float32: the classifier's
+    input error reaches the output unfiltered). Training mode stores float32 throughout."""
+    _, new, x = first_small_case(stem)
+    launches = record_launches(new.eval(), x)
+    linear_inputs = {
+        launch.inputs[0].untyped_storage().data_ptr()
+        for launch in launches
+        if any(isinstance(m, nn.Linear) for m in launch.modules)
+    }
+    expected = [
+        (
+            torch.float32
+            if launch is launches[-1] or launch.outputs[0].untyped_storage().data_ptr() in linear_inputs
+            else torch.float16
+        )
+        for launch in launches
+    ]
+    assert torch.float16 in expected
+    assert [launch.outputs[0].dtype for launch in launches] == expected
+    train_launches = record_launches(new.train(), x)
+    assert {t.dtype for launch in train_launches for t in launch.outputs} == {torch.float32}
+
+
+@pytest.mark.parametrize("stem", [param(stem, gpu_only_if_large=True) for stem in STEMS])
+def test_gradients_match_the_reference(stem):
     """Outside no_grad the kernels still run forward, and backward gives torch's gradients."""
-    kwargs = SMALL_ARGS[name]
-    ref, new = pair(name, kwargs)
+    ref, new, x = first_small_case(stem)
     randomize_batchnorm(ref, seed=3)
     new.load_state_dict(ref.state_dict(), strict=True)
-    ref, new = ref.eval().to(DEVICE), new.eval().to(DEVICE)
-    new.activation_dtype = torch.float32  # forward's float16 rounding has its own test; this one is backward's
-    x = torch.rand(*shape, device=DEVICE)
-    weights = torch.randn(shape[0], kwargs["num_classes"], device=DEVICE)
+    ref, new = ref.eval(), new.eval()
+    if declares_float16_activations(stem):
+        new.activation_dtype = torch.float32  # forward's float16 rounding has its own test; this one is backward's
     x_ref, x_new = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_ref, out_new = ref(x_ref), new(x_new)
     assert out_new.grad_fn is not None and "TorchBackward" in type(out_new.grad_fn).__name__
     assert rel_error(out_new.detach(), out_ref.detach()) < TOLERANCE
+    weights = torch.randn_like(out_ref)
     (out_ref * weights).sum().backward()
     (out_new * weights).sum().backward()
     assert rel_error(x_new.grad, x_ref.grad) < TOLERANCE
@@ -184,42 +290,30 @@ def test_gradients_match_the_reference(name, shape):
         assert rel_error(p_new.grad, p_ref.grad) < TOLERANCE, key
 
 
-def test_no_autograd_wrapper_under_no_grad(monkeypatch):
-    _, new = pair("efficientnet_b1", SMALL_ARGS["efficientnet_b1"])
-    module = type(new)
-
-    def forbidden(*args):
-        raise AssertionError("TorchBackward used under no_grad")
-
-    monkeypatch.setattr(module.TorchBackward, "apply", forbidden)
-    x = torch.rand(1, 3, 16, 16, device=DEVICE)
-    with torch.no_grad():
-        new.eval().to(DEVICE)(x)
-    with torch.inference_mode():
-        new(x)
-
-
-@pytest.mark.parametrize("name", NETS)
-def test_bad_inputs_get_a_value_error_naming_the_expected_shape(name):
-    _, new = pair(name, SMALL_ARGS[name])
-    new = new.eval().to(DEVICE)
-    size = 193 if name == "mobilenet_v1" else 16
-    expected = r"expects a float32 tensor of shape \(N, 3, H, W\), got"
+@pytest.mark.parametrize("stem", STEMS)
+def test_bad_inputs_get_a_value_error_naming_the_expected_shape(stem):
+    args, shape = SMALL[stem][0]
+    torch.manual_seed(SEED)
+    new = generated(stem).ModelNew(*args).eval().to(DEVICE)
+    channels, size = shape[1], shape[2:]
+    expected = rf"expects a float32 tensor of shape \(N, {channels}, H, W\), got"
     with torch.no_grad():
         for bad in (
-            torch.rand(1, 4, size, size),  # channels
-            torch.rand(3, size, size),  # rank
-            torch.rand(1, 3, size, size, dtype=torch.float64),  # dtype
+            torch.rand(1, channels + 1, *size),  # channels
+            torch.rand(channels, *size),  # rank
+            torch.rand(1, channels, *size, dtype=torch.float64),  # dtype
         ):
             with pytest.raises(ValueError, match=expected):
                 new(bad.to(DEVICE))
 
 
-@pytest.mark.parametrize("name, size", [("mobilenet_v1", 224), ("efficientnet_b1", 240)])
-def test_offsets_past_2_31_are_refused_not_overrun(name, size):
-    """A batch whose activations need 64-bit element offsets is refused before any launch (meta
-    tensors: no memory is allocated)."""
-    _, new = pair(name, SMALL_ARGS[name])
-    new = new.eval().to("meta")
+@pytest.mark.parametrize("stem", STEMS)
+def test_offsets_past_2_31_are_refused_not_overrun(stem):
+    """A batch whose input alone needs 64-bit element offsets is refused before any launch (meta tensors:
+    nothing is allocated, and a launch on them would fail otherwise)."""
+    args, shape = SMALL[stem][0]
+    with torch.device("meta"):
+        new = generated(stem).ModelNew(*args).eval()
+    batch = 2**31 // math.prod(shape[1:]) + 1
     with torch.no_grad(), pytest.raises(ValueError, match=r"element offsets past 2\*\*31"):
-        new(torch.empty(20000, 3, size, size, device="meta"))
+        new(torch.empty(batch, *shape[1:], device="meta"))
