@@ -514,7 +514,11 @@ def test_generated_files_are_clean(path):
     warned: dict[str, set[str]] = {}
     for v in violations:
         warned.setdefault(v.rule, set()).add(function_at.get(v.line))
-    assert warned == GENERATED_WARNINGS
+    # a net without BatchNorm has no batch_norm_reference: each warning stands only where it may
+    assert all(
+        rule in GENERATED_WARNINGS and places <= GENERATED_WARNINGS[rule] for rule, places in warned.items()
+    ), warned
+    assert warned.get("KB102")  # reference_forward's torch ops are seen, so the check above can fail
 
 
 def seed_code(prompt: str) -> str:
