@@ -266,15 +266,38 @@ def replay_cuda_graph(model, x):
 """
 
 
+def _input_channels(body: tuple, value: Value) -> str | None:
+    """The channel count that the first op reading `value` takes, as a ModelNew expression: where a branch
+    decides which op reads it first, a conditional expression over both sides (None where unknown)."""
+    for i, item in enumerate(body):
+        if isinstance(item, Chain) and item.input is value:
+            first = item.ops[0]
+            return (
+                f"self.{first.module_path}.{first.op.channels_attr}"
+                if first.module_path and first.op.channels_attr
+                else None
+            )
+        if isinstance(item, Branch):
+            sides = []
+            for side, index in ((item.then, 1), (item.orelse, 2)):
+                found = _input_channels(side, value)
+                passed = next((merge[0] for merge in item.merges if merge[index] is value), None)
+                if found is None and passed is not None:  # this side leaves it as it is: read after the branch
+                    found = _input_channels(body[i + 1 :], passed)
+                sides.append(found)
+            if any(sides):
+                return f"({sides[0]} if self.{item.attribute} else {sides[1]})" if all(sides) else None
+        if isinstance(item, Loop) and item.input is value:
+            return None
+    return None
+
+
 def _input_check_lines(plan: Plan) -> list[str]:
     """A clear ValueError for an input of the wrong rank, channel count or dtype."""
     graph = plan.model.graph
-    # the first op that reads the input, where it always runs (not inside a branch or loop)
-    reader = next((item for item in graph.body if isinstance(item, Chain) and item.input is graph.input), None)
-    first = reader.ops[0] if reader else None
+    channels = _input_channels(graph.body, graph.input)
     bad, expected = "x.dim() != 4 or x.dtype != torch.float32", "a float32 NCHW tensor"
-    if first and first.module_path and first.op.channels_attr:
-        channels = f"self.{first.module_path}.{first.op.channels_attr}"
+    if channels:
         bad = f"x.dim() != 4 or x.shape[1] != {channels} or x.dtype != torch.float32"
         expected = f"a float32 tensor of shape (N, {{{channels}}}, H, W)"
     message = f'f"{plan.model.name} expects {expected}, got {{x.dtype}} of shape {{tuple(x.shape)}}"'

@@ -1542,9 +1542,18 @@ class ModelNew(nn.Module):
         self.cuda_graph_pools = {}  # device -> the memory pool its graphs share
 
     def forward(self, x):
-        if x.dim() != 4 or x.dtype != torch.float32:
+        if (
+            x.dim() != 4
+            or x.shape[1]
+            != (
+                self.expand_conv[0].in_channels
+                if self.expands
+                else self.depthwise_conv[0].in_channels
+            )
+            or x.dtype != torch.float32
+        ):
             raise ValueError(
-                f"EfficientNetMBConv expects a float32 NCHW tensor, got {x.dtype} of shape {tuple(x.shape)}"
+                f"EfficientNetMBConv expects a float32 tensor of shape (N, {(self.expand_conv[0].in_channels if self.expands else self.depthwise_conv[0].in_channels)}, H, W), got {x.dtype} of shape {tuple(x.shape)}"
             )
         with torch.cuda.device(x.device.index if x.is_cuda else -1):
             if torch.is_grad_enabled() and (
