@@ -208,10 +208,10 @@ def label_launches(launches: list[KernelLaunch], steps: list, model: nn.Module) 
         nonlocal position
         for step in items:
             if isinstance(step, LoopStep):
-                for child in list(_resolve(step.loop.modules, names))[step.loop.start :]:
-                    walk(step.steps, {**names, step.loop.variable: child})
+                for child in list(_resolve(step.modules, names))[step.start :]:
+                    walk(step.body, {**names, step.variable: child})
             elif isinstance(step, BranchStep):
-                walk(step.then if getattr(model, step.branch.attribute) else step.orelse, names)
+                walk(step.then if getattr(model, step.attribute) else step.orelse, names)
             elif isinstance(step, Launch):
                 if position >= len(launches) or launches[position].wrapper != step.kernel.name:
                     found = launches[position].wrapper if position < len(launches) else "nothing"

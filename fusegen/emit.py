@@ -339,12 +339,9 @@ def _tree(items) -> list:
     tree = []
     for item in items:
         if isinstance(item, (LoopStep, Loop)):
-            loop = item.loop if isinstance(item, LoopStep) else item
-            body = item.steps if isinstance(item, LoopStep) else item.body
-            tree.append(("loop", loop.input, loop.carried, loop.output, _tree(body)))
+            tree.append(("loop", item.input, item.carried, item.output, _tree(item.body)))
         elif isinstance(item, (BranchStep, Branch)):
-            branch = item.branch if isinstance(item, BranchStep) else item
-            tree.append(("branch", branch.merges, _tree(item.then), _tree(item.orelse)))
+            tree.append(("branch", item.merges, _tree(item.then), _tree(item.orelse)))
         elif isinstance(item, Chain):
             tree.append(("leaf", item.output, [item.input], [v for node in item.ops for v in node.operands]))
         else:
@@ -360,20 +357,18 @@ def _regions(items, names: dict[int, str], leaf) -> list[str]:
     lines = []
     for item in items:
         if isinstance(item, (LoopStep, Loop)):
-            loop = item.loop if isinstance(item, LoopStep) else item
-            body = _regions(item.steps if isinstance(item, LoopStep) else item.body, names, leaf)
-            entry, carried = names[id(loop.input)], names[id(loop.carried)]
+            body = _regions(item.body, names, leaf)
+            entry, carried = names[id(item.input)], names[id(item.carried)]
             lines += [f"{carried} = {entry}"] if carried != entry else []
-            lines += [f"for {loop.variable} in self.{loop.modules}[{loop.start}:]:", *(INDENT + line for line in body)]
+            lines += [f"for {item.variable} in self.{item.modules}[{item.start}:]:", *(INDENT + line for line in body)]
         elif isinstance(item, (BranchStep, Branch)):
-            branch = item.branch if isinstance(item, BranchStep) else item
             then, orelse = _regions(item.then, names, leaf), _regions(item.orelse, names, leaf)
             # a value that a body leaves as it was: an alias, where the merged value has another variable
-            for merged, first, second in branch.merges:
+            for merged, first, second in item.merges:
                 for lines_of, source in ((then, first), (orelse, second)):
                     if names[id(source)] != names[id(merged)]:
                         lines_of.append(f"{names[id(merged)]} = {names[id(source)]}")
-            test = f"self.{branch.attribute}"
+            test = f"self.{item.attribute}"
             if not then and not orelse:
                 continue
             if not then:

@@ -112,27 +112,31 @@ class ViewOnly:
 
 @dataclass(frozen=True)
 class LoopStep:
-    """A graph Loop's steps, run once per child of its sequential module."""
+    """A graph Loop's steps, run once per child of its sequential module. It reads like the Loop (input,
+    carried, output, modules, start, variable), with steps for its body."""
 
     loop: Loop
-    steps: tuple["Step", ...]
+    body: tuple["Step", ...]
 
-    @property
-    def input(self) -> Value:
-        return self.loop.input
-
-    @property
-    def output(self) -> Value:
-        return self.loop.output
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "loop":  # copy and pickle look before the fields exist
+            raise AttributeError(name)
+        return getattr(self.loop, name)
 
 
 @dataclass(frozen=True)
 class BranchStep:
-    """A graph Branch's steps, one body or the other."""
+    """A graph Branch's steps, one body or the other. It reads like the Branch (attribute, merges), with
+    steps for its bodies."""
 
     branch: Branch
     then: tuple["Step", ...]
     orelse: tuple["Step", ...]
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "branch":  # copy and pickle look before the fields exist
+            raise AttributeError(name)
+        return getattr(self.branch, name)
 
 
 Step = Union[Launch, ViewOnly, LoopStep, BranchStep]
@@ -144,7 +148,7 @@ def launches(steps) -> Iterator[Launch]:
         if isinstance(step, Launch):
             yield step
         elif isinstance(step, LoopStep):
-            yield from launches(step.steps)
+            yield from launches(step.body)
         elif isinstance(step, BranchStep):
             yield from launches(step.then)
             yield from launches(step.orelse)
@@ -573,7 +577,7 @@ def plan(model: Model, spec_name: str) -> Plan:
         if isinstance(s, Launch):
             return replace(s, kernel=final[s.kernel.name])
         if isinstance(s, LoopStep):
-            return replace(s, steps=tuple(map(refresh, s.steps)))
+            return replace(s, body=tuple(map(refresh, s.body)))
         if isinstance(s, BranchStep):
             return replace(s, then=tuple(map(refresh, s.then)), orelse=tuple(map(refresh, s.orelse)))
         return s
