@@ -29,7 +29,7 @@ import triton
 import triton.testing
 
 from fusegen.errors import SpecError
-from fusegen.ops import DOT_PRECISION, STATS_DOT_PRECISION, lookup
+from fusegen.ops import STATS_DOT_PRECISION, lookup
 from fusegen.pipeline import compile_plan
 from fusegen.plan import BranchStep, Launch, LoopStep
 
@@ -537,8 +537,8 @@ def environment() -> dict:
             "torch.backends.cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
             "torch.backends.cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
             "fusegen tl.dot": (
-                f"{DOT_PRECISION} (fp16 on float16 activations, the spec's activations(float16)); in training mode "
-                f"{STATS_DOT_PRECISION} where the output feeds BatchNorm, on float32 activations"
+                "tf32 rounded to nearest; tf32x3 in linear layers and in convs of few products per output; fp16 on "
+                f"float16 activations; {STATS_DOT_PRECISION} in training mode where BatchNorm uses batch statistics"
             ),
         },
     }

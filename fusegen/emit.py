@@ -3,7 +3,10 @@ formatted with black's library API at the pinned version, so that builds are byt
 
 from __future__ import annotations
 
+import ast
 import re
+from functools import cache
+from pathlib import Path
 
 import black
 
@@ -126,144 +129,6 @@ def _variables(tree: list, given: Value, result: Value) -> dict[int, str]:
             names[id(v)] = candidate
             holders[candidate] = v
     return names
-
-
-# Kernels compute element offsets in 32 bits; refuse tensors whose offsets would not fit.
-OFFSETS_CHECK = """\
-def check_32bit_offsets(*tensors):
-    \"\"\"Raises ValueError if an element offset of a tensor reaches 2**31 (the kernels use 32-bit offsets).\"\"\"
-    for t in tensors:
-        if sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) >= 2**31:
-            raise ValueError(f"a tensor of shape {tuple(t.shape)} has element offsets past 2**31; split the batch")
-"""
-
-
-# On the GPU the whole chain of launches replays as one CUDA graph: at small batch the Python
-# launches, not the kernels, take most of the time.
-GRAPH_INPUTS = """\
-def graph_inputs(model, attrs):
-    \"\"\"What a CUDA graph captured for `model` reads: (table, name, object) for every parameter, buffer
-    and child module in the tree and each attribute named in `attrs` where a module has one; then the
-    parameters and buffers with their addresses, and the parameters with their versions.\"\"\"
-    slots, tensors, parameters = [], [], []
-    modules = [model]
-    for module in modules:  # appending while iterating: the whole tree, breadth first
-        for table in (module._parameters, module._buffers, module._modules):
-            slots += [(table, name, value) for name, value in table.items()]
-        slots += [(module.__dict__, name, module.__dict__[name]) for name in attrs if name in module.__dict__]
-        tensors += [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
-        parameters += [t for t in module._parameters.values() if t is not None]
-        modules += [child for child in module._modules.values() if child is not None]
-    return slots, tensors, [t.data_ptr() for t in tensors], parameters, [t._version for t in parameters]
-
-
-def graph_inputs_unchanged(inputs):
-    \"\"\"Whether what graph_inputs found is as it was: three list comprehensions per call (MobileNetV1:
-    34 us where a walk of the module tree took 75 us, a CPU; with the walk, a batch-10 call cost an
-    H200's host as long as its kernels took).\"\"\"
-    slots, tensors, addresses, parameters, versions = inputs
-    return (
-        all([table.get(name) is value for table, name, value in slots])
-        and [t.data_ptr() for t in tensors] == addresses
-        and [t._version for t in parameters] == versions
-    )
-"""
-
-GRAPH_REPLAY = """\
-def graph_entry(model, x, copy_input):
-    \"\"\"The CUDA graphs of one input shape, dtype, device and mode and one input address (or of the inputs
-    at other addresses). They all read `static_x` (None: the caller's tensor where it lies; the graphs keep
-    no reference to it, so the caller's next input may take its memory) and differ only in where they
-    write: the outputs of `returned` go to the caller as they are, that of `cloned` is copied out, for when
-    the caller still holds all of those. Each graph is (graph, output).\"\"\"
-    # from model.first_kernel_outside_graph_numel input elements (eval mode) graphs that copy their input
-    # in start from the first launch's output instead: that launch runs outside, on x itself
-    outside = (
-        copy_input
-        and not model.training
-        and model.first_kernel_outside_graph_numel is not None
-        and x.numel() >= model.first_kernel_outside_graph_numel
-    )
-    static_x = None
-    if outside:
-        static_x = model.run_first_kernel(x)
-    elif copy_input:
-        # in the layout the first kernel reads, so that each replay's copy is also any layout change
-        static_x = torch.empty_like(x, memory_format=model.input_layout).copy_(x)
-    inputs = graph_inputs(model, model.captured_attrs)
-    return {"inputs": inputs, "outside": outside, "static_x": static_x, "returned": [], "cloned": None}
-
-
-def capture_cuda_graph(model, entry, x):
-    \"\"\"A CUDA graph of model.run_kernels on x as `entry` feeds it: (graph, its output). The graphs of a
-    device share one memory pool: each replay writes what it reads first, and an output stays allocated
-    while its entry holds it, so none needs another's intermediates kept.\"\"\"
-    run = model.run_kernels_after_first if entry["outside"] else model.run_kernels
-    graph_x = x if entry["static_x"] is None else entry["static_x"]
-    with torch.cuda.device(x.device):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            # compiles the kernels outside the capture; training mode must not count this run
-            buffers = [b.clone() for b in model.buffers()]
-            run(graph_x)
-            for b, saved in zip(model.buffers(), buffers):
-                b.copy_(saved)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        pool = model.cuda_graph_pools.setdefault(x.device, torch.cuda.graph_pool_handle())
-        # torch.cuda.graph's default capture stream lives on whichever GPU first captured
-        # anything in this process: capture on a stream of x's GPU instead
-        with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream()):
-            out = run(graph_x)
-    return graph, out
-
-
-def caller_holds(output):
-    \"\"\"Whether anything besides its graph entry holds a graph's output (the tensor handed out, a view
-    of it): the entry's tensor and the storage object asked for count two.\"\"\"
-    return torch._C._storage_Use_Count(output.untyped_storage()._cdata) > 2
-
-
-def replay_cuda_graph(model, x):
-    \"\"\"Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype, device and mode. Graphs are
-    captured again when a parameter or buffer is replaced, a parameter changes in place, or a module
-    attribute named in model.captured_attrs changes. Up to model.direct_graphs graphs per shape read the
-    caller's tensor where it lies, one per address and strides, so that a replay copies nothing in: a
-    later input there has x's shape and layout, so the graph reads it as it is then. An input at another
-    address shares graphs that copy it in. A call never overwrites a tensor that the caller still holds:
-    it hands out the output of a graph whose last output the caller has let go (up to
-    model.returned_outputs such graphs), or else a clone.\"\"\"
-    # The kernels read buffers where they lie, so in-place changes to them need no new capture. A
-    # parameter changed in place (its _version) captures again: dot_weight's TF32 copies are made
-    # then. Scalars such as BatchNorm's eps and momentum are constants of the graph.
-    graphs = model.cuda_graphs.setdefault((x.shape, x.dtype, x.device, model.training), {})
-    address = (x.data_ptr(), x.stride())  # None: the graphs that copy their input in
-    if address not in graphs and sum(a is not None for a in graphs) >= model.direct_graphs:
-        address = None
-    entry = graphs.get(address)
-    if entry is not None and not graph_inputs_unchanged(entry["inputs"]):
-        # all graphs were captured with the same parameters and attributes: all are stale
-        model.cuda_graphs.clear()
-        model.cuda_graph_pools.clear()
-        return replay_cuda_graph(model, x)
-    if entry is None:
-        entry = graphs[address] = graph_entry(model, x, copy_input=address is None)
-    returned = next((r for r in entry["returned"] if not caller_holds(r[1])), None)
-    if returned is None and len(entry["returned"]) < model.returned_outputs:
-        returned = capture_cuda_graph(model, entry, x)
-        entry["returned"].append(returned)
-    if returned is None and entry["cloned"] is None:
-        entry["cloned"] = capture_cuda_graph(model, entry, x)
-    graph, out = returned or entry["cloned"]
-    if entry["outside"]:
-        model.run_first_kernel(x, out=entry["static_x"])
-    elif entry["static_x"] is not None:
-        entry["static_x"].copy_(x)
-    graph.replay()
-    # an alias, not `out` itself: the caller's hold on it must count in caller_holds
-    return out.detach() if returned else out.clone()
-"""
 
 
 def _input_channels(body: tuple, value: Value) -> str | None:
@@ -546,9 +411,8 @@ def _first_kernel_outside_lines(plan: Plan) -> list[str]:
         ]
     return [
         "# from this many input elements the graph of inputs past direct_graphs runs the first launch outside",
-        "# on the caller's tensor instead of copying the input in (H200, ms: MobileNetV1 at batch 128 1.233 -> 1.194,",
-        "# at batch 16 0.241 -> 0.235). A smaller input is copied: the launch from Python costs the host",
-        "# 0.05-0.14 ms, so a small batch would wait for the host (EfficientNetB1 at batch 8: 0.174 -> 0.234)",
+        "# on the caller's tensor instead of copying the input in. A smaller input is copied: the launch from",
+        "# Python costs the host more than a small batch's kernels take (docs/performance.md)",
         "first_kernel_outside_graph_numel = 2**21",
     ]
 
@@ -556,19 +420,44 @@ def _first_kernel_outside_lines(plan: Plan) -> list[str]:
 # ModelNew.direct_graphs and returned_outputs, with why
 GRAPH_COUNTS = [
     "# CUDA graphs per input shape that read the caller's tensor where it lies (one per address and",
-    "# strides), so that a replay copies nothing in: H200, batch 10, MobileNetV1 0.190 -> 0.185 ms,",
-    "# EfficientNetB1 0.163 -> 0.157 ms. Inputs at other addresses share one graph that copies them in.",
+    "# strides), so that a replay copies nothing in; inputs at other addresses share one graph that copies",
+    "# them in",
     "direct_graphs = 4",
-    "# graphs per input whose output goes to the caller as it is, while the caller has let go of it: a",
-    "# `y = model(x)` loop alternates two (H200, batch 10: MobileNetV1 0.183 -> 0.179 ms, EfficientNetB1",
-    "# 0.156 -> 0.152 ms, against a clone of each output). Past them a replay hands out a clone.",
+    "# graphs per input whose output goes to the caller as it is, while the caller has let go of it (a",
+    "# `y = model(x)` loop alternates two); past them a replay hands out a clone",
     "returned_outputs = 2",
 ]
 
 
-def _called(functions: dict[str, str], callers: list[str]) -> list[str]:
-    """The sources of the op table's shared functions (name -> source) that some caller calls."""
-    return [source for name, source in functions.items() if any(f"{name}(" in text for text in callers)]
+@cache
+def _runtime() -> dict[str, tuple[str, bool]]:
+    """The functions of fusegen/runtime.py in its order: name -> (source with the comment lines right above
+    it, whether it is a Triton function). Read as text: building a file does not import triton."""
+    text = Path(__file__).with_name("runtime.py").read_text()
+    lines = text.splitlines()
+    functions = {}
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.FunctionDef):
+            start = min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1
+            while start > 0 and lines[start - 1].startswith("#"):
+                start -= 1
+            jit = any(ast.unparse(d) == "triton.jit" for d in node.decorator_list)
+            functions[node.name] = ("\n".join(lines[start : node.end_lineno]) + "\n", jit)
+    return functions
+
+
+def runtime_sources(callers: list[str], jit: bool) -> list[str]:
+    """The sources of the runtime's Triton functions (jit) or Python functions that `callers` call,
+    directly or through one another, in the runtime's order."""
+    runtime = _runtime()
+    texts, called = list(callers), set()
+    while True:
+        found = {name for name in runtime if any(re.search(rf"\b{name}\(", t) for t in texts)} - called
+        if not found:
+            break
+        called |= found
+        texts = [runtime[name][0] for name in found]
+    return [source for name, (source, is_jit) in runtime.items() if name in called and is_jit == jit]
 
 
 def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
@@ -576,16 +465,10 @@ def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
     ctor = ", ".join(["self", *(f"{name}={default}" for name, default in model.params)])
     helpers = _helpers(plan)
     kernels, wrappers = [k.kernel_source for k in lowered], [k.wrapper_source for k in lowered]
-    parts = [HEADER.format(spec=spec_path)]
-    parts += _called(O.KERNEL_FUNCTIONS, kernels)
-    parts += kernels
-    parts += [h.kernel for h in helpers]
-    parts.append(OFFSETS_CHECK)
-    parts += _called(O.WRAPPER_FUNCTIONS, wrappers)
-    parts += wrappers
-    parts += [h.wrapper for h in helpers]
-    parts += dict.fromkeys(u.op.reference_helper for c in model.chains for u in c.ops if u.op.reference_helper)
-    parts += [GRAPH_INPUTS, GRAPH_REPLAY]
+    helper_wrappers = [h.wrapper for h in helpers]
+    helper_wrappers += dict.fromkeys(
+        u.op.reference_helper for c in model.chains for u in c.ops if u.op.reference_helper
+    )
     cls = [
         "class ModelNew(nn.Module):",
         f'{INDENT}"""{model.name}, generated from {spec_path}; example input {"x".join(map(str, model.example_input))}."""',
@@ -614,6 +497,14 @@ def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
         f'{INDENT * 2}"""The forward in torch ops, differentiated by backward; leaves running statistics alone."""',
         *(INDENT * 2 + line for line in _reference_lines(plan)),
     ]
-    parts.append("\n".join(cls))
+    cls_source = "\n".join(cls)
+    kernels += [h.kernel for h in helpers]
+    wrappers += helper_wrappers
+    parts = [HEADER.format(spec=spec_path)]
+    parts += runtime_sources(kernels, jit=True)
+    parts += kernels
+    parts += runtime_sources([*wrappers, cls_source], jit=False)
+    parts += wrappers
+    parts.append(cls_source)
     source = "\n\n".join(parts) + "\n"
     return black.format_str(source, mode=black.Mode())

@@ -72,7 +72,7 @@ def _frame(out_rank: int, loop: list[str]) -> list[str]:
         "# Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,",
         "# and the tile stays in registers until the one store.",
         "# adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several",
-        "# channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)",
+        "# channel blocks reads its input rows from DRAM once",
         "pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)",
         "pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)",
         "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",

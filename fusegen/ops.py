@@ -28,19 +28,10 @@ from typing import Callable
 
 Shape = tuple[int, ...]
 
-# Precision of fp32 tl.dot on the GPU. Tensor cores read an fp32 operand as TF32 by dropping its low 13
-# mantissa bits; that truncation always shrinks magnitudes, its error adds up over a whole net, and plain
-# "tf32" left 0.9e-3 to 1.4e-3 relative L2 error on MobileNetV1 and EfficientNetB1 (H200), ten times
-# eager's. Operands are rounded to nearest first, as cuBLAS and cuDNN do: activations in `fp32_dot`
-# (FP32_DOT below), weights once in the wrapper (`dot_weight`, DOT_WEIGHT).
-# "bf16x3" (three bf16 products, 4e-6) and "tf32x3" (2e-7) are more exact and slower (docs/performance.md).
-# Triton's interpreter accepts no bf16x3 and computes fp32 anyway: "ieee" says so.
-# A conv whose input is a float16 activation (the spec's `activations(float16)`) runs "fp16" instead:
-# float16 has TF32's 10-bit mantissa, so both operands round the same, and tensor cores multiply them at
-# twice the rate (`dot_precision` chooses; a weight outside float16's comfortable range keeps "tf32").
-DOT_PRECISION = "tf32"
-# A kernel whose output feeds training-mode BatchNorm: normalising by the batch's spread amplifies
-# rounding, and bf16x3 left the running buffers 1e-4 off float64 (outputs 1-4e-4); tf32x3 does not.
+# The precision of fp32_dot (fusegen/runtime.py) in a kernel whose output training-mode BatchNorm normalises,
+# and in every kernel of a training-mode forward that has such BatchNorm: normalising by the batch's spread
+# amplifies rounding upstream of it (docs/performance.md, "Precision and runtime choices"). Elsewhere the
+# runtime's `dot_precision` decides in the wrapper.
 STATS_DOT_PRECISION = "tf32x3"
 
 
@@ -69,33 +60,6 @@ class KernelParam:
     name: str  # without the slot prefix: "weight_ptr", "eps", "STRIDE"
     value: str
     constexpr: bool = False
-
-
-# The tl.dot of every anchor, emitted once into each generated file that uses it.
-FP32_DOT = """\
-@triton.jit
-def round_to_tf32(x):
-    \"\"\"x rounded to the nearest TF32 value, ties away from zero (as cuBLAS and cuDNN round).\"\"\"
-    # add half a unit in TF32's last place, then drop the 13 mantissa bits that TF32 lacks
-    bits = x.to(tl.uint32, bitcast=True) + 0x1000
-    return (bits & 0xFFFFE000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def fp32_dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    \"\"\"acc + a @ b for an fp32 tile `a` and dot_weight's `b`, accumulated in fp32. Tensor cores read
-    fp32 operands as TF32 by truncating them, a bias that adds up over a net: for "tf32" the activations
-    `a` are rounded to nearest here, and the weights `b` come rounded already. For "fp16" `a` rounds to
-    nearest float16 and `b` comes as float16.\"\"\"
-    # if/else, not an early return: Triton compiles the code after a return in a constexpr branch too
-    if DOT_PRECISION == "fp16":
-        acc = tl.dot(a.to(tl.float16), b, acc)
-    else:
-        if DOT_PRECISION == "tf32":
-            a = round_to_tf32(a)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    return acc
-"""
 
 
 # A prologue hook that an anchor calls where it loads an input tile:
@@ -244,9 +208,9 @@ class Op:
         """The op as it lowers in training mode."""
         return replace(self, lowering=self.train_lowering) if self.train_lowering else self
 
-    def feeding_batch_stats(self) -> "Op":
-        """The op in a kernel whose output training-mode BatchNorm normalises: its tl.dot in
-        STATS_DOT_PRECISION."""
+    def with_stats_precision(self) -> "Op":
+        """The op in a training-mode kernel of a net whose BatchNorm normalises by batch statistics: its
+        tl.dot in STATS_DOT_PRECISION."""
         lowering = self.lowering
         if not isinstance(lowering, Anchor) or all(p.name != "DOT_PRECISION" for p in lowering.params):
             return self
@@ -524,47 +488,6 @@ def _load_loop(slot: str, prologue: PrologueHook) -> list[str]:
     ]
 
 
-# fp32_dot's weight operand, made in the wrapper (emitted once per file that uses it). For "tf32" it is
-# a copy rounded to TF32: rounding the weight tiles in the kernel cost 8% of the 1x1 convs' time
-# (1.43 -> 1.56 ms summed over 16 layers at batch 128 on an H200; scripts/tune_tiles.py --rounding).
-DOT_WEIGHT = """\
-def dot_weight(module, precision):
-    \"\"\"module.weight as fp32_dot's operand `b` at `precision`, with the weight's own strides, made once
-    per version of the weight. "tf32": rounded to the nearest TF32 values (ties away from zero). "fp16":
-    rounded to float16, or None where that loses more than TF32 would: where the largest magnitude is
-    above 2**15 (near float16's overflow) or below 2**-8 (then the weights under 2**-14 that go subnormal
-    lose more than 1/64 of the largest one's TF32 rounding).\"\"\"
-    weight = module.weight
-    if precision not in ("tf32", "fp16"):
-        return weight
-    key = (weight.data_ptr(), weight._version, weight.device, weight.stride())
-    cached = getattr(module, f"{precision}_weight", None)
-    if cached is None or cached[0] != key:
-        w = weight.detach()
-        if precision == "tf32":
-            operand = ((w.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
-        else:  # one sync per version of the weight, made before a CUDA graph's capture
-            operand = w.half() if 2**-8 <= w.abs().amax().item() <= 2**15 else None
-        cached = (key, operand)
-        setattr(module, f"{precision}_weight", cached)
-    return cached[1]
-"""
-
-
-# A conv's fp32_dot precision, chosen in its wrapper (emitted once per file that uses it).
-DOT_PRECISION_RULE = """\
-def dot_precision(x, module):
-    \"\"\"fp32_dot's precision for input x and module.weight: "ieee" off the GPU (Triton's interpreter
-    computes fp32); on it "fp16" where x is a float16 activation and the weight rounds to float16 as
-    well as to TF32 (dot_weight), else "tf32".\"\"\"
-    if not x.is_cuda:
-        return "ieee"
-    if x.dtype == torch.float16 and dot_weight(module, "fp16") is not None:
-        return "fp16"
-    return "tf32"
-"""
-
-
 def _weight(dims: str, value: str = "{m}.weight") -> tuple[KernelParam, ...]:
     """The weight pointer and its strides: a module moved to channels_last has non-contiguous weights
     (dot_weight keeps the strides)."""
@@ -580,191 +503,12 @@ _DOT_WEIGHT = "dot_weight({m}, DOT_PRECISION)"
 _GEMM_WEIGHT = KernelParam("weight_ptr", _DOT_WEIGHT + ".contiguous()")
 
 
-# The tile of a 1x1 conv's GEMM, chosen in its wrapper from the shape (emitted once per file).
-GEMM_TILE = """\
-def gemm_tile(rows, C_in, C_out, precision):
-    \"\"\"(BLOCK_M, BLOCK_N, BLOCK_K) for a 1x1 conv of `rows` pixels, from tile sweeps of TF32 dots at
-    batch 10 and 128 on an H200 (scripts/tune_tiles.py; docs/performance.md). A tf32x3 dot (three products
-    per tile) keeps 64 rows: with 128, MobileNetV1's training forward went 5.6 -> 6.7 ms.\"\"\"
-
-    def programs(block_m, block_n):
-        return triton.cdiv(rows, block_m) * triton.cdiv(C_out, block_n)
-
-    # up to 128 channels, so that each input row is read once for up to 128 output channels
-    block_n = min(128, max(16, triton.next_power_of_2(C_out)))
-    # float16 operands: K steps of 64 carry the bytes of 32 fp32 ones, where that leaves two steps or
-    # more to pipeline (batch 128, summed over 16 layers: 0.899 -> 0.861 ms; 1024 -> 1024 @7: 0.040 -> 0.030)
-    block_k = 64 if precision == "fp16" and C_in >= 128 else 32
-    # 128 rows where that leaves five programs per SM of a 128-SM GPU (256 -> 256 @28: 0.151 -> 0.106 ms)
-    if precision != "tf32x3" and C_in >= 32 and block_n >= 64 and programs(128, block_n) >= 640:
-        return 128, block_n, block_k
-    if programs(64, block_n) >= 128:
-        return 64, block_n, block_k
-    # under a wave of programs (batch 10's late layers): narrower tiles, longer K steps
-    # (1152 -> 320 @8: 0.024 -> 0.015 ms; 1024 -> 1024 @7: 0.023 -> 0.019 ms). Sweeps of these layers
-    # alone in a CUDA graph favoured wider tiles with K steps of 32, but in the whole net that made
-    # MobileNetV1 at batch 10 slower (0.262 -> 0.270 ms, H200; docs/performance.md, session 6). Each K step
-    # waits on its loads, so float16 operands take steps of 128 (3 stages: 96 KB): whole nets at batch
-    # 10, MobileNetV1 0.200 -> 0.193 ms, EfficientNetB1 0.173 -> 0.168 ms (H200, session 11)
-    block_k = 128 if precision == "fp16" and C_in >= 128 else 64 if C_in >= 64 else 32
-    if programs(64, min(block_n, 64)) >= 128:
-        return 64, min(block_n, 64), block_k
-    return 32, min(block_n, 32), block_k
-"""
-
-
-# The tile and launch options of a KxK conv's implicit GEMM (emitted once per file that has one).
-CONV_TILE = """\
-def conv_tile(K, C_out):
-    \"\"\"(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a KxK conv whose implicit GEMM has K =
-    KH * KW * C_in, from sweeps of the stem (3x3, 3 -> 32, stride 2) on an H200 (scripts/tune_tiles.py).\"\"\"
-    block_n = min(64, max(16, triton.next_power_of_2(C_out)))
-    if K <= 32:
-        # one K step (the stem's 27): nothing to pipeline, and 2 warps per 64 x 32 tile
-        # (MobileNetV1's stem, batch 128: 0.117 -> 0.092 ms; EfficientNetB1's: 0.136 -> 0.105 ms)
-        return 64, block_n, 32, 2, 1
-    return 64, block_n, 32, 4, 3
-"""
-
-
-# The tile of a depthwise conv (emitted once per file that has one).
-DWCONV_TILE = """\
-def dwconv_tile(C, dtype):
-    \"\"\"(BLOCK_M, BLOCK_N, num_warps) for a depthwise conv over C channels stored in `dtype`, from sweeps
-    at batch 128 on an H200 (scripts/tune_tiles.py --dw; docs/performance.md).\"\"\"
-    if dtype == torch.float16:
-        # 16 pixels a program and 16 values a thread: many small programs keep more of the taps' loads in
-        # flight; a channel block that C fills, so no lane is masked (96 @120/s2: 0.202 ms at 64 x 64 on
-        # 4 warps, 0.144 at 16 x 32 on 1). MobileNetV1's standalone depthwise convs at batch 128 (bench's
-        # per-kernel table), with the loop over kernel rows: 0.574 -> 0.477 ms.
-        block_n = min(128 if C % 128 == 0 else 64 if C % 64 == 0 else 32, max(16, triton.next_power_of_2(C)))
-        return 16, block_n, max(1, block_n // 32)
-    return 64, min(64, max(16, triton.next_power_of_2(C))), 4
-"""
-
-
-# The tile of a 1x1 conv that computes a depthwise conv in its K loop (emitted once per file).
-PRODUCER_TILE = """\
-def producer_tile(C_in, C_out, taps, dtype):
-    \"\"\"(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a 1x1 conv from C_in to C_out channels
-    whose input tile a depthwise conv of `taps` taps computes in its K loop, its input stored in `dtype`,
-    from sweeps at batch 128 on an H200 (scripts/tune_fused.py; docs/performance.md).\"\"\"
-    # up to 128 output channels in one block: each further block computes the depthwise conv again
-    block_n = min(128, max(16, triton.next_power_of_2(C_out)))
-    if C_in <= 64:
-        # one K step: the depthwise tile is computed once (MobileNetV1 32 -> 64 @112, float32, batch 128:
-        # 0.356 ms as two kernels, 0.281 ms fused)
-        block_k = max(16, triton.next_power_of_2(C_in))
-        if dtype == torch.float16:
-            # 32 rows, a warp per 32 channels of the depthwise tile (32 of its values a thread), batch 128:
-            # 32 -> 64 @112 0.195 -> 0.156 ms, 64 -> 128 @112/s2 0.150 -> 0.133, 32 -> 16 @120 0.176 -> 0.163
-            return 32, block_n, block_k, max(1, block_k // 32), 1
-        return (64 if block_n <= 64 else 32), block_n, block_k, 4, 1
-    # K steps of 32 channels; Triton prefetches the next step's taps through shared memory where two
-    # stages fit a 4090's 99 KB (EfficientNetB1 96 -> 24 @120/s2: 0.329 -> 0.299 ms with two)
-    stage_bytes = (taps * 32 * 32 + 32 * block_n) * 4
-    return 32, block_n, 32, 4, (2 if 2 * stage_bytes + 32 * 32 * 4 <= 99 * 1024 else 1)
-"""
-
-
-# The tile of a depthwise conv that computes a 1x1 conv at each tap (emitted once per file that has one).
-TAP_PRODUCER_TILE = """\
-def tap_producer_tile(C_in):
-    \"\"\"(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for a depthwise conv whose taps a 1x1 conv from C_in channels
-    computes (conv1x1 -> bn -> relu6 -> dwconv3x3), from sweeps of EfficientNetB1's expansions into stride-2
-    depthwise convs with float16 activations on an H200 (scripts/tune_taps.py; docs/performance.md).\"\"\"
-    if C_in <= 64:
-        # 16 pixels a program and the whole 1x1 conv in one K step; a warp per 32 channels up to 32 input
-        # channels, then 64 channels on 2 warps. Against 64 x 64 on 4 warps, batch 10 / 128, ms:
-        # 16 -> 96 @120 0.0280 / 0.317 -> 0.0188 / 0.203, 24 -> 144 @60 0.0163 / 0.151 -> 0.0136 / 0.118
-        block_k = max(16, triton.next_power_of_2(C_in))
-        if C_in <= 32:
-            return 16, 32, block_k, 1
-        return 16, 64, block_k, 2
-    return 64, 64, 64, 4
-"""
-
-
-# The tile of a linear layer and the slices of its split K (emitted once per file that has one).
-LINEAR_TILE = """\
-def linear_tile(N, C_in, C_out):
-    \"\"\"(BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE) for a linear layer of N rows: each program sums K_SLICE of
-    the C_in input features, and a second kernel adds the slices' sums (split K). From sweeps of the
-    classifiers (1024 and 1280 -> 1000) on an H200 (scripts/tune_tiles.py --linear; docs/performance.md).\"\"\"
-    block_m = min(32, max(16, triton.next_power_of_2(N)))
-    block_n = 32 if N <= 16 else 64
-    block_k = min(64, max(16, triton.next_power_of_2(C_in)))
-    if triton.cdiv(N, block_m) * triton.cdiv(C_out, block_n) >= 256:
-        # two waves of tiles or more: the whole K in one slice
-        return block_m, block_n, block_k, triton.cdiv(C_in, block_k) * block_k
-    if N <= 16:
-        # batch 10, 32 tiles of 16 x 32 for 1000 classes: a program for each K step of 64 (whole nets,
-        # MobileNetV1 0.193 -> 0.189 ms, EfficientNetB1 0.169 -> 0.163 ms against the whole K on 32 programs)
-        return block_m, block_n, block_k, block_k
-    # batch 128, 64 tiles of 32 x 64: slices of four K steps (1024 -> 1000: 22.8 us as 252 tiles of
-    # 32 x 16 over the whole K, 15.6 us so; 1280 -> 1000: 27.4 -> 18.6 us)
-    return block_m, block_n, block_k, 4 * block_k
-"""
-
-
-# The other operand of an elementwise op that reads a second tensor (add), in the layout of the kernel's
-# output, whose offsets the kernel reads it at (emitted once per file that has one).
-SAME_LAYOUT = """\
-def same_layout(t, out):
-    \"\"\"t in out's layout (channels-last if 4-d, contiguous), for a kernel that reads it at out's offsets.\"\"\"
-    if t.shape != out.shape:
-        raise ValueError(f"add: the operands' shapes {tuple(t.shape)} and {tuple(out.shape)} differ")
-    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.contiguous()
-"""
-
-
-# Whether a wrapper launches its kernel with programmatic dependent launch (every kernel's frame waits for
-# the launch before it first: fusegen.lower). The GPU must have it (an NVIDIA GPU of compute capability
-# 9.0, Hopper, on): elsewhere (an RTX 4090, ROCm, the interpreter) the launch is plain and the kernel has no
-# such wait.
-LAUNCH_PDL = """\
-def launch_pdl(x, grid):
-    \"\"\"Whether a launch of `grid` programs on x's GPU uses programmatic dependent launch: its programs may
-    start while the launch before runs, and wait for that one's writes before their first load or store.
-    Only small launches: whole nets on an H200, with every launch so, went 0.181 -> 0.175 ms (MobileNetV1)
-    at batch 10 but 1.18 -> 1.31 ms at batch 128.\"\"\"
-    if not x.is_cuda:
-        return False
-    gpu = torch.cuda.get_device_properties(x.device)
-    programs = 1
-    for size in grid:
-        programs *= size
-    return torch.version.hip is None and gpu.major >= 9 and programs <= 8 * gpu.multi_processor_count
-"""
-
-
-# Functions that lowered kernels (jit) and wrappers call, by name: emit adds each to a generated file
-# that calls it, once.
-KERNEL_FUNCTIONS = {"fp32_dot": FP32_DOT}
-WRAPPER_FUNCTIONS = {
-    "gemm_tile": GEMM_TILE,
-    "conv_tile": CONV_TILE,
-    "dwconv_tile": DWCONV_TILE,
-    "producer_tile": PRODUCER_TILE,
-    "tap_producer_tile": TAP_PRODUCER_TILE,
-    "linear_tile": LINEAR_TILE,
-    "dot_weight": DOT_WEIGHT,
-    "dot_precision": DOT_PRECISION_RULE,
-    "launch_pdl": LAUNCH_PDL,
-    "same_layout": SAME_LAYOUT,
-}
-
-
 def _dot_precision(precision: str) -> KernelParam:
     return KernelParam("DOT_PRECISION", f'"{precision}" if x.is_cuda else "ieee"', constexpr=True)
 
 
-# a conv: "tf32", or "fp16" on a float16 activation (dot_precision)
+# a conv's or linear layer's precision, as the runtime's dot_precision chooses it at each launch
 _DOT_PRECISION = KernelParam("DOT_PRECISION", "dot_precision(x, {m})", constexpr=True)
-# torch runs convolutions in TF32 (cudnn.allow_tf32) but matmuls in fp32 (cuda.matmul.allow_tf32 is
-# off); the classifier's error lands on the output unfiltered, and TF32 there put whole nets at 3x
-# eager's error (H200). It is a tiny GEMM: bf16x3 costs nothing measurable.
-_MATMUL_DOT_PRECISION = _dot_precision("bf16x3")
 _WINDOW = (
     KernelParam("KH", "{m}.kernel_size[0]", constexpr=True),
     KernelParam("KW", "{m}.kernel_size[1]", constexpr=True),
@@ -1262,7 +1006,7 @@ FIXED_OPS = {
             shape=_linear_shape,
             reference=lambda x, m: f"{m}({x})",
             lowering=Anchor(
-                (_GEMM_WEIGHT, KernelParam("bias_ptr", "{m}.bias"), _MATMUL_DOT_PRECISION),
+                (_GEMM_WEIGHT, KernelParam("bias_ptr", "{m}.bias"), _DOT_PRECISION),
                 "{m}.out_features",
                 (),
                 _gemm_loop("n", k_slice=True),

@@ -462,8 +462,12 @@ class _Kernels:
         trained = any(op is not u.op for op, u in zip(ops, body))
         if group.pool:  # the pool lowers as the end of the anchor's kernel
             ops[-1] = replace(ops[-1], lowering=ops[-1].lowering.pool)
-        if group.writes_batch_stats:
-            ops = [op.feeding_batch_stats() for op in ops]
+        if training:
+            # training mode runs these steps only where BatchNorm normalises by batch statistics, which
+            # amplifies the rounding of every dot before it: all dots run STATS_DOT_PRECISION
+            exact = [op.with_stats_precision() for op in ops]
+            trained = trained or (not group.writes_batch_stats and any(e is not op for e, op in zip(exact, ops)))
+            ops = exact
         fused = [FusedOp(op, slot) for op, slot in zip(ops, _slots(body))]
         key = (tuple(u.op.name for u in body), trained, group.writes_batch_stats, in_rank, group.view is not None)
         if key not in self.by_key:

@@ -73,7 +73,7 @@ def conv3x3_bn_relu_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -175,7 +175,7 @@ def dwconv3x3_bn_relu6_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -257,7 +257,7 @@ def conv1x1_bn_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -330,7 +330,7 @@ def conv1x1_bn_relu6_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -407,7 +407,7 @@ def conv1x1_bn_add_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -488,7 +488,7 @@ def dwconv5x5_bn_relu6_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -643,7 +643,7 @@ def linear_slices_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -699,7 +699,7 @@ def linear_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -761,7 +761,7 @@ def conv3x3_stats_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -863,7 +863,7 @@ def bn_relu_dwconv3x3_stats_train_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -953,7 +953,7 @@ def bn_relu6_conv1x1_stats_train_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -1036,7 +1036,7 @@ def bn_conv1x1_stats_train_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -1120,7 +1120,7 @@ def bn_relu6_dwconv3x3_stats_train_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -1201,7 +1201,7 @@ def bn_train_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -1251,7 +1251,7 @@ def conv1x1_stats_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -1319,7 +1319,7 @@ def bn_add_train_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -1381,7 +1381,7 @@ def bn_relu6_dwconv5x5_stats_train_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -1465,7 +1465,7 @@ def bn_relu_global_avgpool_flatten_train_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -1500,6 +1500,107 @@ def bn_relu_global_avgpool_flatten_train_kernel(
         a = tl.where(inside, a, 0.0)
         acc += tl.sum(a, axis=1)
     acc = acc / (H * W)
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
+
+
+# linear over slices of K: each slice's partial sums, for linear_train_kernel to add.
+# efficientnet_b0.fuse:37: fc: linear(1280, num_classes)
+@triton.jit
+def linear_train_slices_kernel(
+    x_ptr,
+    fc_weight_ptr,
+    partial_ptr,
+    N,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    K_SLICE: tl.constexpr,
+    LAUNCH_PDL: tl.constexpr,
+):
+    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
+    if LAUNCH_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
+    # and the tile stays in registers until the one store.
+    # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
+    # channel blocks reads its input rows from DRAM once
+    pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
+    pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < N
+    mask_n = offs_n < C_out
+    mask = mask_m[:, None] & mask_n[None, :]
+    n = offs_m
+    # this program's slice of K (program axis 1): K_SLICE input channels from split * K_SLICE
+    split = tl.program_id(1)
+    # anchor: fully connected layer with bias, GEMM on tl.dot, over one slice of K
+    x_row = n
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(split * K_SLICE, (split + 1) * K_SLICE, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < C_in
+        a = tl.load(
+            x_ptr + x_row[:, None] * C_in + offs_k[None, :],
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        b = tl.load(
+            fc_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc = fp32_dot(a, b, acc, DOT_PRECISION)
+    tl.store(
+        partial_ptr + split * N * C_out + offs_m[:, None] * C_out + offs_n[None, :],
+        acc,
+        mask=mask,
+    )
+
+
+# linear (adding up linear_train_slices_kernel's partial sums first): one kernel, one store.
+# efficientnet_b0.fuse:37: fc: linear(1280, num_classes)
+@triton.jit
+def linear_train_kernel(
+    fc_bias_ptr,
+    partial_ptr,
+    out_ptr,
+    N,
+    C_out: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    LAUNCH_PDL: tl.constexpr,
+):
+    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
+    if LAUNCH_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
+    # and the tile stays in registers until the one store.
+    # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
+    # channel blocks reads its input rows from DRAM once
+    pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
+    pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < N
+    mask_n = offs_n < C_out
+    mask = mask_m[:, None] & mask_n[None, :]
+    # anchor: fully connected layer with bias, GEMM on tl.dot, the sum of its slices of K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # in slice order, so that every call adds them the same way (a CUDA graph replay equals a direct run)
+    for split in tl.static_range(SPLIT_K):
+        acc += tl.load(
+            partial_ptr + split * N * C_out + offs_m[:, None] * C_out + offs_n[None, :],
+            mask=mask,
+            other=0.0,
+        )
+    acc += tl.load(fc_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
@@ -1582,100 +1683,27 @@ def batch_norm_batch_stats_kernel(
     tl.store(running_var_ptr + offs_c, new_var.to(tl.float32), mask=mask_c)
 
 
-def check_32bit_offsets(*tensors):
-    """Raises ValueError if an element offset of a tensor reaches 2**31 (the kernels use 32-bit offsets)."""
-    for t in tensors:
-        if (
-            sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-            >= 2**31
-        ):
-            raise ValueError(
-                f"a tensor of shape {tuple(t.shape)} has element offsets past 2**31; split the batch"
-            )
-
-
-def gemm_tile(rows, C_in, C_out, precision):
-    """(BLOCK_M, BLOCK_N, BLOCK_K) for a 1x1 conv of `rows` pixels, from tile sweeps of TF32 dots at
-    batch 10 and 128 on an H200 (scripts/tune_tiles.py; docs/performance.md). A tf32x3 dot (three products
-    per tile) keeps 64 rows: with 128, MobileNetV1's training forward went 5.6 -> 6.7 ms.
+def dot_precision(x, module):
+    """fp32_dot's precision for input x and a conv's or linear layer's `module`. Off the GPU "ieee" (Triton's
+    interpreter computes fp32). On it "fp16" where x is a float16 activation and the weight rounds to
+    float16 as well as to TF32 (dot_weight); "tf32x3" (three TF32 products, fp32's accuracy) for a linear
+    layer, whose error reaches the output unfiltered and which torch computes in fp32, and for a conv whose
+    outputs each sum few products (a stem's, LeNet's), whose TF32 rounding nothing averages out and which
+    cuDNN computes in fp32; else "tf32", rounded to nearest as cuDNN's TF32 convs are.
     """
-
-    def programs(block_m, block_n):
-        return triton.cdiv(rows, block_m) * triton.cdiv(C_out, block_n)
-
-    # up to 128 channels, so that each input row is read once for up to 128 output channels
-    block_n = min(128, max(16, triton.next_power_of_2(C_out)))
-    # float16 operands: K steps of 64 carry the bytes of 32 fp32 ones, where that leaves two steps or
-    # more to pipeline (batch 128, summed over 16 layers: 0.899 -> 0.861 ms; 1024 -> 1024 @7: 0.040 -> 0.030)
-    block_k = 64 if precision == "fp16" and C_in >= 128 else 32
-    # 128 rows where that leaves five programs per SM of a 128-SM GPU (256 -> 256 @28: 0.151 -> 0.106 ms)
+    if not x.is_cuda:
+        return "ieee"
+    if x.dtype == torch.float16 and dot_weight(module, "fp16") is not None:
+        return "fp16"
+    if module.weight.dim() == 2:  # a linear layer
+        return "tf32x3"
+    channels = module.in_channels // module.groups
     if (
-        precision != "tf32x3"
-        and C_in >= 32
-        and block_n >= 64
-        and programs(128, block_n) >= 640
+        channels <= 16
+        and channels * module.kernel_size[0] * module.kernel_size[1] <= 256
     ):
-        return 128, block_n, block_k
-    if programs(64, block_n) >= 128:
-        return 64, block_n, block_k
-    # under a wave of programs (batch 10's late layers): narrower tiles, longer K steps
-    # (1152 -> 320 @8: 0.024 -> 0.015 ms; 1024 -> 1024 @7: 0.023 -> 0.019 ms). Sweeps of these layers
-    # alone in a CUDA graph favoured wider tiles with K steps of 32, but in the whole net that made
-    # MobileNetV1 at batch 10 slower (0.262 -> 0.270 ms, H200; docs/performance.md, session 6). Each K step
-    # waits on its loads, so float16 operands take steps of 128 (3 stages: 96 KB): whole nets at batch
-    # 10, MobileNetV1 0.200 -> 0.193 ms, EfficientNetB1 0.173 -> 0.168 ms (H200, session 11)
-    block_k = 128 if precision == "fp16" and C_in >= 128 else 64 if C_in >= 64 else 32
-    if programs(64, min(block_n, 64)) >= 128:
-        return 64, min(block_n, 64), block_k
-    return 32, min(block_n, 32), block_k
-
-
-def conv_tile(K, C_out):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a KxK conv whose implicit GEMM has K =
-    KH * KW * C_in, from sweeps of the stem (3x3, 3 -> 32, stride 2) on an H200 (scripts/tune_tiles.py).
-    """
-    block_n = min(64, max(16, triton.next_power_of_2(C_out)))
-    if K <= 32:
-        # one K step (the stem's 27): nothing to pipeline, and 2 warps per 64 x 32 tile
-        # (MobileNetV1's stem, batch 128: 0.117 -> 0.092 ms; EfficientNetB1's: 0.136 -> 0.105 ms)
-        return 64, block_n, 32, 2, 1
-    return 64, block_n, 32, 4, 3
-
-
-def dwconv_tile(C, dtype):
-    """(BLOCK_M, BLOCK_N, num_warps) for a depthwise conv over C channels stored in `dtype`, from sweeps
-    at batch 128 on an H200 (scripts/tune_tiles.py --dw; docs/performance.md)."""
-    if dtype == torch.float16:
-        # 16 pixels a program and 16 values a thread: many small programs keep more of the taps' loads in
-        # flight; a channel block that C fills, so no lane is masked (96 @120/s2: 0.202 ms at 64 x 64 on
-        # 4 warps, 0.144 at 16 x 32 on 1). MobileNetV1's standalone depthwise convs at batch 128 (bench's
-        # per-kernel table), with the loop over kernel rows: 0.574 -> 0.477 ms.
-        block_n = min(
-            128 if C % 128 == 0 else 64 if C % 64 == 0 else 32,
-            max(16, triton.next_power_of_2(C)),
-        )
-        return 16, block_n, max(1, block_n // 32)
-    return 64, min(64, max(16, triton.next_power_of_2(C))), 4
-
-
-def linear_tile(N, C_in, C_out):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE) for a linear layer of N rows: each program sums K_SLICE of
-    the C_in input features, and a second kernel adds the slices' sums (split K). From sweeps of the
-    classifiers (1024 and 1280 -> 1000) on an H200 (scripts/tune_tiles.py --linear; docs/performance.md).
-    """
-    block_m = min(32, max(16, triton.next_power_of_2(N)))
-    block_n = 32 if N <= 16 else 64
-    block_k = min(64, max(16, triton.next_power_of_2(C_in)))
-    if triton.cdiv(N, block_m) * triton.cdiv(C_out, block_n) >= 256:
-        # two waves of tiles or more: the whole K in one slice
-        return block_m, block_n, block_k, triton.cdiv(C_in, block_k) * block_k
-    if N <= 16:
-        # batch 10, 32 tiles of 16 x 32 for 1000 classes: a program for each K step of 64 (whole nets,
-        # MobileNetV1 0.193 -> 0.189 ms, EfficientNetB1 0.169 -> 0.163 ms against the whole K on 32 programs)
-        return block_m, block_n, block_k, block_k
-    # batch 128, 64 tiles of 32 x 64: slices of four K steps (1024 -> 1000: 22.8 us as 252 tiles of
-    # 32 x 16 over the whole K, 15.6 us so; 1280 -> 1000: 27.4 -> 18.6 us)
-    return block_m, block_n, block_k, 4 * block_k
+        return "tf32x3"
+    return "tf32"
 
 
 def dot_weight(module, precision):
@@ -1684,6 +1712,7 @@ def dot_weight(module, precision):
     rounded to float16, or None where that loses more than TF32 would: where the largest magnitude is
     above 2**15 (near float16's overflow) or below 2**-8 (then the weights under 2**-14 that go subnormal
     lose more than 1/64 of the largest one's TF32 rounding)."""
+    # in the wrapper, not per tile in the kernel: rounding each weight tile as it loads costs the GEMMs time
     weight = module.weight
     if precision not in ("tf32", "fp16"):
         return weight
@@ -1700,22 +1729,80 @@ def dot_weight(module, precision):
     return cached[1]
 
 
-def dot_precision(x, module):
-    """fp32_dot's precision for input x and module.weight: "ieee" off the GPU (Triton's interpreter
-    computes fp32); on it "fp16" where x is a float16 activation and the weight rounds to float16 as
-    well as to TF32 (dot_weight), else "tf32"."""
-    if not x.is_cuda:
-        return "ieee"
-    if x.dtype == torch.float16 and dot_weight(module, "fp16") is not None:
-        return "fp16"
-    return "tf32"
+def gemm_tile(rows, C_in, C_out, precision):
+    """(BLOCK_M, BLOCK_N, BLOCK_K) for a 1x1 conv of `rows` pixels."""
+
+    def programs(block_m, block_n):
+        return triton.cdiv(rows, block_m) * triton.cdiv(C_out, block_n)
+
+    # up to 128 channels, so that each input row is read once for up to 128 output channels
+    block_n = min(128, max(16, triton.next_power_of_2(C_out)))
+    # float16 operands: K steps of 64 carry the bytes of 32 fp32 ones, where that leaves two steps or more
+    block_k = 64 if precision == "fp16" and C_in >= 128 else 32
+    # 128 rows where that leaves five programs per SM of a 128-SM GPU; a tf32x3 dot (three products per
+    # tile) keeps 64
+    if (
+        precision != "tf32x3"
+        and C_in >= 32
+        and block_n >= 64
+        and programs(128, block_n) >= 640
+    ):
+        return 128, block_n, block_k
+    if programs(64, block_n) >= 128:
+        return 64, block_n, block_k
+    # under a wave of programs (batch 10's late layers): narrower tiles, longer K steps, since each K step
+    # waits on its loads (float16 operands: steps of 128, three stages of them in 96 KB)
+    block_k = 128 if precision == "fp16" and C_in >= 128 else 64 if C_in >= 64 else 32
+    if programs(64, min(block_n, 64)) >= 128:
+        return 64, min(block_n, 64), block_k
+    return 32, min(block_n, 32), block_k
+
+
+def conv_tile(K, C_out):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a KxK conv whose implicit GEMM has K =
+    KH * KW * C_in, swept on the stem (3x3, 3 -> 32, stride 2)."""
+    block_n = min(64, max(16, triton.next_power_of_2(C_out)))
+    if K <= 32:
+        # one K step (the stem's 27): nothing to pipeline, and 2 warps per 64 x 32 tile
+        return 64, block_n, 32, 2, 1
+    return 64, block_n, 32, 4, 3
+
+
+def dwconv_tile(C, dtype):
+    """(BLOCK_M, BLOCK_N, num_warps) for a depthwise conv over C channels stored in `dtype`."""
+    if dtype == torch.float16:
+        # 16 pixels a program and 16 values a thread: many small programs keep more of the taps' loads in
+        # flight; a channel block that C fills, so no lane is masked
+        block_n = min(
+            128 if C % 128 == 0 else 64 if C % 64 == 0 else 32,
+            max(16, triton.next_power_of_2(C)),
+        )
+        return 16, block_n, max(1, block_n // 32)
+    return 64, min(64, max(16, triton.next_power_of_2(C))), 4
+
+
+def linear_tile(N, C_in, C_out):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE) for a linear layer of N rows: each program sums K_SLICE of
+    the C_in input features, and a second kernel adds the slices' sums (split K)."""
+    block_m = min(32, max(16, triton.next_power_of_2(N)))
+    block_n = 32 if N <= 16 else 64
+    block_k = min(64, max(16, triton.next_power_of_2(C_in)))
+    if triton.cdiv(N, block_m) * triton.cdiv(C_out, block_n) >= 256:
+        # two waves of tiles or more: the whole K in one slice
+        return block_m, block_n, block_k, triton.cdiv(C_in, block_k) * block_k
+    if N <= 16:
+        # a small batch: a program for each K step
+        return block_m, block_n, block_k, block_k
+    # slices of four K steps
+    return block_m, block_n, block_k, 4 * block_k
 
 
 def launch_pdl(x, grid):
     """Whether a launch of `grid` programs on x's GPU uses programmatic dependent launch: its programs may
-    start while the launch before runs, and wait for that one's writes before their first load or store.
-    Only small launches: whole nets on an H200, with every launch so, went 0.181 -> 0.175 ms (MobileNetV1)
-    at batch 10 but 1.18 -> 1.31 ms at batch 128."""
+    start while the launch before runs, and wait for that one's writes before their first load or store
+    (every kernel's first lines, fusegen.lower). Only NVIDIA GPUs of compute capability 9.0 on (elsewhere
+    the launch is plain), and only small launches: a large launch's successor would hold SMs while it waits.
+    """
     if not x.is_cuda:
         return False
     gpu = torch.cuda.get_device_properties(x.device)
@@ -1730,7 +1817,8 @@ def launch_pdl(x, grid):
 
 
 def same_layout(t, out):
-    """t in out's layout (channels-last if 4-d, contiguous), for a kernel that reads it at out's offsets."""
+    """t in out's layout (channels-last if 4-d, contiguous), for a kernel that reads it at out's offsets
+    (the second operand of add)."""
     if t.shape != out.shape:
         raise ValueError(
             f"add: the operands' shapes {tuple(t.shape)} and {tuple(out.shape)} differ"
@@ -1740,6 +1828,168 @@ def same_layout(t, out):
         if t.dim() == 4
         else t.contiguous()
     )
+
+
+def check_32bit_offsets(*tensors):
+    """Raises ValueError if an element offset of a tensor reaches 2**31 (the kernels use 32-bit offsets)."""
+    for t in tensors:
+        if (
+            sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+            >= 2**31
+        ):
+            raise ValueError(
+                f"a tensor of shape {tuple(t.shape)} has element offsets past 2**31; split the batch"
+            )
+
+
+def graph_inputs(model, attrs):
+    """What a CUDA graph captured for `model` reads: (table, name, object) for every parameter, buffer
+    and child module in the tree and each attribute named in `attrs` where a module has one; then the
+    parameters and buffers with their addresses, and the parameters with their versions.
+    """
+    slots, tensors, parameters = [], [], []
+    modules = [model]
+    for module in modules:  # appending while iterating: the whole tree, breadth first
+        for table in (module._parameters, module._buffers, module._modules):
+            slots += [(table, name, value) for name, value in table.items()]
+        slots += [
+            (module.__dict__, name, module.__dict__[name])
+            for name in attrs
+            if name in module.__dict__
+        ]
+        tensors += [
+            t
+            for t in (*module._parameters.values(), *module._buffers.values())
+            if t is not None
+        ]
+        parameters += [t for t in module._parameters.values() if t is not None]
+        modules += [child for child in module._modules.values() if child is not None]
+    return (
+        slots,
+        tensors,
+        [t.data_ptr() for t in tensors],
+        parameters,
+        [t._version for t in parameters],
+    )
+
+
+def graph_inputs_unchanged(inputs):
+    """Whether what graph_inputs found is as it was: three flat list comprehensions per call, much cheaper
+    on the host than a walk of the module tree."""
+    slots, tensors, addresses, parameters, versions = inputs
+    return (
+        all([table.get(name) is value for table, name, value in slots])
+        and [t.data_ptr() for t in tensors] == addresses
+        and [t._version for t in parameters] == versions
+    )
+
+
+def graph_entry(model, x, copy_input):
+    """The CUDA graphs of one input shape, dtype, device and mode and one input address (or of the inputs
+    at other addresses). They all read `static_x` (None: the caller's tensor where it lies; the graphs keep
+    no reference to it, so the caller's next input may take its memory) and differ only in where they
+    write: the outputs of `returned` go to the caller as they are, that of `cloned` is copied out, for when
+    the caller still holds all of those. Each graph is (graph, output)."""
+    # from model.first_kernel_outside_graph_numel input elements (eval mode) graphs that copy their input
+    # in start from the first launch's output instead: that launch runs outside, on x itself
+    outside = (
+        copy_input
+        and not model.training
+        and model.first_kernel_outside_graph_numel is not None
+        and x.numel() >= model.first_kernel_outside_graph_numel
+    )
+    static_x = None
+    if outside:
+        static_x = model.run_first_kernel(x)
+    elif copy_input:
+        # in the layout the first kernel reads, so that each replay's copy is also any layout change
+        static_x = torch.empty_like(x, memory_format=model.input_layout).copy_(x)
+    inputs = graph_inputs(model, model.captured_attrs)
+    return {
+        "inputs": inputs,
+        "outside": outside,
+        "static_x": static_x,
+        "returned": [],
+        "cloned": None,
+    }
+
+
+def capture_cuda_graph(model, entry, x):
+    """A CUDA graph of model.run_kernels on x as `entry` feeds it: (graph, its output). The graphs of a
+    device share one memory pool: each replay writes what it reads first, and an output stays allocated
+    while its entry holds it, so none needs another's intermediates kept."""
+    run = model.run_kernels_after_first if entry["outside"] else model.run_kernels
+    graph_x = x if entry["static_x"] is None else entry["static_x"]
+    with torch.cuda.device(x.device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            # compiles the kernels outside the capture; training mode must not count this run
+            buffers = [b.clone() for b in model.buffers()]
+            run(graph_x)
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        pool = model.cuda_graph_pools.setdefault(
+            x.device, torch.cuda.graph_pool_handle()
+        )
+        # torch.cuda.graph's default capture stream lives on whichever GPU first captured
+        # anything in this process: capture on a stream of x's GPU instead
+        with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream()):
+            out = run(graph_x)
+    return graph, out
+
+
+def caller_holds(output):
+    """Whether anything besides its graph entry holds a graph's output (the tensor handed out, a view
+    of it): the entry's tensor and the storage object asked for count two."""
+    return torch._C._storage_Use_Count(output.untyped_storage()._cdata) > 2
+
+
+def replay_cuda_graph(model, x):
+    """Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype, device and mode. Graphs are
+    captured again when a parameter or buffer is replaced, a parameter changes in place, or a module
+    attribute named in model.captured_attrs changes. Up to model.direct_graphs graphs per shape read the
+    caller's tensor where it lies, one per address and strides, so that a replay copies nothing in: a
+    later input there has x's shape and layout, so the graph reads it as it is then. An input at another
+    address shares graphs that copy it in. A call never overwrites a tensor that the caller still holds:
+    it hands out the output of a graph whose last output the caller has let go (up to
+    model.returned_outputs such graphs), or else a clone."""
+    # The kernels read buffers where they lie, so in-place changes to them need no new capture. A
+    # parameter changed in place (its _version) captures again: dot_weight's TF32 copies are made
+    # then. Scalars such as BatchNorm's eps and momentum are constants of the graph.
+    graphs = model.cuda_graphs.setdefault(
+        (x.shape, x.dtype, x.device, model.training), {}
+    )
+    address = (x.data_ptr(), x.stride())  # None: the graphs that copy their input in
+    if (
+        address not in graphs
+        and sum(a is not None for a in graphs) >= model.direct_graphs
+    ):
+        address = None
+    entry = graphs.get(address)
+    if entry is not None and not graph_inputs_unchanged(entry["inputs"]):
+        # all graphs were captured with the same parameters and attributes: all are stale
+        model.cuda_graphs.clear()
+        model.cuda_graph_pools.clear()
+        return replay_cuda_graph(model, x)
+    if entry is None:
+        entry = graphs[address] = graph_entry(model, x, copy_input=address is None)
+    returned = next((r for r in entry["returned"] if not caller_holds(r[1])), None)
+    if returned is None and len(entry["returned"]) < model.returned_outputs:
+        returned = capture_cuda_graph(model, entry, x)
+        entry["returned"].append(returned)
+    if returned is None and entry["cloned"] is None:
+        entry["cloned"] = capture_cuda_graph(model, entry, x)
+    graph, out = returned or entry["cloned"]
+    if entry["outside"]:
+        model.run_first_kernel(x, out=entry["static_x"])
+    elif entry["static_x"] is not None:
+        entry["static_x"].copy_(x)
+    graph.replay()
+    # an alias, not `out` itself: the caller's hold on it must count in caller_holds
+    return out.detach() if returned else out.clone()
 
 
 def conv3x3_bn_relu(x, conv, bn, out=None):
@@ -2100,7 +2350,7 @@ def linear(x, fc):
     C_out = fc.out_features
     out = torch.empty((N, C_out), device=x.device, dtype=torch.float32)
     check_32bit_offsets(x, out)
-    DOT_PRECISION = "bf16x3" if x.is_cuda else "ieee"
+    DOT_PRECISION = dot_precision(x, fc)
     BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE = linear_tile(N, C_in, C_out)
     tiles = triton.cdiv(N, BLOCK_M) * triton.cdiv(C_out, BLOCK_N)
     grid = (tiles,)
@@ -2629,6 +2879,52 @@ def bn_relu_global_avgpool_flatten_train(x, x_stats, bn):
     return out.flatten(1)
 
 
+def linear_train(x, fc):
+    x = x.contiguous()
+    N, C_in = x.shape
+    C_out = fc.out_features
+    out = torch.empty((N, C_out), device=x.device, dtype=torch.float32)
+    check_32bit_offsets(x, out)
+    DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
+    BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE = linear_tile(N, C_in, C_out)
+    tiles = triton.cdiv(N, BLOCK_M) * triton.cdiv(C_out, BLOCK_N)
+    grid = (tiles,)
+    # split K: a program for each slice of K_SLICE input channels of a tile
+    SPLIT_K = triton.cdiv(C_in, K_SLICE)
+    partial = torch.empty((SPLIT_K, N, C_out), device=x.device, dtype=torch.float32)
+    slices_grid = (tiles, SPLIT_K)
+    LAUNCH_PDL = launch_pdl(x, slices_grid)
+    linear_train_slices_kernel[slices_grid](
+        x,
+        dot_weight(fc, DOT_PRECISION).contiguous(),
+        partial,
+        N,
+        C_in=C_in,
+        C_out=C_out,
+        DOT_PRECISION=DOT_PRECISION,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        K_SLICE=K_SLICE,
+        LAUNCH_PDL=LAUNCH_PDL,
+        launch_pdl=LAUNCH_PDL,
+    )
+    LAUNCH_PDL = launch_pdl(x, grid)
+    linear_train_kernel[grid](
+        fc.bias,
+        partial,
+        out,
+        N,
+        C_out=C_out,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        SPLIT_K=SPLIT_K,
+        LAUNCH_PDL=LAUNCH_PDL,
+        launch_pdl=LAUNCH_PDL,
+    )
+    return out
+
+
 def batch_norm_batch_stats(x_stats, bn):
     """Training-mode BatchNorm's batch mean and scale (weight / sqrt(var + eps)) per channel, from its
     input's per-tile statistics; updates running_mean, running_var and num_batches_tracked like torch.
@@ -2680,157 +2976,6 @@ def batch_norm_reference(x, bn):
     )
 
 
-def graph_inputs(model, attrs):
-    """What a CUDA graph captured for `model` reads: (table, name, object) for every parameter, buffer
-    and child module in the tree and each attribute named in `attrs` where a module has one; then the
-    parameters and buffers with their addresses, and the parameters with their versions.
-    """
-    slots, tensors, parameters = [], [], []
-    modules = [model]
-    for module in modules:  # appending while iterating: the whole tree, breadth first
-        for table in (module._parameters, module._buffers, module._modules):
-            slots += [(table, name, value) for name, value in table.items()]
-        slots += [
-            (module.__dict__, name, module.__dict__[name])
-            for name in attrs
-            if name in module.__dict__
-        ]
-        tensors += [
-            t
-            for t in (*module._parameters.values(), *module._buffers.values())
-            if t is not None
-        ]
-        parameters += [t for t in module._parameters.values() if t is not None]
-        modules += [child for child in module._modules.values() if child is not None]
-    return (
-        slots,
-        tensors,
-        [t.data_ptr() for t in tensors],
-        parameters,
-        [t._version for t in parameters],
-    )
-
-
-def graph_inputs_unchanged(inputs):
-    """Whether what graph_inputs found is as it was: three list comprehensions per call (MobileNetV1:
-    34 us where a walk of the module tree took 75 us, a CPU; with the walk, a batch-10 call cost an
-    H200's host as long as its kernels took)."""
-    slots, tensors, addresses, parameters, versions = inputs
-    return (
-        all([table.get(name) is value for table, name, value in slots])
-        and [t.data_ptr() for t in tensors] == addresses
-        and [t._version for t in parameters] == versions
-    )
-
-
-def graph_entry(model, x, copy_input):
-    """The CUDA graphs of one input shape, dtype, device and mode and one input address (or of the inputs
-    at other addresses). They all read `static_x` (None: the caller's tensor where it lies; the graphs keep
-    no reference to it, so the caller's next input may take its memory) and differ only in where they
-    write: the outputs of `returned` go to the caller as they are, that of `cloned` is copied out, for when
-    the caller still holds all of those. Each graph is (graph, output)."""
-    # from model.first_kernel_outside_graph_numel input elements (eval mode) graphs that copy their input
-    # in start from the first launch's output instead: that launch runs outside, on x itself
-    outside = (
-        copy_input
-        and not model.training
-        and model.first_kernel_outside_graph_numel is not None
-        and x.numel() >= model.first_kernel_outside_graph_numel
-    )
-    static_x = None
-    if outside:
-        static_x = model.run_first_kernel(x)
-    elif copy_input:
-        # in the layout the first kernel reads, so that each replay's copy is also any layout change
-        static_x = torch.empty_like(x, memory_format=model.input_layout).copy_(x)
-    inputs = graph_inputs(model, model.captured_attrs)
-    return {
-        "inputs": inputs,
-        "outside": outside,
-        "static_x": static_x,
-        "returned": [],
-        "cloned": None,
-    }
-
-
-def capture_cuda_graph(model, entry, x):
-    """A CUDA graph of model.run_kernels on x as `entry` feeds it: (graph, its output). The graphs of a
-    device share one memory pool: each replay writes what it reads first, and an output stays allocated
-    while its entry holds it, so none needs another's intermediates kept."""
-    run = model.run_kernels_after_first if entry["outside"] else model.run_kernels
-    graph_x = x if entry["static_x"] is None else entry["static_x"]
-    with torch.cuda.device(x.device):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            # compiles the kernels outside the capture; training mode must not count this run
-            buffers = [b.clone() for b in model.buffers()]
-            run(graph_x)
-            for b, saved in zip(model.buffers(), buffers):
-                b.copy_(saved)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        pool = model.cuda_graph_pools.setdefault(
-            x.device, torch.cuda.graph_pool_handle()
-        )
-        # torch.cuda.graph's default capture stream lives on whichever GPU first captured
-        # anything in this process: capture on a stream of x's GPU instead
-        with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream()):
-            out = run(graph_x)
-    return graph, out
-
-
-def caller_holds(output):
-    """Whether anything besides its graph entry holds a graph's output (the tensor handed out, a view
-    of it): the entry's tensor and the storage object asked for count two."""
-    return torch._C._storage_Use_Count(output.untyped_storage()._cdata) > 2
-
-
-def replay_cuda_graph(model, x):
-    """Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype, device and mode. Graphs are
-    captured again when a parameter or buffer is replaced, a parameter changes in place, or a module
-    attribute named in model.captured_attrs changes. Up to model.direct_graphs graphs per shape read the
-    caller's tensor where it lies, one per address and strides, so that a replay copies nothing in: a
-    later input there has x's shape and layout, so the graph reads it as it is then. An input at another
-    address shares graphs that copy it in. A call never overwrites a tensor that the caller still holds:
-    it hands out the output of a graph whose last output the caller has let go (up to
-    model.returned_outputs such graphs), or else a clone."""
-    # The kernels read buffers where they lie, so in-place changes to them need no new capture. A
-    # parameter changed in place (its _version) captures again: dot_weight's TF32 copies are made
-    # then. Scalars such as BatchNorm's eps and momentum are constants of the graph.
-    graphs = model.cuda_graphs.setdefault(
-        (x.shape, x.dtype, x.device, model.training), {}
-    )
-    address = (x.data_ptr(), x.stride())  # None: the graphs that copy their input in
-    if (
-        address not in graphs
-        and sum(a is not None for a in graphs) >= model.direct_graphs
-    ):
-        address = None
-    entry = graphs.get(address)
-    if entry is not None and not graph_inputs_unchanged(entry["inputs"]):
-        # all graphs were captured with the same parameters and attributes: all are stale
-        model.cuda_graphs.clear()
-        model.cuda_graph_pools.clear()
-        return replay_cuda_graph(model, x)
-    if entry is None:
-        entry = graphs[address] = graph_entry(model, x, copy_input=address is None)
-    returned = next((r for r in entry["returned"] if not caller_holds(r[1])), None)
-    if returned is None and len(entry["returned"]) < model.returned_outputs:
-        returned = capture_cuda_graph(model, entry, x)
-        entry["returned"].append(returned)
-    if returned is None and entry["cloned"] is None:
-        entry["cloned"] = capture_cuda_graph(model, entry, x)
-    graph, out = returned or entry["cloned"]
-    if entry["outside"]:
-        model.run_first_kernel(x, out=entry["static_x"])
-    elif entry["static_x"] is not None:
-        entry["static_x"].copy_(x)
-    graph.replay()
-    # an alias, not `out` itself: the caller's hold on it must count in caller_holds
-    return out.detach() if returned else out.clone()
-
-
 class ModelNew(nn.Module):
     """EfficientNetB0, generated from efficientnet_b0.fuse; example input 10x3x224x224."""
 
@@ -2861,17 +3006,15 @@ class ModelNew(nn.Module):
     # the layout of a CUDA graph's copy of the input: the first kernel's
     input_layout = torch.preserve_format
     # from this many input elements the graph of inputs past direct_graphs runs the first launch outside
-    # on the caller's tensor instead of copying the input in (H200, ms: MobileNetV1 at batch 128 1.233 -> 1.194,
-    # at batch 16 0.241 -> 0.235). A smaller input is copied: the launch from Python costs the host
-    # 0.05-0.14 ms, so a small batch would wait for the host (EfficientNetB1 at batch 8: 0.174 -> 0.234)
+    # on the caller's tensor instead of copying the input in. A smaller input is copied: the launch from
+    # Python costs the host more than a small batch's kernels take (docs/performance.md)
     first_kernel_outside_graph_numel = 2**21
     # CUDA graphs per input shape that read the caller's tensor where it lies (one per address and
-    # strides), so that a replay copies nothing in: H200, batch 10, MobileNetV1 0.190 -> 0.185 ms,
-    # EfficientNetB1 0.163 -> 0.157 ms. Inputs at other addresses share one graph that copies them in.
+    # strides), so that a replay copies nothing in; inputs at other addresses share one graph that copies
+    # them in
     direct_graphs = 4
-    # graphs per input whose output goes to the caller as it is, while the caller has let go of it: a
-    # `y = model(x)` loop alternates two (H200, batch 10: MobileNetV1 0.183 -> 0.179 ms, EfficientNetB1
-    # 0.156 -> 0.152 ms, against a clone of each output). Past them a replay hands out a clone.
+    # graphs per input whose output goes to the caller as it is, while the caller has let go of it (a
+    # `y = model(x)` loop alternates two); past them a replay hands out a clone
     returned_outputs = 2
 
     def __init__(self, num_classes=1000):
@@ -3267,7 +3410,7 @@ class ModelNew(nn.Module):
         )
         x = bn_relu_global_avgpool_flatten_train(x, x_stats, self.bn2)
         # efficientnet_b0.fuse:37: fc: linear(1280, num_classes)
-        x = linear(x, self.fc)
+        x = linear_train(x, self.fc)
         return x
 
     def reference_forward(self, x):

@@ -78,7 +78,7 @@ def conv3x3_bias_relu_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -167,7 +167,7 @@ def maxpool_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -222,7 +222,7 @@ def linear_relu_dropout_slices_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -279,7 +279,7 @@ def linear_relu_dropout_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -327,7 +327,7 @@ def linear_slices_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -383,7 +383,7 @@ def linear_kernel(
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once (512 -> 512 @14, batch 128: -13% on an H200)
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -404,48 +404,27 @@ def linear_kernel(
     tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
-def check_32bit_offsets(*tensors):
-    """Raises ValueError if an element offset of a tensor reaches 2**31 (the kernels use 32-bit offsets)."""
-    for t in tensors:
-        if (
-            sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-            >= 2**31
-        ):
-            raise ValueError(
-                f"a tensor of shape {tuple(t.shape)} has element offsets past 2**31; split the batch"
-            )
-
-
-def conv_tile(K, C_out):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a KxK conv whose implicit GEMM has K =
-    KH * KW * C_in, from sweeps of the stem (3x3, 3 -> 32, stride 2) on an H200 (scripts/tune_tiles.py).
+def dot_precision(x, module):
+    """fp32_dot's precision for input x and a conv's or linear layer's `module`. Off the GPU "ieee" (Triton's
+    interpreter computes fp32). On it "fp16" where x is a float16 activation and the weight rounds to
+    float16 as well as to TF32 (dot_weight); "tf32x3" (three TF32 products, fp32's accuracy) for a linear
+    layer, whose error reaches the output unfiltered and which torch computes in fp32, and for a conv whose
+    outputs each sum few products (a stem's, LeNet's), whose TF32 rounding nothing averages out and which
+    cuDNN computes in fp32; else "tf32", rounded to nearest as cuDNN's TF32 convs are.
     """
-    block_n = min(64, max(16, triton.next_power_of_2(C_out)))
-    if K <= 32:
-        # one K step (the stem's 27): nothing to pipeline, and 2 warps per 64 x 32 tile
-        # (MobileNetV1's stem, batch 128: 0.117 -> 0.092 ms; EfficientNetB1's: 0.136 -> 0.105 ms)
-        return 64, block_n, 32, 2, 1
-    return 64, block_n, 32, 4, 3
-
-
-def linear_tile(N, C_in, C_out):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE) for a linear layer of N rows: each program sums K_SLICE of
-    the C_in input features, and a second kernel adds the slices' sums (split K). From sweeps of the
-    classifiers (1024 and 1280 -> 1000) on an H200 (scripts/tune_tiles.py --linear; docs/performance.md).
-    """
-    block_m = min(32, max(16, triton.next_power_of_2(N)))
-    block_n = 32 if N <= 16 else 64
-    block_k = min(64, max(16, triton.next_power_of_2(C_in)))
-    if triton.cdiv(N, block_m) * triton.cdiv(C_out, block_n) >= 256:
-        # two waves of tiles or more: the whole K in one slice
-        return block_m, block_n, block_k, triton.cdiv(C_in, block_k) * block_k
-    if N <= 16:
-        # batch 10, 32 tiles of 16 x 32 for 1000 classes: a program for each K step of 64 (whole nets,
-        # MobileNetV1 0.193 -> 0.189 ms, EfficientNetB1 0.169 -> 0.163 ms against the whole K on 32 programs)
-        return block_m, block_n, block_k, block_k
-    # batch 128, 64 tiles of 32 x 64: slices of four K steps (1024 -> 1000: 22.8 us as 252 tiles of
-    # 32 x 16 over the whole K, 15.6 us so; 1280 -> 1000: 27.4 -> 18.6 us)
-    return block_m, block_n, block_k, 4 * block_k
+    if not x.is_cuda:
+        return "ieee"
+    if x.dtype == torch.float16 and dot_weight(module, "fp16") is not None:
+        return "fp16"
+    if module.weight.dim() == 2:  # a linear layer
+        return "tf32x3"
+    channels = module.in_channels // module.groups
+    if (
+        channels <= 16
+        and channels * module.kernel_size[0] * module.kernel_size[1] <= 256
+    ):
+        return "tf32x3"
+    return "tf32"
 
 
 def dot_weight(module, precision):
@@ -454,6 +433,7 @@ def dot_weight(module, precision):
     rounded to float16, or None where that loses more than TF32 would: where the largest magnitude is
     above 2**15 (near float16's overflow) or below 2**-8 (then the weights under 2**-14 that go subnormal
     lose more than 1/64 of the largest one's TF32 rounding)."""
+    # in the wrapper, not per tile in the kernel: rounding each weight tile as it loads costs the GEMMs time
     weight = module.weight
     if precision not in ("tf32", "fp16"):
         return weight
@@ -470,22 +450,38 @@ def dot_weight(module, precision):
     return cached[1]
 
 
-def dot_precision(x, module):
-    """fp32_dot's precision for input x and module.weight: "ieee" off the GPU (Triton's interpreter
-    computes fp32); on it "fp16" where x is a float16 activation and the weight rounds to float16 as
-    well as to TF32 (dot_weight), else "tf32"."""
-    if not x.is_cuda:
-        return "ieee"
-    if x.dtype == torch.float16 and dot_weight(module, "fp16") is not None:
-        return "fp16"
-    return "tf32"
+def conv_tile(K, C_out):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a KxK conv whose implicit GEMM has K =
+    KH * KW * C_in, swept on the stem (3x3, 3 -> 32, stride 2)."""
+    block_n = min(64, max(16, triton.next_power_of_2(C_out)))
+    if K <= 32:
+        # one K step (the stem's 27): nothing to pipeline, and 2 warps per 64 x 32 tile
+        return 64, block_n, 32, 2, 1
+    return 64, block_n, 32, 4, 3
+
+
+def linear_tile(N, C_in, C_out):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE) for a linear layer of N rows: each program sums K_SLICE of
+    the C_in input features, and a second kernel adds the slices' sums (split K)."""
+    block_m = min(32, max(16, triton.next_power_of_2(N)))
+    block_n = 32 if N <= 16 else 64
+    block_k = min(64, max(16, triton.next_power_of_2(C_in)))
+    if triton.cdiv(N, block_m) * triton.cdiv(C_out, block_n) >= 256:
+        # two waves of tiles or more: the whole K in one slice
+        return block_m, block_n, block_k, triton.cdiv(C_in, block_k) * block_k
+    if N <= 16:
+        # a small batch: a program for each K step
+        return block_m, block_n, block_k, block_k
+    # slices of four K steps
+    return block_m, block_n, block_k, 4 * block_k
 
 
 def launch_pdl(x, grid):
     """Whether a launch of `grid` programs on x's GPU uses programmatic dependent launch: its programs may
-    start while the launch before runs, and wait for that one's writes before their first load or store.
-    Only small launches: whole nets on an H200, with every launch so, went 0.181 -> 0.175 ms (MobileNetV1)
-    at batch 10 but 1.18 -> 1.31 ms at batch 128."""
+    start while the launch before runs, and wait for that one's writes before their first load or store
+    (every kernel's first lines, fusegen.lower). Only NVIDIA GPUs of compute capability 9.0 on (elsewhere
+    the launch is plain), and only small launches: a large launch's successor would hold SMs while it waits.
+    """
     if not x.is_cuda:
         return False
     gpu = torch.cuda.get_device_properties(x.device)
@@ -499,197 +495,16 @@ def launch_pdl(x, grid):
     )
 
 
-def conv3x3_bias_relu(x, conv, out=None):
-    N, C_in, H, W = x.shape
-    C_out = conv.out_channels
-    if not (conv.groups == 1 and conv.bias is not None):
-        raise ValueError(
-            f"conv lowers to conv3x3_bias (as built from the spec), which needs groups 1 and a bias, not kernel_size {conv.kernel_size}, padding {conv.padding}, groups {conv.groups} and bias {conv.bias is not None}"
-        )
-    OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
-    OW = (W + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
-    out = (
-        torch.empty(
-            (N, C_out, OH, OW),
-            device=x.device,
-            dtype=torch.float32,
-            memory_format=torch.channels_last,
-        )
-        if out is None
-        else out
-    )
-    check_32bit_offsets(x, out)
-    KH = conv.kernel_size[0]
-    KW = conv.kernel_size[1]
-    DOT_PRECISION = dot_precision(x, conv)
-    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(KH * KW * C_in, C_out)
-    grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
-    LAUNCH_PDL = launch_pdl(x, grid)
-    conv3x3_bias_relu_kernel[grid](
-        x,
-        dot_weight(conv, DOT_PRECISION),
-        conv.bias,
-        out,
-        N,
-        H,
-        W,
-        OH,
-        OW,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        conv.weight.stride(0),
-        conv.weight.stride(1),
-        conv.weight.stride(2),
-        conv.weight.stride(3),
-        C_in=C_in,
-        C_out=C_out,
-        KH=KH,
-        KW=KW,
-        STRIDE=conv.stride[0],
-        PAD=conv.padding[0],
-        DOT_PRECISION=DOT_PRECISION,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K,
-        LAUNCH_PDL=LAUNCH_PDL,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        launch_pdl=LAUNCH_PDL,
-    )
-    return out
-
-
-def maxpool(x, pool):
-    x = x.contiguous(memory_format=torch.channels_last)
-    N, C_in, H, W = x.shape
-    C_out = C_in
-    OH = (H + 2 * pool.padding - pool.kernel_size) // pool.stride + 1
-    OW = (W + 2 * pool.padding - pool.kernel_size) // pool.stride + 1
-    out = torch.empty(
-        (N, C_out, OH, OW),
-        device=x.device,
-        dtype=torch.float32,
-        memory_format=torch.channels_last,
-    )
-    check_32bit_offsets(x, out)
-    BLOCK_M = 64
-    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
-    grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
-    LAUNCH_PDL = launch_pdl(x, grid)
-    maxpool_kernel[grid](
-        x,
-        out,
-        N,
-        H,
-        W,
-        OH,
-        OW,
-        C_in=C_in,
-        C_out=C_out,
-        KH=pool.kernel_size,
-        KW=pool.kernel_size,
-        STRIDE=pool.stride,
-        PAD=pool.padding,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        LAUNCH_PDL=LAUNCH_PDL,
-        launch_pdl=LAUNCH_PDL,
-    )
-    return out
-
-
-def linear_relu_dropout(x, fc):
-    x = x.contiguous()
-    N, C_in = x.shape
-    C_out = fc.out_features
-    out = torch.empty((N, C_out), device=x.device, dtype=torch.float32)
-    check_32bit_offsets(x, out)
-    DOT_PRECISION = "bf16x3" if x.is_cuda else "ieee"
-    BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE = linear_tile(N, C_in, C_out)
-    tiles = triton.cdiv(N, BLOCK_M) * triton.cdiv(C_out, BLOCK_N)
-    grid = (tiles,)
-    # split K: a program for each slice of K_SLICE input channels of a tile
-    SPLIT_K = triton.cdiv(C_in, K_SLICE)
-    partial = torch.empty((SPLIT_K, N, C_out), device=x.device, dtype=torch.float32)
-    slices_grid = (tiles, SPLIT_K)
-    LAUNCH_PDL = launch_pdl(x, slices_grid)
-    linear_relu_dropout_slices_kernel[slices_grid](
-        x,
-        dot_weight(fc, DOT_PRECISION).contiguous(),
-        partial,
-        N,
-        C_in=C_in,
-        C_out=C_out,
-        DOT_PRECISION=DOT_PRECISION,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K,
-        K_SLICE=K_SLICE,
-        LAUNCH_PDL=LAUNCH_PDL,
-        launch_pdl=LAUNCH_PDL,
-    )
-    LAUNCH_PDL = launch_pdl(x, grid)
-    linear_relu_dropout_kernel[grid](
-        fc.bias,
-        partial,
-        out,
-        N,
-        C_out=C_out,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        SPLIT_K=SPLIT_K,
-        LAUNCH_PDL=LAUNCH_PDL,
-        launch_pdl=LAUNCH_PDL,
-    )
-    return out
-
-
-def linear(x, fc):
-    x = x.contiguous()
-    N, C_in = x.shape
-    C_out = fc.out_features
-    out = torch.empty((N, C_out), device=x.device, dtype=torch.float32)
-    check_32bit_offsets(x, out)
-    DOT_PRECISION = "bf16x3" if x.is_cuda else "ieee"
-    BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE = linear_tile(N, C_in, C_out)
-    tiles = triton.cdiv(N, BLOCK_M) * triton.cdiv(C_out, BLOCK_N)
-    grid = (tiles,)
-    # split K: a program for each slice of K_SLICE input channels of a tile
-    SPLIT_K = triton.cdiv(C_in, K_SLICE)
-    partial = torch.empty((SPLIT_K, N, C_out), device=x.device, dtype=torch.float32)
-    slices_grid = (tiles, SPLIT_K)
-    LAUNCH_PDL = launch_pdl(x, slices_grid)
-    linear_slices_kernel[slices_grid](
-        x,
-        dot_weight(fc, DOT_PRECISION).contiguous(),
-        partial,
-        N,
-        C_in=C_in,
-        C_out=C_out,
-        DOT_PRECISION=DOT_PRECISION,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K,
-        K_SLICE=K_SLICE,
-        LAUNCH_PDL=LAUNCH_PDL,
-        launch_pdl=LAUNCH_PDL,
-    )
-    LAUNCH_PDL = launch_pdl(x, grid)
-    linear_kernel[grid](
-        fc.bias,
-        partial,
-        out,
-        N,
-        C_out=C_out,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        SPLIT_K=SPLIT_K,
-        LAUNCH_PDL=LAUNCH_PDL,
-        launch_pdl=LAUNCH_PDL,
-    )
-    return out
+def check_32bit_offsets(*tensors):
+    """Raises ValueError if an element offset of a tensor reaches 2**31 (the kernels use 32-bit offsets)."""
+    for t in tensors:
+        if (
+            sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+            >= 2**31
+        ):
+            raise ValueError(
+                f"a tensor of shape {tuple(t.shape)} has element offsets past 2**31; split the batch"
+            )
 
 
 def graph_inputs(model, attrs):
@@ -724,9 +539,8 @@ def graph_inputs(model, attrs):
 
 
 def graph_inputs_unchanged(inputs):
-    """Whether what graph_inputs found is as it was: three list comprehensions per call (MobileNetV1:
-    34 us where a walk of the module tree took 75 us, a CPU; with the walk, a batch-10 call cost an
-    H200's host as long as its kernels took)."""
+    """Whether what graph_inputs found is as it was: three flat list comprehensions per call, much cheaper
+    on the host than a walk of the module tree."""
     slots, tensors, addresses, parameters, versions = inputs
     return (
         all([table.get(name) is value for table, name, value in slots])
@@ -843,6 +657,199 @@ def replay_cuda_graph(model, x):
     return out.detach() if returned else out.clone()
 
 
+def conv3x3_bias_relu(x, conv, out=None):
+    N, C_in, H, W = x.shape
+    C_out = conv.out_channels
+    if not (conv.groups == 1 and conv.bias is not None):
+        raise ValueError(
+            f"conv lowers to conv3x3_bias (as built from the spec), which needs groups 1 and a bias, not kernel_size {conv.kernel_size}, padding {conv.padding}, groups {conv.groups} and bias {conv.bias is not None}"
+        )
+    OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+    OW = (W + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
+    out = (
+        torch.empty(
+            (N, C_out, OH, OW),
+            device=x.device,
+            dtype=torch.float32,
+            memory_format=torch.channels_last,
+        )
+        if out is None
+        else out
+    )
+    check_32bit_offsets(x, out)
+    KH = conv.kernel_size[0]
+    KW = conv.kernel_size[1]
+    DOT_PRECISION = dot_precision(x, conv)
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(KH * KW * C_in, C_out)
+    grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
+    LAUNCH_PDL = launch_pdl(x, grid)
+    conv3x3_bias_relu_kernel[grid](
+        x,
+        dot_weight(conv, DOT_PRECISION),
+        conv.bias,
+        out,
+        N,
+        H,
+        W,
+        OH,
+        OW,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        x.stride(3),
+        conv.weight.stride(0),
+        conv.weight.stride(1),
+        conv.weight.stride(2),
+        conv.weight.stride(3),
+        C_in=C_in,
+        C_out=C_out,
+        KH=KH,
+        KW=KW,
+        STRIDE=conv.stride[0],
+        PAD=conv.padding[0],
+        DOT_PRECISION=DOT_PRECISION,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        LAUNCH_PDL=LAUNCH_PDL,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        launch_pdl=LAUNCH_PDL,
+    )
+    return out
+
+
+def maxpool(x, pool):
+    x = x.contiguous(memory_format=torch.channels_last)
+    N, C_in, H, W = x.shape
+    C_out = C_in
+    OH = (H + 2 * pool.padding - pool.kernel_size) // pool.stride + 1
+    OW = (W + 2 * pool.padding - pool.kernel_size) // pool.stride + 1
+    out = torch.empty(
+        (N, C_out, OH, OW),
+        device=x.device,
+        dtype=torch.float32,
+        memory_format=torch.channels_last,
+    )
+    check_32bit_offsets(x, out)
+    BLOCK_M = 64
+    BLOCK_N = min(64, max(16, triton.next_power_of_2(C_out)))
+    grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
+    LAUNCH_PDL = launch_pdl(x, grid)
+    maxpool_kernel[grid](
+        x,
+        out,
+        N,
+        H,
+        W,
+        OH,
+        OW,
+        C_in=C_in,
+        C_out=C_out,
+        KH=pool.kernel_size,
+        KW=pool.kernel_size,
+        STRIDE=pool.stride,
+        PAD=pool.padding,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        LAUNCH_PDL=LAUNCH_PDL,
+        launch_pdl=LAUNCH_PDL,
+    )
+    return out
+
+
+def linear_relu_dropout(x, fc):
+    x = x.contiguous()
+    N, C_in = x.shape
+    C_out = fc.out_features
+    out = torch.empty((N, C_out), device=x.device, dtype=torch.float32)
+    check_32bit_offsets(x, out)
+    DOT_PRECISION = dot_precision(x, fc)
+    BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE = linear_tile(N, C_in, C_out)
+    tiles = triton.cdiv(N, BLOCK_M) * triton.cdiv(C_out, BLOCK_N)
+    grid = (tiles,)
+    # split K: a program for each slice of K_SLICE input channels of a tile
+    SPLIT_K = triton.cdiv(C_in, K_SLICE)
+    partial = torch.empty((SPLIT_K, N, C_out), device=x.device, dtype=torch.float32)
+    slices_grid = (tiles, SPLIT_K)
+    LAUNCH_PDL = launch_pdl(x, slices_grid)
+    linear_relu_dropout_slices_kernel[slices_grid](
+        x,
+        dot_weight(fc, DOT_PRECISION).contiguous(),
+        partial,
+        N,
+        C_in=C_in,
+        C_out=C_out,
+        DOT_PRECISION=DOT_PRECISION,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        K_SLICE=K_SLICE,
+        LAUNCH_PDL=LAUNCH_PDL,
+        launch_pdl=LAUNCH_PDL,
+    )
+    LAUNCH_PDL = launch_pdl(x, grid)
+    linear_relu_dropout_kernel[grid](
+        fc.bias,
+        partial,
+        out,
+        N,
+        C_out=C_out,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        SPLIT_K=SPLIT_K,
+        LAUNCH_PDL=LAUNCH_PDL,
+        launch_pdl=LAUNCH_PDL,
+    )
+    return out
+
+
+def linear(x, fc):
+    x = x.contiguous()
+    N, C_in = x.shape
+    C_out = fc.out_features
+    out = torch.empty((N, C_out), device=x.device, dtype=torch.float32)
+    check_32bit_offsets(x, out)
+    DOT_PRECISION = dot_precision(x, fc)
+    BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE = linear_tile(N, C_in, C_out)
+    tiles = triton.cdiv(N, BLOCK_M) * triton.cdiv(C_out, BLOCK_N)
+    grid = (tiles,)
+    # split K: a program for each slice of K_SLICE input channels of a tile
+    SPLIT_K = triton.cdiv(C_in, K_SLICE)
+    partial = torch.empty((SPLIT_K, N, C_out), device=x.device, dtype=torch.float32)
+    slices_grid = (tiles, SPLIT_K)
+    LAUNCH_PDL = launch_pdl(x, slices_grid)
+    linear_slices_kernel[slices_grid](
+        x,
+        dot_weight(fc, DOT_PRECISION).contiguous(),
+        partial,
+        N,
+        C_in=C_in,
+        C_out=C_out,
+        DOT_PRECISION=DOT_PRECISION,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        K_SLICE=K_SLICE,
+        LAUNCH_PDL=LAUNCH_PDL,
+        launch_pdl=LAUNCH_PDL,
+    )
+    LAUNCH_PDL = launch_pdl(x, grid)
+    linear_kernel[grid](
+        fc.bias,
+        partial,
+        out,
+        N,
+        C_out=C_out,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        SPLIT_K=SPLIT_K,
+        LAUNCH_PDL=LAUNCH_PDL,
+        launch_pdl=LAUNCH_PDL,
+    )
+    return out
+
+
 class ModelNew(nn.Module):
     """VGG19, generated from vgg19.fuse; example input 10x3x224x224."""
 
@@ -873,17 +880,15 @@ class ModelNew(nn.Module):
     # the layout of a CUDA graph's copy of the input: the first kernel's
     input_layout = torch.preserve_format
     # from this many input elements the graph of inputs past direct_graphs runs the first launch outside
-    # on the caller's tensor instead of copying the input in (H200, ms: MobileNetV1 at batch 128 1.233 -> 1.194,
-    # at batch 16 0.241 -> 0.235). A smaller input is copied: the launch from Python costs the host
-    # 0.05-0.14 ms, so a small batch would wait for the host (EfficientNetB1 at batch 8: 0.174 -> 0.234)
+    # on the caller's tensor instead of copying the input in. A smaller input is copied: the launch from
+    # Python costs the host more than a small batch's kernels take (docs/performance.md)
     first_kernel_outside_graph_numel = 2**21
     # CUDA graphs per input shape that read the caller's tensor where it lies (one per address and
-    # strides), so that a replay copies nothing in: H200, batch 10, MobileNetV1 0.190 -> 0.185 ms,
-    # EfficientNetB1 0.163 -> 0.157 ms. Inputs at other addresses share one graph that copies them in.
+    # strides), so that a replay copies nothing in; inputs at other addresses share one graph that copies
+    # them in
     direct_graphs = 4
-    # graphs per input whose output goes to the caller as it is, while the caller has let go of it: a
-    # `y = model(x)` loop alternates two (H200, batch 10: MobileNetV1 0.183 -> 0.179 ms, EfficientNetB1
-    # 0.156 -> 0.152 ms, against a clone of each output). Past them a replay hands out a clone.
+    # graphs per input whose output goes to the caller as it is, while the caller has let go of it (a
+    # `y = model(x)` loop alternates two); past them a replay hands out a clone
     returned_outputs = 2
 
     def __init__(self, num_classes=1000):

@@ -1,0 +1,352 @@
+"""The runtime of generated files: the functions that kernels, wrappers and ModelNew call (the dot, the tile
+rules, the precision rule, the CUDA-graph cache). A generated file must stay self-contained, so emit copies
+each function it calls from this source (`fusegen.emit.runtime_sources`); tests/test_runtime.py tests them
+here. The measurements behind the rules are in docs/performance.md ("Tile rules and why", "Precision and
+runtime choices"), not in these comments, which every generated file repeats."""
+
+import torch
+import triton
+import triton.language as tl
+
+# -- the dot of every anchor --------------------------------------------------------------------------
+
+
+@triton.jit
+def round_to_tf32(x):
+    """x rounded to the nearest TF32 value, ties away from zero (as cuBLAS and cuDNN round)."""
+    # add half a unit in TF32's last place, then drop the 13 mantissa bits that TF32 lacks
+    bits = x.to(tl.uint32, bitcast=True) + 0x1000
+    return (bits & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def fp32_dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b for an fp32 tile `a` and dot_weight's `b`, accumulated in fp32. Tensor cores read
+    fp32 operands as TF32 by truncating them, a bias that adds up over a net: for "tf32" the activations
+    `a` are rounded to nearest here, and the weights `b` come rounded already. For "fp16" `a` rounds to
+    nearest float16 and `b` comes as float16."""
+    # if/else, not an early return: Triton compiles the code after a return in a constexpr branch too
+    if DOT_PRECISION == "fp16":
+        acc = tl.dot(a.to(tl.float16), b, acc)
+    else:
+        if DOT_PRECISION == "tf32":
+            a = round_to_tf32(a)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+# -- precision ----------------------------------------------------------------------------------------
+
+
+def dot_precision(x, module):
+    """fp32_dot's precision for input x and a conv's or linear layer's `module`. Off the GPU "ieee" (Triton's
+    interpreter computes fp32). On it "fp16" where x is a float16 activation and the weight rounds to
+    float16 as well as to TF32 (dot_weight); "tf32x3" (three TF32 products, fp32's accuracy) for a linear
+    layer, whose error reaches the output unfiltered and which torch computes in fp32, and for a conv whose
+    outputs each sum few products (a stem's, LeNet's), whose TF32 rounding nothing averages out and which
+    cuDNN computes in fp32; else "tf32", rounded to nearest as cuDNN's TF32 convs are.
+    """
+    if not x.is_cuda:
+        return "ieee"
+    if x.dtype == torch.float16 and dot_weight(module, "fp16") is not None:
+        return "fp16"
+    if module.weight.dim() == 2:  # a linear layer
+        return "tf32x3"
+    channels = module.in_channels // module.groups
+    if channels <= 16 and channels * module.kernel_size[0] * module.kernel_size[1] <= 256:
+        return "tf32x3"
+    return "tf32"
+
+
+def dot_weight(module, precision):
+    """module.weight as fp32_dot's operand `b` at `precision`, with the weight's own strides, made once
+    per version of the weight. "tf32": rounded to the nearest TF32 values (ties away from zero). "fp16":
+    rounded to float16, or None where that loses more than TF32 would: where the largest magnitude is
+    above 2**15 (near float16's overflow) or below 2**-8 (then the weights under 2**-14 that go subnormal
+    lose more than 1/64 of the largest one's TF32 rounding)."""
+    # in the wrapper, not per tile in the kernel: rounding each weight tile as it loads costs the GEMMs time
+    weight = module.weight
+    if precision not in ("tf32", "fp16"):
+        return weight
+    key = (weight.data_ptr(), weight._version, weight.device, weight.stride())
+    cached = getattr(module, f"{precision}_weight", None)
+    if cached is None or cached[0] != key:
+        w = weight.detach()
+        if precision == "tf32":
+            operand = ((w.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+        else:  # one sync per version of the weight, made before a CUDA graph's capture
+            operand = w.half() if 2**-8 <= w.abs().amax().item() <= 2**15 else None
+        cached = (key, operand)
+        setattr(module, f"{precision}_weight", cached)
+    return cached[1]
+
+
+# -- tile rules (each from sweeps on an H200; docs/performance.md, "Tile rules and why") --------------
+
+
+def gemm_tile(rows, C_in, C_out, precision):
+    """(BLOCK_M, BLOCK_N, BLOCK_K) for a 1x1 conv of `rows` pixels."""
+
+    def programs(block_m, block_n):
+        return triton.cdiv(rows, block_m) * triton.cdiv(C_out, block_n)
+
+    # up to 128 channels, so that each input row is read once for up to 128 output channels
+    block_n = min(128, max(16, triton.next_power_of_2(C_out)))
+    # float16 operands: K steps of 64 carry the bytes of 32 fp32 ones, where that leaves two steps or more
+    block_k = 64 if precision == "fp16" and C_in >= 128 else 32
+    # 128 rows where that leaves five programs per SM of a 128-SM GPU; a tf32x3 dot (three products per
+    # tile) keeps 64
+    if precision != "tf32x3" and C_in >= 32 and block_n >= 64 and programs(128, block_n) >= 640:
+        return 128, block_n, block_k
+    if programs(64, block_n) >= 128:
+        return 64, block_n, block_k
+    # under a wave of programs (batch 10's late layers): narrower tiles, longer K steps, since each K step
+    # waits on its loads (float16 operands: steps of 128, three stages of them in 96 KB)
+    block_k = 128 if precision == "fp16" and C_in >= 128 else 64 if C_in >= 64 else 32
+    if programs(64, min(block_n, 64)) >= 128:
+        return 64, min(block_n, 64), block_k
+    return 32, min(block_n, 32), block_k
+
+
+def conv_tile(K, C_out):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a KxK conv whose implicit GEMM has K =
+    KH * KW * C_in, swept on the stem (3x3, 3 -> 32, stride 2)."""
+    block_n = min(64, max(16, triton.next_power_of_2(C_out)))
+    if K <= 32:
+        # one K step (the stem's 27): nothing to pipeline, and 2 warps per 64 x 32 tile
+        return 64, block_n, 32, 2, 1
+    return 64, block_n, 32, 4, 3
+
+
+def dwconv_tile(C, dtype):
+    """(BLOCK_M, BLOCK_N, num_warps) for a depthwise conv over C channels stored in `dtype`."""
+    if dtype == torch.float16:
+        # 16 pixels a program and 16 values a thread: many small programs keep more of the taps' loads in
+        # flight; a channel block that C fills, so no lane is masked
+        block_n = min(
+            128 if C % 128 == 0 else 64 if C % 64 == 0 else 32,
+            max(16, triton.next_power_of_2(C)),
+        )
+        return 16, block_n, max(1, block_n // 32)
+    return 64, min(64, max(16, triton.next_power_of_2(C))), 4
+
+
+def producer_tile(C_in, C_out, taps, dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a 1x1 conv from C_in to C_out channels
+    whose input tile a depthwise conv of `taps` taps computes in its K loop, its input stored in `dtype`.
+    """
+    # up to 128 output channels in one block: each further block computes the depthwise conv again
+    block_n = min(128, max(16, triton.next_power_of_2(C_out)))
+    if C_in <= 64:
+        # one K step: the depthwise tile is computed once
+        block_k = max(16, triton.next_power_of_2(C_in))
+        if dtype == torch.float16:
+            # 32 rows, a warp per 32 channels of the depthwise tile (32 of its values a thread)
+            return 32, block_n, block_k, max(1, block_k // 32), 1
+        return (64 if block_n <= 64 else 32), block_n, block_k, 4, 1
+    # K steps of 32 channels; Triton prefetches the next step's taps through shared memory where two
+    # stages fit a 4090's 99 KB
+    stage_bytes = (taps * 32 * 32 + 32 * block_n) * 4
+    return 32, block_n, 32, 4, (2 if 2 * stage_bytes + 32 * 32 * 4 <= 99 * 1024 else 1)
+
+
+def tap_producer_tile(C_in):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for a depthwise conv whose taps a 1x1 conv from C_in channels
+    computes (conv1x1 -> bn -> relu6 -> dwconv3x3), swept on EfficientNetB1's expansions into stride-2
+    depthwise convs with float16 activations."""
+    if C_in <= 64:
+        # 16 pixels a program and the whole 1x1 conv in one K step; a warp per 32 channels up to 32 input
+        # channels, then 64 channels on 2 warps
+        block_k = max(16, triton.next_power_of_2(C_in))
+        if C_in <= 32:
+            return 16, 32, block_k, 1
+        return 16, 64, block_k, 2
+    return 64, 64, 64, 4
+
+
+def linear_tile(N, C_in, C_out):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE) for a linear layer of N rows: each program sums K_SLICE of
+    the C_in input features, and a second kernel adds the slices' sums (split K)."""
+    block_m = min(32, max(16, triton.next_power_of_2(N)))
+    block_n = 32 if N <= 16 else 64
+    block_k = min(64, max(16, triton.next_power_of_2(C_in)))
+    if triton.cdiv(N, block_m) * triton.cdiv(C_out, block_n) >= 256:
+        # two waves of tiles or more: the whole K in one slice
+        return block_m, block_n, block_k, triton.cdiv(C_in, block_k) * block_k
+    if N <= 16:
+        # a small batch: a program for each K step
+        return block_m, block_n, block_k, block_k
+    # slices of four K steps
+    return block_m, block_n, block_k, 4 * block_k
+
+
+# -- launch helpers -----------------------------------------------------------------------------------
+
+
+def launch_pdl(x, grid):
+    """Whether a launch of `grid` programs on x's GPU uses programmatic dependent launch: its programs may
+    start while the launch before runs, and wait for that one's writes before their first load or store
+    (every kernel's first lines, fusegen.lower). Only NVIDIA GPUs of compute capability 9.0 on (elsewhere
+    the launch is plain), and only small launches: a large launch's successor would hold SMs while it waits.
+    """
+    if not x.is_cuda:
+        return False
+    gpu = torch.cuda.get_device_properties(x.device)
+    programs = 1
+    for size in grid:
+        programs *= size
+    return torch.version.hip is None and gpu.major >= 9 and programs <= 8 * gpu.multi_processor_count
+
+
+def same_layout(t, out):
+    """t in out's layout (channels-last if 4-d, contiguous), for a kernel that reads it at out's offsets
+    (the second operand of add)."""
+    if t.shape != out.shape:
+        raise ValueError(f"add: the operands' shapes {tuple(t.shape)} and {tuple(out.shape)} differ")
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.contiguous()
+
+
+def check_32bit_offsets(*tensors):
+    """Raises ValueError if an element offset of a tensor reaches 2**31 (the kernels use 32-bit offsets)."""
+    for t in tensors:
+        if sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) >= 2**31:
+            raise ValueError(f"a tensor of shape {tuple(t.shape)} has element offsets past 2**31; split the batch")
+
+
+# -- the CUDA-graph cache: on the GPU the whole forward replays as one graph, since at small batch the
+# Python launches, not the kernels, take most of the time ------------------------------------------------
+
+
+def graph_inputs(model, attrs):
+    """What a CUDA graph captured for `model` reads: (table, name, object) for every parameter, buffer
+    and child module in the tree and each attribute named in `attrs` where a module has one; then the
+    parameters and buffers with their addresses, and the parameters with their versions.
+    """
+    slots, tensors, parameters = [], [], []
+    modules = [model]
+    for module in modules:  # appending while iterating: the whole tree, breadth first
+        for table in (module._parameters, module._buffers, module._modules):
+            slots += [(table, name, value) for name, value in table.items()]
+        slots += [(module.__dict__, name, module.__dict__[name]) for name in attrs if name in module.__dict__]
+        tensors += [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+        parameters += [t for t in module._parameters.values() if t is not None]
+        modules += [child for child in module._modules.values() if child is not None]
+    return (
+        slots,
+        tensors,
+        [t.data_ptr() for t in tensors],
+        parameters,
+        [t._version for t in parameters],
+    )
+
+
+def graph_inputs_unchanged(inputs):
+    """Whether what graph_inputs found is as it was: three flat list comprehensions per call, much cheaper
+    on the host than a walk of the module tree."""
+    slots, tensors, addresses, parameters, versions = inputs
+    return (
+        all([table.get(name) is value for table, name, value in slots])
+        and [t.data_ptr() for t in tensors] == addresses
+        and [t._version for t in parameters] == versions
+    )
+
+
+def graph_entry(model, x, copy_input):
+    """The CUDA graphs of one input shape, dtype, device and mode and one input address (or of the inputs
+    at other addresses). They all read `static_x` (None: the caller's tensor where it lies; the graphs keep
+    no reference to it, so the caller's next input may take its memory) and differ only in where they
+    write: the outputs of `returned` go to the caller as they are, that of `cloned` is copied out, for when
+    the caller still holds all of those. Each graph is (graph, output)."""
+    # from model.first_kernel_outside_graph_numel input elements (eval mode) graphs that copy their input
+    # in start from the first launch's output instead: that launch runs outside, on x itself
+    outside = (
+        copy_input
+        and not model.training
+        and model.first_kernel_outside_graph_numel is not None
+        and x.numel() >= model.first_kernel_outside_graph_numel
+    )
+    static_x = None
+    if outside:
+        static_x = model.run_first_kernel(x)
+    elif copy_input:
+        # in the layout the first kernel reads, so that each replay's copy is also any layout change
+        static_x = torch.empty_like(x, memory_format=model.input_layout).copy_(x)
+    inputs = graph_inputs(model, model.captured_attrs)
+    return {
+        "inputs": inputs,
+        "outside": outside,
+        "static_x": static_x,
+        "returned": [],
+        "cloned": None,
+    }
+
+
+def capture_cuda_graph(model, entry, x):
+    """A CUDA graph of model.run_kernels on x as `entry` feeds it: (graph, its output). The graphs of a
+    device share one memory pool: each replay writes what it reads first, and an output stays allocated
+    while its entry holds it, so none needs another's intermediates kept."""
+    run = model.run_kernels_after_first if entry["outside"] else model.run_kernels
+    graph_x = x if entry["static_x"] is None else entry["static_x"]
+    with torch.cuda.device(x.device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            # compiles the kernels outside the capture; training mode must not count this run
+            buffers = [b.clone() for b in model.buffers()]
+            run(graph_x)
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        pool = model.cuda_graph_pools.setdefault(x.device, torch.cuda.graph_pool_handle())
+        # torch.cuda.graph's default capture stream lives on whichever GPU first captured
+        # anything in this process: capture on a stream of x's GPU instead
+        with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream()):
+            out = run(graph_x)
+    return graph, out
+
+
+def caller_holds(output):
+    """Whether anything besides its graph entry holds a graph's output (the tensor handed out, a view
+    of it): the entry's tensor and the storage object asked for count two."""
+    return torch._C._storage_Use_Count(output.untyped_storage()._cdata) > 2
+
+
+def replay_cuda_graph(model, x):
+    """Runs model.run_kernels(x) as a CUDA graph captured for x's shape, dtype, device and mode. Graphs are
+    captured again when a parameter or buffer is replaced, a parameter changes in place, or a module
+    attribute named in model.captured_attrs changes. Up to model.direct_graphs graphs per shape read the
+    caller's tensor where it lies, one per address and strides, so that a replay copies nothing in: a
+    later input there has x's shape and layout, so the graph reads it as it is then. An input at another
+    address shares graphs that copy it in. A call never overwrites a tensor that the caller still holds:
+    it hands out the output of a graph whose last output the caller has let go (up to
+    model.returned_outputs such graphs), or else a clone."""
+    # The kernels read buffers where they lie, so in-place changes to them need no new capture. A
+    # parameter changed in place (its _version) captures again: dot_weight's TF32 copies are made
+    # then. Scalars such as BatchNorm's eps and momentum are constants of the graph.
+    graphs = model.cuda_graphs.setdefault((x.shape, x.dtype, x.device, model.training), {})
+    address = (x.data_ptr(), x.stride())  # None: the graphs that copy their input in
+    if address not in graphs and sum(a is not None for a in graphs) >= model.direct_graphs:
+        address = None
+    entry = graphs.get(address)
+    if entry is not None and not graph_inputs_unchanged(entry["inputs"]):
+        # all graphs were captured with the same parameters and attributes: all are stale
+        model.cuda_graphs.clear()
+        model.cuda_graph_pools.clear()
+        return replay_cuda_graph(model, x)
+    if entry is None:
+        entry = graphs[address] = graph_entry(model, x, copy_input=address is None)
+    returned = next((r for r in entry["returned"] if not caller_holds(r[1])), None)
+    if returned is None and len(entry["returned"]) < model.returned_outputs:
+        returned = capture_cuda_graph(model, entry, x)
+        entry["returned"].append(returned)
+    if returned is None and entry["cloned"] is None:
+        entry["cloned"] = capture_cuda_graph(model, entry, x)
+    graph, out = returned or entry["cloned"]
+    if entry["outside"]:
+        model.run_first_kernel(x, out=entry["static_x"])
+    elif entry["static_x"] is not None:
+        entry["static_x"].copy_(x)
+    graph.replay()
+    # an alias, not `out` itself: the caller's hold on it must count in caller_holds
+    return out.detach() if returned else out.clone()

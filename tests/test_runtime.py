@@ -1,0 +1,209 @@
+"""The runtime that generated files copy (fusegen/runtime.py), tested where it is written: the tile rules,
+the precision rule, dot_weight, the offset check, and the copy into generated files (the CUDA-graph
+cache's change detection: tests/test_graph_inputs.py)."""
+
+import inspect
+from types import SimpleNamespace
+
+import black
+import pytest
+import torch
+import torch.nn as nn
+import triton
+import triton.language as tl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fusegen import compile_spec, runtime
+from fusegen.emit import runtime_sources
+from pathlib import Path
+
+from helpers import DEVICE
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@settings(max_examples=200, deadline=None)
+@given(c_in=st.integers(1, 2048))
+def test_tap_producer_tiles_are_powers_of_two_that_fit_a_4090(c_in):
+    """tap_producer_tile: power-of-two blocks of at least 16 (tl.dot's minimum), the whole 1x1
+    conv in one K step up to 64 input channels, at least one output value for each thread; its one
+    pipelined K loop fits the 99 KB of shared memory an RTX 4090 gives a block (4 bytes a value)."""
+    block_m, block_n, block_k, warps = runtime.tap_producer_tile(c_in)
+    for block in (block_m, block_n, block_k):
+        assert block >= 16 and block & (block - 1) == 0
+    assert (block_k >= c_in) == (c_in <= 64) and warps in (1, 2, 4)
+    assert block_m * block_n >= 32 * warps
+    assert (block_m * block_k + block_k * block_n) * 4 * 3 <= 99 * 1024
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.integers(1, 128 * 224 * 224),
+    c_in=st.integers(1, 2048),
+    c_out=st.integers(1, 2048),
+    precision=st.sampled_from(["tf32", "tf32x3", "fp16"]),
+)
+def test_gemm_tiles_are_powers_of_two_that_fit_a_4090(rows, c_in, c_out, precision):
+    """gemm_tile: power-of-two blocks of at least 16 (tl.dot's minimum), pipelined in 3 stages
+    within the 99 KB of shared memory an RTX 4090 gives a block (2 bytes an operand for "fp16" dots,
+    4 else); 64 rows at most for tf32x3 dots."""
+    block_m, block_n, block_k = runtime.gemm_tile(rows, c_in, c_out, precision)
+    for block in (block_m, block_n, block_k):
+        assert block >= 16 and block & (block - 1) == 0
+    operand_bytes = 2 if precision == "fp16" else 4
+    assert (block_m * block_k + block_k * block_n) * operand_bytes * 3 <= 99 * 1024
+    assert block_n <= max(16, triton.next_power_of_2(c_out)) and (block_m <= 64 or precision != "tf32x3")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    c_in=st.integers(1, 2048),
+    c_out=st.integers(1, 2048),
+    k=st.sampled_from([1, 3, 5, 7]),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+)
+def test_producer_tiles_are_powers_of_two_that_fit_a_4090(c_in, c_out, k, dtype):
+    """producer_tile: power-of-two blocks of at least 16; up to 64 input channels in one K
+    step; with stages > 1 every stage's taps and weights, and the taps' sum on its way to tl.dot, fit
+    the 99 KB of shared memory an RTX 4090 gives a block (counted at 4 bytes a value whatever `dtype`)."""
+    block_m, block_n, block_k, warps, stages = runtime.producer_tile(c_in, c_out, k * k, dtype)
+    for block in (block_m, block_n, block_k):
+        assert block >= 16 and block & (block - 1) == 0
+    assert (block_k >= c_in) == (c_in <= 64) and stages in (1, 2)
+    assert warps in (1, 2, 4)
+    taps = k * k * block_m * block_k if stages > 1 else 0
+    assert ((taps + block_k * block_n) * stages + block_m * block_k) * 4 <= 99 * 1024
+    assert block_n <= max(16, triton.next_power_of_2(c_out))
+
+
+@settings(max_examples=200, deadline=None)
+@given(channels=st.integers(1, 4096), dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_dwconv_tiles_are_powers_of_two_without_idle_threads(channels, dtype):
+    """dwconv_tile: power-of-two blocks of at least 16, a channel block no wider than the
+    channels round up to; with float16 a block that the channels fill where they are a multiple of 32,
+    and at least one value for each thread."""
+    block_m, block_n, warps = runtime.dwconv_tile(channels, dtype)
+    for block in (block_m, block_n):
+        assert block >= 16 and block & (block - 1) == 0
+    assert block_n <= max(16, triton.next_power_of_2(channels)) and warps in (1, 2, 4)
+    assert block_m * block_n >= 32 * warps
+    if dtype == torch.float16 and channels % 32 == 0:
+        assert channels % block_n == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(c_in=st.integers(1, 2048), c_out=st.integers(1, 2048), k=st.sampled_from([3, 5, 7]))
+def test_conv_tiles_are_powers_of_two_that_fit_a_4090(c_in, c_out, k):
+    """conv_tile: power-of-two blocks of at least 16; one stage (nothing to prefetch)
+    exactly when the implicit GEMM's K fits one step; every stage's tiles fit the 99 KB of shared
+    memory an RTX 4090 gives a block."""
+    block_m, block_n, block_k, warps, stages = runtime.conv_tile(k * k * c_in, c_out)
+    for block in (block_m, block_n, block_k):
+        assert block >= 16 and block & (block - 1) == 0
+    assert (stages == 1) == (k * k * c_in <= block_k) and warps in (2, 4)
+    assert (block_m * block_k + block_k * block_n) * 4 * stages <= 99 * 1024
+    assert block_n <= max(16, triton.next_power_of_2(c_out))
+
+
+def on_gpu(dtype=torch.float32):
+    """What dot_precision reads of an input on the GPU."""
+    return SimpleNamespace(is_cuda=True, dtype=dtype)
+
+
+def test_dot_precision_is_ieee_off_the_gpu():
+    """Triton's interpreter computes fp32 whatever the precision: the wrappers say so."""
+    assert runtime.dot_precision(torch.rand(2, 3, 4, 4), nn.Conv2d(3, 8, 3)) == "ieee"
+
+
+@pytest.mark.parametrize(
+    "module, expected",
+    [
+        (nn.Linear(1024, 1000), "tf32x3"),  # torch's matmuls are fp32
+        (nn.Conv2d(3, 32, 3, 2, 1), "tf32x3"),  # a stem: 27 products an output
+        (nn.Conv2d(6, 16, 5), "tf32x3"),  # LeNet's second conv: 150
+        (nn.Conv2d(3, 64, 1), "tf32x3"),  # a shortcut from 3 channels
+        (nn.Conv2d(3, 64, 7, 2, 3), "tf32x3"),  # ResNet's stem: 147
+        (nn.Conv2d(3, 96, 11, 4, 2), "tf32"),  # AlexNet's stem: 363 products, compute-bound
+        (nn.Conv2d(32, 64, 1), "tf32"),
+        (nn.Conv2d(64, 64, 3, padding=1), "tf32"),
+        (nn.Conv2d(48, 48, 1, groups=3), "tf32x3"),  # 16 channels a group
+    ],
+)
+def test_dot_precision_on_the_gpu(module, expected):
+    assert runtime.dot_precision(on_gpu(), module) == expected
+
+
+def test_dot_precision_takes_float16_where_the_weight_rounds_to_it():
+    conv = nn.Conv2d(64, 64, 1)
+    assert runtime.dot_precision(on_gpu(torch.float16), conv) == "fp16"
+    with torch.no_grad():
+        conv.weight.mul_(2**20)  # past float16's comfortable range: TF32 instead
+    assert runtime.dot_precision(on_gpu(torch.float16), conv) == "tf32"
+
+
+def test_dot_weight_rounds_to_nearest_tf32_once_per_version():
+    conv = nn.Conv2d(4, 4, 1)
+    weight = runtime.dot_weight(conv, "tf32")
+    w = conv.weight.detach().double()
+    # the nearest TF32 value: 10 mantissa bits, so within half a unit of 2**-10 relative
+    assert torch.all((weight.double() - w).abs() <= w.abs() * 2**-11)
+    assert torch.all((weight.view(torch.int32) & 0x1FFF) == 0)
+    assert runtime.dot_weight(conv, "tf32") is weight  # cached
+    with torch.no_grad():
+        conv.weight.add_(1.0)  # a new version: a new copy
+    assert not torch.equal(runtime.dot_weight(conv, "tf32"), weight)
+    assert runtime.dot_weight(conv, "tf32x3") is conv.weight  # the others read the weight itself
+
+
+@triton.jit
+def _round_kernel(x_ptr, out_ptr, n: tl.constexpr):
+    offs = tl.arange(0, n)
+    tl.store(out_ptr + offs, runtime.round_to_tf32(tl.load(x_ptr + offs)))
+
+
+def test_round_to_tf32_in_a_kernel_matches_dot_weight():
+    """The activations' rounding (in the kernel) and the weights' (in the wrapper) are the same."""
+    torch.manual_seed(0)
+    x = torch.randn(64, device=DEVICE) * 10
+    out = torch.empty_like(x)
+    _round_kernel[(1,)](x, out, n=64)
+    module = SimpleNamespace(weight=x.clone())
+    assert torch.equal(out, runtime.dot_weight(module, "tf32"))
+
+
+def test_check_32bit_offsets_refuses_a_tensor_past_2_31():
+    runtime.check_32bit_offsets(torch.empty(2**15, 2**16 - 1, device="meta"))
+    runtime.check_32bit_offsets(torch.empty(1, device="meta").expand(2**20, 2**20))  # stride 0
+    with pytest.raises(ValueError, match="past 2"):
+        runtime.check_32bit_offsets(torch.empty(2**15, 2**16 + 1, device="meta"))
+
+
+def test_same_layout_gives_channels_last_and_refuses_other_shapes():
+    out = torch.empty(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    t = torch.rand(2, 3, 4, 5)
+    same = runtime.same_layout(t, out)
+    assert torch.equal(same, t) and same.stride() == out.stride()
+    with pytest.raises(ValueError, match="shapes"):
+        runtime.same_layout(torch.rand(2, 3, 4, 4), out)
+
+
+def test_generated_files_copy_the_runtime_functions_they_call_and_no_others():
+    """Each generated file holds the runtime's own source of each function it calls (directly or
+    through another runtime function), formatted as the file is, and of none it does not call."""
+    names = [name for name, value in vars(runtime).items() if inspect.isfunction(value) or hasattr(value, "fn")]
+    for spec in ("mobilenet_v1.fuse", "lenet5.fuse"):
+        source = (ROOT / "generated" / spec.replace(".fuse", ".py")).read_text()
+        rebuilt = compile_spec((ROOT / "specs" / spec).read_text(), f"specs/{spec}")
+        assert rebuilt == source
+        copied = [name for name in names if f"\ndef {name}(" in source]
+        assert {"fp32_dot", "round_to_tf32", "dot_precision", "replay_cuda_graph", "graph_inputs"} <= set(copied)
+        for name in copied:
+            function = getattr(runtime, name)
+            text = inspect.getsource(getattr(function, "fn", function))
+            body = black.format_str(text[text.index(f"def {name}(") :], mode=black.Mode())
+            assert body in source, name
+            others = source.replace(body, "")
+            assert f"{name}(" in others, f"{name} is copied but not called"
+    assert runtime_sources(["y = gemm_tile(1, 2, 3, p)"], jit=False)[0].startswith("def gemm_tile(")
+    assert runtime_sources(["acc = fp32_dot(a, b, acc, P)"], jit=True)[0].startswith("@triton.jit")
