@@ -506,5 +506,12 @@ def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
     parts += runtime_sources([*wrappers, cls_source], jit=False)
     parts += wrappers
     parts.append(cls_source)
-    source = "\n\n".join(parts) + "\n"
-    return black.format_str(source, mode=black.Mode())
+    # each top-level part formatted alone, as black formats it in the whole file: the runtime's functions
+    # and kernels that several specs share are formatted once per process
+    return "\n\n".join(_formatted(part) for part in parts)
+
+
+@cache
+def _formatted(part: str) -> str:
+    """A top-level part of a generated file as black formats it (two blank lines join two parts)."""
+    return black.format_str(part, mode=black.Mode())
