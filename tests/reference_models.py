@@ -477,6 +477,25 @@ class EfficientNetB2(nn.Module):
         return self.fc(x)
 
 
+class SqueezeNetFireModule(nn.Module):
+    """A squeeze 1x1 conv, then a 1x1 and a 3x3 expand of its output joined along channels."""
+
+    def __init__(self, in_channels, squeeze_channels, expand1x1_channels, expand3x3_channels):
+        super().__init__()
+        self.squeeze = nn.Conv2d(in_channels, squeeze_channels, kernel_size=1)
+        self.squeeze_activation = nn.ReLU(inplace=True)
+        self.expand1x1 = nn.Conv2d(squeeze_channels, expand1x1_channels, kernel_size=1)
+        self.expand1x1_activation = nn.ReLU(inplace=True)
+        self.expand3x3 = nn.Conv2d(squeeze_channels, expand3x3_channels, kernel_size=3, padding=1)
+        self.expand3x3_activation = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = self.squeeze_activation(self.squeeze(x))
+        left = self.expand1x1_activation(self.expand1x1(x))
+        right = self.expand3x3_activation(self.expand3x3(x))
+        return torch.cat([left, right], 1)
+
+
 # KernelBench level 3 as its files run: stem -> (reference, get_init_inputs(), get_inputs() shape).
 KERNELBENCH = {
     "lenet5": (LeNet5, [20], (4096, 1, 32, 32)),
@@ -492,6 +511,7 @@ KERNELBENCH = {
     "efficientnet_b2": (EfficientNetB2, [1000], (2, 3, 224, 224)),
     "mobilenet_v1": (MobileNetV1, [1000, 3, 1.0], (10, 3, 224, 224)),
     "efficientnet_b1": (EfficientNetB1, [1000], (10, 3, 240, 240)),
+    "squeezenet_fire_module": (SqueezeNetFireModule, [3, 6, 64, 64], (128, 3, 256, 256)),
 }
 
 # Cheap cases, stem -> [(constructor arguments, input shape)]: arguments other than KernelBench's, odd input
@@ -522,4 +542,6 @@ SMALL = {
     # Odd channel counts (9, 19, 38, 76, 153, 307); AvgPool2d(7) needs an input of 193 to 416.
     "mobilenet_v1": [([7, 2, 0.3], (2, 2, 193, 197))],
     "efficientnet_b1": [([7], (2, 3, 33, 33))],
+    # Odd channel counts, so the 3x3 expand's slice starts at an odd channel.
+    "squeezenet_fire_module": [([5, 3, 7, 9], (2, 5, 6, 7))],
 }
