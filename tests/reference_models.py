@@ -496,6 +496,38 @@ class SqueezeNetFireModule(nn.Module):
         return torch.cat([left, right], 1)
 
 
+class SqueezeNet(nn.Module):
+    """SqueezeNet 1.0: fire modules between max pools that round up (ceil_mode), a 1x1 conv classifier."""
+
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        pool = dict(kernel_size=3, stride=2, ceil_mode=True)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 96, kernel_size=7, stride=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(**pool),
+            SqueezeNetFireModule(96, 16, 64, 64),
+            SqueezeNetFireModule(128, 16, 64, 64),
+            SqueezeNetFireModule(128, 32, 128, 128),
+            nn.MaxPool2d(**pool),
+            SqueezeNetFireModule(256, 32, 128, 128),
+            SqueezeNetFireModule(256, 48, 192, 192),
+            SqueezeNetFireModule(384, 48, 192, 192),
+            SqueezeNetFireModule(384, 64, 256, 256),
+            nn.MaxPool2d(**pool),
+            SqueezeNetFireModule(512, 64, 256, 256),
+        )
+        self.classifier = nn.Sequential(
+            nn.Dropout(p=0.0),
+            nn.Conv2d(512, num_classes, kernel_size=1),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d((1, 1)),
+        )
+
+    def forward(self, x):
+        return torch.flatten(self.classifier(self.features(x)), 1)
+
+
 # KernelBench level 3 as its files run: stem -> (reference, get_init_inputs(), get_inputs() shape).
 KERNELBENCH = {
     "lenet5": (LeNet5, [20], (4096, 1, 32, 32)),
@@ -512,6 +544,7 @@ KERNELBENCH = {
     "mobilenet_v1": (MobileNetV1, [1000, 3, 1.0], (10, 3, 224, 224)),
     "efficientnet_b1": (EfficientNetB1, [1000], (10, 3, 240, 240)),
     "squeezenet_fire_module": (SqueezeNetFireModule, [3, 6, 64, 64], (128, 3, 256, 256)),
+    "squeezenet": (SqueezeNet, [1000], (64, 3, 512, 512)),
 }
 
 # Cheap cases, stem -> [(constructor arguments, input shape)]: arguments other than KernelBench's, odd input
@@ -544,4 +577,7 @@ SMALL = {
     "efficientnet_b1": [([7], (2, 3, 33, 33))],
     # Odd channel counts, so the 3x3 expand's slice starts at an odd channel.
     "squeezenet_fire_module": [([5, 3, 7, 9], (2, 5, 6, 7))],
+    # The ceil-mode max pools take rows 14 -> 7 -> 3 -> 1 and columns 16 -> 8 -> 4 -> 2: the first pool and
+    # every pool of the columns keeps a last window that runs past the edge (floor mode: 6, and 7 -> 3 -> 1).
+    "squeezenet": [([7], (2, 3, 33, 37))],
 }

@@ -36,6 +36,7 @@ FILES = {
     "mobilenet_v1": "19_MobileNetV1",
     "efficientnet_b1": "23_EfficientNetB1",
     "squeezenet_fire_module": "17_SqueezeNetFireModule",
+    "squeezenet": "18_SqueezeNet",
 }
 SEED = 42
 
