@@ -528,6 +528,30 @@ class SqueezeNet(nn.Module):
         return torch.flatten(self.classifier(self.features(x)), 1)
 
 
+class GoogleNetInceptionModule(nn.Module):
+    """Four branches (1x1; 1x1 then 3x3; 1x1 then 5x5; 3x3 max pool then 1x1) joined along channels."""
+
+    def __init__(self, in_channels, out_1x1, reduce_3x3, out_3x3, reduce_5x5, out_5x5, pool_proj):
+        super().__init__()
+        self.branch1x1 = nn.Conv2d(in_channels, out_1x1, kernel_size=1)
+        self.branch3x3 = nn.Sequential(
+            nn.Conv2d(in_channels, reduce_3x3, kernel_size=1),
+            nn.Conv2d(reduce_3x3, out_3x3, kernel_size=3, padding=1),
+        )
+        self.branch5x5 = nn.Sequential(
+            nn.Conv2d(in_channels, reduce_5x5, kernel_size=1),
+            nn.Conv2d(reduce_5x5, out_5x5, kernel_size=5, padding=2),
+        )
+        self.branch_pool = nn.Sequential(
+            nn.MaxPool2d(kernel_size=3, stride=1, padding=1),
+            nn.Conv2d(in_channels, pool_proj, kernel_size=1),
+        )
+
+    def forward(self, x):
+        branches = (self.branch1x1, self.branch3x3, self.branch5x5, self.branch_pool)
+        return torch.cat([branch(x) for branch in branches], 1)
+
+
 # KernelBench level 3 as its files run: stem -> (reference, get_init_inputs(), get_inputs() shape).
 KERNELBENCH = {
     "lenet5": (LeNet5, [20], (4096, 1, 32, 32)),
@@ -545,6 +569,11 @@ KERNELBENCH = {
     "efficientnet_b1": (EfficientNetB1, [1000], (10, 3, 240, 240)),
     "squeezenet_fire_module": (SqueezeNetFireModule, [3, 6, 64, 64], (128, 3, 256, 256)),
     "squeezenet": (SqueezeNet, [1000], (64, 3, 512, 512)),
+    "googlenet_inception_module": (
+        GoogleNetInceptionModule,
+        [480, 192, 96, 208, 16, 48, 64],
+        (10, 480, 224, 224),
+    ),
 }
 
 # Cheap cases, stem -> [(constructor arguments, input shape)]: arguments other than KernelBench's, odd input
@@ -580,4 +609,6 @@ SMALL = {
     # The ceil-mode max pools take rows 14 -> 7 -> 3 -> 1 and columns 16 -> 8 -> 4 -> 2: the first pool and
     # every pool of the columns keeps a last window that runs past the edge (floor mode: 6, and 7 -> 3 -> 1).
     "squeezenet": [([7], (2, 3, 33, 37))],
+    # Odd channel counts: every slice but the first starts at an odd channel.
+    "googlenet_inception_module": [([5, 3, 4, 7, 2, 3, 6], (2, 5, 7, 9))],
 }

@@ -37,6 +37,7 @@ FILES = {
     "efficientnet_b1": "23_EfficientNetB1",
     "squeezenet_fire_module": "17_SqueezeNetFireModule",
     "squeezenet": "18_SqueezeNet",
+    "googlenet_inception_module": "6_GoogleNetInceptionModule",
 }
 SEED = 42
 
