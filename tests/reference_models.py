@@ -552,6 +552,41 @@ class GoogleNetInceptionModule(nn.Module):
         return torch.cat([branch(x) for branch in branches], 1)
 
 
+class GoogleNetInceptionV1(nn.Module):
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3)
+        self.maxpool1 = nn.MaxPool2d(3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(64, 64, kernel_size=1)
+        self.conv3 = nn.Conv2d(64, 192, kernel_size=3, padding=1)
+        self.maxpool2 = nn.MaxPool2d(3, stride=2, padding=1)
+        self.inception3a = GoogleNetInceptionModule(192, 64, 96, 128, 16, 32, 32)
+        self.inception3b = GoogleNetInceptionModule(256, 128, 128, 192, 32, 96, 64)
+        self.maxpool3 = nn.MaxPool2d(3, stride=2, padding=1)
+        self.inception4a = GoogleNetInceptionModule(480, 192, 96, 208, 16, 48, 64)
+        self.inception4b = GoogleNetInceptionModule(512, 160, 112, 224, 24, 64, 64)
+        self.inception4c = GoogleNetInceptionModule(512, 128, 128, 256, 24, 64, 64)
+        self.inception4d = GoogleNetInceptionModule(512, 112, 144, 288, 32, 64, 64)
+        self.inception4e = GoogleNetInceptionModule(528, 256, 160, 320, 32, 128, 128)
+        self.maxpool4 = nn.MaxPool2d(3, stride=2, padding=1)
+        self.inception5a = GoogleNetInceptionModule(832, 256, 160, 320, 32, 128, 128)
+        self.inception5b = GoogleNetInceptionModule(832, 384, 192, 384, 48, 128, 128)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.dropout = nn.Dropout(0.0)
+        self.fc = nn.Linear(1024, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool1(F.relu(self.conv1(x)))
+        x = F.relu(self.conv2(x))
+        x = self.maxpool2(F.relu(self.conv3(x)))
+        x = self.maxpool3(self.inception3b(self.inception3a(x)))
+        for block in (self.inception4a, self.inception4b, self.inception4c, self.inception4d, self.inception4e):
+            x = block(x)
+        x = self.inception5b(self.inception5a(self.maxpool4(x)))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(self.dropout(x))
+
+
 # KernelBench level 3 as its files run: stem -> (reference, get_init_inputs(), get_inputs() shape).
 KERNELBENCH = {
     "lenet5": (LeNet5, [20], (4096, 1, 32, 32)),
@@ -574,6 +609,7 @@ KERNELBENCH = {
         [480, 192, 96, 208, 16, 48, 64],
         (10, 480, 224, 224),
     ),
+    "googlenet_inception_v1": (GoogleNetInceptionV1, [1000], (10, 3, 224, 224)),
 }
 
 # Cheap cases, stem -> [(constructor arguments, input shape)]: arguments other than KernelBench's, odd input
@@ -611,4 +647,6 @@ SMALL = {
     "squeezenet": [([7], (2, 3, 33, 37))],
     # Odd channel counts: every slice but the first starts at an odd channel.
     "googlenet_inception_module": [([5, 3, 4, 7, 2, 3, 6], (2, 5, 7, 9))],
+    # Maps of 9x10, 5x5, 3x3, 2x2 and 1x1 after the stem and each max pool; no BatchNorm, so batch 1.
+    "googlenet_inception_v1": [([7], (1, 3, 17, 19))],
 }

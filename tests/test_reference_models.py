@@ -38,6 +38,7 @@ FILES = {
     "squeezenet_fire_module": "17_SqueezeNetFireModule",
     "squeezenet": "18_SqueezeNet",
     "googlenet_inception_module": "6_GoogleNetInceptionModule",
+    "googlenet_inception_v1": "7_GoogleNetInceptionV1",
 }
 SEED = 42
 
