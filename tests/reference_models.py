@@ -587,6 +587,20 @@ class GoogleNetInceptionV1(nn.Module):
         return self.fc(self.dropout(x))
 
 
+class DenseNet121TransitionLayer(nn.Module):
+    def __init__(self, num_input_features, num_output_features):
+        super().__init__()
+        self.transition = nn.Sequential(
+            nn.BatchNorm2d(num_input_features),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(num_input_features, num_output_features, kernel_size=1, bias=False),
+            nn.AvgPool2d(kernel_size=2, stride=2),
+        )
+
+    def forward(self, x):
+        return self.transition(x)
+
+
 # KernelBench level 3 as its files run: stem -> (reference, get_init_inputs(), get_inputs() shape).
 KERNELBENCH = {
     "lenet5": (LeNet5, [20], (4096, 1, 32, 32)),
@@ -610,6 +624,7 @@ KERNELBENCH = {
         (10, 480, 224, 224),
     ),
     "googlenet_inception_v1": (GoogleNetInceptionV1, [1000], (10, 3, 224, 224)),
+    "densenet121_transition_layer": (DenseNet121TransitionLayer, [32, 64], (128, 32, 256, 256)),
 }
 
 # Cheap cases, stem -> [(constructor arguments, input shape)]: arguments other than KernelBench's, odd input
@@ -649,4 +664,6 @@ SMALL = {
     "googlenet_inception_module": [([5, 3, 4, 7, 2, 3, 6], (2, 5, 7, 9))],
     # Maps of 9x10, 5x5, 3x3, 2x2 and 1x1 after the stem and each max pool; no BatchNorm, so batch 1.
     "googlenet_inception_v1": [([7], (1, 3, 17, 19))],
+    # Odd sizes: the pool leaves the last row and column out.
+    "densenet121_transition_layer": [([5, 7], (2, 5, 7, 9))],
 }

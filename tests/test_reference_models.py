@@ -39,6 +39,7 @@ FILES = {
     "squeezenet": "18_SqueezeNet",
     "googlenet_inception_module": "6_GoogleNetInceptionModule",
     "googlenet_inception_v1": "7_GoogleNetInceptionV1",
+    "densenet121_transition_layer": "13_DenseNet121TransitionLayer",
 }
 SEED = 42
 
