@@ -446,13 +446,27 @@ def _run_kernels_lines(steps, given: Value, result: Value) -> list[str]:
             if step.into is None:
                 return lines + [f"{outputs} = {_launch_call(step, names)}"]
             concat, index = step.into
-            return buffer(concat) + lines + [f"{outputs} = {_launch_call(step, names, f'into=({buffers[id(concat)]}, {index})')}"]
+            return (
+                buffer(concat)
+                + lines
+                + [f"{outputs} = {_launch_call(step, names, f'into=({buffers[id(concat)]}, {index})')}"]
+            )
         if isinstance(step, ConcatStep):
             return lines + [f'{out} = {buffers[id(step.output)]}["tensor"]']
         view: O.View = step.op.lowering
         return lines + [f"{out} = {view.expr(names[id(step.input)])}"]
 
     lines = _regions(steps, names, leaf)
+    # a kernel that reads channels-last copies an input of another layout: where several read the model's
+    # input (an inception module's branches), one copy serves them all
+    channels_last = [
+        s for s in _walk(steps) if isinstance(s, Launch) and s.input is given and not s.kernel.reads_any_layout
+    ]
+    if len(given.shape) == 4 and len(channels_last) > 1:
+        lines[:0] = [
+            "# several kernels read x channels-last: one layout copy for all of them",
+            "x = x.contiguous(memory_format=torch.channels_last)",
+        ]
     # the kernels write channels-last; a 4-d output is returned in torch's default layout, as the reference's
     layout = ".contiguous()" if len(result.shape) == 4 else ""
     lines.append(f"return {names[id(result)]}{layout}")

@@ -950,6 +950,8 @@ class ModelNew(nn.Module):
 
     def run_kernels(self, x):
         """The forward: one launch per chain of the spec."""
+        # several kernels read x channels-last: one layout copy for all of them
+        x = x.contiguous(memory_format=torch.channels_last)
         x_buffer = {
             "channels": (
                 self.branch1x1.out_channels,

@@ -98,8 +98,19 @@ def load(text: str):
     w=st.integers(1, 7),
 )
 @example(kinds=["conv1x1", "conv3x3"], widths=[5, 3, 1, 1], consumer=None, training=False, n=2, c=3, h=6, w=7)
-@example(kinds=["input", "conv_bn", "maxpool", "dwconv3x3"], widths=[1, 7, 1, 1], consumer=5, training=True, n=2, c=5, h=3, w=4)
-@example(kinds=["twice", "conv1x1", "conv_bn"], widths=[3, 17, 19, 1], consumer=None, training=False, n=3, c=7, h=1, w=1)
+@example(
+    kinds=["input", "conv_bn", "maxpool", "dwconv3x3"],
+    widths=[1, 7, 1, 1],
+    consumer=5,
+    training=True,
+    n=2,
+    c=5,
+    h=3,
+    w=4,
+)
+@example(
+    kinds=["twice", "conv1x1", "conv_bn"], widths=[3, 17, 19, 1], consumer=None, training=False, n=3, c=7, h=1, w=1
+)
 def test_cat_matches_torch_cat(kinds, widths, consumer, training, n, c, h, w):
     """The parts' values in their slices, in order, whichever way each part reaches its slice."""
     widths = widths[: len(kinds)]
@@ -179,7 +190,12 @@ ERRORS = [
     ("    return cat(a, x) -> relu\n", 5, 12, "cat joins values into one buffer, so it stands alone on its line"),
     ("    return a -> cat(a, x)\n", 5, 17, "stands alone on its line"),
     ("    y = c: cat(a, x)\n", 5, 9, "cat has no module, so it takes no name"),
-    ("    b = x -> maxpool(2)\n    return cat(a, b)\n", 6, 12, "their other dimensions must agree: [2, 4, 8, 8] and [2, 3, 4, 4]"),
+    (
+        "    b = x -> maxpool(2)\n    return cat(a, b)\n",
+        6,
+        12,
+        "their other dimensions must agree: [2, 4, 8, 8] and [2, 3, 4, 4]",
+    ),
     ("    s:\n        cat(a, x)\n", 6, 9, "cat reads other values, so it has no module"),
 ]
 
@@ -190,3 +206,31 @@ def test_bad_cat_is_a_spec_error(lines, line, column, message):
         compile_spec(HEADER + lines, "specs/bad.fuse")
     assert (info.value.pos.line, info.value.pos.column) == (line, column), str(info.value)
     assert message in str(info.value)
+
+
+def test_branches_that_read_the_input_share_one_layout_copy():
+    """Two 1x1 convs and a max pool read the model's NCHW input channels-last: it is copied once, first,
+    and each wrapper's own copy then has nothing to do; a 3x3 conv reads any layout and needs none. With
+    a single such reader the wrapper's copy is the only one."""
+    text = (
+        "model Net()\ninput(2, 3, 5, 6)\nforward:\n"
+        "    a = p: conv(3, 4, 1)\n"
+        "    b = x -> q: conv(3, 5, 1)\n"
+        "    c = x -> maxpool(3, 1, 1)\n"
+        "    d = x -> r: conv(3, 2, 3, padding=1)\n"
+        "    return cat(a, b, c, d)\n"
+    )
+    module = load(text)
+    run = run_method(module.SOURCE)
+    assert run.count(".contiguous(memory_format=torch.channels_last)") == 1
+    assert run.index("x = x.contiguous(memory_format=torch.channels_last)") < run.index("conv1x1_bias(")
+    single = text.replace("b = x -> q: conv(3, 5, 1)", "b = a -> q: conv(4, 5, 1)").replace("c = x", "c = a")
+    single = run_method(load(single).SOURCE)
+    assert "x.contiguous(memory_format" not in single
+    torch.manual_seed(0)
+    model = module.ModelNew().to(DEVICE).eval()
+    x = torch.randn(2, 3, 5, 6, device=DEVICE)
+    with torch.no_grad():
+        out = model(x)
+        branches = [model.p(x), model.q(x), F.max_pool2d(x, 3, 1, 1), model.r(x)]
+    assert rel_error(out, torch.cat(branches, 1)) < TOLERANCE
