@@ -324,21 +324,20 @@ def _module(path: str) -> str:
     return path if re.match(r"block(_[0-9]+)?\b", path) else f"self.{path}"
 
 
-def _channels(value: Value, made: dict, names: dict[int, str]) -> str:
-    """The channel count of `value` as a run method's expression that holds before the launches that make
-    it run: a conv's from its module, a pool's or elementwise kernel's from its input's, a concatenation's
-    the sum of its parts'; a value from before (the run method's input, a region's result) its own."""
-    step = made.get(id(value))
-    if isinstance(step, Launch):
+def _channels(value: Value, made: dict, names: dict[int, str], now: int) -> str:
+    """The channel count of `value` as a run method's expression at step `now` (in _walk's order): a value
+    made before, its variable's (which still holds it: a launch from `now` on reads it); one made from
+    `now` on, a conv's from its module, a pool's or elementwise kernel's from its input's, a
+    concatenation's the sum of its parts'. `made`: value -> (the step that makes it, that step's place)."""
+    step, at = made.get(id(value), (None, -1))
+    if isinstance(step, Launch) and at >= now:
         anchor = step.kernel.anchor
         channels = anchor.op.lowering.out_channels
         if "{m}" not in channels:  # C_in: as many as its input
-            return _channels(step.input, made, names)
+            return _channels(step.input, made, names, now)
         return channels.format(m=_module(step.args[step.kernel.module_ops.index(anchor)]))
-    if isinstance(step, ConcatStep):
-        return " + ".join(_channels(part, made, names) for part in step.parts)
-    if isinstance(step, LoopStep):  # a loop keeps its input's shape
-        return _channels(step.input, made, names)
+    if isinstance(step, ConcatStep) and at >= now:
+        return " + ".join(_channels(part, made, names, now) for part in step.parts)
     return f"{names[id(value)]}.shape[1]"
 
 
@@ -417,12 +416,16 @@ def _run_kernels_lines(steps, given: Value, result: Value) -> list[str]:
     names = _variables(_tree(steps), given, result)
     comment = [None]
     concats = {id(s.output): s for s in _walk(steps) if isinstance(s, ConcatStep)}
-    made = {id(s.output): s for s in _walk(steps) if not isinstance(s, BranchStep)}
+    order = list(_walk(steps))
+    made: dict[int, tuple] = {}  # value -> (the step that makes it first, its place in order)
+    for at, step in enumerate(order):
+        if not isinstance(step, BranchStep):
+            made.setdefault(id(step.output), (step, at))
     # each concatenation's buffer (concat_slice): a variable no value has, made before the first launch into it
     buffers: dict[int, str] = {}
     taken = set(names.values())
 
-    def buffer(concat: Value) -> list[str]:
+    def buffer(concat: Value, now: int) -> list[str]:
         if id(concat) in buffers:
             return []
         name, k = f"{names[id(concat)]}_buffer", 1
@@ -432,7 +435,7 @@ def _run_kernels_lines(steps, given: Value, result: Value) -> list[str]:
         taken.add(name)
         buffers[id(concat)] = name
         parts = concats[id(concat)].parts
-        channels = ", ".join(_channels(part, made, names) for part in parts)
+        channels = ", ".join(_channels(part, made, names, now) for part in parts)
         return [f'{name} = {{"channels": ({channels},), "tensor": None}}  # the launches into it make the tensor']
 
     def leaf(step) -> list[str]:
@@ -446,8 +449,9 @@ def _run_kernels_lines(steps, given: Value, result: Value) -> list[str]:
             if step.into is None:
                 return lines + [f"{outputs} = {_launch_call(step, names)}"]
             concat, index = step.into
+            now = next(i for i, s in enumerate(order) if s is step)
             return (
-                buffer(concat)
+                buffer(concat, now)
                 + lines
                 + [f"{outputs} = {_launch_call(step, names, f'into=({buffers[id(concat)]}, {index})')}"]
             )

@@ -234,3 +234,48 @@ def test_branches_that_read_the_input_share_one_layout_copy():
         out = model(x)
         branches = [model.p(x), model.q(x), F.max_pool2d(x, 3, 1, 1), model.r(x)]
     assert rel_error(out, torch.cat(branches, 1)) < TOLERANCE
+
+
+LOOP_AND_BRANCH = """\
+model Net(blocks=3, c=6)
+input(2, c, 5, 7)
+
+module fire(cin, s, e):
+    x = squeeze: conv(cin, s, 1) -> relu
+    a = x -> left: conv(s, e, 1) -> relu
+    b = x -> right: conv(s, c - e, 3, padding=1) -> relu
+    return cat(a, b)
+
+block stage(cin, n):
+    fire(cin, 3, 2) * n
+
+forward:
+    let wide = c > 4
+    body: stage(c, blocks)
+    if wide:
+        y = x -> p: conv(c, 2, 1)
+        x = cat(x, y)
+    else:
+        y = x -> q: conv(c, 3, 1)
+        x = cat(y, x)
+    return x
+"""
+
+
+@pytest.mark.parametrize("blocks, c", [(3, 6), (1, 4), (0, 5)])
+def test_cat_in_a_loop_and_a_branch(blocks, c):
+    """A concatenation in a module that a loop repeats (its channel counts from the loop variable's
+    modules), and one in each body of a branch on constructor arguments after it (from the loop's result,
+    also where the loop runs no iteration)."""
+    module = load(LOOP_AND_BRANCH)
+    torch.manual_seed(0)
+    model = module.ModelNew(blocks=blocks, c=c).to(DEVICE).eval()
+    x = torch.randn(2, c, 5, 7, device=DEVICE)
+    with torch.no_grad():
+        out = model(x)
+        y = x
+        for fire in model.body:
+            s = F.relu(fire.squeeze(y))
+            y = torch.cat([F.relu(fire.left(s)), F.relu(fire.right(s))], 1)
+        y = torch.cat([y, model.p(y)], 1) if c > 4 else torch.cat([model.q(y), y], 1)
+    assert rel_error(out, y) < TOLERANCE
