@@ -61,24 +61,25 @@ def part_channels(kind: str, c_in: int, c_out: int) -> int:
     return c_in if kind in ("dwconv3x3", "maxpool", "input") else c_out * (2 if kind == "twice" else 1)
 
 
-def concat_spec(shape, kinds, widths, consumer: int | None) -> str:
+def concat_spec(shape, kinds, widths, consumer: int | None, normalise: bool) -> str:
     c_in = shape[1]
     lines = ["model Net()", f"input({', '.join(map(str, shape))})", "forward:"]
     lines += [f"    {branch_line(kind, i, c_in, c)}" for i, (kind, c) in enumerate(zip(kinds, widths))]
     parts = [f"b{i}" for i, kind in enumerate(kinds) for _ in range(2 if kind == "twice" else 1)]
     lines.append(f"    y = cat({', '.join(parts)})")
-    if consumer is not None:  # a 1x1 conv reads the whole buffer
+    if consumer is not None:  # a 1x1 conv reads the whole buffer, maybe normalised over all its channels
         total = sum(part_channels(kind, c_in, c) for kind, c in zip(kinds, widths))
-        lines.append(f"    y = y -> head: conv({total}, {consumer}, 1)")
+        bn = f"norm: bn({total}) -> relu -> " if normalise else ""
+        lines.append(f"    y = y -> {bn}head: conv({total}, {consumer}, 1)")
     lines.append("    return y")
     return "\n".join(lines) + "\n"
 
 
-def reference(model, kinds, x: torch.Tensor, consumer: int | None) -> torch.Tensor:
+def reference(model, kinds, x: torch.Tensor, consumer: int | None, normalise: bool) -> torch.Tensor:
     parts = [branch_reference(kind, i, model, x) for i, kind in enumerate(kinds)]
     y = torch.cat([part for part, kind in zip(parts, kinds) for _ in range(2 if kind == "twice" else 1)], 1)
     if consumer is not None:
-        y = F.conv2d(y, model.head.weight, model.head.bias)
+        y = F.conv2d(F.relu(model.norm(y)) if normalise else y, model.head.weight, model.head.bias)
     return y
 
 
@@ -91,17 +92,29 @@ def load(text: str):
     kinds=st.lists(st.sampled_from(KINDS), min_size=2, max_size=4),
     widths=st.lists(st.integers(1, 19), min_size=4, max_size=4),
     consumer=st.one_of(st.none(), st.integers(1, 9)),
+    normalise=st.booleans(),
     training=st.booleans(),
     n=st.integers(2, 3),
     c=st.integers(1, 7),
     h=st.integers(1, 7),
     w=st.integers(1, 7),
 )
-@example(kinds=["conv1x1", "conv3x3"], widths=[5, 3, 1, 1], consumer=None, training=False, n=2, c=3, h=6, w=7)
+@example(
+    kinds=["conv1x1", "conv3x3"],
+    widths=[5, 3, 1, 1],
+    consumer=None,
+    normalise=False,
+    training=False,
+    n=2,
+    c=3,
+    h=6,
+    w=7,
+)
 @example(
     kinds=["input", "conv_bn", "maxpool", "dwconv3x3"],
     widths=[1, 7, 1, 1],
     consumer=5,
+    normalise=True,
     training=True,
     n=2,
     c=5,
@@ -109,13 +122,22 @@ def load(text: str):
     w=4,
 )
 @example(
-    kinds=["twice", "conv1x1", "conv_bn"], widths=[3, 17, 19, 1], consumer=None, training=False, n=3, c=7, h=1, w=1
+    kinds=["twice", "conv1x1", "conv_bn"],
+    widths=[3, 17, 19, 1],
+    consumer=None,
+    normalise=False,
+    training=False,
+    n=3,
+    c=7,
+    h=1,
+    w=1,
 )
-def test_cat_matches_torch_cat(kinds, widths, consumer, training, n, c, h, w):
-    """The parts' values in their slices, in order, whichever way each part reaches its slice."""
+def test_cat_matches_torch_cat(kinds, widths, consumer, normalise, training, n, c, h, w):
+    """The parts' values in their slices, in order, whichever way each part reaches its slice; a BatchNorm
+    over the whole concatenation (DenseNet's) normalises with the batch statistics of all its channels."""
     widths = widths[: len(kinds)]
     shape = (n, c, h, w)
-    text = concat_spec(shape, kinds, widths, consumer)
+    text = concat_spec(shape, kinds, widths, consumer, normalise)
     module = load(text)
     torch.manual_seed(0)
     model = module.ModelNew().to(DEVICE).train(training)
@@ -124,7 +146,7 @@ def test_cat_matches_torch_cat(kinds, widths, consumer, training, n, c, h, w):
     x = 4 * torch.randn(shape, device=DEVICE)
     with torch.no_grad():
         out = model(x)
-        expected = reference(expected_model, kinds, x, consumer)
+        expected = reference(expected_model, kinds, x, consumer, normalise)
     assert out.shape == expected.shape and out.is_contiguous()
     assert rel_error(out, expected) < TOLERANCE, text
     for key, buffer in expected_model.state_dict().items():  # training mode's running statistics
