@@ -503,6 +503,8 @@ class _InitWriter:
             _check_name(step.label, step.pos, "name")
             return [f"{target}.{step.label} = {self.block_call(call)}"]
         op = self.ops.op(call)
+        if op.role is O.Role.CONCAT:  # no module: the graph builder checks its values
+            return []
         if step.label is None:
             if op.needs_module:
                 raise SpecError(step.pos, f"{op.name} holds parameters, so it needs a name: `name: {op.name}(...)`")
@@ -709,10 +711,19 @@ class _GraphBuilder:
         return count
 
     def module_steps(self, chain: S.Chain, steps, value: Value, scope, tensors, path, site, target) -> Value:
-        """The steps of a chain in a module body: ops (labelled ones own a module), or one block."""
+        """The steps of a chain in a module body: ops (labelled ones own a module), one block, or a cat."""
         uses = []
-        for step in steps:
+        for i, step in enumerate(steps):
             call = step.call
+            concat = O.lookup(call.name)
+            if concat is not None and concat.role is O.Role.CONCAT:
+                if i > 0 or len(steps) > 1 or steps is not chain.steps:
+                    raise SpecError(
+                        call.pos,
+                        f"{call.name} joins values into one buffer, so it stands alone on its line:"
+                        f" `name = {call.name}(a, b)`, then `name -> ...` on the next",
+                    )
+                return self.concat(chain, step, concat, tensors, site, target)
             instance = scope.values.get(call.name) if _is_bare(step) and call.name not in self.blocks else None
             if instance is not None and O.lookup(call.name) is None:
                 module = instance.value
@@ -752,6 +763,41 @@ class _GraphBuilder:
         self.block_stack.pop()
         return value
 
+    def concat(self, chain: S.Chain, step: S.Step, op: O.Op, tensors, site: Pos | None, target: str | None) -> Value:
+        """`cat(a, b, ...)`: a chain of one node that reads the first value as its input and the others as
+        operands; plan has the kernels that make them store into their slices of one buffer."""
+        call = step.call
+        if step.label is not None:
+            raise SpecError(step.pos, f"{call.name} has no module, so it takes no name")
+        if call.kwargs:
+            raise SpecError(call.kwargs[0].pos, f"{call.name} takes values only, no keyword arguments")
+        if len(call.args) < 2:
+            raise SpecError(call.pos, f"{call.name} joins two or more values, {len(call.args)} given")
+        parts = []
+        for arg in call.args:
+            if not isinstance(arg, S.Name) or arg.id not in tensors:
+                raise SpecError(
+                    arg.pos, f"{call.name} joins values of this body ({', '.join(sorted(tensors))}); this is not one"
+                )
+            parts.append(tensors[arg.id])
+        shape = parts[0].shape
+        try:
+            shape = op.shape({"values": [part.shape for part in parts[1:]]}, shape)
+        except O.ShapeError as err:
+            if not self.untaken:
+                where = f" (in {self.block_stack[-1]} called at line {site.line})" if site and self.block_stack else ""
+                raise SpecError(call.pos, f"{err}{where}") from None
+        node = Node(op, None, call.pos, shape, operands=tuple(parts[1:]))
+        return self.record(chain, (node,), parts[0], site, target)
+
+    def record(self, chain: S.Chain, nodes: tuple[Node, ...], value: Value, site: Pos | None, target) -> Value:
+        """Adds the chain of `nodes` on `value` to the body; returns its output."""
+        text = self.lines[chain.pos.line - 1].split("#")[0].strip()
+        call_site = f"{site.line}: {self.lines[site.line - 1].split('#')[0].strip()}" if site else ""
+        output = Value(target or "x", nodes[-1].out_shape)
+        self.body.append(Chain(nodes, chain.pos.line, text, call_site, value, output))
+        return output
+
     # Chains.
 
     def chain(
@@ -789,11 +835,7 @@ class _GraphBuilder:
             shaped.append(replace(node, out_shape=shape))
         if not shaped:
             return value
-        text = self.lines[chain.pos.line - 1].split("#")[0].strip()
-        call_site = f"{site.line}: {self.lines[site.line - 1].split('#')[0].strip()}" if site else ""
-        output = Value(target or "x", shape)
-        self.body.append(Chain(tuple(shaped), chain.pos.line, text, call_site, value, output))
-        return output
+        return self.record(chain, tuple(shaped), value, site, target)
 
 
 def _specialized(node: Node, args: dict, where: str) -> Node:

@@ -90,6 +90,9 @@ def _frame(out_rank: int, loop: list[str]) -> list[str]:
 
 # The output is the wrapper's own contiguous tensor: output row offs_m starts at offs_m * C_out.
 _STORE = "tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)"
+# Or a channel slice of a concatenation's channels-last buffer: out_ptr is its first channel, and a row
+# (pixel) of the buffer is out_row_stride elements long.
+_SLICE_STORE = "tl.store(out_ptr + offs_m[:, None] * out_row_stride + offs_n[None, :], acc, mask=mask)"
 
 
 # Wrapper lines of a pooled kernel: its output pixels, and torch's error where the window does not fit.
@@ -306,7 +309,8 @@ def lower(kernel: Kernel) -> LoweredKernel:
         assert not kernel.writes_batch_stats, "training mode gives a pool its own launch"
         body = _pooled(tile)
     else:
-        body = [*_frame(out_rank, loop), *tile, _STORE, *(_TILE_STATS if kernel.writes_batch_stats else [])]
+        store = _SLICE_STORE if kernel.writes_slice else _STORE
+        body = [*_frame(out_rank, loop), *tile, store, *(_TILE_STATS if kernel.writes_batch_stats else [])]
     body_text = "\n".join([*body, *slices])  # what either kernel uses
 
     # Candidate parameters in signature order, each with the wrapper expression that feeds it.
@@ -331,7 +335,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
                 pointers.append(entry)
             else:
                 scalars.append(entry)
-    pointers += [("partial_ptr", "partial"), ("out_ptr", "out")]
+    pointers += [("partial_ptr", "partial"), ("out_ptr", "out"), ("out_row_stride", "out.stride(3)")]
     if kernel.writes_batch_stats:
         pointers += [("tile_sum_ptr", "tile_sum"), ("tile_m2_ptr", "tile_m2")]
     dims = [(d, d) for d in dict.fromkeys(in_dims + out_dims) if d not in _CHANNELS]
@@ -395,13 +399,16 @@ def lower(kernel: Kernel) -> LoweredKernel:
     out_dtype = ["out_dtype=torch.float32"] if kernel.stores_activations else []
     given_out = ["out=None"] if kernel.writes_given_out else []
     new_out = f"torch.empty(({out_shape}), device=x.device, dtype={'out_dtype' if out_dtype else 'torch.float32'}{_LAYOUT[out_rank]})"
+    if kernel.writes_slice:  # `into`: (a concatenation's buffer, the index of this output's slice)
+        given_out.append("into=None")
+        new_out = f"({new_out} if into is None else concat_slice(into, {out_shape}, x.device))"
     wrapper = [
         f"def {kernel.name}({', '.join([*inputs, *modules, *out_dtype, *given_out])}):",
         *([] if kernel.reads_any_layout else [INDENT + _CONTIGUOUS[kernel.in_rank]]),
         INDENT + f"{', '.join(in_dims)} = x.shape",
         *(INDENT + line for line in anchor_dims),
         # a given `out` is a CUDA graph's copy of this launch's output, made by this wrapper for the same x
-        INDENT + (f"out = {new_out} if out is None else out" if given_out else f"out = {new_out}"),
+        INDENT + (f"out = {new_out} if out is None else out" if kernel.writes_given_out else f"out = {new_out}"),
         INDENT + "check_32bit_offsets(x, out)",
         *(INDENT + line for line in variable_lines + block_lines),
     ]

@@ -43,6 +43,8 @@ class Role(Enum):
     ANCHOR = "anchor"
     ELEMENTWISE = "elementwise"
     VIEW = "view"
+    # joins values along channels: the kernels that make them store into their slices of one buffer
+    CONCAT = "concat"
 
 
 class ShapeError(Exception):
@@ -715,19 +717,42 @@ def _maxpool_window(a: dict) -> tuple[int, int, int]:
 
 
 def _maxpool_module(a: dict[str, str]) -> str:
-    extra = "".join(f", {key}={a[key]}" for key, default in (("stride", "None"), ("padding", "0")) if a[key] != default)
+    defaults = (("stride", "None"), ("padding", "0"), ("ceil_mode", "False"))
+    extra = "".join(f", {key}={a[key]}" for key, default in defaults if a[key] != default)
     return f"nn.MaxPool2d({a['kernel_size']}{extra})"
+
+
+def _pool_out(size: int, k: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """nn.MaxPool2d's output size: with ceil_mode a last window that starts inside the input (or its left
+    padding) and runs past its end counts too."""
+    out = _conv_out(size, k, stride, padding, "maxpool")
+    if ceil_mode and (size + 2 * padding - k) % stride and out * stride < size + padding:
+        out += 1
+    return out
 
 
 def _maxpool_shape(a: dict, shape: Shape) -> Shape:
     _rank(shape, 4, "maxpool")
     k, stride, padding = _maxpool_window(a)
-    oh, ow = (_conv_out(size, k, stride, padding, "maxpool") for size in shape[2:])
+    oh, ow = (_pool_out(size, k, stride, padding, a["ceil_mode"] is True) for size in shape[2:])
     return (shape[0], shape[1], oh, ow)
 
 
-def _maxpool_anchor(k: str, stride: str, padding: str) -> Anchor:
-    """Max over windows of k x k pixels, `stride` apart, `padding` around (wrapper expressions)."""
+def _maxpool_anchor(k: str, stride: str, padding: str, ceil_mode: bool) -> Anchor:
+    """Max over windows of k x k pixels, `stride` apart, `padding` around (wrapper expressions); with
+    ceil_mode a last window that runs past the input's end (its pixels there are masked as padding is)."""
+    pixels = tuple(f"O{d} = ({d} + 2 * {padding} - {k}) // {stride} + 1" for d in "HW")
+    if ceil_mode:
+        pixels = tuple(
+            line
+            for d in "HW"
+            for line in (
+                f"O{d} = ({d} + 2 * {padding} - {k} + {stride} - 1) // {stride} + 1",
+                "# a window must start inside the input or its left padding, as torch's",
+                f"if (O{d} - 1) * {stride} >= {d} + {padding}:",
+                f"    O{d} -= 1",
+            )
+        )
     return Anchor(
         (
             KernelParam("KH", k, constexpr=True),
@@ -736,7 +761,7 @@ def _maxpool_anchor(k: str, stride: str, padding: str) -> Anchor:
             KernelParam("PAD", padding, constexpr=True),
         ),
         "C_in",
-        (f"OH = (H + 2 * {padding} - {k}) // {stride} + 1", f"OW = (W + 2 * {padding} - {k}) // {stride} + 1"),
+        pixels,
         _maxpool_loop,
         "it reads a window of its input, and those pixels are computed by other programs of this kernel",
     )
@@ -753,15 +778,25 @@ def _maxpool_specialize(a: dict, has_module: bool) -> Op:
         raise ArgumentError(
             f"maxpool: padding {padding} is more than half the {k}x{k} window (torch allows at most {k // 2})"
         )
-    op = replace(FIXED_OPS["maxpool"], specialize=None)
+    ceil_mode = a["ceil_mode"]
+    if not isinstance(ceil_mode, bool):
+        raise ArgumentError(f"maxpool: ceil_mode must be True or False, got {ceil_mode!r}")
+    mode = "ceil mode: a last window may run past the input's end" if ceil_mode else "floor mode"
+    summary = f"MaxPool2d(k, stride, padding): max over k x k windows, padding read as -inf, {mode}"
+    op = replace(FIXED_OPS["maxpool"], specialize=None, summary=summary)
     if has_module:
-        return replace(op, lowering=_maxpool_anchor("{m}.kernel_size", "{m}.stride", "{m}.padding"))
+        lowering = _maxpool_anchor("{m}.kernel_size", "{m}.stride", "{m}.padding", ceil_mode)
+        if not ceil_mode:
+            return replace(op, lowering=lowering)
+        # the kernel's name says the mode: the wrapper's output size differs
+        return replace(op, name="maxpool_ceil", lowering=lowering, captured_attrs=(*op.captured_attrs, "ceil_mode"))
     name = f"maxpool{k}x{k}" + (f"_s{stride}" if stride != k else "") + (f"_p{padding}" if padding else "")
+    name += "_ceil" if ceil_mode else ""
     return replace(
         op,
         name=name,
-        lowering=_maxpool_anchor(str(k), str(stride), str(padding)),
-        reference=lambda x, m: f"nn.functional.max_pool2d({x}, {k}, {stride}, {padding})",
+        lowering=_maxpool_anchor(str(k), str(stride), str(padding), ceil_mode),
+        reference=lambda x, m: f"nn.functional.max_pool2d({x}, {k}, {stride}, {padding}{', ceil_mode=True' * ceil_mode})",
         captured_attrs=(),
     )
 
@@ -943,6 +978,18 @@ def _add_shape(a: dict, shape: Shape) -> Shape:
     return shape
 
 
+def _cat_shape(a: dict, shape: Shape) -> Shape:
+    """The values joined along channels: 4-d, with the same batch and pixels."""
+    _rank(shape, 4, "cat")
+    for other in a["values"]:
+        _rank(other, 4, "cat")
+        if (other[0], *other[2:]) != (shape[0], *shape[2:]):
+            raise ShapeError(
+                f"cat joins values along channels, so their other dimensions must agree: {list(shape)} and {list(other)}"
+            )
+    return (shape[0], shape[1] + sum(other[1] for other in a["values"]), *shape[2:])
+
+
 FIXED_OPS = {
     op.name: op
     for op in (
@@ -981,15 +1028,16 @@ FIXED_OPS = {
             name="maxpool",
             slot="pool",
             role=Role.ANCHOR,
-            args=("kernel_size", "stride", "padding"),
-            defaults={"stride": None, "padding": 0},
+            args=("kernel_size", "stride", "padding", "ceil_mode"),
+            defaults={"stride": None, "padding": 0, "ceil_mode": False},
             int_args=("kernel_size", "padding"),
             module=_maxpool_module,
             needs_module=False,
             shape=_maxpool_shape,
             reference=lambda x, m: f"{m}({x})",
             lowering=None,
-            summary="MaxPool2d(k, stride, padding): max over k x k windows, padding read as -inf, floor mode",
+            summary="MaxPool2d(k, stride, padding, ceil_mode): max over k x k windows, padding read as -inf,"
+            " floor or ceil mode",
             captured_attrs=("kernel_size", "stride", "padding"),
             specialize=_maxpool_specialize,
         ),
@@ -1150,6 +1198,21 @@ FIXED_OPS = {
                 ],
             ),
             summary="x + other, another value of the same shape read at the output tile's offsets (a residual)",
+        ),
+        Op(
+            name="cat",
+            slot="cat",
+            role=Role.CONCAT,
+            args=("values...",),
+            defaults={},
+            tensor_args=("values...",),
+            module=None,
+            needs_module=False,
+            shape=_cat_shape,
+            reference=lambda x, m: f"torch.cat([{x}, {m}], 1)",
+            lowering=None,
+            summary="torch.cat(values, 1): two or more values joined along channels; the kernels that make them"
+            " store into their channel slices of one buffer, so nothing is copied",
         ),
         Op(
             name="dropout",

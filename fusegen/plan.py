@@ -63,6 +63,9 @@ class Kernel:
     writes_given_out: bool = False
     # a pool that ends the kernel (its lowering is the op's Pool): the tile's rows are a pooling window
     pool: FusedOp | None = None
+    # some launch stores its output into a channel slice of a concatenation's buffer (its wrapper takes
+    # `into`, and the store steps through the buffer's rows)
+    writes_slice: bool = False
 
     @property
     def ops(self) -> tuple[FusedOp, ...]:
@@ -100,6 +103,8 @@ class Launch:
     input: Value
     output: Value
     stores_activation: bool = False  # its output feeds a later kernel at the model's activation_dtype
+    # its output is part `index` of a concatenation: (the concatenated value, index), stored into its slice
+    into: tuple[Value, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,16 @@ class ViewOnly:
     op: O.Op
     comment: str
     input: Value
+    output: Value
+
+
+@dataclass(frozen=True)
+class ConcatStep:
+    """`cat(...)`: the launches that made `parts` stored them into their channel slices of one buffer,
+    which is `output`; nothing runs here."""
+
+    parts: tuple[Value, ...]
+    comment: str
     output: Value
 
 
@@ -139,7 +154,7 @@ class BranchStep:
         return getattr(self.branch, name)
 
 
-Step = Union[Launch, ViewOnly, LoopStep, BranchStep]
+Step = Union[Launch, ViewOnly, ConcatStep, LoopStep, BranchStep]
 
 
 def launches(steps) -> Iterator[Launch]:
@@ -190,6 +205,52 @@ class _Group:
     writes_batch_stats: bool = False
     producer: list[Node] = field(default_factory=list)
     pool: Node | None = None
+    into: tuple[Value, int] | None = None  # stores its output into a concatenation's slice (Launch.into)
+
+
+def is_concat(chain: Chain) -> bool:
+    return chain.ops[0].op.role is O.Role.CONCAT
+
+
+def _writes_slice(group: _Group) -> bool:
+    """Whether a launch can store its output into a channel slice of another buffer: its frame's one store
+    of a 4-d tile (a pool's frame, split K or a view store otherwise)."""
+    anchor = group.anchor.op.lowering if group.anchor else None
+    return (
+        group.pool is None
+        and group.view is None
+        and len(group.output.shape) == 4
+        and (anchor is None or anchor.split_k_finish is None)
+    )
+
+
+def _concat_groups(groups: list, uses) -> list:
+    """The concatenations of one body's groups: each part's launch stores into its slice of the
+    concatenation's buffer where it made the part in this body, only the concatenation reads the part and
+    its kernel can; otherwise a copy kernel stores the part there. `uses(value)` counts a value's readers."""
+    made_by = {id(g.output): g for g in groups if isinstance(g, _Group)}
+    planned: list = []
+    for g in groups:
+        if not (isinstance(g, Chain) and is_concat(g)):
+            planned.append(g)
+            continue
+        parts = list(Graph.reads(g))
+        for index, part in enumerate(parts):
+            producer = made_by.get(id(part))
+            if producer is None or producer.into is not None or uses(part) != 1 or not _writes_slice(producer):
+                # a copy into the slice: of the model's input, a value made outside this body or read elsewhere
+                producer = _Group([], None, [], None, [g], part, Value(part.name, part.shape))
+                planned.append(producer)
+                parts[index] = producer.output
+            producer.into = (g.output, index)
+        planned.append(_ConcatGroup(g, tuple(parts)))
+    return planned
+
+
+@dataclass
+class _ConcatGroup:
+    chain: Chain  # the cat
+    parts: tuple[Value, ...]  # the values stored into its slices, in order
 
 
 def _split(chain: Chain):
@@ -233,6 +294,9 @@ def _eval_groups(body: tuple, graph: Graph) -> list:
         if isinstance(chain, Branch):
             groups.append(_BranchGroups(chain, _eval_groups(chain.then, graph), _eval_groups(chain.orelse, graph)))
             continue
+        if is_concat(chain):
+            groups.append(chain)
+            continue
         prologue, producer, anchor, epilogue, pool, view = _split(chain)
         if anchor is None and not epilogue:
             groups.append(chain)
@@ -251,7 +315,7 @@ def _eval_groups(body: tuple, graph: Graph) -> list:
         )
         groups.append(group)
         made_by[id(chain.output)] = group
-    return groups
+    return _concat_groups(groups, graph.uses)
 
 
 def _needs_batch_stats(use: Node) -> bool:
@@ -345,6 +409,11 @@ class _TrainingGroups:
             for operand in node.operands:
                 if id(operand) in self.pending:
                     self.materialize(operand)
+        if is_concat(chain):  # so is each part of a concatenation
+            if id(chain.input) in self.pending:
+                self.materialize(chain.input)
+            self.groups.append(chain)
+            return
         source, carried = chain.input, []
         waiting = self.pending.get(id(source))
         if waiting is not None:
@@ -409,7 +478,7 @@ class _TrainingGroups:
             self.flush()
         elif id(self.graph.output) in self.pending:
             self.materialize(self.graph.output)
-        groups, self.groups = self.groups, outer
+        groups, self.groups = _concat_groups(self.groups, self.uses), outer
         self.mark_batch_stats(groups)
         return groups
 
@@ -498,7 +567,7 @@ class _Kernels:
         args = tuple(
             u.operands[0] if u.op.tensor_args else u.module_path for f, u in zip(fused, body) if f.reads_module
         )
-        return Launch(self.by_key[key], args, self.comment(chain), group.input, group.output)
+        return Launch(self.by_key[key], args, self.comment(chain), group.input, group.output, into=group.into)
 
     def mark(self, names: set[str], **fields) -> None:
         """Sets `fields` on the kernels named in `names` (a flag that some launch of them needs)."""
@@ -517,6 +586,8 @@ class _Kernels:
                 steps.append(
                     BranchStep(g.branch, tuple(self.steps(g.then, training)), tuple(self.steps(g.orelse, training)))
                 )
+            elif isinstance(g, _ConcatGroup):
+                steps.append(ConcatStep(g.parts, self.comment(g.chain), g.chain.output))
             else:
                 steps.append(ViewOnly(g.ops[-1].op, self.comment(g), g.input, g.output))
         return steps
@@ -530,16 +601,20 @@ def _store_activations(steps: list[Launch | ViewOnly], kernels: _Kernels, graph:
     if any(isinstance(s, (LoopStep, BranchStep)) for s in steps):
         return steps
 
-    def reads_narrow(step: Launch | ViewOnly, value: Value) -> bool:
-        if isinstance(step, ViewOnly):
+    def reads_narrow(step: Launch | ViewOnly | ConcatStep, value: Value) -> bool:
+        if isinstance(step, (ViewOnly, ConcatStep)):
             return False
         if step.input is not value:
             return True  # an operand: loaded into float32 at the tile's offsets
         reader = step.kernel.producer[0] if step.kernel.producer else step.kernel.anchor  # the op that loads x
         return reader.op.lowering.narrow_input
 
-    readers: dict[int, list[Launch | ViewOnly]] = {}
+    readers: dict[int, list[Launch | ViewOnly | ConcatStep]] = {}
     for step in steps:
+        if isinstance(step, ConcatStep):  # its buffer is float32: the launches that make its parts store that
+            for part in step.parts:
+                readers.setdefault(id(part), []).append(step)
+            continue
         for value in {
             id(step.input): step.input,
             **{id(a): a for a in getattr(step, "args", ()) if isinstance(a, Value)},
@@ -561,7 +636,12 @@ def _mark_first_launch(steps: list[Launch | ViewOnly], kernels: _Kernels, graph:
     """Eval mode: a first launch that reads the model's input in any layout, the only step that reads it,
     can run outside a CUDA graph on the caller's tensor, so that a replay need not copy the input in."""
     first = steps[0] if steps else None
-    if isinstance(first, Launch) and first.kernel.reads_any_layout and graph.uses(graph.input) == 1:
+    if (
+        isinstance(first, Launch)
+        and first.kernel.reads_any_layout
+        and first.into is None
+        and graph.uses(graph.input) == 1
+    ):
         kernels.mark({first.kernel.name}, writes_given_out=True)
 
 
@@ -574,6 +654,8 @@ def plan(model: Model, spec_name: str) -> Plan:
     _mark_first_launch(steps, kernels, graph)
     has_batch_stats = any(_needs_batch_stats(u) for chain in graph.chains for u in chain.ops)
     train_steps = kernels.steps(_TrainingGroups(graph).run(), training=True) if has_batch_stats else None
+    slice_writers = {s.kernel.name for s in launches([*steps, *(train_steps or [])]) if s.into is not None}
+    kernels.mark(slice_writers, writes_slice=True)
     # The Launch objects hold the kernel as it was when built; point them at the final kernels (sources).
     final = {k.name: k for k in kernels.by_key.values()}
 

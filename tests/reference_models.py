@@ -477,6 +477,130 @@ class EfficientNetB2(nn.Module):
         return self.fc(x)
 
 
+class SqueezeNetFireModule(nn.Module):
+    """A squeeze 1x1 conv, then a 1x1 and a 3x3 expand of its output joined along channels."""
+
+    def __init__(self, in_channels, squeeze_channels, expand1x1_channels, expand3x3_channels):
+        super().__init__()
+        self.squeeze = nn.Conv2d(in_channels, squeeze_channels, kernel_size=1)
+        self.squeeze_activation = nn.ReLU(inplace=True)
+        self.expand1x1 = nn.Conv2d(squeeze_channels, expand1x1_channels, kernel_size=1)
+        self.expand1x1_activation = nn.ReLU(inplace=True)
+        self.expand3x3 = nn.Conv2d(squeeze_channels, expand3x3_channels, kernel_size=3, padding=1)
+        self.expand3x3_activation = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = self.squeeze_activation(self.squeeze(x))
+        left = self.expand1x1_activation(self.expand1x1(x))
+        right = self.expand3x3_activation(self.expand3x3(x))
+        return torch.cat([left, right], 1)
+
+
+class SqueezeNet(nn.Module):
+    """SqueezeNet 1.0: fire modules between max pools that round up (ceil_mode), a 1x1 conv classifier."""
+
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        pool = dict(kernel_size=3, stride=2, ceil_mode=True)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 96, kernel_size=7, stride=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(**pool),
+            SqueezeNetFireModule(96, 16, 64, 64),
+            SqueezeNetFireModule(128, 16, 64, 64),
+            SqueezeNetFireModule(128, 32, 128, 128),
+            nn.MaxPool2d(**pool),
+            SqueezeNetFireModule(256, 32, 128, 128),
+            SqueezeNetFireModule(256, 48, 192, 192),
+            SqueezeNetFireModule(384, 48, 192, 192),
+            SqueezeNetFireModule(384, 64, 256, 256),
+            nn.MaxPool2d(**pool),
+            SqueezeNetFireModule(512, 64, 256, 256),
+        )
+        self.classifier = nn.Sequential(
+            nn.Dropout(p=0.0),
+            nn.Conv2d(512, num_classes, kernel_size=1),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d((1, 1)),
+        )
+
+    def forward(self, x):
+        return torch.flatten(self.classifier(self.features(x)), 1)
+
+
+class GoogleNetInceptionModule(nn.Module):
+    """Four branches (1x1; 1x1 then 3x3; 1x1 then 5x5; 3x3 max pool then 1x1) joined along channels."""
+
+    def __init__(self, in_channels, out_1x1, reduce_3x3, out_3x3, reduce_5x5, out_5x5, pool_proj):
+        super().__init__()
+        self.branch1x1 = nn.Conv2d(in_channels, out_1x1, kernel_size=1)
+        self.branch3x3 = nn.Sequential(
+            nn.Conv2d(in_channels, reduce_3x3, kernel_size=1),
+            nn.Conv2d(reduce_3x3, out_3x3, kernel_size=3, padding=1),
+        )
+        self.branch5x5 = nn.Sequential(
+            nn.Conv2d(in_channels, reduce_5x5, kernel_size=1),
+            nn.Conv2d(reduce_5x5, out_5x5, kernel_size=5, padding=2),
+        )
+        self.branch_pool = nn.Sequential(
+            nn.MaxPool2d(kernel_size=3, stride=1, padding=1),
+            nn.Conv2d(in_channels, pool_proj, kernel_size=1),
+        )
+
+    def forward(self, x):
+        branches = (self.branch1x1, self.branch3x3, self.branch5x5, self.branch_pool)
+        return torch.cat([branch(x) for branch in branches], 1)
+
+
+class GoogleNetInceptionV1(nn.Module):
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3)
+        self.maxpool1 = nn.MaxPool2d(3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(64, 64, kernel_size=1)
+        self.conv3 = nn.Conv2d(64, 192, kernel_size=3, padding=1)
+        self.maxpool2 = nn.MaxPool2d(3, stride=2, padding=1)
+        self.inception3a = GoogleNetInceptionModule(192, 64, 96, 128, 16, 32, 32)
+        self.inception3b = GoogleNetInceptionModule(256, 128, 128, 192, 32, 96, 64)
+        self.maxpool3 = nn.MaxPool2d(3, stride=2, padding=1)
+        self.inception4a = GoogleNetInceptionModule(480, 192, 96, 208, 16, 48, 64)
+        self.inception4b = GoogleNetInceptionModule(512, 160, 112, 224, 24, 64, 64)
+        self.inception4c = GoogleNetInceptionModule(512, 128, 128, 256, 24, 64, 64)
+        self.inception4d = GoogleNetInceptionModule(512, 112, 144, 288, 32, 64, 64)
+        self.inception4e = GoogleNetInceptionModule(528, 256, 160, 320, 32, 128, 128)
+        self.maxpool4 = nn.MaxPool2d(3, stride=2, padding=1)
+        self.inception5a = GoogleNetInceptionModule(832, 256, 160, 320, 32, 128, 128)
+        self.inception5b = GoogleNetInceptionModule(832, 384, 192, 384, 48, 128, 128)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.dropout = nn.Dropout(0.0)
+        self.fc = nn.Linear(1024, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool1(F.relu(self.conv1(x)))
+        x = F.relu(self.conv2(x))
+        x = self.maxpool2(F.relu(self.conv3(x)))
+        x = self.maxpool3(self.inception3b(self.inception3a(x)))
+        for block in (self.inception4a, self.inception4b, self.inception4c, self.inception4d, self.inception4e):
+            x = block(x)
+        x = self.inception5b(self.inception5a(self.maxpool4(x)))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(self.dropout(x))
+
+
+class DenseNet121TransitionLayer(nn.Module):
+    def __init__(self, num_input_features, num_output_features):
+        super().__init__()
+        self.transition = nn.Sequential(
+            nn.BatchNorm2d(num_input_features),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(num_input_features, num_output_features, kernel_size=1, bias=False),
+            nn.AvgPool2d(kernel_size=2, stride=2),
+        )
+
+    def forward(self, x):
+        return self.transition(x)
+
+
 # KernelBench level 3 as its files run: stem -> (reference, get_init_inputs(), get_inputs() shape).
 KERNELBENCH = {
     "lenet5": (LeNet5, [20], (4096, 1, 32, 32)),
@@ -492,6 +616,15 @@ KERNELBENCH = {
     "efficientnet_b2": (EfficientNetB2, [1000], (2, 3, 224, 224)),
     "mobilenet_v1": (MobileNetV1, [1000, 3, 1.0], (10, 3, 224, 224)),
     "efficientnet_b1": (EfficientNetB1, [1000], (10, 3, 240, 240)),
+    "squeezenet_fire_module": (SqueezeNetFireModule, [3, 6, 64, 64], (128, 3, 256, 256)),
+    "squeezenet": (SqueezeNet, [1000], (64, 3, 512, 512)),
+    "googlenet_inception_module": (
+        GoogleNetInceptionModule,
+        [480, 192, 96, 208, 16, 48, 64],
+        (10, 480, 224, 224),
+    ),
+    "googlenet_inception_v1": (GoogleNetInceptionV1, [1000], (10, 3, 224, 224)),
+    "densenet121_transition_layer": (DenseNet121TransitionLayer, [32, 64], (128, 32, 256, 256)),
 }
 
 # Cheap cases, stem -> [(constructor arguments, input shape)]: arguments other than KernelBench's, odd input
@@ -522,4 +655,15 @@ SMALL = {
     # Odd channel counts (9, 19, 38, 76, 153, 307); AvgPool2d(7) needs an input of 193 to 416.
     "mobilenet_v1": [([7, 2, 0.3], (2, 2, 193, 197))],
     "efficientnet_b1": [([7], (2, 3, 33, 33))],
+    # Odd channel counts, so the 3x3 expand's slice starts at an odd channel.
+    "squeezenet_fire_module": [([5, 3, 7, 9], (2, 5, 6, 7))],
+    # The ceil-mode max pools take rows 14 -> 7 -> 3 -> 1 and columns 16 -> 8 -> 4 -> 2: the first pool and
+    # every pool of the columns keeps a last window that runs past the edge (floor mode: 6, and 7 -> 3 -> 1).
+    "squeezenet": [([7], (2, 3, 33, 37))],
+    # Odd channel counts: every slice but the first starts at an odd channel.
+    "googlenet_inception_module": [([5, 3, 4, 7, 2, 3, 6], (2, 5, 7, 9))],
+    # Maps of 9x10, 5x5, 3x3, 2x2 and 1x1 after the stem and each max pool; no BatchNorm, so batch 1.
+    "googlenet_inception_v1": [([7], (1, 3, 17, 19))],
+    # Odd sizes: the pool leaves the last row and column out.
+    "densenet121_transition_layer": [([5, 7], (2, 5, 7, 9))],
 }

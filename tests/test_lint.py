@@ -518,7 +518,8 @@ def test_generated_files_are_clean(path):
     assert all(
         rule in GENERATED_WARNINGS and places <= GENERATED_WARNINGS[rule] for rule, places in warned.items()
     ), warned
-    assert warned.get("KB102")  # reference_forward's torch ops are seen, so the check above can fail
+    if re.search(r"\b(torch\.relu|nn\.functional\.\w+)\(", source):  # reference_forward calls one
+        assert warned.get("KB102")  # reference_forward's torch ops are seen, so the check above can fail
 
 
 def seed_code(prompt: str) -> str:

@@ -869,6 +869,35 @@ def test_maxpool(k, stride, padding, labeled, with_prologue, n, c, h, w):
     assert f"def {'bn_' * with_prologue}{name}_kernel(" in module.SOURCE
 
 
+@few_examples
+@given(
+    k=st.integers(2, 4),
+    stride=st.integers(1, 3),
+    padding=st.integers(0, 2),
+    labeled=st.booleans(),
+    n=batches,
+    c=channels,
+    h=sizes,
+    w=sizes,
+)
+@example(k=3, stride=2, padding=0, labeled=True, n=2, c=WIDE, h=14, w=7)  # SqueezeNet's, odd and even sizes
+@example(k=3, stride=2, padding=1, labeled=False, n=1, c=3, h=4, w=5)  # a last window in the right padding only
+@example(k=2, stride=3, padding=0, labeled=True, n=1, c=1, h=2, w=3)
+def test_maxpool_ceil_mode(k, stride, padding, labeled, n, c, h, w):
+    """`maxpool(..., ceil_mode=True)`: a last window that runs past the input's end counts where it starts
+    inside the input or its left padding, as in torch (not where it would lie in the right padding only)."""
+    padding = min(padding, k // 2)
+    shape = (n, c, at_least(h, k - 2 * padding), at_least(w, k - 2 * padding))
+    call = f"maxpool({k}, stride={stride}, padding={padding}, ceil_mode=True)"
+    op = Op(call, lambda m, y: F.max_pool2d(y, k, stride, padding, ceil_mode=True), has_params=labeled)
+    module = check(shape, [op])
+    if labeled:
+        assert module.ModelNew().op0.ceil_mode is True
+        assert "def maxpool_ceil_kernel(" in module.SOURCE
+    else:
+        assert "_ceil_kernel(" in module.SOURCE
+
+
 def test_maxpool_propagates_nan_like_torch():
     """A NaN in a window is the window's max. (Under the interpreter numpy's max propagates it anyway; on
     the GPU tl.maximum drops it unless told PropagateNan.ALL.)"""

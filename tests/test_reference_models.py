@@ -35,6 +35,11 @@ FILES = {
     "efficientnet_b2": "24_EfficientNetB2",
     "mobilenet_v1": "19_MobileNetV1",
     "efficientnet_b1": "23_EfficientNetB1",
+    "squeezenet_fire_module": "17_SqueezeNetFireModule",
+    "squeezenet": "18_SqueezeNet",
+    "googlenet_inception_module": "6_GoogleNetInceptionModule",
+    "googlenet_inception_v1": "7_GoogleNetInceptionV1",
+    "densenet121_transition_layer": "13_DenseNet121TransitionLayer",
 }
 SEED = 42
 
