@@ -477,6 +477,33 @@ class EfficientNetB2(nn.Module):
         return self.fc(x)
 
 
+class RegNet(nn.Module):
+    """KernelBench's RegNet: a stage per width, each two 3x3 convs with bias and BatchNorm, then a 2x2 max pool."""
+
+    def __init__(self, input_channels, stages, block_widths, output_classes):
+        super().__init__()
+        self.stages = stages
+        self.block_widths = block_widths
+        widths = [input_channels, *block_widths[:stages]]
+        self.feature_extractor = nn.Sequential(*(self._stage(widths[i], widths[i + 1]) for i in range(stages)))
+        self.fc = nn.Linear(block_widths[-1], output_classes)
+
+    @staticmethod
+    def _stage(in_channels, out_channels):
+        return nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+            nn.MaxPool2d(kernel_size=2, stride=2),
+        )
+
+    def forward(self, x):
+        return self.fc(self.feature_extractor(x).mean(dim=(2, 3)))
+
+
 # KernelBench level 3 as its files run: stem -> (reference, get_init_inputs(), get_inputs() shape).
 KERNELBENCH = {
     "lenet5": (LeNet5, [20], (4096, 1, 32, 32)),
@@ -492,6 +519,7 @@ KERNELBENCH = {
     "efficientnet_b2": (EfficientNetB2, [1000], (2, 3, 224, 224)),
     "mobilenet_v1": (MobileNetV1, [1000, 3, 1.0], (10, 3, 224, 224)),
     "efficientnet_b1": (EfficientNetB1, [1000], (10, 3, 240, 240)),
+    "regnet": (RegNet, [3, 3, [64, 128, 256], 10], (8, 3, 224, 224)),
 }
 
 # Cheap cases, stem -> [(constructor arguments, input shape)]: arguments other than KernelBench's, odd input
@@ -522,4 +550,6 @@ SMALL = {
     # Odd channel counts (9, 19, 38, 76, 153, 307); AvgPool2d(7) needs an input of 193 to 416.
     "mobilenet_v1": [([7, 2, 0.3], (2, 2, 193, 197))],
     "efficientnet_b1": [([7], (2, 3, 33, 33))],
+    # Two stages of odd widths from two input channels (9x11 pools to 4x5, then 2x2), and one stage.
+    "regnet": [([2, 2, [5, 7], 3], (2, 2, 9, 11)), ([3, 1, [6], 4], (3, 3, 5, 6))],
 }

@@ -35,6 +35,7 @@ FILES = {
     "efficientnet_b2": "24_EfficientNetB2",
     "mobilenet_v1": "19_MobileNetV1",
     "efficientnet_b1": "23_EfficientNetB1",
+    "regnet": "27_RegNet",
 }
 SEED = 42
 
