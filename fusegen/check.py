@@ -898,7 +898,7 @@ def _check_fusion(uses: list[Node], values: list[dict]) -> None:
         if anchors:
             first, lowering = anchors[-1], use.op.lowering
             why = lowering.barrier
-            if lowering.pool and first.op.lowering.out_rank == 4 and not first.op.lowering.pool:
+            if lowering.pool and first.op.lowering.out_rank == 4 and not (first.op.lowering.pool or first.op.lowering.grouped):
                 if len(anchors) == 1:
                     anchors.append(use)
                     continue
@@ -921,6 +921,30 @@ def _check_fusion(uses: list[Node], values: list[dict]) -> None:
             )
         anchors.append(use)
         first_args = args
+    _check_channel_maps(uses, anchor_at)
+
+
+def _check_channel_maps(uses: list[Node], anchor_at: list[int]) -> None:
+    """A channel map (channel_shuffle) moves where its kernel loads or stores channels: before the anchor,
+    the anchor's loads (an anchor that takes that: Anchor.maps_channels); after it, the one store. A
+    producer's tile and a pooled pixel are addressed elsewhere, so two anchors take none."""
+    for i, use in enumerate(uses):
+        if not isinstance(use.op.lowering, O.ChannelMap):
+            continue
+        if len(anchor_at) == 2:
+            raise SpecError(
+                use.pos,
+                f"{use.op.name} moves channels where a kernel loads or stores them, which a kernel of two anchors"
+                f" ({uses[anchor_at[0]].op.name}, {uses[anchor_at[1]].op.name}) does elsewhere; end the chain"
+                f" after {use.op.name} or start a new one at it",
+            )
+        if anchor_at and i < anchor_at[0] and not uses[anchor_at[0]].op.lowering.maps_channels:
+            anchor = uses[anchor_at[0]].op.name
+            raise SpecError(
+                use.pos,
+                f"{use.op.name} before {anchor} would move the channels that {anchor} loads, which only a 1x1"
+                f" conv's loads take; end the previous chain with {use.op.name} (its store moves them) instead",
+            )
 
 
 # -- the checker ------------------------------------------------------------------------------------------

@@ -504,6 +504,49 @@ class RegNet(nn.Module):
         return self.fc(self.feature_extractor(x).mean(dim=(2, 3)))
 
 
+def channel_shuffle(x, groups):
+    """Channel j * groups + g of the result is channel g * (C // groups) + j of x."""
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ChannelShuffle(nn.Module):
+    def __init__(self, groups):
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x):
+        return channel_shuffle(x, self.groups)
+
+
+class ShuffleNetUnit(nn.Module):
+    """KernelBench's ShuffleNet unit: grouped 1x1 conv, depthwise 3x3, shuffle, grouped 1x1 conv, shortcut."""
+
+    def __init__(self, in_channels, out_channels, groups=3):
+        super().__init__()
+        assert out_channels % 4 == 0
+        mid = out_channels // 4
+        self.conv1 = nn.Conv2d(in_channels, mid, kernel_size=1, groups=groups, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, kernel_size=3, padding=1, groups=mid, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, out_channels, kernel_size=1, groups=groups, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.shuffle = ChannelShuffle(groups)
+        if in_channels == out_channels:
+            self.shortcut = nn.Sequential()
+        else:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.shuffle(self.bn2(self.conv2(out)))
+        out = F.relu(self.bn3(self.conv3(out)))
+        return out + self.shortcut(x)
+
+
 # KernelBench level 3 as its files run: stem -> (reference, get_init_inputs(), get_inputs() shape).
 KERNELBENCH = {
     "lenet5": (LeNet5, [20], (4096, 1, 32, 32)),
@@ -520,6 +563,7 @@ KERNELBENCH = {
     "mobilenet_v1": (MobileNetV1, [1000, 3, 1.0], (10, 3, 224, 224)),
     "efficientnet_b1": (EfficientNetB1, [1000], (10, 3, 240, 240)),
     "regnet": (RegNet, [3, 3, [64, 128, 256], 10], (8, 3, 224, 224)),
+    "shufflenet_unit": (ShuffleNetUnit, [240, 480, 3], (10, 240, 224, 224)),
 }
 
 # Cheap cases, stem -> [(constructor arguments, input shape)]: arguments other than KernelBench's, odd input
@@ -552,4 +596,7 @@ SMALL = {
     "efficientnet_b1": [([7], (2, 3, 33, 33))],
     # Two stages of odd widths from two input channels (9x11 pools to 4x5, then 2x2), and one stage.
     "regnet": [([2, 2, [5, 7], 3], (2, 2, 9, 11)), ([3, 1, [6], 4], (3, 3, 5, 6))],
+    # Three channels a group (odd) in the shuffle and the convs, with the shortcut conv; the identity shortcut
+    # with two groups.
+    "shufflenet_unit": [([9, 36, 3], (2, 9, 5, 7)), ([24, 24, 2], (2, 24, 4, 3))],
 }

@@ -36,6 +36,7 @@ FILES = {
     "mobilenet_v1": "19_MobileNetV1",
     "efficientnet_b1": "23_EfficientNetB1",
     "regnet": "27_RegNet",
+    "shufflenet_unit": "25_ShuffleNetUnit",
 }
 SEED = 42
 

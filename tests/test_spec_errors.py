@@ -118,6 +118,19 @@ CASES = [
     (INDEXED.format(n=0) + "        b(3) for i in range(n)\n", 7, 29, "runs at least once at the default arguments, got 0"),
     (INDEXED.format(n=2) + "        b(3) for x in range(2)\n", 7, 9, "the repeat's index 'x' clashes"),
     (HEADER + "module m():\n    relu for i in range(2)\nforward:\n    m1: m()\n", 4, 5, "a repeat with an index belongs"),
+    (
+        HEADER + "forward:\n    s: channel_shuffle(3) -> dw: dwconv3x3(3)\n",
+        4,
+        8,
+        "channel_shuffle before dwconv3x3 would move the channels that dwconv3x3 loads, which only a 1x1 conv's",
+    ),
+    (
+        HEADER + "forward:\n    dw: dwconv3x3(3) -> s: channel_shuffle(3) -> pw: conv1x1(3, 6)\n",
+        4,
+        28,
+        "which a kernel of two anchors (dwconv3x3, conv1x1) does elsewhere",
+    ),
+    (HEADER + "forward:\n    s: channel_shuffle(2)\n", 4, 8, "channel_shuffle: 2 groups do not divide the 3 channels"),
 ]
 
 
