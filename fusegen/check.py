@@ -455,18 +455,25 @@ class _InitWriter:
     ) -> list[str]:
         """Lines that add a module body's children to `target` (`self` or a block's nn.Module)."""
         lines: list[str] = []
+        lets: set[str] = set()
         for line in body:
             if isinstance(line, S.LetDecl):
                 if line.params is not None:
                     raise SpecError(line.pos, "let functions are declared at the top of the spec, not inside a body")
                 _check_name(line.name, line.pos, "let")
                 lines.append(f"{line.name} = {expr_source(line.value)}")
+                lets.add(line.name)
             elif isinstance(line, S.Sequence):
                 _check_name(line.name, line.pos, "name")
                 lets, items = self.sequential(line.body, top=True)
                 lines += [*lets, f"{target}.{line.name} = {_sequential(items)}"]
                 tensors.add(line.target or "x")
             elif isinstance(line, S.If):
+                if target != "self" and isinstance(line.test, S.Name) and line.test.id in lets:
+                    # where the condition follows constructor arguments, forward tests the module's attribute
+                    if hasattr(nn.Module(), line.test.id):
+                        raise SpecError(line.test.pos, f"{line.test.id!r} is an attribute of nn.Module; pick another name")
+                    lines.append(f"{target}.{line.test.id} = {line.test.id}")
                 then = self.module_body(line.body, target, params, tensors, registered)
                 orelse = self.module_body(line.orelse, target, params, tensors, registered)
                 test = expr_source(line.test)
@@ -598,8 +605,9 @@ class _GraphBuilder:
                 tensors[line.target or "x"] = self.named(value, line.target, made)
             elif isinstance(line, S.If):
                 test = evaluate(line.test, scope)
-                if test.deps and not self.block_stack and not self.loops:
-                    self.branch(line, test, scope, tensors, site)
+                in_module = bool(self.block_stack) and self.blocks[self.block_stack[-1]].kind == "module"
+                if test.deps and (in_module or not (self.block_stack or self.loops)):
+                    self.branch(line, test, scope, tensors, path if in_module else "", site)
                     continue
                 taken = _static(test, line.test.pos, "this condition")
                 value, returned = self.module_body(line.body if taken else line.orelse, scope, tensors, path, site)
@@ -613,16 +621,27 @@ class _GraphBuilder:
                 return value, True
         return tensors["x"], False
 
-    def branch(self, line: S.If, test: Val, scope: _Scope, tensors: dict[str, Value], site) -> None:
-        """A top-level `if` on constructor arguments: both bodies, decided at run time by an attribute that
-        __init__ sets (a `let` name names it); values either body binds merge after it."""
-        attribute = line.test.id if isinstance(line.test, S.Name) else f"condition_line_{line.pos.line}"
-        self.conditions.append((attribute, expr_source(line.test), line.pos))
+    def branch(self, line: S.If, test: Val, scope: _Scope, tensors: dict[str, Value], path: str, site) -> None:
+        """An `if` on constructor arguments at the top level, or in a `module` at `path`: both bodies,
+        decided at run time by an attribute that __init__ sets on the model (a `let` name names it) or on
+        the module (a `let` of its body, which __init__ keeps on it); values either body binds merge after
+        it."""
+        if path:
+            if not isinstance(line.test, S.Name):
+                raise SpecError(
+                    line.test.pos,
+                    "an `if` on constructor arguments inside a module tests a `let` name, which the module keeps"
+                    " for forward; bind the condition with `let` first",
+                )
+            attribute = f"{path}.{line.test.id}"
+        else:
+            attribute = line.test.id if isinstance(line.test, S.Name) else f"condition_line_{line.pos.line}"
+            self.conditions.append((attribute, expr_source(line.test), line.pos))
         bodies, bound = [], []
         for taken, lines in ((bool(test.value), line.body), (not test.value, line.orelse)):
             mine = dict(tensors)
             untaken, self.untaken = self.untaken, self.untaken or not taken
-            body, (_, returned) = self.region(lambda: self.module_body(lines, scope, mine, "", site))
+            body, (_, returned) = self.region(lambda: self.module_body(lines, scope, mine, path, site))
             self.untaken = untaken
             if returned:
                 raise SpecError(

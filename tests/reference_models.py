@@ -547,6 +547,35 @@ class ShuffleNetUnit(nn.Module):
         return out + self.shortcut(x)
 
 
+class ShuffleNet(nn.Module):
+    """KernelBench's ShuffleNet: a stem, three stages of ShuffleNet units, conv5, global pool, classifier."""
+
+    def __init__(self, num_classes=1000, groups=3, stages_repeats=[3, 7, 3], stages_out_channels=[24, 240, 480, 960]):
+        super().__init__()
+        widths = stages_out_channels
+        self.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.stage2 = self._stage(widths[0], widths[1], stages_repeats[0], groups)
+        self.stage3 = self._stage(widths[1], widths[2], stages_repeats[1], groups)
+        self.stage4 = self._stage(widths[2], widths[3], stages_repeats[2], groups)
+        self.conv5 = nn.Conv2d(widths[3], 1024, kernel_size=1, bias=False)
+        self.bn5 = nn.BatchNorm2d(1024)
+        self.fc = nn.Linear(1024, num_classes)
+
+    @staticmethod
+    def _stage(in_channels, out_channels, repeats, groups):
+        units = [ShuffleNetUnit(in_channels, out_channels, groups)]
+        units += [ShuffleNetUnit(out_channels, out_channels, groups) for _ in range(1, repeats)]
+        return nn.Sequential(*units)
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.stage4(self.stage3(self.stage2(x)))
+        x = F.relu(self.bn5(self.conv5(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
 # KernelBench level 3 as its files run: stem -> (reference, get_init_inputs(), get_inputs() shape).
 KERNELBENCH = {
     "lenet5": (LeNet5, [20], (4096, 1, 32, 32)),
@@ -564,6 +593,7 @@ KERNELBENCH = {
     "efficientnet_b1": (EfficientNetB1, [1000], (10, 3, 240, 240)),
     "regnet": (RegNet, [3, 3, [64, 128, 256], 10], (8, 3, 224, 224)),
     "shufflenet_unit": (ShuffleNetUnit, [240, 480, 3], (10, 240, 224, 224)),
+    "shufflenet": (ShuffleNet, [1000], (10, 3, 224, 224)),
 }
 
 # Cheap cases, stem -> [(constructor arguments, input shape)]: arguments other than KernelBench's, odd input
@@ -599,4 +629,7 @@ SMALL = {
     # Three channels a group (odd) in the shuffle and the convs, with the shortcut conv; the identity shortcut
     # with two groups.
     "shufflenet_unit": [([9, 36, 3], (2, 9, 5, 7)), ([24, 24, 2], (2, 24, 4, 3))],
+    # Two groups, three channels a group in stage3's shuffle, stage4's first unit keeping its width (an identity
+    # shortcut where KernelBench's has a conv), two units in stage2 and stage4.
+    "shufflenet": [([5, 2, [2, 1, 2], [6, 16, 24, 24]], (2, 3, 17, 15))],
 }

@@ -37,6 +37,7 @@ FILES = {
     "efficientnet_b1": "23_EfficientNetB1",
     "regnet": "27_RegNet",
     "shufflenet_unit": "25_ShuffleNetUnit",
+    "shufflenet": "26_ShuffleNet",
 }
 SEED = 42
 

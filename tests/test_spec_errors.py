@@ -131,6 +131,12 @@ CASES = [
         "which a kernel of two anchors (dwconv3x3, conv1x1) does elsewhere",
     ),
     (HEADER + "forward:\n    s: channel_shuffle(2)\n", 4, 8, "channel_shuffle: 2 groups do not divide the 3 channels"),
+    (
+        HEADER + "module m(i, o):\n    if i != o:\n        x = conv1: conv1x1(i, o)\n    return x\nforward:\n    m1: m(3, c)\n",
+        4,
+        8,
+        "an `if` on constructor arguments inside a module tests a `let` name",
+    ),
 ]
 
 
