@@ -211,7 +211,7 @@ def label_launches(launches: list[KernelLaunch], steps: list, model: nn.Module) 
                 for child in list(_resolve(step.modules, names))[step.start :]:
                     walk(step.body, {**names, step.variable: child})
             elif isinstance(step, BranchStep):
-                walk(step.then if getattr(model, step.attribute) else step.orelse, names)
+                walk(step.then if _resolve(step.attribute, names) else step.orelse, names)
             elif isinstance(step, Launch):
                 if position >= len(launches) or launches[position].wrapper != step.kernel.name:
                     found = launches[position].wrapper if position < len(launches) else "nothing"

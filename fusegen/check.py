@@ -437,11 +437,14 @@ class _InitWriter:
         if line.repeat is None:
             return items
         count = expr_source(line.repeat)
+        index = line.index or "_"
+        if line.index is not None:
+            _check_name(line.index, line.pos, "the repeat's index")
         if len(items) == 1:
-            return [f"*({items[0]} for _ in range({count}))"]
-        if isinstance(line.repeat, S.IntLiteral):
+            return [f"*({items[0]} for {index} in range({count}))"]
+        if isinstance(line.repeat, S.IntLiteral) and line.index is None:
             return items * line.repeat.value
-        return [f"*(module for _ in range({count}) for module in ({', '.join(items)},))"]
+        return [f"*(module for {index} in range({count}) for module in ({', '.join(items)},))"]
 
     def block_call(self, call: S.Call) -> str:
         args = [expr_source(a) for a in call.args] + [f"{kw.name}={expr_source(kw.value)}" for kw in call.kwargs]
@@ -452,18 +455,27 @@ class _InitWriter:
     ) -> list[str]:
         """Lines that add a module body's children to `target` (`self` or a block's nn.Module)."""
         lines: list[str] = []
+        lets: set[str] = set()
         for line in body:
             if isinstance(line, S.LetDecl):
                 if line.params is not None:
                     raise SpecError(line.pos, "let functions are declared at the top of the spec, not inside a body")
                 _check_name(line.name, line.pos, "let")
                 lines.append(f"{line.name} = {expr_source(line.value)}")
+                lets.add(line.name)
             elif isinstance(line, S.Sequence):
                 _check_name(line.name, line.pos, "name")
                 lets, items = self.sequential(line.body, top=True)
                 lines += [*lets, f"{target}.{line.name} = {_sequential(items)}"]
                 tensors.add(line.target or "x")
             elif isinstance(line, S.If):
+                if target != "self" and isinstance(line.test, S.Name) and line.test.id in lets:
+                    # where the condition follows constructor arguments, forward tests the module's attribute
+                    if hasattr(nn.Module(), line.test.id):
+                        raise SpecError(
+                            line.test.pos, f"{line.test.id!r} is an attribute of nn.Module; pick another name"
+                        )
+                    lines.append(f"{target}.{line.test.id} = {line.test.id}")
                 then = self.module_body(line.body, target, params, tensors, registered)
                 orelse = self.module_body(line.orelse, target, params, tensors, registered)
                 test = expr_source(line.test)
@@ -477,6 +489,10 @@ class _InitWriter:
                 if isinstance(line, S.ChainLine) and line.repeat is not None and any(s.label for s in steps):
                     raise SpecError(
                         line.pos, "a repeated line would name its modules twice; repeat it in a sequential block"
+                    )
+                if isinstance(line, S.ChainLine) and line.index is not None:
+                    raise SpecError(
+                        line.pos, "a repeat with an index belongs in a sequential body (a block or a sequence)"
                     )
                 for step in steps:
                     lines += self.module_step(step, len(steps), target, params, registered)
@@ -595,8 +611,9 @@ class _GraphBuilder:
                 tensors[line.target or "x"] = self.named(value, line.target, made)
             elif isinstance(line, S.If):
                 test = evaluate(line.test, scope)
-                if test.deps and not self.block_stack and not self.loops:
-                    self.branch(line, test, scope, tensors, site)
+                in_module = bool(self.block_stack) and self.blocks[self.block_stack[-1]].kind == "module"
+                if test.deps and (in_module or not (self.block_stack or self.loops)):
+                    self.branch(line, test, scope, tensors, path if in_module else "", site)
                     continue
                 taken = _static(test, line.test.pos, "this condition")
                 value, returned = self.module_body(line.body if taken else line.orelse, scope, tensors, path, site)
@@ -610,16 +627,27 @@ class _GraphBuilder:
                 return value, True
         return tensors["x"], False
 
-    def branch(self, line: S.If, test: Val, scope: _Scope, tensors: dict[str, Value], site) -> None:
-        """A top-level `if` on constructor arguments: both bodies, decided at run time by an attribute that
-        __init__ sets (a `let` name names it); values either body binds merge after it."""
-        attribute = line.test.id if isinstance(line.test, S.Name) else f"condition_line_{line.pos.line}"
-        self.conditions.append((attribute, expr_source(line.test), line.pos))
+    def branch(self, line: S.If, test: Val, scope: _Scope, tensors: dict[str, Value], path: str, site) -> None:
+        """An `if` on constructor arguments at the top level, or in a `module` at `path`: both bodies,
+        decided at run time by an attribute that __init__ sets on the model (a `let` name names it) or on
+        the module (a `let` of its body, which __init__ keeps on it); values either body binds merge after
+        it."""
+        if path:
+            if not isinstance(line.test, S.Name):
+                raise SpecError(
+                    line.test.pos,
+                    "an `if` on constructor arguments inside a module tests a `let` name, which the module keeps"
+                    " for forward; bind the condition with `let` first",
+                )
+            attribute = f"{path}.{line.test.id}"
+        else:
+            attribute = line.test.id if isinstance(line.test, S.Name) else f"condition_line_{line.pos.line}"
+            self.conditions.append((attribute, expr_source(line.test), line.pos))
         bodies, bound = [], []
         for taken, lines in ((bool(test.value), line.body), (not test.value, line.orelse)):
             mine = dict(tensors)
             untaken, self.untaken = self.untaken, self.untaken or not taken
-            body, (_, returned) = self.region(lambda: self.module_body(lines, scope, mine, "", site))
+            body, (_, returned) = self.region(lambda: self.module_body(lines, scope, mine, path, site))
             self.untaken = untaken
             if returned:
                 raise SpecError(
@@ -651,17 +679,55 @@ class _GraphBuilder:
                 line.repeat.pos, "a repeat count that follows constructor arguments repeats the last line of its block"
             )
         variable = "block" if not self.loops else f"block_{self.loops + 1}"
-        carried = Value(value.name, value.shape)
         self.loops += 1
-        body, out = self.region(lambda: self.block_call(first.call, scope, carried, variable, site or first.call.pos))
-        self.loops -= 1
-        if out.shape != value.shape:
-            raise SpecError(
-                first.call.pos,
-                f"a block repeated by a constructor argument must keep its input's shape: {list(value.shape)} becomes {list(out.shape)}",
+        if line.index is None:
+            carried = Value(value.name, value.shape)
+            body, out = self.region(
+                lambda: self.block_call(first.call, scope, carried, variable, site or first.call.pos)
             )
+            if out.shape != value.shape:
+                raise SpecError(
+                    first.call.pos,
+                    f"a block repeated by a constructor argument must keep its input's shape: {list(value.shape)} becomes {list(out.shape)}",
+                )
+        else:
+            body, carried, out = self.indexed_loop(line, scope, value, variable, site or first.call.pos)
+        self.loops -= 1
         self.body.append(Loop(prefix, index, variable, body, value, carried, out))
         return out
+
+    def indexed_loop(self, line: S.ChainLine, scope: _Scope, value: Value, variable: str, site: Pos):
+        """(body, carried, output) of a loop whose block call reads the repeat's index (a stage per width):
+        every iteration at the default arguments is built and checked, and the loop's body is the last one,
+        so that its output has the shape after the loop. The iterations share one body in forward, so they
+        must lower to the same ops and keep the rank."""
+        count = evaluate(line.repeat, scope)
+        if not isinstance(count.value, int) or isinstance(count.value, bool) or count.value < 1:
+            raise SpecError(
+                line.repeat.pos,
+                f"a repeat that follows constructor arguments runs at least once at the default arguments, got {count.value!r}",
+            )
+        call = line.chain.steps[0].call
+        first_ops, out = None, value
+        for i in range(count.value):
+            carried = Value(value.name, out.shape)
+            iteration = scope.child({line.index: Val(i, count.deps)})
+            body, out = self.region(lambda: self.block_call(call, iteration, carried, variable, site))
+            ops = [[node.op.name for node in chain.ops] for chain in walk(body)]
+            if first_ops is not None and ops != first_ops:
+                raise SpecError(
+                    call.pos,
+                    f"{line.index} = {i} makes the ops {ops}, but {line.index} = 0 makes {first_ops}; a loop's"
+                    " iterations run one body, so they must make the same ops",
+                )
+            if len(out.shape) != len(carried.shape):
+                raise SpecError(
+                    call.pos,
+                    f"each iteration of a loop reads the one before's output, so the block must keep its input's"
+                    f" rank: {list(carried.shape)} becomes {list(out.shape)}",
+                )
+            first_ops = ops
+        return body, carried, out
 
     def sequential_body(
         self, body, scope: _Scope, value: Value, prefix: str, site: Pos | None, index: int
@@ -679,17 +745,20 @@ class _GraphBuilder:
             elif line.repeat is not None and evaluate(line.repeat, scope).deps:
                 value = self.loop(line, body[number + 1 :], scope, value, prefix, index, site)
             else:
-                for _ in range(self.repeat(line, scope)):
+                for i in range(self.repeat(line, scope)):
+                    # the index is the line's own, as a comprehension's variable is
+                    line_scope = scope.child({line.index: Val(i)}) if line.index is not None else scope
                     first = line.chain.steps[0]
                     if first.call.name in self.blocks:
-                        value = self.block_call(first.call, scope, value, f"{prefix}[{index}]", site or first.call.pos)
+                        path = f"{prefix}[{index}]"
+                        value = self.block_call(first.call, line_scope, value, path, site or first.call.pos)
                         index += 1
                         continue
                     uses = []
                     for step in line.chain.steps:
                         uses.append((self.ops.op(step.call), step, f"{prefix}[{index}]"))
                         index += 1
-                    value = self.chain(line.chain, uses, value, scope, {}, site, None)
+                    value = self.chain(line.chain, uses, value, line_scope, {}, site, None)
         return value, index
 
     def named(self, value: Value, name: str | None, made: int) -> Value:
@@ -894,7 +963,11 @@ def _check_fusion(uses: list[Node], values: list[dict]) -> None:
         if anchors:
             first, lowering = anchors[-1], use.op.lowering
             why = lowering.barrier
-            if lowering.pool and first.op.lowering.out_rank == 4 and not first.op.lowering.pool:
+            if (
+                lowering.pool
+                and first.op.lowering.out_rank == 4
+                and not (first.op.lowering.pool or first.op.lowering.grouped)
+            ):
                 if len(anchors) == 1:
                     anchors.append(use)
                     continue
@@ -917,6 +990,30 @@ def _check_fusion(uses: list[Node], values: list[dict]) -> None:
             )
         anchors.append(use)
         first_args = args
+    _check_channel_maps(uses, anchor_at)
+
+
+def _check_channel_maps(uses: list[Node], anchor_at: list[int]) -> None:
+    """A channel map (channel_shuffle) moves where its kernel loads or stores channels: before the anchor,
+    the anchor's loads (an anchor that takes that: Anchor.maps_channels); after it, the one store. A
+    producer's tile and a pooled pixel are addressed elsewhere, so two anchors take none."""
+    for i, use in enumerate(uses):
+        if not isinstance(use.op.lowering, O.ChannelMap):
+            continue
+        if len(anchor_at) == 2:
+            raise SpecError(
+                use.pos,
+                f"{use.op.name} moves channels where a kernel loads or stores them, which a kernel of two anchors"
+                f" ({uses[anchor_at[0]].op.name}, {uses[anchor_at[1]].op.name}) does elsewhere; end the chain"
+                f" after {use.op.name} or start a new one at it",
+            )
+        if anchor_at and i < anchor_at[0] and not uses[anchor_at[0]].op.lowering.maps_channels:
+            anchor = uses[anchor_at[0]].op.name
+            raise SpecError(
+                use.pos,
+                f"{use.op.name} before {anchor} would move the channels that {anchor} loads, which only a 1x1"
+                f" conv's loads take; end the previous chain with {use.op.name} (its store moves them) instead",
+            )
 
 
 # -- the checker ------------------------------------------------------------------------------------------

@@ -151,9 +151,12 @@ def _input_channels(body: tuple, value: Value) -> str | None:
                     found = _input_channels(body[i + 1 :], passed)
                 sides.append(found)
             if any(sides):
-                return f"({sides[0]} if self.{item.attribute} else {sides[1]})" if all(sides) else None
+                return f"({sides[0]} if {_module(item.attribute)} else {sides[1]})" if all(sides) else None
         if isinstance(item, Loop) and item.input is value:
-            return None
+            # the first iteration's modules are the sequential module's child `start`
+            found = _input_channels(item.body, item.carried)
+            first = f"self.{item.modules}[{item.start}]"
+            return re.sub(rf"^self\.{item.variable}\b", first, found) if found else None
     return None
 
 
@@ -252,7 +255,7 @@ def _regions(items, names: dict[int, str], leaf) -> list[str]:
                 for lines_of, source in ((then, first), (orelse, second)):
                     if names[id(source)] != names[id(merged)]:
                         lines_of.append(f"{names[id(merged)]} = {names[id(source)]}")
-            test = f"self.{item.attribute}"
+            test = _module(item.attribute)
             if not then and not orelse:
                 continue
             if not then:

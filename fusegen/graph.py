@@ -72,7 +72,8 @@ class Loop:
 
 @dataclass(frozen=True)
 class Branch:
-    """`if self.<attribute>:` ... `else:` ..., an attribute that __init__ sets from constructor arguments.
+    """`if self.<attribute>:` ... `else:` ..., an attribute that __init__ sets from constructor arguments on the
+    model, or on a module inside it (`attribute` is then its path: "stage2[0].projects", "block.projects").
     `merges` are the values that either branch may have made: (value after the branch, its value at the
     end of the first body, at the end of the second)."""
 

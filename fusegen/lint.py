@@ -867,6 +867,7 @@ def _shared_offsets(src: Source) -> Iterator[Finding]:
         ref = stores[0]
         ref_terms = set().union(*(k.index_terms(s) for s in stores))
         ref_leaves = set().union(*(k.mask_leaves(s.mask) for s in stores if s.mask is not None))
+        ref_names = k.locals_behind(set().union(*(_names(t) for t in ref_terms)))
         kind = "fused elementwise kernel" if k.elementwise else "kernel"
         for a in k.accesses:
             if a is ref or a.in_loop:
@@ -875,7 +876,9 @@ def _shared_offsets(src: Source) -> Iterator[Finding]:
             if not terms:
                 continue  # a scalar load
             what = f"tl.{a.kind} of `{k.base_key(a)}`"
-            extra = sorted(terms - ref_terms)
+            # a term computed from the store's offsets alone (a channel shuffle permutes the channels where
+            # its kernel loads or stores them) is the same index space, not a second computation
+            extra = sorted(t for t in terms - ref_terms if not (_names(t) - set(k.params) or {""}) <= ref_names)
             if extra:
                 yield a.call, (
                     f"{what} indexes with `{extra[0]}`, which the {kind}'s store does not: a second offsets "

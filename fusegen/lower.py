@@ -55,30 +55,63 @@ def _slotted(f: FusedOp, text: str) -> str:
 
 
 def _prologue_hook(prologue: tuple[FusedOp, ...]) -> O.PrologueHook:
+    """The prologue's ops on each loaded input tile. A channel map among them (channel_shuffle) moves where
+    the tile is loaded from (`source`): the ops before it see the stored channels, the ops after it the
+    tile's own."""
+
+    def sources(channels: str) -> list[str]:
+        """The channels that each op of the prologue sees, and last the stored ones that the tile loads."""
+        seen = [channels]
+        for f in reversed(prologue):
+            if isinstance(f.op.lowering, O.ChannelMap):
+                channels = f.op.lowering.source(channels, f.slot, "C_in")
+            seen.append(channels)
+        return seen[::-1]
+
     def hook(tile: str, channels: str, channel_mask: str, inside: str | None) -> list[str]:
         lines = []
-        for f in prologue:
+        for f, seen in zip(prologue, sources(channels)):
+            if isinstance(f.op.lowering, O.ChannelMap):
+                lines.append(f"# prologue: {f.op.name}, where the input tile was loaded")
+                continue
             lines.append(f"# prologue: {f.op.name} on the loaded input tile")
-            lines.extend(f.op.lowering.apply(tile, f.slot, channels, channel_mask))
+            lines.extend(f.op.lowering.apply(tile, f.slot, seen, channel_mask))
         return lines
 
-    return hook
+    return O.PrologueHook(hook, lambda channels: sources(channels)[0])
 
 
-def _frame(out_rank: int, loop: list[str]) -> list[str]:
-    """The tile's offsets and masks, and the output pixel of each row where the anchor's loop uses it."""
+# A grouped anchor's channel blocks: each group's channels in blocks of BLOCK_N, so that no block spans two
+# groups and a program's output channels read the input channels of one group
+_GROUP_BLOCKS = "(GROUPS * tl.cdiv(C_out // GROUPS, BLOCK_N))"
+
+
+def _frame(out_rank: int, loop: list[str], grouped: bool = False) -> list[str]:
+    """The tile's offsets and masks, and the output pixel of each row where the anchor's loop uses it;
+    `grouped`: the channel blocks of a grouped anchor (Anchor.grouped), each inside one group."""
     rows = "N * OH * OW" if out_rank == 4 else "N"
+    channel_blocks = _GROUP_BLOCKS if grouped else "tl.cdiv(C_out, BLOCK_N)"
+    channels = (
+        [
+            "group = pid_n // tl.cdiv(C_out // GROUPS, BLOCK_N)",
+            "offs_group_n = pid_n % tl.cdiv(C_out // GROUPS, BLOCK_N) * BLOCK_N + tl.arange(0, BLOCK_N)",
+            "offs_n = group * (C_out // GROUPS) + offs_group_n",
+        ]
+        if grouped
+        else ["offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)"]
+    )
     lines = [
         "# Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,",
         "# and the tile stays in registers until the one store.",
         "# adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several",
         "# channel blocks reads its input rows from DRAM once",
-        "pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)",
-        "pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)",
+        *(["# channel blocks inside one group: a program's output channels read one group's input channels"] * grouped),
+        f"pid_m = tl.program_id(0) // {channel_blocks}",
+        f"pid_n = tl.program_id(0) % {channel_blocks}",
         "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
-        "offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)",
+        *channels,
         f"mask_m = offs_m < {rows}",
-        "mask_n = offs_n < C_out",
+        "mask_n = offs_group_n < C_out // GROUPS" if grouped else "mask_n = offs_n < C_out",
         "mask = mask_m[:, None] & mask_n[None, :]",
     ]
     pixel = (
@@ -88,11 +121,11 @@ def _frame(out_rank: int, loop: list[str]) -> list[str]:
     return lines + [line for line in pixel if _used(line.split(" = ")[0], loop_text)]
 
 
-# The output is the wrapper's own contiguous tensor: output row offs_m starts at offs_m * C_out.
-_STORE = "tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)"
-# Or a channel slice of a concatenation's channels-last buffer: out_ptr is its first channel, and a row
-# (pixel) of the buffer is out_row_stride elements long.
-_SLICE_STORE = "tl.store(out_ptr + offs_m[:, None] * out_row_stride + offs_n[None, :], acc, mask=mask)"
+def _store(channels: str, row_stride: str) -> str:
+    """The one store: output row offs_m starts at offs_m * row_stride (C_out in the wrapper's own contiguous
+    tensor; out_row_stride in a channel slice of a concatenation's channels-last buffer, whose first channel
+    out_ptr is); `channels` are where the tile's channels go (offs_n, or a channel map's targets)."""
+    return f"tl.store(out_ptr + offs_m[:, None] * {row_stride} + {channels}[None, :], acc, mask=mask)"
 
 
 # Wrapper lines of a pooled kernel: its output pixels, and torch's error where the window does not fit.
@@ -154,16 +187,18 @@ def _sum_slices(rows: str) -> list[str]:
     ]
 
 
-# Training mode: statistics of the output tile for the BatchNorm that follows in the next kernel. The
-# deviations are taken from the tile's own mean, so merging the tiles later does not cancel.
-_TILE_STATS = [
-    "# per-channel statistics of this tile for the next kernel's BatchNorm (training mode)",
-    "tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)",
-    "tile_sum = tl.sum(tl.where(mask, acc, 0.0), axis=0)",
-    "tile_deviation = tl.where(mask, acc - (tile_sum / tile_rows)[None, :], 0.0)",
-    "tl.store(tile_sum_ptr + pid_m * C_out + offs_n, tile_sum, mask=mask_n)",
-    "tl.store(tile_m2_ptr + pid_m * C_out + offs_n, tl.sum(tile_deviation * tile_deviation, axis=0), mask=mask_n)",
-]
+def _tile_stats(channels: str) -> list[str]:
+    """Training mode: statistics of the output tile for the BatchNorm that follows in the next kernel, at the
+    output's `channels`. The deviations are taken from the tile's own mean, so merging the tiles later does
+    not cancel."""
+    return [
+        "# per-channel statistics of this tile for the next kernel's BatchNorm (training mode)",
+        "tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)",
+        "tile_sum = tl.sum(tl.where(mask, acc, 0.0), axis=0)",
+        "tile_deviation = tl.where(mask, acc - (tile_sum / tile_rows)[None, :], 0.0)",
+        f"tl.store(tile_sum_ptr + pid_m * C_out + {channels}, tile_sum, mask=mask_n)",
+        f"tl.store(tile_m2_ptr + pid_m * C_out + {channels}, tl.sum(tile_deviation * tile_deviation, axis=0), mask=mask_n)",
+    ]
 
 
 # The first lines of every kernel. Launched with programmatic dependent launch (LAUNCH_PDL: launch_pdl
@@ -302,15 +337,23 @@ def lower(kernel: Kernel) -> LoweredKernel:
         slices.append(f"tl.store({_partial_offsets(rows)}, acc, mask=mask)")
         loop = [*_sum_slices(rows), *anchor.split_k_finish(kernel.anchor.slot)]
     tile = [f"# anchor: {kernel.anchor.op.summary}" + (", the sum of its slices of K" if split_k else ""), *loop]
+    channels = "offs_n"  # the output channels of the tile's columns: a channel map moves them
     for f in kernel.epilogue:
+        if isinstance(f.op.lowering, O.ChannelMap):
+            tile.append(f"# epilogue: {f.op.name}: where the store puts each channel")
+            tile.append(f"{f.slot}_n = {f.op.lowering.target(channels, f.slot, 'C_out')}")
+            channels = f"{f.slot}_n"
+            continue
         tile.append(f"# epilogue: {f.op.name}")
-        tile += f.op.lowering.apply("acc", f.slot, "offs_n", "mask_n")
+        tile += f.op.lowering.apply("acc", f.slot, channels, "mask_n")
     if kernel.pool:
         assert not kernel.writes_batch_stats, "training mode gives a pool its own launch"
+        assert channels == "offs_n", "check refuses a channel map in a kernel that a pool ends"
         body = _pooled(tile)
     else:
-        store = _SLICE_STORE if kernel.writes_slice else _STORE
-        body = [*_frame(out_rank, loop), *tile, store, *(_TILE_STATS if kernel.writes_batch_stats else [])]
+        stats = _tile_stats(channels) if kernel.writes_batch_stats else []
+        store = _store(channels, "out_row_stride" if kernel.writes_slice else "C_out")
+        body = [*_frame(out_rank, loop, anchor.grouped), *tile, store, *stats]
     body_text = "\n".join([*body, *slices])  # what either kernel uses
 
     # Candidate parameters in signature order, each with the wrapper expression that feeds it.
@@ -353,9 +396,15 @@ def lower(kernel: Kernel) -> LoweredKernel:
         # on an H200: 64 x 128 tiles were the fastest at batch 10 and 128). Not fewer for a small window:
         # with 16 rows, a conv3x3's K loop pipelined in 3 stages on 4 warps gave wrong sums on an H200
         block_lines.append("BLOCK_M = 64  # rows: pixels of one pooling window, 64 a tile")
-    # a constexpr that another wrapper expression reads (dot_weight and gemm_tile read DOT_PRECISION)
-    # is a wrapper variable, set first
-    read = "\n".join([*(value for _, value in positional), *block_lines])
+    # a pooled kernel: one pooled pixel a program; a grouped anchor: each group's channels in blocks
+    row_blocks = f"triton.cdiv({rows}, 1)" if kernel.pool else f"triton.cdiv({rows}, BLOCK_M)"
+    # (a grid dimension must be visibly positive: max(1, GROUPS), though a module's groups is 1 at least)
+    channel_blocks = (
+        "max(1, GROUPS) * triton.cdiv(C_out // GROUPS, BLOCK_N)" if anchor.grouped else "triton.cdiv(C_out, BLOCK_N)"
+    )
+    # a constexpr that another wrapper expression reads (dot_weight and gemm_tile read DOT_PRECISION, the
+    # grid a grouped anchor's GROUPS) is a wrapper variable, set first
+    read = "\n".join([*(value for _, value in positional), *block_lines, channel_blocks])
     # the window's constexprs are wrapper variables too, set with the output's dims (anchor_dims below)
     window_names = {name for name, _ in window}
     variables = {name for name, _ in constexprs if _used(name, read)} | window_names
@@ -412,9 +461,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
         INDENT + "check_32bit_offsets(x, out)",
         *(INDENT + line for line in variable_lines + block_lines),
     ]
-    # a pooled kernel: one pooled pixel a program
-    row_blocks = f"triton.cdiv({rows}, 1)" if kernel.pool else f"triton.cdiv({rows}, BLOCK_M)"
-    tiles = f"{row_blocks} * triton.cdiv(C_out, BLOCK_N)"
+    tiles = f"{row_blocks} * {channel_blocks}"
     if split_k:  # the slices kernel launches the same tiles for each slice of K
         wrapper.append(INDENT + f"tiles = {tiles}")
         tiles = "tiles"

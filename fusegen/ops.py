@@ -64,9 +64,18 @@ class KernelParam:
     constexpr: bool = False
 
 
-# A prologue hook that an anchor calls where it loads an input tile:
-# hook(tile, channels, channel_mask, inside) -> lines that rewrite `tile` in place.
-PrologueHook = Callable[[str, str, str, "str | None"], list[str]]
+@dataclass(frozen=True)
+class PrologueHook:
+    """What an anchor calls where it loads an input tile: hook(tile, channels, channel_mask, inside) -> lines
+    that rewrite `tile` in place. `source(channels)` is the stored channel that each of the tile's channels
+    reads: a channel map in the prologue (channel_shuffle) permutes them, so an anchor that takes one
+    (`Anchor.maps_channels`) loads its tile there."""
+
+    apply: Callable[[str, str, str, "str | None"], list[str]]
+    source: Callable[[str], str] = lambda channels: channels
+
+    def __call__(self, tile: str, channels: str, channel_mask: str, inside: "str | None") -> list[str]:
+        return self.apply(tile, channels, channel_mask, inside)
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,12 @@ class Anchor:
     narrow_input: bool = True
     # A pool: how it ends the kernel of an anchor before it in the chain (None: it cannot)
     pool: "Pool | None" = None
+    # Its output channels are GROUPS groups (a GROUPS constexpr among its params), and each program's
+    # channel block stays inside one group (`group` in the frame), whose input channels its loop reads.
+    grouped: bool = False
+    # Its loop loads each input tile at `prologue.source(channels)`, so a channel map may stand in its
+    # prologue (channel_shuffle -> conv1x1: the shuffle costs no kernel and no pass over memory).
+    maps_channels: bool = False
     # Split K (linear, whose few rows at batch 10 leave most SMs idle): `loop` sums one slice of the input
     # channels, K_SLICE from split * K_SLICE (`split`: program axis 1; the tile rule sets K_SLICE), and a
     # first kernel stores each slice's sums. A second adds them in slice order, then runs these lines on
@@ -164,6 +179,17 @@ class Elementwise:
 
 
 @dataclass(frozen=True)
+class ChannelMap:
+    """A permutation of the channels (channel_shuffle), applied where a kernel addresses them: in a prologue
+    the anchor loads output channel `ch` from input channel `source(ch, slot, count)`; in an epilogue the
+    store writes input channel `ch` at output channel `target(ch, slot, count)` (`count`: the channels)."""
+
+    params: tuple[KernelParam, ...]
+    source: Callable[[str, str, str], str]
+    target: Callable[[str, str, str], str]
+
+
+@dataclass(frozen=True)
 class View:
     # torch expression applied to the kernel's output in the wrapper
     expr: Callable[[str], str]
@@ -185,7 +211,7 @@ class Op:
     # generated reference_forward, which backward differentiates
     reference: Callable[[str, "str | None"], str]
     # None where `specialize` gives the lowering
-    lowering: Anchor | Elementwise | View | None
+    lowering: Anchor | Elementwise | ChannelMap | View | None
     summary: str
     int_args: tuple[str, ...] = field(default=())
     # the module attribute holding the channel count the op takes (checks the model's input)
@@ -390,14 +416,35 @@ def _gemm_loop(row: str, k_slice: bool = False):
     operand is rows of C_in floats; with k_slice, the channels of the program's slice of K."""
 
     def loop(slot: str, prologue: PrologueHook) -> list[str]:
+        channels = prologue.source("offs_k")
         a_tile = [
-            f"a = {_load_x('x_ptr + x_row[:, None] * C_in + offs_k[None, :]', 'mask_m[:, None] & mask_k[None, :]')}",
+            f"a = {_load_x(f'x_ptr + x_row[:, None] * C_in + {channels}[None, :]', 'mask_m[:, None] & mask_k[None, :]')}",
             # masked lanes meet zero weights, so the prologue needs no re-masking here
             *prologue("a", "offs_k", "mask_k", None),
         ]
         return [f"x_row = {row}", *_gemm(slot, a_tile, k_slice=k_slice)]
 
     return loop
+
+
+def _grouped_gemm_loop(slot: str, prologue: PrologueHook) -> list[str]:
+    """A grouped 1x1 conv: the program's output channels lie in one group (the frame's `group`), so its
+    GEMM runs over that group's C_in // GROUPS input channels, and the weight's rows are that long."""
+    channels = prologue.source("offs_k")
+    return [
+        "x_row = (n * H + oh * STRIDE) * W + ow * STRIDE",
+        "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
+        "for k0 in range(0, C_in // GROUPS, BLOCK_K):",
+        "    offs_group_k = k0 + tl.arange(0, BLOCK_K)",
+        "    mask_k = offs_group_k < C_in // GROUPS",
+        "    offs_k = group * (C_in // GROUPS) + offs_group_k",
+        f"    a = {_load_x(f'x_ptr + x_row[:, None] * C_in + {channels}[None, :]', 'mask_m[:, None] & mask_k[None, :]')}",
+        # masked lanes meet zero weights, so the prologue needs no re-masking here
+        *("    " + line for line in prologue("a", "offs_k", "mask_k", None)),
+        f"    b = tl.load({slot}_weight_ptr + offs_n[None, :] * (C_in // GROUPS) + offs_group_k[:, None],"
+        " mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
+        "    acc = fp32_dot(a, b, acc, DOT_PRECISION)",
+    ]
 
 
 def _gemm_at_tap(slot: str, prologue: PrologueHook) -> list[str]:
@@ -484,8 +531,9 @@ def _maxpool_loop(slot: str, prologue: PrologueHook) -> list[str]:
 
 def _load_loop(slot: str, prologue: PrologueHook) -> list[str]:
     """The anchor of a chain of elementwise ops only: the input tile itself (output row = input row)."""
+    channels = prologue.source("offs_n")
     return [
-        f"acc = {_load_x('x_ptr + offs_m[:, None] * C_in + offs_n[None, :]', 'mask')}",
+        f"acc = {_load_x(f'x_ptr + offs_m[:, None] * C_in + {channels}[None, :]', 'mask')}",
         *prologue("acc", "offs_n", "mask_n", None),
     ]
 
@@ -598,6 +646,30 @@ def _gemm_anchor(bias: bool, guard: tuple[str, ...] = ()) -> Anchor:
             '    raise ValueError(f"the depthwise conv computes conv1x1 at the pixels of its taps, so conv1x1 needs stride 1, not {{{m}.stride}}")',
             *guard,
         ),
+        maps_channels=True,
+    )
+
+
+def _grouped_gemm_anchor(bias: bool, guard: tuple[str, ...]) -> Anchor:
+    """A grouped 1x1 conv: one kernel for every group, a program's channel block inside one group (its GEMM
+    reads that group's input channels). Any groups value, 1 and depthwise included, computes right."""
+    params = (
+        _GEMM_WEIGHT,
+        KernelParam("STRIDE", "{m}.stride[0]", constexpr=True),
+        KernelParam("GROUPS", "{m}.groups", constexpr=True),
+        _DOT_PRECISION,
+    )
+    return Anchor(
+        (*params, _BIAS) if bias else params,
+        "{m}.out_channels",
+        (*guard, "OH = (H - 1) // {m}.stride[0] + 1", "OW = (W - 1) // {m}.stride[1] + 1"),
+        _then_bias(_grouped_gemm_loop, bias),
+        "each of its outputs reads every input channel of its group at a pixel, but a program of this kernel"
+        " holds only BLOCK_N of them",
+        # a GEMM per group: the tile rule sees one group's channels
+        tile="gemm_tile(N * OH * OW, C_in // GROUPS, C_out // GROUPS, DOT_PRECISION)",
+        grouped=True,
+        maps_channels=True,
     )
 
 
@@ -657,6 +729,10 @@ def _conv2d_shape(a: dict, shape: Shape) -> Shape:
     _rank(shape, 4, "conv")
     _channels(shape, a["in_channels"], "conv")
     k, stride, padding = a["kernel_size"], a["stride"], a["padding"]
+    if a["in_channels"] % a["groups"] or a["out_channels"] % a["groups"]:
+        raise ShapeError(
+            f"conv: groups={a['groups']} must divide in_channels ({a['in_channels']}) and out_channels ({a['out_channels']})"
+        )
     oh, ow = (_conv_out(size, k, stride, padding, "conv") for size in shape[2:])
     return (shape[0], a["out_channels"], oh, ow)
 
@@ -675,8 +751,9 @@ def _conv2d_guard(name: str, condition: str, needs: str, bias: bool) -> tuple[st
 
 def _conv2d_specialize(a: dict, has_module: bool) -> Op:
     """The generic conv as the anchor its values call for: depthwise where groups = in_channels =
-    out_channels > 1, the GEMM for a 1x1 conv without padding, else the implicit GEMM (groups 1 is a
-    dense conv, also with one channel). Grouped convs are refused (no anchor yet)."""
+    out_channels > 1, a grouped GEMM for another grouped 1x1 conv without padding, the GEMM for a 1x1 conv
+    without padding, else the implicit GEMM (groups 1 is a dense conv, also with one channel). Grouped
+    KxK convs are refused (no anchor yet)."""
     k, groups, bias = a["kernel_size"], a["groups"], a["bias"]
     if not isinstance(bias, bool):
         raise ArgumentError(f"conv: bias must be True or False, got {bias!r}")
@@ -687,10 +764,17 @@ def _conv2d_specialize(a: dict, has_module: bool) -> Op:
         guard = _conv2d_guard(name, condition, "groups = in_channels = out_channels", bias)
         lowering = _dwconv_anchor(k, bias, guard)
         summary = f"depthwise {k}x{k} convolution (groups = channels), {_bias_words(bias)}"
+    elif groups != 1 and k == 1 and a["padding"] == 0:
+        name = f"conv1x1_grouped{suffix}"
+        condition = "{m}.kernel_size == (1, 1) and {m}.padding == (0, 0)"
+        guard = _conv2d_guard(name, condition, "kernel_size 1 and padding 0", bias)
+        lowering = _grouped_gemm_anchor(bias, guard)
+        summary = f"grouped 1x1 convolution, {_bias_words(bias)}, a GEMM per group on tl.dot in one kernel"
     elif groups != 1:
         raise ArgumentError(
-            f"conv with groups={groups} ({a['in_channels']} -> {a['out_channels']} channels) is a grouped convolution,"
-            " which fusegen cannot lower yet; it takes groups=1, or groups = in_channels = out_channels (depthwise)"
+            f"conv with groups={groups} and kernel_size {k} ({a['in_channels']} -> {a['out_channels']} channels) is a"
+            " grouped KxK convolution, which fusegen cannot lower yet; it takes groups=1, groups = in_channels ="
+            " out_channels (depthwise), or a grouped 1x1 conv without padding"
         )
     elif k == 1 and a["padding"] == 0:
         name = f"conv1x1{suffix}"
@@ -972,6 +1056,25 @@ def _same(a: dict, shape: Shape) -> Shape:
     return shape
 
 
+def _shuffle_shape(a: dict, shape: Shape) -> Shape:
+    _rank(shape, 4, "channel_shuffle")
+    if shape[1] % a["groups"]:
+        raise ShapeError(f"channel_shuffle: {a['groups']} groups do not divide the {shape[1]} channels flowing in")
+    return shape
+
+
+def _shuffle_source(ch: str, slot: str, count: str) -> str:
+    """Channel j * groups + g of the shuffled tensor is channel g * (count // groups) + j of its input."""
+    groups = f"{slot.upper()}_GROUPS"
+    return f"(({ch} % {groups}) * ({count} // {groups}) + {ch} // {groups})"
+
+
+def _shuffle_target(ch: str, slot: str, count: str) -> str:
+    """Where channel c = g * (count // groups) + j of the input lands: j * groups + g."""
+    groups = f"{slot.upper()}_GROUPS"
+    return f"(({ch} % ({count} // {groups})) * {groups} + {ch} // ({count} // {groups}))"
+
+
 def _add_shape(a: dict, shape: Shape) -> Shape:
     if tuple(a["other"]) != tuple(shape):
         raise ShapeError(f"add: the value added has shape {list(a['other'])}, the tensor flowing in {list(shape)}")
@@ -1021,7 +1124,7 @@ FIXED_OPS = {
             shape=_conv2d_shape,
             reference=lambda x, m: f"{m}({x})",
             lowering=None,
-            summary="nn.Conv2d: a depthwise, 1x1 GEMM or KxK implicit-GEMM anchor, by its argument values",
+            summary="nn.Conv2d: a depthwise, 1x1 GEMM, grouped 1x1 GEMM or KxK implicit-GEMM anchor, by its argument values",
             specialize=_conv2d_specialize,
         ),
         Op(
@@ -1271,6 +1374,24 @@ FIXED_OPS = {
             summary="x * min(max(x + 3, 0), 6) / 6",
         ),
         Op(
+            name="channel_shuffle",
+            slot="shuffle",
+            role=Role.ELEMENTWISE,
+            args=("groups",),
+            defaults={},
+            int_args=("groups",),
+            module=lambda a: f"nn.ChannelShuffle({a['groups']})",
+            needs_module=True,
+            shape=_shuffle_shape,
+            captured_attrs=("groups",),
+            reference=lambda x, m: f"{x}.unflatten(1, ({m}.groups, -1)).transpose(1, 2).flatten(1, 2)",
+            lowering=ChannelMap(
+                (KernelParam("GROUPS", "{m}.groups", constexpr=True),), _shuffle_source, _shuffle_target
+            ),
+            summary="ChannelShuffle(groups): channel j * groups + g is input channel g * (C // groups) + j; no"
+            " kernel of its own: the kernel before stores its channels there, or the one after loads them so",
+        ),
+        Op(
             name="flatten",
             slot="flatten",
             role=Role.VIEW,
@@ -1323,6 +1444,7 @@ def load_anchor(rank: int) -> Op:
             ("OH = H", "OW = W") if rank == 4 else (),
             _load_loop,
             "",
+            maps_channels=True,
         ),
         summary="the input tile, for chains of elementwise ops",
     )

@@ -28,7 +28,7 @@ class FusedOp:
     @property
     def params(self) -> tuple[O.KernelParam, ...]:
         lowering = self.op.lowering
-        return lowering.params if isinstance(lowering, (O.Anchor, O.Elementwise, O.Pool)) else ()
+        return lowering.params if isinstance(lowering, (O.Anchor, O.Elementwise, O.ChannelMap, O.Pool)) else ()
 
     @property
     def elementwise(self) -> O.Elementwise | None:
@@ -419,7 +419,15 @@ class _TrainingGroups:
         if waiting is not None:
             _, stored, ops = waiting
             single = self.uses(source) == 1
-            if single and anchor is not None and not any(node.operands for node, _ in ops):
+            # a channel map among them moves the anchor's loads, where its loop takes that (check's rule)
+            maps = any(isinstance(node.op.lowering, O.ChannelMap) for node, _ in ops)
+            loads_mapped = anchor is not None and not producer and anchor.op.lowering.maps_channels
+            if (
+                single
+                and anchor is not None
+                and not any(node.operands for node, _ in ops)
+                and (loads_mapped or not maps)
+            ):
                 del self.pending[id(source)]
                 source, carried = stored, ops
             elif single and anchor is None and view is None:

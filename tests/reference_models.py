@@ -601,6 +601,105 @@ class DenseNet121TransitionLayer(nn.Module):
         return self.transition(x)
 
 
+class RegNet(nn.Module):
+    """KernelBench's RegNet: a stage per width, each two 3x3 convs with bias and BatchNorm, then a 2x2 max pool."""
+
+    def __init__(self, input_channels, stages, block_widths, output_classes):
+        super().__init__()
+        self.stages = stages
+        self.block_widths = block_widths
+        widths = [input_channels, *block_widths[:stages]]
+        self.feature_extractor = nn.Sequential(*(self._stage(widths[i], widths[i + 1]) for i in range(stages)))
+        self.fc = nn.Linear(block_widths[-1], output_classes)
+
+    @staticmethod
+    def _stage(in_channels, out_channels):
+        return nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+            nn.MaxPool2d(kernel_size=2, stride=2),
+        )
+
+    def forward(self, x):
+        return self.fc(self.feature_extractor(x).mean(dim=(2, 3)))
+
+
+def channel_shuffle(x, groups):
+    """Channel j * groups + g of the result is channel g * (C // groups) + j of x."""
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ChannelShuffle(nn.Module):
+    def __init__(self, groups):
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x):
+        return channel_shuffle(x, self.groups)
+
+
+class ShuffleNetUnit(nn.Module):
+    """KernelBench's ShuffleNet unit: grouped 1x1 conv, depthwise 3x3, shuffle, grouped 1x1 conv, shortcut."""
+
+    def __init__(self, in_channels, out_channels, groups=3):
+        super().__init__()
+        assert out_channels % 4 == 0
+        mid = out_channels // 4
+        self.conv1 = nn.Conv2d(in_channels, mid, kernel_size=1, groups=groups, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, kernel_size=3, padding=1, groups=mid, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, out_channels, kernel_size=1, groups=groups, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.shuffle = ChannelShuffle(groups)
+        if in_channels == out_channels:
+            self.shortcut = nn.Sequential()
+        else:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.shuffle(self.bn2(self.conv2(out)))
+        out = F.relu(self.bn3(self.conv3(out)))
+        return out + self.shortcut(x)
+
+
+class ShuffleNet(nn.Module):
+    """KernelBench's ShuffleNet: a stem, three stages of ShuffleNet units, conv5, global pool, classifier."""
+
+    def __init__(self, num_classes=1000, groups=3, stages_repeats=[3, 7, 3], stages_out_channels=[24, 240, 480, 960]):
+        super().__init__()
+        widths = stages_out_channels
+        self.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.stage2 = self._stage(widths[0], widths[1], stages_repeats[0], groups)
+        self.stage3 = self._stage(widths[1], widths[2], stages_repeats[1], groups)
+        self.stage4 = self._stage(widths[2], widths[3], stages_repeats[2], groups)
+        self.conv5 = nn.Conv2d(widths[3], 1024, kernel_size=1, bias=False)
+        self.bn5 = nn.BatchNorm2d(1024)
+        self.fc = nn.Linear(1024, num_classes)
+
+    @staticmethod
+    def _stage(in_channels, out_channels, repeats, groups):
+        units = [ShuffleNetUnit(in_channels, out_channels, groups)]
+        units += [ShuffleNetUnit(out_channels, out_channels, groups) for _ in range(1, repeats)]
+        return nn.Sequential(*units)
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.stage4(self.stage3(self.stage2(x)))
+        x = F.relu(self.bn5(self.conv5(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
 # KernelBench level 3 as its files run: stem -> (reference, get_init_inputs(), get_inputs() shape).
 KERNELBENCH = {
     "lenet5": (LeNet5, [20], (4096, 1, 32, 32)),
@@ -625,6 +724,9 @@ KERNELBENCH = {
     ),
     "googlenet_inception_v1": (GoogleNetInceptionV1, [1000], (10, 3, 224, 224)),
     "densenet121_transition_layer": (DenseNet121TransitionLayer, [32, 64], (128, 32, 256, 256)),
+    "regnet": (RegNet, [3, 3, [64, 128, 256], 10], (8, 3, 224, 224)),
+    "shufflenet_unit": (ShuffleNetUnit, [240, 480, 3], (10, 240, 224, 224)),
+    "shufflenet": (ShuffleNet, [1000], (10, 3, 224, 224)),
 }
 
 # Cheap cases, stem -> [(constructor arguments, input shape)]: arguments other than KernelBench's, odd input
@@ -666,4 +768,12 @@ SMALL = {
     "googlenet_inception_v1": [([7], (1, 3, 17, 19))],
     # Odd sizes: the pool leaves the last row and column out.
     "densenet121_transition_layer": [([5, 7], (2, 5, 7, 9))],
+    # Two stages of odd widths from two input channels (9x11 pools to 4x5, then 2x2), and one stage.
+    "regnet": [([2, 2, [5, 7], 3], (2, 2, 9, 11)), ([3, 1, [6], 4], (3, 3, 5, 6))],
+    # Three channels a group (odd) in the shuffle and the convs, with the shortcut conv; the identity shortcut
+    # with two groups.
+    "shufflenet_unit": [([9, 36, 3], (2, 9, 5, 7)), ([24, 24, 2], (2, 24, 4, 3))],
+    # Two groups, three channels a group in stage3's shuffle, stage4's first unit keeping its width (an identity
+    # shortcut where KernelBench's has a conv), two units in stage2 and stage4.
+    "shufflenet": [([5, 2, [2, 1, 2], [6, 16, 24, 24]], (2, 3, 17, 15))],
 }

@@ -36,7 +36,9 @@ def test_build_writes_every_spec_then_check_passes(project):
     # eval: conv3x3_bn_relu; training: the conv with batch statistics, BatchNorm's statistics, bn -> relu
     assert "specs/tiny.fuse -> generated/tiny.py (4 kernels)" in result.stdout
     assert (project / "generated" / "tiny.py").exists()
-    assert (project / "generated" / "efficientnet_b1.py").read_text() == (ROOT / "generated" / "efficientnet_b1.py").read_text()
+    assert (project / "generated" / "efficientnet_b1.py").read_text() == (
+        ROOT / "generated" / "efficientnet_b1.py"
+    ).read_text()
     check = fusegen(project, "build", "--check")
     assert check.returncode == 0, check.stderr
 

@@ -475,3 +475,35 @@ def test_activations_between_kernels_in_the_declared_dtype(narrow):
         for load in calls(kernel, "tl.load"):
             if ast.unparse(load.args[0]).startswith("x_ptr"):
                 assert f"{ast.unparse(load)}.to(tl.float32)" in ast.unparse(kernel), kernel.name
+
+
+def test_a_grouped_conv_is_one_kernel_whose_programs_stay_in_one_group():
+    """ShuffleNet's grouped 1x1 convs: one launch for all groups; a program's channel block is inside one
+    group, whose input channels its K loop reads, and the grid counts each group's blocks."""
+    source = SOURCES["shufflenet_unit.fuse"]
+    (kernel,) = [k for k in kernels(source) if k.name == "conv1x1_grouped_bn_relu_kernel"]
+    text = ast.unparse(kernel)
+    assert "offs_n = group * (C_out // GROUPS) + offs_group_n" in text
+    assert "mask_n = offs_group_n < C_out // GROUPS" in text
+    (k_loop,) = [n for n in kernel.body if isinstance(n, ast.For) and ast.unparse(n.target) == "k0"]
+    assert ast.unparse(k_loop.iter) == "range(0, C_in // GROUPS, BLOCK_K)"
+    assert "offs_k = group * (C_in // GROUPS) + offs_group_k" in ast.unparse(k_loop)
+    assert "max(1, GROUPS) * triton.cdiv(C_out // GROUPS, BLOCK_N)" in ast.unparse(wrapper_of(source, kernel.name))
+
+
+def test_a_channel_shuffle_has_no_kernel_of_its_own():
+    """Eval mode: the depthwise conv's one store writes each channel at its shuffled place. Training mode:
+    bn2 waits for its batch statistics and the grouped conv after the shuffle loads the shuffled channels in
+    its K loop. Neither mode launches a kernel for the shuffle alone."""
+    source = SOURCES["shufflenet_unit.fuse"]
+    names = {k.name for k in kernels(source)}
+    assert not any(name.startswith("channel_shuffle") for name in names)
+    (dw,) = [k for k in kernels(source) if k.name == "dwconv3x3_bn_channel_shuffle_kernel"]
+    (store,) = calls(dw, "tl.store")
+    assert "shuffle_n[None, :]" in ast.unparse(store)
+    (train,) = [k for k in kernels(source) if k.name == "bn_channel_shuffle_conv1x1_grouped_stats_train_kernel"]
+    (k_loop,) = [n for n in train.body if isinstance(n, ast.For) and ast.unparse(n.target) == "k0"]
+    shuffled = "(offs_k % SHUFFLE_GROUPS * (C_in // SHUFFLE_GROUPS) + offs_k // SHUFFLE_GROUPS)"
+    (load,) = [c for c in calls(k_loop, "tl.load") if "x_ptr" in ast.unparse(c.args[0])]
+    assert shuffled in ast.unparse(load)
+    assert "dwconv3x3_bn_channel_shuffle" in launched_in(source, "run_kernels")

@@ -255,7 +255,8 @@ def test_graph_errors(line, fragment):
 
 
 LOOP = MODULES.replace("model Net(num_classes=5, widths=[4, 6])", "model Net(layers=[2, 1], num_classes=5)").replace(
-    "stage1: stage(4, 4, 2, 1)\n    stage2: stage(4, 6, 1, 2)", "stage1: stage(4, 4, layers[0], 1)\n    stage2: stage(4, 6, layers[1], 2)"
+    "stage1: stage(4, 4, 2, 1)\n    stage2: stage(4, 6, 1, 2)",
+    "stage1: stage(4, 4, layers[0], 1)\n    stage2: stage(4, 6, layers[1], 2)",
 )
 
 
@@ -308,7 +309,9 @@ class TorchMBConv(nn.Module):
         self.use_residual = stride == 1 and in_channels == out_channels
         hidden = in_channels * expand_ratio
         if expand_ratio != 1:
-            self.expand_conv = nn.Sequential(nn.Conv2d(in_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6())
+            self.expand_conv = nn.Sequential(
+                nn.Conv2d(in_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()
+            )
         self.depthwise_conv = nn.Sequential(
             nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()
         )
@@ -337,5 +340,39 @@ def test_an_if_on_constructor_arguments_is_decided_at_run_time(args, training):
         new.load_state_dict(ref.state_dict())
         ref.eval(), new.eval()
     x = torch.rand(2, args[0], 9, 7, device=DEVICE)
+    with torch.no_grad():
+        assert rel_error(new(x), ref(x)) < TOLERANCE
+
+
+INDEXED = """\
+model Widths(widths=[3, 5, 4])
+input(2, 3, 7, 9)
+
+forward:
+    features:
+        conv(widths[i], widths[i + 1], 3, padding=1) -> relu for i in range(2)
+"""
+
+
+class TorchWidths(nn.Module):
+    def __init__(self, widths=(3, 5, 4)):
+        super().__init__()
+        layers = []
+        for i in range(2):
+            layers += [nn.Conv2d(widths[i], widths[i + 1], 3, padding=1), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.features(x)
+
+
+@pytest.mark.parametrize("widths", [[3, 5, 4], [3, 2, 7]])
+def test_a_repeat_with_an_index_and_a_constant_count_is_inlined_per_index(widths):
+    """`chain for i in range(2)`: each repeat reads its own `i` (the widths of its conv), and a constant count
+    inlines the repeats: two launches, no loop."""
+    source = load_spec(INDEXED, "graph").SOURCE
+    assert "for " not in run_kernels_source(source)
+    ref, new = pair(INDEXED, TorchWidths, widths)
+    x = torch.rand(2, 3, 7, 9, device=DEVICE)
     with torch.no_grad():
         assert rel_error(new(x), ref(x)) < TOLERANCE

@@ -97,6 +97,13 @@ def tile_file(bias: str) -> str:
     return model_file(TILE.format(bias=bias), TILE_WRAPPER)
 
 
+def permuted_tile_file(bias: str) -> str:
+    """tile_file whose store puts channel c of the tile at a permutation of it (a channel shuffle's)."""
+    store = "    tl.store(out_ptr + offs_m[:, None] * stride_m + offs_n[None, :]"
+    permuted = "    perm_n = (offs_n % 2) * (N // 2) + offs_n // 2\n    tl.store(out_ptr + offs_m[:, None] * stride_m + perm_n[None, :]"
+    return tile_file(bias).replace(store, permuted)
+
+
 def mark(source: str, needle: str, rules: str = "") -> str:
     """Append the `# <-` marker to the one line that contains `needle`."""
     lines = source.split("\n")
@@ -284,6 +291,12 @@ CASES = {
         "FUS003",
         mark(tile_file("tl.load(b_ptr + offs_n, mask=mask_m, other=0.0)"), "bias = "),
         tile_file("tl.load(b_ptr + offs_n, mask=mask_n, other=0.0)"),
+    ),
+    # a load at the offsets that a permuted store's are computed from is the tile's own, before the permutation
+    "FUS003-permuted-store": (
+        "FUS003",
+        mark(permuted_tile_file("tl.load(b_ptr + offs_n + 1, mask=mask_n, other=0.0)"), "bias = "),
+        permuted_tile_file("tl.load(b_ptr + offs_n, mask=mask_n, other=0.0)"),
     ),
     "FUS004": (
         "FUS004",

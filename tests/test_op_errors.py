@@ -19,15 +19,22 @@ CASES = [
         HEADER + "forward:\n    g: conv(4, c, 3, groups=2)\n",
         4,
         8,
-        "conv with groups=2 (4 -> 8 channels) is a grouped convolution, which fusegen cannot lower yet;"
-        " it takes groups=1, or groups = in_channels = out_channels (depthwise)",
+        "conv with groups=2 and kernel_size 3 (4 -> 8 channels) is a grouped KxK convolution, which fusegen cannot"
+        " lower yet; it takes groups=1, groups = in_channels = out_channels (depthwise), or a grouped 1x1 conv"
+        " without padding",
     ),
     (
-        HEADER + "block b(i, o, g):\n    conv(i, o, 1, groups=g)\nforward:\n    b1: b(4, 4, 4)\n    b2: b(4, 8, 2)\n",
+        HEADER + "block b(i, o, g):\n    conv(i, o, 3, groups=g)\nforward:\n    b1: b(4, 4, 4)\n    b2: b(4, 8, 2)\n",
         4,
         5,
-        "is a grouped convolution, which fusegen cannot lower yet; it takes groups=1, or groups = in_channels ="
-        " out_channels (depthwise) (in b called at line 7)",
+        "is a grouped KxK convolution, which fusegen cannot lower yet; it takes groups=1, groups = in_channels ="
+        " out_channels (depthwise), or a grouped 1x1 conv without padding (in b called at line 7)",
+    ),
+    (
+        HEADER + "forward:\n    g: conv(4, 6, 1, groups=4)\n",
+        4,
+        8,
+        "conv: groups=4 must divide in_channels (4) and out_channels (6)",
     ),
     (HEADER + "forward:\n    g: conv(4, c, 3, bias=1)\n", 4, 8, "conv: bias must be True or False, got 1"),
     (HEADER + "forward:\n    g: conv(4, c, 3, groups=0)\n", 4, 29, "conv: groups must be a positive integer, got 0"),

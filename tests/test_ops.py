@@ -286,7 +286,7 @@ forward:
 """
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter computes every dot in fp32 (\"ieee\")")
+@pytest.mark.skipif(DEVICE != "cuda", reason='the interpreter computes every dot in fp32 ("ieee")')
 def test_float16_activations_with_a_tiny_weight():
     """A 1x1 conv weight scaled by 2**-20 (its BatchNorm's weight by 2**20 makes up for it) would lose
     most of its bits in float16's subnormals: that conv keeps its TF32 dot, the one before it runs
@@ -397,7 +397,12 @@ def test_global_avgpool_flatten_linear_relu(n, c, h, w, f_out):
 
 # -- a pool at the end of an anchor's kernel ------------------------------------------------------------
 
-POOLS = {"avgpool2": [avgpool(2)], "avgpool3": [avgpool(3)], "global": [global_avgpool], "global_flatten": [global_avgpool, flatten]}
+POOLS = {
+    "avgpool2": [avgpool(2)],
+    "avgpool3": [avgpool(3)],
+    "global": [global_avgpool],
+    "global_flatten": [global_avgpool, flatten],
+}
 
 
 @pytest.mark.parametrize("kind", ["conv3x3", "dwconv3x3", "conv1x1"])
@@ -1038,3 +1043,109 @@ def test_linear_relu_after_split_k(n, c, h, w, f_out):
     """`linear -> relu`: relu runs in the kernel that adds up the slices of K, after the bias."""
     module = check((n, c, h, w), [flatten], [linear(c * h * w, f_out), relu])
     assert "def linear_relu_slices_kernel(" in module.SOURCE
+
+
+# -- grouped 1x1 convs and the channel shuffle -----------------------------------------------------------
+
+
+def grouped_conv1x1(c_in: int, c_out: int, groups: int, stride: int = 1, bias: bool = False) -> Op:
+    return Op(
+        f"conv({c_in}, {c_out}, 1, {stride}, groups={groups}, bias={bias})",
+        lambda m, y: F.conv2d(y, m.weight, m.bias, stride, 0, groups=groups),
+    )
+
+
+def channel_shuffle(groups: int) -> Op:
+    """The reference's shuffle: channels viewed as (groups, C // groups), transposed, flattened."""
+
+    def shuffled(m, y):
+        n, c, h, w = y.shape
+        return y.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+    return Op(f"channel_shuffle({groups})", shuffled)
+
+
+@few_examples
+@given(
+    groups=st.integers(2, 5),
+    per_in=st.integers(1, 9),
+    per_out=st.integers(1, 9),
+    bias=st.booleans(),
+    stride=strides,
+    n=batches,
+    h=sizes,
+    w=sizes,
+)
+@example(groups=3, per_in=3, per_out=5, bias=False, stride=1, n=1, h=1, w=1)
+@example(groups=2, per_in=7, per_out=40, bias=True, stride=1, n=1, h=3, w=2)  # two channel blocks a group
+@example(groups=5, per_in=1, per_out=1, bias=False, stride=2, n=3, h=9, w=4)  # depthwise, as a grouped GEMM
+@example(groups=4, per_in=9, per_out=3, bias=True, stride=2, n=1, h=5, w=7)
+def test_grouped_conv1x1(groups, per_in, per_out, bias, stride, n, h, w):
+    """A grouped 1x1 conv is one kernel whose programs each stay inside one group; odd channel counts per
+    group, with and without bias, at batch 1 too."""
+    op = grouped_conv1x1(groups * per_in, groups * per_out, groups, stride, bias)
+    check((n, groups * per_in, h, w), [op, bn(groups * per_out), relu])
+
+
+# Where the shuffle stands: its channels move in the store of the kernel before it, or in the loads of the 1x1
+# conv after it; the ops on the other side of it see the shuffled channels.
+SHUFFLE_PLACES = ["end", "end then bn", "own line", "start", "bn then start"]
+
+
+@pytest.mark.parametrize("place", SHUFFLE_PLACES)
+@settings(max_examples=2, phases=[Phase.explicit, Phase.reuse, Phase.generate])  # five places: 25 examples
+@given(groups=st.integers(2, 4), per_group=st.integers(1, 7), n=batches, h=sizes, w=sizes)
+@example(groups=3, per_group=5, n=1, h=1, w=1)
+@example(groups=2, per_group=3, n=2, h=4, w=9)
+@example(groups=4, per_group=17, n=1, h=2, w=3)  # 68 channels: two channel blocks
+def test_channel_shuffle(place, groups, per_group, n, h, w):
+    c = groups * per_group
+    shuffle, into = channel_shuffle(groups), grouped_conv1x1(c, 2 * c, groups)
+    chains = {
+        "end": [[dwconv(3, c), bn(c), shuffle], [into]],
+        "end then bn": [[dwconv(3, c), shuffle, bn(c), relu], [into]],
+        "own line": [[dwconv(3, c), bn(c)], [shuffle], [conv(1, c, 5)]],
+        "start": [[dwconv(3, c)], [shuffle, into, bn(2 * c)]],
+        "bn then start": [[dwconv(3, c)], [bn(c), relu, shuffle, into]],
+    }[place]
+    check((n, c, h, w), *chains)
+
+
+SHUFFLE_TRAINING = """\
+model Shuffle(c=6, groups=3)
+input(2, c, 5, 3)
+forward:
+    dw: conv(c, c, 3, padding=1, groups=c, bias=False) -> bn: bn(c) -> shuffle: channel_shuffle(groups)
+    {consumer}
+"""
+
+
+@pytest.mark.parametrize(
+    "consumer, kernel",
+    [
+        # bn waits for the depthwise conv's batch statistics, then runs with the shuffle in pw's loads
+        ("pw: conv(c, 2 * c, 1, groups=groups, bias=False)", "bn_channel_shuffle_conv1x1_grouped_train_kernel"),
+        # a depthwise conv loads no shuffled channels: a kernel of its own applies bn and stores them shuffled
+        ("dw2: conv(c, c, 3, padding=1, groups=c, bias=False)", "bn_channel_shuffle_train_kernel"),
+    ],
+)
+@pytest.mark.parametrize("args", [(6, 3), (10, 2)])
+def test_channel_shuffle_in_training_mode(consumer, kernel, args):
+    """In training mode the BatchNorm before the shuffle normalises with batch statistics: compared with
+    torch in float64, running buffers included."""
+    text = SHUFFLE_TRAINING.format(consumer=consumer)
+    module = load(text)
+    assert f"def {kernel}(" in module.SOURCE
+    torch.manual_seed(0)
+    model = module.ModelNew(*args)
+    randomize_batchnorm(model)
+    model = model.to(DEVICE).train()
+    ref = copy.deepcopy(model).double()
+    x = torch.randn(2, args[0], 5, 3, device=DEVICE)
+    with torch.no_grad():
+        out = model(x)
+        y = channel_shuffle(args[1]).reference(None, ref.bn(ref.dw(x.double())))
+        expected = (ref.pw if hasattr(ref, "pw") else ref.dw2)(y)
+    assert rel_error(out, expected) < TOLERANCE
+    for key, value in ref.state_dict().items():
+        assert torch.allclose(model.state_dict()[key].to(value.dtype), value, rtol=1e-4, atol=1e-5), key

@@ -40,6 +40,9 @@ FILES = {
     "googlenet_inception_module": "6_GoogleNetInceptionModule",
     "googlenet_inception_v1": "7_GoogleNetInceptionV1",
     "densenet121_transition_layer": "13_DenseNet121TransitionLayer",
+    "regnet": "27_RegNet",
+    "shufflenet_unit": "25_ShuffleNetUnit",
+    "shufflenet": "26_ShuffleNet",
 }
 SEED = 42
 

@@ -5,6 +5,8 @@ import pytest
 from fusegen import SpecError, compile_spec
 
 HEADER = "model M(c=8, alpha=0.5)\ninput(2, 3, 16, 16)\n"
+# a sequence whose block call follows the repeat's index; the line that repeats it comes next
+INDEXED = "model M(n={n})\ninput(2, 3, 16, 16)\nblock b(k):\n    conv(3, 3, k, padding=k // 2)\nforward:\n    seq:\n"
 
 
 def error_of(text: str) -> SpecError:
@@ -16,7 +18,12 @@ def error_of(text: str) -> SpecError:
 CASES = [
     # (spec, line, column, fragment of the message)
     (HEADER + "forward:\n    conv1: conv3x3(3, c) ->\n", 4, 28, "expected a name"),
-    (HEADER + "activations(bfloat16)\nforward:\n    relu\n", 3, 13, "activations(...) takes float32 or float16, got 'bfloat16'"),
+    (
+        HEADER + "activations(bfloat16)\nforward:\n    relu\n",
+        3,
+        13,
+        "activations(...) takes float32 or float16, got 'bfloat16'",
+    ),
     (HEADER + "activations(float16)\nactivations(float32)\nforward:\n    relu\n", 4, 1, "a second `activations(...)`"),
     (HEADER + "forward:\n    conv1: conv3x3(3, c) @ 2\n", 4, 26, "unexpected character '@'"),
     (HEADER + "forward:\n    conv1: conv3x3(3, c)\n      bn1: bn(c)\n", 5, 7, "unexpected indentation"),
@@ -26,11 +33,26 @@ CASES = [
     (HEADER + "forward:\n    conv1: conv3x3(3, c, 1, 1, 1)\n", 4, 32, "conv3x3 takes 4 argument(s)"),
     (HEADER + "forward:\n    conv1: conv3x3(3, c, pad=1)\n", 4, 26, "has no argument 'pad'"),
     (HEADER + "forward:\n    conv1: conv3x3(3)\n", 4, 12, "needs the argument 'out_channels'"),
-    (HEADER + "forward:\n    conv1: conv3x3(4, c)\n", 4, 12, "expects 4 input channels, but the tensor flowing in has 3"),
+    (
+        HEADER + "forward:\n    conv1: conv3x3(4, c)\n",
+        4,
+        12,
+        "expects 4 input channels, but the tensor flowing in has 3",
+    ),
     (HEADER + "forward:\n    conv1: conv3x3(3, c) -> bn1: bn(9)\n", 4, 34, "bn expects 9 input channels"),
-    (HEADER + "forward:\n    conv1: conv3x3(3, 16 * alpha)\n", 4, 23, "must be a positive integer, got 8.0 (wrap it in int(...))"),
+    (
+        HEADER + "forward:\n    conv1: conv3x3(3, 16 * alpha)\n",
+        4,
+        23,
+        "must be a positive integer, got 8.0 (wrap it in int(...))",
+    ),
     (HEADER + "forward:\n    conv1: conv3x3(3, k)\n", 4, 23, "unknown name 'k'"),
-    (HEADER + "forward:\n    conv1: conv3x3(3, c) -> pw: conv1x1(c, c)\n", 4, 33, "conv1x1 cannot join the kernel of conv3x3"),
+    (
+        HEADER + "forward:\n    conv1: conv3x3(3, c) -> pw: conv1x1(c, c)\n",
+        4,
+        33,
+        "conv1x1 cannot join the kernel of conv3x3",
+    ),
     (HEADER + "forward:\n    dw: dwconv3x3(3) -> dw2: dwconv3x3(3)\n", 4, 30, "reads a 3x3 neighbourhood"),
     (
         HEADER + "forward:\n    dw: dwconv3x3(3) -> pw: conv1x1(3, c, stride=2)\n",
@@ -72,8 +94,18 @@ CASES = [
         "avgpool cannot join the kernel of conv1x1: a pool ends the kernel of one anchor, and this kernel"
         " computes dwconv3x3 inside conv1x1",
     ),
-    (HEADER + "forward:\n    p: avgpool(2) -> global_avgpool\n", 4, 22, "global_avgpool cannot join the kernel of avgpool"),
-    (HEADER + "forward:\n    fc: linear(3, 8) -> global_avgpool\n", 4, 25, "global_avgpool cannot join the kernel of linear"),
+    (
+        HEADER + "forward:\n    p: avgpool(2) -> global_avgpool\n",
+        4,
+        22,
+        "global_avgpool cannot join the kernel of avgpool",
+    ),
+    (
+        HEADER + "forward:\n    fc: linear(3, 8) -> global_avgpool\n",
+        4,
+        25,
+        "global_avgpool cannot join the kernel of linear",
+    ),
     (HEADER + "forward:\n    conv1: conv3x3(3, c) -> bn(c)\n", 4, 29, "bn holds parameters, so it needs a name"),
     (HEADER + "forward:\n    conv1: conv3x3(3, c)\n    conv1: conv1x1(c, c)\n", 5, 5, "'conv1' names a second module"),
     (HEADER + "forward:\n    training: conv3x3(3, c)\n", 4, 5, "is an attribute of nn.Module"),
@@ -97,16 +129,65 @@ CASES = [
         9,
         "block 'b' expands to chains of its own",
     ),
-    (HEADER + "block b(i, o):\n    c1: conv1x1(i, o)\nforward:\n    b1: b(3, 8)\n", 4, 5, "numbered like nn.Sequential"),
+    (
+        HEADER + "block b(i, o):\n    c1: conv1x1(i, o)\nforward:\n    b1: b(3, 8)\n",
+        4,
+        5,
+        "numbered like nn.Sequential",
+    ),
     (HEADER + "block b(i):\n    conv1x1(i, i)\nforward:\n    b(3)\n", 6, 5, "a block at the top level needs a name"),
     (HEADER + "forward:\n    conv1: conv3x3(3, c) * 2\n", 4, 5, "`* N` repeats lines of a sequence or block"),
     ("input(2, 3, 16, 16)\nmodel M()\nforward:\n    relu\n", 1, 1, "starts with its `model Name(...)` header"),
     (HEADER + "input(1, 3, 8, 8)\nforward:\n    relu\n", 3, 1, "a second `input(...)` declaration"),
     ("model M()\nforward:\n    relu\n", None, None, "no `input(...)` declaration"),
-    ("model M(x=1)\ninput(1, 3, 8, 8)\nforward:\n    relu\n", 1, 9, "'x' clashes with a name the generated Python uses"),
+    (
+        "model M(x=1)\ninput(1, 3, 8, 8)\nforward:\n    relu\n",
+        1,
+        9,
+        "'x' clashes with a name the generated Python uses",
+    ),
     (HEADER + "forward:\n    seq:\n        relu * (0 - 1)\n", 5, 17, "a line repeats a whole number of times, got -1"),
     ("model M()\ninput(2, 3, 16)\nforward:\n    relu\n", 2, 1, "the example input is N, C, H, W"),
     (HEADER + "let f(v) = v / 0\nforward:\n    conv1: conv3x3(3, f(2))\n", 3, 12, "division by zero"),
+    (
+        INDEXED.format(n=2) + "        b(1 + 2 * i) for i in range(n)\n",
+        7,
+        9,
+        "i = 1 makes the ops [['conv3x3_bias']], but i = 0 makes [['conv1x1_bias']]; a loop's iterations run one body",
+    ),
+    (
+        INDEXED.format(n=0) + "        b(3) for i in range(n)\n",
+        7,
+        29,
+        "runs at least once at the default arguments, got 0",
+    ),
+    (INDEXED.format(n=2) + "        b(3) for x in range(2)\n", 7, 9, "the repeat's index 'x' clashes"),
+    (
+        HEADER + "module m():\n    relu for i in range(2)\nforward:\n    m1: m()\n",
+        4,
+        5,
+        "a repeat with an index belongs",
+    ),
+    (
+        HEADER + "forward:\n    s: channel_shuffle(3) -> dw: dwconv3x3(3)\n",
+        4,
+        8,
+        "channel_shuffle before dwconv3x3 would move the channels that dwconv3x3 loads, which only a 1x1 conv's",
+    ),
+    (
+        HEADER + "forward:\n    dw: dwconv3x3(3) -> s: channel_shuffle(3) -> pw: conv1x1(3, 6)\n",
+        4,
+        28,
+        "which a kernel of two anchors (dwconv3x3, conv1x1) does elsewhere",
+    ),
+    (HEADER + "forward:\n    s: channel_shuffle(2)\n", 4, 8, "channel_shuffle: 2 groups do not divide the 3 channels"),
+    (
+        HEADER
+        + "module m(i, o):\n    if i != o:\n        x = conv1: conv1x1(i, o)\n    return x\nforward:\n    m1: m(3, c)\n",
+        4,
+        8,
+        "an `if` on constructor arguments inside a module tests a `let` name",
+    ),
 ]
 
 
