@@ -155,8 +155,13 @@ def _input_channels(body: tuple, value: Value) -> str | None:
         if isinstance(item, Loop) and item.input is value:
             # the first iteration's modules are the sequential module's child `start`
             found = _input_channels(item.body, item.carried)
+            if not found:
+                return None
             first = f"self.{item.modules}[{item.start}]"
-            return re.sub(rf"^self\.{item.variable}\b", first, found) if found else None
+            inside = re.sub(rf"^self\.{item.variable}\b", first, found)
+            # a loop that runs no times leaves the value to what reads it after (any count where unknown)
+            after = _input_channels(body[i + 1 :], item.output) or "x.shape[1]"
+            return f"({inside} if len(self.{item.modules}) > {item.start} else {after})"
     return None
 
 
