@@ -421,12 +421,16 @@ class _Importer:
         if len(placeholders) != 1:
             raise self.fail(module, f"{what} takes {len(placeholders)} inputs; fusegen models take one tensor")
         traced = fx.GraphModule(module, graph)
+        for node in graph.nodes:  # a module fusegen has no op for fails the shapes below: name it first
+            if node.op == "call_module" and _is_leaf(child := module.get_submodule(node.target)):
+                self.leaf(child, f"{path}.{node.target}" if path else node.target, _node_line(node, self.path))
         with contextlib.redirect_stderr(None):
             fake = FakeTensorMode(allow_non_fake_inputs=True)
             try:
                 ShapeProp(traced, fake_mode=fake).propagate(fake.from_tensor(torch.empty(input_shape)))
             except Exception as err:
-                raise self.fail(module, f"{what} fails at input shape {list(input_shape)}: {_describe(err)}") from None
+                why = _describe(err.__cause__ or err)
+                raise self.fail(module, f"{what} fails at input shape {list(input_shape)}: {why}") from None
         structure = Structure(module, path, steps=[], inputs=placeholders[0])
         structure.order = {node: i for i, node in enumerate(traced.graph.nodes)}
         alias: dict = {}  # fx node -> the node whose value it is (views that change nothing)
@@ -487,6 +491,8 @@ class _Importer:
     def call_function(self, structure: Structure, node, alias, line, what) -> None:
         target, args, kwargs = node.target, node.args, node.kwargs
         name = _call_name(node)
+        if target is torch.cat:
+            raise ImportFailure(line, f"torch.cat in {what} is not supported yet")
         x = args[0] if args else None
         if not isinstance(x, fx.Node):
             raise ImportFailure(line, f"{name} in {what} is not supported")
@@ -497,8 +503,6 @@ class _Importer:
         except _Refused as why:
             raise ImportFailure(line, f"{name} with {why} in {what} is not supported") from None
         if steps is None:
-            if target is torch.cat:
-                raise ImportFailure(line, f"torch.cat in {what} is not supported yet")
             raise ImportFailure(line, f"{name} in {what} is not supported")
         if not steps:
             alias[node] = value
@@ -518,7 +522,9 @@ class _Importer:
             label = None
             if O.lookup(op.name).needs_module:
                 label = _fresh(op.name, {s.label for s in structure.steps} | {n for n, _ in structure.module.named_children()})
-            structure.steps.append(Step(value if i == 0 else node, node, op=op, label=label))
+            output = node if i == len(steps) - 1 else (node, i)  # one call, two ops (mean: pool, flatten)
+            structure.steps.append(Step(value, output, op=op, label=label))
+            value = output
 
     def function_ops(self, node, name, target, args, kwargs, alias) -> list[OpCall] | None:
         """The ops of a call in forward: [] where it passes its input through, None where unsupported."""
