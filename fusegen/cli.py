@@ -213,7 +213,10 @@ def import_model(args: argparse.Namespace) -> int:
         print("fusegen: nothing written", file=sys.stderr)
         return 2
     except (SpecError, AssertionError) as err:
-        print(f"fusegen: internal error: the imported spec does not build as the model (a fusegen bug): {err}", file=sys.stderr)
+        print(
+            f"fusegen: internal error: the imported spec does not build as the model (a fusegen bug): {err}",
+            file=sys.stderr,
+        )
         print("fusegen: nothing written", file=sys.stderr)
         return INTERNAL_ERROR
     if args.output is None:
@@ -299,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="also write every measurement to FILE as JSON")
     p.set_defaults(run=bench)
     p = commands.add_parser(
-        "import", help="write a spec for a PyTorch model file (KernelBench's layout: Model, get_init_inputs, get_inputs)"
+        "import",
+        help="write a spec for a PyTorch model file (KernelBench's layout: Model, get_init_inputs, get_inputs)",
     )
     p.add_argument("file", metavar="MODEL.py", help="the Python file that defines the model")
     p.add_argument("--class", dest="class_name", default="Model", help="the nn.Module class (default: Model)")

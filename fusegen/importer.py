@@ -64,6 +64,7 @@ class Source:
     args: tuple[tuple[str, object], ...]  # constructor arguments by name, as given
     input_shape: tuple[int, ...]
     lines: dict[int, int] = field(default_factory=dict)  # id(module) -> the line that created it
+    created: dict[int, int] = field(default_factory=dict)  # id(module) -> when it registered its first parameter
 
 
 def load(path: Path, class_name: str = "Model", args: list | dict | None = None, input_shape=None) -> Source:
@@ -101,7 +102,15 @@ def load(path: Path, class_name: str = "Model", args: list | dict | None = None,
         if isinstance(child, nn.Module):
             lines.setdefault(id(child), _line_in_stack(path))
 
-    hook = nn.modules.module.register_module_module_registration_hook(remember)
+    created: dict[int, int] = {}
+
+    def count(module, name, param):  # returns None: a hook's value would replace the parameter
+        created.setdefault(id(module), len(created))
+
+    hooks = [
+        nn.modules.module.register_module_module_registration_hook(remember),
+        nn.modules.module.register_module_parameter_registration_hook(count),
+    ]
     try:
         with torch.device("cpu"):
             model = cls(*positional, **keywords)
@@ -110,11 +119,12 @@ def load(path: Path, class_name: str = "Model", args: list | dict | None = None,
             _line_in(err.__traceback__, path), f"{class_name}(...) failed on the CPU: {_describe(err)}"
         ) from err
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     lines[id(model)] = inspect.getsourcelines(cls)[1] if Path(inspect.getsourcefile(cls)) == path else None
     named = tuple((name, value) for name, value in bound.arguments.items())
     shape = tuple(int(d) for d in input_shape)
-    return Source(path, model, lambda: cls(*positional, **keywords), class_name, named, shape, lines)
+    return Source(path, model, lambda: cls(*positional, **keywords), class_name, named, shape, lines, created)
 
 
 def _call_helper(module, path: Path, name: str, option: str):
@@ -195,14 +205,14 @@ def _conv(m: nn.Conv2d) -> OpCall:
     if m.padding_mode != "zeros":
         raise _Refused(f"padding_mode={m.padding_mode!r}")
     if _square(m.dilation, "dilation") != 1:
-        raise _Refused("dilation")
+        raise _Refused(f"dilation {m.dilation}")
     k = _square(m.kernel_size, "kernel size")
     stride = _square(m.stride, "stride")
     if m.padding == "valid":
         padding = 0
     elif m.padding == "same":
         if stride != 1 or k % 2 == 0:
-            raise _Refused("padding='same' with an even kernel or a stride")
+            raise _Refused("padding='same' with an even kernel or a stride other than 1")
         padding = k // 2
     else:
         padding = _square(m.padding, "padding")
@@ -237,8 +247,11 @@ def _batch_norm(m: nn.BatchNorm2d) -> OpCall:
 
 
 def _max_pool(kernel_size, stride, padding, dilation, ceil_mode, return_indices) -> OpCall:
-    if ceil_mode or return_indices or _square(dilation, "dilation") != 1:
-        raise _Refused("ceil_mode, return_indices or dilation")
+    for flag, name in ((ceil_mode, "ceil_mode"), (return_indices, "return_indices")):
+        if flag:
+            raise _Refused(f"{name}=True")
+    if _square(dilation, "dilation") != 1:
+        raise _Refused(f"dilation {dilation}")
     k = _square(kernel_size, "kernel size")
     s = k if stride is None or stride == [] else _square(stride, "stride")
     p = _square(padding, "padding")
@@ -256,7 +269,7 @@ def _avg_pool(kernel_size, stride, padding, ceil_mode, divisor_override) -> OpCa
 
 def _adaptive_pool(output_size) -> OpCall:
     if output_size not in (1, (1, 1), [1, 1]):
-        raise _Refused(f"output size {output_size} (only 1x1)")
+        raise _Refused(f"output size {output_size} (fusegen pools to 1x1)")
     return OpCall("global_avgpool")
 
 
@@ -278,8 +291,10 @@ def _leaf_op(m: nn.Module) -> OpCall | None:
         return _batch_norm(m)
     if kind is nn.Linear:
         if m.bias is None:
-            raise _Refused("bias=False")
-        return OpCall("linear", ((None, Hole("in_features", m.in_features)), (None, Hole("out_features", m.out_features))))
+            raise _Refused("bias=False (fusegen's linear has a bias)")
+        return OpCall(
+            "linear", ((None, Hole("in_features", m.in_features)), (None, Hole("out_features", m.out_features)))
+        )
     if kind is nn.MaxPool2d:
         return _max_pool(m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices)
     if kind is nn.AvgPool2d:
@@ -302,7 +317,9 @@ def _module_name(m: nn.Module) -> str:
 
 def _is_leaf(m: nn.Module) -> bool:
     """A module of torch.nn's other than a container: fusegen has an op for it or refuses it."""
-    return type(m).__module__.startswith("torch.nn") and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+    return type(m).__module__.startswith("torch.nn") and not isinstance(
+        m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    )
 
 
 # Calls in forward, by function or method name -> the ops they are (None: a value passed through).
@@ -334,6 +351,7 @@ class Step:
     label: str | None = None
     operand: object = None  # add's other value
     call: "Structure | None" = None  # a Sequential or a module of a class of its own
+    argument: bool = False  # the call's module was made before its parent, which takes it as an argument
 
     @property
     def role(self) -> str:
@@ -399,7 +417,7 @@ class _Importer:
         try:
             op = _leaf_op(module)
         except _Refused as why:
-            raise self.fail(module, f"{_module_name(module)} at {where} with {why} is not supported", line) from None
+            raise self.fail(module, f"{_module_name(module)} at {where} is not supported: {why}", line) from None
         if op is None:
             raise self.fail(module, f"{_module_name(module)} at {where} is not supported", line)
         return op
@@ -458,7 +476,24 @@ class _Importer:
                 raise self.fail(
                     child, f"{_module_name(child)} at {where} holds parameters, but {what} never calls it itself"
                 )
+        if path:
+            self.mark_arguments(structure)
         return structure
+
+    def mark_arguments(self, structure: Structure) -> None:
+        """Children that the module's forward calls after a child made later: made before the module itself
+        (torchvision's ResNets make a block's downsample and pass it in), so the spec passes them in too."""
+        latest = -1
+        for step in structure.steps:
+            child = structure.module.get_submodule(step.label) if step.label else None
+            made = (
+                [self.source.created[id(m)] for m in child.modules() if id(m) in self.source.created] if child else []
+            )
+            if not made:
+                continue
+            if min(made) < latest and step.call is not None:
+                step.argument = True
+            latest = max(latest, min(made))
 
     def value(self, node, alias: dict, module, at):
         if not isinstance(node, fx.Node) or _tensor_shape(node) is None:
@@ -478,12 +513,16 @@ class _Importer:
             op = self.leaf(child, where, line)
             label = target if O.lookup(op.name).needs_module else None
             if target in called and (label or any(True for _ in child.parameters())):
-                raise ImportFailure(line, f"{_module_name(child)} at {where} is called twice; fusegen runs each module once")
+                raise ImportFailure(
+                    line, f"{_module_name(child)} at {where} is called twice; fusegen runs each module once"
+                )
             called.add(target)
             structure.steps.append(Step(value, node, op=op, label=label))
             return
         if target in called:
-            raise ImportFailure(line, f"{_module_name(child)} at {where} is called twice; fusegen runs each module once")
+            raise ImportFailure(
+                line, f"{_module_name(child)} at {where} is called twice; fusegen runs each module once"
+            )
         called.add(target)
         inner = self.child(child, where, _tensor_shape(node.args[0]))
         structure.steps.append(Step(value, node, label=target, call=inner))
@@ -501,7 +540,7 @@ class _Importer:
         try:
             steps = self.function_ops(node, name, target, args, kwargs, alias)
         except _Refused as why:
-            raise ImportFailure(line, f"{name} with {why} in {what} is not supported") from None
+            raise ImportFailure(line, f"{name} in {what} is not supported: {why}") from None
         if steps is None:
             raise ImportFailure(line, f"{name} in {what} is not supported")
         if not steps:
@@ -510,7 +549,10 @@ class _Importer:
         if target in _ADDS or (node.op == "call_method" and target in ("add", "add_")):
             other = args[1] if len(args) > 1 else kwargs.get("other")
             if not isinstance(other, fx.Node) or _tensor_shape(other) != _tensor_shape(x):
-                raise ImportFailure(line, f"{name} in {what} adds a value of another shape or a number; fusegen adds tensors of one shape")
+                raise ImportFailure(
+                    line,
+                    f"{name} in {what} adds a value of another shape or a number; fusegen adds tensors of one shape",
+                )
             if kwargs.get("alpha", 1) != 1:
                 raise ImportFailure(line, f"{name} with alpha in {what} is not supported")
             other = alias.get(other, other)
@@ -521,7 +563,9 @@ class _Importer:
         for i, op in enumerate(steps):
             label = None
             if O.lookup(op.name).needs_module:
-                label = _fresh(op.name, {s.label for s in structure.steps} | {n for n, _ in structure.module.named_children()})
+                label = _fresh(
+                    op.name, {s.label for s in structure.steps} | {n for n, _ in structure.module.named_children()}
+                )
             output = node if i == len(steps) - 1 else (node, i)  # one call, two ops (mean: pool, flatten)
             structure.steps.append(Step(value, output, op=op, label=label))
             value = output
@@ -539,7 +583,9 @@ class _Importer:
             return [OpCall("relu6")] if (b["min_val"], b["max_val"]) == (0.0, 6.0) else None
         if not method and target is F.max_pool2d:
             names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-            b = _bind(args[1:], kwargs, names, {"padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False})
+            b = _bind(
+                args[1:], kwargs, names, {"padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False}
+            )
             return [_max_pool(*b.values())]
         if not method and target is F.avg_pool2d:
             names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
@@ -617,14 +663,23 @@ class Ref:
     start: int
 
 
+@dataclass(frozen=True)
+class ModuleArg:
+    """A module passed to a module: its parameter's name in the body, the call that makes it at the call site."""
+
+    name: str
+    ref: Ref
+
+
 @dataclass
 class Template:
     """A structure as spec text whose integers are holes (indices into `holes`)."""
 
     kind: str  # "block" or "module"
     hint: str  # a name for its declaration
-    body: list  # lines: tuple of tokens (str, int hole index, Ref), or Nested
+    body: list  # lines: tuple of tokens (str, int hole index, Ref, ModuleArg), or Nested
     holes: list[Hole]
+    arguments: list[ModuleArg] = field(default_factory=list)
 
     @property
     def signature(self):
@@ -645,20 +700,33 @@ def _signature(body, holes):
         if isinstance(line, Nested):
             out.append(("nested", _signature([line.header], holes), _signature(line.body, holes)))
             continue
-        out.append(
-            tuple(
-                (holes[t].arg, t) if isinstance(t, int) else ("ref", t.template.signature, t.start) if isinstance(t, Ref) else t
-                for t in line
-            )
-        )
+        out.append(tuple(_token_signature(t, holes) for t in line))
     return tuple(out)
+
+
+def _token_signature(token, holes):
+    if isinstance(token, int):
+        return (holes[token].arg, token)
+    if isinstance(token, Ref):
+        return ("ref", token.template.signature, token.start)
+    if isinstance(token, ModuleArg):
+        return ("argument", token.name, token.ref.template.signature, token.ref.start)
+    return token
 
 
 class _Writer:
     """Turns Structures into Templates, line by line."""
 
-    def __init__(self):
+    def __init__(self, sequentials: dict | None = None):
         self.groups: dict = {}  # signature -> [Template], in the order declarations must come
+        # signature -> how many Sequentials of the model have it (None: none inline, each a block, counted)
+        self.sequentials = sequentials
+
+    def once(self, structure: Structure) -> bool:
+        """Whether a Sequential's structure is its own (written inline) rather than shared (a block)."""
+        if self.sequentials is None:
+            return False
+        return self.sequentials[_Writer().template(structure, "").signature] == 1
 
     def template(self, structure: Structure, hint: str) -> Template:
         holes: list[Hole] = []
@@ -666,8 +734,9 @@ class _Writer:
             body = self.sequential_lines(structure.items, holes, hint)
             template = Template("block", hint, body, holes)
         else:
-            body = self.module_lines(structure, holes)
-            template = Template("module", _snake(type(structure.module).__name__), body, holes)
+            arguments: list[ModuleArg] = []
+            body = self.module_lines(structure, holes, arguments)
+            template = Template("module", _snake(type(structure.module).__name__), body, holes, arguments)
         self.groups.setdefault(template.signature, []).append(template)
         return template
 
@@ -709,7 +778,7 @@ class _Writer:
                 lines.append((self.call(item, f"{hint}_block", holes),))
         return lines
 
-    def module_lines(self, structure: Structure, holes: list[Hole]) -> list:
+    def module_lines(self, structure: Structure, holes: list[Hole], arguments: list[ModuleArg]) -> list:
         groups = _group_steps(structure.steps)
         # who reads each value: (line index, as the line's head?)
         readers: dict = {}
@@ -742,7 +811,11 @@ class _Writer:
             if head is not register:
                 prefix.append(f"{names[head]} -> ")
             first = group[0]
-            if first.call is not None and first.call.items is not None and head is register:
+            if first.argument:
+                argument = ModuleArg(first.label, self.call(first.call, f"{first.label}_block", holes))
+                arguments.append(argument)
+                lines.append(tuple([*prefix, argument]))
+            elif first.call is not None and first.call.items is not None and head is register and self.once(first.call):
                 body = self.sequential_lines(first.call.items, holes, first.label)
                 lines.append(Nested(tuple([*([f"{target} = "] if target else []), f"{first.label}:"]), body))
             elif first.call is not None:
@@ -816,23 +889,33 @@ class _Declarations:
         taken = set(RESERVED) | set(O.FIXED_OPS)
         for signature, instances in groups.items():
             first = instances[0]
-            base = _identifier(first.hint or ("stage" if first.kind == "block" else "module"))
-            if O.lookup(base) is not None or keyword.iskeyword(base) or re.fullmatch(r"block_[0-9]+", base):
+            base = _identifier(re.sub(r"_?[0-9]+$", "", first.hint) or ("stage" if first.kind == "block" else "module"))
+            if (
+                O.lookup(base) is not None
+                or keyword.iskeyword(base)
+                or base in RESERVED
+                or re.match(r"block_[0-9]", base)
+            ):
                 base += "_" + first.kind
-            name = _fresh(base, taken)
-            taken.add(name)
-            self.names[signature] = name
+            self.names[signature] = _fresh(base, taken)
+            taken.add(self.names[signature])
+        for signature, instances in groups.items():
+            first = instances[0]
+            # the holes of a module argument's call: its call site writes them
+            passed = {a.ref.start + i for a in first.arguments for i in range(len(a.ref.template.holes))}
             by_values: dict = {}
             env = {}
             params = []
             for i, hole in enumerate(first.holes):
+                if i in passed:
+                    continue
                 values = tuple(t.holes[i].value for t in instances)
                 if len(set(values)) == 1:
                     env[i] = str(values[0])
                     continue
                 if values not in by_values:
-                    used = {p for p, _ in params} | {name}
-                    by_values[values] = _fresh(hole.arg, used | set(RESERVED) | set(O.FIXED_OPS))
+                    used = {p for p, _ in params} | {a.name for a in first.arguments} | taken
+                    by_values[values] = _fresh(hole.arg, used)
                     params.append((by_values[values], i))
                 env[i] = by_values[values]
             self.params[signature] = params
@@ -840,8 +923,9 @@ class _Declarations:
 
     def call_source(self, ref: Ref, env: dict) -> str:
         signature = ref.template.signature
-        args = ", ".join(env[ref.start + i] for _, i in self.params[signature])
-        return f"{self.names[signature]}({args})"
+        args = [env[ref.start + i] for _, i in self.params[signature]]
+        args += [self.call_source(Ref(a.ref.template, ref.start + a.ref.start), env) for a in ref.template.arguments]
+        return f"{self.names[signature]}({', '.join(args)})"
 
     def render(self, body: list, env: dict, sequential: bool, indent: str = "    ") -> list[str]:
         out: list[str] = []
@@ -860,6 +944,8 @@ class _Declarations:
                 parts.append(env[t])
             elif isinstance(t, Ref):
                 parts.append(self.call_source(t, env))
+            elif isinstance(t, ModuleArg):
+                parts.append(t.name)
             else:
                 parts.append(t)
         return "".join(parts)
@@ -868,7 +954,7 @@ class _Declarations:
         out = []
         for signature, instances in self.groups.items():
             first = instances[0]
-            params = ", ".join(p for p, _ in self.params[signature])
+            params = ", ".join([p for p, _ in self.params[signature]] + [a.name for a in first.arguments])
             out.append(f"{first.kind} {self.names[signature]}({params}):")
             out += self.render(first.body, self.env[signature], first.kind == "block")
             out.append("")
@@ -907,12 +993,18 @@ def to_spec(source: Source) -> str:
     """The spec text for the built model."""
     importer = _Importer(source)
     root = importer.body(source.model, "", source.input_shape)
-    writer = _Writer()
+    counter = _Writer()
+    counter.module_lines(root, [], [])
+    sequentials = {signature: len(instances) for signature, instances in counter.groups.items()}
+    writer = _Writer(sequentials)
     holes: list[Hole] = []
-    forward = writer.module_lines(root, holes)
+    forward = writer.module_lines(root, holes, [])
     declarations = _Declarations(writer.groups)
     env = {i: str(h.value) for i, h in enumerate(holes)}
-    params = ", ".join(f"{_identifier(name) + ('_' if _identifier(name) in RESERVED or keyword.iskeyword(name) else '')}={_literal(value)}" for name, value in source.args)
+    params = ", ".join(
+        f"{_identifier(name) + ('_' if _identifier(name) in RESERVED or keyword.iskeyword(name) else '')}={_literal(value)}"
+        for name, value in source.args
+    )
     text = [
         f"# Imported by `fusegen import` from {source.path.name} ({source.class_name}); edit it as any spec.",
         "# Every number below was fixed by the trace at the constructor arguments in the header: ModelNew takes",

@@ -80,11 +80,19 @@ def test_kernelbench_mobilenet_v1_shares_one_block_for_its_depthwise_separable_p
 
 
 @needs_kernelbench
+def test_kernelbench_resnets_pass_each_blocks_downsample_in():
+    """ResNet18 at KernelBench's arguments: its BasicBlocks' downsamples are made before the blocks, so the
+    block takes it as an argument; layers 2 to 4 are one block; the seeded state_dict is the model's."""
+    text, _ = imported(KERNELBENCH / "9_ResNet18.py", None, None)
+    assert "module basic_block_2(in_channels, out_channels, downsample):" in text
+    assert "    basic_block_2(in_channels, out_channels, downsample_block(in_channels, out_channels))\n" in text
+    assert "    layer4: layer(256, 512)\n" in text
+
+
+@needs_kernelbench
 @pytest.mark.parametrize(
     "stem, line, what",
     [
-        # BasicBlock's downsample is made before the block (an argument), so seeded weights come in another order
-        ("9_ResNet18", 16, "layer2.0.conv1 draws other initial values"),
         # the model re-initialises its weights after building them
         ("20_MobileNetV2", 90, "features.0 draws other initial values"),
     ],
@@ -163,6 +171,57 @@ class MeanHead(nn.Module):
         return torch.sigmoid(self.fc(x))
 
 
+class Block(nn.Module):
+    """A ResNet basic block whose downsample is made before it and passed in, as torchvision's are."""
+
+    def __init__(self, cin, cout, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+
+class TinyResNet(nn.Module):
+    def __init__(self, widths=(4, 6), classes=3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        layers = []
+        cin = widths[0]
+        for width in widths:
+            stride = 1 if width == cin else 2
+            down = None
+            if stride != 1:
+                down = nn.Sequential(nn.Conv2d(cin, width, 1, stride, bias=False), nn.BatchNorm2d(width))
+            layers += [Block(cin, width, stride, down), Block(width, width)]
+            cin = width
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        x = self.layers(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class LateConv(nn.Module):
+    """Makes its Linear before the conv that forward calls first."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.conv(x), 1), 1))
+
+
 class Recurrent(nn.Module):
     def __init__(self):
         super().__init__()
@@ -226,6 +285,15 @@ def test_a_users_modules_import_and_match(user_models):
     assert "body:" in text and "add(" in text
 
 
+def test_a_module_made_before_its_parent_is_passed_to_it(user_models):
+    """The downsample that a Block is given: the spec's module takes it as an argument, made at the call site
+    before the block's own convs, so seeded weights come in the model's order."""
+    text = assert_matches(user_models, [[4, 6], 3], (2, 3, 7, 6), "TinyResNet")
+    assert "module block_module_2(downsample):" in text
+    assert "    identity -> downsample\n" in text
+    assert "        block_module_2(downsample_block())\n" in text
+
+
 def test_mean_hardswish_and_batch_norm_arguments(user_models):
     text = assert_matches(user_models, [], (3, 3, 11, 10), "MeanHead")
     assert "bn: bn(6, eps=0.001, momentum=0.2)" in text
@@ -238,7 +306,7 @@ def test_mean_hardswish_and_batch_norm_arguments(user_models):
         ("Recurrent", "return self.rnn(self.conv(x))", "nn.LSTM at rnn is not supported"),
         ("Branchy", "if x.sum() > 0:", "Branchy.forward takes a branch or loop on tensor values"),
         ("Concat", "return torch.cat", "torch.cat in Concat.forward is not supported yet"),
-        ("Grouped", "return self.conv(x)", "nn.Conv2d at conv with conv with groups=2"),
+        ("Grouped", "return self.conv(x)", "nn.Conv2d at conv is not supported: conv with groups=2"),
     ],
 )
 def test_unsupported_models_name_the_line(user_models, class_name, anchor, message):
@@ -248,10 +316,28 @@ def test_unsupported_models_name_the_line(user_models, class_name, anchor, messa
     assert message in failure.value.message
 
 
+def test_a_creation_order_that_forward_does_not_follow_is_refused(user_models):
+    source = load(user_models.resolve(), "LateConv", [], (1, 3, 8, 8))
+    with pytest.raises(ImportFailure) as failure:
+        verify(source, to_spec(source))
+    assert failure.value.line == line_of("self.fc = nn.Linear(4, 2)")
+    assert "fc draws other initial values than the spec's under the same seed" in failure.value.message
+
+
 def test_the_command_writes_a_spec_that_builds(user_models, tmp_path):
     spec = tmp_path / "specs" / "mean_head.fuse"
     result = fusegen(
-        tmp_path, "import", str(user_models), "--class", "MeanHead", "--args", "[]", "--input", "[2, 3, 9, 9]", "-o", str(spec)
+        tmp_path,
+        "import",
+        str(user_models),
+        "--class",
+        "MeanHead",
+        "--args",
+        "[]",
+        "--input",
+        "[2, 3, 9, 9]",
+        "-o",
+        str(spec),
     )
     assert result.returncode == 0, result.stderr
     build = fusegen(tmp_path, "build", str(spec))
@@ -262,7 +348,17 @@ def test_the_command_writes_a_spec_that_builds(user_models, tmp_path):
 def test_the_command_refuses_with_file_line_exit_2_and_writes_nothing(user_models, tmp_path):
     spec = tmp_path / "recurrent.fuse"
     result = fusegen(
-        tmp_path, "import", str(user_models), "--class", "Recurrent", "--args", "[]", "--input", "[1, 3, 8, 8]", "-o", str(spec)
+        tmp_path,
+        "import",
+        str(user_models),
+        "--class",
+        "Recurrent",
+        "--args",
+        "[]",
+        "--input",
+        "[1, 3, 8, 8]",
+        "-o",
+        str(spec),
     )
     assert result.returncode == 2
     line = line_of("return self.rnn(self.conv(x))")
