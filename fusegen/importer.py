@@ -14,7 +14,6 @@ with the line of the model's file that made it.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import inspect
 import keyword
@@ -322,7 +321,7 @@ def _is_leaf(m: nn.Module) -> bool:
     )
 
 
-# Calls in forward, by function or method name -> the ops they are (None: a value passed through).
+# Calls in forward that are one elementwise op: functions, and methods by name.
 _ELEMENTWISE_CALLS = {
     F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6", torch.sigmoid: "sigmoid",
     F.sigmoid: "sigmoid", F.silu: "silu", F.hardswish: "hardswish",
@@ -442,13 +441,12 @@ class _Importer:
         for node in graph.nodes:  # a module fusegen has no op for fails the shapes below: name it first
             if node.op == "call_module" and _is_leaf(child := module.get_submodule(node.target)):
                 self.leaf(child, f"{path}.{node.target}" if path else node.target, _node_line(node, self.path))
-        with contextlib.redirect_stderr(None):
-            fake = FakeTensorMode(allow_non_fake_inputs=True)
-            try:
-                ShapeProp(traced, fake_mode=fake).propagate(fake.from_tensor(torch.empty(input_shape)))
-            except Exception as err:
-                why = _describe(err.__cause__ or err)
-                raise self.fail(module, f"{what} fails at input shape {list(input_shape)}: {why}") from None
+        fake = FakeTensorMode(allow_non_fake_inputs=True)
+        try:
+            ShapeProp(traced, fake_mode=fake).propagate(fake.from_tensor(torch.empty(input_shape)))
+        except Exception as err:  # the user's forward at this input: its error is the user's to see
+            why = _describe(err.__cause__ or err)
+            raise self.fail(module, f"{what} fails at input shape {list(input_shape)}: {why}") from None
         structure = Structure(module, path, steps=[], inputs=placeholders[0])
         structure.order = {node: i for i, node in enumerate(traced.graph.nodes)}
         alias: dict = {}  # fx node -> the node whose value it is (views that change nothing)
@@ -536,9 +534,8 @@ class _Importer:
         if not isinstance(x, fx.Node):
             raise ImportFailure(line, f"{name} in {what} is not supported")
         value = alias.get(x, x)
-        steps = []
         try:
-            steps = self.function_ops(node, name, target, args, kwargs, alias)
+            steps = self.function_ops(node, target, args, kwargs)
         except _Refused as why:
             raise ImportFailure(line, f"{name} in {what} is not supported: {why}") from None
         if steps is None:
@@ -570,7 +567,7 @@ class _Importer:
             structure.steps.append(Step(value, output, op=op, label=label))
             value = output
 
-    def function_ops(self, node, name, target, args, kwargs, alias) -> list[OpCall] | None:
+    def function_ops(self, node, target, args, kwargs) -> list[OpCall] | None:
         """The ops of a call in forward: [] where it passes its input through, None where unsupported."""
         method = node.op == "call_method"
         in_shape, out_shape = _tensor_shape(args[0]), _tensor_shape(node)
@@ -1001,10 +998,7 @@ def to_spec(source: Source) -> str:
     forward = writer.module_lines(root, holes, [])
     declarations = _Declarations(writer.groups)
     env = {i: str(h.value) for i, h in enumerate(holes)}
-    params = ", ".join(
-        f"{_identifier(name) + ('_' if _identifier(name) in RESERVED or keyword.iskeyword(name) else '')}={_literal(value)}"
-        for name, value in source.args
-    )
+    params = ", ".join(f"{_param_name(name)}={_literal(name, value)}" for name, value in source.args)
     text = [
         f"# Imported by `fusegen import` from {source.path.name} ({source.class_name}); edit it as any spec.",
         "# Every number below was fixed by the trace at the constructor arguments in the header: ModelNew takes",
@@ -1019,12 +1013,21 @@ def to_spec(source: Source) -> str:
     return "\n".join(text) + "\n"
 
 
-def _literal(value) -> str:
-    if isinstance(value, bool) or value is None or isinstance(value, (int, float, str)):
+def _param_name(name: str) -> str:
+    """A constructor parameter's name in the spec's header (and ModelNew's signature)."""
+    name = _identifier(name)
+    return name + "_" if name in RESERVED or keyword.iskeyword(name) else name
+
+
+def _literal(name: str, value) -> str:
+    """A constructor argument as a spec expression."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
         return repr(value)
     if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         return "[" + ", ".join(repr(v) for v in value) + "]"
-    return "None"
+    raise ImportFailure(
+        None, f"the constructor argument {name}={value!r} is not a number, string or list of numbers, as a spec's are"
+    )
 
 
 # -- the check that the spec's ModelNew is the model --------------------------------------------------------
@@ -1045,10 +1048,10 @@ def verify(source: Source, text: str, seed: int = 0) -> None:
         torch.manual_seed(seed)
         reference = source.build().state_dict()
         torch.manual_seed(seed)
-        ours = namespace["ModelNew"](*(value for _, value in source.args)).state_dict()
+        ours = namespace["ModelNew"](**{_param_name(name): value for name, value in source.args}).state_dict()
     if set(reference) != set(ours):
         missing = sorted(set(reference) ^ set(ours))
-        raise AssertionError(f"the spec's state_dict differs in names: {missing[:4]}")
+        raise AssertionError(f"the spec's state_dict has other names: {missing[:4]}")
     for key, tensor in reference.items():
         if not torch.equal(tensor, ours[key]):
             path = key.rpartition(".")[0]
