@@ -506,6 +506,12 @@ class _Importer:
             raise ImportFailure(
                 line, f"forward calls {where} on its own; fusegen runs a submodule only through its container"
             )
+        if (
+            not re.fullmatch(r"(?!block_[0-9]+$)[A-Za-z_]\w*", target)
+            or target in RESERVED
+            or keyword.iskeyword(target)
+        ):
+            raise ImportFailure(line, f"a spec cannot name a module {target!r} (a name the generated Python uses)")
         value = alias.get(node.args[0], node.args[0])
         if _is_leaf(child):
             op = self.leaf(child, where, line)
@@ -988,6 +994,11 @@ def spec_name(source: Source) -> str:
 
 def to_spec(source: Source) -> str:
     """The spec text for the built model."""
+    if isinstance(source.model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) or _is_leaf(source.model):
+        raise ImportFailure(
+            source.lines.get(id(source.model)),
+            f"the model is an {_module_name(source.model)}; import a module whose forward calls it",
+        )
     importer = _Importer(source)
     root = importer.body(source.model, "", source.input_shape)
     counter = _Writer()

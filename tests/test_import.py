@@ -2,15 +2,15 @@
 (seeded state_dict, outputs in eval and training mode), and what fusegen cannot express is one error with the
 model file's line."""
 
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
-from fusegen.importer import ImportFailure, load, to_spec, verify
+from fusegen.importer import ImportFailure, Source, load, to_spec, verify
 from helpers import DEVICE, TOLERANCE, load_spec, randomize_batchnorm, rel_error
 from test_cli import fusegen
 
@@ -365,3 +365,61 @@ def test_the_command_refuses_with_file_line_exit_2_and_writes_nothing(user_model
     assert f"{user_models}:{line}: error: nn.LSTM at rnn is not supported" in result.stderr
     assert not spec.exists()
     assert not list(tmp_path.iterdir())
+
+
+class Net(nn.Module):
+    """A custom module around an nn.Sequential of the layers a test draws."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@st.composite
+def conv_stacks(draw):
+    """(layers as (class, arguments) to build them from, input shape): convs of every form the importer writes
+    (1x1, KxK, depthwise, with bias or padding: the generic conv), each maybe followed by BatchNorm and an
+    activation, at shapes they fit."""
+    channels, size = draw(st.integers(1, 6)), draw(st.integers(3, 9))
+    shape = (draw(st.integers(1, 2)), channels, size, size)
+    layers = []
+    for _ in range(draw(st.integers(1, 3))):
+        k = draw(st.sampled_from([1, 3, 5]))
+        padding = draw(st.integers(0, k // 2))
+        stride = draw(st.sampled_from([1, 2]))
+        if size + 2 * padding < k:
+            continue
+        depthwise = channels > 1 and draw(st.booleans())
+        out = channels if depthwise else draw(st.integers(1, 6))
+        groups = channels if depthwise else 1
+        layers.append((nn.Conv2d, (channels, out, k, stride, padding, 1, groups, draw(st.booleans()))))
+        channels, size = out, (size + 2 * padding - k) // stride + 1
+        # training-mode BatchNorm needs two values per channel, in torch as in the kernels
+        if shape[0] * size * size > 1 and draw(st.booleans()):
+            layers.append((nn.BatchNorm2d, (out,)))
+        layers += draw(st.sampled_from([[], [(nn.ReLU, ())], [(nn.ReLU6, ())], [(nn.SiLU, ())], [(nn.Hardswish, ())]]))
+    assume(layers)
+    return layers, shape
+
+
+@given(stack=conv_stacks(), training=st.booleans())
+def test_random_conv_stacks_import_and_match(stack, training):
+    layers, shape = stack
+
+    def build():
+        return Net([cls(*args) for cls, args in layers])
+
+    source = Source(Path(__file__), build(), build, "Net", (), shape)
+    text = to_spec(source)
+    verify(source, text)
+    new = load_spec(text, "imported_stack").ModelNew()
+    ref = source.model
+    randomize_batchnorm(ref, seed=len(text))
+    new.load_state_dict(ref.state_dict())
+    ref.to(DEVICE).train(training), new.to(DEVICE).train(training)
+    x = torch.rand(*shape, device=DEVICE)
+    with torch.no_grad():
+        assert rel_error(new(x), ref(x)) < TOLERANCE
