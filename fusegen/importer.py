@@ -120,10 +120,18 @@ def load(path: Path, class_name: str = "Model", args: list | dict | None = None,
     finally:
         for hook in hooks:
             hook.remove()
-    lines[id(model)] = inspect.getsourcelines(cls)[1] if Path(inspect.getsourcefile(cls)) == path else None
+    lines[id(model)] = _class_line(cls, path)
     named = tuple((name, value) for name, value in bound.arguments.items())
     shape = tuple(int(d) for d in input_shape)
     return Source(path, model, lambda: cls(*positional, **keywords), class_name, named, shape, lines, created)
+
+
+def _class_line(cls: type, path: Path) -> int | None:
+    """The line of the model's file where the class is defined (None: defined elsewhere)."""
+    try:
+        return inspect.getsourcelines(cls)[1] if Path(inspect.getsourcefile(cls) or "") == path else None
+    except (OSError, TypeError):
+        return None
 
 
 def _call_helper(module, path: Path, name: str, option: str):
