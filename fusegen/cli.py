@@ -3,6 +3,7 @@
 static checker, checked on Python source.
 `fusegen bench SPEC [...] [--batch N ...] [--mode eval train] [--max-autotune] [--no-compile] [--json FILE]`:
 GPU timings against torch.
+`fusegen import MODEL.py [--class NAME] [--args JSON] [--input JSON] [-o SPEC]`: a spec for a PyTorch model.
 `fusegen ops [--markdown | --write DOC]`: the op table, from the op registry.
 `fusegen --version`: the installed package's version."""
 
@@ -184,6 +185,48 @@ def bench(args: argparse.Namespace) -> int:
     )
 
 
+def import_model(args: argparse.Namespace) -> int:
+    from fusegen.importer import ImportFailure, load, to_spec, verify  # imports torch.fx: only for this command
+
+    try:
+        init_args = None if args.args is None else json.loads(args.args)
+        shape = None if args.input is None else json.loads(args.input)
+    except json.JSONDecodeError as err:
+        print(f"fusegen: --args and --input take JSON: {err}", file=sys.stderr)
+        return 2
+    if init_args is not None and not isinstance(init_args, (list, dict)):
+        print("fusegen: --args takes a JSON list (positional) or object (keywords)", file=sys.stderr)
+        return 2
+    if shape is not None and not (isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape)):
+        print("fusegen: --input takes the input's shape as a JSON list of positive integers", file=sys.stderr)
+        return 2
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"{path}: error: no such file", file=sys.stderr)
+        return 2
+    try:
+        source = load(path.resolve(), args.class_name, init_args, shape)
+        text = to_spec(source)
+        verify(source, text)
+    except ImportFailure as err:
+        print(err.render(str(path)), file=sys.stderr)
+        print("fusegen: nothing written", file=sys.stderr)
+        return 2
+    except (SpecError, AssertionError) as err:
+        print(
+            f"fusegen: internal error: the imported spec does not build as the model (a fusegen bug): {err}",
+            file=sys.stderr,
+        )
+        print("fusegen: nothing written", file=sys.stderr)
+        return INTERNAL_ERROR
+    if args.output is None:
+        print(text, end="")
+        return 0
+    _write_atomically(Path(args.output), text)
+    print(f"{path} -> {args.output}")
+    return 0
+
+
 def list_ops(args: argparse.Namespace) -> int:
     if args.write:
         try:
@@ -258,6 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", metavar="FILE", help="also write every measurement to FILE as JSON")
     p.set_defaults(run=bench)
+    p = commands.add_parser(
+        "import",
+        help="write a spec for a PyTorch model file (KernelBench's layout: Model, get_init_inputs, get_inputs)",
+    )
+    p.add_argument("file", metavar="MODEL.py", help="the Python file that defines the model")
+    p.add_argument("--class", dest="class_name", default="Model", help="the nn.Module class (default: Model)")
+    p.add_argument("--args", help="constructor arguments as JSON, a list or an object (default: get_init_inputs())")
+    p.add_argument("--input", help="the example input's shape as JSON, [N, C, H, W] (default: get_inputs()'s)")
+    p.add_argument("-o", "--output", metavar="SPEC", help="write the spec here (default: print it)")
+    p.set_defaults(run=import_model)
     p = commands.add_parser("ops", help="list the ops a spec can use (from the op registry, fusegen/ops.py)")
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--markdown", action="store_true", help="print the table as Markdown (docs/dsl.md's form)")

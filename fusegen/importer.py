@@ -1,0 +1,1090 @@
+"""`fusegen import`: a PyTorch nn.Module -> the text of a spec whose ModelNew matches it.
+
+The module is built on the CPU and each module body (the model, and every module of a class of its own) is
+traced with torch.fx, its children kept whole; an nn.Sequential needs no trace (its items run in turn). Every
+traced call becomes a step of a spec line; lines are cut where a kernel must end (a second anchor, a view, a
+value read twice). Sequentials become named sequences (inline where they read `x`) or `block`s, other module
+classes `module`s. Instances of a block or module with the same structure share one declaration: the numbers
+that differ between them become its parameters, named after the first op argument that takes them.
+
+The spec is written at the constructor arguments given: every number in it is fixed by the trace, and the
+model's parameters only keep ModelNew's signature. Anything fusegen cannot express raises ImportFailure
+with the line of the model's file that made it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import keyword
+import linecache
+import operator
+import re
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.shape_prop import ShapeProp
+
+from fusegen import ops as O
+from fusegen.check import RESERVED
+
+
+class ImportFailure(Exception):
+    """The model cannot become a spec; `line` is the model file's line that says why (None: the file)."""
+
+    def __init__(self, line: int | None, message: str):
+        super().__init__(message)
+        self.line = line
+        self.message = message
+
+    def render(self, path: str) -> str:
+        return f"{path}:{self.line}: error: {self.message}" if self.line else f"{path}: error: {self.message}"
+
+
+# -- loading and building the model ----------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """The user's model, built, with what the spec needs from its file."""
+
+    path: Path
+    model: nn.Module
+    build: Callable[[], nn.Module]  # a fresh instance, for the seeded comparison
+    class_name: str
+    args: tuple[tuple[str, object], ...]  # constructor arguments by name, as given
+    input_shape: tuple[int, ...]
+    lines: dict[int, int] = field(default_factory=dict)  # id(module) -> the line that created it
+    created: dict[int, int] = field(default_factory=dict)  # id(module) -> when it registered its first parameter
+
+
+def load(path: Path, class_name: str = "Model", args: list | dict | None = None, input_shape=None) -> Source:
+    """Runs the file, builds `class_name(*args)` (default: get_init_inputs()) on the CPU and takes the example
+    input from get_inputs() unless `input_shape` is given."""
+    spec = importlib.util.spec_from_file_location("fusegen_import_" + _identifier(path.stem), path)
+    if spec is None:
+        raise ImportFailure(None, "not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # where inspect and dataclasses look for the file's classes
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # the user's file: any error it raises is the user's to see
+        raise ImportFailure(_line_in(err.__traceback__, path), f"running the file failed: {_describe(err)}") from err
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ImportFailure(None, f"no nn.Module class {class_name!r} in the file (--class names another)")
+    if args is None:
+        args = _call_helper(module, path, "get_init_inputs", "--args")
+    if input_shape is None:
+        inputs = _call_helper(module, path, "get_inputs", "--input")
+        if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
+            raise ImportFailure(None, "get_inputs() must return one tensor: fusegen models take one input")
+        input_shape = tuple(inputs[0].shape)
+    if len(input_shape) != 4:
+        raise ImportFailure(None, f"the input must be N, C, H, W (4 dimensions), got shape {list(input_shape)}")
+    positional, keywords = (list(args), {}) if isinstance(args, (list, tuple)) else ([], dict(args))
+    try:
+        bound = inspect.signature(cls).bind(*positional, **keywords)
+    except TypeError as err:
+        raise ImportFailure(None, f"{class_name}{inspect.signature(cls)} cannot take {args!r}: {err}") from None
+    lines: dict[int, int] = {}
+
+    def remember(parent, name, child):
+        if isinstance(child, nn.Module):
+            lines.setdefault(id(child), _line_in_stack(path))
+
+    created: dict[int, int] = {}
+
+    def count(module, name, param):  # returns None: a hook's value would replace the parameter
+        created.setdefault(id(module), len(created))
+
+    hooks = [
+        nn.modules.module.register_module_module_registration_hook(remember),
+        nn.modules.module.register_module_parameter_registration_hook(count),
+    ]
+    try:
+        with torch.device("cpu"):
+            model = cls(*positional, **keywords)
+    except Exception as err:
+        raise ImportFailure(
+            _line_in(err.__traceback__, path), f"{class_name}(...) failed on the CPU: {_describe(err)}"
+        ) from err
+    finally:
+        for hook in hooks:
+            hook.remove()
+    lines[id(model)] = _class_line(cls, path)
+    named = tuple((name, value) for name, value in bound.arguments.items())
+    shape = tuple(int(d) for d in input_shape)
+    return Source(path, model, lambda: cls(*positional, **keywords), class_name, named, shape, lines, created)
+
+
+def _class_line(cls: type, path: Path) -> int | None:
+    """The line of the model's file where the class is defined (None: defined elsewhere)."""
+    try:
+        return inspect.getsourcelines(cls)[1] if Path(inspect.getsourcefile(cls) or "") == path else None
+    except (OSError, TypeError):
+        return None
+
+
+def _call_helper(module, path: Path, name: str, option: str):
+    helper = getattr(module, name, None)
+    if helper is None:
+        raise ImportFailure(None, f"the file has no {name}(); give {option}")
+    try:
+        return helper()
+    except Exception as err:
+        raise ImportFailure(_line_in(err.__traceback__, path), f"{name}() failed: {_describe(err)}") from err
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".splitlines()[0]
+
+
+def _line_in(tb, path: Path) -> int | None:
+    """The last line of the model's file in a traceback."""
+    frames = [f for f in traceback.extract_tb(tb) if Path(f.filename) == path]
+    return frames[-1].lineno if frames else None
+
+
+def _line_in_stack(path: Path) -> int | None:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if Path(frame.f_code.co_filename) == path:
+            return frame.f_lineno
+        frame = frame.f_back
+    return None
+
+
+# -- ops: one spec op per supported torch module or call ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hole:
+    """An integer in the spec that a block's or module's instances may give differently."""
+
+    arg: str  # the op argument that takes it: names the parameter it may become
+    value: int
+
+
+@dataclass(frozen=True)
+class OpCall:
+    """One op as written in a spec: `name(args)`, each argument a Hole or literal source, maybe by keyword."""
+
+    name: str
+    args: tuple[tuple[str | None, Hole | str], ...] = ()
+
+    @property
+    def role(self) -> O.Role:
+        return O.lookup(self.name).role
+
+
+def _square(value, what: str) -> int:
+    values = value if isinstance(value, tuple) else (value, value)
+    if len(set(values)) != 1:
+        raise _Refused(f"a non-square {what} {values}")
+    return int(values[0])
+
+
+class _Refused(Exception):
+    """An argument value fusegen cannot take; the caller names the module."""
+
+
+def _checked(name: str, values: dict, args) -> OpCall:
+    """The op call, after the op table's own test of its values (grouped convs, dropout p > 0, ...)."""
+    op = O.lookup(name)
+    if op.specialize is not None:
+        try:
+            op.specialize({**op.defaults, **values}, True)
+        except O.ArgumentError as err:
+            raise _Refused(str(err)) from None
+    return OpCall(name, tuple(args))
+
+
+def _conv(m: nn.Conv2d) -> OpCall:
+    if m.padding_mode != "zeros":
+        raise _Refused(f"padding_mode={m.padding_mode!r}")
+    if _square(m.dilation, "dilation") != 1:
+        raise _Refused(f"dilation {m.dilation}")
+    k = _square(m.kernel_size, "kernel size")
+    stride = _square(m.stride, "stride")
+    if m.padding == "valid":
+        padding = 0
+    elif m.padding == "same":
+        if stride != 1 or k % 2 == 0:
+            raise _Refused("padding='same' with an even kernel or a stride other than 1")
+        padding = k // 2
+    else:
+        padding = _square(m.padding, "padding")
+    cin, cout, groups, bias = m.in_channels, m.out_channels, m.groups, m.bias is not None
+    values = dict(in_channels=cin, out_channels=cout, kernel_size=k, stride=stride, padding=padding, groups=groups)
+    values["bias"] = bias
+    chans = [(None, Hole("in_channels", cin)), (None, Hole("out_channels", cout))]
+    pad = [] if padding == k // 2 else [(None, Hole("padding", padding))]
+    if not bias and groups == 1 and k == 1 and padding == 0:
+        return _checked("conv1x1", values, [*chans, (None, Hole("stride", stride))])
+    if not bias and groups == 1:
+        return _checked(f"conv{k}x{k}", values, [*chans, (None, Hole("stride", stride)), *pad])
+    if not bias and groups == cin == cout > 1:
+        return _checked(f"dwconv{k}x{k}", values, [(None, Hole("channels", cin)), (None, Hole("stride", stride)), *pad])
+    args = [*chans, (None, Hole("kernel_size", k)), (None, Hole("stride", stride)), (None, Hole("padding", padding))]
+    if groups != 1:
+        args.append(("groups", Hole("groups", groups)))
+    if not bias:
+        args.append(("bias", "False"))
+    return _checked("conv", values, args)
+
+
+def _batch_norm(m: nn.BatchNorm2d) -> OpCall:
+    if not m.affine or not m.track_running_stats:
+        raise _Refused("affine=False or track_running_stats=False")
+    args = [(None, Hole("channels", m.num_features))]
+    if m.eps != 1e-5:
+        args.append(("eps", repr(m.eps)))
+    if m.momentum != 0.1:
+        args.append(("momentum", repr(m.momentum)))
+    return OpCall("bn", tuple(args))
+
+
+def _max_pool(kernel_size, stride, padding, dilation, ceil_mode, return_indices) -> OpCall:
+    for flag, name in ((ceil_mode, "ceil_mode"), (return_indices, "return_indices")):
+        if flag:
+            raise _Refused(f"{name}=True")
+    if _square(dilation, "dilation") != 1:
+        raise _Refused(f"dilation {dilation}")
+    k = _square(kernel_size, "kernel size")
+    s = k if stride is None or stride == [] else _square(stride, "stride")
+    p = _square(padding, "padding")
+    args = [(None, Hole("kernel_size", k)), (None, Hole("stride", s))] + ([(None, Hole("padding", p))] if p else [])
+    return _checked("maxpool", dict(kernel_size=k, stride=s, padding=p), args)
+
+
+def _avg_pool(kernel_size, stride, padding, ceil_mode, divisor_override) -> OpCall:
+    k = _square(kernel_size, "kernel size")
+    s = k if stride is None or stride == [] else _square(stride, "stride")
+    if s != k or _square(padding, "padding") != 0 or ceil_mode or divisor_override is not None:
+        raise _Refused("a stride other than its window, padding, ceil_mode or divisor_override")
+    return OpCall("avgpool", ((None, Hole("kernel_size", k)),))
+
+
+def _adaptive_pool(output_size) -> OpCall:
+    if output_size not in (1, (1, 1), [1, 1]):
+        raise _Refused(f"output size {output_size} (fusegen pools to 1x1)")
+    return OpCall("global_avgpool")
+
+
+def _dropout(p) -> OpCall:
+    return _checked("dropout", {"p": p}, [(None, repr(float(p)))])
+
+
+_PLAIN = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Sigmoid: "sigmoid", nn.SiLU: "silu", nn.Hardswish: "hardswish"}
+
+
+def _leaf_op(m: nn.Module) -> OpCall | None:
+    """The op of a torch.nn module, or None for a module fusegen has no op for."""
+    kind = type(m)
+    if kind in _PLAIN:
+        return OpCall(_PLAIN[kind])
+    if kind is nn.Conv2d:
+        return _conv(m)
+    if kind is nn.BatchNorm2d:
+        return _batch_norm(m)
+    if kind is nn.Linear:
+        if m.bias is None:
+            raise _Refused("bias=False (fusegen's linear has a bias)")
+        return OpCall(
+            "linear", ((None, Hole("in_features", m.in_features)), (None, Hole("out_features", m.out_features)))
+        )
+    if kind is nn.MaxPool2d:
+        return _max_pool(m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices)
+    if kind is nn.AvgPool2d:
+        return _avg_pool(m.kernel_size, m.stride, m.padding, m.ceil_mode, m.divisor_override)
+    if kind is nn.AdaptiveAvgPool2d:
+        return _adaptive_pool(m.output_size)
+    if kind is nn.Dropout:
+        return _dropout(m.p)
+    if kind is nn.Flatten:
+        if (m.start_dim, m.end_dim) != (1, -1):
+            raise _Refused(f"start_dim={m.start_dim}, end_dim={m.end_dim}")
+        return OpCall("flatten")
+    return None
+
+
+def _module_name(m: nn.Module) -> str:
+    kind = type(m)
+    return f"nn.{kind.__name__}" if kind.__module__.startswith("torch.nn") else kind.__name__
+
+
+def _is_leaf(m: nn.Module) -> bool:
+    """A module of torch.nn's other than a container: fusegen has an op for it or refuses it."""
+    return type(m).__module__.startswith("torch.nn") and not isinstance(
+        m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    )
+
+
+# Calls in forward that are one elementwise op: functions, and methods by name.
+_ELEMENTWISE_CALLS = {
+    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6", torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid", F.silu: "silu", F.hardswish: "hardswish",
+}  # fmt: skip
+_ELEMENTWISE_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
+_ADDS = {operator.add, operator.iadd, torch.add}
+_SHAPE_HELPERS = {"size", "dim"}
+
+
+def _bind(fn_args: tuple, kwargs: dict, names: tuple[str, ...], defaults: dict) -> dict:
+    bound = dict(zip(names, fn_args))
+    bound.update(kwargs)
+    return {name: bound.get(name, defaults.get(name)) for name in names}
+
+
+# -- module bodies ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """One step of a line: an op (maybe labelled with the module it creates) or a block/module call."""
+
+    input: object  # the fx node of the value it reads
+    output: object
+    op: OpCall | None = None
+    label: str | None = None
+    operand: object = None  # add's other value
+    call: "Structure | None" = None  # a Sequential or a module of a class of its own
+    argument: bool = False  # the call's module was made before its parent, which takes it as an argument
+
+    @property
+    def role(self) -> str:
+        if self.call is not None:
+            return "call"
+        if self.operand is not None:
+            return "operand"
+        return _role(self.op)
+
+
+@dataclass
+class Structure:
+    """A Sequential (items) or a module body (steps from its trace), as found in the model."""
+
+    module: nn.Module
+    path: str
+    items: list | None = None  # Sequential: OpCall or Structure per index
+    steps: list[Step] | None = None  # module body
+    inputs: object = None  # module body: its fx placeholder
+    output: object = None  # module body: the fx node it returns
+    order: dict = field(default_factory=dict)  # module body: fx node -> its place in the trace
+
+
+class _ChildrenAsLeaves(fx.Tracer):
+    """Traces one module's forward; every module it calls stays a call."""
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        return True
+
+
+class _Importer:
+    def __init__(self, source: Source):
+        self.source = source
+        self.path = source.path
+
+    def fail(self, module: nn.Module | None, message: str, line: int | None = None) -> ImportFailure:
+        if line is None and module is not None:
+            line = self.source.lines.get(id(module))
+        return ImportFailure(line, message)
+
+    def structure(self, module: nn.Module, path: str, input_shape: tuple[int, ...]) -> Structure:
+        if type(module) is nn.Sequential:
+            return self.sequential(module, path, input_shape)
+        return self.body(module, path, input_shape)
+
+    def sequential(self, seq: nn.Sequential, path: str, input_shape) -> Structure:
+        items = []
+        shape = input_shape
+        for name, child in seq.named_children():
+            where = f"{path}.{name}" if path else name
+            items.append(self.child(child, where, shape))
+            shape = tuple(_fake_run(child, shape).shape)
+        return Structure(seq, path, items=items)
+
+    def child(self, child: nn.Module, where: str, shape) -> OpCall | Structure:
+        if _is_leaf(child):
+            return self.leaf(child, where)
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            raise self.fail(child, f"{_module_name(child)} at {where} is called, but only its items can run")
+        return self.structure(child, where, shape)
+
+    def leaf(self, module: nn.Module, where: str, line: int | None = None) -> OpCall:
+        try:
+            op = _leaf_op(module)
+        except _Refused as why:
+            raise self.fail(module, f"{_module_name(module)} at {where} is not supported: {why}", line) from None
+        if op is None:
+            raise self.fail(module, f"{_module_name(module)} at {where} is not supported", line)
+        return op
+
+    def body(self, module: nn.Module, path: str, input_shape) -> Structure:
+        tracer = _ChildrenAsLeaves()
+        tracer.record_stack_traces = True
+        what = f"{type(module).__name__}.forward" + (f" at {path}" if path else "")
+        try:
+            graph = tracer.trace(module)
+        except Exception as err:  # a trace error is the user's code meeting a proxy
+            line = _line_in(err.__traceback__, self.path)
+            if isinstance(err, fx.proxy.TraceError) or "control flow" in str(err):
+                raise ImportFailure(
+                    line, f"{what} takes a branch or loop on tensor values, which a trace cannot follow"
+                ) from None
+            raise ImportFailure(line, f"{what} cannot be traced: {_describe(err)}") from None
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise self.fail(module, f"{what} takes {len(placeholders)} inputs; fusegen models take one tensor")
+        traced = fx.GraphModule(module, graph)
+        for node in graph.nodes:  # a module fusegen has no op for fails the shapes below: name it first
+            if node.op == "call_module" and _is_leaf(child := module.get_submodule(node.target)):
+                self.leaf(child, f"{path}.{node.target}" if path else node.target, _node_line(node, self.path))
+        fake = FakeTensorMode(allow_non_fake_inputs=True)
+        try:
+            ShapeProp(traced, fake_mode=fake).propagate(fake.from_tensor(torch.empty(input_shape)))
+        except Exception as err:  # the user's forward at this input: its error is the user's to see
+            why = _describe(err.__cause__ or err)
+            raise self.fail(module, f"{what} fails at input shape {list(input_shape)}: {why}") from None
+        structure = Structure(module, path, steps=[], inputs=placeholders[0])
+        structure.order = {node: i for i, node in enumerate(traced.graph.nodes)}
+        alias: dict = {}  # fx node -> the node whose value it is (views that change nothing)
+        called: set[str] = set()
+        for node in traced.graph.nodes:
+            if node.op in ("placeholder", "output"):
+                if node.op == "output":
+                    structure.output = self.value(node.args[0], alias, module, node)
+                continue
+            line = _node_line(node, self.path)
+            if node.op == "call_module":
+                self.call_module(structure, node, alias, called, line)
+            elif node.op == "get_attr":
+                raise ImportFailure(line, f"{what} reads {node.target} directly; only modules it calls can be imported")
+            elif _tensor_shape(node) is None:
+                if not (node.op == "call_method" and node.target in _SHAPE_HELPERS) and node.target is not getattr:
+                    if node.target is not operator.getitem or _tensor_shape(node.args[0]) is not None:
+                        raise ImportFailure(line, f"{_call_name(node)} in {what} is not supported")
+            else:
+                self.call_function(structure, node, alias, line, what)
+        for name, child in module.named_children():
+            holds_state = any(True for _ in child.parameters()) or any(True for _ in child.buffers())
+            if name not in called and holds_state:
+                where = f"{path}.{name}" if path else name
+                raise self.fail(
+                    child, f"{_module_name(child)} at {where} holds parameters, but {what} never calls it itself"
+                )
+        if path:
+            self.mark_arguments(structure)
+        return structure
+
+    def mark_arguments(self, structure: Structure) -> None:
+        """Children that the module's forward calls after a child made later: made before the module itself
+        (torchvision's ResNets make a block's downsample and pass it in), so the spec passes them in too."""
+        latest = -1
+        for step in structure.steps:
+            child = structure.module.get_submodule(step.label) if step.label else None
+            made = (
+                [self.source.created[id(m)] for m in child.modules() if id(m) in self.source.created] if child else []
+            )
+            if not made:
+                continue
+            if min(made) < latest and step.call is not None:
+                step.argument = True
+            latest = max(latest, min(made))
+
+    def value(self, node, alias: dict, module, at):
+        if not isinstance(node, fx.Node) or _tensor_shape(node) is None:
+            raise ImportFailure(_node_line(at, self.path), f"{type(module).__name__}.forward must return one tensor")
+        return alias.get(node, node)
+
+    def call_module(self, structure: Structure, node, alias, called: set[str], line) -> None:
+        target = node.target
+        child = structure.module.get_submodule(target)
+        where = f"{structure.path}.{target}" if structure.path else target
+        if "." in target:
+            raise ImportFailure(
+                line, f"forward calls {where} on its own; fusegen runs a submodule only through its container"
+            )
+        if (
+            not re.fullmatch(r"(?!block_[0-9]+$)[A-Za-z_]\w*", target)
+            or target in RESERVED
+            or keyword.iskeyword(target)
+        ):
+            raise ImportFailure(line, f"a spec cannot name a module {target!r} (a name the generated Python uses)")
+        value = alias.get(node.args[0], node.args[0])
+        if _is_leaf(child):
+            op = self.leaf(child, where, line)
+            label = target if O.lookup(op.name).needs_module else None
+            if target in called and (label or any(True for _ in child.parameters())):
+                raise ImportFailure(
+                    line, f"{_module_name(child)} at {where} is called twice; fusegen runs each module once"
+                )
+            called.add(target)
+            structure.steps.append(Step(value, node, op=op, label=label))
+            return
+        if target in called:
+            raise ImportFailure(
+                line, f"{_module_name(child)} at {where} is called twice; fusegen runs each module once"
+            )
+        called.add(target)
+        inner = self.child(child, where, _tensor_shape(node.args[0]))
+        structure.steps.append(Step(value, node, label=target, call=inner))
+
+    def call_function(self, structure: Structure, node, alias, line, what) -> None:
+        target, args, kwargs = node.target, node.args, node.kwargs
+        name = _call_name(node)
+        if target is torch.cat:
+            raise ImportFailure(line, f"torch.cat in {what} is not supported yet")
+        x = args[0] if args else None
+        if not isinstance(x, fx.Node):
+            raise ImportFailure(line, f"{name} in {what} is not supported")
+        value = alias.get(x, x)
+        try:
+            steps = self.function_ops(node, target, args, kwargs)
+        except _Refused as why:
+            raise ImportFailure(line, f"{name} in {what} is not supported: {why}") from None
+        if steps is None:
+            raise ImportFailure(line, f"{name} in {what} is not supported")
+        if not steps:
+            alias[node] = value
+            return
+        if target in _ADDS or (node.op == "call_method" and target in ("add", "add_")):
+            other = args[1] if len(args) > 1 else kwargs.get("other")
+            if not isinstance(other, fx.Node) or _tensor_shape(other) != _tensor_shape(x):
+                raise ImportFailure(
+                    line,
+                    f"{name} in {what} adds a value of another shape or a number; fusegen adds tensors of one shape",
+                )
+            if kwargs.get("alpha", 1) != 1:
+                raise ImportFailure(line, f"{name} with alpha in {what} is not supported")
+            other = alias.get(other, other)
+            if structure.order[other] > structure.order[value]:  # read the newer value as the line's input
+                value, other = other, value
+            structure.steps.append(Step(value, node, op=OpCall("add"), operand=other))
+            return
+        for i, op in enumerate(steps):
+            label = None
+            if O.lookup(op.name).needs_module:
+                label = _fresh(
+                    op.name, {s.label for s in structure.steps} | {n for n, _ in structure.module.named_children()}
+                )
+            output = node if i == len(steps) - 1 else (node, i)  # one call, two ops (mean: pool, flatten)
+            structure.steps.append(Step(value, output, op=op, label=label))
+            value = output
+
+    def function_ops(self, node, target, args, kwargs) -> list[OpCall] | None:
+        """The ops of a call in forward: [] where it passes its input through, None where unsupported."""
+        method = node.op == "call_method"
+        in_shape, out_shape = _tensor_shape(args[0]), _tensor_shape(node)
+        if (not method and target in _ELEMENTWISE_CALLS) or (method and target in _ELEMENTWISE_METHODS):
+            return [OpCall((_ELEMENTWISE_METHODS if method else _ELEMENTWISE_CALLS)[target])]
+        if (not method and target in _ADDS) or (method and target in ("add", "add_")):
+            return [OpCall("add")]
+        if not method and target is F.hardtanh:
+            b = _bind(args[1:], kwargs, ("min_val", "max_val"), {"min_val": -1.0, "max_val": 1.0})
+            return [OpCall("relu6")] if (b["min_val"], b["max_val"]) == (0.0, 6.0) else None
+        if not method and target is F.max_pool2d:
+            names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+            b = _bind(
+                args[1:], kwargs, names, {"padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False}
+            )
+            return [_max_pool(*b.values())]
+        if not method and target is F.avg_pool2d:
+            names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+            b = _bind(args[1:], kwargs, names, {"padding": 0, "ceil_mode": False})
+            return [_avg_pool(b["kernel_size"], b["stride"], b["padding"], b["ceil_mode"], b["divisor_override"])]
+        if not method and target is F.adaptive_avg_pool2d:
+            return [_adaptive_pool(_bind(args[1:], kwargs, ("output_size",), {})["output_size"])]
+        if not method and target is F.dropout:
+            b = _bind(args[1:], kwargs, ("p", "training"), {"p": 0.5, "training": True})
+            return [_dropout(b["p"] if b["training"] else 0.0)]
+        if (not method and target is torch.flatten) or (method and target == "flatten"):
+            b = _bind(args[1:], kwargs, ("start_dim", "end_dim"), {"start_dim": 0, "end_dim": -1})
+            if len(in_shape) == 4 and b["start_dim"] == 1 and b["end_dim"] in (-1, 3):
+                return [OpCall("flatten")]
+            return [] if in_shape == out_shape else None
+        if method and target in ("view", "reshape", "contiguous"):
+            if in_shape == out_shape:
+                return []
+            if len(in_shape) == 4 and out_shape == (in_shape[0], in_shape[1] * in_shape[2] * in_shape[3]):
+                return [OpCall("flatten")]
+            raise _Refused(f"a shape {list(out_shape)} that is not the flattened {list(in_shape)}")
+        if (not method and target is torch.mean) or (method and target == "mean"):
+            b = _bind(args[1:], kwargs, ("dim", "keepdim"), {"keepdim": False})
+            dims = b["dim"] if isinstance(b["dim"], (list, tuple)) else [b["dim"]]
+            if len(in_shape) == 4 and sorted(d % 4 for d in dims if isinstance(d, int)) == [2, 3]:
+                return [OpCall("global_avgpool")] + ([] if b["keepdim"] else [OpCall("flatten")])
+            raise _Refused(f"dim={b['dim']} (fusegen averages over H and W)")
+        return None
+
+
+def _fresh(base: str, taken: set) -> str:
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    return name
+
+
+def _tensor_shape(node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _call_name(node) -> str:
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    target = node.target
+    module = getattr(target, "__module__", None) or ""
+    prefix = {"torch.nn.functional": "F.", "torch": "torch.", "_operator": "operator."}.get(module, "")
+    if module.startswith("torch") and not prefix:
+        prefix = "torch."
+    return prefix + getattr(target, "__name__", str(target))
+
+
+def _node_line(node, path: Path) -> int | None:
+    found = re.findall(r'File "([^"]+)", line (\d+)', node.stack_trace or "")
+    lines = [int(line) for file, line in found if Path(file) == path]
+    return lines[-1] if lines else None
+
+
+def _fake_run(module: nn.Module, shape) -> torch.Tensor:
+    """The module's output at an input shape, without computing it."""
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake:
+        return module(fake.from_tensor(torch.empty(shape)))
+
+
+# -- spec text: lines with holes, shared declarations ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A call of a declared block or module: the callee's template and where its holes start in ours."""
+
+    template: "Template"
+    start: int
+
+
+@dataclass(frozen=True)
+class ModuleArg:
+    """A module passed to a module: its parameter's name in the body, the call that makes it at the call site."""
+
+    name: str
+    ref: Ref
+
+
+@dataclass
+class Template:
+    """A structure as spec text whose integers are holes (indices into `holes`)."""
+
+    kind: str  # "block" or "module"
+    hint: str  # a name for its declaration
+    body: list  # lines: tuple of tokens (str, int hole index, Ref, ModuleArg), or Nested
+    holes: list[Hole]
+    arguments: list[ModuleArg] = field(default_factory=list)
+
+    @property
+    def signature(self):
+        return (self.kind, _signature(self.body, self.holes))
+
+
+@dataclass
+class Nested:
+    """`[target =] name:` and an indented sequential body."""
+
+    header: tuple
+    body: list
+
+
+def _signature(body, holes):
+    out = []
+    for line in body:
+        if isinstance(line, Nested):
+            out.append(("nested", _signature([line.header], holes), _signature(line.body, holes)))
+            continue
+        out.append(tuple(_token_signature(t, holes) for t in line))
+    return tuple(out)
+
+
+def _token_signature(token, holes):
+    if isinstance(token, int):
+        return (holes[token].arg, token)
+    if isinstance(token, Ref):
+        return ("ref", token.template.signature, token.start)
+    if isinstance(token, ModuleArg):
+        return ("argument", token.name, token.ref.template.signature, token.ref.start)
+    return token
+
+
+class _Writer:
+    """Turns Structures into Templates, line by line."""
+
+    def __init__(self, sequentials: dict | None = None):
+        self.groups: dict = {}  # signature -> [Template], in the order declarations must come
+        # signature -> how many Sequentials of the model have it (None: none inline, each a block, counted)
+        self.sequentials = sequentials
+
+    def once(self, structure: Structure) -> bool:
+        """Whether a Sequential's structure is its own (written inline) rather than shared (a block)."""
+        if self.sequentials is None:
+            return False
+        return self.sequentials[_Writer().template(structure, "").signature] == 1
+
+    def template(self, structure: Structure, hint: str) -> Template:
+        holes: list[Hole] = []
+        if structure.items is not None:
+            body = self.sequential_lines(structure.items, holes, hint)
+            template = Template("block", hint, body, holes)
+        else:
+            arguments: list[ModuleArg] = []
+            body = self.module_lines(structure, holes, arguments)
+            template = Template("module", _snake(type(structure.module).__name__), body, holes, arguments)
+        self.groups.setdefault(template.signature, []).append(template)
+        return template
+
+    def call(self, structure: Structure, hint: str, holes: list[Hole]) -> Ref:
+        template = self.template(structure, hint)
+        ref = Ref(template, len(holes))
+        holes.extend(template.holes)
+        return ref
+
+    def op_tokens(self, op: OpCall, holes: list[Hole]) -> list:
+        if not op.args:
+            return [op.name]
+        tokens: list = [op.name, "("]
+        for i, (key, value) in enumerate(op.args):
+            tokens += [", "] if i else []
+            tokens += [f"{key}="] if key else []
+            if isinstance(value, Hole):
+                tokens.append(len(holes))
+                holes.append(value)
+            else:
+                tokens.append(value)
+        return tokens + [")"]
+
+    def sequential_lines(self, items: list, holes: list[Hole], hint: str) -> list:
+        lines: list = []
+        chain: list[OpCall] = []
+        for item in [*items, None]:
+            if isinstance(item, OpCall) and (not chain or _legal([_role(o) for o in chain], _role(item))):
+                chain.append(item)
+                continue
+            if chain:
+                line: list = []
+                for op in chain:
+                    line += [" -> "] if line else []
+                    line += self.op_tokens(op, holes)
+                lines.append(tuple(line))
+            chain = [item] if isinstance(item, OpCall) else []
+            if isinstance(item, Structure):
+                lines.append((self.call(item, f"{hint}_block", holes),))
+        return lines
+
+    def module_lines(self, structure: Structure, holes: list[Hole], arguments: list[ModuleArg]) -> list:
+        groups = _group_steps(structure.steps)
+        # who reads each value: (line index, as the line's head?)
+        readers: dict = {}
+        for i, group in enumerate(groups):
+            readers.setdefault(group[0].input, []).append((i, True))
+            for step in group:
+                if step.operand is not None:
+                    readers.setdefault(step.operand, []).append((i, False))
+        readers.setdefault(structure.output, []).append((len(groups), True))
+        labels = {n for n, _ in structure.module.named_children()} | {s.label for s in structure.steps if s.label}
+        taken = labels | set(O.FIXED_OPS) | RESERVED
+        names: dict = {}
+
+        def needs_name(value, line: int) -> bool:
+            return any(not head or at != line + 1 for at, head in readers.get(value, []))
+
+        lines: list = []
+        if needs_name(structure.inputs, -1):
+            names[structure.inputs] = _fresh("identity", taken)
+            taken.add(names[structure.inputs])
+            lines.append((f"{names[structure.inputs]} = x",))
+        register = structure.inputs
+        for i, group in enumerate(groups):
+            head, output = group[0].input, group[-1].output
+            target = None
+            if needs_name(output, i):
+                target = names[output] = _fresh("out", taken)
+                taken.add(target)
+            prefix = [f"{target} = "] if target else []
+            if head is not register:
+                prefix.append(f"{names[head]} -> ")
+            first = group[0]
+            if first.argument:
+                argument = ModuleArg(first.label, self.call(first.call, f"{first.label}_block", holes))
+                arguments.append(argument)
+                lines.append(tuple([*prefix, argument]))
+            elif first.call is not None and first.call.items is not None and head is register and self.once(first.call):
+                body = self.sequential_lines(first.call.items, holes, first.label)
+                lines.append(Nested(tuple([*([f"{target} = "] if target else []), f"{first.label}:"]), body))
+            elif first.call is not None:
+                hint = first.label if first.call.items is not None else ""
+                lines.append(tuple([*prefix, f"{first.label}: ", self.call(first.call, hint, holes)]))
+            else:
+                line: list = list(prefix)
+                for k, step in enumerate(group):
+                    line += [" -> "] if k else []
+                    line += [f"{step.label}: "] if step.label else []
+                    op = step.op
+                    if step.operand is not None:
+                        op = OpCall("add", ((None, names[step.operand]),))
+                    line += self.op_tokens(op, holes)
+                lines.append(tuple(line))
+            if target is None:
+                register = output
+        if structure.output is not register:
+            lines.append((f"return {names[structure.output]}",))
+        return lines
+
+
+def _role(op: OpCall) -> str:
+    return {O.Role.ANCHOR: "anchor", O.Role.VIEW: "view", O.Role.ELEMENTWISE: "elementwise"}[op.role]
+
+
+def _legal(roles: list[str], role: str) -> bool:
+    if "view" in roles:
+        return False
+    if role == "anchor":
+        return "anchor" not in roles and "operand" not in roles
+    return True
+
+
+def _group_steps(steps: list[Step]) -> list[list[Step]]:
+    """Consecutive steps, each reading the one before (its only reader), that make one legal kernel."""
+    readers: dict = {}
+    for step in steps:
+        readers[step.input] = readers.get(step.input, 0) + 1
+        if step.operand is not None:
+            readers[step.operand] = readers.get(step.operand, 0) + 1
+    groups: list[list[Step]] = []
+    for step in steps:
+        last = groups[-1] if groups else None
+        if (
+            last
+            and step.call is None
+            and last[-1].call is None
+            and step.input is last[-1].output
+            and readers.get(step.input) == 1
+            and _legal([s.role for s in last], step.role)
+        ):
+            last.append(step)
+        else:
+            groups.append([step])
+    return groups
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+class _Declarations:
+    """Names and parameters of the shared declarations, and the text of each."""
+
+    def __init__(self, groups: dict):
+        self.groups = groups
+        self.names: dict = {}
+        self.params: dict = {}  # signature -> [(parameter name, representative hole index)]
+        self.env: dict = {}  # signature -> {hole index: source}
+        taken = set(RESERVED) | set(O.FIXED_OPS)
+        for signature, instances in groups.items():
+            first = instances[0]
+            base = _identifier(re.sub(r"_?[0-9]+$", "", first.hint) or ("stage" if first.kind == "block" else "module"))
+            if (
+                O.lookup(base) is not None
+                or keyword.iskeyword(base)
+                or base in RESERVED
+                or re.match(r"block_[0-9]", base)
+            ):
+                base += "_" + first.kind
+            self.names[signature] = _fresh(base, taken)
+            taken.add(self.names[signature])
+        for signature, instances in groups.items():
+            first = instances[0]
+            # the holes of a module argument's call: its call site writes them
+            passed = {a.ref.start + i for a in first.arguments for i in range(len(a.ref.template.holes))}
+            by_values: dict = {}
+            env = {}
+            params = []
+            for i, hole in enumerate(first.holes):
+                if i in passed:
+                    continue
+                values = tuple(t.holes[i].value for t in instances)
+                if len(set(values)) == 1:
+                    env[i] = str(values[0])
+                    continue
+                if values not in by_values:
+                    used = {p for p, _ in params} | {a.name for a in first.arguments} | taken
+                    by_values[values] = _fresh(hole.arg, used)
+                    params.append((by_values[values], i))
+                env[i] = by_values[values]
+            self.params[signature] = params
+            self.env[signature] = env
+
+    def call_source(self, ref: Ref, env: dict) -> str:
+        signature = ref.template.signature
+        args = [env[ref.start + i] for _, i in self.params[signature]]
+        args += [self.call_source(Ref(a.ref.template, ref.start + a.ref.start), env) for a in ref.template.arguments]
+        return f"{self.names[signature]}({', '.join(args)})"
+
+    def render(self, body: list, env: dict, sequential: bool, indent: str = "    ") -> list[str]:
+        out: list[str] = []
+        for line in body:
+            if isinstance(line, Nested):
+                out.append(indent + self.tokens(line.header, env))
+                out += self.render(line.body, env, True, indent + "    ")
+            else:
+                out.append(indent + self.tokens(line, env))
+        return _repeats(out) if sequential else out
+
+    def tokens(self, tokens: tuple, env: dict) -> str:
+        parts = []
+        for t in tokens:
+            if isinstance(t, int):
+                parts.append(env[t])
+            elif isinstance(t, Ref):
+                parts.append(self.call_source(t, env))
+            elif isinstance(t, ModuleArg):
+                parts.append(t.name)
+            else:
+                parts.append(t)
+        return "".join(parts)
+
+    def declarations(self) -> list[str]:
+        out = []
+        for signature, instances in self.groups.items():
+            first = instances[0]
+            params = ", ".join([p for p, _ in self.params[signature]] + [a.name for a in first.arguments])
+            out.append(f"{first.kind} {self.names[signature]}({params}):")
+            out += self.render(first.body, self.env[signature], first.kind == "block")
+            out.append("")
+        return out
+
+
+def _repeats(lines: list[str]) -> list[str]:
+    """Runs of identical lines of a sequential body as `line * N`."""
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        j = i
+        while j + 1 < len(lines) and lines[j + 1] == lines[i] and not lines[i].rstrip().endswith(":"):
+            j += 1
+        out.append(lines[i] + (f" * {j - i + 1}" if j > i else ""))
+        i = j + 1
+    return out
+
+
+def _identifier(text: str) -> str:
+    name = re.sub(r"\W", "_", text)
+    if not name or name[0].isdigit():
+        name = "_" + name
+    return name
+
+
+def spec_name(source: Source) -> str:
+    """The model's name in the spec: its class, or for KernelBench's `Model` the file's problem name."""
+    if source.class_name != "Model":
+        return source.class_name
+    stem = re.sub(r"^\d+_", "", source.path.stem)
+    return _identifier(stem) if stem else "Model"
+
+
+def to_spec(source: Source) -> str:
+    """The spec text for the built model."""
+    if isinstance(source.model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) or _is_leaf(source.model):
+        raise ImportFailure(
+            source.lines.get(id(source.model)),
+            f"the model is an {_module_name(source.model)}; import a module whose forward calls it",
+        )
+    importer = _Importer(source)
+    root = importer.body(source.model, "", source.input_shape)
+    counter = _Writer()
+    counter.module_lines(root, [], [])
+    sequentials = {signature: len(instances) for signature, instances in counter.groups.items()}
+    writer = _Writer(sequentials)
+    holes: list[Hole] = []
+    forward = writer.module_lines(root, holes, [])
+    declarations = _Declarations(writer.groups)
+    env = {i: str(h.value) for i, h in enumerate(holes)}
+    params = ", ".join(f"{_param_name(name)}={_literal(name, value)}" for name, value in source.args)
+    text = [
+        f"# Imported by `fusegen import` from {source.path.name} ({source.class_name}); edit it as any spec.",
+        "# Every number below was fixed by the trace at the constructor arguments in the header: ModelNew takes",
+        "# the same arguments, but builds this structure whatever it is given.",
+        f"model {spec_name(source)}({params})",
+        f"input({', '.join(str(d) for d in source.input_shape)})",
+        "",
+        *declarations.declarations(),
+        "forward:",
+        *declarations.render(forward, env, False),
+    ]
+    return "\n".join(text) + "\n"
+
+
+def _param_name(name: str) -> str:
+    """A constructor parameter's name in the spec's header (and ModelNew's signature)."""
+    name = _identifier(name)
+    return name + "_" if name in RESERVED or keyword.iskeyword(name) else name
+
+
+def _literal(name: str, value) -> str:
+    """A constructor argument as a spec expression."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return repr(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return "[" + ", ".join(repr(v) for v in value) + "]"
+    raise ImportFailure(
+        None, f"the constructor argument {name}={value!r} is not a number, string or list of numbers, as a spec's are"
+    )
+
+
+# -- the check that the spec's ModelNew is the model --------------------------------------------------------
+
+
+def verify(source: Source, text: str, seed: int = 0) -> None:
+    """Builds the spec's ModelNew and the model from the same seed and compares their state_dicts: names, order
+    and values. Raises ImportFailure where the model creates or registers its modules in an order the spec does
+    not (fusegen creates them in the order forward first calls them) or initialises them itself."""
+    from fusegen.pipeline import compile_spec
+
+    generated = compile_spec(text, f"{source.path.stem}.fuse")
+    filename = f"<fusegen import {source.path.name}>"
+    linecache.cache[filename] = (len(generated), None, generated.splitlines(True), filename)  # for @triton.jit
+    namespace: dict = {"__name__": "fusegen_imported"}
+    exec(compile(generated, filename, "exec"), namespace)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        reference = source.build().state_dict()
+        torch.manual_seed(seed)
+        ours = namespace["ModelNew"](**{_param_name(name): value for name, value in source.args}).state_dict()
+    if set(reference) != set(ours):
+        missing = sorted(set(reference) ^ set(ours))
+        raise AssertionError(f"the spec's state_dict has other names: {missing[:4]}")
+    for key, tensor in reference.items():
+        if not torch.equal(tensor, ours[key]):
+            path = key.rpartition(".")[0]
+            raise ImportFailure(
+                source.lines.get(id(source.model.get_submodule(path))),
+                f"{path} draws other initial values than the spec's under the same seed: {source.class_name} creates"
+                " its modules in another order than its forward calls them, or initialises them itself (fusegen"
+                " creates them in the order forward first calls them)",
+            )
+    if list(reference) != list(ours):
+        key = next(a for a, b in zip(reference, ours) if a != b)
+        path = key.rpartition(".")[0]
+        raise ImportFailure(
+            source.lines.get(id(source.model.get_submodule(path))),
+            f"{source.class_name} registers {path} in another place than its forward calls it; fusegen registers"
+            " modules in the order forward first calls them",
+        )

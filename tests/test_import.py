@@ -1,0 +1,430 @@
+"""`fusegen import`: KernelBench's files and users' own modules become specs whose ModelNew matches the module
+(seeded state_dict, outputs in eval and training mode), and what fusegen cannot express is one error with the
+model file's line."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from fusegen.importer import ImportFailure, Source, load, to_spec, verify
+from helpers import DEVICE, TOLERANCE, load_spec, randomize_batchnorm, rel_error
+from test_cli import fusegen
+
+KERNELBENCH = Path("/work/shared/kernelbench/level3")
+SEED = 42
+needs_kernelbench = pytest.mark.skipif(not KERNELBENCH.is_dir(), reason="KernelBench's level-3 files are not here")
+
+
+def imported(path: Path, args, shape, class_name="Model"):
+    """(spec text, the source) for a model file at these constructor arguments and input shape."""
+    source = load(path.resolve(), class_name, args, shape)
+    text = to_spec(source)
+    verify(source, text)
+    return text, source
+
+
+def assert_matches(path: Path, args, shape, class_name="Model"):
+    """The spec's ModelNew against the module: the seeded state_dict, names, order and values; the output in
+    eval mode (random BatchNorm statistics) and in training mode (and the running statistics after it), against
+    the module in float64 with test_models' bars: TOLERANCE, in training mode or 3x fp32 torch's own error
+    (normalising by a small batch's spread amplifies rounding)."""
+    text, source = imported(path, args, shape, class_name)
+    generated = load_spec(text, f"imported_{path.stem}")
+    x = torch.rand(*shape, device=DEVICE)
+    for training in (False, True):
+        torch.manual_seed(SEED)
+        ref = source.build()
+        torch.manual_seed(SEED)
+        new = generated.ModelNew(*(value for _, value in source.args))
+        assert list(ref.state_dict()) == list(new.state_dict())
+        for a, b in zip(ref.state_dict().values(), new.state_dict().values()):
+            assert torch.equal(a, b)
+        if not training:
+            randomize_batchnorm(ref, seed=3)
+            new.load_state_dict(ref.state_dict())
+        exact = copy.deepcopy(ref).double()
+        ref, new, exact = (m.to(DEVICE).train(training) for m in (ref, new, exact))
+        with torch.no_grad():
+            out, eager, want = new(x), ref(x), exact(x.double())
+        bar = max(TOLERANCE, 3 * rel_error(eager, want)) if training else TOLERANCE
+        assert rel_error(out, want) < bar, (training, rel_error(out, want), rel_error(eager, want))
+        for a, b in zip(new.state_dict().values(), ref.state_dict().values()):
+            assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)  # running statistics
+    return text
+
+
+@needs_kernelbench
+@pytest.mark.parametrize(
+    "stem, args, shape",
+    [
+        ("4_LeNet5", [7], (2, 1, 32, 32)),
+        ("8_ResNetBasicBlock", [4, 6, 2], (2, 4, 9, 11)),
+        # with the residual; without the expand conv, at stride 2
+        ("21_EfficientNetMBConv", [4, 4, 3, 1, 2], (2, 4, 7, 6)),
+        ("21_EfficientNetMBConv", [5, 6, 5, 2, 1], (2, 5, 9, 7)),
+    ],
+)
+def test_kernelbench_files_import_and_match(stem, args, shape):
+    assert_matches(KERNELBENCH / f"{stem}.py", args, shape)
+
+
+@needs_kernelbench
+def test_kernelbench_mobilenet_v1_shares_one_block_for_its_depthwise_separable_pairs():
+    """At KernelBench's own arguments: the thirteen conv_dw blocks are one block whose channels and stride are its
+    parameters, the five identical ones one line; the spec builds and its seeded state_dict is the model's."""
+    text, _ = imported(KERNELBENCH / "19_MobileNetV1.py", None, None)
+    assert "block model_block_2(channels, stride, out_channels):" in text
+    assert "        model_block_2(512, 1, 512) * 5\n" in text
+    assert "input(10, 3, 224, 224)" in text
+    assert "model MobileNetV1(num_classes=1000, input_channels=3, alpha=1.0)" in text
+
+
+@needs_kernelbench
+def test_kernelbench_resnets_pass_each_blocks_downsample_in():
+    """ResNet18 at KernelBench's arguments: its BasicBlocks' downsamples are made before the blocks, so the
+    block takes it as an argument; layers 2 to 4 are one block; the seeded state_dict is the model's."""
+    text, _ = imported(KERNELBENCH / "9_ResNet18.py", None, None)
+    assert "module basic_block_2(in_channels, out_channels, downsample):" in text
+    assert "    basic_block_2(in_channels, out_channels, downsample_block(in_channels, out_channels))\n" in text
+    assert "    layer4: layer(256, 512)\n" in text
+
+
+@needs_kernelbench
+@pytest.mark.parametrize(
+    "stem, line, what",
+    [
+        # the model re-initialises its weights after building them
+        ("20_MobileNetV2", 90, "features.0 draws other initial values"),
+    ],
+)
+def test_kernelbench_files_whose_initialisation_the_spec_cannot_follow(stem, line, what):
+    with pytest.raises(ImportFailure) as failure:
+        imported(KERNELBENCH / f"{stem}.py", [5], (1, 3, 33, 33))
+    assert failure.value.line == line
+    assert what in failure.value.message
+
+
+USER_MODELS = '''\
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Stage(nn.Module):
+    """A custom module with an nn.Sequential inside, a functional activation and a residual x + y."""
+
+    def __init__(self, channels, stride):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, stride, 1, groups=channels, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU6(),
+            nn.Conv2d(channels, channels, 1, bias=False),
+        )
+        self.norm = nn.BatchNorm2d(channels)
+        self.stride = stride
+
+    def forward(self, x):
+        y = self.norm(self.body(x))
+        if self.stride == 1:
+            y = y + x
+        return F.relu(y)
+
+
+class Widen(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 1, bias=True)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+class TinyNet(nn.Module):
+    def __init__(self, classes=5, width=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.stages = nn.Sequential(
+            Stage(width, 1), Stage(width, 1), Widen(width, 2 * width), Stage(2 * width, 2), Stage(2 * width, 1)
+        )
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(torch.relu(self.stem(x)), 2, 1)
+        x = self.stages(x)
+        x = F.adaptive_avg_pool2d(x, (1, 1))
+        return self.head(torch.flatten(x, 1))
+
+
+class MeanHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(6, eps=1e-3, momentum=0.2)
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.pool(F.hardswish(self.bn(self.conv(x))))
+        x = x.mean([2, 3])
+        return torch.sigmoid(self.fc(x))
+
+
+class Block(nn.Module):
+    """A ResNet basic block whose downsample is made before it and passed in, as torchvision's are."""
+
+    def __init__(self, cin, cout, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+
+class TinyResNet(nn.Module):
+    def __init__(self, widths=(4, 6), classes=3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        layers = []
+        cin = widths[0]
+        for width in widths:
+            stride = 1 if width == cin else 2
+            down = None
+            if stride != 1:
+                down = nn.Sequential(nn.Conv2d(cin, width, 1, stride, bias=False), nn.BatchNorm2d(width))
+            layers += [Block(cin, width, stride, down), Block(width, width)]
+            cin = width
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        x = self.layers(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class LateConv(nn.Module):
+    """Makes its Linear before the conv that forward calls first."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.conv(x), 1), 1))
+
+
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.rnn = nn.LSTM(4, 4)
+
+    def forward(self, x):
+        return self.rnn(self.conv(x))
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.sum() > 0:
+            x = torch.relu(x)
+        return x
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], 1)
+
+
+class Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, groups=2)
+
+    def forward(self, x):
+        return self.conv(x)
+'''
+
+
+@pytest.fixture(scope="module")
+def user_models(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "models.py"
+    path.write_text(USER_MODELS)
+    return path
+
+
+def line_of(text: str) -> int:
+    return next(i for i, line in enumerate(USER_MODELS.splitlines(), 1) if text in line)
+
+
+def test_a_users_modules_import_and_match(user_models):
+    """Custom module classes (one `module` for the Stages of both widths, with and without the residual), an
+    nn.Sequential inside them, F.relu, F.max_pool2d, torch.flatten, adaptive pooling, x + y and a Conv2d with bias."""
+    text = assert_matches(user_models, {"classes": 5, "width": 4}, (2, 3, 9, 8), "TinyNet")
+    assert "model TinyNet(classes=5, width=4)" in text
+    assert "module stage(channels, stride):" not in text  # the residual makes two structures
+    assert "        stage(4) * 2\n" in text
+    assert "body:" in text and "add(" in text
+
+
+def test_a_module_made_before_its_parent_is_passed_to_it(user_models):
+    """The downsample that a Block is given: the spec's module takes it as an argument, made at the call site
+    before the block's own convs, so seeded weights come in the model's order."""
+    text = assert_matches(user_models, [[4, 6], 3], (2, 3, 7, 6), "TinyResNet")
+    assert "module block_module_2(downsample):" in text
+    assert "    identity -> downsample\n" in text
+    assert "        block_module_2(downsample_block())\n" in text
+
+
+def test_mean_hardswish_and_batch_norm_arguments(user_models):
+    text = assert_matches(user_models, [], (3, 3, 11, 10), "MeanHead")
+    assert "bn: bn(6, eps=0.001, momentum=0.2)" in text
+    assert "global_avgpool -> flatten" in text
+
+
+@pytest.mark.parametrize(
+    "class_name, anchor, message",
+    [
+        ("Recurrent", "return self.rnn(self.conv(x))", "nn.LSTM at rnn is not supported"),
+        ("Branchy", "if x.sum() > 0:", "Branchy.forward takes a branch or loop on tensor values"),
+        ("Concat", "return torch.cat", "torch.cat in Concat.forward is not supported yet"),
+        ("Grouped", "return self.conv(x)", "nn.Conv2d at conv is not supported: conv with groups=2"),
+    ],
+)
+def test_unsupported_models_name_the_line(user_models, class_name, anchor, message):
+    with pytest.raises(ImportFailure) as failure:
+        to_spec(load(user_models.resolve(), class_name, [], (1, 3, 8, 8)))
+    assert failure.value.line == line_of(anchor)
+    assert message in failure.value.message
+
+
+def test_a_creation_order_that_forward_does_not_follow_is_refused(user_models):
+    source = load(user_models.resolve(), "LateConv", [], (1, 3, 8, 8))
+    with pytest.raises(ImportFailure) as failure:
+        verify(source, to_spec(source))
+    assert failure.value.line == line_of("self.fc = nn.Linear(4, 2)")
+    assert "fc draws other initial values than the spec's under the same seed" in failure.value.message
+
+
+def test_the_command_writes_a_spec_that_builds(user_models, tmp_path):
+    spec = tmp_path / "specs" / "mean_head.fuse"
+    result = fusegen(
+        tmp_path,
+        "import",
+        str(user_models),
+        "--class",
+        "MeanHead",
+        "--args",
+        "[]",
+        "--input",
+        "[2, 3, 9, 9]",
+        "-o",
+        str(spec),
+    )
+    assert result.returncode == 0, result.stderr
+    build = fusegen(tmp_path, "build", str(spec))
+    assert build.returncode == 0, build.stderr
+    assert (tmp_path / "generated" / "mean_head.py").exists()
+
+
+def test_the_command_refuses_with_file_line_exit_2_and_writes_nothing(user_models, tmp_path):
+    spec = tmp_path / "recurrent.fuse"
+    result = fusegen(
+        tmp_path,
+        "import",
+        str(user_models),
+        "--class",
+        "Recurrent",
+        "--args",
+        "[]",
+        "--input",
+        "[1, 3, 8, 8]",
+        "-o",
+        str(spec),
+    )
+    assert result.returncode == 2
+    line = line_of("return self.rnn(self.conv(x))")
+    assert f"{user_models}:{line}: error: nn.LSTM at rnn is not supported" in result.stderr
+    assert not spec.exists()
+    assert not list(tmp_path.iterdir())
+
+
+class Net(nn.Module):
+    """A custom module around an nn.Sequential of the layers a test draws."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@st.composite
+def conv_stacks(draw):
+    """(layers as (class, arguments) to build them from, input shape): convs of every form the importer writes
+    (1x1, KxK, depthwise, with bias or padding: the generic conv), each maybe followed by BatchNorm and an
+    activation, at shapes they fit."""
+    channels, size = draw(st.integers(1, 6)), draw(st.integers(3, 9))
+    shape = (draw(st.integers(1, 2)), channels, size, size)
+    layers = []
+    for _ in range(draw(st.integers(1, 3))):
+        k = draw(st.sampled_from([1, 3, 5]))
+        padding = draw(st.integers(0, k // 2))
+        stride = draw(st.sampled_from([1, 2]))
+        if size + 2 * padding < k:
+            continue
+        depthwise = channels > 1 and draw(st.booleans())
+        out = channels if depthwise else draw(st.integers(1, 6))
+        groups = channels if depthwise else 1
+        layers.append((nn.Conv2d, (channels, out, k, stride, padding, 1, groups, draw(st.booleans()))))
+        channels, size = out, (size + 2 * padding - k) // stride + 1
+        # training-mode BatchNorm needs two values per channel, in torch as in the kernels
+        if shape[0] * size * size > 1 and draw(st.booleans()):
+            layers.append((nn.BatchNorm2d, (out,)))
+        layers += draw(st.sampled_from([[], [(nn.ReLU, ())], [(nn.ReLU6, ())], [(nn.SiLU, ())], [(nn.Hardswish, ())]]))
+    assume(layers)
+    return layers, shape
+
+
+@given(stack=conv_stacks(), training=st.booleans())
+def test_random_conv_stacks_import_and_match(stack, training):
+    layers, shape = stack
+
+    def build():
+        return Net([cls(*args) for cls, args in layers])
+
+    source = Source(Path(__file__), build(), build, "Net", (), shape)
+    text = to_spec(source)
+    verify(source, text)
+    new = load_spec(text, "imported_stack").ModelNew()
+    ref = source.model
+    randomize_batchnorm(ref, seed=len(text))
+    new.load_state_dict(ref.state_dict())
+    ref.to(DEVICE).train(training), new.to(DEVICE).train(training)
+    x = torch.rand(*shape, device=DEVICE)
+    with torch.no_grad():
+        assert rel_error(new(x), ref(x)) < TOLERANCE
