@@ -16,7 +16,7 @@ import builtins
 import difflib
 import keyword
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch.nn as nn
 
@@ -24,6 +24,7 @@ from fusegen import ops as O
 from fusegen import syntax as S
 from fusegen.errors import Pos, SpecError
 from fusegen.graph import Branch, Chain, Graph, Loop, Node, Value, walk
+from fusegen.parse import MAX_INT
 
 # Functions a spec expression may call besides its own `let` functions and blocks.
 BUILTINS = {"int": int, "round": round, "min": min, "max": max, "abs": abs, "len": len}
@@ -33,6 +34,17 @@ CONSTANTS = {"None": None, "True": True, "False": False}
 RESERVED = {"self", "x", "nn", "torch", "triton", "tl", "super", "range", "ModelNew", "block"} | (
     set(dir(builtins)) - set(CONSTANTS)
 )
+# ModelNew's own attributes and methods besides nn.Module's: a module may not take their names.
+MODEL_ATTRIBUTES = {
+    "TorchBackward", "captured_attrs", "input_layout", "first_kernel_outside_graph_numel", "direct_graphs",
+    "returned_outputs", "use_cuda_graphs", "cuda_graphs", "cuda_graph_pools", "activation_dtype", "run_kernels",
+    "run_training_kernels", "run_first_kernel", "run_kernels_after_first", "reference_forward",
+}  # fmt: skip
+# Limits that bound the time and memory of a build (each error that enforces one states it).
+MAX_REPEAT = 1000  # times a line repeats
+MAX_OPS = 5000  # ops in the forward pass, every repeat and block call expanded
+MAX_CHAIN_OPS = 64  # ops in one chain (one kernel)
+MAX_EVALUATIONS = 1_000_000  # steps of expression evaluation in a whole spec
 _PRECEDENCE = {"if": 0, "or": 1, "and": 2, "not": 3, "compare": 4, "+": 5, "-": 5, "*": 6, "/": 6, "//": 6, "%": 6}
 
 
@@ -112,18 +124,27 @@ class BlockInstance:
 @dataclass
 class _Scope:
     values: dict[str, Val]
-    # let functions, each with the values visible where it was declared (Python closes over those)
+    # let functions, each with the values visible where it was declared (no name is bound twice, so
+    # those are the values Python's late binding sees when the function runs)
     functions: dict[str, tuple[S.LetDecl, dict[str, Val]]]
     blocks: dict[str, S.BlockDecl]
     globals: dict[str, Val]  # the constructor parameters and global lets: block defaults see these
+    calling: tuple[str, ...] = ()  # the let functions being evaluated, outermost first
+    steps_left: list[int] = field(default_factory=lambda: [MAX_EVALUATIONS])  # shared by every scope of a spec
 
     def child(self, values: dict[str, Val]) -> "_Scope":
-        return _Scope({**self.values, **values}, self.functions, self.blocks, self.globals)
+        return replace(self, values={**self.values, **values})
+
+
+def _in_range(value, pos: Pos):
+    if isinstance(value, int) and abs(value) > MAX_INT:
+        raise SpecError(pos, f"integer too large: a spec's integers are at most 2**63 - 1 ({MAX_INT})")
+    return value
 
 
 def _binary(op: str, left, right, pos: Pos):
     try:
-        return {
+        return _in_range({
             "+": lambda: left + right,
             "-": lambda: left - right,
             "*": lambda: left * right,
@@ -136,14 +157,21 @@ def _binary(op: str, left, right, pos: Pos):
             "<=": lambda: left <= right,
             ">": lambda: left > right,
             ">=": lambda: left >= right,
-        }[op]()
+        }[op](), pos)
     except ZeroDivisionError:
         raise SpecError(pos, "division by zero") from None
     except TypeError:
         raise SpecError(pos, f"cannot apply {op!r} to {left!r} and {right!r}") from None
+    except OverflowError:
+        raise SpecError(pos, f"{left!r} {op} {right!r} is past float's range") from None
 
 
 def evaluate(e: S.Expr, scope: _Scope) -> Val:
+    scope.steps_left[0] -= 1
+    if scope.steps_left[0] < 0:
+        raise SpecError(
+            e.pos, f"the spec's expressions take more than {MAX_EVALUATIONS} steps to evaluate (fusegen's limit)"
+        )
     if isinstance(e, (S.IntLiteral, S.FloatLiteral, S.StringLiteral)):
         return Val(e.value)
     if isinstance(e, S.Name):
@@ -166,7 +194,7 @@ def evaluate(e: S.Expr, scope: _Scope) -> Val:
             raise SpecError(e.pos, f"cannot index {value.value!r} with {index.value!r}") from None
     if isinstance(e, S.Neg):
         operand = evaluate(e.operand, scope)
-        return Val(-_number(operand.value, e.operand.pos), operand.deps)
+        return Val(_in_range(-_number(operand.value, e.operand.pos), e.pos), operand.deps)
     if isinstance(e, S.Not):
         operand = evaluate(e.operand, scope)
         return Val(not operand.value, operand.deps)
@@ -195,7 +223,11 @@ def _apply(e: S.Apply, scope: _Scope) -> Val:
         let, closure = scope.functions[e.func]
         if len(args) != len(let.params):
             raise SpecError(e.pos, f"{e.func}() takes {len(let.params)} argument(s), {len(args)} given")
-        return evaluate(let.value, replace(scope, values={**closure, **dict(zip(let.params, args))}))
+        if e.func in scope.calling:
+            calls = " -> ".join([*scope.calling[scope.calling.index(e.func) :], e.func])
+            raise SpecError(e.pos, f"let functions cannot call themselves: {calls}")
+        inner = replace(scope, values={**closure, **dict(zip(let.params, args))}, calling=(*scope.calling, e.func))
+        return evaluate(let.value, inner)
     if e.func in scope.blocks:
         block = scope.blocks[e.func]
         # whether the instance exists does not depend on its arguments
@@ -204,7 +236,7 @@ def _apply(e: S.Apply, scope: _Scope) -> Val:
         known = sorted([*BUILTINS, *scope.functions, *scope.blocks])
         raise SpecError(e.pos, f"unknown function {e.func!r}; expressions may call {', '.join(known)}")
     try:
-        return Val(BUILTINS[e.func](*(a.value for a in args)), deps)
+        return Val(_in_range(BUILTINS[e.func](*(a.value for a in args)), e.pos), deps)
     except (TypeError, ValueError, OverflowError) as err:
         raise SpecError(e.pos, f"{e.func}(): {err}") from None
 
@@ -290,8 +322,19 @@ def _indent(lines: list[str]) -> list[str]:
 class _Ops:
     """Op lookup and argument binding, shared by both walks."""
 
-    def __init__(self, blocks: dict[str, S.BlockDecl]):
+    def __init__(self, blocks: dict[str, S.BlockDecl], defined: dict[str, tuple[str, Pos]]):
         self.blocks = blocks
+        self.defined = defined  # the spec's global names, with what and where each is
+
+    def check_body_let(self, let: S.LetDecl) -> None:
+        """A `let` in a body binds a local name; one that rebinds a global one would change what the
+        blocks and let functions that read it compute."""
+        if let.params is not None:
+            raise SpecError(let.pos, "let functions are declared at the top of the spec, not inside a body")
+        _check_name(let.name, let.pos, "let")
+        if let.name in self.defined:
+            what, pos = self.defined[let.name]
+            raise SpecError(let.pos, f"{let.name!r} is already defined at line {pos.line} ({what}); pick another name")
 
     def op(self, call: S.Call) -> O.Op:
         op = O.lookup(call.name)
@@ -399,11 +442,9 @@ class _InitWriter:
         items: list[str] = []
         for line in body:
             if isinstance(line, S.LetDecl):
-                if line.params is not None:
-                    raise SpecError(line.pos, "let functions are declared at the top of the spec, not inside a body")
+                self.ops.check_body_let(line)
                 if not top:
                     raise SpecError(line.pos, "a `let` inside an `if` of a sequential block; put it at the block's top")
-                _check_name(line.name, line.pos, "let")
                 lets.append(f"{line.name} = {expr_source(line.value)}")
             elif isinstance(line, S.If):
                 then = self.sequential(line.body, top=False)[1]
@@ -440,6 +481,10 @@ class _InitWriter:
         if len(items) == 1:
             return [f"*({items[0]} for _ in range({count}))"]
         if isinstance(line.repeat, S.IntLiteral):
+            if line.repeat.value > MAX_REPEAT:
+                raise SpecError(
+                    line.repeat.pos, f"a line repeats at most {MAX_REPEAT} times (fusegen's limit), got {line.repeat.value}"
+                )
             return items * line.repeat.value
         return [f"*(module for _ in range({count}) for module in ({', '.join(items)},))"]
 
@@ -454,9 +499,7 @@ class _InitWriter:
         lines: list[str] = []
         for line in body:
             if isinstance(line, S.LetDecl):
-                if line.params is not None:
-                    raise SpecError(line.pos, "let functions are declared at the top of the spec, not inside a body")
-                _check_name(line.name, line.pos, "let")
+                self.ops.check_body_let(line)
                 lines.append(f"{line.name} = {expr_source(line.value)}")
             elif isinstance(line, S.Sequence):
                 _check_name(line.name, line.pos, "name")
@@ -560,6 +603,7 @@ class _GraphBuilder:
         self.body: list = []  # the chains and regions of the body being built
         self.block_stack: list[str] = []
         self.loops = 0  # loops open around the body being built
+        self.ops_made = 0
         # a branch not taken at the default arguments: its shapes there need not fit
         self.untaken = False
         # (attribute, condition source, position) of each `if` that __init__ decides for forward
@@ -706,6 +750,8 @@ class _GraphBuilder:
         count = _static(evaluate(line.repeat, scope), line.repeat.pos, "this repeat count")
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise SpecError(line.repeat.pos, f"a line repeats a whole number of times, got {count!r}")
+        if count > MAX_REPEAT:
+            raise SpecError(line.repeat.pos, f"a line repeats at most {MAX_REPEAT} times (fusegen's limit), got {count}")
         return count
 
     def module_steps(self, chain: S.Chain, steps, value: Value, scope, tensors, path, site, target) -> Value:
@@ -789,6 +835,13 @@ class _GraphBuilder:
             shaped.append(replace(node, out_shape=shape))
         if not shaped:
             return value
+        if len(shaped) > MAX_CHAIN_OPS:
+            raise SpecError(shaped[MAX_CHAIN_OPS].pos, f"a chain has at most {MAX_CHAIN_OPS} ops (fusegen's limit)")
+        self.ops_made += len(shaped)
+        if self.ops_made > MAX_OPS:
+            raise SpecError(
+                chain.pos, f"the forward pass has more than {MAX_OPS} ops, repeats and block calls expanded (fusegen's limit)"
+            )
         text = self.lines[chain.pos.line - 1].split("#")[0].strip()
         call_site = f"{site.line}: {self.lines[site.line - 1].split('#')[0].strip()}" if site else ""
         output = Value(target or "x", shape)
@@ -892,8 +945,7 @@ class _Checker:
         values: dict[str, Val] = {}
         for p in self.spec.model.params:
             _check_name(p.name, p.pos, "constructor parameter")
-            if p.name in values:
-                raise SpecError(p.pos, f"constructor parameter {p.name!r} is declared twice")
+            self.define(p.name, p.pos, "a constructor parameter")
             values[p.name] = Val(evaluate(p.default, _Scope({}, {}, {}, {})).value, frozenset({p.name}))
             params.append((p.name, expr_source(p.default)))
         blocks: dict[str, S.BlockDecl] = {}
@@ -901,6 +953,9 @@ class _Checker:
         init: list[str] = []
         for let in self.spec.lets:
             _check_name(let.name, let.pos, "let")
+            self.define(let.name, let.pos, "a let")
+            for param in let.params or ():
+                _check_name(param, let.pos, "let parameter")
             if let.params is not None:
                 init += [f"def {let.name}({', '.join(let.params)}):", f"    return {expr_source(let.value)}"]
                 scope = replace(scope, functions={**scope.functions, let.name: (let, scope.values)})
@@ -910,8 +965,7 @@ class _Checker:
         scope = replace(scope, globals=scope.values)
         for block in self.spec.blocks:
             _check_name(block.name, block.pos, "block")
-            if block.name in blocks or block.name in scope.functions:
-                raise SpecError(block.pos, f"{block.name!r} is defined twice")
+            self.define(block.name, block.pos, "a block")
             if O.lookup(block.name) is not None:
                 raise SpecError(block.pos, f"block {block.name!r} has the name of an op")
             names = [p.name for p in block.params]
@@ -922,9 +976,19 @@ class _Checker:
             blocks[block.name] = block
         return scope, tuple(params), init
 
+    def define(self, name: str, pos: Pos, what: str) -> None:
+        """Constructor parameters, global lets and blocks share __init__'s namespace, where each name is
+        bound once: Python's functions read a name when they run, so a second binding would change what a
+        block or a let function computes from what check computed."""
+        if name in self.defined:
+            first_what, first_pos = self.defined[name]
+            raise SpecError(pos, f"{name!r} is already defined at line {first_pos.line} ({first_what}); pick another name")
+        self.defined[name] = (what, pos)
+
     def run(self) -> Model:
+        self.defined: dict[str, tuple[str, Pos]] = {}
         scope, params, init = self.declarations()
-        ops = _Ops(scope.blocks)
+        ops = _Ops(scope.blocks, self.defined)
         writer = _InitWriter(ops)
         for block in self.spec.blocks:
             init += writer.block_function(block)
@@ -948,7 +1012,7 @@ class _Checker:
         if not any(walk(builder.body)):
             raise SpecError(self.spec.forward.pos, "forward has no chains")
         for attribute, source, pos in builder.conditions:
-            if attribute in self.attributes or hasattr(nn.Module(), attribute):
+            if attribute in self.attributes or hasattr(nn.Module(), attribute) or attribute in MODEL_ATTRIBUTES:
                 raise SpecError(
                     pos,
                     f"ModelNew keeps this condition as self.{attribute}, which names a module; bind it with another `let` name",
@@ -978,8 +1042,9 @@ class _Checker:
             for name, pos in names:
                 if name in seen:
                     raise SpecError(pos, f"{name!r} names a second module; module names must be unique")
-                if hasattr(nn.Module(), name):
-                    raise SpecError(pos, f"{name!r} is an attribute of nn.Module; pick another name")
+                if hasattr(nn.Module(), name) or name in MODEL_ATTRIBUTES:
+                    owner = "nn.Module" if hasattr(nn.Module(), name) else "ModelNew"
+                    raise SpecError(pos, f"{name!r} is an attribute of {owner}; pick another name")
                 seen.add(name)
 
     def activation_dtype(self) -> str:
