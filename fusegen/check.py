@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import builtins
 import difflib
+import inspect
 import keyword
+import math
 import re
 from dataclasses import dataclass, field, replace
 
+import torch
 import torch.nn as nn
 
 from fusegen import ops as O
 from fusegen import syntax as S
-from fusegen.errors import Pos, SpecError
+from fusegen.errors import Pos, SpecError, source_lines
 from fusegen.graph import Branch, Chain, Graph, Loop, Node, Value, walk
 from fusegen.parse import MAX_INT
 
@@ -44,7 +47,8 @@ MODEL_ATTRIBUTES = {
 MAX_REPEAT = 1000  # times a line repeats
 MAX_OPS = 5000  # ops in the forward pass, every repeat and block call expanded
 MAX_CHAIN_OPS = 64  # ops in one chain (one kernel)
-MAX_EVALUATIONS = 1_000_000  # steps of expression evaluation in a whole spec
+MAX_EVALUATIONS = 100_000  # steps of expression evaluation in a whole spec
+MAX_ELEMENTS = 2**31 - 1  # of a tensor (the kernels' offsets are 32-bit) and of an op's sizes multiplied
 _PRECEDENCE = {"if": 0, "or": 1, "and": 2, "not": 3, "compare": 4, "+": 5, "-": 5, "*": 6, "/": 6, "//": 6, "%": 6}
 
 
@@ -398,6 +402,12 @@ class _Ops:
                 hint = " (wrap it in int(...))" if isinstance(value, float) else ""
                 raise SpecError(pos, f"{op.name}: {name} must be a positive integer, got {value!r}{hint}")
             values[name] = value
+        sizes = [values[name] for name in op.int_args if name not in ("stride", "padding", "groups")]
+        if math.prod(sizes) > MAX_ELEMENTS:
+            raise SpecError(
+                call.pos,
+                f"{op.name}: {' * '.join(map(str, sizes))} is past fusegen's limit of 2**31 - 1 for an op's sizes multiplied",
+            )
         return values
 
 
@@ -561,13 +571,14 @@ def _sequential(items: list[str]) -> str:
 
 # The module classes a spec's modules have, and the torch.nn.init functions an `init:` rule may call.
 INIT_CLASSES = ("Conv2d", "BatchNorm2d", "Linear")
+INIT_PARAMETERS = ("weight", "bias")
 INIT_FUNCTIONS = (
     "constant", "ones", "zeros", "normal", "uniform", "trunc_normal",
     "kaiming_normal", "kaiming_uniform", "xavier_normal", "xavier_uniform",
 )  # fmt: skip
 
 
-def _init_rules(decl: S.InitDecl) -> list[str]:
+def _init_rules(decl: S.InitDecl, scope: _Scope) -> list[str]:
     """`init:` as torch code writes it: a loop over self.modules() that applies each rule of a module's
     class in turn (a missing bias is skipped)."""
     by_class: dict[str, list[str]] = {}
@@ -580,6 +591,27 @@ def _init_rules(decl: S.InitDecl) -> list[str]:
             raise SpecError(
                 rule.call.pos, f"init: {rule.call.name!r} is not one of torch.nn.init's {', '.join(INIT_FUNCTIONS)}"
             )
+        if rule.parameter not in INIT_PARAMETERS:
+            raise SpecError(rule.pos, f"init: {rule.parameter!r} is not {' or '.join(INIT_PARAMETERS)}")
+        function = getattr(nn.init, f"{rule.call.name}_")
+        function_params = [p for p in inspect.signature(function).parameters if p not in ("tensor", "generator")]
+        if len(rule.call.args) > len(function_params):
+            raise SpecError(
+                rule.call.pos,
+                f"init: {rule.call.name} takes {len(function_params)} argument(s) ({', '.join(function_params)})",
+            )
+        for kw in rule.call.kwargs:
+            if kw.name not in function_params:
+                raise SpecError(
+                    kw.pos, f"init: {rule.call.name} has no argument {kw.name!r} ({', '.join(function_params)})"
+                )
+        # the rule on a small tensor at the default arguments: what it would raise in __init__, check says
+        args = [evaluate(a, scope).value for a in rule.call.args]
+        kwargs = {kw.name: evaluate(kw.value, scope).value for kw in rule.call.kwargs}
+        try:
+            function(torch.empty(4, 4), *args, **kwargs)
+        except (TypeError, ValueError, RuntimeError, OverflowError, ZeroDivisionError) as err:
+            raise SpecError(rule.call.pos, f"init: {rule.call.name}: {err}") from None
         args = [f"module.{rule.parameter}"] + [expr_source(a) for a in rule.call.args]
         args += [f"{kw.name}={expr_source(kw.value)}" for kw in rule.call.kwargs]
         apply = f"nn.init.{rule.call.name}_({', '.join(args)})"
@@ -832,6 +864,10 @@ class _GraphBuilder:
             except O.ShapeError as err:
                 if not self.untaken:  # a branch not taken here: its shapes are checked where it runs
                     raise SpecError(node.pos, f"{err}{where}") from None
+            if math.prod(shape) > MAX_ELEMENTS:
+                raise SpecError(
+                    node.pos, f"{node.op.name} makes a {list(shape)} tensor, past fusegen's limit of 2**31 - 1 elements"
+                )
             shaped.append(replace(node, out_shape=shape))
         if not shaped:
             return value
@@ -842,11 +878,18 @@ class _GraphBuilder:
             raise SpecError(
                 chain.pos, f"the forward pass has more than {MAX_OPS} ops, repeats and block calls expanded (fusegen's limit)"
             )
-        text = self.lines[chain.pos.line - 1].split("#")[0].strip()
-        call_site = f"{site.line}: {self.lines[site.line - 1].split('#')[0].strip()}" if site else ""
+        text = _comment_text(self.lines[chain.pos.line - 1])
+        call_site = f"{site.line}: {_comment_text(self.lines[site.line - 1])}" if site else ""
         output = Value(target or "x", shape)
         self.body.append(Chain(tuple(shaped), chain.pos.line, text, call_site, value, output))
         return output
+
+
+def _comment_text(line: str) -> str:
+    """A spec line as generated code quotes it in a comment: without its own comment, and with each
+    character that is not printable (a carriage return would end the comment) escaped."""
+    text = line.split("#")[0].strip()
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def _specialized(node: Node, args: dict, where: str) -> Node:
@@ -936,7 +979,7 @@ def _check_fusion(uses: list[Node], values: list[dict]) -> None:
 class _Checker:
     def __init__(self, spec: S.Spec, source: str):
         self.spec = spec
-        self.lines = source.splitlines()
+        self.lines = source_lines(source)
 
     def declarations(self) -> tuple[_Scope, tuple[tuple[str, str], ...], list[str]]:
         """The constructor parameters, global lets and blocks: their scope, the parameters with their
@@ -996,7 +1039,7 @@ class _Checker:
         self.check_attributes(self.spec.forward.body, self.attributes)
         init += writer.module_body(self.spec.forward.body, "self", set(), {"x"}, set())
         if self.spec.init is not None:
-            init += _init_rules(self.spec.init)
+            init += _init_rules(self.spec.init, scope)
 
         dims = []
         for d in self.spec.input.dims:
@@ -1004,6 +1047,8 @@ class _Checker:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SpecError(d.pos, f"input dimensions are positive integers, got {value!r}")
             dims.append(value)
+        if math.prod(dims) > MAX_ELEMENTS:
+            raise SpecError(self.spec.input.pos, f"the example input has more than 2**31 - 1 elements: {dims}")
         if len(dims) != 4:
             raise SpecError(self.spec.input.pos, f"the example input is N, C, H, W (4 dimensions), got {len(dims)}")
         builder = _GraphBuilder(ops, self.lines, scope)
