@@ -148,20 +148,23 @@ def _in_range(value, pos: Pos):
 
 def _binary(op: str, left, right, pos: Pos):
     try:
-        return _in_range({
-            "+": lambda: left + right,
-            "-": lambda: left - right,
-            "*": lambda: left * right,
-            "/": lambda: left / right,
-            "//": lambda: left // right,
-            "%": lambda: left % right,
-            "==": lambda: left == right,
-            "!=": lambda: left != right,
-            "<": lambda: left < right,
-            "<=": lambda: left <= right,
-            ">": lambda: left > right,
-            ">=": lambda: left >= right,
-        }[op](), pos)
+        return _in_range(
+            {
+                "+": lambda: left + right,
+                "-": lambda: left - right,
+                "*": lambda: left * right,
+                "/": lambda: left / right,
+                "//": lambda: left // right,
+                "%": lambda: left % right,
+                "==": lambda: left == right,
+                "!=": lambda: left != right,
+                "<": lambda: left < right,
+                "<=": lambda: left <= right,
+                ">": lambda: left > right,
+                ">=": lambda: left >= right,
+            }[op](),
+            pos,
+        )
     except ZeroDivisionError:
         raise SpecError(pos, "division by zero") from None
     except TypeError:
@@ -493,7 +496,8 @@ class _InitWriter:
         if isinstance(line.repeat, S.IntLiteral):
             if line.repeat.value > MAX_REPEAT:
                 raise SpecError(
-                    line.repeat.pos, f"a line repeats at most {MAX_REPEAT} times (fusegen's limit), got {line.repeat.value}"
+                    line.repeat.pos,
+                    f"a line repeats at most {MAX_REPEAT} times (fusegen's limit), got {line.repeat.value}",
                 )
             return items * line.repeat.value
         return [f"*(module for _ in range({count}) for module in ({', '.join(items)},))"]
@@ -783,7 +787,9 @@ class _GraphBuilder:
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise SpecError(line.repeat.pos, f"a line repeats a whole number of times, got {count!r}")
         if count > MAX_REPEAT:
-            raise SpecError(line.repeat.pos, f"a line repeats at most {MAX_REPEAT} times (fusegen's limit), got {count}")
+            raise SpecError(
+                line.repeat.pos, f"a line repeats at most {MAX_REPEAT} times (fusegen's limit), got {count}"
+            )
         return count
 
     def module_steps(self, chain: S.Chain, steps, value: Value, scope, tensors, path, site, target) -> Value:
@@ -876,7 +882,8 @@ class _GraphBuilder:
         self.ops_made += len(shaped)
         if self.ops_made > MAX_OPS:
             raise SpecError(
-                chain.pos, f"the forward pass has more than {MAX_OPS} ops, repeats and block calls expanded (fusegen's limit)"
+                chain.pos,
+                f"the forward pass has more than {MAX_OPS} ops, repeats and block calls expanded (fusegen's limit)",
             )
         text = _comment_text(self.lines[chain.pos.line - 1])
         call_site = f"{site.line}: {_comment_text(self.lines[site.line - 1])}" if site else ""
@@ -1025,7 +1032,9 @@ class _Checker:
         block or a let function computes from what check computed."""
         if name in self.defined:
             first_what, first_pos = self.defined[name]
-            raise SpecError(pos, f"{name!r} is already defined at line {first_pos.line} ({first_what}); pick another name")
+            raise SpecError(
+                pos, f"{name!r} is already defined at line {first_pos.line} ({first_what}); pick another name"
+            )
         self.defined[name] = (what, pos)
 
     def run(self) -> Model:

@@ -217,8 +217,9 @@ class _ToSyntax(Transformer):
         return list(items)
 
 
-def _assemble(statements: list) -> S.Spec:
-    """Checks that the file has one model header, one input and one forward, and gathers the rest."""
+def _assemble(statements: list, end: Pos) -> S.Spec:
+    """Checks that the file has one model header, one input and one forward, and gathers the rest. A
+    missing declaration is reported at the end of the file (`end`)."""
     by_kind: dict[type, list] = {}
     for st in statements:
         by_kind.setdefault(type(st), []).append(st)
@@ -230,7 +231,7 @@ def _assemble(statements: list) -> S.Spec:
     ):
         found = by_kind.get(kind, [])
         if not found:
-            raise SpecError(None, f"the spec has no {what} declaration")
+            raise SpecError(end, f"the spec has no {what} declaration")
         if len(found) > 1:
             raise SpecError(found[1].pos, f"a second {what} declaration; a spec describes one model")
         singles[kind] = found[0]
@@ -299,8 +300,9 @@ def parse_spec(text: str) -> S.Spec:
         raise
     statements = [s for s in statements if not isinstance(s, Token)]
     if not statements:
-        raise SpecError(None, "the spec is empty; it needs `model`, `input` and `forward:` declarations")
-    return _assemble(statements)
+        raise SpecError(Pos(1, 1), "the spec is empty; it needs `model`, `input` and `forward:` declarations")
+    lines = source_lines(text)
+    return _assemble(statements, Pos(len(lines), len(lines[-1]) + 1))
 
 
 def _check_limits(tree: Tree) -> None:
@@ -318,9 +320,7 @@ def _check_limits(tree: Tree) -> None:
             if isinstance(child, Tree):
                 stack.append((child, depth + 1, pos))
             elif isinstance(child, Token) and child.type == "NAME" and len(child) > MAX_NAME_LENGTH:
-                raise SpecError(
-                    _pos(child), f"a name of {len(child)} characters; fusegen's limit is {MAX_NAME_LENGTH}"
-                )
+                raise SpecError(_pos(child), f"a name of {len(child)} characters; fusegen's limit is {MAX_NAME_LENGTH}")
 
 
 def _dedent_pos(text: str) -> Pos | None:

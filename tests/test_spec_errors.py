@@ -102,7 +102,7 @@ CASES = [
     (HEADER + "forward:\n    conv1: conv3x3(3, c) * 2\n", 4, 5, "`* N` repeats lines of a sequence or block"),
     ("input(2, 3, 16, 16)\nmodel M()\nforward:\n    relu\n", 1, 1, "starts with its `model Name(...)` header"),
     (HEADER + "input(1, 3, 8, 8)\nforward:\n    relu\n", 3, 1, "a second `input(...)` declaration"),
-    ("model M()\nforward:\n    relu\n", None, None, "no `input(...)` declaration"),
+    ("model M()\nforward:\n    relu\n", 3, 9, "no `input(...)` declaration"),
     ("model M(x=1)\ninput(1, 3, 8, 8)\nforward:\n    relu\n", 1, 9, "'x' clashes with a name the generated Python uses"),
     (HEADER + "forward:\n    seq:\n        relu * (0 - 1)\n", 5, 17, "a line repeats a whole number of times, got -1"),
     ("model M()\ninput(2, 3, 16)\nforward:\n    relu\n", 2, 1, "the example input is N, C, H, W"),
