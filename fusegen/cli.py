@@ -141,7 +141,12 @@ def build(args: argparse.Namespace) -> int:
         return 2
     # The generated code must pass `fusegen lint`; if it does not, the generator is wrong.
     for spec, text in outputs.items():
-        violations = [v for v in lint_source(text, _output_path(spec, out_dir).as_posix()) if v.severity == "error"]
+        try:
+            violations = [
+                str(v) for v in lint_source(text, _output_path(spec, out_dir).as_posix()) if v.severity == "error"
+            ]
+        except (SyntaxError, RecursionError, MemoryError) as err:
+            violations = [f"lint cannot check it: {type(err).__name__}: {err}"]
         if violations:
             print(
                 f"fusegen: internal error: generated code for {spec} violates lint rules (a generator bug, please report):",
