@@ -13,6 +13,7 @@ Two walks over the spec:
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import difflib
 import inspect
 import keyword
@@ -892,6 +893,23 @@ class _GraphBuilder:
         return output
 
 
+def _check_calls(spec: S.Spec, scope: _Scope) -> None:
+    """Every function an expression calls is a builtin of BUILTINS, a let function or a block: also in a
+    branch that check never evaluates, since __init__ holds it all (`exec(...)` must not get there)."""
+    known = {*BUILTINS, *scope.functions, *scope.blocks}
+    stack: list = [spec]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, S.Apply) and node.func not in known:
+            raise SpecError(
+                node.pos, f"unknown function {node.func!r}; expressions may call {', '.join(sorted(known))}"
+            )
+        if isinstance(node, (tuple, list)):
+            stack.extend(node)
+        elif dataclasses.is_dataclass(node):
+            stack.extend(getattr(node, f.name) for f in dataclasses.fields(node))
+
+
 def _comment_text(line: str) -> str:
     """A spec line as generated code quotes it in a comment: without its own comment, and with each
     character that is not printable (a carriage return would end the comment) escaped."""
@@ -1040,6 +1058,7 @@ class _Checker:
     def run(self) -> Model:
         self.defined: dict[str, tuple[str, Pos]] = {}
         scope, params, init = self.declarations()
+        _check_calls(self.spec, scope)
         ops = _Ops(scope.blocks, self.defined)
         writer = _InitWriter(ops)
         for block in self.spec.blocks:

@@ -140,6 +140,10 @@ HOSTILE = [
     (HEADER + "forward:\n    activation_dtype: conv3x3(3, c)\n", "'activation_dtype' is an attribute of ModelNew"),
     (HEADER + "forward:\n    use_cuda_graphs: conv3x3(3, c)\n", "'use_cuda_graphs' is an attribute of ModelNew"),
     (HEADER + "forward:\n    run_kernels: conv3x3(3, c)\n", "'run_kernels' is an attribute of ModelNew"),
+    (
+        HEADER + "block b(k):\n    if k > 1:\n        conv3x3(3, exec(\"import os\"))\n    relu\nforward:\n    b1: b(1)\n",
+        "unknown function 'exec'",  # in a branch check never takes, but __init__ holds
+    ),
     # init: rules as torch.nn.init would take them
     (HEADER + "forward:\n    conv1: conv3x3(3, c)\ninit:\n    Conv2d.class = zeros\n", "init: 'class' is not weight or bias"),
     (HEADER + "forward:\n    conv1: conv3x3(3, c)\ninit:\n    Conv2d.weight = normal(class=1)\n", "init: normal has no argument 'class'"),
