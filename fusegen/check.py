@@ -46,7 +46,7 @@ MODEL_ATTRIBUTES = {
 }  # fmt: skip
 # Limits that bound the time and memory of a build (each error that enforces one states it).
 MAX_REPEAT = 1000  # times a line repeats
-MAX_OPS = 5000  # ops in the forward pass, every repeat and block call expanded
+MAX_OPS = 2000  # ops in the forward pass, every repeat and block call expanded
 MAX_CHAIN_OPS = 64  # ops in one chain (one kernel)
 MAX_EVALUATIONS = 100_000  # steps of expression evaluation in a whole spec
 MAX_ELEMENTS = 2**31 - 1  # of a tensor (the kernels' offsets are 32-bit) and of an op's sizes multiplied
