@@ -13,17 +13,22 @@ Two walks over the spec:
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import difflib
+import inspect
 import keyword
+import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
+import torch
 import torch.nn as nn
 
 from fusegen import ops as O
 from fusegen import syntax as S
-from fusegen.errors import Pos, SpecError
+from fusegen.errors import Pos, SpecError, source_lines
 from fusegen.graph import Branch, Chain, Graph, Loop, Node, Value, walk
+from fusegen.parse import MAX_INT
 
 # Functions a spec expression may call besides its own `let` functions and blocks.
 BUILTINS = {"int": int, "round": round, "min": min, "max": max, "abs": abs, "len": len}
@@ -33,6 +38,18 @@ CONSTANTS = {"None": None, "True": True, "False": False}
 RESERVED = {"self", "x", "nn", "torch", "triton", "tl", "super", "range", "ModelNew", "block"} | (
     set(dir(builtins)) - set(CONSTANTS)
 )
+# ModelNew's own attributes and methods besides nn.Module's: a module may not take their names.
+MODEL_ATTRIBUTES = {
+    "TorchBackward", "captured_attrs", "input_layout", "first_kernel_outside_graph_numel", "direct_graphs",
+    "returned_outputs", "use_cuda_graphs", "cuda_graphs", "cuda_graph_pools", "activation_dtype", "run_kernels",
+    "run_training_kernels", "run_first_kernel", "run_kernels_after_first", "reference_forward", "__getstate__",
+}  # fmt: skip
+# Limits that bound the time and memory of a build (each error that enforces one states it).
+MAX_REPEAT = 1000  # times a line repeats
+MAX_OPS = 2000  # ops in the forward pass, every repeat and block call expanded
+MAX_CHAIN_OPS = 64  # ops in one chain (one kernel)
+MAX_EVALUATIONS = 100_000  # steps of expression evaluation in a whole spec
+MAX_ELEMENTS = 2**31 - 1  # of a tensor (the kernels' offsets are 32-bit) and of an op's sizes multiplied
 _PRECEDENCE = {"if": 0, "or": 1, "and": 2, "not": 3, "compare": 4, "+": 5, "-": 5, "*": 6, "/": 6, "//": 6, "%": 6}
 
 
@@ -112,38 +129,57 @@ class BlockInstance:
 @dataclass
 class _Scope:
     values: dict[str, Val]
-    # let functions, each with the values visible where it was declared (Python closes over those)
+    # let functions, each with the values visible where it was declared (no name is bound twice, so
+    # those are the values Python's late binding sees when the function runs)
     functions: dict[str, tuple[S.LetDecl, dict[str, Val]]]
     blocks: dict[str, S.BlockDecl]
     globals: dict[str, Val]  # the constructor parameters and global lets: block defaults see these
+    calling: tuple[str, ...] = ()  # the let functions being evaluated, outermost first
+    steps_left: list[int] = field(default_factory=lambda: [MAX_EVALUATIONS])  # shared by every scope of a spec
 
     def child(self, values: dict[str, Val]) -> "_Scope":
-        return _Scope({**self.values, **values}, self.functions, self.blocks, self.globals)
+        return replace(self, values={**self.values, **values})
+
+
+def _in_range(value, pos: Pos):
+    if isinstance(value, int) and abs(value) > MAX_INT:
+        raise SpecError(pos, f"integer too large: a spec's integers are at most 2**63 - 1 ({MAX_INT})")
+    return value
 
 
 def _binary(op: str, left, right, pos: Pos):
     try:
-        return {
-            "+": lambda: left + right,
-            "-": lambda: left - right,
-            "*": lambda: left * right,
-            "/": lambda: left / right,
-            "//": lambda: left // right,
-            "%": lambda: left % right,
-            "==": lambda: left == right,
-            "!=": lambda: left != right,
-            "<": lambda: left < right,
-            "<=": lambda: left <= right,
-            ">": lambda: left > right,
-            ">=": lambda: left >= right,
-        }[op]()
+        return _in_range(
+            {
+                "+": lambda: left + right,
+                "-": lambda: left - right,
+                "*": lambda: left * right,
+                "/": lambda: left / right,
+                "//": lambda: left // right,
+                "%": lambda: left % right,
+                "==": lambda: left == right,
+                "!=": lambda: left != right,
+                "<": lambda: left < right,
+                "<=": lambda: left <= right,
+                ">": lambda: left > right,
+                ">=": lambda: left >= right,
+            }[op](),
+            pos,
+        )
     except ZeroDivisionError:
         raise SpecError(pos, "division by zero") from None
     except TypeError:
         raise SpecError(pos, f"cannot apply {op!r} to {left!r} and {right!r}") from None
+    except OverflowError:
+        raise SpecError(pos, f"{left!r} {op} {right!r} is past float's range") from None
 
 
 def evaluate(e: S.Expr, scope: _Scope) -> Val:
+    scope.steps_left[0] -= 1
+    if scope.steps_left[0] < 0:
+        raise SpecError(
+            e.pos, f"the spec's expressions take more than {MAX_EVALUATIONS} steps to evaluate (fusegen's limit)"
+        )
     if isinstance(e, (S.IntLiteral, S.FloatLiteral, S.StringLiteral)):
         return Val(e.value)
     if isinstance(e, S.Name):
@@ -166,7 +202,7 @@ def evaluate(e: S.Expr, scope: _Scope) -> Val:
             raise SpecError(e.pos, f"cannot index {value.value!r} with {index.value!r}") from None
     if isinstance(e, S.Neg):
         operand = evaluate(e.operand, scope)
-        return Val(-_number(operand.value, e.operand.pos), operand.deps)
+        return Val(_in_range(-_number(operand.value, e.operand.pos), e.pos), operand.deps)
     if isinstance(e, S.Not):
         operand = evaluate(e.operand, scope)
         return Val(not operand.value, operand.deps)
@@ -195,7 +231,11 @@ def _apply(e: S.Apply, scope: _Scope) -> Val:
         let, closure = scope.functions[e.func]
         if len(args) != len(let.params):
             raise SpecError(e.pos, f"{e.func}() takes {len(let.params)} argument(s), {len(args)} given")
-        return evaluate(let.value, replace(scope, values={**closure, **dict(zip(let.params, args))}))
+        if e.func in scope.calling:
+            calls = " -> ".join([*scope.calling[scope.calling.index(e.func) :], e.func])
+            raise SpecError(e.pos, f"let functions cannot call themselves: {calls}")
+        inner = replace(scope, values={**closure, **dict(zip(let.params, args))}, calling=(*scope.calling, e.func))
+        return evaluate(let.value, inner)
     if e.func in scope.blocks:
         block = scope.blocks[e.func]
         # whether the instance exists does not depend on its arguments
@@ -204,7 +244,7 @@ def _apply(e: S.Apply, scope: _Scope) -> Val:
         known = sorted([*BUILTINS, *scope.functions, *scope.blocks])
         raise SpecError(e.pos, f"unknown function {e.func!r}; expressions may call {', '.join(known)}")
     try:
-        return Val(BUILTINS[e.func](*(a.value for a in args)), deps)
+        return Val(_in_range(BUILTINS[e.func](*(a.value for a in args)), e.pos), deps)
     except (TypeError, ValueError, OverflowError) as err:
         raise SpecError(e.pos, f"{e.func}(): {err}") from None
 
@@ -290,8 +330,19 @@ def _indent(lines: list[str]) -> list[str]:
 class _Ops:
     """Op lookup and argument binding, shared by both walks."""
 
-    def __init__(self, blocks: dict[str, S.BlockDecl]):
+    def __init__(self, blocks: dict[str, S.BlockDecl], defined: dict[str, tuple[str, Pos]]):
         self.blocks = blocks
+        self.defined = defined  # the spec's global names, with what and where each is
+
+    def check_body_let(self, let: S.LetDecl) -> None:
+        """A `let` in a body binds a local name; one that rebinds a global one would change what the
+        blocks and let functions that read it compute."""
+        if let.params is not None:
+            raise SpecError(let.pos, "let functions are declared at the top of the spec, not inside a body")
+        _check_name(let.name, let.pos, "let")
+        if let.name in self.defined:
+            what, pos = self.defined[let.name]
+            raise SpecError(let.pos, f"{let.name!r} is already defined at line {pos.line} ({what}); pick another name")
 
     def op(self, call: S.Call) -> O.Op:
         op = O.lookup(call.name)
@@ -355,6 +406,12 @@ class _Ops:
                 hint = " (wrap it in int(...))" if isinstance(value, float) else ""
                 raise SpecError(pos, f"{op.name}: {name} must be a positive integer, got {value!r}{hint}")
             values[name] = value
+        sizes = [values[name] for name in op.int_args if name not in ("stride", "padding", "groups")]
+        if math.prod(sizes) > MAX_ELEMENTS:
+            raise SpecError(
+                call.pos,
+                f"{op.name}: {' * '.join(map(str, sizes))} is past fusegen's limit of 2**31 - 1 for an op's sizes multiplied",
+            )
         return values
 
 
@@ -399,11 +456,9 @@ class _InitWriter:
         items: list[str] = []
         for line in body:
             if isinstance(line, S.LetDecl):
-                if line.params is not None:
-                    raise SpecError(line.pos, "let functions are declared at the top of the spec, not inside a body")
+                self.ops.check_body_let(line)
                 if not top:
                     raise SpecError(line.pos, "a `let` inside an `if` of a sequential block; put it at the block's top")
-                _check_name(line.name, line.pos, "let")
                 lets.append(f"{line.name} = {expr_source(line.value)}")
             elif isinstance(line, S.If):
                 then = self.sequential(line.body, top=False)[1]
@@ -443,6 +498,11 @@ class _InitWriter:
         if len(items) == 1:
             return [f"*({items[0]} for {index} in range({count}))"]
         if isinstance(line.repeat, S.IntLiteral) and line.index is None:
+            if line.repeat.value > MAX_REPEAT:
+                raise SpecError(
+                    line.repeat.pos,
+                    f"a line repeats at most {MAX_REPEAT} times (fusegen's limit), got {line.repeat.value}",
+                )
             return items * line.repeat.value
         return [f"*(module for {index} in range({count}) for module in ({', '.join(items)},))"]
 
@@ -458,9 +518,7 @@ class _InitWriter:
         lets: set[str] = set()
         for line in body:
             if isinstance(line, S.LetDecl):
-                if line.params is not None:
-                    raise SpecError(line.pos, "let functions are declared at the top of the spec, not inside a body")
-                _check_name(line.name, line.pos, "let")
+                self.ops.check_body_let(line)
                 lines.append(f"{line.name} = {expr_source(line.value)}")
                 lets.add(line.name)
             elif isinstance(line, S.Sequence):
@@ -536,13 +594,14 @@ def _sequential(items: list[str]) -> str:
 
 # The module classes a spec's modules have, and the torch.nn.init functions an `init:` rule may call.
 INIT_CLASSES = ("Conv2d", "BatchNorm2d", "Linear")
+INIT_PARAMETERS = ("weight", "bias")
 INIT_FUNCTIONS = (
     "constant", "ones", "zeros", "normal", "uniform", "trunc_normal",
     "kaiming_normal", "kaiming_uniform", "xavier_normal", "xavier_uniform",
 )  # fmt: skip
 
 
-def _init_rules(decl: S.InitDecl) -> list[str]:
+def _init_rules(decl: S.InitDecl, scope: _Scope) -> list[str]:
     """`init:` as torch code writes it: a loop over self.modules() that applies each rule of a module's
     class in turn (a missing bias is skipped)."""
     by_class: dict[str, list[str]] = {}
@@ -555,6 +614,27 @@ def _init_rules(decl: S.InitDecl) -> list[str]:
             raise SpecError(
                 rule.call.pos, f"init: {rule.call.name!r} is not one of torch.nn.init's {', '.join(INIT_FUNCTIONS)}"
             )
+        if rule.parameter not in INIT_PARAMETERS:
+            raise SpecError(rule.pos, f"init: {rule.parameter!r} is not {' or '.join(INIT_PARAMETERS)}")
+        function = getattr(nn.init, f"{rule.call.name}_")
+        function_params = [p for p in inspect.signature(function).parameters if p not in ("tensor", "generator")]
+        if len(rule.call.args) > len(function_params):
+            raise SpecError(
+                rule.call.pos,
+                f"init: {rule.call.name} takes {len(function_params)} argument(s) ({', '.join(function_params)})",
+            )
+        for kw in rule.call.kwargs:
+            if kw.name not in function_params:
+                raise SpecError(
+                    kw.pos, f"init: {rule.call.name} has no argument {kw.name!r} ({', '.join(function_params)})"
+                )
+        # the rule on a small tensor at the default arguments: what it would raise in __init__, check says
+        args = [evaluate(a, scope).value for a in rule.call.args]
+        kwargs = {kw.name: evaluate(kw.value, scope).value for kw in rule.call.kwargs}
+        try:
+            function(torch.empty(4, 4), *args, **kwargs)
+        except (TypeError, ValueError, RuntimeError, OverflowError, ZeroDivisionError) as err:
+            raise SpecError(rule.call.pos, f"init: {rule.call.name}: {err}") from None
         args = [f"module.{rule.parameter}"] + [expr_source(a) for a in rule.call.args]
         args += [f"{kw.name}={expr_source(kw.value)}" for kw in rule.call.kwargs]
         apply = f"nn.init.{rule.call.name}_({', '.join(args)})"
@@ -578,6 +658,7 @@ class _GraphBuilder:
         self.body: list = []  # the chains and regions of the body being built
         self.block_stack: list[str] = []
         self.loops = 0  # loops open around the body being built
+        self.ops_made = 0
         # a branch not taken at the default arguments: its shapes there need not fit
         self.untaken = False
         # (attribute, condition source, position) of each `if` that __init__ decides for forward
@@ -777,6 +858,10 @@ class _GraphBuilder:
         count = _static(evaluate(line.repeat, scope), line.repeat.pos, "this repeat count")
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise SpecError(line.repeat.pos, f"a line repeats a whole number of times, got {count!r}")
+        if count > MAX_REPEAT:
+            raise SpecError(
+                line.repeat.pos, f"a line repeats at most {MAX_REPEAT} times (fusegen's limit), got {count}"
+            )
         return count
 
     def module_steps(self, chain: S.Chain, steps, value: Value, scope, tensors, path, site, target) -> Value:
@@ -861,8 +946,8 @@ class _GraphBuilder:
 
     def record(self, chain: S.Chain, nodes: tuple[Node, ...], value: Value, site: Pos | None, target) -> Value:
         """Adds the chain of `nodes` on `value` to the body; returns its output."""
-        text = self.lines[chain.pos.line - 1].split("#")[0].strip()
-        call_site = f"{site.line}: {self.lines[site.line - 1].split('#')[0].strip()}" if site else ""
+        text = _comment_text(self.lines[chain.pos.line - 1])
+        call_site = f"{site.line}: {_comment_text(self.lines[site.line - 1])}" if site else ""
         output = Value(target or "x", nodes[-1].out_shape)
         self.body.append(Chain(nodes, chain.pos.line, text, call_site, value, output))
         return output
@@ -901,10 +986,46 @@ class _GraphBuilder:
             except O.ShapeError as err:
                 if not self.untaken:  # a branch not taken here: its shapes are checked where it runs
                     raise SpecError(node.pos, f"{err}{where}") from None
+            if math.prod(shape) > MAX_ELEMENTS:
+                raise SpecError(
+                    node.pos, f"{node.op.name} makes a {list(shape)} tensor, past fusegen's limit of 2**31 - 1 elements"
+                )
             shaped.append(replace(node, out_shape=shape))
         if not shaped:
             return value
+        if len(shaped) > MAX_CHAIN_OPS:
+            raise SpecError(shaped[MAX_CHAIN_OPS].pos, f"a chain has at most {MAX_CHAIN_OPS} ops (fusegen's limit)")
+        self.ops_made += len(shaped)
+        if self.ops_made > MAX_OPS:
+            raise SpecError(
+                chain.pos,
+                f"the forward pass has more than {MAX_OPS} ops, repeats and block calls expanded (fusegen's limit)",
+            )
         return self.record(chain, tuple(shaped), value, site, target)
+
+
+def _check_calls(spec: S.Spec, scope: _Scope) -> None:
+    """Every function an expression calls is a builtin of BUILTINS, a let function or a block: also in a
+    branch that check never evaluates, since __init__ holds it all (`exec(...)` must not get there)."""
+    known = {*BUILTINS, *scope.functions, *scope.blocks}
+    stack: list = [spec]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, S.Apply) and node.func not in known:
+            raise SpecError(
+                node.pos, f"unknown function {node.func!r}; expressions may call {', '.join(sorted(known))}"
+            )
+        if isinstance(node, (tuple, list)):
+            stack.extend(node)
+        elif dataclasses.is_dataclass(node):
+            stack.extend(getattr(node, f.name) for f in dataclasses.fields(node))
+
+
+def _comment_text(line: str) -> str:
+    """A spec line as generated code quotes it in a comment: without its own comment, and with each
+    character that is not printable (a carriage return would end the comment) escaped."""
+    text = line.split("#")[0].strip()
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def _specialized(node: Node, args: dict, where: str) -> Node:
@@ -1022,7 +1143,7 @@ def _check_channel_maps(uses: list[Node], anchor_at: list[int]) -> None:
 class _Checker:
     def __init__(self, spec: S.Spec, source: str):
         self.spec = spec
-        self.lines = source.splitlines()
+        self.lines = source_lines(source)
 
     def declarations(self) -> tuple[_Scope, tuple[tuple[str, str], ...], list[str]]:
         """The constructor parameters, global lets and blocks: their scope, the parameters with their
@@ -1031,8 +1152,7 @@ class _Checker:
         values: dict[str, Val] = {}
         for p in self.spec.model.params:
             _check_name(p.name, p.pos, "constructor parameter")
-            if p.name in values:
-                raise SpecError(p.pos, f"constructor parameter {p.name!r} is declared twice")
+            self.define(p.name, p.pos, "a constructor parameter")
             values[p.name] = Val(evaluate(p.default, _Scope({}, {}, {}, {})).value, frozenset({p.name}))
             params.append((p.name, expr_source(p.default)))
         blocks: dict[str, S.BlockDecl] = {}
@@ -1040,6 +1160,9 @@ class _Checker:
         init: list[str] = []
         for let in self.spec.lets:
             _check_name(let.name, let.pos, "let")
+            self.define(let.name, let.pos, "a let")
+            for param in let.params or ():
+                _check_name(param, let.pos, "let parameter")
             if let.params is not None:
                 init += [f"def {let.name}({', '.join(let.params)}):", f"    return {expr_source(let.value)}"]
                 scope = replace(scope, functions={**scope.functions, let.name: (let, scope.values)})
@@ -1049,8 +1172,7 @@ class _Checker:
         scope = replace(scope, globals=scope.values)
         for block in self.spec.blocks:
             _check_name(block.name, block.pos, "block")
-            if block.name in blocks or block.name in scope.functions:
-                raise SpecError(block.pos, f"{block.name!r} is defined twice")
+            self.define(block.name, block.pos, "a block")
             if O.lookup(block.name) is not None:
                 raise SpecError(block.pos, f"block {block.name!r} has the name of an op")
             names = [p.name for p in block.params]
@@ -1061,9 +1183,22 @@ class _Checker:
             blocks[block.name] = block
         return scope, tuple(params), init
 
+    def define(self, name: str, pos: Pos, what: str) -> None:
+        """Constructor parameters, global lets and blocks share __init__'s namespace, where each name is
+        bound once: Python's functions read a name when they run, so a second binding would change what a
+        block or a let function computes from what check computed."""
+        if name in self.defined:
+            first_what, first_pos = self.defined[name]
+            raise SpecError(
+                pos, f"{name!r} is already defined at line {first_pos.line} ({first_what}); pick another name"
+            )
+        self.defined[name] = (what, pos)
+
     def run(self) -> Model:
+        self.defined: dict[str, tuple[str, Pos]] = {}
         scope, params, init = self.declarations()
-        ops = _Ops(scope.blocks)
+        _check_calls(self.spec, scope)
+        ops = _Ops(scope.blocks, self.defined)
         writer = _InitWriter(ops)
         for block in self.spec.blocks:
             init += writer.block_function(block)
@@ -1071,7 +1206,7 @@ class _Checker:
         self.check_attributes(self.spec.forward.body, self.attributes)
         init += writer.module_body(self.spec.forward.body, "self", set(), {"x"}, set())
         if self.spec.init is not None:
-            init += _init_rules(self.spec.init)
+            init += _init_rules(self.spec.init, scope)
 
         dims = []
         for d in self.spec.input.dims:
@@ -1079,6 +1214,8 @@ class _Checker:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SpecError(d.pos, f"input dimensions are positive integers, got {value!r}")
             dims.append(value)
+        if math.prod(dims) > MAX_ELEMENTS:
+            raise SpecError(self.spec.input.pos, f"the example input has more than 2**31 - 1 elements: {dims}")
         if len(dims) != 4:
             raise SpecError(self.spec.input.pos, f"the example input is N, C, H, W (4 dimensions), got {len(dims)}")
         builder = _GraphBuilder(ops, self.lines, scope)
@@ -1087,7 +1224,7 @@ class _Checker:
         if not any(walk(builder.body)):
             raise SpecError(self.spec.forward.pos, "forward has no chains")
         for attribute, source, pos in builder.conditions:
-            if attribute in self.attributes or hasattr(nn.Module(), attribute):
+            if attribute in self.attributes or hasattr(nn.Module(), attribute) or attribute in MODEL_ATTRIBUTES:
                 raise SpecError(
                     pos,
                     f"ModelNew keeps this condition as self.{attribute}, which names a module; bind it with another `let` name",
@@ -1117,8 +1254,9 @@ class _Checker:
             for name, pos in names:
                 if name in seen:
                     raise SpecError(pos, f"{name!r} names a second module; module names must be unique")
-                if hasattr(nn.Module(), name):
-                    raise SpecError(pos, f"{name!r} is an attribute of nn.Module; pick another name")
+                if hasattr(nn.Module(), name) or name in MODEL_ATTRIBUTES:
+                    owner = "nn.Module" if hasattr(nn.Module(), name) else "ModelNew"
+                    raise SpecError(pos, f"{name!r} is an attribute of {owner}; pick another name")
                 seen.add(name)
 
     def activation_dtype(self) -> str:

@@ -17,6 +17,7 @@ import re
 import stat
 import sys
 import tempfile
+import tokenize
 from pathlib import Path
 
 from fusegen import optable
@@ -28,18 +29,82 @@ SPEC_DIR = Path("specs")
 OUT_DIR = Path("generated")
 INTERNAL_ERROR = 70  # EX_SOFTWARE: a fusegen bug, not a bad spec (2)
 LINT_MAX_BYTES = 4 * 2**20  # generated model files are ~100 kB; the limit bounds lint's time and memory
+SPEC_MAX_BYTES = 2**20  # specs are a few kB; the limit bounds a build's time and memory
+
+
+class InputError(Exception):
+    """A file fusegen cannot read or write; the message says why."""
 
 
 def _output_path(spec: Path, out_dir: Path) -> Path:
     return out_dir / f"{spec.stem}.py"
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _read_regular(path: Path, max_bytes: int, reader: str, cannot: str = "cannot read") -> bytes:
+    """The bytes of a regular file of at most `max_bytes`. Opened without blocking, so that a FIFO or a
+    device is refused rather than waited on or read forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        raise InputError(f"{cannot}: {err.strerror}") from err
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InputError("not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as err:
+            raise InputError(f"{cannot}: {err.strerror}") from err
+    if len(data) > max_bytes:
+        raise InputError(f"larger than {max_bytes // 2**20} MiB, the most {reader}")
+    return data
+
+
+def _read_spec(path: Path) -> str:
+    """A spec's text, decoded as Python decodes source: UTF-8, or the encoding a BOM or a `# coding:`
+    line in the first two lines names."""
+    data = _read_regular(path, SPEC_MAX_BYTES, "fusegen build reads", "cannot read spec")
+    lines = iter(data.splitlines(keepends=True))
+    try:
+        encoding, _ = tokenize.detect_encoding(lambda: next(lines, b""))
+        return data.decode(encoding)
+    except (SyntaxError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read spec: {err}") from err
+
+
+def _write_all(outputs: dict[Path, str]) -> None:
+    """Writes every file or none: each goes to a temporary file beside it first, and only when all are
+    written do they replace their targets. Files get the mode the umask gives a new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in outputs:
+        if path.exists() and not path.is_file():
+            raise InputError(f"{path}: error: cannot write: not a regular file")
+    written: dict[Path, str] = {}
+    try:
+        for path, text in outputs.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            written[path] = tmp
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+                f.write(text)
+            os.chmod(tmp, 0o666 & ~umask)
+        for path, tmp in written.items():
+            os.replace(tmp, path)
+    except OSError as err:
+        for tmp in written.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        where = err.filename if err.filename else next(iter(outputs))
+        raise InputError(f"{where}: error: cannot write: {err.strerror or err}") from err
+
+
+def _current(path: Path) -> str | None:
+    """The text of an existing generated file; None if there is none (or nothing fusegen wrote)."""
+    try:
+        return _read_regular(path, 2 * LINT_MAX_BYTES, "fusegen build compares").decode("utf-8")
+    except (InputError, UnicodeDecodeError):
+        return None
 
 
 def build(args: argparse.Namespace) -> int:
@@ -51,11 +116,17 @@ def build(args: argparse.Namespace) -> int:
     # Compile everything first: a bad spec leaves generated/ untouched.
     outputs: dict[Path, str] = {}
     failed = False
+    by_output: dict[Path, Path] = {}
     for spec in specs:
+        first = by_output.setdefault(_output_path(spec, out_dir), spec)
+        if first != spec:
+            print(f"{spec}: error: {first} writes {_output_path(spec, out_dir)} too; build them apart", file=sys.stderr)
+            failed = True
+    for spec in specs if not failed else ():
         try:
-            source = spec.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            print(f"{spec}: error: cannot read spec: {getattr(err, 'strerror', None) or err}", file=sys.stderr)
+            source = _read_spec(spec)
+        except InputError as err:
+            print(f"{spec}: error: {err}", file=sys.stderr)
             failed = True
             continue
         try:
@@ -63,12 +134,20 @@ def build(args: argparse.Namespace) -> int:
         except SpecError as err:
             print(err.render(spec.as_posix(), source), file=sys.stderr)
             failed = True
+        except (RecursionError, MemoryError):  # a limit of fusegen.parse or fusegen.check should have said so
+            print(f"{spec}: error: too large or nested too deeply for fusegen", file=sys.stderr)
+            failed = True
     if failed:
         print("fusegen: nothing written", file=sys.stderr)
         return 2
     # The generated code must pass `fusegen lint`; if it does not, the generator is wrong.
     for spec, text in outputs.items():
-        violations = [v for v in lint_source(text, _output_path(spec, out_dir).as_posix()) if v.severity == "error"]
+        try:
+            violations = [
+                str(v) for v in lint_source(text, _output_path(spec, out_dir).as_posix()) if v.severity == "error"
+            ]
+        except (SyntaxError, RecursionError, MemoryError) as err:
+            violations = [f"lint cannot check it: {type(err).__name__}: {err}"]
         if violations:
             print(
                 f"fusegen: internal error: generated code for {spec} violates lint rules (a generator bug, please report):",
@@ -84,46 +163,35 @@ def build(args: argparse.Namespace) -> int:
         stale = []
         for spec, text in outputs.items():
             path = _output_path(spec, out_dir)
-            if not path.exists() or path.read_text(encoding="utf-8") != text:
+            if _current(path) != text:
                 stale.append(path)
         for path in stale:
             print(f"{path}: stale; run `fusegen build` and commit it", file=sys.stderr)
         if not stale:
             print(f"fusegen: {len(outputs)} generated file(s) up to date")
         return 1 if stale else 0
+    changed = {_output_path(spec, out_dir): text for spec, text in outputs.items()}
+    changed = {path: text for path, text in changed.items() if _current(path) != text}
+    try:
+        _write_all(changed)
+    except InputError as err:
+        print(err, file=sys.stderr)
+        print("fusegen: nothing written", file=sys.stderr)
+        return 2
     for spec, text in outputs.items():
         path = _output_path(spec, out_dir)
-        unchanged = path.exists() and path.read_text(encoding="utf-8") == text
-        if not unchanged:
-            _write_atomically(path, text)
+        unchanged = path not in changed
         kernels = len(re.findall(r"^@triton\.jit\ndef \w+_kernel\(", text, re.MULTILINE))  # not the jit helpers
         print(f"{spec} -> {path} ({kernels} kernels{', unchanged' if unchanged else ''})")
     return 0
 
 
-class LintInputError(Exception):
-    """A file `fusegen lint` cannot check; the message says why."""
-
-
 def _read_python(path: Path) -> str:
-    """The text of a regular file of at most LINT_MAX_BYTES. Opened without blocking, so that a FIFO
-    or a device is refused rather than waited on or read forever."""
+    """The text of a regular UTF-8 file of at most LINT_MAX_BYTES."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as err:
-        raise LintInputError(f"cannot read: {err.strerror}") from err
-    with os.fdopen(fd, encoding="utf-8") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise LintInputError("not a regular file")
-        try:
-            text = f.read(LINT_MAX_BYTES + 1)
-        except OSError as err:
-            raise LintInputError(f"cannot read: {err.strerror}") from err
-        except UnicodeDecodeError as err:
-            raise LintInputError(f"cannot read: {err}") from err
-    if len(text.encode("utf-8")) > LINT_MAX_BYTES:
-        raise LintInputError(f"larger than {LINT_MAX_BYTES // 2**20} MiB, the most fusegen lint checks")
-    return text
+        return _read_regular(path, LINT_MAX_BYTES, "fusegen lint checks").decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"cannot read: {err}") from err
 
 
 def _lint_targets(name: str) -> list[Path]:
@@ -133,7 +201,7 @@ def _lint_targets(name: str) -> list[Path]:
         return [path]
     files = sorted(path.glob("*.py"))
     if not files:
-        raise LintInputError("no .py files in this directory")
+        raise InputError("no .py files in this directory")
     return files
 
 
@@ -151,21 +219,21 @@ def lint(args: argparse.Namespace) -> int:
     for name in args.files:
         try:
             paths = _lint_targets(name)
-        except LintInputError as err:
+        except InputError as err:
             print(f"{name}: error: {err}", file=sys.stderr)
             unreadable = True
             continue
         for path in paths:
             try:
                 violations += lint_source(_read_python(path), str(path), rules)
-            except LintInputError as err:
+            except InputError as err:
                 print(f"{path}: error: {err}", file=sys.stderr)
                 unreadable = True
             except SyntaxError as err:
                 where = f"{path}:{err.lineno}:{err.offset or 1}" if err.lineno else str(path)
                 print(f"{where}: error: not valid Python: {err.msg}", file=sys.stderr)
                 unreadable = True
-            except RecursionError:
+            except (RecursionError, MemoryError):  # MemoryError: Python's parser on some deep nesting
                 print(f"{path}: error: nested too deeply to check (Python's recursion limit)", file=sys.stderr)
                 unreadable = True
     if args.format == "json":

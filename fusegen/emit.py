@@ -177,9 +177,15 @@ def _input_check_lines(plan: Plan) -> list[str]:
     return [f"if {bad}:", f"{INDENT}raise ValueError({message})"]
 
 
-def _forward_lines(plan: Plan) -> list[str]:
+def _forward_lines(plan: Plan, kernel: str) -> list[str]:
+    """ModelNew.forward; `kernel` is one of the file's kernels: whether triton compiled it or interprets it."""
     lines = []
     lines += _input_check_lines(plan)
+    lines += [
+        f"if not x.is_cuda and isinstance({kernel}, triton.runtime.jit.JITFunction):",
+        f'{INDENT}raise RuntimeError("ModelNew runs Triton kernels: move the model and the input to a GPU, or set"',
+        f'{INDENT}" TRITON_INTERPRET=1 before triton is first imported to run them (slowly) on the CPU")',
+    ]
     run = [
         "if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):",
         f"{INDENT}return ModelNew.TorchBackward.apply(self, x, *self.parameters())",
@@ -422,6 +428,40 @@ def _captured_attrs_lines(plan: Plan) -> list[str]:
     ]
 
 
+# A copy of ModelNew (copy.deepcopy, pickle, torch.save) starts without CUDA graphs: a graph cannot be
+# copied, and it reads the original's parameters and buffers; the copy captures its own when it runs.
+GETSTATE = [
+    "def __getstate__(self):",
+    f"{INDENT}state = dict(self.__dict__)",
+    f"{INDENT}state.update(cuda_graphs={{}}, cuda_graph_pools={{}})",
+    f"{INDENT}return state",
+]
+
+
+def _float32_activations_lines(plan: Plan) -> list[str]:
+    """ModelNew.activation_dtype where the kernels store float32 only: setting another dtype is an
+    error rather than an attribute that nothing reads."""
+    if _stores_activations(plan):
+        return []
+    remedy = "add activations(float16) to its spec and build it again"
+    if plan.model.activation_dtype != "float32":
+        remedy = "its spec has activations(float16), but the output and a linear's input stay float32"
+    return [
+        "@property",
+        "def activation_dtype(self):",
+        f'{INDENT}"""The dtype of the tensors between kernels: float32 (the spec has no activations(float16))."""',
+        f"{INDENT}return torch.float32",
+        "",
+        "@activation_dtype.setter",
+        "def activation_dtype(self, dtype):",
+        f"{INDENT}if dtype != torch.float32:",
+        f"{INDENT * 2}raise ValueError(",
+        f'{INDENT * 3}f"{plan.model.name}\'s kernels store float32 between them, not {{dtype}}; {remedy}"',
+        f"{INDENT * 2})",
+        "",
+    ]
+
+
 def _stores_activations(plan: Plan) -> bool:
     return any(isinstance(step, Launch) and step.stores_activation for step in plan.steps)
 
@@ -568,8 +608,14 @@ def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
         f"{INDENT * 2}self.cuda_graphs = {{}}  # (shape, dtype, device, training) -> {{input address: graph}}",
         f"{INDENT * 2}self.cuda_graph_pools = {{}}  # device -> the memory pool its graphs share",
         "",
+        *(INDENT + line for line in GETSTATE),
+        "",
+        *(INDENT + line for line in _float32_activations_lines(plan)),
         f"{INDENT}def forward(self, x):",
-        *(INDENT * 2 + line for line in _forward_lines(plan)),
+        *(
+            INDENT * 2 + line
+            for line in _forward_lines(plan, re.search(r"^def (\w+_kernel)\(", "\n".join(kernels), re.M)[1])
+        ),
         "",
         *(INDENT + line for line in _run_methods(plan)),
         "",

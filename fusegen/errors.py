@@ -13,6 +13,12 @@ class Pos:
     column: int
 
 
+def source_lines(source: str) -> list[str]:
+    """A spec's lines as the parser counts them: split at newlines only (str.splitlines also splits at a
+    form feed, U+0085, U+2028, ..., which would put positions on the wrong line)."""
+    return [line.removesuffix("\r") for line in source.removesuffix("\n").split("\n")]
+
+
 class SpecError(Exception):
     """A problem in a spec file that the user must fix; never a fusegen bug."""
 
@@ -24,7 +30,7 @@ class SpecError(Exception):
     def render(self, path: str, source: str) -> str:
         if self.pos is None:
             return f"{path}: error: {self.message}"
-        lines = source.splitlines()
+        lines = source_lines(source)
         text = lines[self.pos.line - 1] if 0 < self.pos.line <= len(lines) else ""
         caret = " " * (self.pos.column - 1) + "^"
         return f"{path}:{self.pos.line}:{self.pos.column}: error: {self.message}\n    {text}\n    {caret}"

@@ -1192,6 +1192,9 @@ FIXED_OPS = {
                 (
                     "OH = (H - {m}.kernel_size) // {m}.kernel_size + 1",
                     "OW = (W - {m}.kernel_size) // {m}.kernel_size + 1",
+                    "if H < {m}.kernel_size or W < {m}.kernel_size:",
+                    '    raise ValueError(f"a {{{m}.kernel_size}}x{{{m}.kernel_size}} pooling window does not fit in'
+                    ' {{H}}x{{W}} pixels")',
                 ),
                 _pool_loop(_WINDOW_PIXEL, "KH * KW", "KH * KW"),
                 "it reads a window of its input, and those pixels are computed by other programs of this kernel",

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from functools import cache
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 from lark.indenter import DedentError, Indenter
 
 from fusegen import syntax as S
-from fusegen.errors import Pos, SpecError
+from fusegen.errors import Pos, SpecError, source_lines
 
 GRAMMAR = Path(__file__).resolve().parent.parent / "grammar" / "fuse.lark"
+
+# Limits that keep every later stage (and the Python that runs the generated file) within its own: the
+# recursion of each stage's walks, and integers that Python prints and torch allocates.
+MAX_DEPTH = 64  # levels of the syntax tree: bodies, statements, calls and expressions all count
+MAX_NAME_LENGTH = 100
+MAX_INT = 2**63 - 1  # a spec's integers, literal or computed (fusegen.check), stay in int64
 
 # How a grammar terminal is named in "expected ..." messages; punctuation is quoted from the grammar.
 TOKEN_WORDS = {
@@ -73,10 +80,16 @@ class _ToSyntax(Transformer):
     """Builds one dataclass per grammar rule; the rule names match the class names."""
 
     def int_literal(self, meta, items):
-        return S.IntLiteral(int(items[0]), _pos(meta))
+        text = str(items[0]).lstrip("0") or "0"
+        if len(text) > len(str(MAX_INT)) or int(text) > MAX_INT:
+            raise SpecError(_pos(meta), f"integer too large: a spec's integers are at most 2**63 - 1 ({MAX_INT})")
+        return S.IntLiteral(int(text), _pos(meta))
 
     def float_literal(self, meta, items):
-        return S.FloatLiteral(float(items[0]), str(items[0]), _pos(meta))
+        value = float(items[0])
+        if not math.isfinite(value):
+            raise SpecError(_pos(meta), "a number past float's range (about 1.8e308)")
+        return S.FloatLiteral(value, str(items[0]), _pos(meta))
 
     def string_literal(self, meta, items):
         return S.StringLiteral(str(items[0])[1:-1], _pos(meta))
@@ -211,8 +224,9 @@ class _ToSyntax(Transformer):
         return list(items)
 
 
-def _assemble(statements: list) -> S.Spec:
-    """Checks that the file has one model header, one input and one forward, and gathers the rest."""
+def _assemble(statements: list, end: Pos) -> S.Spec:
+    """Checks that the file has one model header, one input and one forward, and gathers the rest. A
+    missing declaration is reported at the end of the file (`end`)."""
     by_kind: dict[type, list] = {}
     for st in statements:
         by_kind.setdefault(type(st), []).append(st)
@@ -224,7 +238,7 @@ def _assemble(statements: list) -> S.Spec:
     ):
         found = by_kind.get(kind, [])
         if not found:
-            raise SpecError(None, f"the spec has no {what} declaration")
+            raise SpecError(end, f"the spec has no {what} declaration")
         if len(found) > 1:
             raise SpecError(found[1].pos, f"a second {what} declaration; a spec describes one model")
         singles[kind] = found[0]
@@ -253,7 +267,7 @@ def _syntax_error(err: UnexpectedInput, text: str, parser: Lark) -> SpecError:
         return SpecError(Pos(err.line, err.column), f"unexpected character {char!r}")
     expected = sorted({_word(t, parser) for t in err.expected})
     if isinstance(err, UnexpectedEOF) or (isinstance(err, UnexpectedToken) and err.token.type == "$END"):
-        lines = text.splitlines() or [""]
+        lines = source_lines(text)
         pos = Pos(len(lines), len(lines[-1]) + 1)
         return SpecError(pos, f"unexpected end of file; expected {', '.join(expected)}")
     token = err.token
@@ -262,8 +276,8 @@ def _syntax_error(err: UnexpectedInput, text: str, parser: Lark) -> SpecError:
         pos = Pos(token.end_line, token.end_column)
         if token.type == "_INDENT":
             return SpecError(pos, "unexpected indentation")
-        if pos.line > len(text.splitlines()):
-            lines = text.splitlines()
+        lines = source_lines(text)
+        if pos.line > len(lines):
             return SpecError(
                 Pos(len(lines), len(lines[-1]) + 1), f"unexpected end of file; expected {' or '.join(expected)}"
             )
@@ -284,6 +298,7 @@ def parse_spec(text: str) -> S.Spec:
         raise SpecError(_dedent_pos(text), "this line's indentation matches no enclosing block") from None
     except UnexpectedInput as err:
         raise _syntax_error(err, text, parser) from None
+    _check_limits(tree)
     try:
         statements = _ToSyntax().transform(tree)
     except VisitError as err:
@@ -292,14 +307,33 @@ def parse_spec(text: str) -> S.Spec:
         raise
     statements = [s for s in statements if not isinstance(s, Token)]
     if not statements:
-        raise SpecError(None, "the spec is empty; it needs `model`, `input` and `forward:` declarations")
-    return _assemble(statements)
+        raise SpecError(Pos(1, 1), "the spec is empty; it needs `model`, `input` and `forward:` declarations")
+    lines = source_lines(text)
+    return _assemble(statements, Pos(len(lines), len(lines[-1]) + 1))
+
+
+def _check_limits(tree: Tree) -> None:
+    """Refuses a tree deeper than MAX_DEPTH or a name longer than MAX_NAME_LENGTH, walking without recursion."""
+    stack = [(tree, 1, None)]
+    while stack:
+        node, depth, parent_pos = stack.pop()
+        pos = Pos(node.meta.line, node.meta.column) if not node.meta.empty else parent_pos
+        if depth > MAX_DEPTH:
+            raise SpecError(
+                pos,
+                f"nested too deeply: fusegen reads at most {MAX_DEPTH} levels of bodies, calls and expressions",
+            )
+        for child in node.children:
+            if isinstance(child, Tree):
+                stack.append((child, depth + 1, pos))
+            elif isinstance(child, Token) and child.type == "NAME" and len(child) > MAX_NAME_LENGTH:
+                raise SpecError(_pos(child), f"a name of {len(child)} characters; fusegen's limit is {MAX_NAME_LENGTH}")
 
 
 def _dedent_pos(text: str) -> Pos | None:
     """Where the first line whose indentation matches no enclosing level starts (for DedentError)."""
     levels = [0]
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(source_lines(text), start=1):
         stripped = line.lstrip(" \t")
         if not stripped or stripped.startswith("#"):
             continue

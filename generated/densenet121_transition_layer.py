@@ -782,6 +782,10 @@ def avgpool(x, pool):
     C_out = C_in
     OH = (H - pool.kernel_size) // pool.kernel_size + 1
     OW = (W - pool.kernel_size) // pool.kernel_size + 1
+    if H < pool.kernel_size or W < pool.kernel_size:
+        raise ValueError(
+            f"a {pool.kernel_size}x{pool.kernel_size} pooling window does not fit in {H}x{W} pixels"
+        )
     out = torch.empty(
         (N, C_out, OH, OW),
         device=x.device,
@@ -919,6 +923,23 @@ class ModelNew(nn.Module):
         )  # (shape, dtype, device, training) -> {input address: graph}
         self.cuda_graph_pools = {}  # device -> the memory pool its graphs share
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(cuda_graphs={}, cuda_graph_pools={})
+        return state
+
+    @property
+    def activation_dtype(self):
+        """The dtype of the tensors between kernels: float32 (the spec has no activations(float16))."""
+        return torch.float32
+
+    @activation_dtype.setter
+    def activation_dtype(self, dtype):
+        if dtype != torch.float32:
+            raise ValueError(
+                f"DenseNet121TransitionLayer's kernels store float32 between them, not {dtype}; add activations(float16) to its spec and build it again"
+            )
+
     def forward(self, x):
         if (
             x.dim() != 4
@@ -927,6 +948,13 @@ class ModelNew(nn.Module):
         ):
             raise ValueError(
                 f"DenseNet121TransitionLayer expects a float32 tensor of shape (N, {self.transition[0].num_features}, H, W), got {x.dtype} of shape {tuple(x.shape)}"
+            )
+        if not x.is_cuda and isinstance(
+            bn_relu_conv1x1_avgpool_kernel, triton.runtime.jit.JITFunction
+        ):
+            raise RuntimeError(
+                "ModelNew runs Triton kernels: move the model and the input to a GPU, or set"
+                " TRITON_INTERPRET=1 before triton is first imported to run them (slowly) on the CPU"
             )
         with torch.cuda.device(x.device.index if x.is_cuda else -1):
             if torch.is_grad_enabled() and (

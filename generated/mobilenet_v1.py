@@ -1934,6 +1934,10 @@ def bn_relu_avgpool_train(x, x_stats, bn, pool):
     C_out = C_in
     OH = (H - pool.kernel_size) // pool.kernel_size + 1
     OW = (W - pool.kernel_size) // pool.kernel_size + 1
+    if H < pool.kernel_size or W < pool.kernel_size:
+        raise ValueError(
+            f"a {pool.kernel_size}x{pool.kernel_size} pooling window does not fit in {H}x{W} pixels"
+        )
     out = torch.empty(
         (N, C_out, OH, OW),
         device=x.device,
@@ -2175,6 +2179,11 @@ class ModelNew(nn.Module):
         )  # (shape, dtype, device, training) -> {input address: graph}
         self.cuda_graph_pools = {}  # device -> the memory pool its graphs share
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(cuda_graphs={}, cuda_graph_pools={})
+        return state
+
     def forward(self, x):
         if (
             x.dim() != 4
@@ -2183,6 +2192,13 @@ class ModelNew(nn.Module):
         ):
             raise ValueError(
                 f"MobileNetV1 expects a float32 tensor of shape (N, {self.model[0][0].in_channels}, H, W), got {x.dtype} of shape {tuple(x.shape)}"
+            )
+        if not x.is_cuda and isinstance(
+            conv3x3_bn_relu_kernel, triton.runtime.jit.JITFunction
+        ):
+            raise RuntimeError(
+                "ModelNew runs Triton kernels: move the model and the input to a GPU, or set"
+                " TRITON_INTERPRET=1 before triton is first imported to run them (slowly) on the CPU"
             )
         with torch.cuda.device(x.device.index if x.is_cuda else -1):
             if torch.is_grad_enabled() and (

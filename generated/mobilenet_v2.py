@@ -2277,6 +2277,23 @@ class ModelNew(nn.Module):
         )  # (shape, dtype, device, training) -> {input address: graph}
         self.cuda_graph_pools = {}  # device -> the memory pool its graphs share
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(cuda_graphs={}, cuda_graph_pools={})
+        return state
+
+    @property
+    def activation_dtype(self):
+        """The dtype of the tensors between kernels: float32 (the spec has no activations(float16))."""
+        return torch.float32
+
+    @activation_dtype.setter
+    def activation_dtype(self, dtype):
+        if dtype != torch.float32:
+            raise ValueError(
+                f"MobileNetV2's kernels store float32 between them, not {dtype}; add activations(float16) to its spec and build it again"
+            )
+
     def forward(self, x):
         if (
             x.dim() != 4
@@ -2285,6 +2302,13 @@ class ModelNew(nn.Module):
         ):
             raise ValueError(
                 f"MobileNetV2 expects a float32 tensor of shape (N, {self.features[0].in_channels}, H, W), got {x.dtype} of shape {tuple(x.shape)}"
+            )
+        if not x.is_cuda and isinstance(
+            conv3x3_bn_relu6_kernel, triton.runtime.jit.JITFunction
+        ):
+            raise RuntimeError(
+                "ModelNew runs Triton kernels: move the model and the input to a GPU, or set"
+                " TRITON_INTERPRET=1 before triton is first imported to run them (slowly) on the CPU"
             )
         with torch.cuda.device(x.device.index if x.is_cuda else -1):
             if torch.is_grad_enabled() and (

@@ -15,10 +15,16 @@ GOOD = "model Tiny(c=4)\ninput(1, c, 5, 5)\nforward:\n    conv: conv3x3(c, 8) ->
 BAD = "model Broken(c=4)\ninput(1, c, 5, 5)\nforward:\n    conv: conv3x3(c, 8) -> pw: conv1x1(8, 8)\n"
 
 
-def fusegen(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+def fusegen(cwd: Path, *args: str, umask: int | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(
-        [sys.executable, "-m", "fusegen", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "fusegen", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=None if umask is None else lambda: os.umask(umask),
     )
 
 
@@ -113,3 +119,66 @@ def test_spec_names_with_a_newline_or_a_backslash_build(project):
         )
         (model,) = [n for n in ast.parse(text).body if isinstance(n, ast.ClassDef)]
         assert ast.get_docstring(model) == f"Tiny, generated from {encoded}; example input 1x4x5x5."
+
+
+def test_write_failures_exit_2_and_write_nothing(project):
+    (project / "specs" / "other.fuse").write_text(GOOD.replace("Tiny", "Other"))
+    (project / "afile").write_text("")
+    result = fusegen(project, "build", "specs/tiny.fuse", "--out-dir", "afile")
+    assert (
+        result.returncode == 2 and "afile: error: cannot write" in result.stderr and "nothing written" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    # the second output cannot be written: the first is not written either
+    (project / "generated" / "other.py").mkdir(parents=True)
+    result = fusegen(project, "build", "specs/tiny.fuse", "specs/other.fuse")
+    assert result.returncode == 2 and "generated/other.py: error: cannot write" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in (project / "generated").iterdir()) == ["other.py"]
+
+
+def test_two_specs_with_one_output_are_refused(project):
+    (project / "more").mkdir()
+    (project / "more" / "tiny.fuse").write_text(GOOD)
+    result = fusegen(project, "build", "specs/tiny.fuse", "more/tiny.fuse")
+    assert result.returncode == 2
+    assert "more/tiny.fuse: error: specs/tiny.fuse writes generated/tiny.py too" in result.stderr
+    assert not (project / "generated").exists()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_generated_files_get_the_umasks_mode(project, umask, mode):
+    assert fusegen(project, "build", umask=umask).returncode == 0
+    assert (project / "generated" / "tiny.py").stat().st_mode & 0o777 == mode
+
+
+def test_check_passes_from_another_directory_after_a_build_by_absolute_path(project):
+    result = fusegen(project, "build", str(project / "specs" / "tiny.fuse"), "--out-dir", str(project / "generated"))
+    assert result.returncode == 0, result.stderr
+    assert str(project) not in (project / "generated" / "tiny.py").read_text()
+    check = fusegen(
+        project.parent, "build", f"{project.name}/specs/tiny.fuse", "--out-dir", f"{project.name}/generated", "--check"
+    )
+    assert check.returncode == 0, check.stderr
+
+
+def test_specs_are_decoded_as_python_source_is(project):
+    """A `# coding:` line or a BOM, as in Python source; anything else is UTF-8."""
+    (project / "specs" / "latin.fuse").write_bytes(b"# -*- coding: latin-1 -*-\n# caf\xe9\n" + GOOD.encode())
+    (project / "specs" / "bom.fuse").write_bytes(b"\xef\xbb\xbf" + GOOD.encode())
+    (project / "specs" / "bad.fuse").write_bytes(b"# caf\xe9\n" + GOOD.encode())
+    result = fusegen(project, "build", "specs/latin.fuse", "specs/bom.fuse")
+    assert result.returncode == 0, result.stderr
+    result = fusegen(project, "build", "specs/bad.fuse")
+    assert result.returncode == 2 and "specs/bad.fuse: error: cannot read spec" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_special_and_huge_spec_files_are_refused_without_reading_them_forever(project):
+    os.mkfifo(project / "specs" / "fifo.fuse")
+    (project / "specs" / "huge.fuse").write_text(GOOD + "# " + "x" * 2**20 + "\n")
+    result = fusegen(project, "build", "specs/fifo.fuse", "specs/huge.fuse", "/dev/zero")
+    assert result.returncode == 2, result.stderr
+    assert "specs/fifo.fuse: error: not a regular file" in result.stderr
+    assert "specs/huge.fuse: error: larger than 1 MiB" in result.stderr
+    assert "/dev/zero: error: not a regular file" in result.stderr

@@ -163,6 +163,7 @@ def test_forward_calls_only_wrappers_and_views(spec):
     assert forward_calls <= {
         "RuntimeError",
         "ValueError",
+        "isinstance",  # whether triton compiled the kernels, for a CPU tensor
         "x.dim",
         "tuple",
         "torch.is_grad_enabled",

@@ -827,9 +827,10 @@ def test_unreadable_inputs_exit_2(tmp_path, capsys, monkeypatch):
     "source",
     [
         "x = " + "-" * 5000 + "1\n",  # too deep for Python's parser
+        "x = " + "-" * 100000 + "1\n",  # Python's parser runs out of memory (MemoryError)
         model_file(ADD.replace("x + 1.0", " + ".join(["x"] * 1200))),  # parses; too deep for the rules
     ],
-    ids=["parser", "rules"],
+    ids=["parser", "parser-memory", "rules"],
 )
 def test_code_nested_too_deeply_exits_2(tmp_path, capsys, source):
     path = tmp_path / "deep.py"

@@ -139,7 +139,7 @@ CASES = [
     (HEADER + "forward:\n    conv1: conv3x3(3, c) * 2\n", 4, 5, "`* N` repeats lines of a sequence or block"),
     ("input(2, 3, 16, 16)\nmodel M()\nforward:\n    relu\n", 1, 1, "starts with its `model Name(...)` header"),
     (HEADER + "input(1, 3, 8, 8)\nforward:\n    relu\n", 3, 1, "a second `input(...)` declaration"),
-    ("model M()\nforward:\n    relu\n", None, None, "no `input(...)` declaration"),
+    ("model M()\nforward:\n    relu\n", 3, 9, "no `input(...)` declaration"),
     (
         "model M(x=1)\ninput(1, 3, 8, 8)\nforward:\n    relu\n",
         1,
@@ -191,6 +191,110 @@ CASES = [
 ]
 
 
+# Hostile specs (issue #27): each is one SpecError at a position, whose message states the limit it meets.
+HOSTILE = [
+    # limits, each stated in its error
+    (
+        HEADER + "forward:\n    conv1: conv3x3(3, " + "+".join(["1"] * 100) + ")\n",
+        "nested too deeply: fusegen reads at most 64 levels",
+    ),
+    (HEADER + "forward:\n    conv1: conv3x3(3, " + "int(" * 70 + "8" + ")" * 70 + ")\n", "at most 64 levels"),
+    (HEADER + "forward:\n    conv1: conv3x3(3, " + "9" * 5000 + ")\n", "integers are at most 2**63 - 1"),
+    (HEADER + "forward:\n    conv1: conv3x3(3, 4611686018427387904 * 2)\n", "integers are at most 2**63 - 1"),
+    (HEADER + "forward:\n    conv1: conv3x3(3, int(1e300))\n", "integers are at most 2**63 - 1"),
+    (
+        HEADER + "forward:\n    conv1: conv" + "9" * 4301 + "x3(3, c)\n",
+        "a name of 4307 characters; fusegen's limit is 100",
+    ),
+    ("model M(s=1e999)\ninput(2, 3, 16, 16)\nforward:\n    relu\n", "a number past float's range"),
+    (
+        HEADER + "forward:\n    seq:\n        relu * 100000000\n",
+        "a line repeats at most 1000 times (fusegen's limit), got 100000000",
+    ),
+    (HEADER + "block b():\n    relu * 100000000\nforward:\n    b1: b()\n", "a line repeats at most 1000 times"),
+    (HEADER + "forward:\n    " + " -> ".join(["relu"] * 100) + "\n", "a chain has at most 64 ops"),
+    (HEADER + "block b():\n    relu * 1000\nforward:\n    seq:\n        b() * 10\n", "more than 2000 ops"),
+    (HEADER + "forward:\n    conv1: conv3x3(3, 10000000)\n", "past fusegen's limit of 2**31 - 1 elements"),
+    (
+        HEADER + "forward:\n    flatten -> fc: linear(768, 10000000)\n",
+        "768 * 10000000 is past fusegen's limit of 2**31 - 1",
+    ),
+    (
+        "model M()\ninput(2, 3, 100000000000, 8)\nforward:\n    relu\n",
+        "the example input has more than 2**31 - 1 elements",
+    ),
+    (
+        HEADER + "let f(v) = f(v)\nforward:\n    conv1: conv3x3(3, f(c))\n",
+        "let functions cannot call themselves: f -> f",
+    ),
+    (
+        HEADER + "let f(v) = g(v)\nlet g(v) = f(v)\nforward:\n    conv1: conv3x3(3, f(c))\n",
+        "cannot call themselves: f -> g -> f",
+    ),
+    (
+        HEADER
+        + "let f0(v) = v\n"
+        + "".join(f"let f{i}(v) = f{i-1}(v) + f{i-1}(v)\n" for i in range(1, 30))
+        + "forward:\n    conv1: conv3x3(3, f29(1))\n",
+        "more than 100000 steps",
+    ),
+    # names that Python or ModelNew would read otherwise
+    (
+        HEADER + "let k = 2\nlet f(v) = v * k\nlet k = 3\nforward:\n    c1: conv3x3(3, f(4)) -> b: bn(8)\n",
+        "'k' is already defined at line 3 (a let)",
+    ),
+    (HEADER + "let c = 4\nforward:\n    relu\n", "'c' is already defined at line 1 (a constructor parameter)"),
+    (
+        HEADER + "block c(k):\n    relu\nforward:\n    c1: c(1)\n",
+        "'c' is already defined at line 1 (a constructor parameter)",
+    ),
+    (HEADER + "forward:\n    let alpha = 2\n    conv1: conv3x3(3, c)\n", "'alpha' is already defined at line 1"),
+    (
+        HEADER + "let f(class) = 1\nforward:\n    relu\n",
+        "let parameter 'class' clashes with a name the generated Python uses",
+    ),
+    (HEADER + "block b(nn):\n    relu\nforward:\n    b1: b(1)\n", "block parameter 'nn' clashes"),
+    (HEADER + "forward:\n    activation_dtype: conv3x3(3, c)\n", "'activation_dtype' is an attribute of ModelNew"),
+    (HEADER + "forward:\n    use_cuda_graphs: conv3x3(3, c)\n", "'use_cuda_graphs' is an attribute of ModelNew"),
+    (HEADER + "forward:\n    run_kernels: conv3x3(3, c)\n", "'run_kernels' is an attribute of ModelNew"),
+    (
+        HEADER
+        + 'block b(k):\n    if k > 1:\n        conv3x3(3, exec("import os"))\n    relu\nforward:\n    b1: b(1)\n',
+        "unknown function 'exec'",  # in a branch check never takes, but __init__ holds
+    ),
+    # init: rules as torch.nn.init would take them
+    (
+        HEADER + "forward:\n    conv1: conv3x3(3, c)\ninit:\n    Conv2d.class = zeros\n",
+        "init: 'class' is not weight or bias",
+    ),
+    (
+        HEADER + "forward:\n    conv1: conv3x3(3, c)\ninit:\n    Conv2d.weight = normal(class=1)\n",
+        "init: normal has no argument 'class'",
+    ),
+    (
+        HEADER + "forward:\n    conv1: conv3x3(3, c)\ninit:\n    Conv2d.weight = kaiming_normal(mode=nope)\n",
+        "unknown name 'nope'",
+    ),
+    (
+        HEADER + 'forward:\n    conv1: conv3x3(3, c)\ninit:\n    Conv2d.weight = kaiming_normal(mode="fan")\n',
+        "init: kaiming_normal: Mode fan not supported",
+    ),
+    (
+        HEADER + "forward:\n    conv1: conv3x3(3, c)\ninit:\n    Conv2d.weight = constant(1, 2)\n",
+        "init: constant takes 1 argument(s) (val)",
+    ),
+]
+
+
+@pytest.mark.parametrize("text, fragment", HOSTILE)
+def test_hostile_spec_is_one_error_that_states_the_limit(text, fragment):
+    err = error_of(text)
+    assert fragment in err.message
+    assert err.pos is not None and err.render("specs/bad.fuse", text).startswith(
+        f"specs/bad.fuse:{err.pos.line}:{err.pos.column}: error: "
+    )
+
+
 @pytest.mark.parametrize("text, line, column, fragment", CASES)
 def test_error_position_and_message(text, line, column, fragment):
     err = error_of(text)
@@ -225,3 +329,46 @@ def test_let_functions_see_their_declaration_scope_like_python():
     assert load_spec(text, "closure").ModelNew().x1[0].out_channels == 8
     with pytest.raises(SpecError, match="conv1x1 expects 12 input channels"):
         compile_spec(text.replace("y: conv1x1(8, 8)", "y: conv1x1(12, 8)"), "specs/closure.fuse")
+
+
+@pytest.mark.parametrize("separator", ["\f", "\x85", "\u2028", "\x0b", "\x1c"])
+def test_error_lines_are_counted_at_newlines_only(separator):
+    """str.splitlines splits at these too; the parser and the rendered error must not."""
+    text = HEADER + f"forward:\n    relu # {separator} a comment\n    conv1: conv3x3(4, c)\n"
+    err = error_of(text)
+    assert (err.pos.line, err.pos.column) == (5, 12)
+    assert err.render("specs/bad.fuse", text).splitlines()[1:] == [
+        "        conv1: conv3x3(4, c)",
+        "    " + " " * 11 + "^",
+    ]
+
+
+def test_a_line_quoted_in_a_comment_has_its_control_characters_escaped():
+    """A block argument may be any string; a carriage return in it must not end the comment that quotes
+    the line (Python ends a line there)."""
+    text = HEADER + 'block b(s):\n    conv3x3(8, 8)\nforward:\n    conv1: conv3x3(3, c)\n    b1: b("\rimport os")\n'
+    source = compile_spec(text, "specs/ok.fuse")
+    assert "\r" not in source
+    assert '# ok.fuse:7: b1: b("\\rimport os")' in source
+    compile(source, "ok.py", "exec")
+
+
+def test_model_attributes_are_every_name_modelnew_defines():
+    """check.MODEL_ATTRIBUTES against the ModelNew classes of the generated files: the methods, class
+    attributes and the self.<name> attributes __init__ sets to a constant, a dict or a torch attribute
+    (the spec's modules are calls or module arguments, its conditions expressions of its names)."""
+    import ast
+    from pathlib import Path
+
+    from fusegen.check import MODEL_ATTRIBUTES
+
+    for path in sorted(Path(__file__).resolve().parent.parent.joinpath("generated").glob("*.py")):
+        (model,) = [n for n in ast.parse(path.read_text()).body if isinstance(n, ast.ClassDef) and n.name == "ModelNew"]
+        names = {n.name for n in model.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        names |= {t.id for n in model.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        init = next(n for n in model.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+        for node in ast.walk(init):
+            if isinstance(node, ast.Assign) and isinstance(node.value, (ast.Constant, ast.Dict, ast.Attribute)):
+                names |= {t.attr for t in node.targets if isinstance(t, ast.Attribute)}
+        names -= {"__init__", "forward"}  # nn.Module's, refused as such
+        assert names <= MODEL_ATTRIBUTES, (path.name, names - MODEL_ATTRIBUTES)
