@@ -164,6 +164,7 @@ def test_forward_calls_only_wrappers_and_views(spec):
         "RuntimeError",
         "ValueError",
         "isinstance",  # whether triton compiled the kernels, for a CPU tensor
+        "len",  # the input check where a loop over a module's children may run no times
         "x.dim",
         "tuple",
         "torch.is_grad_enabled",
