@@ -7,10 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fusegen import ops, optable
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "dsl.md"
+DOCS = [ROOT / "README.md", DOC]
 
 
 def fusegen(*args: str) -> subprocess.CompletedProcess:
@@ -19,12 +22,13 @@ def fusegen(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_committed_op_table_is_the_registrys():
-    committed = optable.committed_table(DOC.read_text(encoding="utf-8"))
-    assert committed is not None, f"{DOC.relative_to(ROOT)} lost its op table markers: {optable.MARKERS}"
+@pytest.mark.parametrize("doc", DOCS, ids=lambda doc: doc.name)
+def test_committed_op_table_is_the_registrys(doc):
+    committed = optable.committed_table(doc.read_text(encoding="utf-8"))
+    assert committed is not None, f"{doc.relative_to(ROOT)} lost its op table markers: {optable.MARKERS}"
     assert committed == optable.render_markdown(), (
-        f"{DOC.relative_to(ROOT)}'s op table differs from fusegen/ops.py; regenerate it with"
-        f" `python -m fusegen ops --write {DOC.relative_to(ROOT)}` and commit the result"
+        f"{doc.relative_to(ROOT)}'s op table differs from fusegen/ops.py; regenerate it with"
+        f" `python -m fusegen ops --write {doc.relative_to(ROOT)}` and commit the result"
     )
 
 
