@@ -570,11 +570,10 @@ def runtime_sources(callers: list[str], jit: bool) -> list[str]:
     """The sources of the runtime's Triton functions (jit) or Python functions that `callers` call,
     directly or through one another, in the runtime's order."""
     runtime = _runtime()
+    call = re.compile(rf"\b({'|'.join(runtime)})\(")
     texts, called = list(callers), set()
-    while True:
-        found = {name for name in runtime if any(re.search(rf"\b{name}\(", t) for t in texts)} - called
-        if not found:
-            break
+    while texts:
+        found = {name for text in texts for name in call.findall(text)} - called
         called |= found
         texts = [runtime[name][0] for name in found]
     return [source for name, (source, is_jit) in runtime.items() if name in called and is_jit == jit]
