@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import multiprocessing
 import os
 import re
 import stat
 import sys
 import tempfile
 import tokenize
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from fusegen import optable
@@ -107,6 +109,48 @@ def _current(path: Path) -> str | None:
         return None
 
 
+# Specs compile in parallel from this many on: a worker process starts in about a second (it imports torch).
+PARALLEL_FROM = 4
+
+
+def _compile_one(spec: Path, out_dir: Path) -> tuple[str | None, list[str], bool]:
+    """One spec read, compiled and linted: (generated text or None, error lines, whether an error is
+    fusegen's own). Runs in a worker process of `_compile_all`."""
+    try:
+        source = _read_spec(spec)
+    except InputError as err:
+        return None, [f"{spec}: error: {err}"], False
+    try:
+        text = compile_spec(source, spec.as_posix())
+    except SpecError as err:
+        return None, [err.render(spec.as_posix(), source)], False
+    except (RecursionError, MemoryError):  # a limit of fusegen.parse or fusegen.check should have said so
+        return None, [f"{spec}: error: too large or nested too deeply for fusegen"], False
+    # The generated code must pass `fusegen lint`; if it does not, the generator is wrong.
+    try:
+        violations = [
+            str(v) for v in lint_source(text, _output_path(spec, out_dir).as_posix()) if v.severity == "error"
+        ]
+    except (SyntaxError, RecursionError, MemoryError) as err:
+        violations = [f"lint cannot check it: {type(err).__name__}: {err}"]
+    if violations:
+        header = (
+            f"fusegen: internal error: generated code for {spec} violates lint rules (a generator bug, please report):"
+        )
+        return None, [header, *(f"  {v}" for v in violations)], True
+    return text, [], False
+
+
+def _compile_all(specs: list[Path], out_dir: Path) -> list[tuple[str | None, list[str], bool]]:
+    """_compile_one of each spec, in order; on several processes where there are enough specs (spawned, not
+    forked: a forked child of a process whose torch threads run can hang)."""
+    workers = min(len(specs), os.cpu_count() or 1)
+    if len(specs) < PARALLEL_FROM or workers < 2:
+        return [_compile_one(spec, out_dir) for spec in specs]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_compile_one, specs, [out_dir] * len(specs)))
+
+
 def build(args: argparse.Namespace) -> int:
     specs = [Path(s) for s in args.specs] or sorted(SPEC_DIR.glob("*.fuse"))
     if not specs:
@@ -122,43 +166,17 @@ def build(args: argparse.Namespace) -> int:
         if first != spec:
             print(f"{spec}: error: {first} writes {_output_path(spec, out_dir)} too; build them apart", file=sys.stderr)
             failed = True
-    for spec in specs if not failed else ():
-        try:
-            source = _read_spec(spec)
-        except InputError as err:
-            print(f"{spec}: error: {err}", file=sys.stderr)
-            failed = True
-            continue
-        try:
-            outputs[spec] = compile_spec(source, spec.as_posix())
-        except SpecError as err:
-            print(err.render(spec.as_posix(), source), file=sys.stderr)
-            failed = True
-        except (RecursionError, MemoryError):  # a limit of fusegen.parse or fusegen.check should have said so
-            print(f"{spec}: error: too large or nested too deeply for fusegen", file=sys.stderr)
-            failed = True
+    results = [] if failed else _compile_all(specs, out_dir)
+    for spec, (text, errors, internal) in zip(specs, results):
+        for line in errors:
+            print(line, file=sys.stderr)
+        if text is not None:
+            outputs[spec] = text
+        failed = failed or bool(errors)
     if failed:
         print("fusegen: nothing written", file=sys.stderr)
-        return 2
-    # The generated code must pass `fusegen lint`; if it does not, the generator is wrong.
-    for spec, text in outputs.items():
-        try:
-            violations = [
-                str(v) for v in lint_source(text, _output_path(spec, out_dir).as_posix()) if v.severity == "error"
-            ]
-        except (SyntaxError, RecursionError, MemoryError) as err:
-            violations = [f"lint cannot check it: {type(err).__name__}: {err}"]
-        if violations:
-            print(
-                f"fusegen: internal error: generated code for {spec} violates lint rules (a generator bug, please report):",
-                file=sys.stderr,
-            )
-            for violation in violations:
-                print(f"  {violation}", file=sys.stderr)
-            failed = True
-    if failed:
-        print("fusegen: nothing written", file=sys.stderr)
-        return INTERNAL_ERROR
+        bad_input = not results or any(errors and not internal for _, errors, internal in results)
+        return 2 if bad_input else INTERNAL_ERROR
     if args.check:
         stale = []
         for spec, text in outputs.items():
