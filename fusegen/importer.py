@@ -578,7 +578,9 @@ class _Importer:
         except _Refused as why:
             raise ImportFailure(line, f"{name} in {what} is not supported: {why}") from None
         if steps and steps[0].name == "channel_shuffle":
-            label = _fresh("shuffle", {s.label for s in structure.steps} | {n for n, _ in structure.module.named_children()})
+            label = _fresh(
+                "shuffle", {s.label for s in structure.steps} | {n for n, _ in structure.module.named_children()}
+            )
             structure.steps.append(Step(value, _channel_shuffle(node)[0][-1], op=steps[0], label=label))
             return
         if steps is None:
@@ -913,8 +915,20 @@ class _Writer:
         def needs_name(value, line: int) -> bool:
             return any(not head or at != line + 1 for at, head in readers.get(value, []))
 
+        def input_needs_name() -> bool:
+            """Whether a line reads the body's input as an operand or where `x` is another value: lines that
+            name their output leave `x` as it was (an inception module's branches all read `x`)."""
+            register = structure.inputs
+            reads = readers.get(structure.inputs, [])
+            for i in range(len(groups) + 1):
+                if any(at == i and (not head or register is not structure.inputs) for at, head in reads):
+                    return True
+                if i < len(groups) and not needs_name(groups[i][-1].output, i):
+                    register = groups[i][-1].output
+            return False
+
         lines: list = []
-        if needs_name(structure.inputs, -1):
+        if input_needs_name():
             names[structure.inputs] = _fresh("identity", taken)
             taken.add(names[structure.inputs])
             lines.append((f"{names[structure.inputs]} = x",))

@@ -118,6 +118,7 @@ def test_kernelbench_inception_v1_shares_one_module_for_its_inceptions():
     text, _ = imported(KERNELBENCH / "7_GoogleNetInceptionV1.py", None, None)
     assert text.count("inception_module(") == 10
     assert "    cat(out, out_2, out_3, out_4)\n" in text
+    assert "identity = x" not in text  # every branch reads `x`: the lines before name their outputs
 
 
 @needs_kernelbench
