@@ -573,16 +573,19 @@ class _Importer:
         if not isinstance(x, fx.Node):
             raise ImportFailure(line, f"{name} in {what} is not supported")
         value = alias.get(x, x)
+        splits = (node.op == "call_method" and target in ("view", "reshape", "unflatten")) or target is torch.unflatten
+        shuffle = _channel_shuffle(node) if splits else None
+        if shuffle is not None:  # one step for the nodes from the split to the join
+            nodes, groups = shuffle
+            self.consumed.update(nodes)
+            taken = {s.label for s in structure.steps} | {n for n, _ in structure.module.named_children()}
+            op = OpCall("channel_shuffle", ((None, Hole("groups", groups)),))
+            structure.steps.append(Step(value, nodes[-1], op=op, label=_fresh("shuffle", taken)))
+            return
         try:
             steps = self.function_ops(node, target, args, kwargs)
         except _Refused as why:
             raise ImportFailure(line, f"{name} in {what} is not supported: {why}") from None
-        if steps and steps[0].name == "channel_shuffle":
-            label = _fresh(
-                "shuffle", {s.label for s in structure.steps} | {n for n, _ in structure.module.named_children()}
-            )
-            structure.steps.append(Step(value, _channel_shuffle(node)[0][-1], op=steps[0], label=label))
-            return
         if steps is None:
             raise ImportFailure(line, f"{name} in {what} is not supported")
         if not steps:
@@ -613,6 +616,7 @@ class _Importer:
             value = output
 
     def cat(self, structure: Structure, node, alias, line, what: str) -> None:
+        """torch.cat along channels: one step that reads its parts, each a value of this body."""
         b = _bind(node.args, node.kwargs, ("tensors", "dim"), {"dim": 0})
         parts = b["tensors"]
         if not isinstance(parts, (list, tuple)) or len(parts) < 2:
@@ -655,11 +659,6 @@ class _Importer:
             if len(in_shape) == 4 and b["start_dim"] == 1 and b["end_dim"] in (-1, 3):
                 return [OpCall("flatten")]
             return [] if in_shape == out_shape else None
-        if (method and target in ("view", "reshape", "unflatten")) or (not method and target is torch.unflatten):
-            shuffle = _channel_shuffle(node)
-            if shuffle is not None:
-                self.consumed.update(shuffle[0])
-                return [OpCall("channel_shuffle", ((None, Hole("groups", shuffle[1])),))]
         if method and target in ("view", "reshape", "contiguous"):
             if in_shape == out_shape:
                 return []
