@@ -254,16 +254,16 @@ def _batch_norm(m: nn.BatchNorm2d) -> OpCall:
 
 
 def _max_pool(kernel_size, stride, padding, dilation, ceil_mode, return_indices) -> OpCall:
-    for flag, name in ((ceil_mode, "ceil_mode"), (return_indices, "return_indices")):
-        if flag:
-            raise _Refused(f"{name}=True")
+    if return_indices:
+        raise _Refused("return_indices=True")
     if _square(dilation, "dilation") != 1:
         raise _Refused(f"dilation {dilation}")
     k = _square(kernel_size, "kernel size")
     s = k if stride is None or stride == [] else _square(stride, "stride")
     p = _square(padding, "padding")
     args = [(None, Hole("kernel_size", k)), (None, Hole("stride", s))] + ([(None, Hole("padding", p))] if p else [])
-    return _checked("maxpool", dict(kernel_size=k, stride=s, padding=p), args)
+    args += [("ceil_mode", "True")] if ceil_mode else []
+    return _checked("maxpool", dict(kernel_size=k, stride=s, padding=p, ceil_mode=bool(ceil_mode)), args)
 
 
 def _avg_pool(kernel_size, stride, padding, ceil_mode, divisor_override) -> OpCall:
@@ -337,6 +337,8 @@ _ELEMENTWISE_CALLS = {
 _ELEMENTWISE_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
 _ADDS = {operator.add, operator.iadd, torch.add}
 _SHAPE_HELPERS = {"size", "dim"}
+_SIZE_ARITHMETIC = {operator.floordiv, operator.mul, operator.add, operator.sub}
+_CATS = {torch.cat, torch.concat, torch.concatenate}
 
 
 def _bind(fn_args: tuple, kwargs: dict, names: tuple[str, ...], defaults: dict) -> dict:
@@ -357,6 +359,7 @@ class Step:
     op: OpCall | None = None
     label: str | None = None
     operand: object = None  # add's other value
+    parts: tuple = ()  # cat's values, in order
     call: "Structure | None" = None  # a Sequential or a module of a class of its own
     argument: bool = False  # the call's module was made before its parent, which takes it as an argument
 
@@ -364,6 +367,8 @@ class Step:
     def role(self) -> str:
         if self.call is not None:
             return "call"
+        if self.parts:
+            return "concat"
         if self.operand is not None:
             return "operand"
         return _role(self.op)
@@ -393,6 +398,7 @@ class _Importer:
     def __init__(self, source: Source):
         self.source = source
         self.path = source.path
+        self.consumed: set = set()  # fx nodes inside a pattern that one step stands for (a channel shuffle)
 
     def fail(self, module: nn.Module | None, message: str, line: int | None = None) -> ImportFailure:
         if line is None and module is not None:
@@ -465,14 +471,15 @@ class _Importer:
                     structure.output = self.value(node.args[0], alias, module, node)
                 continue
             line = _node_line(node, self.path)
+            if node in self.consumed:
+                continue
             if node.op == "call_module":
                 self.call_module(structure, node, alias, called, line)
             elif node.op == "get_attr":
                 raise ImportFailure(line, f"{what} reads {node.target} directly; only modules it calls can be imported")
             elif _tensor_shape(node) is None:
-                if not (node.op == "call_method" and node.target in _SHAPE_HELPERS) and node.target is not getattr:
-                    if node.target is not operator.getitem or _tensor_shape(node.args[0]) is not None:
-                        raise ImportFailure(line, f"{_call_name(node)} in {what} is not supported")
+                if not _is_size_arithmetic(node):
+                    raise ImportFailure(line, f"{_call_name(node)} in {what} is not supported")
             else:
                 self.call_function(structure, node, alias, line, what)
         for name, child in module.named_children():
@@ -490,8 +497,9 @@ class _Importer:
         """Children that the module's forward calls after a child made later: made before the module itself
         (torchvision's ResNets make a block's downsample and pass it in), so the spec passes them in too."""
         latest = -1
+        children = dict(structure.module.named_children())
         for step in structure.steps:
-            child = structure.module.get_submodule(step.label) if step.label else None
+            child = children.get(step.label)  # None for an op's own module (a functional call's)
             made = (
                 [self.source.created[id(m)] for m in child.modules() if id(m) in self.source.created] if child else []
             )
@@ -531,23 +539,49 @@ class _Importer:
             called.add(target)
             structure.steps.append(Step(value, node, op=op, label=label))
             return
+        if type(child) is nn.Sequential and len(child) == 0:  # the identity (ShuffleNet's shortcut of one width)
+            alias[node] = value
+            return
         if target in called:
             raise ImportFailure(
                 line, f"{_module_name(child)} at {where} is called twice; fusegen runs each module once"
             )
         called.add(target)
         inner = self.child(child, where, _tensor_shape(node.args[0]))
+        only = inner.steps[0] if inner.steps is not None and len(inner.steps) == 1 else None
+        if (
+            only is not None
+            and only.op is not None
+            and only.call is None
+            and only.operand is None
+            and only.input is inner.inputs
+            and only.output is inner.output
+            and not any(True for _ in child.children())
+        ):  # a module of its own class that is one op and holds nothing (ChannelShuffle): the op, named as the child
+            label = target if O.lookup(only.op.name).needs_module else None
+            structure.steps.append(Step(value, node, op=only.op, label=label))
+            return
         structure.steps.append(Step(value, node, label=target, call=inner))
 
     def call_function(self, structure: Structure, node, alias, line, what) -> None:
         target, args, kwargs = node.target, node.args, node.kwargs
         name = _call_name(node)
-        if target is torch.cat:
-            raise ImportFailure(line, f"torch.cat in {what} is not supported yet")
+        if target in _CATS:
+            self.cat(structure, node, alias, line, f"{name} in {what}")
+            return
         x = args[0] if args else None
         if not isinstance(x, fx.Node):
             raise ImportFailure(line, f"{name} in {what} is not supported")
         value = alias.get(x, x)
+        splits = (node.op == "call_method" and target in ("view", "reshape", "unflatten")) or target is torch.unflatten
+        shuffle = _channel_shuffle(node) if splits else None
+        if shuffle is not None:  # one step for the nodes from the split to the join
+            nodes, groups = shuffle
+            self.consumed.update(nodes)
+            taken = {s.label for s in structure.steps} | {n for n, _ in structure.module.named_children()}
+            op = OpCall("channel_shuffle", ((None, Hole("groups", groups)),))
+            structure.steps.append(Step(value, nodes[-1], op=op, label=_fresh("shuffle", taken)))
+            return
         try:
             steps = self.function_ops(node, target, args, kwargs)
         except _Refused as why:
@@ -580,6 +614,19 @@ class _Importer:
             output = node if i == len(steps) - 1 else (node, i)  # one call, two ops (mean: pool, flatten)
             structure.steps.append(Step(value, output, op=op, label=label))
             value = output
+
+    def cat(self, structure: Structure, node, alias, line, what: str) -> None:
+        """torch.cat along channels: one step that reads its parts, each a value of this body."""
+        b = _bind(node.args, node.kwargs, ("tensors", "dim"), {"dim": 0})
+        parts = b["tensors"]
+        if not isinstance(parts, (list, tuple)) or len(parts) < 2:
+            raise ImportFailure(line, f"{what} is not supported: fusegen joins two or more values, a list in the call")
+        if any(not isinstance(p, fx.Node) or len(_tensor_shape(p) or ()) != 4 for p in parts):
+            raise ImportFailure(line, f"{what} is not supported: fusegen joins N, C, H, W tensors")
+        if b["dim"] not in (1, -3):
+            raise ImportFailure(line, f"{what} along dim={b['dim']} is not supported: fusegen joins along channels")
+        parts = tuple(alias.get(p, p) for p in parts)
+        structure.steps.append(Step(parts[0], node, op=OpCall("cat"), parts=parts))
 
     def function_ops(self, node, target, args, kwargs) -> list[OpCall] | None:
         """The ops of a call in forward: [] where it passes its input through, None where unsupported."""
@@ -625,6 +672,66 @@ class _Importer:
                 return [OpCall("global_avgpool")] + ([] if b["keepdim"] else [OpCall("flatten")])
             raise _Refused(f"dim={b['dim']} (fusegen averages over H and W)")
         return None
+
+
+def _is_size_arithmetic(node) -> bool:
+    """A number from tensor sizes (x.size(), x.shape, their items, arithmetic on them), for a view's arguments."""
+    if node.op == "call_method":
+        return node.target in _SHAPE_HELPERS
+    if node.target is getattr:
+        return True
+    if node.target is operator.getitem:
+        return _tensor_shape(node.args[0]) is None
+    return node.target in _SIZE_ARITHMETIC and all(_tensor_shape(a) is None for a in node.args)
+
+
+def _only_user(node):
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _swaps_dims_1_2(node, source) -> bool:
+    """`source.transpose(1, 2)` or `source.permute(0, 2, 1, 3, 4)` on a 5-dimensional value."""
+    if node is None or not node.args or node.args[0] is not source:
+        return False
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if node.op == "call_function" and node.target not in (torch.transpose, torch.permute):
+        return False
+    dims = node.args[1:] or tuple(node.kwargs.values())
+    if name == "transpose" and len(dims) == 2 and all(isinstance(d, int) for d in dims):
+        return sorted(d % 5 for d in dims) == [1, 2]
+    if name == "permute":
+        dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else tuple(dims)
+        return all(isinstance(d, int) for d in dims) and tuple(d % 5 for d in dims) == (0, 2, 1, 3, 4)
+    return False
+
+
+def _channel_shuffle(split) -> tuple[list, int] | None:
+    """A channel shuffle from its first view: x.view(N, g, C // g, H, W) (or reshape, unflatten), .transpose(1, 2)
+    (or permute), maybe .contiguous(), then a view, reshape or flatten back to N, C, H, W, each the one reader of
+    the one before. The nodes from `split` to the last view, and g; None where the nodes are another thing."""
+    in_shape, out_shape = _tensor_shape(split.args[0]), _tensor_shape(split)
+    if in_shape is None or out_shape is None or len(in_shape) != 4 or len(out_shape) != 5:
+        return None
+    n, c, h, w = in_shape
+    groups = out_shape[1]
+    if out_shape != (n, groups, c // groups, h, w):
+        return None
+    swap = _only_user(split)
+    if not _swaps_dims_1_2(swap, split):
+        return None
+    nodes = [split, swap]
+    end = _only_user(swap)
+    if end is not None and end.op == "call_method" and end.target == "contiguous":
+        nodes.append(end)
+        end = _only_user(end)
+    joins = end is not None and (
+        (end.op == "call_method" and end.target in ("view", "reshape", "flatten"))
+        or (end.op == "call_function" and end.target in (torch.reshape, torch.flatten))
+    )
+    if not joins or end.args[0] is not nodes[-1] or _tensor_shape(end) != in_shape:
+        return None
+    return [*nodes, end], groups
 
 
 def _fresh(base: str, taken: set) -> str:
@@ -794,10 +901,11 @@ class _Writer:
         # who reads each value: (line index, as the line's head?)
         readers: dict = {}
         for i, group in enumerate(groups):
-            readers.setdefault(group[0].input, []).append((i, True))
+            if not group[0].parts:
+                readers.setdefault(group[0].input, []).append((i, True))
             for step in group:
-                if step.operand is not None:
-                    readers.setdefault(step.operand, []).append((i, False))
+                for value in [step.operand] if step.operand is not None else step.parts:
+                    readers.setdefault(value, []).append((i, False))
         readers.setdefault(structure.output, []).append((len(groups), True))
         labels = {n for n, _ in structure.module.named_children()} | {s.label for s in structure.steps if s.label}
         taken = labels | set(O.FIXED_OPS) | RESERVED
@@ -806,8 +914,20 @@ class _Writer:
         def needs_name(value, line: int) -> bool:
             return any(not head or at != line + 1 for at, head in readers.get(value, []))
 
+        def input_needs_name() -> bool:
+            """Whether a line reads the body's input as an operand or where `x` is another value: lines that
+            name their output leave `x` as it was (an inception module's branches all read `x`)."""
+            register = structure.inputs
+            reads = readers.get(structure.inputs, [])
+            for i in range(len(groups) + 1):
+                if any(at == i and (not head or register is not structure.inputs) for at, head in reads):
+                    return True
+                if i < len(groups) and not needs_name(groups[i][-1].output, i):
+                    register = groups[i][-1].output
+            return False
+
         lines: list = []
-        if needs_name(structure.inputs, -1):
+        if input_needs_name():
             names[structure.inputs] = _fresh("identity", taken)
             taken.add(names[structure.inputs])
             lines.append((f"{names[structure.inputs]} = x",))
@@ -819,10 +939,12 @@ class _Writer:
                 target = names[output] = _fresh("out", taken)
                 taken.add(target)
             prefix = [f"{target} = "] if target else []
-            if head is not register:
-                prefix.append(f"{names[head]} -> ")
             first = group[0]
-            if first.argument:
+            if head is not register and not first.parts:
+                prefix.append(f"{names[head]} -> ")
+            if first.parts:
+                lines.append(tuple([*prefix, f"cat({', '.join(names[part] for part in first.parts)})"]))
+            elif first.argument:
                 argument = ModuleArg(first.label, self.call(first.call, f"{first.label}_block", holes))
                 arguments.append(argument)
                 lines.append(tuple([*prefix, argument]))
@@ -865,9 +987,8 @@ def _group_steps(steps: list[Step]) -> list[list[Step]]:
     """Consecutive steps, each reading the one before (its only reader), that make one legal kernel."""
     readers: dict = {}
     for step in steps:
-        readers[step.input] = readers.get(step.input, 0) + 1
-        if step.operand is not None:
-            readers[step.operand] = readers.get(step.operand, 0) + 1
+        for value in step.parts or [step.input, *([step.operand] if step.operand is not None else [])]:
+            readers[value] = readers.get(value, 0) + 1
     groups: list[list[Step]] = []
     for step in steps:
         last = groups[-1] if groups else None
@@ -875,6 +996,8 @@ def _group_steps(steps: list[Step]) -> list[list[Step]]:
             last
             and step.call is None
             and last[-1].call is None
+            and not step.parts
+            and not last[-1].parts
             and step.input is last[-1].output
             and readers.get(step.input) == 1
             and _legal([s.role for s in last], step.role)

@@ -67,6 +67,9 @@ def assert_matches(path: Path, args, shape, class_name="Model"):
         # with the residual; without the expand conv, at stride 2
         ("21_EfficientNetMBConv", [4, 4, 3, 1, 2], (2, 4, 7, 6)),
         ("21_EfficientNetMBConv", [5, 6, 5, 2, 1], (2, 5, 9, 7)),
+        # torch.cat of branches: two expands, four branches (two Sequentials of one structure, a pool first)
+        ("17_SqueezeNetFireModule", [3, 4, 5, 6], (2, 3, 7, 6)),
+        ("6_GoogleNetInceptionModule", [5, 3, 4, 6, 2, 3, 4], (2, 5, 7, 6)),
     ],
 )
 def test_kernelbench_files_import_and_match(stem, args, shape):
@@ -82,6 +85,40 @@ def test_kernelbench_mobilenet_v1_shares_one_block_for_its_depthwise_separable_p
     assert "        model_block_2(512, 1, 512) * 5\n" in text
     assert "input(10, 3, 224, 224)" in text
     assert "model MobileNetV1(num_classes=1000, input_channels=3, alpha=1.0)" in text
+
+
+@needs_kernelbench
+def test_kernelbench_shufflenet_unit_grouped_convs_and_its_channel_shuffle_module():
+    """ChannelShuffle, a module of KernelBench's own doing view/transpose/view, is the op under its name."""
+    text = assert_matches(KERNELBENCH / "25_ShuffleNetUnit.py", [6, 12, 3], (2, 6, 7, 6))
+    assert "conv1: conv(6, 3, 1, 1, 0, groups=3, bias=False)" in text
+    assert "-> shuffle: channel_shuffle(3)\n" in text
+
+
+@needs_kernelbench
+def test_kernelbench_shufflenet_units_whose_shortcut_is_an_empty_sequential_add_their_input():
+    text = assert_matches(KERNELBENCH / "26_ShuffleNet.py", [7, 3, [2, 1, 1], [6, 12, 24, 48]], (2, 3, 8, 8))
+    assert "-> relu -> add(identity)\n" in text
+    # stage2 inline: its second unit keeps its width, so its shortcut is empty and the unit another module
+    assert "    stage2:\n        shuffle_net_unit(6, 3, 12)\n        shuffle_net_unit_2()\n" in text
+
+
+@needs_kernelbench
+def test_kernelbench_squeezenet_pools_in_ceil_mode():
+    """At 29 x 29 the first two pools round up (12 -> 6, 6 -> 3), the last one reads one window."""
+    text = assert_matches(KERNELBENCH / "18_SqueezeNet.py", [7], (1, 3, 29, 29))
+    assert text.count("maxpool(3, 2, ceil_mode=True)") == 3
+    assert "    cat(out_2, out_3)\n" in text
+
+
+@needs_kernelbench
+def test_kernelbench_inception_v1_shares_one_module_for_its_inceptions():
+    """At KernelBench's own arguments (its forward on the CPU is too slow for CI): the nine inception modules are
+    one `module`, their branches joined by cat; the spec builds and its seeded state_dict is the model's."""
+    text, _ = imported(KERNELBENCH / "7_GoogleNetInceptionV1.py", None, None)
+    assert text.count("inception_module(") == 10
+    assert "    cat(out, out_2, out_3, out_4)\n" in text
+    assert "identity = x" not in text  # every branch reads `x`: the lines before name their outputs
 
 
 @needs_kernelbench
@@ -249,14 +286,42 @@ class Branchy(nn.Module):
         return x
 
 
-class Concat(nn.Module):
+class Joined(nn.Module):
+    """torch.cat in both spellings, the input one of its parts; channel shuffles written out in forward."""
+
     def __init__(self):
         super().__init__()
         self.a = nn.Conv2d(3, 4, 1)
-        self.b = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 2, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(9)
+        self.c = nn.Conv2d(9, 6, 1, groups=3, bias=False)
 
     def forward(self, x):
-        return torch.cat([self.a(x), self.b(x)], 1)
+        y = torch.cat([self.a(x), F.relu(self.b(x))], 1)
+        y = self.bn(torch.cat((x, y), dim=1))
+        n, c, h, w = y.size()
+        y = y.view(n, 3, c // 3, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+        z = self.c(y).relu()
+        return z.reshape(n, 2, 3, h, w).permute(0, 2, 1, 3, 4).reshape(n, 6, h, w)
+
+
+class CatBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return torch.cat([y, y.relu()], 0)
+
+
+class Upsample(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(3, 4, 2, stride=2)
+
+    def forward(self, x):
+        return self.up(x)
 
 
 class Grouped(nn.Module):
@@ -299,6 +364,12 @@ def test_a_module_made_before_its_parent_is_passed_to_it(user_models):
     assert "        block_module_2(downsample_block())\n" in text
 
 
+def test_cat_and_channel_shuffles_in_forward(user_models):
+    text = assert_matches(user_models, [], (2, 3, 6, 5), "Joined")
+    assert "    out_3 = cat(out, out_2)\n    cat(identity, out_3)\n" in text  # the parts' lines name them
+    assert "shuffle: channel_shuffle(3)" in text and "shuffle_2: channel_shuffle(2)" in text
+
+
 def test_mean_hardswish_and_batch_norm_arguments(user_models):
     text = assert_matches(user_models, [], (3, 3, 11, 10), "MeanHead")
     assert "bn: bn(6, eps=0.001, momentum=0.2)" in text
@@ -310,7 +381,8 @@ def test_mean_hardswish_and_batch_norm_arguments(user_models):
     [
         ("Recurrent", "return self.rnn(self.conv(x))", "nn.LSTM at rnn is not supported"),
         ("Branchy", "if x.sum() > 0:", "Branchy.forward takes a branch or loop on tensor values"),
-        ("Concat", "return torch.cat", "torch.cat in Concat.forward is not supported yet"),
+        ("CatBatch", "return torch.cat", "torch.cat in CatBatch.forward along dim=0 is not supported"),
+        ("Upsample", "return self.up(x)", "nn.ConvTranspose2d at up is not supported"),
         ("Grouped", "return self.conv(x)", "nn.Conv2d at conv is not supported: conv with groups=2"),
     ],
 )
