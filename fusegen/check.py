@@ -437,11 +437,14 @@ class _InitWriter:
         if line.repeat is None:
             return items
         count = expr_source(line.repeat)
+        index = line.index or "_"
+        if line.index is not None:
+            _check_name(line.index, line.pos, "the repeat's index")
         if len(items) == 1:
-            return [f"*({items[0]} for _ in range({count}))"]
-        if isinstance(line.repeat, S.IntLiteral):
+            return [f"*({items[0]} for {index} in range({count}))"]
+        if isinstance(line.repeat, S.IntLiteral) and line.index is None:
             return items * line.repeat.value
-        return [f"*(module for _ in range({count}) for module in ({', '.join(items)},))"]
+        return [f"*(module for {index} in range({count}) for module in ({', '.join(items)},))"]
 
     def block_call(self, call: S.Call) -> str:
         args = [expr_source(a) for a in call.args] + [f"{kw.name}={expr_source(kw.value)}" for kw in call.kwargs]
@@ -478,6 +481,8 @@ class _InitWriter:
                     raise SpecError(
                         line.pos, "a repeated line would name its modules twice; repeat it in a sequential block"
                     )
+                if isinstance(line, S.ChainLine) and line.index is not None:
+                    raise SpecError(line.pos, "a repeat with an index belongs in a sequential body (a block or a sequence)")
                 for step in steps:
                     lines += self.module_step(step, len(steps), target, params, registered)
                 if isinstance(line, S.ChainLine):
@@ -651,17 +656,55 @@ class _GraphBuilder:
                 line.repeat.pos, "a repeat count that follows constructor arguments repeats the last line of its block"
             )
         variable = "block" if not self.loops else f"block_{self.loops + 1}"
-        carried = Value(value.name, value.shape)
         self.loops += 1
-        body, out = self.region(lambda: self.block_call(first.call, scope, carried, variable, site or first.call.pos))
-        self.loops -= 1
-        if out.shape != value.shape:
-            raise SpecError(
-                first.call.pos,
-                f"a block repeated by a constructor argument must keep its input's shape: {list(value.shape)} becomes {list(out.shape)}",
+        if line.index is None:
+            carried = Value(value.name, value.shape)
+            body, out = self.region(
+                lambda: self.block_call(first.call, scope, carried, variable, site or first.call.pos)
             )
+            if out.shape != value.shape:
+                raise SpecError(
+                    first.call.pos,
+                    f"a block repeated by a constructor argument must keep its input's shape: {list(value.shape)} becomes {list(out.shape)}",
+                )
+        else:
+            body, carried, out = self.indexed_loop(line, scope, value, variable, site or first.call.pos)
+        self.loops -= 1
         self.body.append(Loop(prefix, index, variable, body, value, carried, out))
         return out
+
+    def indexed_loop(self, line: S.ChainLine, scope: _Scope, value: Value, variable: str, site: Pos):
+        """(body, carried, output) of a loop whose block call reads the repeat's index (a stage per width):
+        every iteration at the default arguments is built and checked, and the loop's body is the last one,
+        so that its output has the shape after the loop. The iterations share one body in forward, so they
+        must lower to the same ops and keep the rank."""
+        count = evaluate(line.repeat, scope)
+        if not isinstance(count.value, int) or isinstance(count.value, bool) or count.value < 1:
+            raise SpecError(
+                line.repeat.pos,
+                f"a repeat that follows constructor arguments runs at least once at the default arguments, got {count.value!r}",
+            )
+        call = line.chain.steps[0].call
+        first_ops, out = None, value
+        for i in range(count.value):
+            carried = Value(value.name, out.shape)
+            iteration = scope.child({line.index: Val(i, count.deps)})
+            body, out = self.region(lambda: self.block_call(call, iteration, carried, variable, site))
+            ops = [[node.op.name for node in chain.ops] for chain in walk(body)]
+            if first_ops is not None and ops != first_ops:
+                raise SpecError(
+                    call.pos,
+                    f"{line.index} = {i} makes the ops {ops}, but {line.index} = 0 makes {first_ops}; a loop's"
+                    " iterations run one body, so they must make the same ops",
+                )
+            if len(out.shape) != len(carried.shape):
+                raise SpecError(
+                    call.pos,
+                    f"each iteration of a loop reads the one before's output, so the block must keep its input's"
+                    f" rank: {list(carried.shape)} becomes {list(out.shape)}",
+                )
+            first_ops = ops
+        return body, carried, out
 
     def sequential_body(
         self, body, scope: _Scope, value: Value, prefix: str, site: Pos | None, index: int
@@ -679,17 +722,20 @@ class _GraphBuilder:
             elif line.repeat is not None and evaluate(line.repeat, scope).deps:
                 value = self.loop(line, body[number + 1 :], scope, value, prefix, index, site)
             else:
-                for _ in range(self.repeat(line, scope)):
+                for i in range(self.repeat(line, scope)):
+                    # the index is the line's own, as a comprehension's variable is
+                    line_scope = scope.child({line.index: Val(i)}) if line.index is not None else scope
                     first = line.chain.steps[0]
                     if first.call.name in self.blocks:
-                        value = self.block_call(first.call, scope, value, f"{prefix}[{index}]", site or first.call.pos)
+                        path = f"{prefix}[{index}]"
+                        value = self.block_call(first.call, line_scope, value, path, site or first.call.pos)
                         index += 1
                         continue
                     uses = []
                     for step in line.chain.steps:
                         uses.append((self.ops.op(step.call), step, f"{prefix}[{index}]"))
                         index += 1
-                    value = self.chain(line.chain, uses, value, scope, {}, site, None)
+                    value = self.chain(line.chain, uses, value, line_scope, {}, site, None)
         return value, index
 
     def named(self, value: Value, name: str | None, made: int) -> Value:

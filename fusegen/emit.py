@@ -153,7 +153,10 @@ def _input_channels(body: tuple, value: Value) -> str | None:
             if any(sides):
                 return f"({sides[0]} if self.{item.attribute} else {sides[1]})" if all(sides) else None
         if isinstance(item, Loop) and item.input is value:
-            return None
+            # the first iteration's modules are the sequential module's child `start`
+            found = _input_channels(item.body, item.carried)
+            first = f"self.{item.modules}[{item.start}]"
+            return re.sub(rf"^self\.{item.variable}\b", first, found) if found else None
     return None
 
 

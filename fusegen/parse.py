@@ -166,8 +166,15 @@ class _ToSyntax(Transformer):
         return S.Chain(tuple(items), _pos(meta))
 
     def chain_line(self, meta, items):
-        target, chain, repeat = items
-        return S.ChainLine(str(target) if target is not None else None, chain, repeat, _pos(meta))
+        target, chain, (index, repeat) = items[0], items[1], items[2] or (None, None)
+        return S.ChainLine(str(target) if target is not None else None, chain, repeat, _pos(meta), index)
+
+    def times(self, meta, items):
+        return None, items[0]
+
+    def indexed(self, meta, items):
+        name, count = items
+        return str(name), count
 
     def body(self, meta, items):
         return tuple(items)

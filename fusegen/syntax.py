@@ -186,12 +186,14 @@ class Chain:
 
 @dataclass(frozen=True)
 class ChainLine:
-    """`[target =] chain [* repeat]`: without a target the chain's output becomes the value `x`."""
+    """`[target =] chain [* repeat]` or `[target =] chain for index in range(repeat)`: without a target the
+    chain's output becomes the value `x`; `index` counts the repeats from 0."""
 
     target: str | None
     chain: Chain
     repeat: Expr | None
     pos: Pos
+    index: str | None = None
 
 
 @dataclass(frozen=True)

@@ -601,6 +601,33 @@ class DenseNet121TransitionLayer(nn.Module):
         return self.transition(x)
 
 
+class RegNet(nn.Module):
+    """KernelBench's RegNet: a stage per width, each two 3x3 convs with bias and BatchNorm, then a 2x2 max pool."""
+
+    def __init__(self, input_channels, stages, block_widths, output_classes):
+        super().__init__()
+        self.stages = stages
+        self.block_widths = block_widths
+        widths = [input_channels, *block_widths[:stages]]
+        self.feature_extractor = nn.Sequential(*(self._stage(widths[i], widths[i + 1]) for i in range(stages)))
+        self.fc = nn.Linear(block_widths[-1], output_classes)
+
+    @staticmethod
+    def _stage(in_channels, out_channels):
+        return nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+            nn.MaxPool2d(kernel_size=2, stride=2),
+        )
+
+    def forward(self, x):
+        return self.fc(self.feature_extractor(x).mean(dim=(2, 3)))
+
+
 # KernelBench level 3 as its files run: stem -> (reference, get_init_inputs(), get_inputs() shape).
 KERNELBENCH = {
     "lenet5": (LeNet5, [20], (4096, 1, 32, 32)),
@@ -625,6 +652,7 @@ KERNELBENCH = {
     ),
     "googlenet_inception_v1": (GoogleNetInceptionV1, [1000], (10, 3, 224, 224)),
     "densenet121_transition_layer": (DenseNet121TransitionLayer, [32, 64], (128, 32, 256, 256)),
+    "regnet": (RegNet, [3, 3, [64, 128, 256], 10], (8, 3, 224, 224)),
 }
 
 # Cheap cases, stem -> [(constructor arguments, input shape)]: arguments other than KernelBench's, odd input
@@ -666,4 +694,6 @@ SMALL = {
     "googlenet_inception_v1": [([7], (1, 3, 17, 19))],
     # Odd sizes: the pool leaves the last row and column out.
     "densenet121_transition_layer": [([5, 7], (2, 5, 7, 9))],
+    # Two stages of odd widths from two input channels (9x11 pools to 4x5, then 2x2), and one stage.
+    "regnet": [([2, 2, [5, 7], 3], (2, 2, 9, 11)), ([3, 1, [6], 4], (3, 3, 5, 6))],
 }

@@ -339,3 +339,37 @@ def test_an_if_on_constructor_arguments_is_decided_at_run_time(args, training):
     x = torch.rand(2, args[0], 9, 7, device=DEVICE)
     with torch.no_grad():
         assert rel_error(new(x), ref(x)) < TOLERANCE
+
+
+INDEXED = """\
+model Widths(widths=[3, 5, 4])
+input(2, 3, 7, 9)
+
+forward:
+    features:
+        conv(widths[i], widths[i + 1], 3, padding=1) -> relu for i in range(2)
+"""
+
+
+class TorchWidths(nn.Module):
+    def __init__(self, widths=(3, 5, 4)):
+        super().__init__()
+        layers = []
+        for i in range(2):
+            layers += [nn.Conv2d(widths[i], widths[i + 1], 3, padding=1), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.features(x)
+
+
+@pytest.mark.parametrize("widths", [[3, 5, 4], [3, 2, 7]])
+def test_a_repeat_with_an_index_and_a_constant_count_is_inlined_per_index(widths):
+    """`chain for i in range(2)`: each repeat reads its own `i` (the widths of its conv), and a constant count
+    inlines the repeats: two launches, no loop."""
+    source = load_spec(INDEXED, "graph").SOURCE
+    assert "for " not in run_kernels_source(source)
+    ref, new = pair(INDEXED, TorchWidths, widths)
+    x = torch.rand(2, 3, 7, 9, device=DEVICE)
+    with torch.no_grad():
+        assert rel_error(new(x), ref(x)) < TOLERANCE

@@ -40,6 +40,7 @@ FILES = {
     "googlenet_inception_module": "6_GoogleNetInceptionModule",
     "googlenet_inception_v1": "7_GoogleNetInceptionV1",
     "densenet121_transition_layer": "13_DenseNet121TransitionLayer",
+    "regnet": "27_RegNet",
 }
 SEED = 42
 

@@ -5,6 +5,8 @@ import pytest
 from fusegen import SpecError, compile_spec
 
 HEADER = "model M(c=8, alpha=0.5)\ninput(2, 3, 16, 16)\n"
+# a sequence whose block call follows the repeat's index; the line that repeats it comes next
+INDEXED = "model M(n={n})\ninput(2, 3, 16, 16)\nblock b(k):\n    conv(3, 3, k, padding=k // 2)\nforward:\n    seq:\n"
 
 
 def error_of(text: str) -> SpecError:
@@ -107,6 +109,15 @@ CASES = [
     (HEADER + "forward:\n    seq:\n        relu * (0 - 1)\n", 5, 17, "a line repeats a whole number of times, got -1"),
     ("model M()\ninput(2, 3, 16)\nforward:\n    relu\n", 2, 1, "the example input is N, C, H, W"),
     (HEADER + "let f(v) = v / 0\nforward:\n    conv1: conv3x3(3, f(2))\n", 3, 12, "division by zero"),
+    (
+        INDEXED.format(n=2) + "        b(1 + 2 * i) for i in range(n)\n",
+        7,
+        9,
+        "i = 1 makes the ops [['conv3x3_bias']], but i = 0 makes [['conv1x1_bias']]; a loop's iterations run one body",
+    ),
+    (INDEXED.format(n=0) + "        b(3) for i in range(n)\n", 7, 29, "runs at least once at the default arguments, got 0"),
+    (INDEXED.format(n=2) + "        b(3) for x in range(2)\n", 7, 9, "the repeat's index 'x' clashes"),
+    (HEADER + "module m():\n    relu for i in range(2)\nforward:\n    m1: m()\n", 4, 5, "a repeat with an index belongs"),
 ]
 
 
