@@ -180,8 +180,9 @@ class _ToSyntax(Transformer):
         return tuple(items)
 
     def sequence(self, meta, items):
-        target, name, body = items
-        return S.Sequence(str(target) if target is not None else None, str(name), body, _pos(meta))
+        target, kind, name, body = items
+        kind = str(kind) if kind is not None else None
+        return S.Sequence(str(target) if target is not None else None, str(name), body, _pos(meta), kind)
 
     def if_stmt(self, meta, items):
         test, body, orelse = items

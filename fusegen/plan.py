@@ -17,7 +17,7 @@ from typing import Iterator, Union
 
 from fusegen import ops as O
 from fusegen.check import Model
-from fusegen.graph import Branch, Chain, Graph, Loop, Node, Value
+from fusegen.graph import Branch, Chain, Graph, Loop, Node, Value, walk
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,9 @@ class Launch:
     input: Value
     output: Value
     stores_activation: bool = False  # its output feeds a later kernel at the model's activation_dtype
-    # its output is part `index` of a concatenation: (the concatenated value, index), stored into its slice
-    into: tuple[Value, int] | None = None
+    # its output is part `index` of a concatenation: (the concatenated value, index), stored into its slice;
+    # in a dense loop the index is the loop's ("index", counting its iterations from 1)
+    into: tuple[Value, int | str] | None = None
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,7 @@ class _Group:
     writes_batch_stats: bool = False
     producer: list[Node] = field(default_factory=list)
     pool: Node | None = None
-    into: tuple[Value, int] | None = None  # stores its output into a concatenation's slice (Launch.into)
+    into: tuple[Value, int | str] | None = None  # stores its output into a concatenation's slice (Launch.into)
 
 
 def is_concat(chain: Chain) -> bool:
@@ -245,6 +246,21 @@ def _concat_groups(groups: list, uses) -> list:
             producer.into = (g.output, index)
         planned.append(_ConcatGroup(g, tuple(parts)))
     return planned
+
+
+def _dense_groups(loop: Loop, body: list, uses) -> list:
+    """A dense loop's groups: a copy of its input into slice 0 of the loop's buffer, then the loop, whose
+    body stores what each iteration makes into the iteration's slice (a copy kernel where the launch that
+    makes it cannot); each iteration reads the buffer's channels so far in place."""
+    first = next(walk(loop.body))
+    copy = _Group([], None, [], None, [first], loop.input, Value(loop.input.name, loop.input.shape))
+    copy.into = (loop.output, 0)
+    producer = next((g for g in body if isinstance(g, _Group) and g.output is loop.part), None)
+    if producer is None or producer.into is not None or uses(loop.part) != 1 or not _writes_slice(producer):
+        producer = _Group([], None, [], None, [first], loop.part, Value(loop.part.name, loop.part.shape))
+        body = [*body, producer]
+    producer.into = (loop.output, "index")
+    return [copy, _LoopGroups(loop, body)]
 
 
 @dataclass
@@ -289,7 +305,8 @@ def _eval_groups(body: tuple, graph: Graph) -> list:
     made_by: dict[int, _Group] = {}
     for chain in body:
         if isinstance(chain, Loop):
-            groups.append(_LoopGroups(chain, _eval_groups(chain.body, graph)))
+            body = _eval_groups(chain.body, graph)
+            groups += _dense_groups(chain, body, graph.uses) if chain.part else [_LoopGroups(chain, body)]
             continue
         if isinstance(chain, Branch):
             groups.append(_BranchGroups(chain, _eval_groups(chain.then, graph), _eval_groups(chain.orelse, graph)))
@@ -470,7 +487,8 @@ class _TrainingGroups:
                 continue
             self.flush()
             if isinstance(item, Loop):
-                self.groups.append(_LoopGroups(item, self.body_groups(item.body, region=True)))
+                body = self.body_groups(item.body, region=True)
+                self.groups += _dense_groups(item, body, self.uses) if item.part else [_LoopGroups(item, body)]
             else:
                 then = self.body_groups(item.then, region=True)
                 self.groups.append(_BranchGroups(item, then, self.body_groups(item.orelse, region=True)))

@@ -601,6 +601,30 @@ class DenseNet121TransitionLayer(nn.Module):
         return self.transition(x)
 
 
+class DenseNet121DenseBlock(nn.Module):
+    """KernelBench's dense block: each layer (BatchNorm, ReLU, 3x3 conv, Dropout(0)) reads the concatenation of
+    the input and every earlier layer's output."""
+
+    def __init__(self, num_layers, num_input_features, growth_rate):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.Sequential(
+                nn.BatchNorm2d(num_input_features + i * growth_rate),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(num_input_features + i * growth_rate, growth_rate, kernel_size=3, padding=1, bias=False),
+                nn.Dropout(0.0),
+            )
+            for i in range(num_layers)
+        )
+
+    def forward(self, x):
+        features = [x]
+        for layer in self.layers:
+            features.append(layer(x))
+            x = torch.cat(features, 1)
+        return x
+
+
 class RegNet(nn.Module):
     """KernelBench's RegNet: a stage per width, each two 3x3 convs with bias and BatchNorm, then a 2x2 max pool."""
 
@@ -653,6 +677,7 @@ KERNELBENCH = {
     "googlenet_inception_v1": (GoogleNetInceptionV1, [1000], (10, 3, 224, 224)),
     "densenet121_transition_layer": (DenseNet121TransitionLayer, [32, 64], (128, 32, 256, 256)),
     "regnet": (RegNet, [3, 3, [64, 128, 256], 10], (8, 3, 224, 224)),
+    "densenet121_dense_block": (DenseNet121DenseBlock, [6, 32, 32], (10, 32, 224, 224)),
 }
 
 # Cheap cases, stem -> [(constructor arguments, input shape)]: arguments other than KernelBench's, odd input
@@ -696,4 +721,6 @@ SMALL = {
     "densenet121_transition_layer": [([5, 7], (2, 5, 7, 9))],
     # Two stages of odd widths from two input channels (9x11 pools to 4x5, then 2x2), and one stage.
     "regnet": [([2, 2, [5, 7], 3], (2, 2, 9, 11)), ([3, 1, [6], 4], (3, 3, 5, 6))],
+    # Three layers of odd growth over odd input channels and pixels, and no layer (the input as it is).
+    "densenet121_dense_block": [([3, 5, 3], (2, 5, 5, 7)), ([0, 4, 3], (2, 4, 3, 5))],
 }

@@ -41,6 +41,7 @@ FILES = {
     "googlenet_inception_v1": "7_GoogleNetInceptionV1",
     "densenet121_transition_layer": "13_DenseNet121TransitionLayer",
     "regnet": "27_RegNet",
+    "densenet121_dense_block": "14_DenseNet121DenseBlock",
 }
 SEED = 42
 
