@@ -381,6 +381,7 @@ class _InitWriter:
     def __init__(self, ops: _Ops):
         self.ops = ops
         self.blocks = ops.blocks
+        self.module_lists: dict[tuple[str, str], int] = {}  # (target, list name) -> items made so far
 
     def block_function(self, block: S.BlockDecl) -> list[str]:
         params = ", ".join(
@@ -505,9 +506,13 @@ class _InitWriter:
             if step.label is None:
                 where = "at the top level" if target == "self" else "in a module body"
                 raise SpecError(step.pos, f"a block {where} needs a name: `name: {call.name}(...)`")
+            if "[" in step.label:
+                return self.list_item(step, target)
             _check_name(step.label, step.pos, "name")
             return [f"{target}.{step.label} = {self.block_call(call)}"]
         op = self.ops.op(call)
+        if step.label is not None and "[" in step.label:
+            raise SpecError(step.pos, f"an item of a module list is a block's module, not an op ({op.name})")
         if op.role is O.Role.CONCAT:  # no module: the graph builder checks its values
             return []
         if step.label is None:
@@ -517,6 +522,20 @@ class _InitWriter:
             return []
         _check_name(step.label, step.pos, "name")
         return [f"{target}.{step.label} = {self.ops.module_source(op, call)}"]
+
+
+    def list_item(self, step: S.Step, target: str) -> list[str]:
+        """`blocks[i]: block(...)`: the nn.ModuleList `blocks`, made where its first item is, appended to in
+        index order (so that modules of two lists can be made in turn, as DenseNet makes its dense blocks
+        and transition layers)."""
+        name, index = step.label[:-1].split("[")
+        _check_name(name, step.pos, "name")
+        made = self.module_lists.setdefault((target, name), 0)
+        if int(index) != made:
+            raise SpecError(step.pos, f"{name}[{index}] comes next after {made} item(s) of {name}; write {name}[{made}]")
+        self.module_lists[(target, name)] = made + 1
+        created = [f"{target}.{name} = nn.ModuleList()"] if made == 0 else []
+        return [*created, f"{target}.{name}.append({self.block_call(step.call)})"]
 
 
 def _sequential(items: list[str]) -> str:
@@ -1124,8 +1143,8 @@ class _Checker:
             for name, pos in names:
                 if name in seen:
                     raise SpecError(pos, f"{name!r} names a second module; module names must be unique")
-                if hasattr(nn.Module(), name):
-                    raise SpecError(pos, f"{name!r} is an attribute of nn.Module; pick another name")
+                if hasattr(nn.Module(), name.split("[")[0]):
+                    raise SpecError(pos, f"{name.split('[')[0]!r} is an attribute of nn.Module; pick another name")
                 seen.add(name)
 
     def activation_dtype(self) -> str:

@@ -157,9 +157,8 @@ def _input_channels(body: tuple, value: Value) -> str | None:
             found = _input_channels(item.body, item.carried)
             first = f"self.{item.modules}[{item.start}]"
             found = re.sub(rf"^self\.{item.variable}\b", first, found) if found else None
-            if found and item.part is not None:  # a dense loop of no iterations returns any input as it is
-                return f"({found} if len(self.{item.modules}) > {item.start} else x.shape[1])"
-            return found
+            # a loop of no iterations has no first module to ask (and a dense one returns any input as it is)
+            return f"({found} if len(self.{item.modules}) > {item.start} else x.shape[1])" if found else None
     return None
 
 

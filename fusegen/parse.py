@@ -159,7 +159,9 @@ class _ToSyntax(Transformer):
         return S.Call(str(name), positional, kwargs, _pos(meta))
 
     def step(self, meta, items):
-        label, call = items
+        label, index, call = items
+        if label is not None and index is not None:
+            label = f"{label}[{index}]"  # an item of an nn.ModuleList
         return S.Step(str(label) if label is not None else None, call, _pos(meta))
 
     def chain(self, meta, items):

@@ -248,19 +248,22 @@ def _concat_groups(groups: list, uses) -> list:
     return planned
 
 
-def _dense_groups(loop: Loop, body: list, uses) -> list:
-    """A dense loop's groups: a copy of its input into slice 0 of the loop's buffer, then the loop, whose
-    body stores what each iteration makes into the iteration's slice (a copy kernel where the launch that
-    makes it cannot); each iteration reads the buffer's channels so far in place."""
-    first = next(walk(loop.body))
-    copy = _Group([], None, [], None, [first], loop.input, Value(loop.input.name, loop.input.shape))
-    copy.into = (loop.output, 0)
-    producer = next((g for g in body if isinstance(g, _Group) and g.output is loop.part), None)
-    if producer is None or producer.into is not None or uses(loop.part) != 1 or not _writes_slice(producer):
-        producer = _Group([], None, [], None, [first], loop.part, Value(loop.part.name, loop.part.shape))
-        body = [*body, producer]
-    producer.into = (loop.output, "index")
-    return [copy, _LoopGroups(loop, body)]
+def _dense_groups(loop: Loop, body: list, before: list, uses) -> list:
+    """A dense loop's groups, after the groups `before` it in its body: the launch that makes its input
+    stores it into slice 0 of the loop's buffer (a copy kernel where it cannot), then the loop, whose body
+    stores what each iteration makes into the iteration's slice (likewise); each iteration reads the
+    buffer's channels so far in place."""
+
+    def into(value: Value, groups: list, index: int | str) -> list:
+        """The copy group, if one is needed, that stores `value` into slice `index`."""
+        producer = next((g for g in groups if isinstance(g, _Group) and g.output is value), None)
+        copy = producer is None or producer.into is not None or uses(value) != 1 or not _writes_slice(producer)
+        if copy:
+            producer = _Group([], None, [], None, [next(walk(loop.body))], value, Value(value.name, value.shape))
+        producer.into = (loop.output, index)
+        return [producer] if copy else []
+
+    return [*into(loop.input, before, 0), _LoopGroups(loop, [*body, *into(loop.part, body, "index")])]
 
 
 @dataclass
@@ -306,7 +309,7 @@ def _eval_groups(body: tuple, graph: Graph) -> list:
     for chain in body:
         if isinstance(chain, Loop):
             body = _eval_groups(chain.body, graph)
-            groups += _dense_groups(chain, body, graph.uses) if chain.part else [_LoopGroups(chain, body)]
+            groups += _dense_groups(chain, body, groups, graph.uses) if chain.part else [_LoopGroups(chain, body)]
             continue
         if isinstance(chain, Branch):
             groups.append(_BranchGroups(chain, _eval_groups(chain.then, graph), _eval_groups(chain.orelse, graph)))
@@ -488,7 +491,8 @@ class _TrainingGroups:
             self.flush()
             if isinstance(item, Loop):
                 body = self.body_groups(item.body, region=True)
-                self.groups += _dense_groups(item, body, self.uses) if item.part else [_LoopGroups(item, body)]
+                dense = _dense_groups(item, body, self.groups, self.uses) if item.part else []
+                self.groups += dense or [_LoopGroups(item, body)]
             else:
                 then = self.body_groups(item.then, region=True)
                 self.groups.append(_BranchGroups(item, then, self.body_groups(item.orelse, region=True)))

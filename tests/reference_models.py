@@ -625,6 +625,51 @@ class DenseNet121DenseBlock(nn.Module):
         return x
 
 
+class DenseNet(nn.Module):
+    """KernelBench's DenseNet121 and DenseNet201 (`block_layers`): a 7x7 stem and max pool, dense blocks with a
+    transition layer (BatchNorm, ReLU, 1x1 conv, 2x2 average pool) between them, BatchNorm, ReLU, global
+    average pool and the classifier."""
+
+    def __init__(self, growth_rate, num_classes, block_layers):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        )
+        features = 64
+        self.dense_blocks = nn.ModuleList()
+        self.transition_layers = nn.ModuleList()
+        for i, num_layers in enumerate(block_layers):
+            self.dense_blocks.append(DenseNet121DenseBlock(num_layers, features, growth_rate))
+            features += num_layers * growth_rate
+            if i != len(block_layers) - 1:
+                self.transition_layers.append(DenseNet121TransitionLayer(features, features // 2))
+                features //= 2
+        self.final_bn = nn.BatchNorm2d(features)
+        self.classifier = nn.Linear(features, num_classes)
+
+    def forward(self, x):
+        x = self.features(x)
+        for i, block in enumerate(self.dense_blocks):
+            x = block(x)
+            if i != len(self.dense_blocks) - 1:
+                x = self.transition_layers[i](x)
+        x = torch.relu(self.final_bn(x))
+        return self.classifier(nn.functional.adaptive_avg_pool2d(x, (1, 1)).flatten(1))
+
+
+class DenseNet121(DenseNet):
+    def __init__(self, growth_rate=32, num_classes=1000):
+        super().__init__(growth_rate, num_classes, [6, 12, 24, 16])
+
+
+class DenseNet201(DenseNet):
+    def __init__(self, growth_rate=32, num_classes=1000):
+        super().__init__(growth_rate, num_classes, [6, 12, 48, 32])
+
+
 class RegNet(nn.Module):
     """KernelBench's RegNet: a stage per width, each two 3x3 convs with bias and BatchNorm, then a 2x2 max pool."""
 
@@ -678,6 +723,8 @@ KERNELBENCH = {
     "densenet121_transition_layer": (DenseNet121TransitionLayer, [32, 64], (128, 32, 256, 256)),
     "regnet": (RegNet, [3, 3, [64, 128, 256], 10], (8, 3, 224, 224)),
     "densenet121_dense_block": (DenseNet121DenseBlock, [6, 32, 32], (10, 32, 224, 224)),
+    "densenet121": (DenseNet121, [32, 10], (10, 3, 224, 224)),
+    "densenet201": (DenseNet201, [32, 10], (10, 3, 224, 224)),
 }
 
 # Cheap cases, stem -> [(constructor arguments, input shape)]: arguments other than KernelBench's, odd input
@@ -723,4 +770,7 @@ SMALL = {
     "regnet": [([2, 2, [5, 7], 3], (2, 2, 9, 11)), ([3, 1, [6], 4], (3, 3, 5, 6))],
     # Three layers of odd growth over odd input channels and pixels, and no layer (the input as it is).
     "densenet121_dense_block": [([3, 5, 3], (2, 5, 5, 7)), ([0, 4, 3], (2, 4, 3, 5))],
+    # Small odd growth (odd channel counts throughout); 33x35 pools down to one pixel at the last block.
+    "densenet121": [([3, 7], (2, 3, 33, 35))],
+    "densenet201": [([2, 5], (2, 3, 33, 35))],
 }

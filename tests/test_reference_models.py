@@ -42,6 +42,8 @@ FILES = {
     "densenet121_transition_layer": "13_DenseNet121TransitionLayer",
     "regnet": "27_RegNet",
     "densenet121_dense_block": "14_DenseNet121DenseBlock",
+    "densenet121": "15_DenseNet121",
+    "densenet201": "16_DenseNet201",
 }
 SEED = 42
 
