@@ -158,7 +158,7 @@ def _input_channels(body: tuple, value: Value) -> str | None:
             first = f"self.{item.modules}[{item.start}]"
             found = re.sub(rf"^self\.{item.variable}\b", first, found) if found else None
             # a loop of no iterations has no first module to ask (and a dense one returns any input as it is)
-            return f"({found} if len(self.{item.modules}) > {item.start} else x.shape[1])" if found else None
+            return f"({found} if self.{item.modules}[{item.start}:] else x.shape[1])" if found else None
     return None
 
 
@@ -342,7 +342,9 @@ def _run_kernels_lines(steps, given: Value, result: Value) -> list[str]:
         """Each iteration reads the buffer's channels so far in place and stores into the next slice."""
         buffer = buffers[id(loop.output)]
         return [
-            f"for index, {loop.variable} in enumerate(self.{loop.modules}[{loop.start}:], 1):",
+            "index = 0  # the iteration's part of the buffer: the input is part 0",
+            f"for {loop.variable} in self.{loop.modules}[{loop.start}:]:",
+            f"{INDENT}index += 1",
             f"{INDENT}{names[id(loop.carried)]} = concat_prefix({buffer}, index)",
             *(INDENT + line for line in body),
             f'{names[id(loop.output)]} = {buffer}["tensor"]',

@@ -1015,11 +1015,11 @@ class ModelNew(nn.Module):
         if (
             x.dim() != 4
             or x.shape[1]
-            != (self.layers[0][0].num_features if len(self.layers) > 0 else x.shape[1])
+            != (self.layers[0][0].num_features if self.layers[0:] else x.shape[1])
             or x.dtype != torch.float32
         ):
             raise ValueError(
-                f"DenseNet121DenseBlock expects a float32 tensor of shape (N, {(self.layers[0][0].num_features if len(self.layers) > 0 else x.shape[1])}, H, W), got {x.dtype} of shape {tuple(x.shape)}"
+                f"DenseNet121DenseBlock expects a float32 tensor of shape (N, {(self.layers[0][0].num_features if self.layers[0:] else x.shape[1])}, H, W), got {x.dtype} of shape {tuple(x.shape)}"
             )
         with torch.cuda.device(x.device.index if x.is_cuda else -1):
             if torch.is_grad_enabled() and (
@@ -1047,7 +1047,9 @@ class ModelNew(nn.Module):
         }  # the launches into it make the tensor
         # densenet121_dense_block.fuse:12: dense_layer(num_input_features + i * growth_rate, growth_rate) for i in range(num_layers)
         x_2 = load(x, into=(x_buffer, 0))
-        for index, block in enumerate(self.layers[0:], 1):
+        index = 0  # the iteration's part of the buffer: the input is part 0
+        for block in self.layers[0:]:
+            index += 1
             x = concat_prefix(x_buffer, index)
             x_2 = bn_relu_conv3x3_dropout(x, block[0], block[2], into=(x_buffer, index))
         x = x_buffer["tensor"]
@@ -1064,7 +1066,9 @@ class ModelNew(nn.Module):
         }  # the launches into it make the tensor
         # densenet121_dense_block.fuse:12: dense_layer(num_input_features + i * growth_rate, growth_rate) for i in range(num_layers)
         x_2 = load(x, into=(x_buffer, 0))
-        for index, block in enumerate(self.layers[0:], 1):
+        index = 0  # the iteration's part of the buffer: the input is part 0
+        for block in self.layers[0:]:
+            index += 1
             x = concat_prefix(x_buffer, index)
             x_2, x_2_stats = load_stats(x)
             x_2 = bn_relu_conv3x3_dropout_train(

@@ -2594,7 +2594,9 @@ class ModelNew(nn.Module):
         }  # the launches into it make the tensor
         # densenet201.fuse:28: maxpool(3, 2, 1)
         x = maxpool(x, self.features[3], into=(x_buffer, 0))
-        for index, block in enumerate(self.dense_blocks[0].layers[0:], 1):
+        index = 0  # the iteration's part of the buffer: the input is part 0
+        for block in self.dense_blocks[0].layers[0:]:
+            index += 1
             x = concat_prefix(x_buffer, index)
             # densenet201.fuse:29: dense_blocks[0]: dense_block(6, 64, growth_rate)
             x_2 = bn_relu_conv3x3_dropout(x, block[0], block[2], into=(x_buffer, index))
@@ -2615,7 +2617,9 @@ class ModelNew(nn.Module):
         }  # the launches into it make the tensor
         # densenet201.fuse:31: dense_blocks[1]: dense_block(12, block1 // 2, growth_rate)
         x_2 = load(x, into=(x_buffer_2, 0))
-        for index, block in enumerate(self.dense_blocks[1].layers[0:], 1):
+        index = 0  # the iteration's part of the buffer: the input is part 0
+        for block in self.dense_blocks[1].layers[0:]:
+            index += 1
             x = concat_prefix(x_buffer_2, index)
             x_2 = bn_relu_conv3x3_dropout(
                 x, block[0], block[2], into=(x_buffer_2, index)
@@ -2637,7 +2641,9 @@ class ModelNew(nn.Module):
         }  # the launches into it make the tensor
         # densenet201.fuse:33: dense_blocks[2]: dense_block(48, block2 // 2, growth_rate)
         x_2 = load(x, into=(x_buffer_3, 0))
-        for index, block in enumerate(self.dense_blocks[2].layers[0:], 1):
+        index = 0  # the iteration's part of the buffer: the input is part 0
+        for block in self.dense_blocks[2].layers[0:]:
+            index += 1
             x = concat_prefix(x_buffer_3, index)
             x_2 = bn_relu_conv3x3_dropout(
                 x, block[0], block[2], into=(x_buffer_3, index)
@@ -2659,7 +2665,9 @@ class ModelNew(nn.Module):
         }  # the launches into it make the tensor
         # densenet201.fuse:35: dense_blocks[3]: dense_block(32, block3 // 2, growth_rate)
         x_2 = load(x, into=(x_buffer_4, 0))
-        for index, block in enumerate(self.dense_blocks[3].layers[0:], 1):
+        index = 0  # the iteration's part of the buffer: the input is part 0
+        for block in self.dense_blocks[3].layers[0:]:
+            index += 1
             x = concat_prefix(x_buffer_4, index)
             x_2 = bn_relu_conv3x3_dropout(
                 x, block[0], block[2], into=(x_buffer_4, index)
@@ -2686,7 +2694,9 @@ class ModelNew(nn.Module):
         x = bn_relu_maxpool_train(
             x, x_stats, self.features[1], self.features[3], into=(x_buffer, 0)
         )
-        for index, block in enumerate(self.dense_blocks[0].layers[0:], 1):
+        index = 0  # the iteration's part of the buffer: the input is part 0
+        for block in self.dense_blocks[0].layers[0:]:
+            index += 1
             x = concat_prefix(x_buffer, index)
             # densenet201.fuse:29: dense_blocks[0]: dense_block(6, 64, growth_rate)
             x_2, x_2_stats = load_stats(x)
@@ -2710,7 +2720,9 @@ class ModelNew(nn.Module):
             "tensor": None,
         }  # the launches into it make the tensor
         x = avgpool(x, self.transition_layers[0].transition[3], into=(x_buffer_2, 0))
-        for index, block in enumerate(self.dense_blocks[1].layers[0:], 1):
+        index = 0  # the iteration's part of the buffer: the input is part 0
+        for block in self.dense_blocks[1].layers[0:]:
+            index += 1
             x = concat_prefix(x_buffer_2, index)
             # densenet201.fuse:31: dense_blocks[1]: dense_block(12, block1 // 2, growth_rate)
             x_2, x_2_stats = load_stats(x)
@@ -2734,7 +2746,9 @@ class ModelNew(nn.Module):
             "tensor": None,
         }  # the launches into it make the tensor
         x = avgpool(x, self.transition_layers[1].transition[3], into=(x_buffer_3, 0))
-        for index, block in enumerate(self.dense_blocks[2].layers[0:], 1):
+        index = 0  # the iteration's part of the buffer: the input is part 0
+        for block in self.dense_blocks[2].layers[0:]:
+            index += 1
             x = concat_prefix(x_buffer_3, index)
             # densenet201.fuse:33: dense_blocks[2]: dense_block(48, block2 // 2, growth_rate)
             x_2, x_2_stats = load_stats(x)
@@ -2758,7 +2772,9 @@ class ModelNew(nn.Module):
             "tensor": None,
         }  # the launches into it make the tensor
         x = avgpool(x, self.transition_layers[2].transition[3], into=(x_buffer_4, 0))
-        for index, block in enumerate(self.dense_blocks[3].layers[0:], 1):
+        index = 0  # the iteration's part of the buffer: the input is part 0
+        for block in self.dense_blocks[3].layers[0:]:
+            index += 1
             x = concat_prefix(x_buffer_4, index)
             # densenet201.fuse:35: dense_blocks[3]: dense_block(32, block3 // 2, growth_rate)
             x_2, x_2_stats = load_stats(x)

@@ -1617,13 +1617,13 @@ class ModelNew(nn.Module):
             or x.shape[1]
             != (
                 self.feature_extractor[0][0].in_channels
-                if len(self.feature_extractor) > 0
+                if self.feature_extractor[0:]
                 else x.shape[1]
             )
             or x.dtype != torch.float32
         ):
             raise ValueError(
-                f"RegNet expects a float32 tensor of shape (N, {(self.feature_extractor[0][0].in_channels if len(self.feature_extractor) > 0 else x.shape[1])}, H, W), got {x.dtype} of shape {tuple(x.shape)}"
+                f"RegNet expects a float32 tensor of shape (N, {(self.feature_extractor[0][0].in_channels if self.feature_extractor[0:] else x.shape[1])}, H, W), got {x.dtype} of shape {tuple(x.shape)}"
             )
         with torch.cuda.device(x.device.index if x.is_cuda else -1):
             if torch.is_grad_enabled() and (
