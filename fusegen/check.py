@@ -438,6 +438,7 @@ class _InitWriter:
     def __init__(self, ops: _Ops):
         self.ops = ops
         self.blocks = ops.blocks
+        self.module_lists: dict[tuple[str, str], int] = {}  # (target, list name) -> items made so far
 
     def block_function(self, block: S.BlockDecl) -> list[str]:
         params = ", ".join(
@@ -574,9 +575,13 @@ class _InitWriter:
             if step.label is None:
                 where = "at the top level" if target == "self" else "in a module body"
                 raise SpecError(step.pos, f"a block {where} needs a name: `name: {call.name}(...)`")
+            if "[" in step.label:
+                return self.list_item(step, target)
             _check_name(step.label, step.pos, "name")
             return [f"{target}.{step.label} = {self.block_call(call)}"]
         op = self.ops.op(call)
+        if step.label is not None and "[" in step.label:
+            raise SpecError(step.pos, f"an item of a module list is a block's module, not an op ({op.name})")
         if op.role is O.Role.CONCAT:  # no module: the graph builder checks its values
             return []
         if step.label is None:
@@ -586,6 +591,21 @@ class _InitWriter:
             return []
         _check_name(step.label, step.pos, "name")
         return [f"{target}.{step.label} = {self.ops.module_source(op, call)}"]
+
+    def list_item(self, step: S.Step, target: str) -> list[str]:
+        """`blocks[i]: block(...)`: the nn.ModuleList `blocks`, made where its first item is, appended to in
+        index order (so that modules of two lists can be made in turn, as DenseNet makes its dense blocks
+        and transition layers)."""
+        name, index = step.label[:-1].split("[")
+        _check_name(name, step.pos, "name")
+        made = self.module_lists.setdefault((target, name), 0)
+        if int(index) != made:
+            raise SpecError(
+                step.pos, f"{name}[{index}] comes next after {made} item(s) of {name}; write {name}[{made}]"
+            )
+        self.module_lists[(target, name)] = made + 1
+        created = [f"{target}.{name} = nn.ModuleList()"] if made == 0 else []
+        return [*created, f"{target}.{name}.append({self.block_call(step.call)})"]
 
 
 def _sequential(items: list[str]) -> str:
@@ -688,7 +708,10 @@ class _GraphBuilder:
                 tensors[line.target or "x"] = self.named(value, line.target, made)
             elif isinstance(line, S.Sequence):
                 made = len(self.body)
-                value, _ = self.sequential_body(line.body, scope, tensors["x"], _child(path, line.name), site, 0)
+                if line.kind is not None:
+                    value = self.dense(line, scope, tensors["x"], _child(path, line.name), site)
+                else:
+                    value, _ = self.sequential_body(line.body, scope, tensors["x"], _child(path, line.name), site, 0)
                 tensors[line.target or "x"] = self.named(value, line.target, made)
             elif isinstance(line, S.If):
                 test = evaluate(line.test, scope)
@@ -776,6 +799,65 @@ class _GraphBuilder:
         self.loops -= 1
         self.body.append(Loop(prefix, index, variable, body, value, carried, out))
         return out
+
+    def dense(self, line: S.Sequence, scope: _Scope, value: Value, prefix: str, site) -> Value:
+        """`dense layers:` with one indexed block call: a loop over the children whose iterations each read
+        the concatenation of `value` and every earlier iteration's output, and whose value is all of it
+        (DenseNet's dense block). Every iteration at the default arguments is built and checked."""
+        if line.kind != "dense":
+            raise SpecError(
+                line.pos, f"unknown kind of sequence {line.kind!r}; `dense {line.name}:` is the one there is"
+            )
+        repeat = line.body[0] if len(line.body) == 1 else None
+        if not (
+            isinstance(repeat, S.ChainLine)
+            and repeat.index is not None
+            and repeat.target is None
+            and len(repeat.chain.steps) == 1
+            and repeat.chain.steps[0].call.name in self.blocks
+        ):
+            raise SpecError(
+                line.pos,
+                "a dense sequence holds one block call repeated with an index: `layer(c + i * g, g) for i in range(n)`",
+            )
+        if len(value.shape) != 4:
+            raise SpecError(
+                line.pos, f"a dense sequence joins 4-d (NCHW) tensors along channels, not {list(value.shape)}"
+            )
+        count = evaluate(repeat.repeat, scope)
+        if not isinstance(count.value, int) or isinstance(count.value, bool) or count.value < 1:
+            raise SpecError(
+                repeat.repeat.pos,
+                f"a dense sequence runs its block at least once at the default arguments, got {count.value!r}",
+            )
+        call = repeat.chain.steps[0].call
+        variable = "block" if not self.loops else f"block_{self.loops + 1}"
+        self.loops += 1
+        first, channels = None, value.shape[1]
+        for i in range(count.value):
+            carried = Value(value.name, (value.shape[0], channels, *value.shape[2:]))
+            iteration = scope.child({repeat.index: Val(i, count.deps)})
+            body, part = self.region(lambda: self.block_call(call, iteration, carried, variable, site or call.pos))
+            ops = [[node.op.name for node in chain.ops] for chain in walk(body)]
+            if first is not None and ops != first[0]:
+                raise SpecError(
+                    call.pos,
+                    f"{repeat.index} = {i} makes the ops {ops}, but {repeat.index} = 0 makes {first[0]}; a loop's"
+                    " iterations run one body, so they must make the same ops",
+                )
+            if len(part.shape) != 4 or (part.shape[0], *part.shape[2:]) != (value.shape[0], *value.shape[2:]):
+                raise SpecError(
+                    call.pos,
+                    f"a dense sequence joins each block's output to its input along channels, so the block must keep"
+                    f" the batch and the pixels: {list(carried.shape)} becomes {list(part.shape)}",
+                )
+            first = first or (ops, body, carried, part)
+            channels += part.shape[1]
+        self.loops -= 1
+        _, body, carried, part = first
+        output = Value(value.name, (value.shape[0], channels, *value.shape[2:]))
+        self.body.append(Loop(prefix, 0, variable, body, value, carried, output, part=part))
+        return output
 
     def indexed_loop(self, line: S.ChainLine, scope: _Scope, value: Value, variable: str, site: Pos):
         """(body, carried, output) of a loop whose block call reads the repeat's index (a stage per width):
@@ -1254,9 +1336,10 @@ class _Checker:
             for name, pos in names:
                 if name in seen:
                     raise SpecError(pos, f"{name!r} names a second module; module names must be unique")
-                if hasattr(nn.Module(), name) or name in MODEL_ATTRIBUTES:
-                    owner = "nn.Module" if hasattr(nn.Module(), name) else "ModelNew"
-                    raise SpecError(pos, f"{name!r} is an attribute of {owner}; pick another name")
+                base = name.split("[")[0]
+                if hasattr(nn.Module(), base) or base in MODEL_ATTRIBUTES:
+                    owner = "nn.Module" if hasattr(nn.Module(), base) else "ModelNew"
+                    raise SpecError(pos, f"{base!r} is an attribute of {owner}; pick another name")
                 seen.add(name)
 
     def activation_dtype(self) -> str:

@@ -249,18 +249,21 @@ def _tree(items) -> list:
     return tree
 
 
-def _regions(items, names: dict[int, str], leaf) -> list[str]:
+def _regions(items, names: dict[int, str], leaf, dense) -> list[str]:
     """Lines for steps or graph regions: `leaf(item)` writes a launch, view or chain; a loop runs its
-    body once per child of its sequential module; a branch tests the attribute __init__ set."""
+    body once per child of its sequential module (`dense(loop, body lines)` a dense loop); a branch tests
+    the attribute __init__ set."""
     lines = []
     for item in items:
-        if isinstance(item, (LoopStep, Loop)):
-            body = _regions(item.body, names, leaf)
+        if isinstance(item, (LoopStep, Loop)) and item.part is not None:
+            lines += dense(item, _regions(item.body, names, leaf, dense))
+        elif isinstance(item, (LoopStep, Loop)):
+            body = _regions(item.body, names, leaf, dense)
             entry, carried = names[id(item.input)], names[id(item.carried)]
             lines += [f"{carried} = {entry}"] if carried != entry else []
             lines += [f"for {item.variable} in self.{item.modules}[{item.start}:]:", *(INDENT + line for line in body)]
         elif isinstance(item, (BranchStep, Branch)):
-            then, orelse = _regions(item.then, names, leaf), _regions(item.orelse, names, leaf)
+            then, orelse = _regions(item.then, names, leaf, dense), _regions(item.orelse, names, leaf, dense)
             # a value that a body leaves as it was: an alias, where the merged value has another variable
             for merged, first, second in item.merges:
                 for lines_of, source in ((then, first), (orelse, second)):
@@ -295,6 +298,7 @@ def _run_kernels_lines(steps, given: Value, result: Value) -> list[str]:
     names = _variables(_tree(steps), given, result)
     comment = [None]
     concats = {id(s.output): s for s in _walk(steps) if isinstance(s, ConcatStep)}
+    denses = {id(s.output): s for s in _walk(steps) if isinstance(s, LoopStep) and s.part is not None}
     order = list(_walk(steps))
     made: dict[int, tuple] = {}  # value -> (the step that makes it first, its place in order)
     for at, step in enumerate(order):
@@ -313,8 +317,12 @@ def _run_kernels_lines(steps, given: Value, result: Value) -> list[str]:
             name = f"{names[id(concat)]}_buffer_{k}"
         taken.add(name)
         buffers[id(concat)] = name
-        parts = concats[id(concat)].parts
-        channels = ", ".join(_channels(part, made, names, now) for part in parts)
+        if id(concat) in denses:  # the input's channels, then each iteration's
+            loop = denses[id(concat)]
+            part = _channels(loop.part, made, names, now)
+            channels = f"{names[id(loop.input)]}.shape[1], *({part} for {loop.variable} in self.{loop.modules})"
+        else:
+            channels = ", ".join(_channels(part, made, names, now) for part in concats[id(concat)].parts)
         return [f'{name} = {{"channels": ({channels},), "tensor": None}}  # the launches into it make the tensor']
 
     def leaf(step) -> list[str]:
@@ -339,7 +347,19 @@ def _run_kernels_lines(steps, given: Value, result: Value) -> list[str]:
         view: O.View = step.op.lowering
         return lines + [f"{out} = {view.expr(names[id(step.input)])}"]
 
-    lines = _regions(steps, names, leaf)
+    def dense(loop: LoopStep, body: list[str]) -> list[str]:
+        """Each iteration reads the buffer's channels so far in place and stores into the next slice."""
+        buffer = buffers[id(loop.output)]
+        return [
+            "index = 0  # the iteration's part of the buffer: the input is part 0",
+            f"for {loop.variable} in self.{loop.modules}[{loop.start}:]:",
+            f"{INDENT}index += 1",
+            f"{INDENT}{names[id(loop.carried)]} = concat_prefix({buffer}, index)",
+            *(INDENT + line for line in body),
+            f'{names[id(loop.output)]} = {buffer}["tensor"]',
+        ]
+
+    lines = _regions(steps, names, leaf, dense)
     # a kernel that reads channels-last copies an input of another layout: where several read the model's
     # input (an inception module's branches), one copy serves them all
     channels_last = [
@@ -372,7 +392,17 @@ def _reference_lines(plan: Plan) -> list[str]:
             value = out
         return lines
 
-    return _regions(graph.body, names, leaf) + [f"return {names[id(graph.output)]}"]
+    def dense(loop: Loop, body: list[str]) -> list[str]:
+        entry, carried, out = names[id(loop.input)], names[id(loop.carried)], names[id(loop.output)]
+        return [
+            *([f"{carried} = {entry}"] if carried != entry else []),
+            f"for {loop.variable} in self.{loop.modules}[{loop.start}:]:",
+            *(INDENT + line for line in body),
+            f"{INDENT}{carried} = torch.cat([{carried}, {names[id(loop.part)]}], 1)",
+            *([f"{out} = {carried}"] if carried != out else []),
+        ]
+
+    return _regions(graph.body, names, leaf, dense) + [f"return {names[id(graph.output)]}"]
 
 
 # Gradients: the kernels only run forward. Backward recomputes the forward with torch ops and

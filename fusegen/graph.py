@@ -68,6 +68,9 @@ class Loop:
     input: Value  # what the first iteration reads
     carried: Value  # what an iteration reads: the body's input (the one before's output, or `input`)
     output: Value  # what an iteration makes: the loop's value after the last
+    # a dense loop (`dense layers:`): what an iteration makes, joined to the input and every earlier
+    # iteration's part along channels; `carried` is that concatenation so far, `output` all of it
+    part: Value | None = None
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,8 @@ class Graph:
                     if isinstance(item, Chain):
                         count(self.reads(item))
                     elif isinstance(item, Loop):
-                        count([item.input, item.output])  # read by the first iteration and by the next
+                        # read by the first iteration and by the next; a dense loop's by the concatenation
+                        count([item.input, item.part] if item.part is not None else [item.input, item.output])
                         visit(item.body)
                     else:
                         count([v for _, a, b in item.merges for v in (a, b)])

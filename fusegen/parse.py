@@ -172,7 +172,9 @@ class _ToSyntax(Transformer):
         return S.Call(str(name), positional, kwargs, _pos(meta))
 
     def step(self, meta, items):
-        label, call = items
+        label, index, call = items
+        if label is not None and index is not None:
+            label = f"{label}[{index}]"  # an item of an nn.ModuleList
         return S.Step(str(label) if label is not None else None, call, _pos(meta))
 
     def chain(self, meta, items):
@@ -193,8 +195,9 @@ class _ToSyntax(Transformer):
         return tuple(items)
 
     def sequence(self, meta, items):
-        target, name, body = items
-        return S.Sequence(str(target) if target is not None else None, str(name), body, _pos(meta))
+        target, kind, name, body = items
+        kind = str(kind) if kind is not None else None
+        return S.Sequence(str(target) if target is not None else None, str(name), body, _pos(meta), kind)
 
     def if_stmt(self, meta, items):
         test, body, orelse = items

@@ -17,7 +17,7 @@ from typing import Iterator, Union
 
 from fusegen import ops as O
 from fusegen.check import Model
-from fusegen.graph import Branch, Chain, Graph, Loop, Node, Value
+from fusegen.graph import Branch, Chain, Graph, Loop, Node, Value, walk
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,9 @@ class Launch:
     input: Value
     output: Value
     stores_activation: bool = False  # its output feeds a later kernel at the model's activation_dtype
-    # its output is part `index` of a concatenation: (the concatenated value, index), stored into its slice
-    into: tuple[Value, int] | None = None
+    # its output is part `index` of a concatenation: (the concatenated value, index), stored into its slice;
+    # in a dense loop the index is the loop's ("index", counting its iterations from 1)
+    into: tuple[Value, int | str] | None = None
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,7 @@ class _Group:
     writes_batch_stats: bool = False
     producer: list[Node] = field(default_factory=list)
     pool: Node | None = None
-    into: tuple[Value, int] | None = None  # stores its output into a concatenation's slice (Launch.into)
+    into: tuple[Value, int | str] | None = None  # stores its output into a concatenation's slice (Launch.into)
 
 
 def is_concat(chain: Chain) -> bool:
@@ -245,6 +246,24 @@ def _concat_groups(groups: list, uses) -> list:
             producer.into = (g.output, index)
         planned.append(_ConcatGroup(g, tuple(parts)))
     return planned
+
+
+def _dense_groups(loop: Loop, body: list, before: list, uses) -> list:
+    """A dense loop's groups, after the groups `before` it in its body: the launch that makes its input
+    stores it into slice 0 of the loop's buffer (a copy kernel where it cannot), then the loop, whose body
+    stores what each iteration makes into the iteration's slice (likewise); each iteration reads the
+    buffer's channels so far in place."""
+
+    def into(value: Value, groups: list, index: int | str) -> list:
+        """The copy group, if one is needed, that stores `value` into slice `index`."""
+        producer = next((g for g in groups if isinstance(g, _Group) and g.output is value), None)
+        copy = producer is None or producer.into is not None or uses(value) != 1 or not _writes_slice(producer)
+        if copy:
+            producer = _Group([], None, [], None, [next(walk(loop.body))], value, Value(value.name, value.shape))
+        producer.into = (loop.output, index)
+        return [producer] if copy else []
+
+    return [*into(loop.input, before, 0), _LoopGroups(loop, [*body, *into(loop.part, body, "index")])]
 
 
 @dataclass
@@ -289,7 +308,8 @@ def _eval_groups(body: tuple, graph: Graph) -> list:
     made_by: dict[int, _Group] = {}
     for chain in body:
         if isinstance(chain, Loop):
-            groups.append(_LoopGroups(chain, _eval_groups(chain.body, graph)))
+            body = _eval_groups(chain.body, graph)
+            groups += _dense_groups(chain, body, groups, graph.uses) if chain.part else [_LoopGroups(chain, body)]
             continue
         if isinstance(chain, Branch):
             groups.append(_BranchGroups(chain, _eval_groups(chain.then, graph), _eval_groups(chain.orelse, graph)))
@@ -478,7 +498,9 @@ class _TrainingGroups:
                 continue
             self.flush()
             if isinstance(item, Loop):
-                self.groups.append(_LoopGroups(item, self.body_groups(item.body, region=True)))
+                body = self.body_groups(item.body, region=True)
+                dense = _dense_groups(item, body, self.groups, self.uses) if item.part else []
+                self.groups += dense or [_LoopGroups(item, body)]
             else:
                 then = self.body_groups(item.then, region=True)
                 self.groups.append(_BranchGroups(item, then, self.body_groups(item.orelse, region=True)))

@@ -226,6 +226,12 @@ def concat_slice(into, N, C, H, W, device):
     return tensor[:, start : start + C]
 
 
+def concat_prefix(buffer, index):
+    """The channels of a concatenation's buffer before part `index` (a dense loop's iteration reads the
+    input and every earlier iteration's output there, in place: a view, no copy)."""
+    return buffer["tensor"][:, : sum(buffer["channels"][:index])]
+
+
 def check_32bit_offsets(*tensors):
     """Raises ValueError if an element offset of a tensor reaches 2**31 (the kernels use 32-bit offsets)."""
     for t in tensors:

@@ -198,12 +198,14 @@ class ChainLine:
 
 @dataclass(frozen=True)
 class Sequence:
-    """A named nn.Sequential written as an indented body: `model:`, or `identity = downsample:`."""
+    """A named nn.Sequential written as an indented body: `model:`, or `identity = downsample:`; `dense
+    layers:` (kind "dense") applies its children densely."""
 
     target: str | None
     name: str
     body: tuple["BodyLine", ...]
     pos: Pos
+    kind: str | None = None
 
 
 @dataclass(frozen=True)

@@ -601,6 +601,75 @@ class DenseNet121TransitionLayer(nn.Module):
         return self.transition(x)
 
 
+class DenseNet121DenseBlock(nn.Module):
+    """KernelBench's dense block: each layer (BatchNorm, ReLU, 3x3 conv, Dropout(0)) reads the concatenation of
+    the input and every earlier layer's output."""
+
+    def __init__(self, num_layers, num_input_features, growth_rate):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.Sequential(
+                nn.BatchNorm2d(num_input_features + i * growth_rate),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(num_input_features + i * growth_rate, growth_rate, kernel_size=3, padding=1, bias=False),
+                nn.Dropout(0.0),
+            )
+            for i in range(num_layers)
+        )
+
+    def forward(self, x):
+        features = [x]
+        for layer in self.layers:
+            features.append(layer(x))
+            x = torch.cat(features, 1)
+        return x
+
+
+class DenseNet(nn.Module):
+    """KernelBench's DenseNet121 and DenseNet201 (`block_layers`): a 7x7 stem and max pool, dense blocks with a
+    transition layer (BatchNorm, ReLU, 1x1 conv, 2x2 average pool) between them, BatchNorm, ReLU, global
+    average pool and the classifier."""
+
+    def __init__(self, growth_rate, num_classes, block_layers):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        )
+        features = 64
+        self.dense_blocks = nn.ModuleList()
+        self.transition_layers = nn.ModuleList()
+        for i, num_layers in enumerate(block_layers):
+            self.dense_blocks.append(DenseNet121DenseBlock(num_layers, features, growth_rate))
+            features += num_layers * growth_rate
+            if i != len(block_layers) - 1:
+                self.transition_layers.append(DenseNet121TransitionLayer(features, features // 2))
+                features //= 2
+        self.final_bn = nn.BatchNorm2d(features)
+        self.classifier = nn.Linear(features, num_classes)
+
+    def forward(self, x):
+        x = self.features(x)
+        for i, block in enumerate(self.dense_blocks):
+            x = block(x)
+            if i != len(self.dense_blocks) - 1:
+                x = self.transition_layers[i](x)
+        x = torch.relu(self.final_bn(x))
+        return self.classifier(nn.functional.adaptive_avg_pool2d(x, (1, 1)).flatten(1))
+
+
+class DenseNet121(DenseNet):
+    def __init__(self, growth_rate=32, num_classes=1000):
+        super().__init__(growth_rate, num_classes, [6, 12, 24, 16])
+
+
+class DenseNet201(DenseNet):
+    def __init__(self, growth_rate=32, num_classes=1000):
+        super().__init__(growth_rate, num_classes, [6, 12, 48, 32])
+
+
 class RegNet(nn.Module):
     """KernelBench's RegNet: a stage per width, each two 3x3 convs with bias and BatchNorm, then a 2x2 max pool."""
 
@@ -727,6 +796,9 @@ KERNELBENCH = {
     "regnet": (RegNet, [3, 3, [64, 128, 256], 10], (8, 3, 224, 224)),
     "shufflenet_unit": (ShuffleNetUnit, [240, 480, 3], (10, 240, 224, 224)),
     "shufflenet": (ShuffleNet, [1000], (10, 3, 224, 224)),
+    "densenet121_dense_block": (DenseNet121DenseBlock, [6, 32, 32], (10, 32, 224, 224)),
+    "densenet121": (DenseNet121, [32, 10], (10, 3, 224, 224)),
+    "densenet201": (DenseNet201, [32, 10], (10, 3, 224, 224)),
 }
 
 # Cheap cases, stem -> [(constructor arguments, input shape)]: arguments other than KernelBench's, odd input
@@ -776,4 +848,9 @@ SMALL = {
     # Two groups, three channels a group in stage3's shuffle, stage4's first unit keeping its width (an identity
     # shortcut where KernelBench's has a conv), two units in stage2 and stage4.
     "shufflenet": [([5, 2, [2, 1, 2], [6, 16, 24, 24]], (2, 3, 17, 15))],
+    # Three layers of odd growth over odd input channels and pixels, and no layer (the input as it is).
+    "densenet121_dense_block": [([3, 5, 3], (2, 5, 5, 7)), ([0, 4, 3], (2, 4, 3, 5))],
+    # Small odd growth (odd channel counts throughout); 33x35 pools down to one pixel at the last block.
+    "densenet121": [([3, 7], (2, 3, 33, 35))],
+    "densenet201": [([2, 5], (2, 3, 33, 35))],
 }

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from fusegen import compile_spec
 from fusegen.errors import SpecError
 from helpers import DEVICE, TOLERANCE, load_spec, randomize_batchnorm, rel_error
 
+ROOT = Path(__file__).resolve().parent.parent
 few_examples = settings(max_examples=10, phases=[Phase.explicit, Phase.reuse, Phase.generate], deadline=None)
 
 # How a branch makes its part from the input. "input" joins the input itself and "twice" a value that the
@@ -301,3 +303,32 @@ def test_cat_in_a_loop_and_a_branch(blocks, c):
             y = torch.cat([F.relu(fire.left(s)), F.relu(fire.right(s))], 1)
         y = torch.cat([y, model.p(y)], 1) if c > 4 else torch.cat([model.q(y), y], 1)
     assert rel_error(out, y) < TOLERANCE
+
+
+def test_dense_layers_read_and_store_one_buffer_in_place():
+    """A dense block (`dense layers:`): every layer's kernel reads the channels so far as a view of the block's
+    one buffer and stores into its next slice, so no layer copies earlier features; the buffer is the block's
+    value. Against torch's concatenating loop."""
+    module = load_spec((ROOT / "specs" / "densenet121_dense_block.fuse").read_text(), "dense_block_in_place")
+    torch.manual_seed(0)
+    model = module.ModelNew(num_layers=3, num_input_features=5, growth_rate=3).to(DEVICE).eval()
+    randomize_batchnorm(model, seed=3)
+    reads = []
+    conv = module.bn_relu_conv3x3_dropout
+
+    def recording(x, *args, into):
+        out = conv(x, *args, into=into)
+        buffer = into[0]["tensor"]
+        reads.append((x.shape[1], x.data_ptr() == buffer.data_ptr(), out.data_ptr() - buffer.data_ptr()))
+        return out
+
+    module.bn_relu_conv3x3_dropout = recording
+    x = torch.randn(2, 5, 5, 7, device=DEVICE)
+    with torch.no_grad():
+        out = model.run_kernels(x)
+        expected = x
+        for layer in model.layers:
+            expected = torch.cat([expected, layer(expected)], 1)
+    # each layer reads the buffer's first channels in place and stores at its slice's first channel
+    assert reads == [(5, True, 5 * 4), (8, True, 8 * 4), (11, True, 11 * 4)]
+    assert rel_error(out, expected) < TOLERANCE

@@ -28,7 +28,8 @@ SEED = 42  # KernelBench's, set before each constructor
 # checks that launch no kernel and the least that runs every kernel once: eval mode in the spec's activation
 # dtype and one training-mode step (none where training mode runs eval mode's kernels); the rest on the GPU.
 # GoogLeNet's input is small, but its 3x3 and 5x5 convs of up to 832 channels make one forward take as long.
-LARGE_INPUT = {"mobilenet_v1", "alexnet", "vgg16", "vgg19", "googlenet_inception_v1"}
+# DenseNet121's and DenseNet201's 58 and 98 dense layers (a few launches each) do too at any input.
+LARGE_INPUT = {"mobilenet_v1", "alexnet", "vgg16", "vgg19", "googlenet_inception_v1", "densenet121", "densenet201"}
 GPU_ONLY = "runs on the GPU only for a large-input net (LARGE_INPUT): too slow under the interpreter"
 
 

@@ -43,6 +43,9 @@ FILES = {
     "regnet": "27_RegNet",
     "shufflenet_unit": "25_ShuffleNetUnit",
     "shufflenet": "26_ShuffleNet",
+    "densenet121_dense_block": "14_DenseNet121DenseBlock",
+    "densenet121": "15_DenseNet121",
+    "densenet201": "16_DenseNet201",
 }
 SEED = 42
 

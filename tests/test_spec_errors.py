@@ -7,6 +7,8 @@ from fusegen import SpecError, compile_spec
 HEADER = "model M(c=8, alpha=0.5)\ninput(2, 3, 16, 16)\n"
 # a sequence whose block call follows the repeat's index; the line that repeats it comes next
 INDEXED = "model M(n={n})\ninput(2, 3, 16, 16)\nblock b(k):\n    conv(3, 3, k, padding=k // 2)\nforward:\n    seq:\n"
+# blocks for a dense sequence: one that keeps the pixels (2 new channels), one that halves them
+DENSE = "model M(n={n})\ninput(2, 3, 8, 8)\nblock b(k):\n    conv(k, 2, 3, padding=1)\nblock s(k):\n    conv(k, 2, 3, 2, 1)\nforward:\n"
 
 
 def error_of(text: str) -> SpecError:
@@ -188,6 +190,38 @@ CASES = [
         8,
         "an `if` on constructor arguments inside a module tests a `let` name",
     ),
+    (
+        DENSE.format(n=2) + "    sparse seq:\n        b(3 + 2 * i) for i in range(n)\n",
+        8,
+        5,
+        "unknown kind of sequence 'sparse'",
+    ),
+    (
+        DENSE.format(n=2) + "    dense seq:\n        b(3) * n\n",
+        8,
+        5,
+        "a dense sequence holds one block call repeated with an index",
+    ),
+    (
+        DENSE.format(n=2) + "    dense seq:\n        s(3 + 2 * i) for i in range(n)\n",
+        9,
+        9,
+        "the block must keep the batch and the pixels: [2, 3, 8, 8] becomes [2, 2, 4, 4]",
+    ),
+    (
+        DENSE.format(n=0) + "    dense seq:\n        b(3 + 2 * i) for i in range(n)\n",
+        9,
+        37,
+        "a dense sequence runs its block at least once at the default arguments, got 0",
+    ),
+    (DENSE.format(n=2) + "    seqs[1]: b(3)\n", 8, 5, "seqs[1] comes next after 0 item(s) of seqs; write seqs[0]"),
+    (
+        DENSE.format(n=2) + "    convs[0]: conv(3, 3, 1)\n",
+        8,
+        5,
+        "an item of a module list is a block's module, not an op",
+    ),
+    (DENSE.format(n=2) + "    training[0]: b(3)\n", 8, 5, "'training' is an attribute of nn.Module"),
 ]
 
 
