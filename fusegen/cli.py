@@ -308,7 +308,12 @@ def import_model(args: argparse.Namespace) -> int:
     if args.output is None:
         print(text, end="")
         return 0
-    _write_atomically(Path(args.output), text)
+    try:
+        _write_all({Path(args.output): text})
+    except InputError as err:
+        print(err, file=sys.stderr)
+        print("fusegen: nothing written", file=sys.stderr)
+        return 2
     print(f"{path} -> {args.output}")
     return 0
 
