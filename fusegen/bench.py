@@ -346,8 +346,8 @@ class Peaks:
 
 def floor_ms(nbytes: int, flops: int, peaks: Peaks) -> float:
     """The least time the work can take: moving its bytes at peak bandwidth or doing its FLOPs at TF32
-    peak. fusegen's convolutions run TF32 dots (operands rounded to nearest), so the peak applies to them
-    as it is; the classifier's bf16x3 dot (three bf16 products at twice TF32's rate) reaches two thirds."""
+    peak. Most of fusegen's convolutions run TF32 dots (operands rounded to nearest), so the peak applies to
+    them as it is; a tf32x3 dot (classifiers, few-product convs, training mode) reaches a third of it."""
     return max(nbytes / peaks.bandwidth_gb_per_s / 1e6, flops / peaks.tf32_tflop_per_s / 1e9)
 
 

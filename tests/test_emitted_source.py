@@ -6,10 +6,6 @@ from pathlib import Path
 
 import black
 import pytest
-import torch
-import triton
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from fusegen import compile_spec, ops
 
