@@ -20,6 +20,7 @@ import keyword
 import math
 import re
 from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -1313,7 +1314,9 @@ class _Checker:
                 )
             init.append(f"self.{attribute} = {source}  # forward reads it: the structure follows it")
         graph = Graph(model_input, tuple(builder.body), output)
-        return Model(self.spec.model.name, params, tuple(dims), tuple(init), graph, self.activation_dtype())
+        activation_dtype = self.activation_dtype()
+        _check_parameters_used(self.spec)  # last: an error in what reads a parameter says more
+        return Model(self.spec.model.name, params, tuple(dims), tuple(init), graph, activation_dtype)
 
     def check_attributes(self, body: tuple, seen: set[str]) -> None:
         """The forward body's module names: unique (the two bodies of an `if` may each make one), and none
@@ -1351,6 +1354,31 @@ class _Checker:
                 decl.dtype_pos, f"activations(...) takes {' or '.join(ACTIVATION_DTYPES)}, got {decl.dtype!r}"
             )
         return decl.dtype
+
+
+def _names_read(node: object) -> Iterator[str]:
+    """Every name an expression anywhere under node reads (a syntax tree of frozen dataclasses)."""
+    if isinstance(node, S.Name):
+        yield node.id
+    elif isinstance(node, tuple):
+        for item in node:
+            yield from _names_read(item)
+    elif dataclasses.is_dataclass(node):
+        for field in dataclasses.fields(node):
+            yield from _names_read(getattr(node, field.name))
+
+
+def _check_parameters_used(spec: S.Spec) -> None:
+    """A constructor parameter that nothing reads would be accepted and ignored: ModelNew(p=...) would build
+    the default net whatever p is, where the reference's structure follows it."""
+    read = set(_names_read(dataclasses.replace(spec, model=None)))
+    for p in spec.model.params:
+        if p.name not in read:
+            raise SpecError(
+                p.pos,
+                f"constructor parameter {p.name!r} is never used: ModelNew would accept it and build the same "
+                "net whatever its value; use it where the reference does, or remove it",
+            )
 
 
 def check(spec: S.Spec, source: str) -> Model:

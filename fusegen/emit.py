@@ -182,7 +182,7 @@ def _forward_lines(plan: Plan, kernel: str) -> list[str]:
     lines = []
     lines += _input_check_lines(plan)
     lines += [
-        f"if not x.is_cuda and isinstance({kernel}, triton.runtime.jit.JITFunction):",
+        f'if x.device.type == "cpu" and isinstance({kernel}, triton.runtime.jit.JITFunction):',
         f'{INDENT}raise RuntimeError("ModelNew runs Triton kernels: move the model and the input to a GPU, or set"',
         f'{INDENT}" TRITON_INTERPRET=1 before triton is first imported to run them (slowly) on the CPU")',
     ]

@@ -1246,7 +1246,7 @@ class ModelNew(nn.Module):
             raise ValueError(
                 f"AlexNet expects a float32 tensor of shape (N, {self.conv1.in_channels}, H, W), got {x.dtype} of shape {tuple(x.shape)}"
             )
-        if not x.is_cuda and isinstance(
+        if x.device.type == "cpu" and isinstance(
             conv11x11_bias_relu_kernel, triton.runtime.jit.JITFunction
         ):
             raise RuntimeError(

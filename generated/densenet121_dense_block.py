@@ -1038,7 +1038,9 @@ class ModelNew(nn.Module):
             raise ValueError(
                 f"DenseNet121DenseBlock expects a float32 tensor of shape (N, {(self.layers[0][0].num_features if len(self.layers) > 0 else x.shape[1])}, H, W), got {x.dtype} of shape {tuple(x.shape)}"
             )
-        if not x.is_cuda and isinstance(load_kernel, triton.runtime.jit.JITFunction):
+        if x.device.type == "cpu" and isinstance(
+            load_kernel, triton.runtime.jit.JITFunction
+        ):
             raise RuntimeError(
                 "ModelNew runs Triton kernels: move the model and the input to a GPU, or set"
                 " TRITON_INTERPRET=1 before triton is first imported to run them (slowly) on the CPU"

@@ -949,7 +949,7 @@ class ModelNew(nn.Module):
             raise ValueError(
                 f"DenseNet121TransitionLayer expects a float32 tensor of shape (N, {self.transition[0].num_features}, H, W), got {x.dtype} of shape {tuple(x.shape)}"
             )
-        if not x.is_cuda and isinstance(
+        if x.device.type == "cpu" and isinstance(
             bn_relu_conv1x1_avgpool_kernel, triton.runtime.jit.JITFunction
         ):
             raise RuntimeError(

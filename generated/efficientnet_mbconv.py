@@ -1563,7 +1563,7 @@ class ModelNew(nn.Module):
             raise ValueError(
                 f"EfficientNetMBConv expects a float32 tensor of shape (N, {(self.expand_conv[0].in_channels if self.expands else self.depthwise_conv[0].in_channels)}, H, W), got {x.dtype} of shape {tuple(x.shape)}"
             )
-        if not x.is_cuda and isinstance(
+        if x.device.type == "cpu" and isinstance(
             conv1x1_bn_relu6_kernel, triton.runtime.jit.JITFunction
         ):
             raise RuntimeError(

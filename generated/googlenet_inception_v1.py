@@ -1661,7 +1661,7 @@ class ModelNew(nn.Module):
             raise ValueError(
                 f"GoogleNetInceptionV1 expects a float32 tensor of shape (N, {self.conv1.in_channels}, H, W), got {x.dtype} of shape {tuple(x.shape)}"
             )
-        if not x.is_cuda and isinstance(
+        if x.device.type == "cpu" and isinstance(
             conv7x7_bias_relu_kernel, triton.runtime.jit.JITFunction
         ):
             raise RuntimeError(

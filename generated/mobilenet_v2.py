@@ -2303,7 +2303,7 @@ class ModelNew(nn.Module):
             raise ValueError(
                 f"MobileNetV2 expects a float32 tensor of shape (N, {self.features[0].in_channels}, H, W), got {x.dtype} of shape {tuple(x.shape)}"
             )
-        if not x.is_cuda and isinstance(
+        if x.device.type == "cpu" and isinstance(
             conv3x3_bn_relu6_kernel, triton.runtime.jit.JITFunction
         ):
             raise RuntimeError(

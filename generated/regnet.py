@@ -1642,7 +1642,7 @@ class ModelNew(nn.Module):
             raise ValueError(
                 f"RegNet expects a float32 tensor of shape (N, {(self.feature_extractor[0][0].in_channels if len(self.feature_extractor) > 0 else x.shape[1])}, H, W), got {x.dtype} of shape {tuple(x.shape)}"
             )
-        if not x.is_cuda and isinstance(
+        if x.device.type == "cpu" and isinstance(
             conv3x3_bias_bn_relu_kernel, triton.runtime.jit.JITFunction
         ):
             raise RuntimeError(

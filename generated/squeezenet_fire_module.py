@@ -687,7 +687,7 @@ class ModelNew(nn.Module):
             raise ValueError(
                 f"SqueezeNetFireModule expects a float32 tensor of shape (N, {self.squeeze.in_channels}, H, W), got {x.dtype} of shape {tuple(x.shape)}"
             )
-        if not x.is_cuda and isinstance(
+        if x.device.type == "cpu" and isinstance(
             conv1x1_bias_relu_kernel, triton.runtime.jit.JITFunction
         ):
             raise RuntimeError(

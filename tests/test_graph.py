@@ -120,7 +120,7 @@ def test_residual_block_matches_torch(cin, cout, stride, n, h, w, training):
 
 
 MODULES = """\
-model Net(num_classes=5, widths=[4, 6])
+model Net(num_classes=5)
 input(1, 3, 8, 8)
 
 module unit(cin, cout, stride=1, downsample=None):
@@ -254,7 +254,7 @@ def test_graph_errors(line, fragment):
     assert fragment in err.value.message
 
 
-LOOP = MODULES.replace("model Net(num_classes=5, widths=[4, 6])", "model Net(layers=[2, 1], num_classes=5)").replace(
+LOOP = MODULES.replace("model Net(num_classes=5)", "model Net(layers=[2, 1], num_classes=5)").replace(
     "stage1: stage(4, 4, 2, 1)\n    stage2: stage(4, 6, 1, 2)",
     "stage1: stage(4, 4, layers[0], 1)\n    stage2: stage(4, 6, layers[1], 2)",
 )
