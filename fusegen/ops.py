@@ -997,7 +997,8 @@ def _softmax_specialize(a: dict, has_module: bool) -> Op:
         FIXED_OPS["softmax"],
         name=f"softmax_{axis}",
         lowering=lowering,
-        reference=lambda x, m: f"torch.softmax({x}, {dim})",
+        # an unlabeled softmax at the top level has no module: the build-time dim
+        reference=(lambda x, m: f"{m}({x})") if has_module else (lambda x, m: f"torch.softmax({x}, {dim})"),
         summary=f"softmax along the {axis} (dim={dim}): exp(x - max) / sum(exp(x - max)) in two sweeps",
         specialize=None,
     )
