@@ -1033,30 +1033,59 @@ def _conv_transpose_shape(a: dict, shape: Shape) -> Shape:
 
 
 def _conv_transpose_loop(slot: str, prologue: PrologueHook) -> list[str]:
-    """The transposed conv as an implicit GEMM over (kh, kw, input channel): output pixel oh takes tap kh
-    from input row ih = (oh + PAD - kh) / STRIDE where that is a whole row inside the input (likewise
-    columns); the other taps' lanes load zeros."""
+    """The transposed conv as an implicit GEMM over its taps, with the tile's rows in parity-major order:
+    the grid enumerates the output pixels class by class, a class being the pixels of one (row % STRIDE,
+    column % STRIDE) = (rh, rw), in (image, row, column) order within it. A pixel of class (rh, rw) takes
+    only the taps kh = (rh + PAD) % STRIDE + t * STRIDE (t < TH), likewise kw: so a tile computes the taps
+    of the classes it holds, one class and no wasted product where it lies inside one (a tile that
+    straddles two classes computes both). Its rows are stored at their pixels (`offs_m` is reassigned)."""
+    rows_before = "({r} * ({size} // STRIDE) + tl.minimum({r}, {size} % STRIDE))"  # of residue < r, of `size`
     return [
+        "# parity-major rows: the class of each row, and its place (image, i, j) in the class's grid",
+        "TH: tl.constexpr = (KH + STRIDE - 1) // STRIDE",
+        "TW: tl.constexpr = (KW + STRIDE - 1) // STRIDE",
+        "rh = tl.zeros((BLOCK_M,), dtype=tl.int32)",
+        "for r in tl.static_range(1, STRIDE):",
+        f"    rh += (offs_m >= N * OW * {rows_before.format(r='r', size='OH')}).to(tl.int32)",
+        f"q = offs_m - N * OW * {rows_before.format(r='rh', size='OH')}",
+        "class_h = tl.maximum((OH - rh + STRIDE - 1) // STRIDE, 1)",
+        "rw = tl.zeros((BLOCK_M,), dtype=tl.int32)",
+        "for r in tl.static_range(1, STRIDE):",
+        f"    rw += (q >= N * class_h * {rows_before.format(r='r', size='OW')}).to(tl.int32)",
+        f"q -= N * class_h * {rows_before.format(r='rw', size='OW')}",
+        "class_w = tl.maximum((OW - rw + STRIDE - 1) // STRIDE, 1)",
+        "img = q // (class_h * class_w)",
+        "i = q // class_w % class_h",
+        "j = q % class_w",
+        "row_class = rh * STRIDE + rw",
+        "first_class = tl.min(tl.where(mask_m, row_class, STRIDE * STRIDE), axis=0)",
+        "last_class = tl.max(tl.where(mask_m, row_class, 0), axis=0)",
         "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
-        "for k0 in range(0, KH * KW * C_in, BLOCK_K):",
-        "    offs_k = k0 + tl.arange(0, BLOCK_K)",
-        "    mask_k = offs_k < KH * KW * C_in",
-        "    kh = offs_k // (KW * C_in)",
-        "    kw = offs_k // C_in % KW",
-        "    ci = offs_k % C_in",
-        "    th = oh[:, None] + PAD - kh[None, :]",
-        "    tw = ow[:, None] + PAD - kw[None, :]",
-        "    ih = th // STRIDE",
-        "    iw = tw // STRIDE",
-        "    inside = mask_m[:, None] & mask_k[None, :] & (th >= 0) & (tw >= 0) & (th % STRIDE == 0)"
-        " & (tw % STRIDE == 0) & (ih < H) & (iw < W)",
-        f"    a = {_load_x(_x_strided_at('n[:, None]', 'ih', 'iw', 'ci[None, :]'), 'inside')}",
-        *("    " + line for line in _where_inside(prologue("a", "ci", "mask_k", "inside"), "a", "inside")),
+        "for c in range(first_class, last_class + 1):",
+        "    in_class = mask_m & (row_class == c)",
+        "    # K runs over (t_h, t_w, input channel): the class's taps, from input pixel (i + (rh + PAD) //",
+        "    # STRIDE - t_h, likewise)",
+        "    for k0 in range(0, TH * TW * C_in, BLOCK_K):",
+        "        offs_k = k0 + tl.arange(0, BLOCK_K)",
+        "        t_h = offs_k // (TW * C_in)",
+        "        t_w = offs_k // C_in % TW",
+        "        ci = offs_k % C_in",
+        "        kh = (c // STRIDE + PAD) % STRIDE + t_h * STRIDE",
+        "        kw = (c % STRIDE + PAD) % STRIDE + t_w * STRIDE",
+        "        mask_k = offs_k < TH * TW * C_in",
+        "        tap_k = mask_k & (kh < KH) & (kw < KW)  # TH * STRIDE may pass KH",
+        "        ih = i[:, None] + (c // STRIDE + PAD) // STRIDE - t_h[None, :]",
+        "        iw = j[:, None] + (c % STRIDE + PAD) // STRIDE - t_w[None, :]",
+        "        inside = in_class[:, None] & tap_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)",
+        f"        a = {_load_x(_x_strided_at('img[:, None]', 'ih', 'iw', 'ci[None, :]'), 'inside')}",
+        *("        " + line for line in _where_inside(prologue("a", "ci", "mask_k", "inside"), "a", "inside")),
         # the weight is [in, out, kh, kw]
-        f"    b = tl.load({slot}_weight_ptr + offs_n[None, :] * {slot}_weight_stride_o"
+        f"        b = tl.load({slot}_weight_ptr + offs_n[None, :] * {slot}_weight_stride_o"
         f" + (ci * {slot}_weight_stride_i + kh * {slot}_weight_stride_h + kw * {slot}_weight_stride_w)[:, None],"
-        " mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
-        "    acc = fp32_dot(a, b, acc, DOT_PRECISION)",
+        " mask=tap_k[:, None] & mask_n[None, :], other=0.0)",
+        "        acc = fp32_dot(a, b, acc, DOT_PRECISION)",
+        "# each row's output pixel, where the one store puts it",
+        "offs_m = (img * OH + i * STRIDE + rh) * OW + j * STRIDE + rw",
     ]
 
 
@@ -1111,7 +1140,7 @@ def _conv_transpose_specialize(a: dict, has_module: bool) -> Op:
         FIXED_OPS["conv_transpose"],
         name=name,
         lowering=lowering,
-        summary=f"{k}x{k} transposed convolution, {_bias_words(bias)} (implicit GEMM over every tap on tl.dot)",
+        summary=f"{k}x{k} transposed convolution, {_bias_words(bias)} (implicit GEMM on tl.dot, parity-major rows)",
         specialize=None,
     )
 

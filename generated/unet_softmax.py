@@ -312,52 +312,77 @@ def conv_transpose2x2_bias_kernel(
     mask_m = offs_m < N * OH * OW
     mask_n = offs_n < C_out
     mask = mask_m[:, None] & mask_n[None, :]
-    n = offs_m // (OH * OW)
-    oh = offs_m // OW % OH
-    ow = offs_m % OW
-    # anchor: 2x2 transposed convolution, with bias (implicit GEMM over every tap on tl.dot)
+    # anchor: 2x2 transposed convolution, with bias (implicit GEMM on tl.dot, parity-major rows)
+    # parity-major rows: the class of each row, and its place (image, i, j) in the class's grid
+    TH: tl.constexpr = (KH + STRIDE - 1) // STRIDE
+    TW: tl.constexpr = (KW + STRIDE - 1) // STRIDE
+    rh = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for r in tl.static_range(1, STRIDE):
+        rh += (offs_m >= N * OW * (r * (OH // STRIDE) + tl.minimum(r, OH % STRIDE))).to(
+            tl.int32
+        )
+    q = offs_m - N * OW * (rh * (OH // STRIDE) + tl.minimum(rh, OH % STRIDE))
+    class_h = tl.maximum((OH - rh + STRIDE - 1) // STRIDE, 1)
+    rw = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for r in tl.static_range(1, STRIDE):
+        rw += (q >= N * class_h * (r * (OW // STRIDE) + tl.minimum(r, OW % STRIDE))).to(
+            tl.int32
+        )
+    q -= N * class_h * (rw * (OW // STRIDE) + tl.minimum(rw, OW % STRIDE))
+    class_w = tl.maximum((OW - rw + STRIDE - 1) // STRIDE, 1)
+    img = q // (class_h * class_w)
+    i = q // class_w % class_h
+    j = q % class_w
+    row_class = rh * STRIDE + rw
+    first_class = tl.min(tl.where(mask_m, row_class, STRIDE * STRIDE), axis=0)
+    last_class = tl.max(tl.where(mask_m, row_class, 0), axis=0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, KH * KW * C_in, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < KH * KW * C_in
-        kh = offs_k // (KW * C_in)
-        kw = offs_k // C_in % KW
-        ci = offs_k % C_in
-        th = oh[:, None] + PAD - kh[None, :]
-        tw = ow[:, None] + PAD - kw[None, :]
-        ih = th // STRIDE
-        iw = tw // STRIDE
-        inside = (
-            mask_m[:, None]
-            & mask_k[None, :]
-            & (th >= 0)
-            & (tw >= 0)
-            & (th % STRIDE == 0)
-            & (tw % STRIDE == 0)
-            & (ih < H)
-            & (iw < W)
-        )
-        a = tl.load(
-            x_ptr
-            + n[:, None] * x_stride_n
-            + ci[None, :] * x_stride_c
-            + ih * x_stride_h
-            + iw * x_stride_w,
-            mask=inside,
-            other=0.0,
-        ).to(tl.float32)
-        b = tl.load(
-            conv_weight_ptr
-            + offs_n[None, :] * conv_weight_stride_o
-            + (
-                ci * conv_weight_stride_i
-                + kh * conv_weight_stride_h
-                + kw * conv_weight_stride_w
-            )[:, None],
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        acc = fp32_dot(a, b, acc, DOT_PRECISION)
+    for c in range(first_class, last_class + 1):
+        in_class = mask_m & (row_class == c)
+        # K runs over (t_h, t_w, input channel): the class's taps, from input pixel (i + (rh + PAD) //
+        # STRIDE - t_h, likewise)
+        for k0 in range(0, TH * TW * C_in, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            t_h = offs_k // (TW * C_in)
+            t_w = offs_k // C_in % TW
+            ci = offs_k % C_in
+            kh = (c // STRIDE + PAD) % STRIDE + t_h * STRIDE
+            kw = (c % STRIDE + PAD) % STRIDE + t_w * STRIDE
+            mask_k = offs_k < TH * TW * C_in
+            tap_k = mask_k & (kh < KH) & (kw < KW)  # TH * STRIDE may pass KH
+            ih = i[:, None] + (c // STRIDE + PAD) // STRIDE - t_h[None, :]
+            iw = j[:, None] + (c % STRIDE + PAD) // STRIDE - t_w[None, :]
+            inside = (
+                in_class[:, None]
+                & tap_k[None, :]
+                & (ih >= 0)
+                & (ih < H)
+                & (iw >= 0)
+                & (iw < W)
+            )
+            a = tl.load(
+                x_ptr
+                + img[:, None] * x_stride_n
+                + ci[None, :] * x_stride_c
+                + ih * x_stride_h
+                + iw * x_stride_w,
+                mask=inside,
+                other=0.0,
+            ).to(tl.float32)
+            b = tl.load(
+                conv_weight_ptr
+                + offs_n[None, :] * conv_weight_stride_o
+                + (
+                    ci * conv_weight_stride_i
+                    + kh * conv_weight_stride_h
+                    + kw * conv_weight_stride_w
+                )[:, None],
+                mask=tap_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            acc = fp32_dot(a, b, acc, DOT_PRECISION)
+    # each row's output pixel, where the one store puts it
+    offs_m = (img * OH + i * STRIDE + rh) * OW + j * STRIDE + rw
     acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     tl.store(
         out_ptr + offs_m[:, None] * out_row_stride + offs_n[None, :], acc, mask=mask
@@ -703,52 +728,77 @@ def conv_transpose2x2_bias_train_kernel(
     mask_m = offs_m < N * OH * OW
     mask_n = offs_n < C_out
     mask = mask_m[:, None] & mask_n[None, :]
-    n = offs_m // (OH * OW)
-    oh = offs_m // OW % OH
-    ow = offs_m % OW
-    # anchor: 2x2 transposed convolution, with bias (implicit GEMM over every tap on tl.dot)
+    # anchor: 2x2 transposed convolution, with bias (implicit GEMM on tl.dot, parity-major rows)
+    # parity-major rows: the class of each row, and its place (image, i, j) in the class's grid
+    TH: tl.constexpr = (KH + STRIDE - 1) // STRIDE
+    TW: tl.constexpr = (KW + STRIDE - 1) // STRIDE
+    rh = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for r in tl.static_range(1, STRIDE):
+        rh += (offs_m >= N * OW * (r * (OH // STRIDE) + tl.minimum(r, OH % STRIDE))).to(
+            tl.int32
+        )
+    q = offs_m - N * OW * (rh * (OH // STRIDE) + tl.minimum(rh, OH % STRIDE))
+    class_h = tl.maximum((OH - rh + STRIDE - 1) // STRIDE, 1)
+    rw = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for r in tl.static_range(1, STRIDE):
+        rw += (q >= N * class_h * (r * (OW // STRIDE) + tl.minimum(r, OW % STRIDE))).to(
+            tl.int32
+        )
+    q -= N * class_h * (rw * (OW // STRIDE) + tl.minimum(rw, OW % STRIDE))
+    class_w = tl.maximum((OW - rw + STRIDE - 1) // STRIDE, 1)
+    img = q // (class_h * class_w)
+    i = q // class_w % class_h
+    j = q % class_w
+    row_class = rh * STRIDE + rw
+    first_class = tl.min(tl.where(mask_m, row_class, STRIDE * STRIDE), axis=0)
+    last_class = tl.max(tl.where(mask_m, row_class, 0), axis=0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, KH * KW * C_in, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < KH * KW * C_in
-        kh = offs_k // (KW * C_in)
-        kw = offs_k // C_in % KW
-        ci = offs_k % C_in
-        th = oh[:, None] + PAD - kh[None, :]
-        tw = ow[:, None] + PAD - kw[None, :]
-        ih = th // STRIDE
-        iw = tw // STRIDE
-        inside = (
-            mask_m[:, None]
-            & mask_k[None, :]
-            & (th >= 0)
-            & (tw >= 0)
-            & (th % STRIDE == 0)
-            & (tw % STRIDE == 0)
-            & (ih < H)
-            & (iw < W)
-        )
-        a = tl.load(
-            x_ptr
-            + n[:, None] * x_stride_n
-            + ci[None, :] * x_stride_c
-            + ih * x_stride_h
-            + iw * x_stride_w,
-            mask=inside,
-            other=0.0,
-        ).to(tl.float32)
-        b = tl.load(
-            conv_weight_ptr
-            + offs_n[None, :] * conv_weight_stride_o
-            + (
-                ci * conv_weight_stride_i
-                + kh * conv_weight_stride_h
-                + kw * conv_weight_stride_w
-            )[:, None],
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        acc = fp32_dot(a, b, acc, DOT_PRECISION)
+    for c in range(first_class, last_class + 1):
+        in_class = mask_m & (row_class == c)
+        # K runs over (t_h, t_w, input channel): the class's taps, from input pixel (i + (rh + PAD) //
+        # STRIDE - t_h, likewise)
+        for k0 in range(0, TH * TW * C_in, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            t_h = offs_k // (TW * C_in)
+            t_w = offs_k // C_in % TW
+            ci = offs_k % C_in
+            kh = (c // STRIDE + PAD) % STRIDE + t_h * STRIDE
+            kw = (c % STRIDE + PAD) % STRIDE + t_w * STRIDE
+            mask_k = offs_k < TH * TW * C_in
+            tap_k = mask_k & (kh < KH) & (kw < KW)  # TH * STRIDE may pass KH
+            ih = i[:, None] + (c // STRIDE + PAD) // STRIDE - t_h[None, :]
+            iw = j[:, None] + (c % STRIDE + PAD) // STRIDE - t_w[None, :]
+            inside = (
+                in_class[:, None]
+                & tap_k[None, :]
+                & (ih >= 0)
+                & (ih < H)
+                & (iw >= 0)
+                & (iw < W)
+            )
+            a = tl.load(
+                x_ptr
+                + img[:, None] * x_stride_n
+                + ci[None, :] * x_stride_c
+                + ih * x_stride_h
+                + iw * x_stride_w,
+                mask=inside,
+                other=0.0,
+            ).to(tl.float32)
+            b = tl.load(
+                conv_weight_ptr
+                + offs_n[None, :] * conv_weight_stride_o
+                + (
+                    ci * conv_weight_stride_i
+                    + kh * conv_weight_stride_h
+                    + kw * conv_weight_stride_w
+                )[:, None],
+                mask=tap_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            acc = fp32_dot(a, b, acc, DOT_PRECISION)
+    # each row's output pixel, where the one store puts it
+    offs_m = (img * OH + i * STRIDE + rh) * OW + j * STRIDE + rw
     acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     tl.store(
         out_ptr + offs_m[:, None] * out_row_stride + offs_n[None, :], acc, mask=mask
