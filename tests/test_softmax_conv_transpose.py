@@ -105,7 +105,9 @@ def output_size(size, k, stride, padding):
 def test_conv_transpose(k, stride, padding, bias, n, c_in, c_out, h, w):
     """Against F.conv_transpose2d with the model's own weight and bias, but the test's stride and padding."""
     assume(output_size(h, k, stride, padding) >= 1 and output_size(w, k, stride, padding) >= 1)  # else a spec error
-    spec = CONV_TRANSPOSE_SPEC.format(n=n, c_in=c_in, c_out=c_out, h=h, w=w, k=k, stride=stride, padding=padding, bias=bias)
+    spec = CONV_TRANSPOSE_SPEC.format(
+        n=n, c_in=c_in, c_out=c_out, h=h, w=w, k=k, stride=stride, padding=padding, bias=bias
+    )
     torch.manual_seed(0)
     model = load(spec).ModelNew().to(DEVICE).eval()
     x = torch.randn(n, c_in, h, w, device=DEVICE)
