@@ -1166,7 +1166,9 @@ def _check_fusion(uses: list[Node], values: list[dict]) -> None:
         if anchors:
             first, lowering = anchors[-1], use.op.lowering
             why = lowering.barrier
-            if (
+            if lowering.pool and first.op.lowering.pool_refusal:
+                why = f"{first.op.name} {first.op.lowering.pool_refusal}"
+            elif (
                 lowering.pool
                 and first.op.lowering.out_rank == 4
                 and not (first.op.lowering.pool or first.op.lowering.grouped)

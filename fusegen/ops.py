@@ -130,6 +130,14 @@ class Anchor:
     narrow_input: bool = True
     # A pool: how it ends the kernel of an anchor before it in the chain (None: it cannot)
     pool: "Pool | None" = None
+    # Why no pool can end its kernel, whose frame makes the tile's rows the pixels of a pooling window, after
+    # the anchor's name ("orders its tile's rows ..."); None: one can, as its loop reads the rows only
+    # through n, oh, ow
+    pool_refusal: str | None = None
+    # The anchor orders the output grid's rows itself: kernel lines that set `offs_m`, the output row of each
+    # of the tile's rows, from `rows_in_order` (the tile's consecutive places in that order), and whatever else
+    # its loop reads of them. Empty: place r of the grid is output row r.
+    row_order: tuple[str, ...] = ()
     # Its output channels are GROUPS groups (a GROUPS constexpr among its params), and each program's
     # channel block stays inside one group (`group` in the frame), whose input channels its loop reads.
     grouped: bool = False
@@ -992,6 +1000,8 @@ def _softmax_specialize(a: dict, has_module: bool) -> Op:
         " other programs of this kernel",
         tile=f'softmax_tile("{axis}", W, C_in)',
         tile_options=("num_warps",),
+        pool_refusal=f"places its tile's rows in the output grid to read the whole {axis} at each, not as a"
+        " pooling window's pixels",
     )
     return replace(
         FIXED_OPS["softmax"],
@@ -1032,31 +1042,38 @@ def _conv_transpose_shape(a: dict, shape: Shape) -> Shape:
     return (shape[0], a["out_channels"], oh, ow)
 
 
+_ROWS_BEFORE = "({r} * ({size} // STRIDE) + tl.minimum({r}, {size} % STRIDE))"  # rows or columns of residue < r
+
+# conv_transpose's parity-major rows: the grid enumerates the output pixels class by class, a class being the
+# pixels of one (row % STRIDE, column % STRIDE) = (rh, rw), in (image, i, j) order within it (row i * STRIDE +
+# rh, column j * STRIDE + rw). Classes of a smaller rh come first, each holding all of that residue's rows.
+_PARITY_MAJOR_ROWS = (
+    "# parity-major rows: the class (rh, rw) of each, and its place (img, i, j) in the class's grid",
+    "rh = tl.zeros((BLOCK_M,), dtype=tl.int32)",
+    "for r in tl.static_range(1, STRIDE):",
+    f"    rh += (rows_in_order >= N * OW * {_ROWS_BEFORE.format(r='r', size='OH')}).to(tl.int32)",
+    f"q = rows_in_order - N * OW * {_ROWS_BEFORE.format(r='rh', size='OH')}",
+    "class_h = tl.maximum((OH - rh + STRIDE - 1) // STRIDE, 1)",
+    "rw = tl.zeros((BLOCK_M,), dtype=tl.int32)",
+    "for r in tl.static_range(1, STRIDE):",
+    f"    rw += (q >= N * class_h * {_ROWS_BEFORE.format(r='r', size='OW')}).to(tl.int32)",
+    f"q -= N * class_h * {_ROWS_BEFORE.format(r='rw', size='OW')}",
+    "class_w = tl.maximum((OW - rw + STRIDE - 1) // STRIDE, 1)",
+    "img = q // (class_h * class_w)",
+    "i = q // class_w % class_h",
+    "j = q % class_w",
+    "offs_m = (img * OH + i * STRIDE + rh) * OW + j * STRIDE + rw",
+)
+
+
 def _conv_transpose_loop(slot: str, prologue: PrologueHook) -> list[str]:
-    """The transposed conv as an implicit GEMM over its taps, with the tile's rows in parity-major order:
-    the grid enumerates the output pixels class by class, a class being the pixels of one (row % STRIDE,
-    column % STRIDE) = (rh, rw), in (image, row, column) order within it. A pixel of class (rh, rw) takes
-    only the taps kh = (rh + PAD) % STRIDE + t * STRIDE (t < TH), likewise kw: so a tile computes the taps
-    of the classes it holds, one class and no wasted product where it lies inside one (a tile that
-    straddles two classes computes both). Its rows are stored at their pixels (`offs_m` is reassigned)."""
-    rows_before = "({r} * ({size} // STRIDE) + tl.minimum({r}, {size} % STRIDE))"  # of residue < r, of `size`
+    """The transposed conv as an implicit GEMM over its taps, on parity-major rows (_PARITY_MAJOR_ROWS): a
+    pixel of class (rh, rw) takes only the taps kh = (rh + PAD) % STRIDE + t * STRIDE (t < TH), likewise kw,
+    so a tile computes the taps of the classes it holds: one class, and no wasted product, where it lies
+    inside one (a tile that straddles two classes computes both)."""
     return [
-        "# parity-major rows: the class of each row, and its place (image, i, j) in the class's grid",
         "TH: tl.constexpr = (KH + STRIDE - 1) // STRIDE",
         "TW: tl.constexpr = (KW + STRIDE - 1) // STRIDE",
-        "rh = tl.zeros((BLOCK_M,), dtype=tl.int32)",
-        "for r in tl.static_range(1, STRIDE):",
-        f"    rh += (offs_m >= N * OW * {rows_before.format(r='r', size='OH')}).to(tl.int32)",
-        f"q = offs_m - N * OW * {rows_before.format(r='rh', size='OH')}",
-        "class_h = tl.maximum((OH - rh + STRIDE - 1) // STRIDE, 1)",
-        "rw = tl.zeros((BLOCK_M,), dtype=tl.int32)",
-        "for r in tl.static_range(1, STRIDE):",
-        f"    rw += (q >= N * class_h * {rows_before.format(r='r', size='OW')}).to(tl.int32)",
-        f"q -= N * class_h * {rows_before.format(r='rw', size='OW')}",
-        "class_w = tl.maximum((OW - rw + STRIDE - 1) // STRIDE, 1)",
-        "img = q // (class_h * class_w)",
-        "i = q // class_w % class_h",
-        "j = q % class_w",
         "row_class = rh * STRIDE + rw",
         "first_class = tl.min(tl.where(mask_m, row_class, STRIDE * STRIDE), axis=0)",
         "last_class = tl.max(tl.where(mask_m, row_class, 0), axis=0)",
@@ -1084,8 +1101,6 @@ def _conv_transpose_loop(slot: str, prologue: PrologueHook) -> list[str]:
         f" + (ci * {slot}_weight_stride_i + kh * {slot}_weight_stride_h + kw * {slot}_weight_stride_w)[:, None],"
         " mask=tap_k[:, None] & mask_n[None, :], other=0.0)",
         "        acc = fp32_dot(a, b, acc, DOT_PRECISION)",
-        "# each row's output pixel, where the one store puts it",
-        "offs_m = (img * OH + i * STRIDE + rh) * OW + j * STRIDE + rw",
     ]
 
 
@@ -1135,6 +1150,8 @@ def _conv_transpose_specialize(a: dict, has_module: bool) -> Op:
         tile="conv_tile(KH * KW * C_in, C_out)",
         tile_options=("num_warps", "num_stages"),
         strided_input=True,
+        pool_refusal="orders its tile's rows by output class (parity-major), not as a pooling window's pixels",
+        row_order=_PARITY_MAJOR_ROWS,
     )
     return replace(
         FIXED_OPS["conv_transpose"],

@@ -307,21 +307,18 @@ def conv_transpose2x2_bias_kernel(
     # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_in_order = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < N * OH * OW
+    mask_m = rows_in_order < N * OH * OW
     mask_n = offs_n < C_out
     mask = mask_m[:, None] & mask_n[None, :]
-    # anchor: 2x2 transposed convolution, with bias (implicit GEMM on tl.dot, parity-major rows)
-    # parity-major rows: the class of each row, and its place (image, i, j) in the class's grid
-    TH: tl.constexpr = (KH + STRIDE - 1) // STRIDE
-    TW: tl.constexpr = (KW + STRIDE - 1) // STRIDE
+    # parity-major rows: the class (rh, rw) of each, and its place (img, i, j) in the class's grid
     rh = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for r in tl.static_range(1, STRIDE):
-        rh += (offs_m >= N * OW * (r * (OH // STRIDE) + tl.minimum(r, OH % STRIDE))).to(
-            tl.int32
-        )
-    q = offs_m - N * OW * (rh * (OH // STRIDE) + tl.minimum(rh, OH % STRIDE))
+        rh += (
+            rows_in_order >= N * OW * (r * (OH // STRIDE) + tl.minimum(r, OH % STRIDE))
+        ).to(tl.int32)
+    q = rows_in_order - N * OW * (rh * (OH // STRIDE) + tl.minimum(rh, OH % STRIDE))
     class_h = tl.maximum((OH - rh + STRIDE - 1) // STRIDE, 1)
     rw = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for r in tl.static_range(1, STRIDE):
@@ -333,6 +330,10 @@ def conv_transpose2x2_bias_kernel(
     img = q // (class_h * class_w)
     i = q // class_w % class_h
     j = q % class_w
+    offs_m = (img * OH + i * STRIDE + rh) * OW + j * STRIDE + rw
+    # anchor: 2x2 transposed convolution, with bias (implicit GEMM on tl.dot, parity-major rows)
+    TH: tl.constexpr = (KH + STRIDE - 1) // STRIDE
+    TW: tl.constexpr = (KW + STRIDE - 1) // STRIDE
     row_class = rh * STRIDE + rw
     first_class = tl.min(tl.where(mask_m, row_class, STRIDE * STRIDE), axis=0)
     last_class = tl.max(tl.where(mask_m, row_class, 0), axis=0)
@@ -381,8 +382,6 @@ def conv_transpose2x2_bias_kernel(
                 other=0.0,
             )
             acc = fp32_dot(a, b, acc, DOT_PRECISION)
-    # each row's output pixel, where the one store puts it
-    offs_m = (img * OH + i * STRIDE + rh) * OW + j * STRIDE + rw
     acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     tl.store(
         out_ptr + offs_m[:, None] * out_row_stride + offs_n[None, :], acc, mask=mask
@@ -723,21 +722,18 @@ def conv_transpose2x2_bias_train_kernel(
     # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_in_order = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < N * OH * OW
+    mask_m = rows_in_order < N * OH * OW
     mask_n = offs_n < C_out
     mask = mask_m[:, None] & mask_n[None, :]
-    # anchor: 2x2 transposed convolution, with bias (implicit GEMM on tl.dot, parity-major rows)
-    # parity-major rows: the class of each row, and its place (image, i, j) in the class's grid
-    TH: tl.constexpr = (KH + STRIDE - 1) // STRIDE
-    TW: tl.constexpr = (KW + STRIDE - 1) // STRIDE
+    # parity-major rows: the class (rh, rw) of each, and its place (img, i, j) in the class's grid
     rh = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for r in tl.static_range(1, STRIDE):
-        rh += (offs_m >= N * OW * (r * (OH // STRIDE) + tl.minimum(r, OH % STRIDE))).to(
-            tl.int32
-        )
-    q = offs_m - N * OW * (rh * (OH // STRIDE) + tl.minimum(rh, OH % STRIDE))
+        rh += (
+            rows_in_order >= N * OW * (r * (OH // STRIDE) + tl.minimum(r, OH % STRIDE))
+        ).to(tl.int32)
+    q = rows_in_order - N * OW * (rh * (OH // STRIDE) + tl.minimum(rh, OH % STRIDE))
     class_h = tl.maximum((OH - rh + STRIDE - 1) // STRIDE, 1)
     rw = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for r in tl.static_range(1, STRIDE):
@@ -749,6 +745,10 @@ def conv_transpose2x2_bias_train_kernel(
     img = q // (class_h * class_w)
     i = q // class_w % class_h
     j = q % class_w
+    offs_m = (img * OH + i * STRIDE + rh) * OW + j * STRIDE + rw
+    # anchor: 2x2 transposed convolution, with bias (implicit GEMM on tl.dot, parity-major rows)
+    TH: tl.constexpr = (KH + STRIDE - 1) // STRIDE
+    TW: tl.constexpr = (KW + STRIDE - 1) // STRIDE
     row_class = rh * STRIDE + rw
     first_class = tl.min(tl.where(mask_m, row_class, STRIDE * STRIDE), axis=0)
     last_class = tl.max(tl.where(mask_m, row_class, 0), axis=0)
@@ -797,8 +797,6 @@ def conv_transpose2x2_bias_train_kernel(
                 other=0.0,
             )
             acc = fp32_dot(a, b, acc, DOT_PRECISION)
-    # each row's output pixel, where the one store puts it
-    offs_m = (img * OH + i * STRIDE + rh) * OW + j * STRIDE + rw
     acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     tl.store(
         out_ptr + offs_m[:, None] * out_row_stride + offs_n[None, :], acc, mask=mask

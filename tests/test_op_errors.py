@@ -115,6 +115,20 @@ CASES = [
         "conv3x3_bias cannot join the kernel of softmax_channels: it reads a 3x3 neighbourhood",
     ),
     (
+        HEADER + "forward:\n    softmax(1) -> relu -> p: avgpool(2)\n",
+        4,
+        30,
+        "avgpool cannot join the kernel of softmax_channels: softmax_channels places its tile's rows in the output"
+        " grid to read the whole channels at each, not as a pooling window's pixels",
+    ),
+    (
+        HEADER + "forward:\n    u: conv_transpose(4, 4, 2, 2) -> global_avgpool\n",
+        4,
+        38,
+        "global_avgpool cannot join the kernel of conv_transpose2x2_bias: conv_transpose2x2_bias orders its tile's"
+        " rows by output class (parity-major), not as a pooling window's pixels",
+    ),
+    (
         HEADER + "forward:\n    u: conv_transpose(4, c, 2, 2, output_padding=1)\n",
         4,
         8,
