@@ -1064,7 +1064,9 @@ class _GraphBuilder:
         shaped = []
         for node, args in zip(nodes, values):
             try:
-                shape = node.op.shape(args, shape)
+                rank, shape = len(shape), node.op.shape(args, shape)
+                if node.op.for_rank is not None:
+                    node = replace(node, op=node.op.for_rank(rank))
             except O.ShapeError as err:
                 if not self.untaken:  # a branch not taken here: its shapes are checked where it runs
                     raise SpecError(node.pos, f"{err}{where}") from None

@@ -239,6 +239,9 @@ class Op:
     # has_module says whether ModelNew holds its module (an unlabeled maxpool has none). Raises
     # ArgumentError where no lowering takes the values.
     specialize: Callable[[dict[str, object], bool], "Op"] | None = None
+    # An op whose lowering depends on the rank of the tensor flowing in (softmax on a 2-d or a 4-d tensor):
+    # for_rank(rank) is the op for that rank, once its shape rule took the tensor
+    for_rank: Callable[[int], "Op"] | None = None
 
     def train_lowered(self) -> "Op":
         """The op as it lowers in training mode."""
@@ -900,12 +903,12 @@ _SOFTMAX_AXES = {1: "channels", 2: "height", 3: "width", -3: "channels", -2: "he
 
 
 def _softmax_shape(a: dict, shape: Shape) -> Shape:
-    if len(shape) != 4:
-        raise ShapeError(
-            f"softmax(dim={a['dim']}) takes a 4-d (NCHW) tensor (along its channels, height or width), but gets"
-            f" shape {list(shape)}"
-        )
-    return shape
+    if len(shape) == 4 or (len(shape) == 2 and a["dim"] in (1, -1)):
+        return shape
+    raise ShapeError(
+        f"softmax(dim={a['dim']}) takes a 4-d (NCHW) tensor (along its channels, height or width) or a 2-d (NC)"
+        f" one along its features (dim=1 or -1), but gets shape {list(shape)}"
+    )
 
 
 def _online_softmax(tile: str, axis: int | None) -> list[str]:
@@ -980,38 +983,52 @@ def _softmax_loop(axis: str):
     return loop
 
 
+def _softmax_anchor(axis: str, rank: int) -> Anchor:
+    """The softmax along `axis` of a tensor of `rank` 4, or of 2 along its features (`axis` "channels")."""
+    return Anchor(
+        (),
+        "C_in",
+        ("OH = H", "OW = W") if rank == 4 else (),
+        _softmax_loop(axis),
+        f"each of its outputs reads the whole {axis} of its input at its place, and those values are computed by"
+        " other programs of this kernel",
+        tile=f'softmax_tile("{axis}", {"W" if rank == 4 else 1}, C_in)',
+        tile_options=("num_warps",),
+        pool_refusal=f"places its tile's rows in the output grid to read the whole {axis} at each, not as a"
+        " pooling window's pixels",
+    )
+
+
 def _softmax_specialize(a: dict, has_module: bool) -> Op:
-    """The softmax's anchor for its dim; the dim is fixed at build time (the kernel's name says it)."""
+    """The softmax's anchor for its dim, on a 4-d tensor, and for a 2-d one (`for_rank`); the dim is fixed at
+    build time (the kernel's name says it)."""
     dim = a["dim"]
     if isinstance(dim, bool) or not isinstance(dim, int):
         raise ArgumentError(f"softmax: dim must be an integer, got {dim!r}")
     if dim not in _SOFTMAX_AXES:
         raise ArgumentError(
             f"softmax along dim={dim} is not supported: fusegen's softmax runs along the channels (dim=1 or -3), the"
-            " height (dim=2 or -2) or the width (dim=3 or -1) of a 4-d tensor"
+            " height (dim=2 or -2) or the width (dim=3 or -1) of a 4-d tensor, or the features (dim=1 or -1) of a"
+            " 2-d one"
         )
     axis = _SOFTMAX_AXES[dim]
-    lowering = Anchor(
-        (),
-        "C_in",
-        ("OH = H", "OW = W"),
-        _softmax_loop(axis),
-        f"each of its outputs reads the whole {axis} of its input at its place, and those values are computed by"
-        " other programs of this kernel",
-        tile=f'softmax_tile("{axis}", W, C_in)',
-        tile_options=("num_warps",),
-        pool_refusal=f"places its tile's rows in the output grid to read the whole {axis} at each, not as a"
-        " pooling window's pixels",
-    )
-    return replace(
+    op = replace(
         FIXED_OPS["softmax"],
         name=f"softmax_{axis}",
-        lowering=lowering,
+        lowering=_softmax_anchor(axis, 4),
         # an unlabeled softmax at the top level has no module: the build-time dim
         reference=(lambda x, m: f"{m}({x})") if has_module else (lambda x, m: f"torch.softmax({x}, {dim})"),
         summary=f"softmax along the {axis} (dim={dim}): exp(x - max) / sum(exp(x - max)) in two sweeps",
         specialize=None,
     )
+    features = replace(
+        op,
+        name="softmax_features",
+        lowering=_softmax_anchor("channels", 2),
+        summary=f"softmax along the features (dim={dim}): exp(x - max) / sum(exp(x - max)) in two sweeps",
+    )
+    # the shape rule takes a 2-d tensor only along dim 1 or -1: the features
+    return replace(op, for_rank=lambda rank: features if rank == 2 else op)
 
 
 # -- conv_transpose: nn.ConvTranspose2d --------------------------------------------------------------------
@@ -1459,8 +1476,8 @@ FIXED_OPS = {
             shape=_softmax_shape,
             reference=lambda x, m: f"{m}({x})",
             lowering=None,
-            summary="nn.Softmax(dim) on a 4-d tensor, along its channels, height or width: a running maximum and"
-            " sum of exponentials over the dim, then exp(x - max) / sum",
+            summary="nn.Softmax(dim) along a 4-d tensor's channels, height or width, or a 2-d one's features: a running"
+            " maximum and sum of exponentials over the dim, then exp(x - max) / sum",
             specialize=_softmax_specialize,
         ),
         Op(

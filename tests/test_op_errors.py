@@ -96,10 +96,11 @@ CASES = [
     (HEADER + "forward:\n    softmax(dim=4)\n", 4, 5, "softmax along dim=4 is not supported"),
     (HEADER + "forward:\n    softmax(1.5)\n", 4, 5, "softmax: dim must be an integer, got 1.5"),
     (
-        HEADER + "forward:\n    flatten\n    softmax(-1)\n",
+        HEADER + "forward:\n    flatten\n    softmax(-2)\n",
         5,
         5,
-        "softmax(dim=-1) takes a 4-d (NCHW) tensor (along its channels, height or width), but gets shape [2, 1024]",
+        "softmax(dim=-2) takes a 4-d (NCHW) tensor (along its channels, height or width) or a 2-d (NC) one along"
+        " its features (dim=1 or -1), but gets shape [2, 1024]",
     ),
     (
         HEADER + "forward:\n    c1: conv(4, c, 3) -> bn1: bn(c) -> softmax(-1)\n",

@@ -1,7 +1,8 @@
 """softmax(dim) and conv_transpose against torch on random shapes and arguments (the U-Net's two ops).
 
 softmax runs in both modes with a BatchNorm before it (training mode: in the softmax's prologue, applied in
-both of its sweeps) and one after it (training mode: the softmax's kernel stores its output's statistics);
+both of its sweeps) and one after it (training mode: the softmax's kernel stores its output's statistics),
+and over a linear layer's features;
 conv_transpose runs over kernel sizes, strides, paddings and bias, and into a concatenation's slice."""
 
 from __future__ import annotations
@@ -72,6 +73,31 @@ def test_softmax_between_batch_norms(dim, training, n, c, h, w):
     for key, buffer in exact.state_dict().items():
         if "running" in key:
             assert torch.allclose(model.state_dict()[key].double(), buffer, rtol=1e-5, atol=1e-6), key
+
+
+FEATURES_SPEC = """\
+model Net()
+input({n}, {c}, 1, 1)
+forward:
+    flatten
+    fc: linear({c}, {f})
+    softmax({dim})
+"""
+
+
+@few_examples
+@given(dim=st.sampled_from([1, -1]), n=st.integers(1, 20), c=channels, f=st.integers(1, 300))
+@example(dim=-1, n=3, c=5, f=257)  # two blocks of 256 features
+def test_softmax_over_a_linear_layers_features(dim, n, c, f):
+    module = load(FEATURES_SPEC.format(n=n, c=c, f=f, dim=dim))
+    assert "def softmax_features(" in module.SOURCE  # the 2-d kernel
+    torch.manual_seed(0)
+    model = module.ModelNew().to(DEVICE).eval()
+    x = torch.randn(n, c, 1, 1, device=DEVICE)
+    with torch.no_grad():
+        out = model(x)
+        expected = torch.softmax(model.fc(x.flatten(1)), dim)
+    assert out.shape == expected.shape and rel_error(out, expected) < TOLERANCE
 
 
 CONV_TRANSPOSE_SPEC = """\
