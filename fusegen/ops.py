@@ -896,7 +896,7 @@ def _maxpool_specialize(a: dict, has_module: bool) -> Op:
     )
 
 
-# -- softmax: along the width, the height or the channels of a 4-d tensor --------------------------------
+# -- softmax: along the width, the height or the channels of a 4-d tensor, or the features of a 2-d one ----
 
 # the axis of a 4-d tensor that each dim names, as softmax_tile (fusegen/runtime.py) takes it
 _SOFTMAX_AXES = {1: "channels", 2: "height", 3: "width", -3: "channels", -2: "height", -1: "width"}
