@@ -1065,7 +1065,9 @@ class _GraphBuilder:
         shaped = []
         for node, args in zip(nodes, values):
             try:
-                shape = node.op.shape(args, shape)
+                rank, shape = len(shape), node.op.shape(args, shape)
+                if node.op.for_rank is not None:
+                    node = replace(node, op=node.op.for_rank(rank))
             except O.ShapeError as err:
                 if not self.untaken:  # a branch not taken here: its shapes are checked where it runs
                     raise SpecError(node.pos, f"{err}{where}") from None
@@ -1167,7 +1169,9 @@ def _check_fusion(uses: list[Node], values: list[dict]) -> None:
         if anchors:
             first, lowering = anchors[-1], use.op.lowering
             why = lowering.barrier
-            if (
+            if lowering.pool and first.op.lowering.pool_refusal:
+                why = f"{first.op.name} {first.op.lowering.pool_refusal}"
+            elif (
                 lowering.pool
                 and first.op.lowering.out_rank == 4
                 and not (first.op.lowering.pool or first.op.lowering.grouped)

@@ -242,6 +242,35 @@ def _conv(m: nn.Conv2d) -> OpCall:
     return _checked("conv", values, args)
 
 
+def _conv_transpose(m: nn.ConvTranspose2d) -> OpCall:
+    if m.padding_mode != "zeros":
+        raise _Refused(f"padding_mode={m.padding_mode!r}")
+    k = _square(m.kernel_size, "kernel size")
+    stride, padding = _square(m.stride, "stride"), _square(m.padding, "padding")
+    output_padding, dilation = _square(m.output_padding, "output padding"), _square(m.dilation, "dilation")
+    bias = m.bias is not None
+    values = dict(
+        in_channels=m.in_channels,
+        out_channels=m.out_channels,
+        kernel_size=k,
+        stride=stride,
+        padding=padding,
+        output_padding=output_padding,
+        groups=m.groups,
+        bias=bias,
+        dilation=dilation,
+    )
+    args = [(None, Hole(name, values[name])) for name in ("in_channels", "out_channels", "kernel_size", "stride")]
+    args += [(None, Hole("padding", padding))] if padding else []
+    return _checked("conv_transpose", values, args + ([] if bias else [("bias", "False")]))
+
+
+def _softmax(dim) -> OpCall:
+    if dim is None:
+        raise _Refused("dim=None (torch's implicit dim is deprecated)")
+    return _checked("softmax", {"dim": dim}, [(None, repr(dim))])
+
+
 def _batch_norm(m: nn.BatchNorm2d) -> OpCall:
     if not m.affine or not m.track_running_stats:
         raise _Refused("affine=False or track_running_stats=False")
@@ -294,6 +323,10 @@ def _leaf_op(m: nn.Module) -> OpCall | None:
         return OpCall(_PLAIN[kind])
     if kind is nn.Conv2d:
         return _conv(m)
+    if kind is nn.ConvTranspose2d:
+        return _conv_transpose(m)
+    if kind is nn.Softmax:
+        return _softmax(m.dim)
     if kind is nn.BatchNorm2d:
         return _batch_norm(m)
     if kind is nn.Linear:

@@ -86,9 +86,10 @@ def _prologue_hook(prologue: tuple[FusedOp, ...]) -> O.PrologueHook:
 _GROUP_BLOCKS = "(GROUPS * tl.cdiv(C_out // GROUPS, BLOCK_N))"
 
 
-def _frame(out_rank: int, loop: list[str], grouped: bool = False) -> list[str]:
+def _frame(out_rank: int, loop: list[str], grouped: bool = False, row_order: tuple[str, ...] = ()) -> list[str]:
     """The tile's offsets and masks, and the output pixel of each row where the anchor's loop uses it;
-    `grouped`: the channel blocks of a grouped anchor (Anchor.grouped), each inside one group."""
+    `grouped`: the channel blocks of a grouped anchor (Anchor.grouped), each inside one group; `row_order`:
+    the lines of an anchor that orders the grid's rows itself (Anchor.row_order), which set offs_m."""
     rows = "N * OH * OW" if out_rank == 4 else "N"
     channel_blocks = _GROUP_BLOCKS if grouped else "tl.cdiv(C_out, BLOCK_N)"
     channels = (
@@ -108,11 +109,12 @@ def _frame(out_rank: int, loop: list[str], grouped: bool = False) -> list[str]:
         *(["# channel blocks inside one group: a program's output channels read one group's input channels"] * grouped),
         f"pid_m = tl.program_id(0) // {channel_blocks}",
         f"pid_n = tl.program_id(0) % {channel_blocks}",
-        "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
+        f"{'rows_in_order' if row_order else 'offs_m'} = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
         *channels,
-        f"mask_m = offs_m < {rows}",
+        f"mask_m = {'rows_in_order' if row_order else 'offs_m'} < {rows}",
         "mask_n = offs_group_n < C_out // GROUPS" if grouped else "mask_n = offs_n < C_out",
         "mask = mask_m[:, None] & mask_n[None, :]",
+        *row_order,
     ]
     pixel = (
         ["n = offs_m // (OH * OW)", "oh = offs_m // OW % OH", "ow = offs_m % OW"] if out_rank == 4 else ["n = offs_m"]
@@ -353,7 +355,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
     else:
         stats = _tile_stats(channels) if kernel.writes_batch_stats else []
         store = _store(channels, "out_row_stride" if kernel.writes_slice else "C_out")
-        body = [*_frame(out_rank, loop, anchor.grouped), *tile, store, *stats]
+        body = [*_frame(out_rank, loop, anchor.grouped, anchor.row_order), *tile, store, *stats]
     body_text = "\n".join([*body, *slices])  # what either kernel uses
 
     # Candidate parameters in signature order, each with the wrapper expression that feeds it.

@@ -130,6 +130,14 @@ class Anchor:
     narrow_input: bool = True
     # A pool: how it ends the kernel of an anchor before it in the chain (None: it cannot)
     pool: "Pool | None" = None
+    # Why no pool can end its kernel, whose frame makes the tile's rows the pixels of a pooling window, after
+    # the anchor's name ("orders its tile's rows ..."); None: one can, as its loop reads the rows only
+    # through n, oh, ow
+    pool_refusal: str | None = None
+    # The anchor orders the output grid's rows itself: kernel lines that set `offs_m`, the output row of each
+    # of the tile's rows, from `rows_in_order` (the tile's consecutive places in that order), and whatever else
+    # its loop reads of them. Empty: place r of the grid is output row r.
+    row_order: tuple[str, ...] = ()
     # Its output channels are GROUPS groups (a GROUPS constexpr among its params), and each program's
     # channel block stays inside one group (`group` in the frame), whose input channels its loop reads.
     grouped: bool = False
@@ -231,6 +239,9 @@ class Op:
     # has_module says whether ModelNew holds its module (an unlabeled maxpool has none). Raises
     # ArgumentError where no lowering takes the values.
     specialize: Callable[[dict[str, object], bool], "Op"] | None = None
+    # An op whose lowering depends on the rank of the tensor flowing in (softmax on a 2-d or a 4-d tensor):
+    # for_rank(rank) is the op for that rank, once its shape rule took the tensor
+    for_rank: Callable[[int], "Op"] | None = None
 
     def train_lowered(self) -> "Op":
         """The op as it lowers in training mode."""
@@ -909,6 +920,289 @@ def _maxpool_specialize(a: dict, has_module: bool) -> Op:
     )
 
 
+# -- softmax: along the width, the height or the channels of a 4-d tensor, or the features of a 2-d one ----
+
+# the axis of a 4-d tensor that each dim names, as softmax_tile (fusegen/runtime.py) takes it
+_SOFTMAX_AXES = {1: "channels", 2: "height", 3: "width", -3: "channels", -2: "height", -1: "width"}
+
+
+def _softmax_shape(a: dict, shape: Shape) -> Shape:
+    if len(shape) == 4 or (len(shape) == 2 and a["dim"] in (1, -1)):
+        return shape
+    raise ShapeError(
+        f"softmax(dim={a['dim']}) takes a 4-d (NCHW) tensor (along its channels, height or width) or a 2-d (NC)"
+        f" one along its features (dim=1 or -1), but gets shape {list(shape)}"
+    )
+
+
+def _online_softmax(tile: str, axis: int | None) -> list[str]:
+    """Sweep 1's step: `row_max` and `row_sum` take in the tile `tile` reduced over `axis` (None: elementwise),
+    its lanes past the axis' end -inf; the sum is rescaled to each new maximum."""
+    chunk = tile if axis is None else f"tl.max({tile}, axis={axis})"
+    expand = "" if axis is None else ("[None, :]" if axis == 0 else "[:, None]")
+    exps = f"tl.exp({tile} - new_max{expand})"
+    return [
+        f"new_max = tl.maximum(row_max, {chunk})",
+        f"row_sum = row_sum * tl.exp(row_max - new_max) + {exps if axis is None else f'tl.sum({exps}, axis={axis})'}",
+        "row_max = new_max",
+    ]
+
+
+def _softmax_loop(axis: str):
+    """Two sweeps over the softmax's axis: the first keeps a running maximum and a sum of exponentials
+    rescaled to it (online softmax), the second computes the tile's own values, exp(x - max) / sum. The
+    prologue applies to every tile loaded, in both sweeps (training mode's BatchNorm before a softmax)."""
+
+    def loop(slot: str, prologue: PrologueHook) -> list[str]:
+        if axis == "width":
+            # the tile lies in one image row (softmax_tile makes BLOCK_M divide W): the row's statistics
+            # per channel, from chunks of BLOCK_K pixels
+            stats = "(BLOCK_N,)"
+            first = [
+                "row_start = pid_m * BLOCK_M // W * W",
+                "for w0 in range(0, W, BLOCK_K):",
+                "    offs_w = w0 + tl.arange(0, BLOCK_K)",
+                "    inside = (offs_w < W)[:, None] & mask_n[None, :]",
+                f"    a = {_load_x('x_ptr + (row_start + offs_w)[:, None] * C_in + offs_n[None, :]', 'inside')}",
+                *("    " + line for line in prologue("a", "offs_n", "mask_n", "inside")),
+                '    a = tl.where((offs_w < W)[:, None], a, float("-inf"))',
+                *("    " + line for line in _online_softmax("a", 0)),
+            ]
+            expand = "[None, :]"
+        elif axis == "channels":
+            # every channel of the tile's pixels, BLOCK_K at a time
+            stats = "(BLOCK_M,)"
+            first = [
+                "for k0 in range(0, C_in, BLOCK_K):",
+                "    offs_k = k0 + tl.arange(0, BLOCK_K)",
+                "    mask_k = offs_k < C_in",
+                "    inside = mask_m[:, None] & mask_k[None, :]",
+                f"    a = {_load_x('x_ptr + offs_m[:, None] * C_in + offs_k[None, :]', 'inside')}",
+                *("    " + line for line in prologue("a", "offs_k", "mask_k", "inside")),
+                '    a = tl.where(mask_k[None, :], a, float("-inf"))',
+                *("    " + line for line in _online_softmax("a", 1)),
+            ]
+            expand = "[:, None]"
+        else:
+            # the column of each value of the tile, a pixel at a time
+            stats = "(BLOCK_M, BLOCK_N)"
+            first = [
+                "for h in range(H):",
+                f"    a = {_load_x(_x_at('n[:, None]', 'h', 'ow[:, None]', 'offs_n[None, :]'), 'mask')}",
+                *("    " + line for line in prologue("a", "offs_n", "mask_n", None)),
+                *("    " + line for line in _online_softmax("a", None)),
+            ]
+            expand = ""
+        return [
+            f"# sweep 1: the maximum along the {axis} and the sum of exp(x - maximum), rescaled as the maximum grows",
+            f'row_max = tl.full({stats}, float("-inf"), dtype=tl.float32)',
+            f"row_sum = tl.zeros({stats}, dtype=tl.float32)",
+            *first,
+            "# sweep 2: the tile's own values",
+            f"acc = {_load_x('x_ptr + offs_m[:, None] * C_in + offs_n[None, :]', 'mask')}",
+            *prologue("acc", "offs_n", "mask_n", None),
+            f"acc = tl.exp(acc - row_max{expand}) / row_sum{expand}",
+        ]
+
+    return loop
+
+
+def _softmax_anchor(axis: str, rank: int) -> Anchor:
+    """The softmax along `axis` of a tensor of `rank` 4, or of 2 along its features (`axis` "channels")."""
+    return Anchor(
+        (),
+        "C_in",
+        ("OH = H", "OW = W") if rank == 4 else (),
+        _softmax_loop(axis),
+        f"each of its outputs reads the whole {axis} of its input at its place, and those values are computed by"
+        " other programs of this kernel",
+        tile=f'softmax_tile("{axis}", {"W" if rank == 4 else 1}, C_in)',
+        tile_options=("num_warps",),
+        pool_refusal=f"places its tile's rows in the output grid to read the whole {axis} at each, not as a"
+        " pooling window's pixels",
+    )
+
+
+def _softmax_specialize(a: dict, has_module: bool) -> Op:
+    """The softmax's anchor for its dim, on a 4-d tensor, and for a 2-d one (`for_rank`); the dim is fixed at
+    build time (the kernel's name says it)."""
+    dim = a["dim"]
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise ArgumentError(f"softmax: dim must be an integer, got {dim!r}")
+    if dim not in _SOFTMAX_AXES:
+        raise ArgumentError(
+            f"softmax along dim={dim} is not supported: fusegen's softmax runs along the channels (dim=1 or -3), the"
+            " height (dim=2 or -2) or the width (dim=3 or -1) of a 4-d tensor, or the features (dim=1 or -1) of a"
+            " 2-d one"
+        )
+    axis = _SOFTMAX_AXES[dim]
+    op = replace(
+        FIXED_OPS["softmax"],
+        name=f"softmax_{axis}",
+        lowering=_softmax_anchor(axis, 4),
+        # an unlabeled softmax at the top level has no module: the build-time dim
+        reference=(lambda x, m: f"{m}({x})") if has_module else (lambda x, m: f"torch.softmax({x}, {dim})"),
+        summary=f"softmax along the {axis} (dim={dim}): exp(x - max) / sum(exp(x - max)) in two sweeps",
+        specialize=None,
+    )
+    features = replace(
+        op,
+        name="softmax_features",
+        lowering=_softmax_anchor("channels", 2),
+        summary=f"softmax along the features (dim={dim}): exp(x - max) / sum(exp(x - max)) in two sweeps",
+    )
+    # the shape rule takes a 2-d tensor only along dim 1 or -1: the features
+    return replace(op, for_rank=lambda rank: features if rank == 2 else op)
+
+
+# -- conv_transpose: nn.ConvTranspose2d --------------------------------------------------------------------
+
+CONV_TRANSPOSE_DEFAULTS = {"stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "bias": True, "dilation": 1}
+
+
+def _conv_transpose_module(a: dict[str, str]) -> str:
+    positional = ", ".join(a[key] for key in ("in_channels", "out_channels", "kernel_size", "stride", "padding"))
+    bias = "" if a["bias"] == "True" else f", bias={a['bias']}"
+    return f"nn.ConvTranspose2d({positional}{bias})"
+
+
+def _conv_transpose_out(size: int, k: int, stride: int, padding: int) -> int:
+    out = (size - 1) * stride - 2 * padding + k
+    if out < 1:
+        raise ShapeError(
+            f"conv_transpose: an input of size {size} gives no output pixels with kernel_size {k}, stride {stride}"
+            f" and padding {padding}"
+        )
+    return out
+
+
+def _conv_transpose_shape(a: dict, shape: Shape) -> Shape:
+    _rank(shape, 4, "conv_transpose")
+    _channels(shape, a["in_channels"], "conv_transpose")
+    oh, ow = (_conv_transpose_out(size, a["kernel_size"], a["stride"], a["padding"]) for size in shape[2:])
+    return (shape[0], a["out_channels"], oh, ow)
+
+
+_ROWS_BEFORE = "({r} * ({size} // STRIDE) + tl.minimum({r}, {size} % STRIDE))"  # rows or columns of residue < r
+
+# conv_transpose's parity-major rows: the grid enumerates the output pixels class by class, a class being the
+# pixels of one (row % STRIDE, column % STRIDE) = (rh, rw), in (image, i, j) order within it (row i * STRIDE +
+# rh, column j * STRIDE + rw). Classes of a smaller rh come first, each holding all of that residue's rows.
+_PARITY_MAJOR_ROWS = (
+    "# parity-major rows: the class (rh, rw) of each, and its place (img, i, j) in the class's grid",
+    "rh = tl.zeros((BLOCK_M,), dtype=tl.int32)",
+    "for r in tl.static_range(1, STRIDE):",
+    f"    rh += (rows_in_order >= N * OW * {_ROWS_BEFORE.format(r='r', size='OH')}).to(tl.int32)",
+    f"q = rows_in_order - N * OW * {_ROWS_BEFORE.format(r='rh', size='OH')}",
+    "class_h = tl.maximum((OH - rh + STRIDE - 1) // STRIDE, 1)",
+    "rw = tl.zeros((BLOCK_M,), dtype=tl.int32)",
+    "for r in tl.static_range(1, STRIDE):",
+    f"    rw += (q >= N * class_h * {_ROWS_BEFORE.format(r='r', size='OW')}).to(tl.int32)",
+    f"q -= N * class_h * {_ROWS_BEFORE.format(r='rw', size='OW')}",
+    "class_w = tl.maximum((OW - rw + STRIDE - 1) // STRIDE, 1)",
+    "img = q // (class_h * class_w)",
+    "i = q // class_w % class_h",
+    "j = q % class_w",
+    "offs_m = (img * OH + i * STRIDE + rh) * OW + j * STRIDE + rw",
+)
+
+
+def _conv_transpose_loop(slot: str, prologue: PrologueHook) -> list[str]:
+    """The transposed conv as an implicit GEMM over its taps, on parity-major rows (_PARITY_MAJOR_ROWS): a
+    pixel of class (rh, rw) takes only the taps kh = (rh + PAD) % STRIDE + t * STRIDE (t < TH), likewise kw,
+    so a tile computes the taps of the classes it holds: one class, and no wasted product, where it lies
+    inside one (a tile that straddles two classes computes both)."""
+    return [
+        "TH: tl.constexpr = (KH + STRIDE - 1) // STRIDE",
+        "TW: tl.constexpr = (KW + STRIDE - 1) // STRIDE",
+        "row_class = rh * STRIDE + rw",
+        "first_class = tl.min(tl.where(mask_m, row_class, STRIDE * STRIDE), axis=0)",
+        "last_class = tl.max(tl.where(mask_m, row_class, 0), axis=0)",
+        "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
+        "for c in range(first_class, last_class + 1):",
+        "    in_class = mask_m & (row_class == c)",
+        "    # K runs over (t_h, t_w, input channel): the class's taps, from input pixel (i + (rh + PAD) //",
+        "    # STRIDE - t_h, likewise)",
+        "    for k0 in range(0, TH * TW * C_in, BLOCK_K):",
+        "        offs_k = k0 + tl.arange(0, BLOCK_K)",
+        "        t_h = offs_k // (TW * C_in)",
+        "        t_w = offs_k // C_in % TW",
+        "        ci = offs_k % C_in",
+        "        kh = (c // STRIDE + PAD) % STRIDE + t_h * STRIDE",
+        "        kw = (c % STRIDE + PAD) % STRIDE + t_w * STRIDE",
+        "        mask_k = offs_k < TH * TW * C_in",
+        "        tap_k = mask_k & (kh < KH) & (kw < KW)  # TH * STRIDE may pass KH",
+        "        ih = i[:, None] + (c // STRIDE + PAD) // STRIDE - t_h[None, :]",
+        "        iw = j[:, None] + (c % STRIDE + PAD) // STRIDE - t_w[None, :]",
+        "        inside = in_class[:, None] & tap_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)",
+        f"        a = {_load_x(_x_strided_at('img[:, None]', 'ih', 'iw', 'ci[None, :]'), 'inside')}",
+        *("        " + line for line in _where_inside(prologue("a", "ci", "mask_k", "inside"), "a", "inside")),
+        # the weight is [in, out, kh, kw]
+        f"        b = tl.load({slot}_weight_ptr + offs_n[None, :] * {slot}_weight_stride_o"
+        f" + (ci * {slot}_weight_stride_i + kh * {slot}_weight_stride_h + kw * {slot}_weight_stride_w)[:, None],"
+        " mask=tap_k[:, None] & mask_n[None, :], other=0.0)",
+        "        acc = fp32_dot(a, b, acc, DOT_PRECISION)",
+    ]
+
+
+def _conv_transpose_specialize(a: dict, has_module: bool) -> Op:
+    """nn.ConvTranspose2d with groups 1, dilation 1 and no output padding, with or without bias."""
+    for key in ("output_padding", "groups", "dilation"):
+        if a[key] != CONV_TRANSPOSE_DEFAULTS[key]:
+            raise ArgumentError(
+                f"conv_transpose with {key}={a[key]!r} is not supported: fusegen lowers ConvTranspose2d with"
+                " output_padding=0, groups=1 and dilation=1"
+            )
+    bias = a["bias"]
+    if not isinstance(bias, bool):
+        raise ArgumentError(f"conv_transpose: bias must be True or False, got {bias!r}")
+    k = a["kernel_size"]
+    name = f"conv_transpose{k}x{k}{'_bias' if bias else ''}"
+    has_bias = "{m}.bias is not None" if bias else "{m}.bias is None"
+    message = (
+        f"conv_transpose lowers to {name} (as built from the spec), which needs output_padding 0, groups 1,"
+        f" dilation 1 and {'a' if bias else 'no'} bias, not output_padding"
+        " {{{m}.output_padding}}, groups {{{m}.groups}}, dilation {{{m}.dilation}} and bias {{{m}.bias is not None}}"
+    )
+    guard = (
+        "if not ({m}.output_padding == (0, 0) and {m}.groups == 1 and {m}.dilation == (1, 1) and " + has_bias + "):",
+        f'    raise ValueError(f"{message}")',
+    )
+    params = (
+        KernelParam("weight_ptr", _DOT_WEIGHT),
+        KernelParam("weight_stride_i", "{m}.weight.stride(0)"),
+        KernelParam("weight_stride_o", "{m}.weight.stride(1)"),
+        KernelParam("weight_stride_h", "{m}.weight.stride(2)"),
+        KernelParam("weight_stride_w", "{m}.weight.stride(3)"),
+        *_WINDOW,
+        _DOT_PRECISION,
+    )
+    lowering = Anchor(
+        (*params, _BIAS) if bias else params,
+        "{m}.out_channels",
+        (
+            *guard,
+            "OH = (H - 1) * {m}.stride[0] - 2 * {m}.padding[0] + {m}.kernel_size[0]",
+            "OW = (W - 1) * {m}.stride[1] - 2 * {m}.padding[1] + {m}.kernel_size[1]",
+        ),
+        _then_bias(_conv_transpose_loop, bias),
+        f"each of its outputs reads up to {k}x{k} pixels of its input, and those pixels are computed by other"
+        " programs of this kernel",
+        tile="conv_tile(KH * KW * C_in, C_out)",
+        tile_options=("num_warps", "num_stages"),
+        strided_input=True,
+        pool_refusal="orders its tile's rows by output class (parity-major), not as a pooling window's pixels",
+        row_order=_PARITY_MAJOR_ROWS,
+    )
+    return replace(
+        FIXED_OPS["conv_transpose"],
+        name=name,
+        lowering=lowering,
+        summary=f"{k}x{k} transposed convolution, {_bias_words(bias)} (implicit GEMM on tl.dot, parity-major rows)",
+        specialize=None,
+    )
+
+
 def _dropout_specialize(a: dict, has_module: bool) -> Op:
     p = a["p"]
     if not isinstance(p, (int, float)) or not 0 <= p <= 1:
@@ -1167,6 +1461,48 @@ FIXED_OPS = {
             " floor or ceil mode",
             captured_attrs=("kernel_size", "stride", "padding"),
             specialize=_maxpool_specialize,
+        ),
+        Op(
+            name="conv_transpose",
+            slot="conv",
+            role=Role.ANCHOR,
+            args=(
+                "in_channels",
+                "out_channels",
+                "kernel_size",
+                "stride",
+                "padding",
+                "output_padding",
+                "groups",
+                "bias",
+                "dilation",
+            ),
+            defaults=dict(CONV_TRANSPOSE_DEFAULTS),
+            int_args=("in_channels", "out_channels", "kernel_size", "stride", "padding"),
+            module=_conv_transpose_module,
+            needs_module=True,
+            channels_attr="in_channels",
+            shape=_conv_transpose_shape,
+            reference=lambda x, m: f"{m}({x})",
+            lowering=None,
+            summary="nn.ConvTranspose2d (output_padding 0, groups 1, dilation 1): an implicit GEMM over its taps on"
+            " tl.dot",
+            specialize=_conv_transpose_specialize,
+        ),
+        Op(
+            name="softmax",
+            slot="softmax",
+            role=Role.ANCHOR,
+            args=("dim",),
+            defaults={},
+            module=lambda a: f"nn.Softmax(dim={a['dim']})",
+            needs_module=False,
+            shape=_softmax_shape,
+            reference=lambda x, m: f"{m}({x})",
+            lowering=None,
+            summary="nn.Softmax(dim) along a 4-d tensor's channels, height or width, or a 2-d one's features: a running"
+            " maximum and sum of exponentials over the dim, then exp(x - max) / sum",
+            specialize=_softmax_specialize,
         ),
         Op(
             name="linear",

@@ -196,6 +196,26 @@ def linear_tile(N, C_in, C_out):
     return block_m, block_n, block_k, 4 * block_k
 
 
+def softmax_tile(axis, W, C):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for a softmax over `axis` ("width", "height" or "channels") of
+    a channels-last tensor W pixels wide with C channels; BLOCK_K is the chunk of the axis that the kernel's
+    first sweep reduces at a time. Not swept on a GPU: tiles of about 4096 values on 4 warps."""
+    if axis == "width":
+        # every row block lies in one image row, whose statistics all its rows share: BLOCK_M divides W
+        # (the largest power of two that does, up to 256: a program for each 256 pixels of the row)
+        m_bits = min((W & -W).bit_length() - 1, 8)
+        block_m = 1 << m_bits
+        block_n = min(max(16, triton.next_power_of_2(C)), 1 << max(4, 12 - m_bits))
+        block_k = min(triton.next_power_of_2(W), max(block_m, triton.next_power_of_2(4096 // block_n)))
+        return block_m, block_n, block_k, 4
+    if axis == "channels":
+        # every channel block reads all C channels of its rows: one block up to 256 channels
+        block_n = min(256, max(16, triton.next_power_of_2(C)))
+        return max(16, triton.next_power_of_2(4096 // block_n)), block_n, block_n, 4
+    # the height: a running maximum and sum for each value of the tile, one image row at a time
+    return 64, min(64, max(16, triton.next_power_of_2(C))), 1, 4
+
+
 # -- launch helpers -----------------------------------------------------------------------------------
 
 

@@ -769,6 +769,72 @@ class ShuffleNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+class DoubleConv(nn.Module):
+    """U-Net's double conv with softmax activations: (3x3 conv, BatchNorm, softmax along the width) twice."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.double_conv = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+            nn.BatchNorm2d(out_channels),
+            nn.Softmax(dim=-1),
+            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1),
+            nn.BatchNorm2d(out_channels),
+            nn.Softmax(dim=-1),
+        )
+
+    def forward(self, x):
+        return self.double_conv(x)
+
+
+class UNetSoftmax(nn.Module):
+    """KernelBench's U-Net: four encoders with 2x2 max pools, a bottleneck, four decoders that each read a 2x2
+    stride-2 transposed conv's output joined with the encoder's along channels, and a 1x1 conv."""
+
+    def __init__(self, in_channels, out_channels, features):
+        super().__init__()
+        widths = [features * 2**i for i in range(5)]
+        self.encoder1 = DoubleConv(in_channels, widths[0])
+        self.pool1 = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.encoder2 = DoubleConv(widths[0], widths[1])
+        self.pool2 = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.encoder3 = DoubleConv(widths[1], widths[2])
+        self.pool3 = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.encoder4 = DoubleConv(widths[2], widths[3])
+        self.pool4 = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.bottleneck = DoubleConv(widths[3], widths[4])
+        self.upconv4 = nn.ConvTranspose2d(widths[4], widths[3], kernel_size=2, stride=2)
+        self.decoder4 = DoubleConv(widths[4], widths[3])
+        self.upconv3 = nn.ConvTranspose2d(widths[3], widths[2], kernel_size=2, stride=2)
+        self.decoder3 = DoubleConv(widths[3], widths[2])
+        self.upconv2 = nn.ConvTranspose2d(widths[2], widths[1], kernel_size=2, stride=2)
+        self.decoder2 = DoubleConv(widths[2], widths[1])
+        self.upconv1 = nn.ConvTranspose2d(widths[1], widths[0], kernel_size=2, stride=2)
+        self.decoder1 = DoubleConv(widths[1], widths[0])
+        self.final_conv = nn.Conv2d(widths[0], out_channels, kernel_size=1)
+
+    def forward(self, x):
+        skips = []
+        for encoder, pool in (
+            (self.encoder1, self.pool1),
+            (self.encoder2, self.pool2),
+            (self.encoder3, self.pool3),
+            (self.encoder4, self.pool4),
+        ):
+            x = encoder(x)
+            skips.append(x)
+            x = pool(x)
+        x = self.bottleneck(x)
+        for upconv, decoder in (
+            (self.upconv4, self.decoder4),
+            (self.upconv3, self.decoder3),
+            (self.upconv2, self.decoder2),
+            (self.upconv1, self.decoder1),
+        ):
+            x = decoder(torch.cat((upconv(x), skips.pop()), dim=1))
+        return self.final_conv(x)
+
+
 # KernelBench level 3 as its files run: stem -> (reference, get_init_inputs(), get_inputs() shape).
 KERNELBENCH = {
     "lenet5": (LeNet5, [20], (4096, 1, 32, 32)),
@@ -799,6 +865,7 @@ KERNELBENCH = {
     "densenet121_dense_block": (DenseNet121DenseBlock, [6, 32, 32], (10, 32, 224, 224)),
     "densenet121": (DenseNet121, [32, 10], (10, 3, 224, 224)),
     "densenet201": (DenseNet201, [32, 10], (10, 3, 224, 224)),
+    "unet_softmax": (UNetSoftmax, [8, 4, 64], (8, 8, 64, 512)),
 }
 
 # Cheap cases, stem -> [(constructor arguments, input shape)]: arguments other than KernelBench's, odd input
@@ -853,4 +920,7 @@ SMALL = {
     # Small odd growth (odd channel counts throughout); 33x35 pools down to one pixel at the last block.
     "densenet121": [([3, 7], (2, 3, 33, 35))],
     "densenet201": [([2, 5], (2, 3, 33, 35))],
+    # The four pools need sizes divisible by 16: the bottleneck runs at 1x2 pixels (4 values a channel for
+    # training mode's BatchNorm), the softmax along widths of 32 down to 2, odd channel counts after the first.
+    "unet_softmax": [([3, 2, 3], (2, 3, 16, 32))],
 }

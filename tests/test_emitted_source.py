@@ -521,3 +521,33 @@ def test_a_channel_shuffle_has_no_kernel_of_its_own():
     (load,) = [c for c in calls(k_loop, "tl.load") if "x_ptr" in ast.unparse(c.args[0])]
     assert shuffled in ast.unparse(load)
     assert "dwconv3x3_bn_channel_shuffle" in launched_in(source, "run_kernels")
+
+
+def test_training_mode_batch_norm_normalises_both_sweeps_of_a_softmax():
+    """U-Net's `conv -> bn` then `softmax(-1)` in training mode: bn waits on batch statistics and joins the
+    softmax's prologue, applied where each sweep loads a tile (the row's chunks, then the tile's own values)."""
+    source = SOURCES["unet_softmax.fuse"]
+    (kernel,) = [k for k in kernels(source) if k.name == "bn_softmax_width_train_kernel"]
+    (chunks,) = [n for n in kernel.body if isinstance(n, ast.For) and ast.unparse(n.target) == "w0"]
+    assert "a = (a - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[None, :]" in ast.unparse(chunks)
+    after = "\n".join(ast.unparse(n) for n in kernel.body[kernel.body.index(chunks) + 1 :])
+    normalised = after.index("acc = (acc - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[None, :]")
+    assert normalised < after.index("acc = tl.exp(acc - row_max[None, :]) / row_sum[None, :]")
+    wrapper = ast.unparse(wrapper_of(source, kernel.name))
+    assert "BLOCK_M, BLOCK_N, BLOCK_K, num_warps = softmax_tile('width', W, C_in)" in wrapper
+
+
+def test_a_transposed_conv_computes_the_taps_of_its_rows_classes_only():
+    """U-Net's 2x2 stride-2 up-convolutions: the rows are parity-major, each program loops over the output
+    classes its rows hold and, for each, over (KH / STRIDE) * (KW / STRIDE) * C_in products (one tap here),
+    and stores every row at its pixel with the one store, into the concatenation's slice."""
+    source = SOURCES["unet_softmax.fuse"]
+    (kernel,) = [k for k in kernels(source) if k.name == "conv_transpose2x2_bias_kernel"]
+    (classes,) = [n for n in kernel.body if isinstance(n, ast.For) and ast.unparse(n.target) == "c"]
+    assert ast.unparse(classes.iter) == "range(first_class, last_class + 1)"
+    (k_loop,) = [n for n in ast.walk(classes) if isinstance(n, ast.For) and ast.unparse(n.target) == "k0"]
+    assert ast.unparse(k_loop.iter) == "range(0, TH * TW * C_in, BLOCK_K)"
+    assert "TH: tl.constexpr = (KH + STRIDE - 1) // STRIDE" in ast.unparse(kernel)
+    assert assignments(kernel, "offs_m") == 1 and "mask_m = rows_in_order < N * OH * OW" in ast.unparse(kernel)
+    (store,) = calls(kernel, "tl.store")
+    assert "offs_m[:, None] * out_row_stride" in ast.unparse(store)

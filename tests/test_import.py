@@ -70,6 +70,8 @@ def assert_matches(path: Path, args, shape, class_name="Model"):
         # torch.cat of branches: two expands, four branches (two Sequentials of one structure, a pool first)
         ("17_SqueezeNetFireModule", [3, 4, 5, 6], (2, 3, 7, 6)),
         ("6_GoogleNetInceptionModule", [5, 3, 4, 6, 2, 3, 4], (2, 5, 7, 6)),
+        # transposed convs whose outputs a cat joins with the encoders', softmax along the width
+        ("45_UNetSoftmax", [3, 2, 2], (2, 3, 16, 16)),
     ],
 )
 def test_kernelbench_files_import_and_match(stem, args, shape):
@@ -318,7 +320,7 @@ class CatBatch(nn.Module):
 class Upsample(nn.Module):
     def __init__(self):
         super().__init__()
-        self.up = nn.ConvTranspose2d(3, 4, 2, stride=2)
+        self.up = nn.ConvTranspose2d(3, 4, 3, stride=2, output_padding=1)
 
     def forward(self, x):
         return self.up(x)
@@ -382,7 +384,11 @@ def test_mean_hardswish_and_batch_norm_arguments(user_models):
         ("Recurrent", "return self.rnn(self.conv(x))", "nn.LSTM at rnn is not supported"),
         ("Branchy", "if x.sum() > 0:", "Branchy.forward takes a branch or loop on tensor values"),
         ("CatBatch", "return torch.cat", "torch.cat in CatBatch.forward along dim=0 is not supported"),
-        ("Upsample", "return self.up(x)", "nn.ConvTranspose2d at up is not supported"),
+        (
+            "Upsample",
+            "return self.up(x)",
+            "nn.ConvTranspose2d at up is not supported: conv_transpose with output_padding=1",
+        ),
         ("Grouped", "return self.conv(x)", "nn.Conv2d at conv is not supported: conv with groups=2"),
     ],
 )

@@ -118,19 +118,22 @@ def first_small_case(stem):
 
 @contextlib.contextmanager
 def only_generated_kernels(new):
-    """Inside, a torch conv, batch_norm, linear, pooling, activation or dropout call, any module call (the
-    modules only hold parameters) and the autograd wrapper of gradient mode raise. Call new.forward, not new."""
+    """Inside, a torch conv, transposed conv, batch_norm, linear, pooling, activation, softmax, cat or dropout
+    call, any module call (the modules only hold parameters) and the autograd wrapper of gradient mode raise.
+    Call new.forward, not new."""
 
     def forbidden(*args, **kwargs):
         raise AssertionError("forward called a torch op that the kernels should replace, or the autograd wrapper")
 
     with pytest.MonkeyPatch.context() as patch:
-        for fn in ("conv2d", "batch_norm", "linear", "avg_pool2d", "adaptive_avg_pool2d", "max_pool2d"):
+        for fn in ("conv2d", "conv_transpose2d", "batch_norm", "linear", "avg_pool2d", "adaptive_avg_pool2d"):
             patch.setattr(F, fn, forbidden)
-        for fn in ("relu", "relu6", "sigmoid", "dropout"):
+        for fn in ("max_pool2d", "relu", "relu6", "sigmoid", "softmax", "dropout"):
             patch.setattr(F, fn, forbidden)
-        for fn in ("conv2d", "batch_norm", "relu", "sigmoid", "max_pool2d", "cat", "concat"):
+        for fn in ("conv2d", "conv_transpose2d", "batch_norm", "relu", "sigmoid", "softmax", "max_pool2d", "cat"):
             patch.setattr(torch, fn, forbidden)
+        patch.setattr(torch, "concat", forbidden)
+        patch.setattr(torch.Tensor, "softmax", forbidden)
         patch.setattr(torch.nn.Module, "__call__", forbidden)
         patch.setattr(type(new).TorchBackward, "apply", forbidden)
         yield

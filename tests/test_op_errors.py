@@ -1,4 +1,4 @@
-"""Refusals of the nn-style ops (conv, maxpool, dropout): each names the right line and column and says why."""
+"""Refusals of the nn-style ops (conv, maxpool, dropout, softmax, conv_transpose): each names the right line and column and says why."""
 
 import pytest
 
@@ -85,6 +85,83 @@ CASES = [
         5,
         5,
         "maxpool takes a 4-d (NCHW) tensor, but gets shape [2, 1024]",
+    ),
+    (
+        HEADER + "forward:\n    softmax(0)\n",
+        4,
+        5,
+        "softmax along dim=0 is not supported: fusegen's softmax runs along the channels (dim=1 or -3), the height"
+        " (dim=2 or -2) or the width (dim=3 or -1) of a 4-d tensor",
+    ),
+    (HEADER + "forward:\n    softmax(dim=4)\n", 4, 5, "softmax along dim=4 is not supported"),
+    (HEADER + "forward:\n    softmax(1.5)\n", 4, 5, "softmax: dim must be an integer, got 1.5"),
+    (
+        HEADER + "forward:\n    flatten\n    softmax(-2)\n",
+        5,
+        5,
+        "softmax(dim=-2) takes a 4-d (NCHW) tensor (along its channels, height or width) or a 2-d (NC) one along"
+        " its features (dim=1 or -1), but gets shape [2, 1024]",
+    ),
+    (
+        HEADER + "forward:\n    c1: conv(4, c, 3) -> bn1: bn(c) -> softmax(-1)\n",
+        4,
+        40,
+        "softmax_width cannot join the kernel of conv3x3_bias: each of its outputs reads the whole width of its"
+        " input at its place, and those values are computed by other programs of this kernel",
+    ),
+    (
+        HEADER + "forward:\n    softmax(1) -> c1: conv(4, c, 3)\n",
+        4,
+        23,
+        "conv3x3_bias cannot join the kernel of softmax_channels: it reads a 3x3 neighbourhood",
+    ),
+    (
+        HEADER + "forward:\n    softmax(1) -> relu -> p: avgpool(2)\n",
+        4,
+        30,
+        "avgpool cannot join the kernel of softmax_channels: softmax_channels places its tile's rows in the output"
+        " grid to read the whole channels at each, not as a pooling window's pixels",
+    ),
+    (
+        HEADER + "forward:\n    u: conv_transpose(4, 4, 2, 2) -> global_avgpool\n",
+        4,
+        38,
+        "global_avgpool cannot join the kernel of conv_transpose2x2_bias: conv_transpose2x2_bias orders its tile's"
+        " rows by output class (parity-major), not as a pooling window's pixels",
+    ),
+    (
+        HEADER + "forward:\n    u: conv_transpose(4, c, 2, 2, output_padding=1)\n",
+        4,
+        8,
+        "conv_transpose with output_padding=1 is not supported: fusegen lowers ConvTranspose2d with"
+        " output_padding=0, groups=1 and dilation=1",
+    ),
+    (HEADER + "forward:\n    u: conv_transpose(4, c, 2, 2, groups=2)\n", 4, 8, "with groups=2 is not supported"),
+    (HEADER + "forward:\n    u: conv_transpose(4, c, 2, dilation=2)\n", 4, 8, "with dilation=2 is not supported"),
+    (HEADER + "forward:\n    u: conv_transpose(4, c, 2, bias=1)\n", 4, 8, "conv_transpose: bias must be True or False"),
+    (
+        HEADER + "forward:\n    u: conv_transpose(4, c, 2, padding=-1)\n",
+        4,
+        40,
+        "conv_transpose: padding must be a positive integer, got -1",
+    ),
+    (
+        HEADER + "forward:\n    u: conv_transpose(4, c, 2, 1, 9)\n",
+        4,
+        8,
+        "conv_transpose: an input of size 16 gives no output pixels with kernel_size 2, stride 1 and padding 9",
+    ),
+    (
+        HEADER + "forward:\n    u: conv_transpose(4, c, 2, 2) -> c1: conv(c, c, 3)\n",
+        4,
+        42,
+        "conv3x3_bias cannot join the kernel of conv_transpose2x2_bias",
+    ),
+    (
+        HEADER + "forward:\n    c1: conv(4, c, 3) -> u: conv_transpose(c, c, 2, 2)\n",
+        4,
+        29,
+        "conv_transpose2x2_bias cannot join the kernel of conv3x3_bias",
     ),
 ]
 

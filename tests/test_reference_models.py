@@ -46,6 +46,7 @@ FILES = {
     "densenet121_dense_block": "14_DenseNet121DenseBlock",
     "densenet121": "15_DenseNet121",
     "densenet201": "16_DenseNet201",
+    "unet_softmax": "45_UNetSoftmax",
 }
 SEED = 42
 
