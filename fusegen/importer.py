@@ -17,6 +17,7 @@ Anything fusegen cannot express raises ImportFailure with the line of the model'
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.util
 import io
@@ -41,7 +42,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fusegen import ops as O
-from fusegen.check import RESERVED
+from fusegen.check import INIT_CLASSES, INIT_FUNCTIONS, RESERVED
 
 
 class ImportFailure(Exception):
@@ -1307,6 +1308,7 @@ def spec_name(source: Source) -> str:
 def to_spec(source: Source) -> str:
     """The spec text for the built model; numbers that follow a constructor argument are written as it."""
     layout = _layout(source)
+    layout.init = _init_rules(source)
     follows = _Follows()
     for name, value in source.args:
         _follow(source, layout, name, value, follows)
@@ -1323,6 +1325,7 @@ class _Layout:
     writer: "_Writer"
     holes: list[Hole]
     forward: list
+    init: list[str] = field(default_factory=list)  # the `init:` rules
 
 
 def _layout(source: Source) -> _Layout:
@@ -1452,8 +1455,144 @@ def _text(source: Source, layout: _Layout, follows: _Follows) -> str:
         *declarations.declarations(),
         "forward:",
         *declarations.render(layout.forward, env, False),
+        *(
+            ["", f"# as {source.class_name} re-initialises its parameters after building them", "init:"]
+            if layout.init
+            else []
+        ),
+        *(f"    {rule}" for rule in layout.init),
     ]
     return "\n".join(text) + "\n"
+
+
+def _init_rules(source: Source) -> list[str]:
+    """The `init:` rules of the model's re-initialisation, read from its __init__: a loop `for m in
+    self.modules():` of `if isinstance(m, nn.Conv2d):` branches (elif too) that call torch.nn.init functions on
+    m.weight and m.bias (`if m.bias is not None:` around them as well). [] where __init__ has no such loop; a
+    statement of the loop that a rule cannot express is refused with its line."""
+    cls = type(source.model)
+    try:
+        lines, start = inspect.getsourcelines(cls)
+    except (OSError, TypeError):
+        return []
+    if Path(inspect.getsourcefile(cls) or "") != source.path:
+        return []
+    tree = ast.parse(textwrap.dedent("".join(lines)))
+    init = next((f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "__init__"), None)
+    rules: list[str] = []
+    present = {type(m).__name__ for m in source.model.modules() if type(m).__module__.startswith("torch.nn")}
+    for loop in ast.walk(init) if init is not None else ():
+        if isinstance(loop, ast.For) and isinstance(loop.target, ast.Name) and _is_modules_call(loop.iter):
+            reader = _InitReader(loop.target.id, start - 1, present)
+            for statement in loop.body:
+                rules += reader.statement(statement, None)
+    return rules
+
+
+def _is_modules_call(node) -> bool:
+    """`self.modules()`."""
+    return (
+        isinstance(node, ast.Call)
+        and not node.args
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "modules"
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "self"
+    )
+
+
+@dataclass
+class _InitReader:
+    """Reads the statements of a `for m in self.modules():` loop as `init:` rules."""
+
+    variable: str
+    offset: int  # the file's line of the class source's line 1, less one
+    present: set[str]  # the classes of torch.nn modules that the model holds
+
+    def refuse(self, node, why: str) -> ImportFailure:
+        return ImportFailure(
+            self.offset + node.lineno,
+            f"the loop over self.modules() {why}, which fusegen's `init:` rules cannot express",
+        )
+
+    def statement(self, node, classes: list[str] | None) -> list[str]:
+        if isinstance(node, ast.If):
+            tested = self.isinstance_classes(node.test)
+            if tested is not None and classes is None:
+                rules = [r for s in node.body for r in self.statement(s, tested)]
+                return rules + [r for s in node.orelse for r in self.statement(s, None)]
+            if classes is not None and self.is_bias_check(node.test) and not node.orelse:
+                return [r for s in node.body for r in self.statement(s, classes)]
+            raise self.refuse(node, f"tests `{ast.unparse(node.test)}`")
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and classes is not None:
+            return self.call(node.value, classes)
+        raise self.refuse(
+            node, f"does `{ast.unparse(node)}`" if classes is not None else "runs outside an isinstance test"
+        )
+
+    def isinstance_classes(self, test) -> list[str] | None:
+        """`isinstance(m, nn.Conv2d)` or `isinstance(m, (nn.Conv2d, nn.Linear))`: the classes' names."""
+        if not (
+            isinstance(test, ast.Call)
+            and isinstance(test.func, ast.Name)
+            and test.func.id == "isinstance"
+            and len(test.args) == 2
+            and isinstance(test.args[0], ast.Name)
+            and test.args[0].id == self.variable
+        ):
+            return None
+        kinds = test.args[1].elts if isinstance(test.args[1], ast.Tuple) else [test.args[1]]
+        names = [k.attr if isinstance(k, ast.Attribute) else getattr(k, "id", None) for k in kinds]
+        return None if None in names else names
+
+    def is_bias_check(self, test) -> bool:
+        """`m.bias is not None`."""
+        return (
+            isinstance(test, ast.Compare)
+            and isinstance(test.ops[0], ast.IsNot)
+            and isinstance(test.comparators[0], ast.Constant)
+            and test.comparators[0].value is None
+            and self.parameter(test.left) == "bias"
+        )
+
+    def parameter(self, node) -> str | None:
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == self.variable:
+            return node.attr
+        return None
+
+    def call(self, call: ast.Call, classes: list[str]) -> list[str]:
+        """`nn.init.kaiming_normal_(m.weight, mode="fan_out")` as `Class.weight = kaiming_normal(mode="fan_out")`
+        for each class of the test that the model holds (a rule skips a missing bias, as `if m.bias is not None:`
+        does; without that test the model's own loop would have failed on it)."""
+        func = call.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        base = ast.unparse(func.value) if isinstance(func, ast.Attribute) else ""
+        function = name[:-1] if name.endswith("_") else None
+        parameter = self.parameter(call.args[0]) if call.args else None
+        if base not in ("nn.init", "torch.nn.init", "init") or function not in INIT_FUNCTIONS:
+            raise self.refuse(call, f"calls `{ast.unparse(func)}`")
+        if parameter not in ("weight", "bias"):
+            raise self.refuse(call, f"initialises `{ast.unparse(call.args[0]) if call.args else ''}`")
+        args = [self.constant(a) for a in call.args[1:]] + [f"{k.arg}={self.constant(k.value)}" for k in call.keywords]
+        rules = []
+        for kind in classes:
+            if kind not in self.present:
+                continue  # the model holds none: the branch does nothing
+            if kind not in INIT_CLASSES:
+                raise self.refuse(call, f"initialises nn.{kind}")
+            rules.append(f"{kind}.{parameter} = {function}" + (f"({', '.join(args)})" if args else ""))
+        return rules
+
+    def constant(self, node) -> str:
+        try:
+            value = ast.literal_eval(node)
+        except ValueError:
+            value = None
+        if isinstance(value, str):
+            return f'"{value}"' if '"' not in value else repr(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return repr(value)
+        raise self.refuse(node, f"passes `{ast.unparse(node)}`")
 
 
 def _param_name(name: str) -> str:
