@@ -1384,6 +1384,8 @@ def _follow(source: Source, layout: _Layout, name: str, value, follows: _Follows
                 if i in follows.holes or was.value % value or now.value != was.value // value * other:
                     return
                 claims[i] = name if was.value == value else f"{was.value // value} * {name}"
+            if not claims and shape == source.input_shape:
+                return  # nothing moved: the spec would not read the argument
             follows.holes.update(claims)
             follows.claims[name] = list(claims)
             follows.params[name] = (other, shape)
