@@ -443,6 +443,22 @@ class ReinitialisedByHand(nn.Module):
         return F.relu(self.conv(x))
 
 
+class Reordered(nn.Module):
+    """Makes its modules in another order past a width: the spec's ModelNew at the second width would not draw
+    the model's weights, so the import keeps the width fixed."""
+
+    def __init__(self, width=4):
+        super().__init__()
+        if width > 4:
+            self.fc = nn.Linear(width, 2)
+        self.conv = nn.Conv2d(3, width, 1)
+        if width <= 4:
+            self.fc = nn.Linear(width, 2)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.conv(x), 1), 1))
+
+
 class Grouped(nn.Module):
     def __init__(self):
         super().__init__()
@@ -506,6 +522,15 @@ def test_a_re_initialisation_loop_becomes_init_rules(user_models):
         "    Linear.weight = trunc_normal(std=0.02)\n"
         "    Linear.bias = constant(0)\n"
     )
+
+
+def test_an_argument_whose_second_value_the_spec_does_not_build_stays_fixed(user_models):
+    """At width 5 the channels move as the width (conv(3, 5), linear(5, 2)), but the model makes fc first: the
+    spec's ModelNew(width=5) draws other weights, so the width stays fixed and ModelNew does not take it."""
+    text, _ = imported(user_models, [4], (1, 3, 5, 5), "Reordered")
+    assert "model Reordered()\n" in text
+    assert "# Fixed at width=4:" in text
+    assert "conv: conv(3, 4, 1, 1, 0)" in text
 
 
 def test_mean_hardswish_and_batch_norm_arguments(user_models):
