@@ -1348,11 +1348,11 @@ def _layout(source: Source) -> _Layout:
 @dataclass
 class _Follows:
     """What follows the constructor's arguments: holes (their index in the forward's) as expressions of them, the
-    input's channels, and per argument the value it was changed to where the import checked it."""
+    input's channels, and per argument followed the model at its second value and the holes it moves."""
 
     holes: dict[int, str] = field(default_factory=dict)
     channels: str | None = None
-    params: dict[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)  # name -> (other value, input)
+    params: dict[str, tuple[Callable[[], nn.Module], tuple]] = field(default_factory=dict)  # name -> (build, args)
     claims: dict[str, list[int]] = field(default_factory=dict)
 
 
@@ -1370,7 +1370,8 @@ def _follow(source: Source, layout: _Layout, name: str, value, follows: _Follows
         for shape in shapes:
             try:
                 with _quiet():
-                    moved = _layout(source.at({name: other}, shape))
+                    changed = source.at({name: other}, shape)
+                    moved = _layout(changed)
             except Exception:  # the user's model at other arguments: any failure says only that it does not follow
                 continue
             if len(moved.holes) != len(layout.holes) or _signature(moved.forward, moved.holes) != _signature(
@@ -1388,7 +1389,7 @@ def _follow(source: Source, layout: _Layout, name: str, value, follows: _Follows
                 return  # nothing moved: the spec would not read the argument
             follows.holes.update(claims)
             follows.claims[name] = list(claims)
-            follows.params[name] = (other, shape)
+            follows.params[name] = changed.build, changed.args
             if shape != source.input_shape:
                 follows.channels = name
             return
@@ -1411,9 +1412,8 @@ def _confirmed(source: Source, layout: _Layout, follows: _Follows, text: str) ->
     from fusegen.pipeline import compile_spec
 
     model_new = _model_new(compile_spec(text, f"{source.path.stem}.fuse"), source)
-    for name, (other, shape) in list(follows.params.items()):
-        changed = source.at({name: other}, shape)
-        if _state_dict_difference(changed, model_new, seed=0) is not None:
+    for name, (build, args) in list(follows.params.items()):
+        if _state_dict_difference(build, args, model_new, seed=0) is not None:
             for i in follows.claims.pop(name):
                 del follows.holes[i]
             del follows.params[name]
@@ -1624,7 +1624,7 @@ def verify(source: Source, text: str, seed: int = 0) -> None:
     from fusegen.pipeline import compile_spec
 
     model_new = _model_new(compile_spec(text, f"{source.path.stem}.fuse"), source)
-    difference = _state_dict_difference(source, model_new, seed)
+    difference = _state_dict_difference(source.build, source.args, model_new, seed)
     if difference is None:
         return
     key, names = difference
@@ -1657,19 +1657,23 @@ def _model_new(generated: str, source: Source) -> type:
 
 def model_new_args(model_new: type, source: Source) -> dict:
     """The constructor arguments that the spec's ModelNew takes (those it follows), by name."""
+    return _taken(model_new, source.args)
+
+
+def _taken(model_new: type, args: tuple) -> dict:
     taken = inspect.signature(model_new).parameters
-    return {_param_name(name): value for name, value in source.args if _param_name(name) in taken}
+    return {_param_name(name): value for name, value in args if _param_name(name) in taken}
 
 
-def _state_dict_difference(source: Source, model_new: type, seed: int) -> tuple[str | None, list] | None:
-    """None where ModelNew and the model, each built from `seed`, have one state_dict (names, order, values);
-    else (None, the names either lacks), (the first key whose value differs, []) or (the first key out of
-    order, the names)."""
+def _state_dict_difference(build, args: tuple, model_new: type, seed: int) -> tuple[str | None, list] | None:
+    """None where ModelNew at `args` and the model (`build`), each built from `seed`, have one state_dict (names,
+    order, values); else (None, the names either lacks), (the first key whose value differs, []) or (the first
+    key out of order, the names)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        reference = source.build().state_dict()
+        reference = build().state_dict()
         torch.manual_seed(seed)
-        ours = model_new(**model_new_args(model_new, source)).state_dict()
+        ours = model_new(**_taken(model_new, args)).state_dict()
     if set(reference) != set(ours):
         return None, sorted(set(reference) ^ set(ours))
     for key, tensor in reference.items():
