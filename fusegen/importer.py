@@ -392,7 +392,7 @@ class Step:
     call: "Structure | None" = None  # a Sequential or a module of a class of its own
     argument: bool = False  # the call's module was made before its parent, which takes it as an argument
     dense: tuple = ()  # a dense loop's layers (Structures): each reads the input joined with every earlier output
-    line: int | None = None  # the model file's line of the step's call
+    line: int | None = None  # a dense loop's: the model file's line of its first call
 
     @property
     def role(self) -> str:
@@ -516,10 +516,10 @@ class _Importer:
         items = [
             (f"{n}.{k}", item)
             for n, c in module.named_children()
-            if type(c) is nn.ModuleList
+            if isinstance(c, nn.ModuleList)
             for k, item in enumerate(c)
         ]
-        others = [(n, c) for n, c in module.named_children() if type(c) is not nn.ModuleList]
+        others = [(n, c) for n, c in module.named_children() if not isinstance(c, nn.ModuleList)]
         for name, child in others + items:
             holds_state = any(True for _ in child.parameters()) or any(True for _ in child.buffers())
             if name not in called and holds_state:
@@ -605,7 +605,8 @@ class _Importer:
         target = node.target
         name, _, index = target.partition(".")
         container = structure.module.get_submodule(name)
-        where = f"{structure.path}.{target}" if structure.path else target
+        listed = f"{structure.path}.{name}" if structure.path else name
+        where = f"{listed}.{index}"
         if not isinstance(container, nn.ModuleList) or not index.isdigit():
             raise ImportFailure(
                 line, f"forward calls {where} on its own; fusegen runs a submodule only through its container"
@@ -618,10 +619,10 @@ class _Importer:
             self.consumed.update(layers + cats)
             called.update(n.target for n in layers)
             steps = [
-                self.child(container[k], f"{where[: -len(index)]}{k}", _tensor_shape(layer.args[0]))
+                self.child(container[k], f"{listed}.{k}", _tensor_shape(layer.args[0]))
                 for k, layer in enumerate(layers)
             ]
-            self.check_dense(steps, container, where[: -len(index) - 1])
+            self.check_dense(steps, container, listed)
             structure.steps.append(Step(value, cats[-1], label=name, dense=tuple(steps), line=line))
             return
         item = container[int(index)]
@@ -640,7 +641,7 @@ class _Importer:
             )
         called.add(target)
         inner = self.child(item, where, _tensor_shape(node.args[0]))
-        structure.steps.append(Step(value, node, label=f"{name}[{index}]", call=inner, line=line))
+        structure.steps.append(Step(value, node, label=f"{name}[{index}]", call=inner))
 
     def check_dense(self, layers: list, container: nn.ModuleList, where: str) -> None:
         """A dense loop's layers are one block called at arguments that grow by a step each layer."""
