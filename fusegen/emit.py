@@ -320,7 +320,8 @@ def _run_kernels_lines(steps, given: Value, result: Value) -> list[str]:
         if id(concat) in denses:  # the input's channels, then each iteration's
             loop = denses[id(concat)]
             part = _channels(loop.part, made, names, now)
-            channels = f"{names[id(loop.input)]}.shape[1], *({part} for {loop.variable} in self.{loop.modules})"
+            first = _channels(loop.input, made, names, now)  # made by a launch into this buffer: from its module
+            channels = f"{first}, *({part} for {loop.variable} in self.{loop.modules})"
         else:
             channels = ", ".join(_channels(part, made, names, now) for part in concats[id(concat)].parts)
         return [f'{name} = {{"channels": ({channels},), "tensor": None}}  # the launches into it make the tensor']

@@ -7,20 +7,28 @@ value read twice). Sequentials become named sequences (inline where they read `x
 classes `module`s. Instances of a block or module with the same structure share one declaration: the numbers
 that differ between them become its parameters, named after the first op argument that takes them.
 
-The spec is written at the constructor arguments given: every number in it is fixed by the trace, and the
-model's parameters only keep ModelNew's signature. Anything fusegen cannot express raises ImportFailure
-with the line of the model's file that made it.
+The spec is written at the constructor arguments given. A number that an integer argument moves, as that argument
+times a constant, is written so (the model is imported again at a second value of the argument to see it, and the
+spec's ModelNew built there must have the model's state_dict); every other number is fixed by the trace, and an
+argument nothing follows is left out of ModelNew's signature. A ModuleList that forward runs in a loop, joining each
+item's output onto the running features, is a dense loop; one whose items forward calls in turn, a list of blocks.
+Anything fusegen cannot express raises ImportFailure with the line of the model's file that made it.
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import importlib.util
+import io
 import inspect
 import keyword
 import linecache
+import logging
 import operator
 import re
 import sys
+import textwrap
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +42,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fusegen import ops as O
-from fusegen.check import RESERVED
+from fusegen.check import INIT_CLASSES, INIT_FUNCTIONS, RESERVED
 
 
 class ImportFailure(Exception):
@@ -64,6 +72,16 @@ class Source:
     input_shape: tuple[int, ...]
     lines: dict[int, int] = field(default_factory=dict)  # id(module) -> the line that created it
     created: dict[int, int] = field(default_factory=dict)  # id(module) -> when it registered its first parameter
+    cls: type | None = None  # to build the model at other arguments (None: its signature takes them otherwise)
+
+    def at(self, changes: dict, input_shape: tuple[int, ...]) -> "Source":
+        """The model built at the arguments with `changes`, for another example input."""
+        args = {**dict(self.args), **changes}
+        model, lines, created = _construct(self.cls, self.class_name, self.path, (), args)
+        build = lambda: self.cls(**args)  # noqa: E731
+        return Source(
+            self.path, model, build, self.class_name, tuple(args.items()), input_shape, lines, created, self.cls
+        )
 
 
 def load(path: Path, class_name: str = "Model", args: list | dict | None = None, input_shape=None) -> Source:
@@ -95,6 +113,19 @@ def load(path: Path, class_name: str = "Model", args: list | dict | None = None,
         bound = inspect.signature(cls).bind(*positional, **keywords)
     except TypeError as err:
         raise ImportFailure(None, f"{class_name}{inspect.signature(cls)} cannot take {args!r}: {err}") from None
+    model, lines, created = _construct(cls, class_name, path, positional, keywords)
+    named = tuple((name, value) for name, value in bound.arguments.items())
+    shape = tuple(int(d) for d in input_shape)
+    build = lambda: cls(*positional, **keywords)  # noqa: E731
+    keyworded = all(
+        p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in inspect.signature(cls).parameters.values()
+    )
+    return Source(path, model, build, class_name, named, shape, lines, created, cls if keyworded else None)
+
+
+def _construct(cls: type, class_name: str, path: Path, positional, keywords) -> tuple[nn.Module, dict, dict]:
+    """The model built on the CPU, the line of the file that made each module and the order in which modules
+    registered their first parameter."""
     lines: dict[int, int] = {}
 
     def remember(parent, name, child):
@@ -121,9 +152,7 @@ def load(path: Path, class_name: str = "Model", args: list | dict | None = None,
         for hook in hooks:
             hook.remove()
     lines[id(model)] = _class_line(cls, path)
-    named = tuple((name, value) for name, value in bound.arguments.items())
-    shape = tuple(int(d) for d in input_shape)
-    return Source(path, model, lambda: cls(*positional, **keywords), class_name, named, shape, lines, created)
+    return model, lines, created
 
 
 def _class_line(cls: type, path: Path) -> int | None:
@@ -395,10 +424,12 @@ class Step:
     parts: tuple = ()  # cat's values, in order
     call: "Structure | None" = None  # a Sequential or a module of a class of its own
     argument: bool = False  # the call's module was made before its parent, which takes it as an argument
+    dense: tuple = ()  # a dense loop's layers (Structures): each reads the input joined with every earlier output
+    line: int | None = None  # a dense loop's: the model file's line of its first call
 
     @property
     def role(self) -> str:
-        if self.call is not None:
+        if self.call is not None or self.dense:
             return "call"
         if self.parts:
             return "concat"
@@ -515,7 +546,14 @@ class _Importer:
                     raise ImportFailure(line, f"{_call_name(node)} in {what} is not supported")
             else:
                 self.call_function(structure, node, alias, line, what)
-        for name, child in module.named_children():
+        items = [
+            (f"{n}.{k}", item)
+            for n, c in module.named_children()
+            if isinstance(c, nn.ModuleList)
+            for k, item in enumerate(c)
+        ]
+        others = [(n, c) for n, c in module.named_children() if not isinstance(c, nn.ModuleList)]
+        for name, child in others + items:
             holds_state = any(True for _ in child.parameters()) or any(True for _ in child.buffers())
             if name not in called and holds_state:
                 where = f"{path}.{name}" if path else name
@@ -547,20 +585,18 @@ class _Importer:
             raise ImportFailure(_node_line(at, self.path), f"{type(module).__name__}.forward must return one tensor")
         return alias.get(node, node)
 
+    def check_name(self, name: str, line) -> None:
+        if not re.fullmatch(r"(?!block_[0-9]+$)[A-Za-z_]\w*", name) or name in RESERVED or keyword.iskeyword(name):
+            raise ImportFailure(line, f"a spec cannot name a module {name!r} (a name the generated Python uses)")
+
     def call_module(self, structure: Structure, node, alias, called: set[str], line) -> None:
         target = node.target
         child = structure.module.get_submodule(target)
         where = f"{structure.path}.{target}" if structure.path else target
         if "." in target:
-            raise ImportFailure(
-                line, f"forward calls {where} on its own; fusegen runs a submodule only through its container"
-            )
-        if (
-            not re.fullmatch(r"(?!block_[0-9]+$)[A-Za-z_]\w*", target)
-            or target in RESERVED
-            or keyword.iskeyword(target)
-        ):
-            raise ImportFailure(line, f"a spec cannot name a module {target!r} (a name the generated Python uses)")
+            self.list_item(structure, node, alias, called, line)
+            return
+        self.check_name(target, line)
         value = alias.get(node.args[0], node.args[0])
         if _is_leaf(child):
             op = self.leaf(child, where, line)
@@ -595,6 +631,73 @@ class _Importer:
             structure.steps.append(Step(value, node, op=only.op, label=label))
             return
         structure.steps.append(Step(value, node, label=target, call=inner))
+
+    def list_item(self, structure: Structure, node, alias, called: set[str], line) -> None:
+        """`self.blocks[i](x)`: an item of an nn.ModuleList, called in index order (`blocks[i]: block(...)`), or a
+        whole list unrolled by a loop that joins each item's output onto the running features (a dense loop)."""
+        target = node.target
+        name, _, index = target.partition(".")
+        container = structure.module.get_submodule(name)
+        listed = f"{structure.path}.{name}" if structure.path else name
+        where = f"{listed}.{index}"
+        if not isinstance(container, nn.ModuleList) or not index.isdigit():
+            raise ImportFailure(
+                line, f"forward calls {where} on its own; fusegen runs a submodule only through its container"
+            )
+        self.check_name(name, line)
+        value = alias.get(node.args[0], node.args[0])
+        loop = _dense_loop(node, name, len(container)) if index == "0" else None
+        if loop is not None:
+            layers, cats = loop
+            self.consumed.update(layers + cats)
+            called.update(n.target for n in layers)
+            steps = [
+                self.child(container[k], f"{listed}.{k}", _tensor_shape(layer.args[0]))
+                for k, layer in enumerate(layers)
+            ]
+            self.check_dense(steps, container, listed)
+            structure.steps.append(Step(value, cats[-1], label=name, dense=tuple(steps), line=line))
+            return
+        item = container[int(index)]
+        made = sum(1 for t in called if t.startswith(name + "."))
+        if target in called or int(index) != made:
+            raise ImportFailure(
+                line,
+                f"forward calls {where} after {made} item(s) of {name}: fusegen calls a ModuleList's items once each,"
+                " in index order",
+            )
+        if _is_leaf(item):
+            raise ImportFailure(
+                line,
+                f"{_module_name(item)} at {where} is an item of a ModuleList called on its own: fusegen's list items are"
+                " modules or Sequentials (`name[i]: block(...)`)",
+            )
+        called.add(target)
+        inner = self.child(item, where, _tensor_shape(node.args[0]))
+        structure.steps.append(Step(value, node, label=f"{name}[{index}]", call=inner))
+
+    def check_dense(self, layers: list, container: nn.ModuleList, where: str) -> None:
+        """A dense loop's layers are one block called at arguments that grow by a step each layer."""
+        templates = [_Writer().template(layer, "") for layer in layers]
+        for k, template in enumerate(templates):
+            if template.signature != templates[0].signature:
+                raise self.fail(
+                    container[k],
+                    f"{where}.{k} differs in structure from {where}.0: a dense loop runs one block for every layer",
+                )
+            if template.arguments:
+                raise self.fail(
+                    container[k], f"{where}.{k} takes a module made before it; a dense loop's layers cannot"
+                )
+        for j, hole in enumerate(templates[0].holes):
+            values = [t.holes[j].value for t in templates]
+            step = values[1] - values[0] if len(values) > 1 else 0
+            if values != [values[0] + k * step for k in range(len(values))]:
+                raise self.fail(
+                    container[0],
+                    f"the layers of {where} take {hole.arg} {values}: a dense loop's layer takes values that grow by"
+                    " one step per layer",
+                )
 
     def call_function(self, structure: Structure, node, alias, line, what) -> None:
         target, args, kwargs = node.target, node.args, node.kwargs
@@ -718,6 +821,37 @@ def _is_size_arithmetic(node) -> bool:
     return node.target in _SIZE_ARITHMETIC and all(_tensor_shape(a) is None for a in node.args)
 
 
+def _dense_loop(first, name: str, count: int) -> tuple[list, list] | None:
+    """DenseNet's loop, unrolled by the trace, from its first layer call `name.0`: layer k reads the input joined
+    along channels with the outputs of layers 0 to k - 1 (torch.cat of the list, or of the last join and the new
+    output), and the value is the join after the last layer. (layer calls, joins), or None where the nodes are
+    another thing; each output and each join but the last is read only inside the loop."""
+    start = first.args[0]
+    layers, cats = [first], []
+
+    def parts(cat) -> list | None:
+        b = _bind(cat.args, cat.kwargs, ("tensors", "dim"), {"dim": 0})
+        if cat.target not in _CATS or b["dim"] not in (1, -3) or not isinstance(b["tensors"], (list, tuple)):
+            return None
+        return [q for p in b["tensors"] for q in (parts(p) if p in cats else [p])]
+
+    for k in range(count):
+        outputs = [start, *layers]
+        cat = next((u for u in layers[k].users if u.op == "call_function" and parts(u) == outputs), None)
+        if cat is None:
+            return None
+        cats.append(cat)
+        if k + 1 < count:
+            layer = next((u for u in cat.users if u.op == "call_module" and u.target == f"{name}.{k + 1}"), None)
+            if layer is None or layer.args[0] is not cat:
+                return None
+            layers.append(layer)
+    inside = set(layers) | set(cats)
+    if any(set(n.users) - inside for n in layers + cats[:-1]):
+        return None
+    return layers, cats
+
+
 def _only_user(node):
     users = list(node.users)
     return users[0] if len(users) == 1 else None
@@ -815,6 +949,15 @@ class Ref:
 
 
 @dataclass(frozen=True)
+class DenseRef:
+    """A dense loop's block call: the layers' template, and where its holes start in ours, two per hole of the
+    layer (the first layer's value, then the step from one layer to the next)."""
+
+    template: "Template"
+    start: int
+
+
+@dataclass(frozen=True)
 class ModuleArg:
     """A module passed to a module: its parameter's name in the body, the call that makes it at the call site."""
 
@@ -860,6 +1003,8 @@ def _token_signature(token, holes):
         return (holes[token].arg, token)
     if isinstance(token, Ref):
         return ("ref", token.template.signature, token.start)
+    if isinstance(token, DenseRef):
+        return ("dense", token.template.signature, token.start)
     if isinstance(token, ModuleArg):
         return ("argument", token.name, token.ref.template.signature, token.ref.start)
     return token
@@ -896,6 +1041,17 @@ class _Writer:
         ref = Ref(template, len(holes))
         holes.extend(template.holes)
         return ref
+
+    def dense_line(self, layers: tuple, hint: str, holes: list[Hole]) -> tuple:
+        """`layer(first + i * step, ...) for i in range(n)`: each hole of the layers' block as its first value and
+        its step (the importer checked that the layers' values grow so)."""
+        templates = [self.template(layer, hint) for layer in layers]
+        ref = DenseRef(templates[0], len(holes))
+        for j, hole in enumerate(templates[0].holes):
+            values = [t.holes[j].value for t in templates]
+            holes += [hole, Hole("growth_rate", values[1] - values[0] if len(values) > 1 else 0)]
+        holes.append(Hole("num_layers", len(layers)))
+        return (ref, " for i in range(", len(holes) - 1, ")")
 
     def op_tokens(self, op: OpCall, holes: list[Hole]) -> list:
         if not op.args:
@@ -977,15 +1133,30 @@ class _Writer:
                 prefix.append(f"{names[head]} -> ")
             if first.parts:
                 lines.append(tuple([*prefix, f"cat({', '.join(names[part] for part in first.parts)})"]))
+            elif first.dense:
+                if head is not register:
+                    raise ImportFailure(
+                        first.line,
+                        f"the dense loop over {first.label} reads a value other than the one the line"
+                        " before made; fusegen's dense loop reads `x`",
+                    )
+                header = tuple([*([f"{target} = "] if target else []), f"dense {first.label}:"])
+                lines.append(Nested(header, [self.dense_line(first.dense, "dense_layer", holes)]))
             elif first.argument:
                 argument = ModuleArg(first.label, self.call(first.call, f"{first.label}_block", holes))
                 arguments.append(argument)
                 lines.append(tuple([*prefix, argument]))
-            elif first.call is not None and first.call.items is not None and head is register and self.once(first.call):
+            elif (
+                first.call is not None
+                and first.call.items is not None
+                and head is register
+                and "[" not in first.label
+                and self.once(first.call)
+            ):
                 body = self.sequential_lines(first.call.items, holes, first.label)
                 lines.append(Nested(tuple([*([f"{target} = "] if target else []), f"{first.label}:"]), body))
             elif first.call is not None:
-                hint = first.label if first.call.items is not None else ""
+                hint = first.label.partition("[")[0] if first.call.items is not None else ""
                 lines.append(tuple([*prefix, f"{first.label}: ", self.call(first.call, hint, holes)]))
             else:
                 line: list = list(prefix)
@@ -1029,6 +1200,8 @@ def _group_steps(steps: list[Step]) -> list[list[Step]]:
             last
             and step.call is None
             and last[-1].call is None
+            and not step.dense
+            and not last[-1].dense
             and not step.parts
             and not last[-1].parts
             and step.input is last[-1].output
@@ -1048,7 +1221,8 @@ def _snake(name: str) -> str:
 class _Declarations:
     """Names and parameters of the shared declarations, and the text of each."""
 
-    def __init__(self, groups: dict):
+    def __init__(self, groups: dict, sources: dict):
+        """`sources`: id(hole) -> the expression it is written as, where it follows a constructor argument."""
         self.groups = groups
         self.names: dict = {}
         self.params: dict = {}  # signature -> [(parameter name, representative hole index)]
@@ -1076,9 +1250,9 @@ class _Declarations:
             for i, hole in enumerate(first.holes):
                 if i in passed:
                     continue
-                values = tuple(t.holes[i].value for t in instances)
+                values = tuple(sources.get(id(t.holes[i]), str(t.holes[i].value)) for t in instances)
                 if len(set(values)) == 1:
-                    env[i] = str(values[0])
+                    env[i] = values[0]
                     continue
                 if values not in by_values:
                     used = {p for p, _ in params} | {a.name for a in first.arguments} | taken
@@ -1087,6 +1261,13 @@ class _Declarations:
                 env[i] = by_values[values]
             self.params[signature] = params
             self.env[signature] = env
+
+    def dense_source(self, ref: DenseRef, env: dict) -> str:
+        args = []
+        for _, j in self.params[ref.template.signature]:
+            first, step = env[ref.start + 2 * j], env[ref.start + 2 * j + 1]
+            args.append(first if step == "0" else f"i * {step}" if first == "0" else f"{first} + i * {step}")
+        return f"{self.names[ref.template.signature]}({', '.join(args)})"
 
     def call_source(self, ref: Ref, env: dict) -> str:
         signature = ref.template.signature
@@ -1111,6 +1292,8 @@ class _Declarations:
                 parts.append(env[t])
             elif isinstance(t, Ref):
                 parts.append(self.call_source(t, env))
+            elif isinstance(t, DenseRef):
+                parts.append(self.dense_source(t, env))
             elif isinstance(t, ModuleArg):
                 parts.append(t.name)
             else:
@@ -1157,7 +1340,29 @@ def spec_name(source: Source) -> str:
 
 
 def to_spec(source: Source) -> str:
-    """The spec text for the built model."""
+    """The spec text for the built model; numbers that follow a constructor argument are written as it."""
+    layout = _layout(source)
+    layout.init = _init_rules(source)
+    follows = _Follows()
+    for name, value in source.args:
+        _follow(source, layout, name, value, follows)
+    text = _text(source, layout, follows)
+    if follows.params:
+        text = _confirmed(source, layout, follows, text)
+    return text
+
+
+@dataclass
+class _Layout:
+    """The model's spec before its numbers are written: the forward's lines, their holes, the declarations."""
+
+    writer: "_Writer"
+    holes: list[Hole]
+    forward: list
+    init: list[str] = field(default_factory=list)  # the `init:` rules
+
+
+def _layout(source: Source) -> _Layout:
     if isinstance(source.model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) or _is_leaf(source.model):
         raise ImportFailure(
             source.lines.get(id(source.model)),
@@ -1171,21 +1376,259 @@ def to_spec(source: Source) -> str:
     writer = _Writer(sequentials)
     holes: list[Hole] = []
     forward = writer.module_lines(root, holes, [])
-    declarations = _Declarations(writer.groups)
-    env = {i: str(h.value) for i, h in enumerate(holes)}
-    params = ", ".join(f"{_param_name(name)}={_literal(name, value)}" for name, value in source.args)
+    return _Layout(writer, holes, forward)
+
+
+@dataclass
+class _Follows:
+    """What follows the constructor's arguments: holes (their index in the forward's) as expressions of them, the
+    input's channels, and per argument followed the model at its second value and the holes it moves."""
+
+    holes: dict[int, str] = field(default_factory=dict)
+    channels: str | None = None
+    params: dict[str, tuple[Callable[[], nn.Module], tuple]] = field(default_factory=dict)  # name -> (build, args)
+    claims: dict[str, list[int]] = field(default_factory=dict)
+
+
+def _follow(source: Source, layout: _Layout, name: str, value, follows: _Follows) -> None:
+    """Whether the numbers that an integer argument changes are that argument times a constant: the model is
+    imported again with the argument changed (by one, else doubled), and every hole that moves must be `c * name`
+    at both values; then those holes are written so. Nothing is recorded where the structure changes or a hole
+    moves otherwise (the argument stays fixed at its value)."""
+    if source.cls is None or type(value) is not int or value < 1:
+        return
+    for other in (value + 1, 2 * value):
+        shapes = [source.input_shape]
+        if source.input_shape[1] == value and follows.channels is None:
+            shapes.append((source.input_shape[0], other, *source.input_shape[2:]))
+        for shape in shapes:
+            try:
+                with _quiet():
+                    changed = source.at({name: other}, shape)
+                    moved = _layout(changed)
+            except Exception:  # the user's model at other arguments: any failure says only that it does not follow
+                continue
+            if len(moved.holes) != len(layout.holes) or _signature(moved.forward, moved.holes) != _signature(
+                layout.forward, layout.holes
+            ):
+                continue
+            claims = {}
+            for i, (was, now) in enumerate(zip(layout.holes, moved.holes)):
+                if was.value == now.value:
+                    continue
+                if i in follows.holes or was.value % value or now.value != was.value // value * other:
+                    return
+                claims[i] = name if was.value == value else f"{was.value // value} * {name}"
+            if not claims and shape == source.input_shape:
+                return  # nothing moved: the spec would not read the argument
+            follows.holes.update(claims)
+            follows.claims[name] = list(claims)
+            follows.params[name] = changed.build, changed.args
+            if shape != source.input_shape:
+                follows.channels = name
+            return
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silences what torch prints about an error it raises (ShapeProp, fake tensors): the caller handles it."""
+    logging.disable(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _confirmed(source: Source, layout: _Layout, follows: _Follows, text: str) -> str:
+    """The spec, after its ModelNew at each argument that it follows, changed, has the model's state_dict there
+    (names, shapes and values from one seed); an argument for which it does not stays fixed."""
+    from fusegen.pipeline import compile_spec
+
+    model_new = _model_new(compile_spec(text, f"{source.path.stem}.fuse"), source)
+    for name, (build, args) in list(follows.params.items()):
+        if _state_dict_difference(build, args, model_new, seed=0) is not None:
+            for i in follows.claims.pop(name):
+                del follows.holes[i]
+            del follows.params[name]
+            follows.channels = None if follows.channels == name else follows.channels
+            return (
+                _confirmed(source, layout, follows, _text(source, layout, follows))
+                if follows.params
+                else _text(source, layout, follows)
+            )
+    return text
+
+
+def _text(source: Source, layout: _Layout, follows: _Follows) -> str:
+    declarations = _Declarations(layout.writer.groups, {id(layout.holes[i]): e for i, e in follows.holes.items()})
+    env = {i: follows.holes.get(i, str(h.value)) for i, h in enumerate(layout.holes)}
+    kept = [(name, value) for name, value in source.args if name in follows.params]
+    fixed = [(name, value) for name, value in source.args if name not in follows.params]
+    params = ", ".join(f"{_param_name(name)}={_literal(name, value)}" for name, value in kept)
+    shape = [str(d) for d in source.input_shape]
+    if follows.channels is not None:
+        shape[1] = _param_name(follows.channels)
+    notes = [f"Imported by `fusegen import` from {source.path.name} ({source.class_name}); edit it as any spec."]
+    if kept:
+        notes.append(
+            f"The numbers written as {', '.join(_param_name(n) for n, _ in kept)} follow those constructor arguments"
+            " (each checked at a second value); every other number was fixed by the trace."
+        )
+    if fixed:
+        them = "them" if len(fixed) > 1 else "it"
+        values = ", ".join(f"{name}={value!r}" for name, value in fixed)
+        notes.append(
+            f"Fixed at {values}: the trace cannot tell how the structure follows {them}, so ModelNew does not take"
+            f" {them}."
+        )
+    header = [line for note in notes for line in textwrap.wrap(note, 118, initial_indent="# ", subsequent_indent="# ")]
     text = [
-        f"# Imported by `fusegen import` from {source.path.name} ({source.class_name}); edit it as any spec.",
-        "# Every number below was fixed by the trace at the constructor arguments in the header: ModelNew takes",
-        "# the same arguments, but builds this structure whatever it is given.",
+        *header,
         f"model {spec_name(source)}({params})",
-        f"input({', '.join(str(d) for d in source.input_shape)})",
+        f"input({', '.join(shape)})",
         "",
         *declarations.declarations(),
         "forward:",
-        *declarations.render(forward, env, False),
+        *declarations.render(layout.forward, env, False),
+        *(
+            ["", f"# as {source.class_name} re-initialises its parameters after building them", "init:"]
+            if layout.init
+            else []
+        ),
+        *(f"    {rule}" for rule in layout.init),
     ]
     return "\n".join(text) + "\n"
+
+
+def _init_rules(source: Source) -> list[str]:
+    """The `init:` rules of the model's re-initialisation, read from its __init__: a loop `for m in
+    self.modules():` of `if isinstance(m, nn.Conv2d):` branches (elif too) that call torch.nn.init functions on
+    m.weight and m.bias (`if m.bias is not None:` around them as well). [] where __init__ has no such loop; a
+    statement of the loop that a rule cannot express is refused with its line."""
+    cls = type(source.model)
+    try:
+        lines, start = inspect.getsourcelines(cls)
+    except (OSError, TypeError):
+        return []
+    if Path(inspect.getsourcefile(cls) or "") != source.path:
+        return []
+    tree = ast.parse(textwrap.dedent("".join(lines)))
+    init = next((f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "__init__"), None)
+    rules: list[str] = []
+    present = {type(m).__name__ for m in source.model.modules() if type(m).__module__.startswith("torch.nn")}
+    for loop in ast.walk(init) if init is not None else ():
+        if isinstance(loop, ast.For) and isinstance(loop.target, ast.Name) and _is_modules_call(loop.iter):
+            reader = _InitReader(loop.target.id, start - 1, present)
+            for statement in loop.body:
+                rules += reader.statement(statement, None)
+    return rules
+
+
+def _is_modules_call(node) -> bool:
+    """`self.modules()`."""
+    return (
+        isinstance(node, ast.Call)
+        and not node.args
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "modules"
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "self"
+    )
+
+
+@dataclass
+class _InitReader:
+    """Reads the statements of a `for m in self.modules():` loop as `init:` rules."""
+
+    variable: str
+    offset: int  # the file's line of the class source's line 1, less one
+    present: set[str]  # the classes of torch.nn modules that the model holds
+
+    def refuse(self, node, why: str) -> ImportFailure:
+        return ImportFailure(
+            self.offset + node.lineno,
+            f"the loop over self.modules() {why}, which fusegen's `init:` rules cannot express",
+        )
+
+    def statement(self, node, classes: list[str] | None) -> list[str]:
+        if isinstance(node, ast.If):
+            tested = self.isinstance_classes(node.test)
+            if tested is not None and classes is None:
+                rules = [r for s in node.body for r in self.statement(s, tested)]
+                return rules + [r for s in node.orelse for r in self.statement(s, None)]
+            if classes is not None and self.is_bias_check(node.test) and not node.orelse:
+                return [r for s in node.body for r in self.statement(s, classes)]
+            raise self.refuse(node, f"tests `{ast.unparse(node.test)}`")
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and classes is not None:
+            return self.call(node.value, classes)
+        raise self.refuse(
+            node, f"does `{ast.unparse(node)}`" if classes is not None else "runs outside an isinstance test"
+        )
+
+    def isinstance_classes(self, test) -> list[str] | None:
+        """`isinstance(m, nn.Conv2d)` or `isinstance(m, (nn.Conv2d, nn.Linear))`: the classes' names."""
+        if not (
+            isinstance(test, ast.Call)
+            and isinstance(test.func, ast.Name)
+            and test.func.id == "isinstance"
+            and len(test.args) == 2
+            and isinstance(test.args[0], ast.Name)
+            and test.args[0].id == self.variable
+        ):
+            return None
+        kinds = test.args[1].elts if isinstance(test.args[1], ast.Tuple) else [test.args[1]]
+        names = [k.attr if isinstance(k, ast.Attribute) else getattr(k, "id", None) for k in kinds]
+        return None if None in names else names
+
+    def is_bias_check(self, test) -> bool:
+        """`m.bias is not None`."""
+        return (
+            isinstance(test, ast.Compare)
+            and isinstance(test.ops[0], ast.IsNot)
+            and isinstance(test.comparators[0], ast.Constant)
+            and test.comparators[0].value is None
+            and self.parameter(test.left) == "bias"
+        )
+
+    def parameter(self, node) -> str | None:
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == self.variable:
+            return node.attr
+        return None
+
+    def call(self, call: ast.Call, classes: list[str]) -> list[str]:
+        """`nn.init.kaiming_normal_(m.weight, mode="fan_out")` as `Class.weight = kaiming_normal(mode="fan_out")`
+        for each class of the test that the model holds (a rule skips a missing bias, as `if m.bias is not None:`
+        does; without that test the model's own loop would have failed on it)."""
+        func = call.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        base = ast.unparse(func.value) if isinstance(func, ast.Attribute) else ""
+        function = name[:-1] if name.endswith("_") else None
+        parameter = self.parameter(call.args[0]) if call.args else None
+        if base not in ("nn.init", "torch.nn.init", "init") or function not in INIT_FUNCTIONS:
+            raise self.refuse(call, f"calls `{ast.unparse(func)}`")
+        if parameter not in ("weight", "bias"):
+            raise self.refuse(call, f"initialises `{ast.unparse(call.args[0]) if call.args else ''}`")
+        args = [self.constant(a) for a in call.args[1:]] + [f"{k.arg}={self.constant(k.value)}" for k in call.keywords]
+        rules = []
+        for kind in classes:
+            if kind not in self.present:
+                continue  # the model holds none: the branch does nothing
+            if kind not in INIT_CLASSES:
+                raise self.refuse(call, f"initialises nn.{kind}")
+            rules.append(f"{kind}.{parameter} = {function}" + (f"({', '.join(args)})" if args else ""))
+        return rules
+
+    def constant(self, node) -> str:
+        try:
+            value = ast.literal_eval(node)
+        except ValueError:
+            value = None
+        if isinstance(value, str):
+            return f'"{value}"' if '"' not in value else repr(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return repr(value)
+        raise self.refuse(node, f"passes `{ast.unparse(node)}`")
 
 
 def _param_name(name: str) -> str:
@@ -1214,33 +1657,62 @@ def verify(source: Source, text: str, seed: int = 0) -> None:
     not (fusegen creates them in the order forward first calls them) or initialises them itself."""
     from fusegen.pipeline import compile_spec
 
-    generated = compile_spec(text, f"{source.path.stem}.fuse")
+    model_new = _model_new(compile_spec(text, f"{source.path.stem}.fuse"), source)
+    difference = _state_dict_difference(source.build, source.args, model_new, seed)
+    if difference is None:
+        return
+    key, names = difference
+    if not names:
+        path = key.rpartition(".")[0]
+        raise ImportFailure(
+            source.lines.get(id(source.model.get_submodule(path))),
+            f"{path} draws other initial values than the spec's under the same seed: {source.class_name} creates"
+            " its modules in another order than its forward calls them, or initialises them itself (fusegen"
+            " creates them in the order forward first calls them)",
+        )
+    if key is None:
+        raise AssertionError(f"the spec's state_dict has other names: {names[:4]}")
+    path = key.rpartition(".")[0]
+    raise ImportFailure(
+        source.lines.get(id(source.model.get_submodule(path))),
+        f"{source.class_name} registers {path} in another place than its forward calls it; fusegen registers"
+        " modules in the order forward first calls them",
+    )
+
+
+def _model_new(generated: str, source: Source) -> type:
+    """The ModelNew class of a generated file."""
     filename = f"<fusegen import {source.path.name}>"
     linecache.cache[filename] = (len(generated), None, generated.splitlines(True), filename)  # for @triton.jit
     namespace: dict = {"__name__": "fusegen_imported"}
     exec(compile(generated, filename, "exec"), namespace)
+    return namespace["ModelNew"]
+
+
+def model_new_args(model_new: type, source: Source) -> dict:
+    """The constructor arguments that the spec's ModelNew takes (those it follows), by name."""
+    return _taken(model_new, source.args)
+
+
+def _taken(model_new: type, args: tuple) -> dict:
+    taken = inspect.signature(model_new).parameters
+    return {_param_name(name): value for name, value in args if _param_name(name) in taken}
+
+
+def _state_dict_difference(build, args: tuple, model_new: type, seed: int) -> tuple[str | None, list] | None:
+    """None where ModelNew at `args` and the model (`build`), each built from `seed`, have one state_dict (names,
+    order, values); else (None, the names either lacks), (the first key whose value differs, []) or (the first
+    key out of order, the names)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        reference = source.build().state_dict()
+        reference = build().state_dict()
         torch.manual_seed(seed)
-        ours = namespace["ModelNew"](**{_param_name(name): value for name, value in source.args}).state_dict()
+        ours = model_new(**_taken(model_new, args)).state_dict()
     if set(reference) != set(ours):
-        missing = sorted(set(reference) ^ set(ours))
-        raise AssertionError(f"the spec's state_dict has other names: {missing[:4]}")
+        return None, sorted(set(reference) ^ set(ours))
     for key, tensor in reference.items():
-        if not torch.equal(tensor, ours[key]):
-            path = key.rpartition(".")[0]
-            raise ImportFailure(
-                source.lines.get(id(source.model.get_submodule(path))),
-                f"{path} draws other initial values than the spec's under the same seed: {source.class_name} creates"
-                " its modules in another order than its forward calls them, or initialises them itself (fusegen"
-                " creates them in the order forward first calls them)",
-            )
+        if tensor.shape != ours[key].shape or not torch.equal(tensor, ours[key]):
+            return key, []
     if list(reference) != list(ours):
-        key = next(a for a, b in zip(reference, ours) if a != b)
-        path = key.rpartition(".")[0]
-        raise ImportFailure(
-            source.lines.get(id(source.model.get_submodule(path))),
-            f"{source.class_name} registers {path} in another place than its forward calls it; fusegen registers"
-            " modules in the order forward first calls them",
-        )
+        return next(a for a, b in zip(reference, ours) if a != b), list(reference)
+    return None

@@ -332,3 +332,39 @@ def test_dense_layers_read_and_store_one_buffer_in_place():
     # each layer reads the buffer's first channels in place and stores at its slice's first channel
     assert reads == [(5, True, 5 * 4), (8, True, 8 * 4), (11, True, 11 * 4)]
     assert rel_error(out, expected) < TOLERANCE
+
+
+
+STEM_DENSE = """\
+model StemDense(layers=2, growth=3)
+input(2, 3, 5, 4)
+
+block layer(c, g):
+    bn(c) -> relu -> conv1x1(c, g)
+
+forward:
+    stem: conv1x1(3, 5) -> stem_bn: bn(5)
+    dense layers:
+        layer(5 + i * growth, growth) for i in range(layers)
+"""
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_dense_loop_whose_input_a_kernel_of_its_body_makes(training):
+    """The stem's kernel stores the loop's input into the buffer's first slice, so the buffer counts the stem's
+    channels (5), not those of the model's input (3). Against torch's concatenating loop on the model's own
+    modules (a copy of them: training mode updates the running statistics)."""
+    module = load_spec(STEM_DENSE, "stem_dense")
+    torch.manual_seed(0)
+    model = module.ModelNew()
+    randomize_batchnorm(model, seed=3)
+    reference = copy.deepcopy(model)
+    model, reference = model.to(DEVICE).train(training), reference.to(DEVICE).train(training)
+    x = torch.rand(2, 3, 5, 4, device=DEVICE)
+    with torch.no_grad():
+        out = model(x)
+        expected = reference.stem_bn(reference.stem(x))
+        for layer in reference.layers:
+            expected = torch.cat([expected, layer(expected)], 1)
+    assert out.shape == (2, 11, 5, 4)
+    assert rel_error(out, expected) < TOLERANCE
