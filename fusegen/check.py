@@ -1318,9 +1318,8 @@ class _Checker:
                 )
             init.append(f"self.{attribute} = {source}  # forward reads it: the structure follows it")
         graph = Graph(model_input, tuple(builder.body), output)
-        activation_dtype = self.activation_dtype()
-        _check_parameters_used(self.spec)  # last: an error in what reads a parameter says more
-        return Model(self.spec.model.name, params, tuple(dims), tuple(init), graph, activation_dtype)
+        init = _fixed_parameter_guards(self.spec) + init
+        return Model(self.spec.model.name, params, tuple(dims), tuple(init), graph, self.activation_dtype())
 
     def check_attributes(self, body: tuple, seen: set[str]) -> None:
         """The forward body's module names: unique (the two bodies of an `if` may each make one), and none
@@ -1372,17 +1371,21 @@ def _names_read(node: object) -> Iterator[str]:
             yield from _names_read(getattr(node, field.name))
 
 
-def _check_parameters_used(spec: S.Spec) -> None:
-    """A constructor parameter that nothing reads would be accepted and ignored: ModelNew(p=...) would build
-    the default net whatever p is, where the reference's structure follows it."""
+def _fixed_parameter_guards(spec: S.Spec) -> list[str]:
+    """__init__ lines for the constructor parameters that nothing in the spec reads: ModelNew takes them, as
+    the reference does (KernelBench calls ModelNew(*get_init_inputs())), but only at their defaults; any
+    other value raises instead of building the default net."""
     read = set(_names_read(dataclasses.replace(spec, model=None)))
+    lines = []
     for p in spec.model.params:
         if p.name not in read:
-            raise SpecError(
-                p.pos,
-                f"constructor parameter {p.name!r} is never used: ModelNew would accept it and build the same "
-                "net whatever its value; use it where the reference does, or remove it",
+            default = expr_source(p.default)
+            message = (
+                f"{spec.model.name}'s spec fixes {p.name} at {default}: nothing in it reads {p.name}, so it"
+                f" builds the same net for any value; got {p.name}={{{p.name}!r}}"
             )
+            lines += [f"if {p.name} != {default}:", f"    raise ValueError(f{message!r})"]
+    return lines
 
 
 def check(spec: S.Spec, source: str) -> Model:

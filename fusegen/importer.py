@@ -1465,7 +1465,8 @@ def _text(source: Source, layout: _Layout, follows: _Follows) -> str:
     env = {i: follows.holes.get(i, str(h.value)) for i, h in enumerate(layout.holes)}
     kept = [(name, value) for name, value in source.args if name in follows.params]
     fixed = [(name, value) for name, value in source.args if name not in follows.params]
-    params = ", ".join(f"{_param_name(name)}={_literal(name, value)}" for name, value in kept)
+    # every argument, in the constructor's order (KernelBench passes them positionally)
+    params = ", ".join(f"{_param_name(name)}={_literal(name, value)}" for name, value in source.args)
     shape = [str(d) for d in source.input_shape]
     if follows.channels is not None:
         shape[1] = _param_name(follows.channels)
@@ -1479,8 +1480,8 @@ def _text(source: Source, layout: _Layout, follows: _Follows) -> str:
         them = "them" if len(fixed) > 1 else "it"
         values = ", ".join(f"{name}={value!r}" for name, value in fixed)
         notes.append(
-            f"Fixed at {values}: the trace cannot tell how the structure follows {them}, so ModelNew does not take"
-            f" {them}."
+            f"Fixed at {values}: the trace cannot tell how the structure follows {them}, so ModelNew takes {them}"
+            " only at that value."
         )
     header = [line for note in notes for line in textwrap.wrap(note, 118, initial_indent="# ", subsequent_indent="# ")]
     text = [

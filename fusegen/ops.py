@@ -1188,7 +1188,7 @@ def _conv_transpose_specialize(a: dict, has_module: bool) -> Op:
         _then_bias(_conv_transpose_loop, bias),
         f"each of its outputs reads up to {k}x{k} pixels of its input, and those pixels are computed by other"
         " programs of this kernel",
-        tile="conv_tile(KH * KW * C_in, C_out)",
+        tile="conv_tile(N * OH * OW, C_in, C_out, KH * KW, DOT_PRECISION)",
         tile_options=("num_warps", "num_stages"),
         strided_input=True,
         pool_refusal="orders its tile's rows by output class (parity-major), not as a pooling window's pixels",

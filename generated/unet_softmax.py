@@ -1483,7 +1483,9 @@ def conv_transpose2x2_bias(x, conv, into=None):
     KH = conv.kernel_size[0]
     KW = conv.kernel_size[1]
     DOT_PRECISION = dot_precision(x, conv)
-    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(KH * KW * C_in, C_out)
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(
+        N * OH * OW, C_in, C_out, KH * KW, DOT_PRECISION
+    )
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
     LAUNCH_PDL = launch_pdl(x, grid)
     conv_transpose2x2_bias_kernel[grid](
@@ -1739,7 +1741,9 @@ def conv_transpose2x2_bias_train(x, conv, into=None):
     KH = conv.kernel_size[0]
     KW = conv.kernel_size[1]
     DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
-    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(KH * KW * C_in, C_out)
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(
+        N * OH * OW, C_in, C_out, KH * KW, DOT_PRECISION
+    )
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
     LAUNCH_PDL = launch_pdl(x, grid)
     conv_transpose2x2_bias_train_kernel[grid](

@@ -124,7 +124,7 @@ def test_kernelbench_densenet121_writes_module_lists_and_dense_loops():
     assert "        dense_layer(channels + i * 2) for i in range(num_layers)\n" in text
     assert "    dense_blocks[0]: dense_block(64, 6)\n    transition_layers[0]: transition_layer(76, 38)\n" in text
     assert "    dense_blocks[3]: dense_block(39, 16)\n" in text
-    assert "model DenseNet121(num_classes=3)" in text and "# Fixed at growth_rate=2:" in text
+    assert "model DenseNet121(growth_rate=2, num_classes=3)" in text and "# Fixed at growth_rate=2:" in text
 
 
 @needs_kernelbench
@@ -136,7 +136,7 @@ def test_kernelbench_mobilenet_v1_shares_one_block_for_its_depthwise_separable_p
     assert "        model_block_2(512, 1, 512) * 5\n" in text
     # the classes and the input's channels follow their arguments; alpha's channel counts are fixed (int(c * alpha))
     assert "input(10, input_channels, 224, 224)" in text
-    assert "model MobileNetV1(num_classes=1000, input_channels=3)" in text
+    assert "model MobileNetV1(num_classes=1000, input_channels=3, alpha=1.0)" in text
     assert "conv3x3(input_channels, 32, 2)" in text and "fc: linear(1024, num_classes)" in text
     assert "# Fixed at alpha=1.0:" in text
 
@@ -528,9 +528,9 @@ def test_a_re_initialisation_loop_becomes_init_rules(user_models):
 
 def test_an_argument_whose_second_value_the_spec_does_not_build_stays_fixed(user_models):
     """At width 5 the channels move as the width (conv(3, 5), linear(5, 2)), but the model makes fc first: the
-    spec's ModelNew(width=5) draws other weights, so the width stays fixed and ModelNew does not take it."""
+    spec's ModelNew(width=5) draws other weights, so the width stays fixed: ModelNew takes it only at 4."""
     text, _ = imported(user_models, [4], (1, 3, 5, 5), "Reordered")
-    assert "model Reordered()\n" in text
+    assert "model Reordered(width=4)\n" in text
     assert "# Fixed at width=4:" in text
     assert "conv: conv(3, 4, 1, 1, 0)" in text
 
