@@ -107,3 +107,16 @@ def test_on_a_cpu_without_the_interpreter_forward_says_what_to_do(tmp_path):
         "RuntimeError: ModelNew runs Triton kernels: move the model and the input to a GPU, or set"
         " TRITON_INTERPRET=1 before triton is first imported to run them (slowly) on the CPU"
     )
+
+
+def test_a_constructor_argument_the_spec_does_not_read_is_taken_only_at_its_default():
+    """KernelBench passes every argument of the reference, positionally: ModelNew takes one its spec ignores,
+    at its default; another value would build the default net, so it raises instead."""
+    spec = "model Fixed(c=8, alpha=0.5, layers=[1, 2])\ninput(2, 3, 8, 8)\nforward:\n    conv: conv1x1(3, c) -> relu\n"
+    module = load_spec(spec)
+    assert module.ModelNew(8, 0.5, [1, 2]).conv.out_channels == 8
+    assert module.ModelNew(4).conv.out_channels == 4  # c is read: it follows
+    with pytest.raises(ValueError, match=r"Fixed's spec fixes alpha at 0\.5: .* got alpha=0\.25"):
+        module.ModelNew(8, 0.25)
+    with pytest.raises(ValueError, match=r"fixes layers at \[1, 2\]"):
+        module.ModelNew(layers=[3])
