@@ -324,48 +324,24 @@ def _x_strided_at(n: str, ih: str, iw: str, ch: str) -> str:
 
 
 def _conv_loop(slot: str, prologue: PrologueHook) -> list[str]:
-    x_at = _x_strided_at("n[:, None]", "ih", "iw", "ci[None, :]")
-    x_tap_at = _x_strided_at("n[:, None]", "ih[:, None]", "iw[:, None]", "offs_k[None, :]")
     return [
+        "# implicit GEMM: K runs over (kh, kw, input channel), channels fastest (as a channels-last input lies)",
         "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
-        "# the weight is tap-major, [KH, KW, C_in, C_out]: row k of the implicit GEMM's [K, C_out] is at k * C_out",
-        "if C_in < 16:",
-        "    # fewer channels than one K step: K runs over (kh, kw, input channel), so that a stem's 3 x 3 x 3",
-        "    # products fill one step",
-        "    for k0 in range(0, KH * KW * C_in, BLOCK_K):",
-        "        offs_k = k0 + tl.arange(0, BLOCK_K)",
-        "        mask_k = offs_k < KH * KW * C_in",
-        "        kh = offs_k // (KW * C_in)",
-        "        kw = offs_k // C_in % KW",
-        "        ci = offs_k % C_in",
-        "        ih = oh[:, None] * STRIDE - PAD + kh[None, :]",
-        "        iw = ow[:, None] * STRIDE - PAD + kw[None, :]",
-        "        inside = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)",
-        f"        a = {_load_x(x_at, 'inside')}",
-        *("        " + line for line in _where_inside(prologue("a", "ci", "mask_k", "inside"), "a", "inside")),
-        f"        b = tl.load({slot}_weight_ptr + offs_k[:, None] * C_out + offs_n[None, :],"
+        "for k0 in range(0, KH * KW * C_in, BLOCK_K):",
+        "    offs_k = k0 + tl.arange(0, BLOCK_K)",
+        "    mask_k = offs_k < KH * KW * C_in",
+        "    kh = offs_k // (KW * C_in)",
+        "    kw = offs_k // C_in % KW",
+        "    ci = offs_k % C_in",
+        "    ih = oh[:, None] * STRIDE - PAD + kh[None, :]",
+        "    iw = ow[:, None] * STRIDE - PAD + kw[None, :]",
+        "    inside = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)",
+        f"    a = {_load_x(_x_strided_at('n[:, None]', 'ih', 'iw', 'ci[None, :]'), 'inside')}",
+        *("    " + line for line in _where_inside(prologue("a", "ci", "mask_k", "inside"), "a", "inside")),
+        f"    b = tl.load({slot}_weight_ptr + offs_n[None, :] * {slot}_weight_stride_o"
+        f" + (ci * {slot}_weight_stride_i + kh * {slot}_weight_stride_h + kw * {slot}_weight_stride_w)[:, None],"
         " mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
-        "        acc = fp32_dot(a, b, acc, DOT_PRECISION)",
-        "else:",
-        "    # a 1x1 GEMM per tap: K runs over the input channels of the tap's input pixels",
-        "    for kh in range(KH):",
-        "        ih = oh * STRIDE - PAD + kh",
-        "        for kw in range(KW):",
-        "            iw = ow * STRIDE - PAD + kw",
-        "            pixel_inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)",
-        f"            tap_weight_ptr = {slot}_weight_ptr + (kh * KW + kw) * C_in * C_out",
-        "            for k0 in range(0, C_in, BLOCK_K):",
-        "                offs_k = k0 + tl.arange(0, BLOCK_K)",
-        "                mask_k = offs_k < C_in",
-        "                inside = pixel_inside[:, None] & mask_k[None, :]",
-        f"                a = {_load_x(x_tap_at, 'inside')}",
-        *(
-            "                " + line
-            for line in _where_inside(prologue("a", "offs_k", "mask_k", "inside"), "a", "inside")
-        ),
-        "                b = tl.load(tap_weight_ptr + offs_k[:, None] * C_out + offs_n[None, :],"
-        " mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
-        "                acc = fp32_dot(a, b, acc, DOT_PRECISION)",
+        "    acc = fp32_dot(a, b, acc, DOT_PRECISION)",
     ]
 
 
@@ -600,7 +576,7 @@ _WINDOW = (
     KernelParam("STRIDE", "{m}.stride[0]", constexpr=True),
     KernelParam("PAD", "{m}.padding[0]", constexpr=True),
 )
-_CONV_PARAMS = (KernelParam("weight_ptr", "tap_weight({m}, DOT_PRECISION)"), *_WINDOW, _DOT_PRECISION)
+_CONV_PARAMS = (*_weight("oihw", _DOT_WEIGHT), *_WINDOW, _DOT_PRECISION)
 _DWCONV_PARAMS = (*_weight("ohw"), *_WINDOW)  # fp32 multiply-adds, no tl.dot
 _CONV_PIXELS = (
     "OH = (H + 2 * {m}.padding[0] - {m}.kernel_size[0]) // {m}.stride[0] + 1",
@@ -626,7 +602,7 @@ def _conv_anchor(k: int, bias: bool, guard: tuple[str, ...] = ()) -> Anchor:
         (*guard, *_CONV_PIXELS),
         _then_bias(_conv_loop, bias),
         _NEIGHBOURHOOD.format(k=k),
-        tile="conv_tile(N * OH * OW, C_in, C_out, KH * KW, DOT_PRECISION)",
+        tile="conv_tile(KH * KW * C_in, C_out)",
         tile_options=("num_warps", "num_stages"),
         # its K loop gathers single channels of KH x KW pixels whatever the layout: reading the model's
         # NCHW input as it is saves the stem a layout copy
@@ -1188,7 +1164,7 @@ def _conv_transpose_specialize(a: dict, has_module: bool) -> Op:
         _then_bias(_conv_transpose_loop, bias),
         f"each of its outputs reads up to {k}x{k} pixels of its input, and those pixels are computed by other"
         " programs of this kernel",
-        tile="conv_tile(N * OH * OW, C_in, C_out, KH * KW, DOT_PRECISION)",
+        tile="conv_tile(KH * KW * C_in, C_out)",
         tile_options=("num_warps", "num_stages"),
         strided_input=True,
         pool_refusal="orders its tile's rows by output class (parity-major), not as a pooling window's pixels",

@@ -81,18 +81,6 @@ def dot_weight(module, precision):
     return cached[1]
 
 
-def tap_weight(module, precision):
-    """A KxK conv's dot_weight tap-major, [KH, KW, C_in, C_out] and contiguous: each tap's [C_in, C_out]
-    block of the implicit GEMM is rows of contiguous output channels. Made once per version of the weight."""
-    weight = dot_weight(module, precision)
-    key = (weight.data_ptr(), module.weight._version, weight.device, precision)
-    cached = getattr(module, "tap_weight", None)
-    if cached is None or cached[0] != key:
-        cached = (key, weight.detach().permute(2, 3, 1, 0).contiguous())
-        module.tap_weight = cached
-    return cached[1]
-
-
 # -- tile rules (each from sweeps on an H200; docs/performance.md, "Tile rules and why") --------------
 
 
@@ -120,15 +108,11 @@ def gemm_tile(rows, C_in, C_out, precision):
     return 32, min(block_n, 32), block_k
 
 
-def conv_tile(rows, C_in, C_out, taps, precision):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a KxK conv of `rows` output pixels and `taps`
-    = KH * KW. From 16 input channels its loop is a 1x1 GEMM per tap, with the GEMM's tiles; below, K runs
-    over (kh, kw, channel), swept on the stem (3x3, 3 -> 32, stride 2)."""
-    if C_in >= 16:
-        gemm_m, gemm_n, gemm_k = gemm_tile(rows, C_in, C_out, precision)
-        return gemm_m, gemm_n, gemm_k, 4, 3
+def conv_tile(K, C_out):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a KxK conv whose implicit GEMM has K =
+    KH * KW * C_in, swept on the stem (3x3, 3 -> 32, stride 2)."""
     block_n = min(64, max(16, triton.next_power_of_2(C_out)))
-    if taps * C_in <= 32:
+    if K <= 32:
         # one K step (the stem's 27): nothing to pipeline, and 2 warps per 64 x 32 tile
         return 64, block_n, 32, 2, 1
     return 64, block_n, 32, 4, 3

@@ -91,6 +91,10 @@ def bn_relu_conv3x3_dropout_kernel(
     x_stride_h,
     x_stride_w,
     bn_eps,
+    conv_weight_stride_o,
+    conv_weight_stride_i,
+    conv_weight_stride_h,
+    conv_weight_stride_w,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
     KH: tl.constexpr,
@@ -122,96 +126,57 @@ def bn_relu_conv3x3_dropout_kernel(
     oh = offs_m // OW % OH
     ow = offs_m % OW
     # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot)
+    # implicit GEMM: K runs over (kh, kw, input channel), channels fastest (as a channels-last input lies)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # the weight is tap-major, [KH, KW, C_in, C_out]: row k of the implicit GEMM's [K, C_out] is at k * C_out
-    if C_in < 16:
-        # fewer channels than one K step: K runs over (kh, kw, input channel), so that a stem's 3 x 3 x 3
-        # products fill one step
-        for k0 in range(0, KH * KW * C_in, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < KH * KW * C_in
-            kh = offs_k // (KW * C_in)
-            kw = offs_k // C_in % KW
-            ci = offs_k % C_in
-            ih = oh[:, None] * STRIDE - PAD + kh[None, :]
-            iw = ow[:, None] * STRIDE - PAD + kw[None, :]
-            inside = (
-                mask_m[:, None]
-                & mask_k[None, :]
-                & (ih >= 0)
-                & (ih < H)
-                & (iw >= 0)
-                & (iw < W)
-            )
-            a = tl.load(
-                x_ptr
-                + n[:, None] * x_stride_n
-                + ci[None, :] * x_stride_c
-                + ih * x_stride_h
-                + iw * x_stride_w,
-                mask=inside,
-                other=0.0,
-            ).to(tl.float32)
-            # prologue: bn on the loaded input tile
-            bn_scale = tl.load(bn_weight_ptr + ci, mask=mask_k, other=0.0) * tl.rsqrt(
-                tl.load(bn_var_ptr + ci, mask=mask_k, other=1.0) + bn_eps
-            )
-            bn_shift = (
-                tl.load(bn_bias_ptr + ci, mask=mask_k, other=0.0)
-                - tl.load(bn_mean_ptr + ci, mask=mask_k, other=0.0) * bn_scale
-            )
-            a = a * bn_scale[None, :] + bn_shift[None, :]
-            # prologue: relu on the loaded input tile
-            a = tl.maximum(a, 0.0)
-            a = tl.where(inside, a, 0.0)
-            b = tl.load(
-                conv_weight_ptr + offs_k[:, None] * C_out + offs_n[None, :],
-                mask=mask_k[:, None] & mask_n[None, :],
-                other=0.0,
-            )
-            acc = fp32_dot(a, b, acc, DOT_PRECISION)
-    else:
-        # a 1x1 GEMM per tap: K runs over the input channels of the tap's input pixels
-        for kh in range(KH):
-            ih = oh * STRIDE - PAD + kh
-            for kw in range(KW):
-                iw = ow * STRIDE - PAD + kw
-                pixel_inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                tap_weight_ptr = conv_weight_ptr + (kh * KW + kw) * C_in * C_out
-                for k0 in range(0, C_in, BLOCK_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    mask_k = offs_k < C_in
-                    inside = pixel_inside[:, None] & mask_k[None, :]
-                    a = tl.load(
-                        x_ptr
-                        + n[:, None] * x_stride_n
-                        + offs_k[None, :] * x_stride_c
-                        + ih[:, None] * x_stride_h
-                        + iw[:, None] * x_stride_w,
-                        mask=inside,
-                        other=0.0,
-                    ).to(tl.float32)
-                    # prologue: bn on the loaded input tile
-                    bn_scale = tl.load(
-                        bn_weight_ptr + offs_k, mask=mask_k, other=0.0
-                    ) * tl.rsqrt(
-                        tl.load(bn_var_ptr + offs_k, mask=mask_k, other=1.0) + bn_eps
-                    )
-                    bn_shift = (
-                        tl.load(bn_bias_ptr + offs_k, mask=mask_k, other=0.0)
-                        - tl.load(bn_mean_ptr + offs_k, mask=mask_k, other=0.0)
-                        * bn_scale
-                    )
-                    a = a * bn_scale[None, :] + bn_shift[None, :]
-                    # prologue: relu on the loaded input tile
-                    a = tl.maximum(a, 0.0)
-                    a = tl.where(inside, a, 0.0)
-                    b = tl.load(
-                        tap_weight_ptr + offs_k[:, None] * C_out + offs_n[None, :],
-                        mask=mask_k[:, None] & mask_n[None, :],
-                        other=0.0,
-                    )
-                    acc = fp32_dot(a, b, acc, DOT_PRECISION)
+    for k0 in range(0, KH * KW * C_in, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < KH * KW * C_in
+        kh = offs_k // (KW * C_in)
+        kw = offs_k // C_in % KW
+        ci = offs_k % C_in
+        ih = oh[:, None] * STRIDE - PAD + kh[None, :]
+        iw = ow[:, None] * STRIDE - PAD + kw[None, :]
+        inside = (
+            mask_m[:, None]
+            & mask_k[None, :]
+            & (ih >= 0)
+            & (ih < H)
+            & (iw >= 0)
+            & (iw < W)
+        )
+        a = tl.load(
+            x_ptr
+            + n[:, None] * x_stride_n
+            + ci[None, :] * x_stride_c
+            + ih * x_stride_h
+            + iw * x_stride_w,
+            mask=inside,
+            other=0.0,
+        ).to(tl.float32)
+        # prologue: bn on the loaded input tile
+        bn_scale = tl.load(bn_weight_ptr + ci, mask=mask_k, other=0.0) * tl.rsqrt(
+            tl.load(bn_var_ptr + ci, mask=mask_k, other=1.0) + bn_eps
+        )
+        bn_shift = (
+            tl.load(bn_bias_ptr + ci, mask=mask_k, other=0.0)
+            - tl.load(bn_mean_ptr + ci, mask=mask_k, other=0.0) * bn_scale
+        )
+        a = a * bn_scale[None, :] + bn_shift[None, :]
+        # prologue: relu on the loaded input tile
+        a = tl.maximum(a, 0.0)
+        a = tl.where(inside, a, 0.0)
+        b = tl.load(
+            conv_weight_ptr
+            + offs_n[None, :] * conv_weight_stride_o
+            + (
+                ci * conv_weight_stride_i
+                + kh * conv_weight_stride_h
+                + kw * conv_weight_stride_w
+            )[:, None],
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc = fp32_dot(a, b, acc, DOT_PRECISION)
     # epilogue: dropout
     tl.store(
         out_ptr + offs_m[:, None] * out_row_stride + offs_n[None, :], acc, mask=mask
@@ -287,6 +252,10 @@ def bn_relu_conv3x3_dropout_train_kernel(
     x_stride_c,
     x_stride_h,
     x_stride_w,
+    conv_weight_stride_o,
+    conv_weight_stride_i,
+    conv_weight_stride_h,
+    conv_weight_stride_w,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
     KH: tl.constexpr,
@@ -318,85 +287,53 @@ def bn_relu_conv3x3_dropout_train_kernel(
     oh = offs_m // OW % OH
     ow = offs_m % OW
     # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot)
+    # implicit GEMM: K runs over (kh, kw, input channel), channels fastest (as a channels-last input lies)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # the weight is tap-major, [KH, KW, C_in, C_out]: row k of the implicit GEMM's [K, C_out] is at k * C_out
-    if C_in < 16:
-        # fewer channels than one K step: K runs over (kh, kw, input channel), so that a stem's 3 x 3 x 3
-        # products fill one step
-        for k0 in range(0, KH * KW * C_in, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < KH * KW * C_in
-            kh = offs_k // (KW * C_in)
-            kw = offs_k // C_in % KW
-            ci = offs_k % C_in
-            ih = oh[:, None] * STRIDE - PAD + kh[None, :]
-            iw = ow[:, None] * STRIDE - PAD + kw[None, :]
-            inside = (
-                mask_m[:, None]
-                & mask_k[None, :]
-                & (ih >= 0)
-                & (ih < H)
-                & (iw >= 0)
-                & (iw < W)
-            )
-            a = tl.load(
-                x_ptr
-                + n[:, None] * x_stride_n
-                + ci[None, :] * x_stride_c
-                + ih * x_stride_h
-                + iw * x_stride_w,
-                mask=inside,
-                other=0.0,
-            ).to(tl.float32)
-            # prologue: bn on the loaded input tile
-            bn_mean = tl.load(bn_mean_ptr + ci, mask=mask_k, other=0.0)
-            bn_scale = tl.load(bn_scale_ptr + ci, mask=mask_k, other=0.0)
-            bn_bias = tl.load(bn_bias_ptr + ci, mask=mask_k, other=0.0)
-            a = (a - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[None, :]
-            # prologue: relu on the loaded input tile
-            a = tl.maximum(a, 0.0)
-            a = tl.where(inside, a, 0.0)
-            b = tl.load(
-                conv_weight_ptr + offs_k[:, None] * C_out + offs_n[None, :],
-                mask=mask_k[:, None] & mask_n[None, :],
-                other=0.0,
-            )
-            acc = fp32_dot(a, b, acc, DOT_PRECISION)
-    else:
-        # a 1x1 GEMM per tap: K runs over the input channels of the tap's input pixels
-        for kh in range(KH):
-            ih = oh * STRIDE - PAD + kh
-            for kw in range(KW):
-                iw = ow * STRIDE - PAD + kw
-                pixel_inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                tap_weight_ptr = conv_weight_ptr + (kh * KW + kw) * C_in * C_out
-                for k0 in range(0, C_in, BLOCK_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    mask_k = offs_k < C_in
-                    inside = pixel_inside[:, None] & mask_k[None, :]
-                    a = tl.load(
-                        x_ptr
-                        + n[:, None] * x_stride_n
-                        + offs_k[None, :] * x_stride_c
-                        + ih[:, None] * x_stride_h
-                        + iw[:, None] * x_stride_w,
-                        mask=inside,
-                        other=0.0,
-                    ).to(tl.float32)
-                    # prologue: bn on the loaded input tile
-                    bn_mean = tl.load(bn_mean_ptr + offs_k, mask=mask_k, other=0.0)
-                    bn_scale = tl.load(bn_scale_ptr + offs_k, mask=mask_k, other=0.0)
-                    bn_bias = tl.load(bn_bias_ptr + offs_k, mask=mask_k, other=0.0)
-                    a = (a - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[None, :]
-                    # prologue: relu on the loaded input tile
-                    a = tl.maximum(a, 0.0)
-                    a = tl.where(inside, a, 0.0)
-                    b = tl.load(
-                        tap_weight_ptr + offs_k[:, None] * C_out + offs_n[None, :],
-                        mask=mask_k[:, None] & mask_n[None, :],
-                        other=0.0,
-                    )
-                    acc = fp32_dot(a, b, acc, DOT_PRECISION)
+    for k0 in range(0, KH * KW * C_in, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < KH * KW * C_in
+        kh = offs_k // (KW * C_in)
+        kw = offs_k // C_in % KW
+        ci = offs_k % C_in
+        ih = oh[:, None] * STRIDE - PAD + kh[None, :]
+        iw = ow[:, None] * STRIDE - PAD + kw[None, :]
+        inside = (
+            mask_m[:, None]
+            & mask_k[None, :]
+            & (ih >= 0)
+            & (ih < H)
+            & (iw >= 0)
+            & (iw < W)
+        )
+        a = tl.load(
+            x_ptr
+            + n[:, None] * x_stride_n
+            + ci[None, :] * x_stride_c
+            + ih * x_stride_h
+            + iw * x_stride_w,
+            mask=inside,
+            other=0.0,
+        ).to(tl.float32)
+        # prologue: bn on the loaded input tile
+        bn_mean = tl.load(bn_mean_ptr + ci, mask=mask_k, other=0.0)
+        bn_scale = tl.load(bn_scale_ptr + ci, mask=mask_k, other=0.0)
+        bn_bias = tl.load(bn_bias_ptr + ci, mask=mask_k, other=0.0)
+        a = (a - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[None, :]
+        # prologue: relu on the loaded input tile
+        a = tl.maximum(a, 0.0)
+        a = tl.where(inside, a, 0.0)
+        b = tl.load(
+            conv_weight_ptr
+            + offs_n[None, :] * conv_weight_stride_o
+            + (
+                ci * conv_weight_stride_i
+                + kh * conv_weight_stride_h
+                + kw * conv_weight_stride_w
+            )[:, None],
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc = fp32_dot(a, b, acc, DOT_PRECISION)
     # epilogue: dropout
     tl.store(
         out_ptr + offs_m[:, None] * out_row_stride + offs_n[None, :], acc, mask=mask
@@ -528,57 +465,11 @@ def dot_weight(module, precision):
     return cached[1]
 
 
-def tap_weight(module, precision):
-    """A KxK conv's dot_weight tap-major, [KH, KW, C_in, C_out] and contiguous: each tap's [C_in, C_out]
-    block of the implicit GEMM is rows of contiguous output channels. Made once per version of the weight.
-    """
-    weight = dot_weight(module, precision)
-    key = (weight.data_ptr(), module.weight._version, weight.device, precision)
-    cached = getattr(module, "tap_weight", None)
-    if cached is None or cached[0] != key:
-        cached = (key, weight.detach().permute(2, 3, 1, 0).contiguous())
-        module.tap_weight = cached
-    return cached[1]
-
-
-def gemm_tile(rows, C_in, C_out, precision):
-    """(BLOCK_M, BLOCK_N, BLOCK_K) for a 1x1 conv of `rows` pixels."""
-
-    def programs(block_m, block_n):
-        return triton.cdiv(rows, block_m) * triton.cdiv(C_out, block_n)
-
-    # up to 128 channels, so that each input row is read once for up to 128 output channels
-    block_n = min(128, max(16, triton.next_power_of_2(C_out)))
-    # float16 operands: K steps of 64 carry the bytes of 32 fp32 ones, where that leaves two steps or more
-    block_k = 64 if precision == "fp16" and C_in >= 128 else 32
-    # 128 rows where that leaves five programs per SM of a 128-SM GPU; a tf32x3 dot (three products per
-    # tile) keeps 64
-    if (
-        precision != "tf32x3"
-        and C_in >= 32
-        and block_n >= 64
-        and programs(128, block_n) >= 640
-    ):
-        return 128, block_n, block_k
-    if programs(64, block_n) >= 128:
-        return 64, block_n, block_k
-    # under a wave of programs (batch 10's late layers): narrower tiles, longer K steps, since each K step
-    # waits on its loads (float16 operands: steps of 128, three stages of them in 96 KB)
-    block_k = 128 if precision == "fp16" and C_in >= 128 else 64 if C_in >= 64 else 32
-    if programs(64, min(block_n, 64)) >= 128:
-        return 64, min(block_n, 64), block_k
-    return 32, min(block_n, 32), block_k
-
-
-def conv_tile(rows, C_in, C_out, taps, precision):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a KxK conv of `rows` output pixels and `taps`
-    = KH * KW. From 16 input channels its loop is a 1x1 GEMM per tap, with the GEMM's tiles; below, K runs
-    over (kh, kw, channel), swept on the stem (3x3, 3 -> 32, stride 2)."""
-    if C_in >= 16:
-        gemm_m, gemm_n, gemm_k = gemm_tile(rows, C_in, C_out, precision)
-        return gemm_m, gemm_n, gemm_k, 4, 3
+def conv_tile(K, C_out):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a KxK conv whose implicit GEMM has K =
+    KH * KW * C_in, swept on the stem (3x3, 3 -> 32, stride 2)."""
     block_n = min(64, max(16, triton.next_power_of_2(C_out)))
-    if taps * C_in <= 32:
+    if K <= 32:
         # one K step (the stem's 27): nothing to pipeline, and 2 warps per 64 x 32 tile
         return 64, block_n, 32, 2, 1
     return 64, block_n, 32, 4, 3
@@ -858,9 +749,7 @@ def bn_relu_conv3x3_dropout(x, bn, conv, into=None):
     KH = conv.kernel_size[0]
     KW = conv.kernel_size[1]
     DOT_PRECISION = dot_precision(x, conv)
-    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(
-        N * OH * OW, C_in, C_out, KH * KW, DOT_PRECISION
-    )
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(KH * KW * C_in, C_out)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
     LAUNCH_PDL = launch_pdl(x, grid)
     bn_relu_conv3x3_dropout_kernel[grid](
@@ -869,7 +758,7 @@ def bn_relu_conv3x3_dropout(x, bn, conv, into=None):
         bn.bias,
         bn.running_mean,
         bn.running_var,
-        tap_weight(conv, DOT_PRECISION),
+        dot_weight(conv, DOT_PRECISION),
         out,
         out.stride(3),
         N,
@@ -882,6 +771,10 @@ def bn_relu_conv3x3_dropout(x, bn, conv, into=None):
         x.stride(2),
         x.stride(3),
         bn.eps,
+        conv.weight.stride(0),
+        conv.weight.stride(1),
+        conv.weight.stride(2),
+        conv.weight.stride(3),
         C_in=C_in,
         C_out=C_out,
         KH=KH,
@@ -962,9 +855,7 @@ def bn_relu_conv3x3_dropout_train(x, x_stats, bn, conv, into=None):
     KH = conv.kernel_size[0]
     KW = conv.kernel_size[1]
     DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
-    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(
-        N * OH * OW, C_in, C_out, KH * KW, DOT_PRECISION
-    )
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(KH * KW * C_in, C_out)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
     bn_mean, bn_scale = batch_norm_batch_stats(x_stats, bn)
     LAUNCH_PDL = launch_pdl(x, grid)
@@ -973,7 +864,7 @@ def bn_relu_conv3x3_dropout_train(x, x_stats, bn, conv, into=None):
         bn_mean,
         bn_scale,
         bn.bias,
-        tap_weight(conv, DOT_PRECISION),
+        dot_weight(conv, DOT_PRECISION),
         out,
         out.stride(3),
         N,
@@ -985,6 +876,10 @@ def bn_relu_conv3x3_dropout_train(x, x_stats, bn, conv, into=None):
         x.stride(1),
         x.stride(2),
         x.stride(3),
+        conv.weight.stride(0),
+        conv.weight.stride(1),
+        conv.weight.stride(2),
+        conv.weight.stride(3),
         C_in=C_in,
         C_out=C_out,
         KH=KH,

@@ -49,6 +49,10 @@ def conv3x3_bn_relu_kernel(
     x_stride_c,
     x_stride_h,
     x_stride_w,
+    conv_weight_stride_o,
+    conv_weight_stride_i,
+    conv_weight_stride_h,
+    conv_weight_stride_w,
     bn_eps,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
@@ -81,69 +85,45 @@ def conv3x3_bn_relu_kernel(
     oh = offs_m // OW % OH
     ow = offs_m % OW
     # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot)
+    # implicit GEMM: K runs over (kh, kw, input channel), channels fastest (as a channels-last input lies)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # the weight is tap-major, [KH, KW, C_in, C_out]: row k of the implicit GEMM's [K, C_out] is at k * C_out
-    if C_in < 16:
-        # fewer channels than one K step: K runs over (kh, kw, input channel), so that a stem's 3 x 3 x 3
-        # products fill one step
-        for k0 in range(0, KH * KW * C_in, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < KH * KW * C_in
-            kh = offs_k // (KW * C_in)
-            kw = offs_k // C_in % KW
-            ci = offs_k % C_in
-            ih = oh[:, None] * STRIDE - PAD + kh[None, :]
-            iw = ow[:, None] * STRIDE - PAD + kw[None, :]
-            inside = (
-                mask_m[:, None]
-                & mask_k[None, :]
-                & (ih >= 0)
-                & (ih < H)
-                & (iw >= 0)
-                & (iw < W)
-            )
-            a = tl.load(
-                x_ptr
-                + n[:, None] * x_stride_n
-                + ci[None, :] * x_stride_c
-                + ih * x_stride_h
-                + iw * x_stride_w,
-                mask=inside,
-                other=0.0,
-            ).to(tl.float32)
-            b = tl.load(
-                conv_weight_ptr + offs_k[:, None] * C_out + offs_n[None, :],
-                mask=mask_k[:, None] & mask_n[None, :],
-                other=0.0,
-            )
-            acc = fp32_dot(a, b, acc, DOT_PRECISION)
-    else:
-        # a 1x1 GEMM per tap: K runs over the input channels of the tap's input pixels
-        for kh in range(KH):
-            ih = oh * STRIDE - PAD + kh
-            for kw in range(KW):
-                iw = ow * STRIDE - PAD + kw
-                pixel_inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                tap_weight_ptr = conv_weight_ptr + (kh * KW + kw) * C_in * C_out
-                for k0 in range(0, C_in, BLOCK_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    mask_k = offs_k < C_in
-                    inside = pixel_inside[:, None] & mask_k[None, :]
-                    a = tl.load(
-                        x_ptr
-                        + n[:, None] * x_stride_n
-                        + offs_k[None, :] * x_stride_c
-                        + ih[:, None] * x_stride_h
-                        + iw[:, None] * x_stride_w,
-                        mask=inside,
-                        other=0.0,
-                    ).to(tl.float32)
-                    b = tl.load(
-                        tap_weight_ptr + offs_k[:, None] * C_out + offs_n[None, :],
-                        mask=mask_k[:, None] & mask_n[None, :],
-                        other=0.0,
-                    )
-                    acc = fp32_dot(a, b, acc, DOT_PRECISION)
+    for k0 in range(0, KH * KW * C_in, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < KH * KW * C_in
+        kh = offs_k // (KW * C_in)
+        kw = offs_k // C_in % KW
+        ci = offs_k % C_in
+        ih = oh[:, None] * STRIDE - PAD + kh[None, :]
+        iw = ow[:, None] * STRIDE - PAD + kw[None, :]
+        inside = (
+            mask_m[:, None]
+            & mask_k[None, :]
+            & (ih >= 0)
+            & (ih < H)
+            & (iw >= 0)
+            & (iw < W)
+        )
+        a = tl.load(
+            x_ptr
+            + n[:, None] * x_stride_n
+            + ci[None, :] * x_stride_c
+            + ih * x_stride_h
+            + iw * x_stride_w,
+            mask=inside,
+            other=0.0,
+        ).to(tl.float32)
+        b = tl.load(
+            conv_weight_ptr
+            + offs_n[None, :] * conv_weight_stride_o
+            + (
+                ci * conv_weight_stride_i
+                + kh * conv_weight_stride_h
+                + kw * conv_weight_stride_w
+            )[:, None],
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc = fp32_dot(a, b, acc, DOT_PRECISION)
     # epilogue: bn
     bn_scale = tl.load(bn_weight_ptr + offs_n, mask=mask_n, other=0.0) * tl.rsqrt(
         tl.load(bn_var_ptr + offs_n, mask=mask_n, other=1.0) + bn_eps
@@ -637,6 +617,10 @@ def conv3x3_stats_kernel(
     x_stride_c,
     x_stride_h,
     x_stride_w,
+    conv_weight_stride_o,
+    conv_weight_stride_i,
+    conv_weight_stride_h,
+    conv_weight_stride_w,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
     KH: tl.constexpr,
@@ -668,69 +652,45 @@ def conv3x3_stats_kernel(
     oh = offs_m // OW % OH
     ow = offs_m % OW
     # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot)
+    # implicit GEMM: K runs over (kh, kw, input channel), channels fastest (as a channels-last input lies)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # the weight is tap-major, [KH, KW, C_in, C_out]: row k of the implicit GEMM's [K, C_out] is at k * C_out
-    if C_in < 16:
-        # fewer channels than one K step: K runs over (kh, kw, input channel), so that a stem's 3 x 3 x 3
-        # products fill one step
-        for k0 in range(0, KH * KW * C_in, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < KH * KW * C_in
-            kh = offs_k // (KW * C_in)
-            kw = offs_k // C_in % KW
-            ci = offs_k % C_in
-            ih = oh[:, None] * STRIDE - PAD + kh[None, :]
-            iw = ow[:, None] * STRIDE - PAD + kw[None, :]
-            inside = (
-                mask_m[:, None]
-                & mask_k[None, :]
-                & (ih >= 0)
-                & (ih < H)
-                & (iw >= 0)
-                & (iw < W)
-            )
-            a = tl.load(
-                x_ptr
-                + n[:, None] * x_stride_n
-                + ci[None, :] * x_stride_c
-                + ih * x_stride_h
-                + iw * x_stride_w,
-                mask=inside,
-                other=0.0,
-            ).to(tl.float32)
-            b = tl.load(
-                conv_weight_ptr + offs_k[:, None] * C_out + offs_n[None, :],
-                mask=mask_k[:, None] & mask_n[None, :],
-                other=0.0,
-            )
-            acc = fp32_dot(a, b, acc, DOT_PRECISION)
-    else:
-        # a 1x1 GEMM per tap: K runs over the input channels of the tap's input pixels
-        for kh in range(KH):
-            ih = oh * STRIDE - PAD + kh
-            for kw in range(KW):
-                iw = ow * STRIDE - PAD + kw
-                pixel_inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                tap_weight_ptr = conv_weight_ptr + (kh * KW + kw) * C_in * C_out
-                for k0 in range(0, C_in, BLOCK_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    mask_k = offs_k < C_in
-                    inside = pixel_inside[:, None] & mask_k[None, :]
-                    a = tl.load(
-                        x_ptr
-                        + n[:, None] * x_stride_n
-                        + offs_k[None, :] * x_stride_c
-                        + ih[:, None] * x_stride_h
-                        + iw[:, None] * x_stride_w,
-                        mask=inside,
-                        other=0.0,
-                    ).to(tl.float32)
-                    b = tl.load(
-                        tap_weight_ptr + offs_k[:, None] * C_out + offs_n[None, :],
-                        mask=mask_k[:, None] & mask_n[None, :],
-                        other=0.0,
-                    )
-                    acc = fp32_dot(a, b, acc, DOT_PRECISION)
+    for k0 in range(0, KH * KW * C_in, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < KH * KW * C_in
+        kh = offs_k // (KW * C_in)
+        kw = offs_k // C_in % KW
+        ci = offs_k % C_in
+        ih = oh[:, None] * STRIDE - PAD + kh[None, :]
+        iw = ow[:, None] * STRIDE - PAD + kw[None, :]
+        inside = (
+            mask_m[:, None]
+            & mask_k[None, :]
+            & (ih >= 0)
+            & (ih < H)
+            & (iw >= 0)
+            & (iw < W)
+        )
+        a = tl.load(
+            x_ptr
+            + n[:, None] * x_stride_n
+            + ci[None, :] * x_stride_c
+            + ih * x_stride_h
+            + iw * x_stride_w,
+            mask=inside,
+            other=0.0,
+        ).to(tl.float32)
+        b = tl.load(
+            conv_weight_ptr
+            + offs_n[None, :] * conv_weight_stride_o
+            + (
+                ci * conv_weight_stride_i
+                + kh * conv_weight_stride_h
+                + kw * conv_weight_stride_w
+            )[:, None],
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc = fp32_dot(a, b, acc, DOT_PRECISION)
     tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
     # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
     tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
@@ -1222,19 +1182,6 @@ def dot_weight(module, precision):
     return cached[1]
 
 
-def tap_weight(module, precision):
-    """A KxK conv's dot_weight tap-major, [KH, KW, C_in, C_out] and contiguous: each tap's [C_in, C_out]
-    block of the implicit GEMM is rows of contiguous output channels. Made once per version of the weight.
-    """
-    weight = dot_weight(module, precision)
-    key = (weight.data_ptr(), module.weight._version, weight.device, precision)
-    cached = getattr(module, "tap_weight", None)
-    if cached is None or cached[0] != key:
-        cached = (key, weight.detach().permute(2, 3, 1, 0).contiguous())
-        module.tap_weight = cached
-    return cached[1]
-
-
 def gemm_tile(rows, C_in, C_out, precision):
     """(BLOCK_M, BLOCK_N, BLOCK_K) for a 1x1 conv of `rows` pixels."""
 
@@ -1264,15 +1211,11 @@ def gemm_tile(rows, C_in, C_out, precision):
     return 32, min(block_n, 32), block_k
 
 
-def conv_tile(rows, C_in, C_out, taps, precision):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a KxK conv of `rows` output pixels and `taps`
-    = KH * KW. From 16 input channels its loop is a 1x1 GEMM per tap, with the GEMM's tiles; below, K runs
-    over (kh, kw, channel), swept on the stem (3x3, 3 -> 32, stride 2)."""
-    if C_in >= 16:
-        gemm_m, gemm_n, gemm_k = gemm_tile(rows, C_in, C_out, precision)
-        return gemm_m, gemm_n, gemm_k, 4, 3
+def conv_tile(K, C_out):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a KxK conv whose implicit GEMM has K =
+    KH * KW * C_in, swept on the stem (3x3, 3 -> 32, stride 2)."""
     block_n = min(64, max(16, triton.next_power_of_2(C_out)))
-    if taps * C_in <= 32:
+    if K <= 32:
         # one K step (the stem's 27): nothing to pipeline, and 2 warps per 64 x 32 tile
         return 64, block_n, 32, 2, 1
     return 64, block_n, 32, 4, 3
@@ -1526,14 +1469,12 @@ def conv3x3_bn_relu(x, conv, bn, out_dtype=torch.float32, out=None):
     KH = conv.kernel_size[0]
     KW = conv.kernel_size[1]
     DOT_PRECISION = dot_precision(x, conv)
-    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(
-        N * OH * OW, C_in, C_out, KH * KW, DOT_PRECISION
-    )
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(KH * KW * C_in, C_out)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
     LAUNCH_PDL = launch_pdl(x, grid)
     conv3x3_bn_relu_kernel[grid](
         x,
-        tap_weight(conv, DOT_PRECISION),
+        dot_weight(conv, DOT_PRECISION),
         bn.weight,
         bn.bias,
         bn.running_mean,
@@ -1548,6 +1489,10 @@ def conv3x3_bn_relu(x, conv, bn, out_dtype=torch.float32, out=None):
         x.stride(1),
         x.stride(2),
         x.stride(3),
+        conv.weight.stride(0),
+        conv.weight.stride(1),
+        conv.weight.stride(2),
+        conv.weight.stride(3),
         bn.eps,
         C_in=C_in,
         C_out=C_out,
@@ -1837,9 +1782,7 @@ def conv3x3_stats(x, conv):
     KH = conv.kernel_size[0]
     KW = conv.kernel_size[1]
     DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
-    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(
-        N * OH * OW, C_in, C_out, KH * KW, DOT_PRECISION
-    )
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(KH * KW * C_in, C_out)
     grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
     tile_sum = torch.empty(
         (triton.cdiv(N * OH * OW, BLOCK_M), C_out), device=x.device, dtype=torch.float32
@@ -1848,7 +1791,7 @@ def conv3x3_stats(x, conv):
     LAUNCH_PDL = launch_pdl(x, grid)
     conv3x3_stats_kernel[grid](
         x,
-        tap_weight(conv, DOT_PRECISION),
+        dot_weight(conv, DOT_PRECISION),
         out,
         tile_sum,
         tile_m2,
@@ -1861,6 +1804,10 @@ def conv3x3_stats(x, conv):
         x.stride(1),
         x.stride(2),
         x.stride(3),
+        conv.weight.stride(0),
+        conv.weight.stride(1),
+        conv.weight.stride(2),
+        conv.weight.stride(3),
         C_in=C_in,
         C_out=C_out,
         KH=KH,

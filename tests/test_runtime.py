@@ -93,42 +93,17 @@ def test_dwconv_tiles_are_powers_of_two_without_idle_threads(channels, dtype):
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    rows=st.integers(1, 2**22),
-    c_in=st.integers(1, 2048),
-    c_out=st.integers(1, 2048),
-    k=st.sampled_from([3, 5, 7]),
-    precision=st.sampled_from(["tf32", "tf32x3", "fp16", "ieee"]),
-)
-def test_conv_tiles_are_powers_of_two_that_fit_a_4090(rows, c_in, c_out, k, precision):
-    """conv_tile: power-of-two blocks of at least 16; from 16 input channels the GEMM's tiles (the loop is
-    a 1x1 GEMM per tap), below one stage (nothing to prefetch) exactly when the implicit GEMM's K fits
-    one step; every stage's tiles fit the 99 KB of shared memory an RTX 4090 gives a block."""
-    block_m, block_n, block_k, warps, stages = runtime.conv_tile(rows, c_in, c_out, k * k, precision)
+@given(c_in=st.integers(1, 2048), c_out=st.integers(1, 2048), k=st.sampled_from([3, 5, 7]))
+def test_conv_tiles_are_powers_of_two_that_fit_a_4090(c_in, c_out, k):
+    """conv_tile: power-of-two blocks of at least 16; one stage (nothing to prefetch)
+    exactly when the implicit GEMM's K fits one step; every stage's tiles fit the 99 KB of shared
+    memory an RTX 4090 gives a block."""
+    block_m, block_n, block_k, warps, stages = runtime.conv_tile(k * k * c_in, c_out)
     for block in (block_m, block_n, block_k):
         assert block >= 16 and block & (block - 1) == 0
-    if c_in >= 16:
-        assert (block_m, block_n, block_k) == runtime.gemm_tile(rows, c_in, c_out, precision)
-        assert (warps, stages) == (4, 3)
-    else:
-        assert (stages == 1) == (k * k * c_in <= block_k) and warps in (2, 4)
-    operand_bytes = 2 if precision == "fp16" else 4
-    assert (block_m * block_k + block_k * block_n) * operand_bytes * stages <= 99 * 1024
+    assert (stages == 1) == (k * k * c_in <= block_k) and warps in (2, 4)
+    assert (block_m * block_k + block_k * block_n) * 4 * stages <= 99 * 1024
     assert block_n <= max(16, triton.next_power_of_2(c_out))
-
-
-def test_tap_weight_is_the_weight_tap_major_made_once_per_version():
-    """tap_weight: [KH, KW, C_in, C_out] contiguous, the module's values (off the GPU dot_weight rounds
-    nothing); the same tensor until the weight changes in place."""
-    conv = nn.Conv2d(5, 7, 3)
-    first = runtime.tap_weight(conv, "ieee")
-    assert first.shape == (3, 3, 5, 7) and first.is_contiguous()
-    assert torch.equal(first, conv.weight.detach().permute(2, 3, 1, 0))
-    assert runtime.tap_weight(conv, "ieee") is first
-    with torch.no_grad():
-        conv.weight.mul_(2)
-    again = runtime.tap_weight(conv, "ieee")
-    assert again is not first and torch.equal(again, conv.weight.detach().permute(2, 3, 1, 0))
 
 
 def on_gpu(dtype=torch.float32):
