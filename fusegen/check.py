@@ -600,9 +600,10 @@ class _InitWriter:
         name, index = step.label[:-1].split("[")
         _check_name(name, step.pos, "name")
         made = self.module_lists.setdefault((target, name), 0)
-        if int(index) != made:
+        if index != str(made):  # as text: an index of thousands of digits is no int() to make
+            shown = index if len(index) <= 20 else index[:20] + "..."
             raise SpecError(
-                step.pos, f"{name}[{index}] comes next after {made} item(s) of {name}; write {name}[{made}]"
+                step.pos, f"{name}[{shown}] comes next after {made} item(s) of {name}; write {name}[{made}]"
             )
         self.module_lists[(target, name)] = made + 1
         created = [f"{target}.{name} = nn.ModuleList()"] if made == 0 else []

@@ -215,6 +215,8 @@ CASES = [
         "a dense sequence runs its block at least once at the default arguments, got 0",
     ),
     (DENSE.format(n=2) + "    seqs[1]: b(3)\n", 8, 5, "seqs[1] comes next after 0 item(s) of seqs; write seqs[0]"),
+    # an index past Python's 4,300-digit int() limit is compared as text
+    (DENSE.format(n=2) + f"    seqs[{'9' * 5000}]: b(3)\n", 8, 5, f"seqs[{'9' * 20}...] comes next after 0 item(s)"),
     (
         DENSE.format(n=2) + "    convs[0]: conv(3, 3, 1)\n",
         8,
