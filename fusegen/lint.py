@@ -1067,6 +1067,48 @@ def _no_test_code(src: Source) -> Iterator[Finding]:
             yield stmt, f"testing code: {what}"
 
 
+@rule(
+    "LAY007",
+    "call-fits-signature",
+    "A call of a function the file defines passes what its signature takes: positional count, keywords, the required.",
+)
+def _call_fits_signature(src: Source) -> Iterator[Finding]:
+    # names the file also binds otherwise (an assignment, a parameter) may not be the function: skipped
+    rebound = {n.id for n in ast.walk(src.tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    rebound |= {n.arg for n in ast.walk(src.tree) if isinstance(n, ast.arg)}
+    for node in ast.walk(src.tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)) or node.func.id in rebound:
+            continue
+        function = src.functions.get(node.func.id)
+        if function is None or any(isinstance(a, ast.Starred) for a in node.args):
+            continue
+        keywords = [k.arg for k in node.keywords]
+        if None in keywords:  # **kwargs: cannot tell
+            continue
+        problem = _signature_misfit(function.args, len(node.args), keywords)
+        if problem:
+            yield node, f"`{function.name}(...)` {problem}"
+
+
+def _signature_misfit(args: ast.arguments, positional: int, keywords: list[str]) -> str | None:
+    """What is wrong with passing `positional` arguments and `keywords` to a function of signature `args`."""
+    params = [a.arg for a in (*args.posonlyargs, *args.args)]
+    if positional > len(params) and args.vararg is None:
+        return f"takes at most {len(params)} positional argument(s), {positional} given"
+    given = set(params[:positional])
+    named = {a.arg for a in (*args.args, *args.kwonlyargs)}
+    for keyword in keywords:
+        if keyword in given:
+            return f"gets {keyword!r} twice (by position and by keyword)"
+        if keyword not in named and args.kwarg is None:
+            return f"has no parameter {keyword!r}"
+        given.add(keyword)
+    required = params[: len(params) - len(args.defaults)]
+    required += [a.arg for a, default in zip(args.kwonlyargs, args.kw_defaults) if default is None]
+    missing = [name for name in required if name not in given]
+    return f"misses {', '.join(missing)}" if missing else None
+
+
 @rule("LAY005", "modelnew-class", "The file defines exactly one `class ModelNew(nn.Module)` at top level.")
 def _model_new(src: Source) -> Iterator[Finding]:
     classes = [n for n in src.tree.body if isinstance(n, ast.ClassDef) and n.name == "ModelNew"]

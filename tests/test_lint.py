@@ -373,6 +373,11 @@ CASES = {
         "# <-\n" + model_file(ADD).replace("class ModelNew(", "class Model("),
         model_file(ADD),
     ),
+    "LAY007": (
+        "LAY007",
+        mark(model_file(ADD, tile_wrapper(TILE_FUNCTION).replace("tile(n)\n", "tile(n, 16)\n")), "tile(n, 16)"),
+        model_file(ADD, tile_wrapper(TILE_FUNCTION)),
+    ),
     "LAY006": (  # reported at line 1
         "LAY006",
         "# <-\n"
