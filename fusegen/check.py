@@ -19,8 +19,8 @@ import inspect
 import keyword
 import math
 import re
-from dataclasses import dataclass, field, replace
 from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn

@@ -91,6 +91,7 @@ def _frame(out_rank: int, loop: list[str], grouped: bool = False, row_order: tup
     `grouped`: the channel blocks of a grouped anchor (Anchor.grouped), each inside one group; `row_order`:
     the lines of an anchor that orders the grid's rows itself (Anchor.row_order), which set offs_m."""
     rows = "N * OH * OW" if out_rank == 4 else "N"
+    places = "rows_in_order" if row_order else "offs_m"  # the tile's places in the grid's row order
     channel_blocks = _GROUP_BLOCKS if grouped else "tl.cdiv(C_out, BLOCK_N)"
     channels = (
         [
@@ -109,9 +110,9 @@ def _frame(out_rank: int, loop: list[str], grouped: bool = False, row_order: tup
         *(["# channel blocks inside one group: a program's output channels read one group's input channels"] * grouped),
         f"pid_m = tl.program_id(0) // {channel_blocks}",
         f"pid_n = tl.program_id(0) % {channel_blocks}",
-        f"{'rows_in_order' if row_order else 'offs_m'} = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
+        f"{places} = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
         *channels,
-        f"mask_m = {'rows_in_order' if row_order else 'offs_m'} < {rows}",
+        f"mask_m = {places} < {rows}",
         "mask_n = offs_group_n < C_out // GROUPS" if grouped else "mask_n = offs_n < C_out",
         "mask = mask_m[:, None] & mask_n[None, :]",
         *row_order,
