@@ -207,3 +207,20 @@ def test_generated_files_copy_the_runtime_functions_they_call_and_no_others():
             assert f"{name}(" in others, f"{name} is copied but not called"
     assert runtime_sources(["y = gemm_tile(1, 2, 3, p)"], jit=False)[0].startswith("def gemm_tile(")
     assert runtime_sources(["acc = fp32_dot(a, b, acc, P)"], jit=True)[0].startswith("@triton.jit")
+
+
+@settings(max_examples=200, deadline=None)
+@given(axis=st.sampled_from(["width", "height", "channels"]), w=st.integers(1, 4096), c=st.integers(1, 4096))
+def test_softmax_tiles_are_powers_of_two_of_at_most_4096_values(axis, w, c):
+    """softmax_tile: power-of-two blocks; along the width a row block lies in one image row (BLOCK_M divides
+    W), so its rows share one row's statistics; every tile the kernel loads (BLOCK_M x BLOCK_N in sweep 2,
+    BLOCK_K x BLOCK_N or BLOCK_M x BLOCK_K in sweep 1) holds at most 4096 values."""
+    block_m, block_n, block_k, warps = runtime.softmax_tile(axis, w, c)
+    for block in (block_m, block_n, block_k):
+        assert block >= 1 and block & (block - 1) == 0
+    assert block_n >= 16 and warps == 4
+    assert block_m * block_n <= 4096
+    if axis == "width":
+        assert w % block_m == 0 and block_k * block_n <= 4096
+    if axis == "channels":
+        assert block_m * block_k <= 4096
