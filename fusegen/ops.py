@@ -1070,12 +1070,15 @@ _PARITY_MAJOR_ROWS = (
     "for r in tl.static_range(1, STRIDE):",
     f"    rh += (rows_in_order >= N * OW * {_ROWS_BEFORE.format(r='r', size='OH')}).to(tl.int32)",
     f"q = rows_in_order - N * OW * {_ROWS_BEFORE.format(r='rh', size='OH')}",
-    "class_h = tl.maximum((OH - rh + STRIDE - 1) // STRIDE, 1)",
+    # the class's rows, counted without a tensor // STRIDE: Triton 3.6 fails to compile the kernel (layout
+    # pass, "arith.muli requires the same encoding") at STRIDE 3 when the splat STRIDE it divides by is
+    # shared with i * STRIDE below; max 1 keeps the divisions below defined in an empty class
+    "class_h = tl.maximum(OH // STRIDE + (rh < OH % STRIDE).to(tl.int32), 1)",
     "rw = tl.zeros((BLOCK_M,), dtype=tl.int32)",
     "for r in tl.static_range(1, STRIDE):",
     f"    rw += (q >= N * class_h * {_ROWS_BEFORE.format(r='r', size='OW')}).to(tl.int32)",
     f"q -= N * class_h * {_ROWS_BEFORE.format(r='rw', size='OW')}",
-    "class_w = tl.maximum((OW - rw + STRIDE - 1) // STRIDE, 1)",
+    "class_w = tl.maximum(OW // STRIDE + (rw < OW % STRIDE).to(tl.int32), 1)",
     "img = q // (class_h * class_w)",
     "i = q // class_w % class_h",
     "j = q % class_w",

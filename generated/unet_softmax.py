@@ -319,14 +319,14 @@ def conv_transpose2x2_bias_kernel(
             rows_in_order >= N * OW * (r * (OH // STRIDE) + tl.minimum(r, OH % STRIDE))
         ).to(tl.int32)
     q = rows_in_order - N * OW * (rh * (OH // STRIDE) + tl.minimum(rh, OH % STRIDE))
-    class_h = tl.maximum((OH - rh + STRIDE - 1) // STRIDE, 1)
+    class_h = tl.maximum(OH // STRIDE + (rh < OH % STRIDE).to(tl.int32), 1)
     rw = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for r in tl.static_range(1, STRIDE):
         rw += (q >= N * class_h * (r * (OW // STRIDE) + tl.minimum(r, OW % STRIDE))).to(
             tl.int32
         )
     q -= N * class_h * (rw * (OW // STRIDE) + tl.minimum(rw, OW % STRIDE))
-    class_w = tl.maximum((OW - rw + STRIDE - 1) // STRIDE, 1)
+    class_w = tl.maximum(OW // STRIDE + (rw < OW % STRIDE).to(tl.int32), 1)
     img = q // (class_h * class_w)
     i = q // class_w % class_h
     j = q % class_w
@@ -734,14 +734,14 @@ def conv_transpose2x2_bias_train_kernel(
             rows_in_order >= N * OW * (r * (OH // STRIDE) + tl.minimum(r, OH % STRIDE))
         ).to(tl.int32)
     q = rows_in_order - N * OW * (rh * (OH // STRIDE) + tl.minimum(rh, OH % STRIDE))
-    class_h = tl.maximum((OH - rh + STRIDE - 1) // STRIDE, 1)
+    class_h = tl.maximum(OH // STRIDE + (rh < OH % STRIDE).to(tl.int32), 1)
     rw = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for r in tl.static_range(1, STRIDE):
         rw += (q >= N * class_h * (r * (OW // STRIDE) + tl.minimum(r, OW % STRIDE))).to(
             tl.int32
         )
     q -= N * class_h * (rw * (OW // STRIDE) + tl.minimum(rw, OW % STRIDE))
-    class_w = tl.maximum((OW - rw + STRIDE - 1) // STRIDE, 1)
+    class_w = tl.maximum(OW // STRIDE + (rw < OW % STRIDE).to(tl.int32), 1)
     img = q // (class_h * class_w)
     i = q // class_w % class_h
     j = q % class_w

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import linecache
+import os
 import types
 
 import torch
@@ -63,3 +64,90 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     assert out.shape == ref.shape, (out.shape, ref.shape)
     assert torch.isfinite(out).all(), "non-finite output"
     return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+# Where the interpreter runs the kernels (the CPU), Triton's GPU compiler still runs: the launches of a
+# forward are recorded, specialised by Triton's own binder and argument packing (signature, constexprs,
+# divisibility, options, as at a real launch), and compiled for an sm_90 GPU in a child process without
+# the interpreter (under it, triton.language's own functions are interpreted ones the compiler refuses).
+# This catches the Triton compiler's failures on a kernel, as at conv_transpose's stride 3, in CPU CI.
+GPU_TARGET = ("cuda", 90, 32)
+
+
+@contextlib.contextmanager
+def recorded_launches():
+    """Inside, every kernel launch the interpreter runs is also appended to the yielded list as
+    (python function, args, kwargs)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches = []
+    run = InterpretedFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append((self.fn, args, kwargs))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = record
+    try:
+        yield launches
+    finally:
+        InterpretedFunction.run = run
+
+
+@contextlib.contextmanager
+def gpu_compiled(module: types.ModuleType):
+    """Off the GPU, the kernels module launches inside are also compiled for one (compile_for_gpu) on
+    leaving; on it, the launches compiled them already."""
+    if ON_GPU:
+        yield
+        return
+    with recorded_launches() as launches:
+        yield
+    compile_for_gpu(module, launches)
+
+
+def compile_for_gpu(module: types.ModuleType, launches) -> int:
+    """Compiles each distinct launch of module's kernels for GPU_TARGET, to the cubin; returns how many.
+    A Triton compiler failure fails with the compiler's message."""
+    import pickle
+    import subprocess
+    import sys
+
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    backend = make_backend(GPUTarget(*GPU_TARGET))
+    jobs = {}
+    for fn, args, kwargs in launches:
+        kwargs = {**kwargs, "debug": False, "instrumentation_mode": knobs.compilation.instrumentation_mode}  # as run()
+        if kwargs.get("DOT_PRECISION") == "ieee":  # dot_precision's choice off the GPU; most convs get TF32 on it
+            kwargs["DOT_PRECISION"] = "tf32"
+        kernel = JITFunction(fn)  # for its parameters only: the child compiles
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+        job = (fn.__name__, signature, constexprs, attrs, options.__dict__)
+        jobs.setdefault(repr(job), job)
+    payload = pickle.dumps((module.SOURCE, GPU_TARGET, list(jobs.values())))
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    child = subprocess.run(
+        [sys.executable, "-c", _COMPILE_IN_CHILD], input=payload, capture_output=True, env=env, timeout=600
+    )
+    assert child.returncode == 0, child.stderr.decode(errors="replace")[-6000:]
+    return len(jobs)
+
+
+_COMPILE_IN_CHILD = """
+import linecache, pickle, sys
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile as compile_kernel
+source, target, jobs = pickle.load(sys.stdin.buffer)
+filename = "<generated source, compiled for the GPU>"
+linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+scope = {"__name__": "generated"}
+exec(compile(source, filename, "exec"), scope)
+for name, signature, constexprs, attrs, options in jobs:
+    compile_kernel(ASTSource(scope[name], signature, constexprs, attrs), target=GPUTarget(*target), options=options)
+"""
