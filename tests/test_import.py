@@ -671,7 +671,14 @@ def test_random_conv_stacks_import_and_match(stack, training):
     ref = source.model
     randomize_batchnorm(ref, seed=len(text))
     new.load_state_dict(ref.state_dict())
-    ref.to(DEVICE).train(training), new.to(DEVICE).train(training)
+    exact = copy.deepcopy(ref).double().to(DEVICE).train(training)
+    new.to(DEVICE).train(training)
+    torch.manual_seed(len(text))
     x = torch.rand(*shape, device=DEVICE)
     with torch.no_grad():
-        assert rel_error(new(x), ref(x)) < TOLERANCE
+        out, expected = new(x).double(), exact(x.double())
+    # Against float64, relative to the output's size but to no less than values of 1: BatchNorm keeps the
+    # intermediates near 1, and a small output (one value of 0.0034 after SiLU once) carries their rounding
+    # (1.08e-5 relative there, 4e-8 absolute).
+    scale = max(expected.norm().item(), expected.numel() ** 0.5)
+    assert (out - expected).norm().item() / scale < TOLERANCE
