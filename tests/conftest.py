@@ -3,6 +3,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -22,3 +23,13 @@ settings.register_profile(
     "fusegen", deadline=None, max_examples=12, suppress_health_check=[HealthCheck.too_slow], print_blob=True
 )
 settings.load_profile("fusegen")
+
+
+@pytest.fixture(autouse=bool(os.environ.get("FUSEGEN_GPU_COMPILE")))
+def every_kernel_compiled_for_a_gpu():
+    """FUSEGEN_GPU_COMPILE=1 (off the GPU): every test's kernels are also compiled for an sm_90 GPU, as
+    helpers.gpu_compiled does for the tests that always use it. Slow, so not CI's default."""
+    from helpers import gpu_compiled
+
+    with gpu_compiled():
+        yield

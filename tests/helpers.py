@@ -95,20 +95,24 @@ def recorded_launches():
 
 
 @contextlib.contextmanager
-def gpu_compiled(module: types.ModuleType):
-    """Off the GPU, the kernels module launches inside are also compiled for one (compile_for_gpu) on
-    leaving; on it, the launches compiled them already."""
+def gpu_compiled():
+    """Off the GPU, the kernels launched inside are also compiled for one (compile_for_gpu) on leaving; on
+    it, the launches compiled them already."""
     if ON_GPU:
         yield
         return
     with recorded_launches() as launches:
         yield
-    compile_for_gpu(module, launches)
+    compile_for_gpu(launches)
 
 
-def compile_for_gpu(module: types.ModuleType, launches) -> int:
-    """Compiles each distinct launch of module's kernels for GPU_TARGET, to the cubin; returns how many.
-    A Triton compiler failure fails with the compiler's message."""
+_compiled_for_gpu: set = set()  # (source, job) pairs compiled already in this process
+
+
+def compile_for_gpu(launches) -> int:
+    """Compiles each distinct recorded launch for GPU_TARGET, to the cubin, that this process has not
+    compiled yet; returns how many it compiled. A Triton compiler failure fails with the compiler's
+    message, positioned in the kernel's source."""
     import pickle
     import subprocess
     import sys
@@ -119,7 +123,7 @@ def compile_for_gpu(module: types.ModuleType, launches) -> int:
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
     backend = make_backend(GPUTarget(*GPU_TARGET))
-    jobs = {}
+    jobs: dict[str, dict] = {}  # source file -> {key: job}
     for fn, args, kwargs in launches:
         kwargs = {**kwargs, "debug": False, "instrumentation_mode": knobs.compilation.instrumentation_mode}  # as run()
         if kwargs.get("DOT_PRECISION") == "ieee":  # dot_precision's choice off the GPU; most convs get TF32 on it
@@ -129,25 +133,38 @@ def compile_for_gpu(module: types.ModuleType, launches) -> int:
         bound, specialization, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
         job = (fn.__name__, signature, constexprs, attrs, options.__dict__)
-        jobs.setdefault(repr(job), job)
-    payload = pickle.dumps((module.SOURCE, GPU_TARGET, list(jobs.values())))
+        filename = fn.__code__.co_filename
+        key = "".join(linecache.getlines(filename)) + repr(job)
+        if key not in _compiled_for_gpu:
+            jobs.setdefault(filename, {})[key] = job
+    if not jobs:
+        return 0
+    files = [(name, "".join(linecache.getlines(name)), list(file_jobs.values())) for name, file_jobs in jobs.items()]
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     child = subprocess.run(
-        [sys.executable, "-c", _COMPILE_IN_CHILD], input=payload, capture_output=True, env=env, timeout=600
+        [sys.executable, "-c", _COMPILE_IN_CHILD],
+        input=pickle.dumps((GPU_TARGET, files)),
+        capture_output=True,
+        env=env,
+        timeout=1200,
     )
     assert child.returncode == 0, child.stderr.decode(errors="replace")[-6000:]
-    return len(jobs)
+    for file_jobs in jobs.values():
+        _compiled_for_gpu.update(file_jobs)
+    return sum(len(file_jobs) for file_jobs in jobs.values())
 
 
+# The child: each source file executed under its own name (so that errors point into it), its kernels
+# compiled with the parent's specialisations.
 _COMPILE_IN_CHILD = """
 import linecache, pickle, sys
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile as compile_kernel
-source, target, jobs = pickle.load(sys.stdin.buffer)
-filename = "<generated source, compiled for the GPU>"
-linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-scope = {"__name__": "generated"}
-exec(compile(source, filename, "exec"), scope)
-for name, signature, constexprs, attrs, options in jobs:
-    compile_kernel(ASTSource(scope[name], signature, constexprs, attrs), target=GPUTarget(*target), options=options)
+target, files = pickle.load(sys.stdin.buffer)
+for filename, source, jobs in files:
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    scope = {"__name__": "generated"}
+    exec(compile(source, filename, "exec"), scope)
+    for name, signature, constexprs, attrs, options in jobs:
+        compile_kernel(ASTSource(scope[name], signature, constexprs, attrs), target=GPUTarget(*target), options=options)
 """

@@ -66,7 +66,7 @@ def test_softmax_between_batch_norms(dim, training, n, c, h, w):
     model.train(training)
     exact.train(training)
     x = 4 * torch.randn(n, c, h, w, device=DEVICE)
-    with torch.no_grad(), gpu_compiled(module):
+    with torch.no_grad(), gpu_compiled():
         out = model(x)
         expected = softmax_reference(exact, x.double(), dim)
     assert out.is_contiguous()
@@ -96,7 +96,7 @@ def test_softmax_over_a_linear_layers_features(dim, n, c, f):
     torch.manual_seed(0)
     model = module.ModelNew().to(DEVICE).eval()
     x = torch.randn(n, c, 1, 1, device=DEVICE)
-    with torch.no_grad(), gpu_compiled(module):
+    with torch.no_grad(), gpu_compiled():
         out = model(x)
         expected = torch.softmax(model.fc(x.flatten(1)), dim)
     assert out.shape == expected.shape and rel_error(out, expected) < TOLERANCE
@@ -137,10 +137,9 @@ def test_conv_transpose(k, stride, padding, bias, n, c_in, c_out, h, w):
         n=n, c_in=c_in, c_out=c_out, h=h, w=w, k=k, stride=stride, padding=padding, bias=bias
     )
     torch.manual_seed(0)
-    module = load(spec)
-    model = module.ModelNew().to(DEVICE).eval()
+    model = load(spec).ModelNew().to(DEVICE).eval()
     x = torch.randn(n, c_in, h, w, device=DEVICE)
-    with torch.no_grad(), gpu_compiled(module):  # stride 3 once failed in Triton's GPU compiler alone
+    with torch.no_grad(), gpu_compiled():  # stride 3 once failed in Triton's GPU compiler alone
         out = model(x)
         up = model.up
         expected = F.relu(F.conv_transpose2d(x, up.weight, up.bias, stride, padding))
@@ -169,7 +168,7 @@ def test_conv_transposes_store_into_their_slices_of_a_cat():
     torch.manual_seed(0)
     model = module.ModelNew().to(DEVICE).eval()
     x = torch.randn(2, 5, 3, 4, device=DEVICE)
-    with torch.no_grad(), gpu_compiled(module):
+    with torch.no_grad(), gpu_compiled():
         out = model(x)
         a = F.conv_transpose2d(x, model.up.weight, model.up.bias, 2)
         b = F.conv_transpose2d(F.relu(model.wide(x)), model.same.weight, None, 2)
