@@ -276,8 +276,8 @@ def _block_lines(rule: TileRule | None, out_rank: int, body_text: str, own_block
         expression, blocks, options = rule
         return [f"{', '.join([*blocks, *options])} = {expression}"]
     default_blocks = {
-        "BLOCK_M": "64" if out_rank == 4 else "min(64, max(16, triton.next_power_of_2(N)))",
-        "BLOCK_N": "min(64, max(16, triton.next_power_of_2(C_out)))",
+        "BLOCK_M": "64" if out_rank == 4 else "min(64, max(16, next_power_of_2(N)))",
+        "BLOCK_N": "min(64, max(16, next_power_of_2(C_out)))",
     }
     if _used("BLOCK_K", body_text):
         default_blocks["BLOCK_K"] = "32"
@@ -400,11 +400,9 @@ def lower(kernel: Kernel) -> LoweredKernel:
         # with 16 rows, a conv3x3's K loop pipelined in 3 stages on 4 warps gave wrong sums on an H200
         block_lines.append("BLOCK_M = 64  # rows: pixels of one pooling window, 64 a tile")
     # a pooled kernel: one pooled pixel a program; a grouped anchor: each group's channels in blocks
-    row_blocks = f"triton.cdiv({rows}, 1)" if kernel.pool else f"triton.cdiv({rows}, BLOCK_M)"
+    row_blocks = f"cdiv({rows}, 1)" if kernel.pool else f"cdiv({rows}, BLOCK_M)"
     # (a grid dimension must be visibly positive: max(1, GROUPS), though a module's groups is 1 at least)
-    channel_blocks = (
-        "max(1, GROUPS) * triton.cdiv(C_out // GROUPS, BLOCK_N)" if anchor.grouped else "triton.cdiv(C_out, BLOCK_N)"
-    )
+    channel_blocks = "max(1, GROUPS) * cdiv(C_out // GROUPS, BLOCK_N)" if anchor.grouped else "cdiv(C_out, BLOCK_N)"
     # a constexpr that another wrapper expression reads (dot_weight and gemm_tile read DOT_PRECISION, the
     # grid a grouped anchor's GROUPS) is a wrapper variable, set first
     read = "\n".join([*(value for _, value in positional), *block_lines, channel_blocks])
@@ -471,8 +469,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
     wrapper += [INDENT + f"grid = ({tiles},)"]
     if kernel.writes_batch_stats:
         wrapper += [
-            INDENT
-            + f"tile_sum = torch.empty((triton.cdiv({rows}, BLOCK_M), C_out), device=x.device, dtype=torch.float32)",
+            INDENT + f"tile_sum = torch.empty((cdiv({rows}, BLOCK_M), C_out), device=x.device, dtype=torch.float32)",
             INDENT + "tile_m2 = torch.empty_like(tile_sum)",
         ]
     options = rule[2] if rule else ()
@@ -480,7 +477,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
     if split_k:
         wrapper += [
             INDENT + "# split K: a program for each slice of K_SLICE input channels of a tile",
-            INDENT + "SPLIT_K = triton.cdiv(C_in, K_SLICE)",
+            INDENT + "SPLIT_K = cdiv(C_in, K_SLICE)",
             INDENT + f"partial = torch.empty((SPLIT_K, {rows}, C_out), device=x.device, dtype=torch.float32)",
             INDENT + "slices_grid = (tiles, SPLIT_K)",
             *(

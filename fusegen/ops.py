@@ -506,7 +506,7 @@ _WINDOW_PIXEL = (
 _ANY_PIXEL = "ih = (p // W)[None, :, None]\niw = (p % W)[None, :, None]"
 # Few output rows (pools end a net): a short row block, and the pixels fill the tile instead.
 _POOL_BLOCKS = (
-    KernelParam("BLOCK_M", "min(16, triton.next_power_of_2(N * OH * OW))", constexpr=True),
+    KernelParam("BLOCK_M", "min(16, next_power_of_2(N * OH * OW))", constexpr=True),
     KernelParam("BLOCK_N", "16", constexpr=True),
     KernelParam("BLOCK_P", "32", constexpr=True),
 )
@@ -1338,11 +1338,11 @@ def batch_norm_batch_stats(x_stats, bn):
     # few channels and many tiles early in a net: narrow channel blocks, long tile blocks, so that the
     # merge runs in several programs and few sequential steps
     BLOCK_C = 8
-    grid = (triton.cdiv(C, BLOCK_C),)
+    grid = (cdiv(C, BLOCK_C),)
     batch_norm_batch_stats_kernel[grid](
         tile_sum, tile_m2, bn.weight, bn.running_mean, bn.running_var, bn.num_batches_tracked,
         batch_mean, scale, T, C, rows, rows_per_tile, bn.eps, 0.0 if bn.momentum is None else bn.momentum,
-        CUMULATIVE=bn.momentum is None, BLOCK_T=min(1024, triton.next_power_of_2(T)), BLOCK_C=BLOCK_C, num_warps=8,
+        CUMULATIVE=bn.momentum is None, BLOCK_T=min(1024, next_power_of_2(T)), BLOCK_C=BLOCK_C, num_warps=8,
     )
     return batch_mean, scale
 ''',

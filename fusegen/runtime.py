@@ -84,14 +84,26 @@ def dot_weight(module, precision):
 # -- tile rules (each from sweeps on an H200; docs/performance.md, "Tile rules and why") --------------
 
 
+def next_power_of_2(n):
+    """The least power of two >= n (1 below 2), as triton.next_power_of_2. Triton 3.6 makes that and
+    triton.cdiv constexpr_functions, whose host-side calls (unwrapping each argument) took about half of
+    a MobileNetV1 forward's wrapper time."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a, b):
+    """ceil(a / b) for ints, as triton.cdiv (see next_power_of_2)."""
+    return -(-a // b)
+
+
 def gemm_tile(rows, C_in, C_out, precision):
     """(BLOCK_M, BLOCK_N, BLOCK_K) for a 1x1 conv of `rows` pixels."""
 
     def programs(block_m, block_n):
-        return triton.cdiv(rows, block_m) * triton.cdiv(C_out, block_n)
+        return cdiv(rows, block_m) * cdiv(C_out, block_n)
 
     # up to 128 channels, so that each input row is read once for up to 128 output channels
-    block_n = min(128, max(16, triton.next_power_of_2(C_out)))
+    block_n = min(128, max(16, next_power_of_2(C_out)))
     # float16 operands: K steps of 64 carry the bytes of 32 fp32 ones, where that leaves two steps or more
     block_k = 64 if precision == "fp16" and C_in >= 128 else 32
     # 128 rows where that leaves five programs per SM of a 128-SM GPU; a tf32x3 dot (three products per
@@ -111,7 +123,7 @@ def gemm_tile(rows, C_in, C_out, precision):
 def conv_tile(K, C_out):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a KxK conv whose implicit GEMM has K =
     KH * KW * C_in, swept on the stem (3x3, 3 -> 32, stride 2)."""
-    block_n = min(64, max(16, triton.next_power_of_2(C_out)))
+    block_n = min(64, max(16, next_power_of_2(C_out)))
     if K <= 32:
         # one K step (the stem's 27): nothing to pipeline, and 2 warps per 64 x 32 tile
         return 64, block_n, 32, 2, 1
@@ -125,10 +137,10 @@ def dwconv_tile(C, dtype):
         # flight; a channel block that C fills, so no lane is masked
         block_n = min(
             128 if C % 128 == 0 else 64 if C % 64 == 0 else 32,
-            max(16, triton.next_power_of_2(C)),
+            max(16, next_power_of_2(C)),
         )
         return 16, block_n, max(1, block_n // 32)
-    return 64, min(64, max(16, triton.next_power_of_2(C))), 4
+    return 64, min(64, max(16, next_power_of_2(C))), 4
 
 
 def producer_tile(C_in, C_out, taps, dtype):
@@ -136,10 +148,10 @@ def producer_tile(C_in, C_out, taps, dtype):
     whose input tile a depthwise conv of `taps` taps computes in its K loop, its input stored in `dtype`.
     """
     # up to 128 output channels in one block: each further block computes the depthwise conv again
-    block_n = min(128, max(16, triton.next_power_of_2(C_out)))
+    block_n = min(128, max(16, next_power_of_2(C_out)))
     if C_in <= 64:
         # one K step: the depthwise tile is computed once
-        block_k = max(16, triton.next_power_of_2(C_in))
+        block_k = max(16, next_power_of_2(C_in))
         if dtype == torch.float16:
             # 32 rows, a warp per 32 channels of the depthwise tile (32 of its values a thread)
             return 32, block_n, block_k, max(1, block_k // 32), 1
@@ -157,7 +169,7 @@ def tap_producer_tile(C_in):
     if C_in <= 64:
         # 16 pixels a program and the whole 1x1 conv in one K step; a warp per 32 channels up to 32 input
         # channels, then 64 channels on 2 warps
-        block_k = max(16, triton.next_power_of_2(C_in))
+        block_k = max(16, next_power_of_2(C_in))
         if C_in <= 32:
             return 16, 32, block_k, 1
         return 16, 64, block_k, 2
@@ -167,12 +179,12 @@ def tap_producer_tile(C_in):
 def linear_tile(N, C_in, C_out):
     """(BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE) for a linear layer of N rows: each program sums K_SLICE of
     the C_in input features, and a second kernel adds the slices' sums (split K)."""
-    block_m = min(32, max(16, triton.next_power_of_2(N)))
+    block_m = min(32, max(16, next_power_of_2(N)))
     block_n = 32 if N <= 16 else 64
-    block_k = min(64, max(16, triton.next_power_of_2(C_in)))
-    if triton.cdiv(N, block_m) * triton.cdiv(C_out, block_n) >= 256:
+    block_k = min(64, max(16, next_power_of_2(C_in)))
+    if cdiv(N, block_m) * cdiv(C_out, block_n) >= 256:
         # two waves of tiles or more: the whole K in one slice
-        return block_m, block_n, block_k, triton.cdiv(C_in, block_k) * block_k
+        return block_m, block_n, block_k, cdiv(C_in, block_k) * block_k
     if N <= 16:
         # a small batch: a program for each K step
         return block_m, block_n, block_k, block_k
@@ -189,15 +201,15 @@ def softmax_tile(axis, W, C):
         # (the largest power of two that does, up to 256: a program for each 256 pixels of the row)
         m_bits = min((W & -W).bit_length() - 1, 8)
         block_m = 1 << m_bits
-        block_n = min(max(16, triton.next_power_of_2(C)), 1 << max(4, 12 - m_bits))
-        block_k = min(triton.next_power_of_2(W), max(block_m, triton.next_power_of_2(4096 // block_n)))
+        block_n = min(max(16, next_power_of_2(C)), 1 << max(4, 12 - m_bits))
+        block_k = min(next_power_of_2(W), max(block_m, next_power_of_2(4096 // block_n)))
         return block_m, block_n, block_k, 4
     if axis == "channels":
         # every channel block reads all C channels of its rows: one block up to 256 channels
-        block_n = min(256, max(16, triton.next_power_of_2(C)))
-        return max(16, triton.next_power_of_2(4096 // block_n)), block_n, block_n, 4
+        block_n = min(256, max(16, next_power_of_2(C)))
+        return max(16, next_power_of_2(4096 // block_n)), block_n, block_n, 4
     # the height: a running maximum and sum for each value of the tile, one image row at a time
-    return 64, min(64, max(16, triton.next_power_of_2(C))), 1, 4
+    return 64, min(64, max(16, next_power_of_2(C))), 1, 4
 
 
 # -- launch helpers -----------------------------------------------------------------------------------
@@ -255,6 +267,9 @@ def concat_prefix(buffer, index):
 def check_32bit_offsets(*tensors):
     """Raises ValueError if an element offset of a tensor reaches 2**31 (the kernels use 32-bit offsets)."""
     for t in tensors:
+        # the offsets stay within the storage: a storage of fewer elements needs no walk of the strides
+        if t.untyped_storage().nbytes() < 2**31 * t.element_size():
+            continue
         if sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) >= 2**31:
             raise ValueError(f"a tensor of shape {tuple(t.shape)} has element offsets past 2**31; split the batch")
 

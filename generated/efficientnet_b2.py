@@ -1597,14 +1597,26 @@ def dot_weight(module, precision):
     return cached[1]
 
 
+def next_power_of_2(n):
+    """The least power of two >= n (1 below 2), as triton.next_power_of_2. Triton 3.6 makes that and
+    triton.cdiv constexpr_functions, whose host-side calls (unwrapping each argument) took about half of
+    a MobileNetV1 forward's wrapper time."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a, b):
+    """ceil(a / b) for ints, as triton.cdiv (see next_power_of_2)."""
+    return -(-a // b)
+
+
 def gemm_tile(rows, C_in, C_out, precision):
     """(BLOCK_M, BLOCK_N, BLOCK_K) for a 1x1 conv of `rows` pixels."""
 
     def programs(block_m, block_n):
-        return triton.cdiv(rows, block_m) * triton.cdiv(C_out, block_n)
+        return cdiv(rows, block_m) * cdiv(C_out, block_n)
 
     # up to 128 channels, so that each input row is read once for up to 128 output channels
-    block_n = min(128, max(16, triton.next_power_of_2(C_out)))
+    block_n = min(128, max(16, next_power_of_2(C_out)))
     # float16 operands: K steps of 64 carry the bytes of 32 fp32 ones, where that leaves two steps or more
     block_k = 64 if precision == "fp16" and C_in >= 128 else 32
     # 128 rows where that leaves five programs per SM of a 128-SM GPU; a tf32x3 dot (three products per
@@ -1629,7 +1641,7 @@ def gemm_tile(rows, C_in, C_out, precision):
 def conv_tile(K, C_out):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a KxK conv whose implicit GEMM has K =
     KH * KW * C_in, swept on the stem (3x3, 3 -> 32, stride 2)."""
-    block_n = min(64, max(16, triton.next_power_of_2(C_out)))
+    block_n = min(64, max(16, next_power_of_2(C_out)))
     if K <= 32:
         # one K step (the stem's 27): nothing to pipeline, and 2 warps per 64 x 32 tile
         return 64, block_n, 32, 2, 1
@@ -1643,21 +1655,21 @@ def dwconv_tile(C, dtype):
         # flight; a channel block that C fills, so no lane is masked
         block_n = min(
             128 if C % 128 == 0 else 64 if C % 64 == 0 else 32,
-            max(16, triton.next_power_of_2(C)),
+            max(16, next_power_of_2(C)),
         )
         return 16, block_n, max(1, block_n // 32)
-    return 64, min(64, max(16, triton.next_power_of_2(C))), 4
+    return 64, min(64, max(16, next_power_of_2(C))), 4
 
 
 def linear_tile(N, C_in, C_out):
     """(BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE) for a linear layer of N rows: each program sums K_SLICE of
     the C_in input features, and a second kernel adds the slices' sums (split K)."""
-    block_m = min(32, max(16, triton.next_power_of_2(N)))
+    block_m = min(32, max(16, next_power_of_2(N)))
     block_n = 32 if N <= 16 else 64
-    block_k = min(64, max(16, triton.next_power_of_2(C_in)))
-    if triton.cdiv(N, block_m) * triton.cdiv(C_out, block_n) >= 256:
+    block_k = min(64, max(16, next_power_of_2(C_in)))
+    if cdiv(N, block_m) * cdiv(C_out, block_n) >= 256:
         # two waves of tiles or more: the whole K in one slice
-        return block_m, block_n, block_k, triton.cdiv(C_in, block_k) * block_k
+        return block_m, block_n, block_k, cdiv(C_in, block_k) * block_k
     if N <= 16:
         # a small batch: a program for each K step
         return block_m, block_n, block_k, block_k
@@ -1687,6 +1699,9 @@ def launch_pdl(x, grid):
 def check_32bit_offsets(*tensors):
     """Raises ValueError if an element offset of a tensor reaches 2**31 (the kernels use 32-bit offsets)."""
     for t in tensors:
+        # the offsets stay within the storage: a storage of fewer elements needs no walk of the strides
+        if t.untyped_storage().nbytes() < 2**31 * t.element_size():
+            continue
         if (
             sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
             >= 2**31
@@ -1866,7 +1881,7 @@ def conv3x3_bn_relu(x, conv, bn, out=None):
     KW = conv.kernel_size[1]
     DOT_PRECISION = dot_precision(x, conv)
     BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(KH * KW * C_in, C_out)
-    grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
+    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
     LAUNCH_PDL = launch_pdl(x, grid)
     conv3x3_bn_relu_kernel[grid](
         x,
@@ -1923,7 +1938,7 @@ def conv1x1_bn_relu(x, conv, bn):
     check_32bit_offsets(x, out)
     DOT_PRECISION = dot_precision(x, conv)
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
-    grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
+    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
     LAUNCH_PDL = launch_pdl(x, grid)
     conv1x1_bn_relu_kernel[grid](
         x,
@@ -1974,7 +1989,7 @@ def dwconv3x3_bn_relu_global_avgpool(x, conv, bn):
     check_32bit_offsets(x, out)
     BLOCK_M, BLOCK_N, num_warps = dwconv_tile(C_in, x.dtype)
     BLOCK_M = 64  # rows: pixels of one pooling window, 64 a tile
-    grid = (triton.cdiv(N * PH * PW, 1) * triton.cdiv(C_out, BLOCK_N),)
+    grid = (cdiv(N * PH * PW, 1) * cdiv(C_out, BLOCK_N),)
     LAUNCH_PDL = launch_pdl(x, grid)
     dwconv3x3_bn_relu_global_avgpool_kernel[grid](
         x,
@@ -2024,7 +2039,7 @@ def conv1x1_relu(x, conv):
     check_32bit_offsets(x, out)
     DOT_PRECISION = dot_precision(x, conv)
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
-    grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
+    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
     LAUNCH_PDL = launch_pdl(x, grid)
     conv1x1_relu_kernel[grid](
         x,
@@ -2063,7 +2078,7 @@ def conv1x1_sigmoid(x, conv):
     check_32bit_offsets(x, out)
     DOT_PRECISION = dot_precision(x, conv)
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
-    grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
+    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
     LAUNCH_PDL = launch_pdl(x, grid)
     conv1x1_sigmoid_kernel[grid](
         x,
@@ -2102,7 +2117,7 @@ def conv1x1_bn(x, conv, bn):
     check_32bit_offsets(x, out)
     DOT_PRECISION = dot_precision(x, conv)
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
-    grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
+    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
     LAUNCH_PDL = launch_pdl(x, grid)
     conv1x1_bn_kernel[grid](
         x,
@@ -2154,7 +2169,7 @@ def conv1x1_bn_relu_global_avgpool_flatten(x, conv, bn):
     DOT_PRECISION = dot_precision(x, conv)
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
     BLOCK_M = 64  # rows: pixels of one pooling window, 64 a tile
-    grid = (triton.cdiv(N * PH * PW, 1) * triton.cdiv(C_out, BLOCK_N),)
+    grid = (cdiv(N * PH * PW, 1) * cdiv(C_out, BLOCK_N),)
     LAUNCH_PDL = launch_pdl(x, grid)
     conv1x1_bn_relu_global_avgpool_flatten_kernel[grid](
         x,
@@ -2192,10 +2207,10 @@ def linear(x, fc):
     check_32bit_offsets(x, out)
     DOT_PRECISION = dot_precision(x, fc)
     BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE = linear_tile(N, C_in, C_out)
-    tiles = triton.cdiv(N, BLOCK_M) * triton.cdiv(C_out, BLOCK_N)
+    tiles = cdiv(N, BLOCK_M) * cdiv(C_out, BLOCK_N)
     grid = (tiles,)
     # split K: a program for each slice of K_SLICE input channels of a tile
-    SPLIT_K = triton.cdiv(C_in, K_SLICE)
+    SPLIT_K = cdiv(C_in, K_SLICE)
     partial = torch.empty((SPLIT_K, N, C_out), device=x.device, dtype=torch.float32)
     slices_grid = (tiles, SPLIT_K)
     LAUNCH_PDL = launch_pdl(x, slices_grid)
@@ -2246,9 +2261,9 @@ def conv3x3_stats(x, conv):
     KW = conv.kernel_size[1]
     DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
     BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(KH * KW * C_in, C_out)
-    grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
+    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
     tile_sum = torch.empty(
-        (triton.cdiv(N * OH * OW, BLOCK_M), C_out), device=x.device, dtype=torch.float32
+        (cdiv(N * OH * OW, BLOCK_M), C_out), device=x.device, dtype=torch.float32
     )
     tile_m2 = torch.empty_like(tile_sum)
     LAUNCH_PDL = launch_pdl(x, grid)
@@ -2304,9 +2319,9 @@ def bn_relu_conv1x1_stats_train(x, x_stats, bn, conv):
     check_32bit_offsets(x, out)
     DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
-    grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
+    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
     tile_sum = torch.empty(
-        (triton.cdiv(N * OH * OW, BLOCK_M), C_out), device=x.device, dtype=torch.float32
+        (cdiv(N * OH * OW, BLOCK_M), C_out), device=x.device, dtype=torch.float32
     )
     tile_m2 = torch.empty_like(tile_sum)
     bn_mean, bn_scale = batch_norm_batch_stats(x_stats, bn)
@@ -2352,9 +2367,9 @@ def bn_relu_dwconv3x3_stats_train(x, x_stats, bn, conv):
     )
     check_32bit_offsets(x, out)
     BLOCK_M, BLOCK_N, num_warps = dwconv_tile(C_in, x.dtype)
-    grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
+    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
     tile_sum = torch.empty(
-        (triton.cdiv(N * OH * OW, BLOCK_M), C_out), device=x.device, dtype=torch.float32
+        (cdiv(N * OH * OW, BLOCK_M), C_out), device=x.device, dtype=torch.float32
     )
     tile_m2 = torch.empty_like(tile_sum)
     bn_mean, bn_scale = batch_norm_batch_stats(x_stats, bn)
@@ -2404,10 +2419,10 @@ def bn_relu_global_avgpool_train(x, x_stats, bn):
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
-    BLOCK_M = min(16, triton.next_power_of_2(N * OH * OW))
+    BLOCK_M = min(16, next_power_of_2(N * OH * OW))
     BLOCK_N = 16
     BLOCK_P = 32
-    grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
+    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
     bn_mean, bn_scale = batch_norm_batch_stats(x_stats, bn)
     LAUNCH_PDL = launch_pdl(x, grid)
     bn_relu_global_avgpool_train_kernel[grid](
@@ -2447,7 +2462,7 @@ def conv1x1_relu_train(x, conv):
     check_32bit_offsets(x, out)
     DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
-    grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
+    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
     LAUNCH_PDL = launch_pdl(x, grid)
     conv1x1_relu_train_kernel[grid](
         x,
@@ -2486,7 +2501,7 @@ def conv1x1_sigmoid_train(x, conv):
     check_32bit_offsets(x, out)
     DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
-    grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
+    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
     LAUNCH_PDL = launch_pdl(x, grid)
     conv1x1_sigmoid_train_kernel[grid](
         x,
@@ -2525,9 +2540,9 @@ def conv1x1_stats(x, conv):
     check_32bit_offsets(x, out)
     DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
-    grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
+    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
     tile_sum = torch.empty(
-        (triton.cdiv(N * OH * OW, BLOCK_M), C_out), device=x.device, dtype=torch.float32
+        (cdiv(N * OH * OW, BLOCK_M), C_out), device=x.device, dtype=torch.float32
     )
     tile_m2 = torch.empty_like(tile_sum)
     LAUNCH_PDL = launch_pdl(x, grid)
@@ -2570,9 +2585,9 @@ def bn_conv1x1_stats_train(x, x_stats, bn, conv):
     check_32bit_offsets(x, out)
     DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
-    grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
+    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
     tile_sum = torch.empty(
-        (triton.cdiv(N * OH * OW, BLOCK_M), C_out), device=x.device, dtype=torch.float32
+        (cdiv(N * OH * OW, BLOCK_M), C_out), device=x.device, dtype=torch.float32
     )
     tile_m2 = torch.empty_like(tile_sum)
     bn_mean, bn_scale = batch_norm_batch_stats(x_stats, bn)
@@ -2617,10 +2632,10 @@ def bn_relu_global_avgpool_flatten_train(x, x_stats, bn):
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
-    BLOCK_M = min(16, triton.next_power_of_2(N * OH * OW))
+    BLOCK_M = min(16, next_power_of_2(N * OH * OW))
     BLOCK_N = 16
     BLOCK_P = 32
-    grid = (triton.cdiv(N * OH * OW, BLOCK_M) * triton.cdiv(C_out, BLOCK_N),)
+    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
     bn_mean, bn_scale = batch_norm_batch_stats(x_stats, bn)
     LAUNCH_PDL = launch_pdl(x, grid)
     bn_relu_global_avgpool_flatten_train_kernel[grid](
@@ -2653,10 +2668,10 @@ def linear_train(x, fc):
     check_32bit_offsets(x, out)
     DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
     BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE = linear_tile(N, C_in, C_out)
-    tiles = triton.cdiv(N, BLOCK_M) * triton.cdiv(C_out, BLOCK_N)
+    tiles = cdiv(N, BLOCK_M) * cdiv(C_out, BLOCK_N)
     grid = (tiles,)
     # split K: a program for each slice of K_SLICE input channels of a tile
-    SPLIT_K = triton.cdiv(C_in, K_SLICE)
+    SPLIT_K = cdiv(C_in, K_SLICE)
     partial = torch.empty((SPLIT_K, N, C_out), device=x.device, dtype=torch.float32)
     slices_grid = (tiles, SPLIT_K)
     LAUNCH_PDL = launch_pdl(x, slices_grid)
@@ -2710,7 +2725,7 @@ def batch_norm_batch_stats(x_stats, bn):
     # few channels and many tiles early in a net: narrow channel blocks, long tile blocks, so that the
     # merge runs in several programs and few sequential steps
     BLOCK_C = 8
-    grid = (triton.cdiv(C, BLOCK_C),)
+    grid = (cdiv(C, BLOCK_C),)
     batch_norm_batch_stats_kernel[grid](
         tile_sum,
         tile_m2,
@@ -2727,7 +2742,7 @@ def batch_norm_batch_stats(x_stats, bn):
         bn.eps,
         0.0 if bn.momentum is None else bn.momentum,
         CUMULATIVE=bn.momentum is None,
-        BLOCK_T=min(1024, triton.next_power_of_2(T)),
+        BLOCK_T=min(1024, next_power_of_2(T)),
         BLOCK_C=BLOCK_C,
         num_warps=8,
     )

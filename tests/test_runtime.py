@@ -177,6 +177,18 @@ def test_check_32bit_offsets_refuses_a_tensor_past_2_31():
     runtime.check_32bit_offsets(torch.empty(1, device="meta").expand(2**20, 2**20))  # stride 0
     with pytest.raises(ValueError, match="past 2"):
         runtime.check_32bit_offsets(torch.empty(2**15, 2**16 + 1, device="meta"))
+    # a view's own offsets count, not its storage's size (which only spares the walk when small)
+    big = torch.empty(2**16, 2**16, device="meta")
+    runtime.check_32bit_offsets(big[:2, :7])
+    with pytest.raises(ValueError, match="past 2"):
+        runtime.check_32bit_offsets(big[:, :2])
+
+
+@given(st.integers(-3, 10**6), st.integers(1, 5000))
+def test_host_side_integer_helpers_match_tritons(n, d):
+    """next_power_of_2 and cdiv are plain functions: Triton's are constexpr_functions, slow to call."""
+    assert runtime.next_power_of_2(n) == (triton.next_power_of_2(n) if n >= 1 else 1)
+    assert runtime.cdiv(n, d) == triton.cdiv(n, d)
 
 
 def test_same_layout_gives_channels_last_and_refuses_other_shapes():
@@ -205,7 +217,9 @@ def test_generated_files_copy_the_runtime_functions_they_call_and_no_others():
             assert body in source, name
             others = source.replace(body, "")
             assert f"{name}(" in others, f"{name} is copied but not called"
-    assert runtime_sources(["y = gemm_tile(1, 2, 3, p)"], jit=False)[0].startswith("def gemm_tile(")
+    # gemm_tile's own callees come along, in the runtime's order
+    copied = [text.split("(")[0] for text in runtime_sources(["y = gemm_tile(1, 2, 3, p)"], jit=False)]
+    assert copied == ["def next_power_of_2", "def cdiv", "def gemm_tile"]
     assert runtime_sources(["acc = fp32_dot(a, b, acc, P)"], jit=True)[0].startswith("@triton.jit")
 
 
