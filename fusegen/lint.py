@@ -862,8 +862,8 @@ def _store_then_load(src: Source) -> Iterator[Finding]:
 def _shared_offsets(src: Source) -> Iterator[Finding]:
     for k in src.kernels:
         stores = k.stores
-        if not stores:
-            continue
+        if not stores or all(any("pid_m" in t for t in k.index_terms(s)) for s in stores):
+            continue  # none, or stores of one row per program (per-tile statistics): no tile offsets to share
         ref = stores[0]
         ref_terms = set().union(*(k.index_terms(s) for s in stores))
         ref_leaves = set().union(*(k.mask_leaves(s.mask) for s in stores if s.mask is not None))

@@ -190,6 +190,13 @@ def _sum_slices(rows: str) -> list[str]:
     ]
 
 
+# A stats_only kernel's anchor: its input tile, rows x_row_stride apart (a concatenation's prefix has the
+# buffer's channels between its rows)
+_STATS_ONLY_LOAD = [
+    "acc = tl.load(x_ptr + offs_m[:, None] * x_row_stride + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)"
+]
+
+
 def _tile_stats(channels: str) -> list[str]:
     """Training mode: statistics of the output tile for the BatchNorm that follows in the next kernel, at the
     output's `channels`. The deviations are taken from the tile's own mean, so merging the tiles later does
@@ -329,6 +336,8 @@ def lower(kernel: Kernel) -> LoweredKernel:
         loop = anchor.consume_taps(kernel.anchor.slot, _produced(kernel))
     elif kernel.producer:
         loop = anchor.consume(kernel.anchor.slot, _produced(kernel))
+    elif kernel.stats_only:
+        loop = _STATS_ONLY_LOAD
     else:
         loop = anchor.loop(kernel.anchor.slot, _prologue_hook(kernel.prologue))
     # split K: a first kernel (`slices`) runs the loop over each slice of K, this one adds their sums
@@ -339,7 +348,8 @@ def lower(kernel: Kernel) -> LoweredKernel:
         slices = [*_frame(out_rank, loop), *_SLICE, f"# anchor: {kernel.anchor.op.summary}, over one slice of K", *loop]
         slices.append(f"tl.store({_partial_offsets(rows)}, acc, mask=mask)")
         loop = [*_sum_slices(rows), *anchor.split_k_finish(kernel.anchor.slot)]
-    tile = [f"# anchor: {kernel.anchor.op.summary}" + (", the sum of its slices of K" if split_k else ""), *loop]
+    summary = "the input tile, where it lies" if kernel.stats_only else kernel.anchor.op.summary
+    tile = [f"# anchor: {summary}" + (", the sum of its slices of K" if split_k else ""), *loop]
     channels = "offs_n"  # the output channels of the tile's columns: a channel map moves them
     for f in kernel.epilogue:
         if isinstance(f.op.lowering, O.ChannelMap):
@@ -355,15 +365,15 @@ def lower(kernel: Kernel) -> LoweredKernel:
         body = _pooled(tile)
     else:
         stats = _tile_stats(channels) if kernel.writes_batch_stats else []
-        store = _store(channels, "out_row_stride" if kernel.writes_slice else "C_out")
-        body = [*_frame(out_rank, loop, anchor.grouped, anchor.row_order), *tile, store, *stats]
+        store = [] if kernel.stats_only else [_store(channels, "out_row_stride" if kernel.writes_slice else "C_out")]
+        body = [*_frame(out_rank, loop, anchor.grouped, anchor.row_order), *tile, *store, *stats]
     body_text = "\n".join([*body, *slices])  # what either kernel uses
 
     # Candidate parameters in signature order, each with the wrapper expression that feeds it.
     in_dims = ["N", "C_in", "H", "W"][: kernel.in_rank]
     # a pooled kernel's output has the pooled pixels (PH, PW) of the anchor's output pixels (OH, OW)
     out_dims = ["C_out", *(["PH", "PW"] if kernel.pool else ["OH", "OW"])][: out_rank - 1]
-    pointers = [("x_ptr", "x")]
+    pointers = [("x_ptr", "x"), ("x_row_stride", "x.stride(3)")]
     scalars: list[tuple[str, str]] = []
     constexprs: list[tuple[str, str]] = []
     own_blocks: dict[str, str] = {}  # block sizes an anchor chooses itself
@@ -414,7 +424,9 @@ def lower(kernel: Kernel) -> LoweredKernel:
     keyword = [p for p in channels + constexprs + blocks if _used(p[0], body_text)]
 
     fused = " -> ".join(f.op.name for f in kernel.ops if f.op.name != "load") or "copy"
-    if kernel.writes_batch_stats:
+    if kernel.stats_only:
+        fused = "the batch statistics of the input, read where it lies (training mode)"
+    elif kernel.writes_batch_stats:
         fused += " (training mode: with the output's batch statistics)"
     sources = [f"# {source}" for source in kernel.sources]
     kernel_lines = []
@@ -429,6 +441,8 @@ def lower(kernel: Kernel) -> LoweredKernel:
         ]
         fused += f" (adding up {kernel.name}_slices_kernel's partial sums first)"
     header = f"# {fused}: one kernel, one store{' per output' if kernel.writes_batch_stats else ''}."
+    if kernel.stats_only:
+        header = f"# {fused}: one kernel."
     kernel_lines += _kernel_source(f"{kernel.name}_kernel", [header, *sources], body, positional, keyword)
 
     # The launch wrapper: output shape, block sizes, grid, launch.
@@ -452,14 +466,20 @@ def lower(kernel: Kernel) -> LoweredKernel:
     if kernel.writes_slice:  # `into`: (a concatenation's buffer, the index of this output's slice)
         given_out.append("into=None")
         new_out = f"({new_out} if into is None else concat_slice(into, {out_shape}, x.device))"
+    if kernel.stats_only:
+        # x where it lies if its pixels are rows of channels one stride apart (a concatenation's prefix)
+        layout, allocate, checked = "x = pixel_rows(x)", [], "x"
+    else:
+        layout = None if kernel.reads_any_layout else _CONTIGUOUS[kernel.in_rank]
+        # a given `out` is a CUDA graph's copy of this launch's output, made by this wrapper for the same x
+        allocate = [f"out = {new_out} if out is None else out" if kernel.writes_given_out else f"out = {new_out}"]
+        checked = "x, out"
     wrapper = [
         f"def {kernel.name}({', '.join([*inputs, *modules, *out_dtype, *given_out])}):",
-        *([] if kernel.reads_any_layout else [INDENT + _CONTIGUOUS[kernel.in_rank]]),
+        *([INDENT + layout] if layout else []),
         INDENT + f"{', '.join(in_dims)} = x.shape",
-        *(INDENT + line for line in anchor_dims),
-        # a given `out` is a CUDA graph's copy of this launch's output, made by this wrapper for the same x
-        INDENT + (f"out = {new_out} if out is None else out" if kernel.writes_given_out else f"out = {new_out}"),
-        INDENT + "check_32bit_offsets(x, out)",
+        *(INDENT + line for line in anchor_dims + allocate),
+        INDENT + f"check_32bit_offsets({checked})",
         *(INDENT + line for line in variable_lines + block_lines),
     ]
     tiles = f"{row_blocks} * {channel_blocks}"
@@ -486,7 +506,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
             ),
         ]
     wrapper += [INDENT + line for line in _launch(f"{kernel.name}_kernel", "grid", body, positional, keyword, options)]
-    result = kernel.view.op.lowering.expr("out") if kernel.view else "out"
+    result = "x" if kernel.stats_only else kernel.view.op.lowering.expr("out") if kernel.view else "out"
     if kernel.writes_batch_stats:
         result += f", (tile_sum, tile_m2, BLOCK_M, {rows})"
     wrapper.append(INDENT + f"return {result}")

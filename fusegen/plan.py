@@ -66,6 +66,9 @@ class Kernel:
     # some launch stores its output into a channel slice of a concatenation's buffer (its wrapper takes
     # `into`, and the store steps through the buffer's rows)
     writes_slice: bool = False
+    # training mode, an identity anchor: stores only the batch statistics of its input, which it reads where
+    # it lies (a concatenation's prefix: no copy); the wrapper returns the input and the statistics
+    stats_only: bool = False
 
     @property
     def ops(self) -> tuple[FusedOp, ...]:
@@ -207,6 +210,7 @@ class _Group:
     producer: list[Node] = field(default_factory=list)
     pool: Node | None = None
     into: tuple[Value, int | str] | None = None  # stores its output into a concatenation's slice (Launch.into)
+    stats_only: bool = False  # Kernel.stats_only: its output is its input, with batch statistics
 
 
 def is_concat(chain: Chain) -> bool:
@@ -518,7 +522,8 @@ class _TrainingGroups:
     def mark_batch_stats(self, groups: list) -> None:
         """A launch whose prologue starts by normalising with batch statistics makes the launch that
         stores its input, in the same body, store them too; where none does (the model's input, a value
-        from outside a loop or branch), an identity kernel stores the input with its statistics."""
+        from outside a loop or branch such as a dense loop's concatenation so far), an identity kernel
+        stores them: of a 4-d input read where it lies (Kernel.stats_only), else with a copy of it."""
         made_by = {id(g.output): g for g in groups if isinstance(g, _Group)}
         for group in [g for g in groups if isinstance(g, _Group)]:
             if not (group.prologue and _needs_batch_stats(group.prologue[0])):
@@ -527,6 +532,7 @@ class _TrainingGroups:
             if producer is None:
                 copied = self.value(group.input, group.input.shape)
                 producer = _Group([], None, [], None, group.chains[:1], group.input, copied)
+                producer.stats_only = len(group.input.shape) == 4
                 groups.insert(groups.index(group), producer)
                 group.input = copied
                 made_by[id(copied)] = producer
@@ -568,9 +574,17 @@ class _Kernels:
             trained = trained or (not group.writes_batch_stats and any(e is not op for e, op in zip(exact, ops)))
             ops = exact
         fused = [FusedOp(op, slot) for op, slot in zip(ops, _slots(body))]
-        key = (tuple(u.op.name for u in body), trained, group.writes_batch_stats, in_rank, group.view is not None)
+        key = (
+            tuple(u.op.name for u in body),
+            trained,
+            group.writes_batch_stats,
+            in_rank,
+            group.view is not None,
+            group.stats_only,
+        )
         if key not in self.by_key:
             name = "_".join(u.op.name for u in body if u is not anchor or group.anchor) or anchor.op.name
+            name = "batch" if group.stats_only else name  # batch_stats
             if group.view is not None:
                 name += f"_{group.view.op.name}"
             name += "_stats" * group.writes_batch_stats + "_train" * trained
@@ -589,6 +603,7 @@ class _Kernels:
                 in_rank=in_rank,
                 sources=(),
                 writes_batch_stats=group.writes_batch_stats,
+                stats_only=group.stats_only,
             )
         for c in group.chains:
             source = f"{self.spec_name}:{c.line}: {c.text}"

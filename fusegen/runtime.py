@@ -264,6 +264,16 @@ def concat_prefix(buffer, index):
     return buffer["tensor"][:, : sum(buffer["channels"][:index])]
 
 
+def pixel_rows(x):
+    """x where it lies if its pixels are rows of its channels, each row one stride after the last (a
+    channels-last tensor, or a concatenation's prefix: the first channels of a channels-last buffer), else
+    a channels-last copy. A kernel reads the rows at x.stride(3)."""
+    N, C, H, W = x.shape
+    if x.stride(1) == 1 and x.stride(2) == W * x.stride(3) and x.stride(0) == H * x.stride(2):
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def check_32bit_offsets(*tensors):
     """Raises ValueError if an element offset of a tensor reaches 2**31 (the kernels use 32-bit offsets)."""
     for t in tensors:

@@ -111,18 +111,17 @@ def bn_relu_conv1x1_avgpool_kernel(
     tl.store(out_ptr + pid_m * C_out + offs_n, pooled / (POOL_H * POOL_W), mask=mask_n)
 
 
-# copy (training mode: with the output's batch statistics): one kernel, one store per output.
+# the batch statistics of the input, read where it lies (training mode): one kernel.
 # densenet121_transition_layer.fuse:8: bn(num_input_features) -> relu -> conv(num_input_features, num_output_features, 1, bias=False) -> avgpool(2)
 @triton.jit
-def load_stats_kernel(
+def batch_stats_kernel(
     x_ptr,
-    out_ptr,
+    x_row_stride,
     tile_sum_ptr,
     tile_m2_ptr,
     N,
     OH,
     OW,
-    C_in: tl.constexpr,
     C_out: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -143,11 +142,10 @@ def load_stats_kernel(
     mask_m = offs_m < N * OH * OW
     mask_n = offs_n < C_out
     mask = mask_m[:, None] & mask_n[None, :]
-    # anchor: the input tile, for chains of elementwise ops
+    # anchor: the input tile, where it lies
     acc = tl.load(
-        x_ptr + offs_m[:, None] * C_in + offs_n[None, :], mask=mask, other=0.0
+        x_ptr + offs_m[:, None] * x_row_stride + offs_n[None, :], mask=mask, other=0.0
     ).to(tl.float32)
-    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
     # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
     tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
     tile_sum = tl.sum(tl.where(mask, acc, 0.0), axis=0)
@@ -473,6 +471,20 @@ def launch_pdl(x, grid):
     )
 
 
+def pixel_rows(x):
+    """x where it lies if its pixels are rows of its channels, each row one stride after the last (a
+    channels-last tensor, or a concatenation's prefix: the first channels of a channels-last buffer), else
+    a channels-last copy. A kernel reads the rows at x.stride(3)."""
+    N, C, H, W = x.shape
+    if (
+        x.stride(1) == 1
+        and x.stride(2) == W * x.stride(3)
+        and x.stride(0) == H * x.stride(2)
+    ):
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def check_32bit_offsets(*tensors):
     """Raises ValueError if an element offset of a tensor reaches 2**31 (the kernels use 32-bit offsets)."""
     for t in tensors:
@@ -700,19 +712,13 @@ def bn_relu_conv1x1_avgpool(x, bn, conv, pool):
     return out
 
 
-def load_stats(x):
-    x = x.contiguous(memory_format=torch.channels_last)
+def batch_stats(x):
+    x = pixel_rows(x)
     N, C_in, H, W = x.shape
     C_out = C_in
     OH = H
     OW = W
-    out = torch.empty(
-        (N, C_out, OH, OW),
-        device=x.device,
-        dtype=torch.float32,
-        memory_format=torch.channels_last,
-    )
-    check_32bit_offsets(x, out)
+    check_32bit_offsets(x)
     BLOCK_M = 64
     BLOCK_N = min(64, max(16, next_power_of_2(C_out)))
     grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
@@ -721,22 +727,21 @@ def load_stats(x):
     )
     tile_m2 = torch.empty_like(tile_sum)
     LAUNCH_PDL = launch_pdl(x, grid)
-    load_stats_kernel[grid](
+    batch_stats_kernel[grid](
         x,
-        out,
+        x.stride(3),
         tile_sum,
         tile_m2,
         N,
         OH,
         OW,
-        C_in=C_in,
         C_out=C_out,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         LAUNCH_PDL=LAUNCH_PDL,
         launch_pdl=LAUNCH_PDL,
     )
-    return out, (tile_sum, tile_m2, BLOCK_M, N * OH * OW)
+    return x, (tile_sum, tile_m2, BLOCK_M, N * OH * OW)
 
 
 def bn_relu_conv1x1_train(x, x_stats, bn, conv):
@@ -997,7 +1002,7 @@ class ModelNew(nn.Module):
     def run_training_kernels(self, x):
         """Training mode: BatchNorm normalises with batch statistics in the next kernel's prologue."""
         # densenet121_transition_layer.fuse:8: bn(num_input_features) -> relu -> conv(num_input_features, num_output_features, 1, bias=False) -> avgpool(2)
-        x, x_stats = load_stats(x)
+        x, x_stats = batch_stats(x)
         x = bn_relu_conv1x1_train(x, x_stats, self.transition[0], self.transition[2])
         x = avgpool(x, self.transition[3])
         return x.contiguous()

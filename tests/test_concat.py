@@ -334,6 +334,43 @@ def test_dense_layers_read_and_store_one_buffer_in_place():
     assert rel_error(out, expected) < TOLERANCE
 
 
+def test_training_dense_layers_take_batch_statistics_of_the_buffer_in_place():
+    """Training mode: each layer's BatchNorm normalises the channels so far with their batch statistics, which
+    batch_stats reads from the block's buffer where they lie (no copy kernel, no torch copy), and the layer's
+    kernel reads the same view. Output and running statistics against torch's concatenating loop."""
+    module = load_spec((ROOT / "specs" / "densenet121_dense_block.fuse").read_text(), "dense_block_in_place")
+    assert "def load_stats(" not in module.SOURCE
+    torch.manual_seed(0)
+    model = module.ModelNew(num_layers=3, num_input_features=5, growth_rate=3)
+    randomize_batchnorm(model, seed=3)
+    reference = copy.deepcopy(model).to(DEVICE).double()
+    model = model.to(DEVICE).train()
+    reads = []
+    stats, conv = module.batch_stats, module.bn_relu_conv3x3_dropout_train
+
+    def recording_stats(x):
+        seen, x_stats = stats(x)
+        # the buffer's first channels: a view at the start of the buffer's storage
+        reads.append(("stats", x.shape[1], seen is x, x.data_ptr() == x.untyped_storage().data_ptr()))
+        return seen, x_stats
+
+    def recording_conv(x, x_stats, *args, into):
+        reads.append(("conv", x.shape[1], x.data_ptr() == into[0]["tensor"].data_ptr()))
+        return conv(x, x_stats, *args, into=into)
+
+    module.batch_stats, module.bn_relu_conv3x3_dropout_train = recording_stats, recording_conv
+    x = torch.randn(2, 5, 5, 7, device=DEVICE)
+    with torch.no_grad():
+        out = model.run_kernels(x)
+        expected = x.double()
+        for layer in reference.layers:
+            expected = torch.cat([expected, layer(expected)], 1)
+    assert reads == [r for c in (5, 8, 11) for r in (("stats", c, True, True), ("conv", c, True))]
+    assert rel_error(out, expected) < TOLERANCE
+    for key, buffer in reference.state_dict().items():
+        if "running" in key:
+            assert torch.allclose(model.state_dict()[key].double(), buffer, rtol=1e-5, atol=1e-6), key
+
 
 STEM_DENSE = """\
 model StemDense(layers=2, growth=3)

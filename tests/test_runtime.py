@@ -184,6 +184,16 @@ def test_check_32bit_offsets_refuses_a_tensor_past_2_31():
         runtime.check_32bit_offsets(big[:, :2])
 
 
+def test_pixel_rows_keeps_channels_last_rows_and_a_concatenations_prefix_where_they_lie():
+    buffer = torch.rand(2, 9, 3, 4).to(memory_format=torch.channels_last)
+    for view in (buffer, buffer[:, :5], buffer[:, :1]):
+        assert runtime.pixel_rows(view) is view
+    nchw = torch.rand(2, 5, 3, 4)
+    for other in (nchw, buffer[:, 2:5].contiguous()[:, :, :, ::2]):
+        rows = runtime.pixel_rows(other)
+        assert rows.is_contiguous(memory_format=torch.channels_last) and torch.equal(rows, other)
+
+
 @given(st.integers(-3, 10**6), st.integers(1, 5000))
 def test_host_side_integer_helpers_match_tritons(n, d):
     """next_power_of_2 and cdiv are plain functions: Triton's are constexpr_functions, slow to call."""
