@@ -454,46 +454,10 @@ def conv1x1_bn_relu6_global_avgpool_kernel(
     tl.store(out_ptr + pid_m * C_out + offs_n, pooled / (POOL_H * POOL_W), mask=mask_n)
 
 
-# dropout: one kernel, one store.
-# mobilenet_v2.fuse:37: dropout(0.0)
+# linear over slices of K: each slice's partial sums, for dropout_linear_kernel to add.
+# mobilenet_v2.fuse:37: dropout(0.0) -> linear(1280, num_classes)
 @triton.jit
-def dropout_kernel(
-    x_ptr,
-    out_ptr,
-    N,
-    C_in: tl.constexpr,
-    C_out: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    LAUNCH_PDL: tl.constexpr,
-):
-    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
-    if LAUNCH_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
-    # and the tile stays in registers until the one store.
-    # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once
-    pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
-    pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < N
-    mask_n = offs_n < C_out
-    mask = mask_m[:, None] & mask_n[None, :]
-    # anchor: the input tile, for chains of elementwise ops
-    acc = tl.load(
-        x_ptr + offs_m[:, None] * C_in + offs_n[None, :], mask=mask, other=0.0
-    ).to(tl.float32)
-    # epilogue: dropout
-    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
-
-
-# linear over slices of K: each slice's partial sums, for linear_kernel to add.
-# mobilenet_v2.fuse:38: linear(1280, num_classes)
-@triton.jit
-def linear_slices_kernel(
+def dropout_linear_slices_kernel(
     x_ptr,
     fc_weight_ptr,
     partial_ptr,
@@ -536,6 +500,7 @@ def linear_slices_kernel(
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         ).to(tl.float32)
+        # prologue: dropout on the loaded input tile
         b = tl.load(
             fc_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
             mask=mask_k[:, None] & mask_n[None, :],
@@ -549,10 +514,10 @@ def linear_slices_kernel(
     )
 
 
-# linear (adding up linear_slices_kernel's partial sums first): one kernel, one store.
-# mobilenet_v2.fuse:38: linear(1280, num_classes)
+# dropout -> linear (adding up dropout_linear_slices_kernel's partial sums first): one kernel, one store.
+# mobilenet_v2.fuse:37: dropout(0.0) -> linear(1280, num_classes)
 @triton.jit
-def linear_kernel(
+def dropout_linear_kernel(
     fc_bias_ptr,
     partial_ptr,
     out_ptr,
@@ -1021,8 +986,7 @@ def bn_relu6_global_avgpool_train_kernel(
 
 
 # linear over slices of K: each slice's partial sums, for dropout_linear_train_kernel to add.
-# mobilenet_v2.fuse:38: linear(1280, num_classes)
-# mobilenet_v2.fuse:37: dropout(0.0)
+# mobilenet_v2.fuse:37: dropout(0.0) -> linear(1280, num_classes)
 @triton.jit
 def dropout_linear_train_slices_kernel(
     x_ptr,
@@ -1082,8 +1046,7 @@ def dropout_linear_train_slices_kernel(
 
 
 # dropout -> linear (adding up dropout_linear_train_slices_kernel's partial sums first): one kernel, one store.
-# mobilenet_v2.fuse:38: linear(1280, num_classes)
-# mobilenet_v2.fuse:37: dropout(0.0)
+# mobilenet_v2.fuse:37: dropout(0.0) -> linear(1280, num_classes)
 @triton.jit
 def dropout_linear_train_kernel(
     fc_bias_ptr,
@@ -1764,31 +1727,7 @@ def conv1x1_bn_relu6_global_avgpool(x, conv, bn):
     return out
 
 
-def dropout(x):
-    x = x.contiguous()
-    N, C_in = x.shape
-    C_out = C_in
-    out = torch.empty((N, C_out), device=x.device, dtype=torch.float32)
-    check_32bit_offsets(x, out)
-    BLOCK_M = min(64, max(16, next_power_of_2(N)))
-    BLOCK_N = min(64, max(16, next_power_of_2(C_out)))
-    grid = (cdiv(N, BLOCK_M) * cdiv(C_out, BLOCK_N),)
-    LAUNCH_PDL = launch_pdl(x, grid)
-    dropout_kernel[grid](
-        x,
-        out,
-        N,
-        C_in=C_in,
-        C_out=C_out,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        LAUNCH_PDL=LAUNCH_PDL,
-        launch_pdl=LAUNCH_PDL,
-    )
-    return out
-
-
-def linear(x, fc):
+def dropout_linear(x, fc):
     x = x.contiguous()
     N, C_in = x.shape
     C_out = fc.out_features
@@ -1803,7 +1742,7 @@ def linear(x, fc):
     partial = torch.empty((SPLIT_K, N, C_out), device=x.device, dtype=torch.float32)
     slices_grid = (tiles, SPLIT_K)
     LAUNCH_PDL = launch_pdl(x, slices_grid)
-    linear_slices_kernel[slices_grid](
+    dropout_linear_slices_kernel[slices_grid](
         x,
         dot_weight(fc, DOT_PRECISION).contiguous(),
         partial,
@@ -1819,7 +1758,7 @@ def linear(x, fc):
         launch_pdl=LAUNCH_PDL,
     )
     LAUNCH_PDL = launch_pdl(x, grid)
-    linear_kernel[grid](
+    dropout_linear_kernel[grid](
         fc.bias,
         partial,
         out,
@@ -2417,10 +2356,8 @@ class ModelNew(nn.Module):
         x = conv1x1_bn_relu6_global_avgpool(x, self.features[20], self.features[21])
         # mobilenet_v2.fuse:35: flatten
         x = x.flatten(1)
-        # mobilenet_v2.fuse:37: dropout(0.0)
-        x = dropout(x)
-        # mobilenet_v2.fuse:38: linear(1280, num_classes)
-        x = linear(x, self.classifier[1])
+        # mobilenet_v2.fuse:37: dropout(0.0) -> linear(1280, num_classes)
+        x = dropout_linear(x, self.classifier[1])
         return x
 
     def run_training_kernels(self, x):
@@ -2596,7 +2533,7 @@ class ModelNew(nn.Module):
         x = bn_relu6_global_avgpool_train(x, x_stats, self.features[21])
         # mobilenet_v2.fuse:35: flatten
         x = x.flatten(1)
-        # mobilenet_v2.fuse:38: linear(1280, num_classes)
+        # mobilenet_v2.fuse:37: dropout(0.0) -> linear(1280, num_classes)
         x = dropout_linear_train(x, self.classifier[1])
         return x
 
