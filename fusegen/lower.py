@@ -424,9 +424,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
     keyword = [p for p in channels + constexprs + blocks if _used(p[0], body_text)]
 
     fused = " -> ".join(f.op.name for f in kernel.ops if f.op.name != "load") or "copy"
-    if kernel.stats_only:
-        fused = "the batch statistics of the input, read where it lies (training mode)"
-    elif kernel.writes_batch_stats:
+    if kernel.writes_batch_stats:
         fused += " (training mode: with the output's batch statistics)"
     sources = [f"# {source}" for source in kernel.sources]
     kernel_lines = []
@@ -442,7 +440,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
         fused += f" (adding up {kernel.name}_slices_kernel's partial sums first)"
     header = f"# {fused}: one kernel, one store{' per output' if kernel.writes_batch_stats else ''}."
     if kernel.stats_only:
-        header = f"# {fused}: one kernel."
+        header = "# the batch statistics of the input, read where it lies (training mode): one kernel."
     kernel_lines += _kernel_source(f"{kernel.name}_kernel", [header, *sources], body, positional, keyword)
 
     # The launch wrapper: output shape, block sizes, grid, launch.

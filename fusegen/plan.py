@@ -583,8 +583,10 @@ class _Kernels:
             group.stats_only,
         )
         if key not in self.by_key:
-            name = "_".join(u.op.name for u in body if u is not anchor or group.anchor) or anchor.op.name
-            name = "batch" if group.stats_only else name  # batch_stats
+            if group.stats_only:  # "_stats" follows: batch_stats
+                name = "batch"
+            else:
+                name = "_".join(u.op.name for u in body if u is not anchor or group.anchor) or anchor.op.name
             if group.view is not None:
                 name += f"_{group.view.op.name}"
             name += "_stats" * group.writes_batch_stats + "_train" * trained
