@@ -4,6 +4,9 @@ each function it calls from this source (`fusegen.emit.runtime_sources`); tests/
 here. The measurements behind the rules are in docs/performance.md ("Tile rules and why", "Precision and
 runtime choices"), not in these comments, which every generated file repeats."""
 
+import contextlib
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -353,9 +356,10 @@ def graph_entry(model, x, copy_input):
 
 
 def capture_cuda_graph(model, entry, x):
-    """A CUDA graph of model.run_kernels on x as `entry` feeds it: (graph, its output). The graphs of a
-    device share one memory pool: each replay writes what it reads first, and an output stays allocated
-    while its entry holds it, so none needs another's intermediates kept."""
+    """A CUDA graph of model.run_kernels on x as `entry` feeds it: (graph, its output), or None where the
+    capture failed (see recover_from_failed_capture). The graphs of a device share one memory pool: each
+    replay writes what it reads first, and an output stays allocated while its entry holds it, so none
+    needs another's intermediates kept."""
     run = model.run_kernels_after_first if entry["outside"] else model.run_kernels
     graph_x = x if entry["static_x"] is None else entry["static_x"]
     with torch.cuda.device(x.device):
@@ -370,11 +374,39 @@ def capture_cuda_graph(model, entry, x):
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         pool = model.cuda_graph_pools.setdefault(x.device, torch.cuda.graph_pool_handle())
-        # torch.cuda.graph's default capture stream lives on whichever GPU first captured
-        # anything in this process: capture on a stream of x's GPU instead
-        with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream()):
-            out = run(graph_x)
-    return graph, out
+        stream = torch.cuda.current_stream()
+        captured = None
+        # A fallback to the same kernels launched directly, not to torch: see recover_from_failed_capture.
+        with contextlib.suppress(RuntimeError):
+            # torch.cuda.graph's default capture stream lives on whichever GPU first captured anything in
+            # this process: capture on a stream of x's GPU instead. "thread_local": a CUDA call of another
+            # thread (a compiler's worker, say) during the capture does not invalidate it.
+            with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
+                out = run(graph_x)
+            captured = graph, out
+        if captured is None:
+            recover_from_failed_capture(model, stream)
+    return captured
+
+
+def recover_from_failed_capture(model, stream):
+    """Leaves the process as it was before a capture that failed, and the model launching its kernels
+    directly from then on, saying so once. torch does not clean up after a capture that fails: the capture
+    stream stays current (torch.cuda.graph skips restoring the stream when capture_end raises), and the
+    CUDA generator stays in capture mode, so that every later random op on the GPU fails ("Offset
+    increment outside graph capture"); a capture that succeeds resets the generator."""
+    torch.cuda.set_stream(stream)
+    with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
+        torch.empty(1, device=stream.device).zero_()
+    model.use_cuda_graphs = False
+    model.cuda_graphs.clear()
+    model.cuda_graph_pools.clear()
+    warnings.warn(
+        f"{type(model).__name__}: capturing the forward as a CUDA graph failed, so it launches its kernels"
+        " directly from now on (set use_cuda_graphs = True to try again)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def caller_holds(output):
@@ -410,9 +442,13 @@ def replay_cuda_graph(model, x):
     returned = next((r for r in entry["returned"] if not caller_holds(r[1])), None)
     if returned is None and len(entry["returned"]) < model.returned_outputs:
         returned = capture_cuda_graph(model, entry, x)
+        if returned is None:
+            return model.run_kernels(x)
         entry["returned"].append(returned)
     if returned is None and entry["cloned"] is None:
         entry["cloned"] = capture_cuda_graph(model, entry, x)
+        if entry["cloned"] is None:
+            return model.run_kernels(x)
     graph, out = returned or entry["cloned"]
     if entry["outside"]:
         model.run_first_kernel(x, out=entry["static_x"])

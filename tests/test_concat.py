@@ -200,9 +200,9 @@ def test_a_part_of_another_shape_is_refused_at_run_time():
     )
     module = load(text)
     with torch.no_grad():
-        assert module.ModelNew()(torch.randn(2, 3, 6, 6, device=DEVICE)).shape == (2, 7, 3, 3)
+        assert module.ModelNew().to(DEVICE)(torch.randn(2, 3, 6, 6, device=DEVICE)).shape == (2, 7, 3, 3)
         with pytest.raises(ValueError, match="does not fit"):
-            module.ModelNew(s=1)(torch.randn(2, 3, 6, 6, device=DEVICE))
+            module.ModelNew(s=1).to(DEVICE)(torch.randn(2, 3, 6, 6, device=DEVICE))
 
 
 HEADER = "model M()\ninput(2, 3, 8, 8)\nforward:\n    a = x -> p: conv(3, 4, 1)\n"
