@@ -36,7 +36,7 @@ BUILTINS = {"int": int, "round": round, "min": min, "max": max, "abs": abs, "len
 CONSTANTS = {"None": None, "True": True, "False": False}
 # Names the generated module uses itself (`block` is a module body's nn.Module while it is built, and
 # block, block_2, ... are forward's loop variables).
-RESERVED = {"self", "x", "nn", "torch", "triton", "tl", "contextlib", "warnings", "super", "range", "ModelNew", "block"} | (
+RESERVED = {"self", "x", "nn", "torch", "triton", "tl", "super", "range", "ModelNew", "block"} | (
     set(dir(builtins)) - set(CONSTANTS)
 )
 # ModelNew's own attributes and methods besides nn.Module's: a module may not take their names.

@@ -602,7 +602,7 @@ def _conv_anchor(k: int, bias: bool, guard: tuple[str, ...] = ()) -> Anchor:
         (*guard, *_CONV_PIXELS),
         _then_bias(_conv_loop, bias),
         _NEIGHBOURHOOD.format(k=k),
-        tile="conv_tile(KH * KW * C_in, C_out)",
+        tile="conv_tile(N * OH * OW, KH * KW * C_in, C_out, DOT_PRECISION)",
         tile_options=("num_warps", "num_stages"),
         # its K loop gathers single channels of KH x KW pixels whatever the layout: reading the model's
         # NCHW input as it is saves the stem a layout copy
@@ -1167,7 +1167,7 @@ def _conv_transpose_specialize(a: dict, has_module: bool) -> Op:
         _then_bias(_conv_transpose_loop, bias),
         f"each of its outputs reads up to {k}x{k} pixels of its input, and those pixels are computed by other"
         " programs of this kernel",
-        tile="conv_tile(KH * KW * C_in, C_out)",
+        tile="conv_tile(N * OH * OW, KH * KW * C_in, C_out, DOT_PRECISION)",
         tile_options=("num_warps", "num_stages"),
         strided_input=True,
         pool_refusal="orders its tile's rows by output class (parity-major), not as a pooling window's pixels",

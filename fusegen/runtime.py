@@ -4,9 +4,6 @@ each function it calls from this source (`fusegen.emit.runtime_sources`); tests/
 here. The measurements behind the rules are in docs/performance.md ("Tile rules and why", "Precision and
 runtime choices"), not in these comments, which every generated file repeats."""
 
-import contextlib
-import warnings
-
 import torch
 import triton
 import triton.language as tl
@@ -123,13 +120,18 @@ def gemm_tile(rows, C_in, C_out, precision):
     return 32, min(block_n, 32), block_k
 
 
-def conv_tile(K, C_out):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a KxK conv whose implicit GEMM has K =
-    KH * KW * C_in, swept on the stem (3x3, 3 -> 32, stride 2)."""
+def conv_tile(rows, K, C_out, precision):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a KxK conv of `rows` output pixels whose
+    implicit GEMM has K = KH * KW * C_in, swept on the stem (3x3, 3 -> 32, stride 2) and on eight convs
+    of AlexNet, VGG, SqueezeNet, DenseNet and the U-Net."""
     block_n = min(64, max(16, next_power_of_2(C_out)))
     if K <= 32:
         # one K step (the stem's 27): nothing to pipeline, and 2 warps per 64 x 32 tile
         return 64, block_n, 32, 2, 1
+    # 128 rows where 64 output channels fill the block and that leaves a wave of programs: each weight
+    # tile then serves twice the rows; a tf32x3 dot (three products per tile) keeps 64, as in gemm_tile
+    if precision != "tf32x3" and block_n == 64 and cdiv(rows, 128) * cdiv(C_out, 64) >= 128:
+        return 128, 64, 32, 4, 3
     return 64, block_n, 32, 4, 3
 
 
@@ -376,6 +378,9 @@ def capture_cuda_graph(model, entry, x):
         pool = model.cuda_graph_pools.setdefault(x.device, torch.cuda.graph_pool_handle())
         stream = torch.cuda.current_stream()
         captured = None
+        # imported here: a generated file's top-level imports are the seeds' four
+        import contextlib
+
         # A fallback to the same kernels launched directly, not to torch: see recover_from_failed_capture.
         with contextlib.suppress(RuntimeError):
             # torch.cuda.graph's default capture stream lives on whichever GPU first captured anything in
@@ -401,6 +406,8 @@ def recover_from_failed_capture(model, stream):
     model.use_cuda_graphs = False
     model.cuda_graphs.clear()
     model.cuda_graph_pools.clear()
+    import warnings  # here: a generated file's top-level imports are the seeds' four
+
     warnings.warn(
         f"{type(model).__name__}: capturing the forward as a CUDA graph failed, so it launches its kernels"
         " directly from now on (set use_cuda_graphs = True to try again)",

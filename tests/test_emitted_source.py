@@ -447,7 +447,7 @@ def test_the_stem_reads_the_nchw_input_without_a_copy(spec):
     assert all(f"x_stride_{d}" in loads for d in "nchw") and "C_in" not in loads
     wrapper = ast.unparse(wrapper_of(source, stem.name))
     assert "contiguous" not in wrapper
-    assert "BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(KH * KW * C_in, C_out)" in wrapper
+    assert "BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(N * OH * OW, KH * KW * C_in, C_out, DOT_PRECISION)" in wrapper
     assert "num_warps=num_warps" in wrapper and "num_stages=num_stages" in wrapper
     assert "input_layout = torch.preserve_format" in source
 

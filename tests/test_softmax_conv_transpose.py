@@ -130,6 +130,7 @@ def output_size(size, k, stride, padding):
 @example(k=3, stride=2, padding=1, bias=False, n=1, c_in=5, c_out=70, h=4, w=1)  # two channel blocks
 @example(k=4, stride=3, padding=2, bias=True, n=1, c_in=1, c_out=1, h=2, w=3)  # taps outside, and between rows
 @example(k=1, stride=1, padding=0, bias=True, n=2, c_in=40, c_out=20, h=2, w=2)  # a 1x1 conv, K steps of 32
+@example(k=2, stride=2, padding=0, bias=True, n=1, c_in=3, c_out=64, h=64, w=64)  # tiles of 128 rows
 def test_conv_transpose(k, stride, padding, bias, n, c_in, c_out, h, w):
     """Against F.conv_transpose2d with the model's own weight and bias, but the test's stride and padding."""
     assume(output_size(h, k, stride, padding) >= 1 and output_size(w, k, stride, padding) >= 1)  # else a spec error
