@@ -617,8 +617,8 @@ def capture_cuda_graph(model, entry, x):
         # A fallback to the same kernels launched directly, not to torch: see recover_from_failed_capture.
         with contextlib.suppress(RuntimeError):
             # torch.cuda.graph's default capture stream lives on whichever GPU first captured anything in
-            # this process: capture on a stream of x's GPU instead. "thread_local": a CUDA call of another
-            # thread (a compiler's worker, say) during the capture does not invalidate it.
+            # this process: capture on a stream of x's GPU instead. "thread_local": calls that capturing
+            # forbids only in the capturing thread (cudaMalloc, say) may come from other threads meanwhile.
             with torch.cuda.graph(
                 graph,
                 pool=pool,

@@ -3,7 +3,6 @@ stale after a parameter, shape or device change, never overwriting a tensor that
 whether the graph reads the caller's tensor where it lies or copies it in."""
 
 import copy
-import threading
 import warnings
 import weakref
 
@@ -290,14 +289,14 @@ def test_only_a_large_input_skips_the_copy_into_the_graph():
     assert outside == {large.shape: True, small.shape: False}
 
 
-def capture_time_call(model, call):
-    """Makes `call` run once while model's forward is being captured (run_kernels is looked up on the
-    instance, so the capture runs the wrapper)."""
-    run_kernels = model.run_kernels
+def forbidden_call_during_capture(model):
+    """Makes the capture of model's forward call torch.cuda.synchronize, which capturing forbids (run_kernels
+    is looked up on the instance, so the capture runs this wrapper); `del model.run_kernels` undoes it."""
+    run_kernels = type(model).run_kernels.__get__(model)
 
     def run(x):
-        if torch.cuda.is_current_stream_capturing() and call is not None:
-            call()
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()
         return run_kernels(x)
 
     model.run_kernels = run
@@ -305,13 +304,13 @@ def capture_time_call(model, call):
 
 @torch.no_grad()
 def test_a_failed_capture_falls_back_to_direct_launches_and_leaves_the_process_usable(model):
-    """A CUDA call that capturing forbids, made on the capturing thread, fails the capture: forward still
-    returns the direct launches' result, says so once, launches directly from then on, and torch's stream
-    and random generator are as before (without the cleanup every later random op on the GPU fails)."""
+    """A CUDA call that capturing forbids fails the capture: forward still returns the direct launches'
+    result, says so once, launches directly from then on, and torch's stream and random generator are as
+    before (without the cleanup every later random op on the GPU fails)."""
     x = rand(2, 3, 17, 15)
     expected = model.run_kernels(x)
     stream = torch.cuda.current_stream()
-    capture_time_call(model, torch.cuda.synchronize)
+    forbidden_call_during_capture(model)
     with pytest.warns(RuntimeWarning, match="capturing the forward as a CUDA graph failed"):
         assert torch.equal(model(x), expected)
     assert model.use_cuda_graphs is False and not model.cuda_graphs
@@ -321,24 +320,6 @@ def test_a_failed_capture_falls_back_to_direct_launches_and_leaves_the_process_u
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once
         assert torch.equal(model(x), expected)
-    capture_time_call(model, None)
+    del model.run_kernels
     model.use_cuda_graphs = True
     assert torch.equal(model(x), expected) and len(model.cuda_graphs) == 1
-
-
-@torch.no_grad()
-def test_a_cuda_call_of_another_thread_during_the_capture_does_not_fail_it(model):
-    """The likely cause of a capture that failed once in the GPU suite, after torch.compile had run: in
-    torch.cuda.graph's default "global" mode, a forbidden CUDA call of ANY thread during a capture
-    invalidates it. fusegen captures in "thread_local" mode."""
-    def synchronize_from_another_thread():
-        thread = threading.Thread(target=torch.cuda.synchronize)
-        thread.start()
-        thread.join()
-
-    x = rand(2, 3, 17, 15)
-    expected = model.run_kernels(x)
-    capture_time_call(model, synchronize_from_another_thread)
-    assert torch.equal(model(x), expected)
-    assert model.use_cuda_graphs is True and len(model.cuda_graphs) == 1
-    assert torch.equal(model(x), expected)

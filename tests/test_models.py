@@ -27,9 +27,12 @@ SEED = 42  # KernelBench's, set before each constructor
 # 193 to 225 pixels, where one forward under Triton's interpreter takes minutes of CPU. On the CPU they run the
 # checks that launch no kernel and the least that runs every kernel once: eval mode in the spec's activation
 # dtype and one training-mode step (none where training mode runs eval mode's kernels); the rest on the GPU.
-# GoogLeNet's input is small, but its 3x3 and 5x5 convs of up to 832 channels make one forward take as long.
+# GoogLeNet's input is small, but its 3x3 and 5x5 convs of up to 832 channels make one forward take as long, and
+# so do ResNet18's 3x3s of up to 512 channels (its gradients run in ResNet101's and the basic block's cases).
 # DenseNet121's and DenseNet201's 58 and 98 dense layers (a few launches each) do too at any input.
-LARGE_INPUT = {"mobilenet_v1", "alexnet", "vgg16", "vgg19", "googlenet_inception_v1", "densenet121", "densenet201"}
+LARGE_INPUT = {
+    "mobilenet_v1", "alexnet", "vgg16", "vgg19", "googlenet_inception_v1", "resnet18", "densenet121", "densenet201"
+}
 GPU_ONLY = "runs on the GPU only for a large-input net (LARGE_INPUT): too slow under the interpreter"
 
 
@@ -261,10 +264,11 @@ def test_training_mode_matches_reference(stem, args, shape):
                     assert torch.allclose(got, buffer, rtol=1e-4, atol=max(1e-5, 3 * eager_off)), key
 
 
-# Without BatchNorm these nets run eval mode's kernels in training mode too, and VGG19's kernels are VGG16's
-# (more layers of them): on the CPU one run each of AlexNet and VGG16, on the GPU all.
+# Without BatchNorm these nets run eval mode's kernels in training mode too, and the VGGs' kernels are AlexNet's
+# kinds (conv + bias + ReLU, maxpool, linear + ReLU + dropout) at up to 512 channels, three minutes of CPU: on
+# the CPU one run of AlexNet, on the GPU all.
 RESIZED_CASES = [
-    param(stem, training, gpu_only_if_large=training or stem == "vgg19")
+    param(stem, training, gpu_only_if_large=training or stem != "alexnet")
     for stem in RESIZED_CLASSIFIER
     if stem in STEMS
     for training in (False, True)
