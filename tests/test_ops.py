@@ -1167,8 +1167,8 @@ forward:
 @pytest.mark.skipif(ON_GPU, reason="on the GPU the KernelBench nets run these tiles at their own shapes")
 @pytest.mark.parametrize("training", [False, True])
 def test_kxk_convs_compute_alike_in_tiles_of_128_rows(training):
-    """conv_tile gives 128 rows only to grids of 128 programs or more, which CPU shapes never reach: forced
-    here, every KxK anchor (epilogues, a residual, a prologue, a transposed conv) computes what it
+    """conv_tile gives 128 rows only to grids of 128 programs or more, which the nets' CPU cases never reach:
+    forced here, every KxK anchor (epilogues, a residual, a prologue, a transposed conv) computes what it
     computes in 64-row tiles."""
     module = load_spec(TILE_SPEC, "tiles_128")
     tiles = []
