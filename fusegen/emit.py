@@ -189,9 +189,7 @@ def _forward_lines(plan: Plan, kernel: str) -> list[str]:
     run = [
         "if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):",
         f"{INDENT}return ModelNew.TorchBackward.apply(self, x, *self.parameters())",
-        "if self.use_cuda_graphs and x.is_cuda and not torch.cuda.is_current_stream_capturing():",
-        f"{INDENT}return replay_cuda_graph(self, x)",
-        "return self.run_kernels(x)",
+        "return launch_forward(self, x)",
     ]
     # Triton launches on the current device: make it x's (-1 leaves it alone for a CPU tensor).
     lines += ["with torch.cuda.device(x.device.index if x.is_cuda else -1):", *(INDENT + line for line in run)]
@@ -416,7 +414,7 @@ class TorchBackward(torch.autograd.Function):
     def forward(ctx, model, x, *params):
         ctx.model = model
         ctx.save_for_backward(x)
-        return model.run_kernels(x)
+        return launch_forward(model, x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -464,7 +462,7 @@ def _captured_attrs_lines(plan: Plan) -> list[str]:
 GETSTATE = [
     "def __getstate__(self):",
     f"{INDENT}state = dict(self.__dict__)",
-    f"{INDENT}state.update(cuda_graphs={{}}, cuda_graph_pools={{}})",
+    f"{INDENT}state.update(cuda_graphs={{}}, cuda_graph_pools={{}}, launch_plans={{}})",
     f"{INDENT}return state",
 ]
 
@@ -636,7 +634,10 @@ def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
         *(INDENT * 2 + line for line in _activation_dtype_lines(plan)),
         f"{INDENT * 2}self.use_cuda_graphs = True  # replay forward as a CUDA graph on the GPU",
         f"{INDENT * 2}self.cuda_graphs = {{}}  # (shape, dtype, device, training) -> {{input address: graph}}",
-        f"{INDENT * 2}self.cuda_graph_pools = {{}}  # device -> the memory pool its graphs share",
+        f"{INDENT * 2}self.cuda_graph_pools = {{}}  # device -> (memory pool, capture stream) its graphs share",
+        f"{INDENT * 2}# without a graph, replay the launches recorded per input signature (run_launch_plan)",
+        f"{INDENT * 2}self.use_launch_plans = True",
+        f"{INDENT * 2}self.launch_plans = {{}}",
         "",
         *(INDENT + line for line in GETSTATE),
         "",
