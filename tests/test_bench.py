@@ -526,7 +526,8 @@ def test_whole_command_with_fake_timings_prints_tables_and_round_trips_json(tmp_
     assert [(model.training, compile_) for model, compile_ in asked] == [(True, False), (False, False)]
     train_model, eval_model = (model for model, _ in asked)
     batches = {m.num_batches_tracked.item() for m in train_model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
-    assert batches == {5}, "3 warm-up calls, the error's call and the recorded forward updated the running buffers"
+    warm_ups = 3 * bench.INPUTS_PER_BATCH  # three rounds of the inputs
+    assert batches == {warm_ups + 2}, "the warm-ups, the error's call and the recorded forward updated the buffers"
     assert all(m.num_batches_tracked.item() == 0 for m in eval_model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     report = json.loads(out_file.read_text())
     train, eval_ = report["runs"]

@@ -145,6 +145,22 @@ def test_an_output_is_handed_out_again_only_once_the_caller_lets_go(model):
     assert model(x).data_ptr() == address
 
 
+@torch.no_grad()
+def test_an_output_that_is_a_view_is_handed_out_again_once_dropped():
+    """A forward that ends in a view (a flatten, as SqueezeNet's does): the view's base holds the memory
+    too, which must not count as the caller's hold, or every call would capture graphs until the clone."""
+    torch.manual_seed(0)
+    model = load_spec(SPEC.replace("    fc: linear(24, classes)\n", ""), "graphs_view").ModelNew().cuda().eval()
+    x = rand(2, 3, 17, 15)
+    address = model(x).data_ptr()  # dropped at once
+    for _ in range(3):
+        assert model(x).data_ptr() == address
+    ((entry,),) = (graphs.values() for graphs in model.cuda_graphs.values())
+    assert len(entry["returned"]) == 1 and entry["cloned"] is None
+    held = model(x)
+    assert model(x).data_ptr() != held.data_ptr() == address
+
+
 @pytest.mark.skipif(ON_GPU and torch.cuda.get_device_capability()[0] < 9, reason="dependent launches need Hopper on")
 @torch.no_grad()
 def test_dependent_launches_compute_what_plain_ones_do(monkeypatch):

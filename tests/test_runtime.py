@@ -256,3 +256,20 @@ def test_softmax_tiles_are_powers_of_two_of_at_most_4096_values(axis, w, c):
         assert w % block_m == 0 and block_k * block_n <= 4096
     if axis == "channels":
         assert block_m * block_k <= 4096
+
+
+def test_storage_uses_tells_a_held_output_from_a_view_s_own_base():
+    """A CUDA graph's output that is a view (a final flatten) keeps its base alive: the count at capture
+    includes it, so the replay compares with that count, and a handed-out alias or any view of it counts
+    above it until the caller drops them."""
+    base = torch.empty(4, 3)
+    out = base.flatten()
+    del base
+    at_capture = runtime.storage_uses(out)
+    handed = out.detach()
+    assert runtime.storage_uses(out) > at_capture
+    row = handed[:2]
+    del handed
+    assert runtime.storage_uses(out) > at_capture
+    del row
+    assert runtime.storage_uses(out) == at_capture
