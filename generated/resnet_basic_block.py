@@ -1023,9 +1023,8 @@ def graph_entry(model, x, copy_input):
 
 
 def capture_cuda_graph(model, entry, x):
-    """A CUDA graph of model.run_kernels on x as `entry` feeds it: (graph, its output, the output's
-    storage_uses while only the entry holds it), or None where the capture failed (see
-    recover_from_failed_capture). The graphs of a device share one memory pool: each
+    """A CUDA graph of model.run_kernels on x as `entry` feeds it: (graph, its output), or None where the
+    capture failed (see recover_from_failed_capture). The graphs of a device share one memory pool: each
     replay writes what it reads first, and an output stays allocated while its entry holds it, so none
     needs another's intermediates kept."""
     run = model.run_kernels_after_first if entry["outside"] else model.run_kernels
@@ -1060,7 +1059,7 @@ def capture_cuda_graph(model, entry, x):
                 graph, pool=pool, stream=side, capture_error_mode="thread_local"
             ):
                 out = run(graph_x)
-            captured = graph, out, storage_uses(out)
+            captured = graph, out
         if captured is None:
             recover_from_failed_capture(model, stream)
     return captured
@@ -1092,12 +1091,12 @@ def recover_from_failed_capture(model, stream):
     )
 
 
-def storage_uses(output):
-    """How many tensors and storage objects hold output's memory. A graph's output that is a view (a final
-    flatten) counts its base too, so a replay compares the count with the one at capture, when only the
-    graph's entry held it: more means the caller holds the output handed out, or a view of it.
-    """
-    return torch._C._storage_Use_Count(output.untyped_storage()._cdata)
+def caller_holds(output):
+    """Whether anything besides its graph entry holds a graph's output (the tensor handed out, a view of
+    it): the entry's tensor, its base where it is a view (a final flatten keeps the kernel's output as its
+    base) and the storage object asked for count as the entry's own."""
+    own = 3 if output._base is not None else 2
+    return torch._C._storage_Use_Count(output.untyped_storage()._cdata) > own
 
 
 def replay_cuda_graph(model, x):
@@ -1129,7 +1128,7 @@ def replay_cuda_graph(model, x):
         return replay_cuda_graph(model, x)
     if entry is None:
         entry = graphs[address] = graph_entry(model, x, copy_input=address is None)
-    returned = next((r for r in entry["returned"] if storage_uses(r[1]) <= r[2]), None)
+    returned = next((r for r in entry["returned"] if not caller_holds(r[1])), None)
     if returned is None and len(entry["returned"]) < model.returned_outputs:
         returned = capture_cuda_graph(model, entry, x)
         if returned is None:
@@ -1139,13 +1138,13 @@ def replay_cuda_graph(model, x):
         entry["cloned"] = capture_cuda_graph(model, entry, x)
         if entry["cloned"] is None:
             return model.run_kernels(x)
-    graph, out, _ = returned or entry["cloned"]
+    graph, out = returned or entry["cloned"]
     if entry["outside"]:
         model.run_first_kernel(x, out=entry["static_x"])
     elif entry["static_x"] is not None:
         entry["static_x"].copy_(x)
     graph.replay()
-    # an alias, not `out` itself: the caller's hold on it must count in storage_uses
+    # an alias, not `out` itself: the caller's hold on it must count in caller_holds
     return out.detach() if returned else out.clone()
 
 
