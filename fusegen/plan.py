@@ -291,8 +291,10 @@ def _split(chain: Chain):
 
 
 def why_not_fused(group: _Group, chain: Chain, graph: Graph) -> str | None:
-    """Why a chain of elementwise ops cannot join the epilogue of the kernel that makes its input (None:
-    it can). The spec states chains; this is the one place where fusegen fuses across them."""
+    """Why a chain cannot join the end of the kernel that makes its input (None: it can): a chain of
+    elementwise ops joins its epilogue, a pool whose windows do not overlap (with a view after it) ends it
+    as a pool on the same line would (`_check_fusion`'s rule), so that the kernel stores only the pooled
+    pixels. The spec states chains; this is the one place where fusegen fuses across them."""
     if group.pool is not None:
         return f"a pool ({group.pool.op.name}) ends the kernel that makes its input"
     if group.view is not None:
@@ -300,13 +302,38 @@ def why_not_fused(group: _Group, chain: Chain, graph: Graph) -> str | None:
     uses = graph.uses(chain.input)
     if uses > 1:
         return f"its input is read {uses} times, so the kernel that makes it stores it"
+    pool = _pool_chain(chain)
+    if pool is None:
+        return None
+    anchor = group.anchor
+    if anchor is None or anchor.op.lowering.out_rank != 4 or anchor.op.lowering.pool:
+        return f"{pool.op.name} ends the kernel of an anchor with an image output, and that kernel has none"
+    if anchor.op.lowering.pool_refusal:
+        return f"{anchor.op.name} {anchor.op.lowering.pool_refusal}"
+    if anchor.op.lowering.grouped:
+        return f"{anchor.op.name}'s programs keep to one group of channels, not to one pooling window"
+    if group.producer:
+        return f"that kernel computes {group.producer[0].op.name} inside {anchor.op.name}"
+    reads = next((u for u in group.epilogue if u.operands), None)
+    if reads is not None:
+        return f"{reads.op.name} in that kernel reads another value at pixels that a pooled kernel does not store"
     return None
+
+
+def _pool_chain(chain: Chain) -> Node | None:
+    """The pool of a chain that is only a pool with a kernel-ending form (avgpool, global_avgpool), and a
+    view after it."""
+    prologue, producer, anchor, epilogue, pool, _ = _split(chain)
+    if anchor is None or anchor.op.lowering.pool is None or prologue or producer or epilogue or pool:
+        return None
+    return anchor
 
 
 def _eval_groups(body: tuple, graph: Graph) -> list:
     """Eval mode: one launch per chain (a chain that is only a view: the Chain itself, no launch). A chain
     of elementwise ops joins the epilogue of the kernel that makes its input where why_not_fused allows
-    (`out = conv2 -> bn2` then `return out -> add(identity) -> relu`): that launch moves to its place.
+    (`out = conv2 -> bn2` then `return out -> add(identity) -> relu`), and so does a chain that is only a
+    pool (`x = conv1x1 -> bn -> relu` then `x -> avgpool(7)`): that launch moves to its place.
     Loops and branches are planned body by body: nothing fuses across their edges."""
     groups: list = []
     made_by: dict[int, _Group] = {}
@@ -326,8 +353,12 @@ def _eval_groups(body: tuple, graph: Graph) -> list:
             groups.append(chain)
             continue
         target = made_by.get(id(chain.input))
-        if anchor is None and view is None and target is not None and why_not_fused(target, chain, graph) is None:
-            target.epilogue += epilogue
+        joins = (anchor is None and view is None) or _pool_chain(chain) is not None
+        if joins and target is not None and why_not_fused(target, chain, graph) is None:
+            if anchor is None:
+                target.epilogue += epilogue
+            else:
+                target.pool, target.view = anchor, view
             target.chains.append(chain)
             target.output = chain.output
             groups.remove(target)

@@ -88,6 +88,72 @@ def test_why_an_elementwise_line_is_not_fused():
     )
 
 
+POOL_LINES = """\
+model Pooled(c=8, classes=5)
+input(2, 3, 14, 14)
+forward:
+    x = conv: conv3x3(3, c) -> bn: bn(c) -> relu
+    x = x -> POOL
+    fc: linear(c, classes)
+"""
+
+
+class TorchPooled(nn.Module):
+    def __init__(self, c=8, classes=5, pool=None):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.pool = pool
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = self.pool(x) if self.pool is not None else nn.functional.adaptive_avg_pool2d(x, 1)
+        return self.fc(torch.flatten(x, 1))
+
+
+@pytest.mark.parametrize(
+    "pool, kernel",
+    [("global_avgpool -> flatten", "conv3x3_bn_relu_global_avgpool_flatten"), ("pool: avgpool(14) -> flatten", "conv3x3_bn_relu_avgpool_flatten")],
+)
+@pytest.mark.parametrize("training", [False, True])
+def test_a_pool_on_a_line_of_its_own_ends_the_kernel_before_it(pool, kernel, training):
+    """A line that is only a pool whose windows do not overlap (and a view) ends the kernel of the line
+    before it, as on one line: the kernel stores only the pooled pixels (fusegen import writes a model's
+    pool as its own line). Training mode gives a pool after a BatchNorm a launch of its own."""
+    text = POOL_LINES.replace("POOL", pool)
+    source = compile_spec(text, "specs/pooled.fuse")
+    wrappers = {n.name for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)}
+    run = run_kernels_source(source, "run_first_kernel") + "\n" + run_kernels_source(source, "run_kernels_after_first")
+    launched = [ast.unparse(c.func) for c in ast.walk(ast.parse(run)) if isinstance(c, ast.Call)]
+    assert [f for f in launched if f in wrappers] == [kernel, "linear"]
+    ref, new = pair(text, lambda c=8, classes=5: TorchPooled(c, classes, nn.AvgPool2d(14) if "avgpool(" in pool else None))
+    randomize_batchnorm(ref)
+    new.load_state_dict(ref.state_dict())
+    ref, new = ref.train(training), new.train(training)
+    x = torch.randn(2, 3, 14, 14, device=DEVICE)
+    with torch.no_grad():
+        assert rel_error(new(x), ref(x)) < TOLERANCE
+    for key, buffer in ref.state_dict().items():
+        assert torch.allclose(new.state_dict()[key].float(), buffer.float(), rtol=1e-5, atol=1e-6), key
+
+
+def test_why_a_pool_line_is_not_fused():
+    """The fusion pass says why a pool on its own line does not end the kernel that makes its input."""
+    cases = [
+        ("x = g: conv(8, 8, 1, groups=2)\n    x = x -> p: avgpool(2)", "g", "programs keep to one group of channels"),
+        ("x = c: conv1x1(8, 8)\n    y = x -> p: avgpool(2)\n    return x -> add(x)", "c", "its input is read 3 times"),
+    ]
+    for lines, module, reason in cases:
+        text = f"model M()\ninput(2, 8, 4, 4)\nforward:\n    {lines}\n"
+        model = check(parse_spec(text), text)
+        groups = _eval_groups(model.graph.body, model.graph)
+        pool_chain = next(c for c in model.graph.chains if "avgpool" in c.text)
+        group = next(g for g in groups if getattr(g, "anchor", None) is not None and g.anchor.module_path == module)
+        assert group.pool is None
+        assert reason in why_not_fused(group, pool_chain, model.graph)
+
+
 sizes = st.integers(1, 9)
 
 
