@@ -489,7 +489,8 @@ def run_launch_plan(model, x):
     parameter changed in place."""
     if not model.use_launch_plans or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         return model.run_kernels(x)
-    # Triton specializes a pointer on its 16-byte alignment: a plan holds kernels compiled for x's
+    # the input's 16-byte alignment too: Triton specializes each pointer on it, and a plan keeps the
+    # kernels compiled for one
     key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0, model.training)
     plan = model.launch_plans.get(key)
     if plan is not None and not graph_inputs_unchanged(plan["inputs"]):
@@ -518,7 +519,8 @@ def record_launch_plan(model, x, plan):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     slots = {id(x): 0}
-    held = [x]  # keeps every slot's tensor alive, so that no id is reused while recording
+    # every slot's tensor, kept alive so that no id is reused while recording
+    held = [x]
     steps, uses = [], []
 
     def add_step(kind, call, args, kwargs, outputs):
