@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import keyword
 import math
 from functools import cache
 from pathlib import Path
@@ -75,6 +76,14 @@ def _binop(op: str):
     return build
 
 
+def _not_a_keyword(token, meta) -> str:
+    """A name in an expression. Where the grammar expects a name, the lexer reads any word as one, so
+    `a and and` would reach the generated Python, which cannot parse it."""
+    if keyword.iskeyword(str(token)) and str(token) not in ("None", "True", "False"):
+        raise SpecError(_pos(meta), f"`{token}` is a Python keyword, not a name: a value is missing here")
+    return str(token)
+
+
 @v_args(meta=True)
 class _ToSyntax(Transformer):
     """Builds one dataclass per grammar rule; the rule names match the class names."""
@@ -101,11 +110,11 @@ class _ToSyntax(Transformer):
         return S.InitDecl(tuple(items), _pos(meta))
 
     def name(self, meta, items):
-        return S.Name(str(items[0]), _pos(meta))
+        return S.Name(_not_a_keyword(items[0], meta), _pos(meta))
 
     def apply(self, meta, items):
         func, *args = items
-        return S.Apply(str(func), tuple(a for a in args if a is not None), _pos(meta))
+        return S.Apply(_not_a_keyword(func, meta), tuple(a for a in args if a is not None), _pos(meta))
 
     add = _binop("+")
     sub = _binop("-")

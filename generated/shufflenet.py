@@ -2076,7 +2076,8 @@ def record_launch_plan(model, x, plan):
     Triton launch (through each kernel's run, record_launches_of), in order, with the tensors they read
     or made as slots (slot 0: x) and every other tensor (parameters, buffers, cached weight copies) held
     as it is. A forward that reads a tensor's values on the host (.item()) or passes tensors in a list
-    cannot be replayed: plan["steps"] becomes False and the model runs as it is."""
+    cannot be replayed, nor one whose launches the recording did not see: plan["steps"] becomes False
+    and the model runs as it is."""
     # imported here: a generated file's top-level imports are the seeds' four
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -2168,7 +2169,8 @@ def record_launch_plan(model, x, plan):
             record_launches_of(kernel)
     with RecordOps() as recorder:
         out = model.run_kernels(x)
-    if not recorder.replayable or id(out) not in slots:
+    launched = any(step[0] in ("launch", "call") for step in steps)
+    if not (recorder.replayable and launched) or id(out) not in slots:
         plan["steps"] = False
         return out
     last_use = {}
@@ -2188,7 +2190,7 @@ def record_launches_of(kernel):
     """Routes kernel's launches, in a thread that records a plan (record_launch_plan's RecordOps is on
     its stack of dispatch modes, which is the thread's own), through the recorder; elsewhere kernel
     launches as before."""
-    if "run" in kernel.__dict__:
+    if getattr(kernel, "records_launches", False):
         return
     # imported here: a generated file's top-level imports are the seeds' four
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
@@ -2206,6 +2208,7 @@ def record_launches_of(kernel):
         return recorders[-1](kernel, run, grid, args, kwargs)
 
     kernel.run = recorded_run
+    kernel.records_launches = True
 
 
 def replay_launch_plan(plan, x):

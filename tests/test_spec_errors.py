@@ -28,6 +28,9 @@ CASES = [
     ),
     (HEADER + "activations(float16)\nactivations(float32)\nforward:\n    relu\n", 4, 1, "a second `activations(...)`"),
     (HEADER + "forward:\n    conv1: conv3x3(3, c) @ 2\n", 4, 26, "unexpected character '@'"),
+    # where a value is expected the lexer reads a keyword as a name: Python could not parse it
+    (HEADER + "forward:\n    conv1: conv3x3(3, c if and else 1)\n", 4, 28, "`and` is a Python keyword, not a name"),
+    (HEADER + "block b(k=None and and):\n    relu\nforward:\n    b()\n", 3, 20, "`and` is a Python keyword"),
     (HEADER + "forward:\n    conv1: conv3x3(3, c)\n      bn1: bn(c)\n", 5, 7, "unexpected indentation"),
     (HEADER + "forward:\n    conv1: conv3x3(3, c)\n  bn1: bn(c)\n", 5, 3, "indentation matches no enclosing block"),
     (HEADER + "forward:\n    conv1: conv3x3(3, c,\n", 4, 25, "unexpected end of file"),
