@@ -445,7 +445,9 @@ def model_table(runs: list[dict]) -> str:
                 failures.append(f"  {run['model']} batch {run['batch']} {run['mode']} {c['config']}: {c['failure']}")
     notes = ["fusegen speedup: the configuration's median time / fusegen's (above 1: fusegen is faster)."]
     notes.append("rel err: ||y - y64|| / ||y64|| against reference_forward in float64 on the GPU, in the same mode.")
-    notes.append(f"{FUSEGEN_NO_GRAPH}: model.use_cuda_graphs = False, every launch from Python.")
+    notes.append(
+        f"{FUSEGEN_NO_GRAPH}: model.use_cuda_graphs = False: the launch plan replayed (runtime.run_launch_plan)."
+    )
     notes += [note for mode, note in MODE_NOTES.items() if any(run["mode"] == mode for run in runs)]
     slower = [
         f"{run['model']} batch {run['batch']} {run['mode']}"

@@ -43,8 +43,8 @@ RESERVED = {"self", "x", "nn", "torch", "triton", "tl", "super", "range", "Model
 MODEL_ATTRIBUTES = {
     "TorchBackward", "captured_attrs", "input_layout", "first_kernel_outside_graph_numel", "direct_graphs",
     "returned_outputs", "use_cuda_graphs", "cuda_graphs", "cuda_graph_pools", "use_launch_plans", "launch_plans",
-    "activation_dtype", "run_kernels", "run_training_kernels", "run_first_kernel", "run_kernels_after_first",
-    "reference_forward", "__getstate__",
+    "parameter_cache", "activation_dtype", "run_kernels", "run_training_kernels", "run_first_kernel",
+    "run_kernels_after_first", "reference_forward", "__getstate__",
 }  # fmt: skip
 # Limits that bound the time and memory of a build (each error that enforces one states it).
 MAX_REPEAT = 1000  # times a line repeats

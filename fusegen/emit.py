@@ -187,8 +187,10 @@ def _forward_lines(plan: Plan, kernel: str) -> list[str]:
         f'{INDENT}" TRITON_INTERPRET=1 before triton is first imported to run them (slowly) on the CPU")',
     ]
     run = [
-        "if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):",
-        f"{INDENT}return ModelNew.TorchBackward.apply(self, x, *self.parameters())",
+        "if torch.is_grad_enabled():",
+        f"{INDENT}params = model_parameters(self)",
+        f"{INDENT}if x.requires_grad or any(p.requires_grad for p in params):",
+        f"{INDENT * 2}return ModelNew.TorchBackward.apply(self, x, *params)",
         "return launch_forward(self, x)",
     ]
     # Triton launches on the current device: make it x's (-1 leaves it alone for a CPU tensor).
@@ -412,7 +414,7 @@ class TorchBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, model, x, *params):
-        ctx.model = model
+        ctx.model, ctx.params = model, params
         ctx.save_for_backward(x)
         return launch_forward(model, x)
 
@@ -423,7 +425,7 @@ class TorchBackward(torch.autograd.Function):
         with torch.enable_grad():
             x = x.detach().requires_grad_(needs[0])
             out = ctx.model.reference_forward(x)
-            wanted = [t for t, need in zip((x, *ctx.model.parameters()), needs) if need]
+            wanted = [t for t, need in zip((x, *ctx.params), needs) if need]
             grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
         return (None, *(next(grads) if need else None for need in needs))
 '''
@@ -462,7 +464,7 @@ def _captured_attrs_lines(plan: Plan) -> list[str]:
 GETSTATE = [
     "def __getstate__(self):",
     f"{INDENT}state = dict(self.__dict__)",
-    f"{INDENT}state.update(cuda_graphs={{}}, cuda_graph_pools={{}}, launch_plans={{}})",
+    f"{INDENT}state.update(cuda_graphs={{}}, cuda_graph_pools={{}}, launch_plans={{}}, parameter_cache=None)",
     f"{INDENT}return state",
 ]
 
@@ -638,6 +640,7 @@ def emit(plan: Plan, lowered: list[LoweredKernel], spec_path: str) -> str:
         f"{INDENT * 2}# without a graph, replay the launches recorded per input signature (run_launch_plan)",
         f"{INDENT * 2}self.use_launch_plans = True",
         f"{INDENT * 2}self.launch_plans = {{}}",
+        f"{INDENT * 2}self.parameter_cache = None  # model_parameters' tuple and what it was read from",
         "",
         *(INDENT + line for line in GETSTATE),
         "",

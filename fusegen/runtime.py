@@ -470,6 +470,24 @@ def replay_cuda_graph(model, x):
     return out.detach() if returned else out.clone()
 
 
+def model_parameters(model):
+    """tuple(model.parameters()), which a call with gradients hands TorchBackward as its inputs, cached
+    with the parameter and module tables it was read from: read again when any entry of those was
+    replaced, added or removed. The check costs a tenth of the walk (MobileNetV1: 10 us against 90 on a
+    CPU), which took most of a grad-enabled call's host time."""
+    cache = model.parameter_cache
+    if cache is not None:
+        tables, sizes, slots, params = cache
+        if [len(table) for table in tables] == sizes and all(
+            [table.get(name) is value for table, name, value in slots]
+        ):
+            return params
+    tables = [table for module in model.modules() for table in (module._parameters, module._modules)]
+    slots = [(table, name, value) for table in tables for name, value in table.items()]
+    model.parameter_cache = (tables, [len(table) for table in tables], slots, tuple(model.parameters()))
+    return model.parameter_cache[3]
+
+
 # -- launch plans: without a CUDA graph, the forward's launches replayed without the wrappers' Python -----
 
 

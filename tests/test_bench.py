@@ -418,7 +418,10 @@ def test_model_table_says_the_mode_of_each_row():
         ["Tiny", "2", "train", "fusegen,"],
     ]
     assert lines[4].split()[4:] == ["no", "CUDA", "graph", "3.000", "1.50x", "1.0e-06"]
-    assert "fusegen, no CUDA graph: model.use_cuda_graphs = False, every launch from Python." in lines
+    assert (
+        "fusegen, no CUDA graph: model.use_cuda_graphs = False: the launch plan replayed (runtime.run_launch_plan)."
+        in lines
+    )
     train_note = next(line for line in lines if line.startswith("mode train: model.train() under torch.no_grad()"))
     assert "Every fusegen call updates the running buffers" in train_note
     assert any(line.startswith("mode eval") for line in lines)

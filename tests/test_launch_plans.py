@@ -172,12 +172,40 @@ def test_the_gradient_path_replays_plans_and_keeps_gradients_exact():
         assert torch.allclose(grads[name], p.grad, rtol=1e-5, atol=1e-6), name
 
 
+def test_a_call_with_gradients_sees_parameters_and_modules_replaced():
+    """The gradient path hands TorchBackward a cached tuple of the parameters (runtime.model_parameters):
+    a parameter or module replaced after a call must be among the next call's inputs and get its
+    gradient, and one that left the model must not."""
+    model, _, shape = pair(small_net)
+    model.eval()
+    x = torch.randn(shape, device=DEVICE)
+    model(x).sum().backward()
+    old_weight, old_bn = model.fc.weight, model.bn3
+    model.fc.weight = torch.nn.Parameter(old_weight.detach() * 2)
+    model.bn3 = copy.deepcopy(old_bn)
+    model.bn3.bias.data += 1
+    model.extra = torch.nn.Linear(2, 2)  # a module added: the parameters grow
+    model.zero_grad(set_to_none=True)
+    old_weight.grad = old_bn.bias.grad = None
+    out = model(x)
+    out.square().sum().backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if name.split(".")[0] != "extra"}
+    assert old_weight.grad is None and old_bn.bias.grad is None
+    model.zero_grad()
+    model.reference_forward(x).square().sum().backward()
+    for name, grad in grads.items():
+        assert grad is not None, name
+        assert torch.allclose(grad, dict(model.named_parameters())[name].grad, rtol=1e-5, atol=1e-6), name
+    assert len(model.parameter_cache[3]) == len(list(model.parameters()))
+
+
 def test_a_copy_starts_without_plans():
     """A plan holds compiled launchers and tensors of the original: deepcopy and pickling leave it behind."""
     model, _, shape = pair(small_net)
     with torch.no_grad():
         for _ in range(2):
             model(torch.randn(shape, device=DEVICE))
-    assert model.launch_plans
+    model(torch.randn(shape, device=DEVICE))  # with gradients: the parameters' tuple is cached
+    assert model.launch_plans and model.parameter_cache is not None
     other = copy.deepcopy(model)
-    assert other.launch_plans == {} and other.use_launch_plans
+    assert other.launch_plans == {} and other.use_launch_plans and other.parameter_cache is None

@@ -140,15 +140,42 @@ def compare(text: str, steps: list[Step], input_shape, kwargs=None, seed: int = 
     if layout is not None:
         x = layout(x)
     x_before = x.clone()
+    exact_model = copy.deepcopy(model).double()
+    clamps_from = len(steps) - trailing_clamps(steps)
     with torch.no_grad():
         out = model(x)
-        ref = x.contiguous()
-        for op, name in steps:
-            ref = op.reference(getattr(model, name) if name else None, ref)
+        exact = x.double().contiguous()
+        for i, (op, name) in enumerate(steps):
+            if i == clamps_from:
+                unclamped = exact
+            exact = op.reference(getattr(exact_model, name) if name else None, exact)
+        if clamps_from == len(steps):
+            unclamped = exact
     assert torch.equal(x, x_before), "the model wrote to its input"
-    err = rel_error(out, ref)
+    err = clamped_error(out, exact, unclamped)
     assert err < TOLERANCE, f"relative error {err:.3g} >= {TOLERANCE}\nModelNew({kwargs or ''}) of spec:\n{text}"
     return module
+
+
+def trailing_clamps(steps: list[Step]) -> int:
+    """How many of the last steps are relu or relu6."""
+    clamps = 0
+    while clamps < len(steps) and steps[-1 - clamps][0] in ACTIVATIONS.values():
+        clamps += 1
+    return clamps
+
+
+def clamped_error(out: torch.Tensor, exact: torch.Tensor, unclamped: torch.Tensor) -> float:
+    """||out - exact|| over the larger of ||exact|| and ||unclamped||, the exact output before its trailing
+    relu/relu6. A clamp can leave one value of a whole channel standing, and that value may be the small
+    difference of the affine epilogue's two large terms: its float32 rounding, at most an ulp of those terms,
+    is then a large part of the output's norm (1.3e-5 of it, at c_out=1: the error this once failed at).
+    Relative to the values before the clamp, the rounding is what float32 gives anywhere. The reference is
+    float64, so the error is the model's alone."""
+    assert out.shape == exact.shape, (out.shape, exact.shape)
+    assert torch.isfinite(out).all(), "non-finite output"
+    scale = max(exact.norm().item(), unclamped.norm().item(), 1e-30)
+    return (out.double() - exact).norm().item() / scale
 
 
 def at_least(size: int, minimum: int) -> int:
@@ -453,6 +480,8 @@ def test_elementwise_chain_2d(n, c, h, w):
 @example(with_epilogue=True, stride=2, n=3, c_in=33, c_out=17, h=1, w=1)
 @example(with_epilogue=False, stride=2, n=2, c_in=17, c_out=5, h=9, w=6)
 @example(with_epilogue=True, stride=1, n=2, c_in=WIDE, c_out=WIDE, h=2, w=3)
+# all but one output clamped to zero, and that one the difference of two near-equal terms (see clamped_error)
+@example(with_epilogue=True, stride=2, n=2, c_in=36, c_out=1, h=11, w=3)
 def test_prologue_conv1x1(with_epilogue, stride, n, c_in, c_out, h, w):
     """`bn -> relu -> conv1x1`, optionally `-> bn -> relu6` after it (two bns in one kernel)."""
     epilogue = [bn(c_out), relu6] if with_epilogue else []
@@ -538,7 +567,7 @@ def test_a_tap_producer_with_stride_is_refused_at_run_time():
 
 
 # float16 storage of a tensor between kernels, for the reference: not an op of the spec
-to_float16 = Op("", lambda m, y: y.half().float(), has_params=False)
+to_float16 = Op("", lambda m, y: y.half().to(y.dtype), has_params=False)
 
 
 @few_examples
