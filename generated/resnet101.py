@@ -1972,8 +1972,129 @@ def record_launch_plan(model, x, plan):
             steps[i][6].append(
                 s
             )  # dropped after its last step, as the forward drops it
-    plan.update(steps=steps, slots=len(held), output=slots[id(out)])
+    places, arena = arena_layout(steps, held, slots[id(out)])
+    kept_steps, drops = [], []
+    for step in steps:
+        if step[0] == "op" and step[5] and step[5][0] in places:
+            drops += step[
+                6
+            ]  # the allocation goes: what it read last is dropped a step later
+        else:
+            step[6] += drops
+            kept_steps.append(step)
+            drops = []
+    steps = kept_steps
+    # on the GPU, where every launch goes to its launcher, pointers go as integers: the arena's, and
+    # those of the tensors the plan holds (parameters, buffers, weight copies), which the launcher then
+    # neither asks for nor checks with the driver
+    pointers = x.is_cuda and not any(step[0] == "call" for step in steps)
+    held_by_plan = []
+    if pointers:
+        for step in steps:
+            if step[0] == "launch":
+                held_by_plan += [a for a in step[2] if isinstance(a, torch.Tensor)]
+                step[2] = [
+                    a.data_ptr() if isinstance(a, torch.Tensor) else a for a in step[2]
+                ]
+    plan.update(
+        steps=steps,
+        slots=len(held),
+        output=slots[id(out)],
+        arena=(arena, places),
+        pointers=pointers,
+    )
+    plan["held"] = held_by_plan  # what the integer pointers point into
     return out
+
+
+def arena_layout(steps, held, output):
+    """Where the tensors that only launches touch go in one allocation per replay: ({slot: (byte offset,
+    shape, strides, dtype)}, bytes in all). A tensor qualifies when an allocation op made it, no torch op
+    reads it, it is not the output and nothing outside the forward kept it (its storage's only users are
+    the recording's tensors). Two share bytes only where their lives, from the allocation to the last
+    step that reads them, do not overlap. Offsets are multiples of 512 bytes, so every pointer keeps the
+    16-byte alignment its kernel was compiled for."""
+    allocations = (
+        torch.ops.aten.empty.memory_format,
+        torch.ops.aten.empty_like.default,
+        torch.ops.aten.empty_strided.default,
+    )
+    born, dies, read_by_ops, read_by_allocations = {}, {}, set(), {}
+    for i, (kind, call, _, _, fills, outs, _) in enumerate(steps):
+        if kind == "op" and call in allocations and outs:
+            born.setdefault(outs[0], i)
+            read_by_allocations[outs[0]] = [
+                s for _, s in fills
+            ]  # empty_like(t) reads t's shape
+        elif kind in ("op", "ops"):
+            read_by_ops.update(s for _, s in fills)
+        for _, s in fills:
+            dies[s] = i
+    sharing = {}  # storage address -> the recording's tensors on it
+    for t in held:
+        sharing[t.untyped_storage().data_ptr()] = (
+            sharing.get(t.untyped_storage().data_ptr(), 0) + 1
+        )
+    import sys  # here: a generated file's top-level imports are the seeds' four
+
+    # what holds a tensor of the recording: the list `held` and sys.getrefcount's argument, as for this one
+    probe = [torch.empty(0)]
+    candidates = set()
+    for s in born:
+        storage = held[s].untyped_storage()
+        # the same tensor held elsewhere, or another tensor on its storage (the storage object asked for
+        # holds one use too)
+        kept_elsewhere = (
+            sys.getrefcount(held[s]) > sys.getrefcount(probe[0])
+            or torch._C._storage_Use_Count(storage._cdata)
+            > sharing[storage.data_ptr()] + 1
+        )
+        if (
+            s != output
+            and s not in read_by_ops
+            and storage.nbytes() > 0
+            and not kept_elsewhere
+        ):
+            candidates.add(s)
+    # an allocation that stays (its tensor does not qualify) needs the tensors it reads as tensors
+    while True:
+        staying = {
+            r
+            for s, reads in read_by_allocations.items()
+            if s not in candidates
+            for r in reads
+        }
+        if not candidates & staying:
+            break
+        candidates -= staying
+    lives = [
+        (
+            -(-held[s].untyped_storage().nbytes() // 512) * 512,
+            born[s],
+            dies.get(s, born[s]),
+            s,
+        )
+        for s in candidates
+    ]
+    placed, layout, size = [], {}, 0
+    for need, first, last, s in sorted(lives, reverse=True):  # the largest first
+        offset = 0
+        for start, end in sorted(
+            (start, end) for start, end, b, d in placed if b <= last and first <= d
+        ):
+            if offset + need <= start:
+                break
+            offset = max(offset, end)
+        placed.append((offset, offset + need, first, last))
+        t = held[s]
+        layout[s] = (
+            offset + t.storage_offset() * t.element_size(),
+            t.shape,
+            t.stride(),
+            t.dtype,
+        )
+        size = max(size, offset + need)
+    return layout, size
 
 
 def record_launches_of(kernel):
@@ -2008,6 +2129,16 @@ def replay_launch_plan(plan, x):
     values = [None] * plan["slots"]
     values[0] = x
     stream = torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else None
+    size, places = plan["arena"]
+    if places:
+        arena = torch.empty(size, dtype=torch.uint8, device=x.device)
+        if plan["pointers"]:
+            base = arena.data_ptr()
+            for s, (offset, _, _, _) in places.items():
+                values[s] = base + offset
+        else:
+            for s, (offset, shape, strides, dtype) in places.items():
+                values[s] = arena[offset:].view(dtype).as_strided(shape, strides)
     for kind, call, args, kwargs, fills, outs, drops in plan["steps"]:
         if fills:
             args, kwargs = list(args), dict(kwargs)

@@ -11,6 +11,8 @@ import pytest
 import torch
 from helpers import DEVICE, ON_GPU, load_spec, randomize_batchnorm
 
+from fusegen import runtime
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # a stem that reads any layout, a depthwise conv, a fused pair, a pool and a linear: views and a
@@ -73,10 +75,19 @@ def test_a_replay_computes_what_the_wrappers_compute(make, training):
     kinds = {step[0] for step in plan["steps"]}
     # on the GPU every launch goes straight to its compiled kernel's launcher; the interpreter's are calls
     assert kinds == ({"launch", "op"} if ON_GPU else {"call", "op"})
+    # the intermediates (outputs of all launches but the last, training mode's statistics) are places in
+    # one allocation: the ops left make the output and what views read (the dense block's eval forward
+    # stores every layer into its output buffer: it has no intermediates)
+    allocations = [step for step in plan["steps"] if step[0] == "op" and "empty" in str(step[1])]
+    assert len(allocations) <= 2 and (plan["arena"][1] or (make is dense_block and not training))
+    assert plan["pointers"] == ON_GPU
     for key, buffer in direct.state_dict().items():
         assert torch.equal(model.state_dict()[key], buffer), key
     if training:
-        assert model.state_dict()["layers.0.0.num_batches_tracked" if make is dense_block else "bn1.num_batches_tracked"] == 4
+        assert (
+            model.state_dict()["layers.0.0.num_batches_tracked" if make is dense_block else "bn1.num_batches_tracked"]
+            == 4
+        )
 
 
 @torch.no_grad()
@@ -209,3 +220,38 @@ def test_a_copy_starts_without_plans():
     assert model.launch_plans and model.parameter_cache is not None
     other = copy.deepcopy(model)
     assert other.launch_plans == {} and other.use_launch_plans and other.parameter_cache is None
+
+
+def test_the_arena_gives_tensors_whose_lives_overlap_bytes_of_their_own():
+    """runtime.arena_layout on a recording of allocations and launches: a tensor that a torch op reads,
+    the output, and one that something outside the forward keeps stay allocations; the others get
+    512-byte aligned places that no tensor alive at the same time shares, and a tensor made after another
+    died may take its bytes."""
+    empty, launch = torch.ops.aten.empty.memory_format, "launch"
+    held = [torch.zeros(4)] + [torch.empty(n) for n in (100, 300, 100, 50, 100, 7, 9)]
+    elsewhere = [held[5], held[7][1:]]  # kept outside the recording: a tensor itself, a view of one
+    steps = [
+        ["op", empty, [], {}, [], [1], []],  # 0: slot 1 lives from 0 to 2
+        ["op", empty, [], {}, [], [2], []],  # 1: slot 2 lives from 1 to 4
+        ["call", launch, [None], {}, [(0, 1)], [], []],
+        ["op", empty, [], {}, [], [3], []],  # 3: slot 3, read by a view: stays
+        ["call", launch, [None, None], {}, [(0, 2), (1, 3)], [], []],
+        ["op", empty, [], {}, [], [4], []],  # 5: slot 4, the output
+        ["op", torch.ops.aten.view.default, [None, [-1]], {}, [(0, 3)], [], []],
+        ["op", empty, [], {}, [], [5], []],  # slot 5, kept elsewhere
+        ["op", empty, [], {}, [], [6], []],  # 8: slot 6 lives from 8 to 10, after slot 1 died
+        ["op", empty, [], {}, [], [7], []],  # slot 7, a view of it kept elsewhere
+        ["call", launch, [None, None, None, None], {}, [(0, 4), (1, 5), (2, 6), (3, 7)], [], []],
+    ]
+    places, size = runtime.arena_layout(steps, held, output=4)
+    assert set(places) == {1, 2, 6} and len(elsewhere) == 2
+    lives = {1: (0, 2), 2: (1, 4), 6: (8, 10)}
+    spans = {s: (offset, offset + held[s].untyped_storage().nbytes()) for s, (offset, *_) in places.items()}
+    for s, (offset, shape, strides, dtype) in places.items():
+        assert offset % 512 == 0 and (shape, strides, dtype) == (held[s].shape, held[s].stride(), held[s].dtype)
+        assert spans[s][1] <= size
+    for a in places:
+        for b in places:
+            if a < b and lives[a][0] <= lives[b][1] and lives[b][0] <= lives[a][1]:
+                assert spans[a][1] <= spans[b][0] or spans[b][1] <= spans[a][0], (a, b)
+    assert size == 512 + 1536  # slot 6 reuses slot 1's bytes (or slot 2's, once it died)
