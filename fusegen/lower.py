@@ -139,6 +139,13 @@ _POOLED_PIXELS = [
 ]
 
 
+def _window_named(lines: list[str], pool: FusedOp) -> list[str]:
+    """`lines` with the window's height and width (POOL_H, POOL_W) named as the pool's slot names them: a
+    pool after a maxpool has the slot pool2 (POOL2_H)."""
+    height, width = (_param_name(pool, p, is_anchor=False) for p in pool.params)
+    return [line.replace("POOL_H", height).replace("POOL_W", width) for line in lines]
+
+
 def _pooled(tile: list[str]) -> list[str]:
     """The frame of a kernel that a pool ends: a program's output is one pooled pixel (n, ph, pw) for
     BLOCK_N channels, and its tile's rows are the pixels of that pixel's pooling window, BLOCK_M at a
@@ -362,7 +369,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
     if kernel.pool:
         assert not kernel.writes_batch_stats, "training mode gives a pool its own launch"
         assert channels == "offs_n", "check refuses a channel map in a kernel that a pool ends"
-        body = _pooled(tile)
+        body = _window_named(_pooled(tile), kernel.pool)
     else:
         stats = _tile_stats(channels) if kernel.writes_batch_stats else []
         store = [] if kernel.stats_only else [_store(channels, "out_row_stride" if kernel.writes_slice else "C_out")]
@@ -452,7 +459,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
     elif kernel.producer:
         anchor_dims += [line.format(m=kernel.anchor.slot) for line in anchor.consume_guard]
     if kernel.pool:
-        anchor_dims += [f"{name} = {value}" for name, value in window] + _POOLED_PIXELS
+        anchor_dims += [f"{name} = {value}" for name, value in window] + _window_named(_POOLED_PIXELS, kernel.pool)
     out_shape = ", ".join(["N", *out_dims])
     inputs = ["x", "x_stats"] if kernel.reads_batch_stats else ["x"]
     setup = [line.format(m=f.slot) for f in kernel.prologue if f.elementwise for line in f.elementwise.setup]

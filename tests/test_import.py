@@ -72,6 +72,8 @@ def assert_matches(path: Path, args, shape, class_name="Model"):
         ("6_GoogleNetInceptionModule", [5, 3, 4, 6, 2, 3, 4], (2, 5, 7, 6)),
         # transposed convs whose outputs a cat joins with the encoders', softmax along the width
         ("45_UNetSoftmax", [3, 2, 2], (2, 3, 16, 16)),
+        # a block's last maxpool, then `global_avgpool -> flatten` on the forward's next line: one kernel
+        ("27_RegNet", [3, 3, [4, 6, 5], 7], (2, 3, 17, 16)),
     ],
 )
 def test_kernelbench_files_import_and_match(stem, args, shape):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 from dataclasses import dataclass
 from itertools import count
 from typing import Callable
@@ -902,6 +903,33 @@ def test_maxpool(k, stride, padding, labeled, with_prologue, n, c, h, w):
     window = f"maxpool{k}x{k}" + (f"_s{s}" if s != k else "") + (f"_p{padding}" if padding else "")
     name = "maxpool" if labeled else window
     assert f"def {'bn_' * with_prologue}{name}_kernel(" in module.SOURCE
+
+
+@few_examples
+@given(
+    k=st.integers(1, 3),
+    stride=st.one_of(st.none(), st.integers(1, 3)),
+    padding=st.integers(0, 1),
+    pool=st.sampled_from(list(POOLS)),
+    one_line=st.booleans(),
+    n=batches,
+    c=channels,
+    h=sizes,
+    w=sizes,
+)
+@example(k=2, stride=None, padding=0, pool="global_flatten", one_line=False, n=2, c=WIDE, h=9, w=8)  # RegNet's end
+@example(k=3, stride=2, padding=1, pool="avgpool2", one_line=True, n=1, c=3, h=8, w=7)
+def test_a_pool_ends_a_maxpool_kernel(k, stride, padding, pool, one_line, n, c, h, w):
+    """`maxpool -> pool` on one line, or the pool on the next line (which fuses as the line would): one
+    kernel whose window parameters are the pool's own (the maxpool's slot is `pool`, the pool's `pool2`)."""
+    padding = min(padding, k // 2)
+    s = k if stride is None else stride
+    window = int(pool[-1]) if pool.startswith("avgpool") else 1
+    least = (window - 1) * s + k - 2 * padding  # the least input whose maxpool output holds a window
+    shape = (n, c, at_least(h, least), at_least(w, least))
+    chains = [[maxpool(k, stride, padding), *POOLS[pool]]] if one_line else [[maxpool(k, stride, padding)], POOLS[pool]]
+    module = check(shape, *chains)
+    assert len(re.findall(r"^def \w+_kernel\(", module.SOURCE, re.M)) == 1
 
 
 @few_examples
