@@ -74,6 +74,13 @@ def assert_matches(path: Path, args, shape, class_name="Model"):
         ("45_UNetSoftmax", [3, 2, 2], (2, 3, 16, 16)),
         # a block's last maxpool, then `global_avgpool -> flatten` on the forward's next line: one kernel
         ("27_RegNet", [3, 3, [4, 6, 5], 7], (2, 3, 17, 16)),
+        # four stages of bottlenecks, their blocks after the first as loops
+        ("10_ResNet101", [[1, 2, 1, 1], 7], (2, 3, 32, 32)),
+        # dense blocks of 6, 12, 48 and 32 layers at growth rate 4
+        ("16_DenseNet201", [4, 7], (2, 3, 32, 32)),
+        # 64 pixels square: at 32 the last stages' training-mode BatchNorm normalises 2 values a channel,
+        # whose rounding the running statistics' float32 bars (rtol 1e-4) do not allow for
+        ("22_EfficientNetB0", [7], (2, 3, 64, 64)),
     ],
 )
 def test_kernelbench_files_import_and_match(stem, args, shape):
