@@ -154,13 +154,7 @@ def test_forward_calls_only_wrappers_and_views(spec):
             body = body[1:]
         for call in (n for s in body for n in ast.walk(s) if isinstance(n, ast.Call)):
             func = ast.unparse(call.func)
-            assert (
-                func
-                in wrappers - {"replay_cuda_graph", "launch_forward", "run_launch_plan"}
-                | {"x.flatten"}
-                | run_methods
-                | layout
-            ), func
+            assert func in wrappers - {"replay_cuda_graph", "launch_forward", "run_launch_plan"} | {"x.flatten"} | run_methods | layout, func
     forward_calls = {ast.unparse(n.func) for n in ast.walk(methods["forward"]) if isinstance(n, ast.Call)}
     assert forward_calls <= {
         "RuntimeError",
@@ -451,10 +445,7 @@ def test_the_stem_reads_the_nchw_input_without_a_copy(spec):
     assert all(f"x_stride_{d}" in loads for d in "nchw") and "C_in" not in loads
     wrapper = ast.unparse(wrapper_of(source, stem.name))
     assert "contiguous" not in wrapper
-    assert (
-        "BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(N * OH * OW, KH * KW * C_in, C_out, DOT_PRECISION)"
-        in wrapper
-    )
+    assert "BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(N * OH * OW, KH * KW * C_in, C_out, DOT_PRECISION)" in wrapper
     assert "num_warps=num_warps" in wrapper and "num_stages=num_stages" in wrapper
     assert "input_layout = torch.preserve_format" in source
 

@@ -114,10 +114,7 @@ class TorchPooled(nn.Module):
 
 @pytest.mark.parametrize(
     "pool, kernel",
-    [
-        ("global_avgpool -> flatten", "conv3x3_bn_relu_global_avgpool_flatten"),
-        ("pool: avgpool(14) -> flatten", "conv3x3_bn_relu_avgpool_flatten"),
-    ],
+    [("global_avgpool -> flatten", "conv3x3_bn_relu_global_avgpool_flatten"), ("pool: avgpool(14) -> flatten", "conv3x3_bn_relu_avgpool_flatten")],
 )
 @pytest.mark.parametrize("training", [False, True])
 def test_a_pool_on_a_line_of_its_own_ends_the_kernel_before_it(pool, kernel, training):
@@ -130,9 +127,7 @@ def test_a_pool_on_a_line_of_its_own_ends_the_kernel_before_it(pool, kernel, tra
     run = run_kernels_source(source, "run_first_kernel") + "\n" + run_kernels_source(source, "run_kernels_after_first")
     launched = [ast.unparse(c.func) for c in ast.walk(ast.parse(run)) if isinstance(c, ast.Call)]
     assert [f for f in launched if f in wrappers] == [kernel, "linear"]
-    ref, new = pair(
-        text, lambda c=8, classes=5: TorchPooled(c, classes, nn.AvgPool2d(14) if "avgpool(" in pool else None)
-    )
+    ref, new = pair(text, lambda c=8, classes=5: TorchPooled(c, classes, nn.AvgPool2d(14) if "avgpool(" in pool else None))
     randomize_batchnorm(ref)
     new.load_state_dict(ref.state_dict())
     ref, new = ref.train(training), new.train(training)

@@ -35,6 +35,7 @@ def assert_matches(path: Path, args, shape, class_name="Model"):
     (normalising by a small batch's spread amplifies rounding)."""
     text, source = imported(path, args, shape, class_name)
     generated = load_spec(text, f"imported_{path.stem}")
+    torch.manual_seed(SEED)  # the same input whichever tests ran before in this worker
     x = torch.rand(*shape, device=DEVICE)
     for training in (False, True):
         torch.manual_seed(SEED)
@@ -76,8 +77,6 @@ def assert_matches(path: Path, args, shape, class_name="Model"):
         ("27_RegNet", [3, 3, [4, 6, 5], 7], (2, 3, 17, 16)),
         # four stages of bottlenecks, their blocks after the first as loops
         ("10_ResNet101", [[1, 2, 1, 1], 7], (2, 3, 32, 32)),
-        # dense blocks of 6, 12, 48 and 32 layers at growth rate 4
-        ("16_DenseNet201", [4, 7], (2, 3, 32, 32)),
         # 64 pixels square: at 32 the last stages' training-mode BatchNorm normalises 2 values a channel,
         # whose rounding the running statistics' float32 bars (rtol 1e-4) do not allow for
         ("22_EfficientNetB0", [7], (2, 3, 64, 64)),

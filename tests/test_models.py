@@ -31,14 +31,7 @@ SEED = 42  # KernelBench's, set before each constructor
 # so do ResNet18's 3x3s of up to 512 channels (its gradients run in ResNet101's and the basic block's cases).
 # DenseNet121's and DenseNet201's 58 and 98 dense layers (a few launches each) do too at any input.
 LARGE_INPUT = {
-    "mobilenet_v1",
-    "alexnet",
-    "vgg16",
-    "vgg19",
-    "googlenet_inception_v1",
-    "resnet18",
-    "densenet121",
-    "densenet201",
+    "mobilenet_v1", "alexnet", "vgg16", "vgg19", "googlenet_inception_v1", "resnet18", "densenet121", "densenet201"
 }
 GPU_ONLY = "runs on the GPU only for a large-input net (LARGE_INPUT): too slow under the interpreter"
 

@@ -227,14 +227,7 @@ def test_generated_files_copy_the_runtime_functions_they_call_and_no_others():
         rebuilt = compile_spec((ROOT / "specs" / spec).read_text(), f"specs/{spec}")
         assert rebuilt == source
         copied = [name for name in names if f"\ndef {name}(" in source]
-        assert {
-            "fp32_dot",
-            "round_to_tf32",
-            "dot_precision",
-            "replay_cuda_graph",
-            "graph_inputs",
-            "run_launch_plan",
-        } <= set(copied)
+        assert {"fp32_dot", "round_to_tf32", "dot_precision", "replay_cuda_graph", "graph_inputs", "run_launch_plan"} <= set(copied)
         for name in copied:
             function = getattr(runtime, name)
             text = inspect.getsource(getattr(function, "fn", function))

@@ -354,9 +354,7 @@ def test_rendered_error_has_file_line_column_and_caret():
 
 def test_the_shared_header_compiles():
     """The cases above fail because of their own lines, not because of the header they share."""
-    compile_spec(
-        HEADER + "forward:\n    conv1: conv3x3(3, int(c * alpha)) -> bn1: bn(int(c * alpha)) -> relu\n", "specs/ok.fuse"
-    )
+    compile_spec(HEADER + "forward:\n    conv1: conv3x3(3, int(c * alpha)) -> bn1: bn(int(c * alpha)) -> relu\n", "specs/ok.fuse")
 
 
 def test_let_functions_see_their_declaration_scope_like_python():
@@ -387,10 +385,7 @@ def test_error_lines_are_counted_at_newlines_only(separator):
 def test_a_line_quoted_in_a_comment_has_its_control_characters_escaped():
     """A block argument may be any string; a carriage return in it must not end the comment that quotes
     the line (Python ends a line there)."""
-    text = (
-        HEADER
-        + 'block b(s):\n    conv3x3(8, 8)\nforward:\n    conv1: conv3x3(3, int(c * alpha * 2))\n    b1: b("\rimport os")\n'
-    )
+    text = HEADER + 'block b(s):\n    conv3x3(8, 8)\nforward:\n    conv1: conv3x3(3, int(c * alpha * 2))\n    b1: b("\rimport os")\n'
     source = compile_spec(text, "specs/ok.fuse")
     assert "\r" not in source
     assert '# ok.fuse:7: b1: b("\\rimport os")' in source

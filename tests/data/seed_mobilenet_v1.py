@@ -5,30 +5,20 @@ import torch.nn as nn
 import triton
 import triton.language as tl
 
+
 # =========================
 #  Linear (GEMM) kernel
 # =========================
 
-
 @triton.jit
 def linear_kernel(
-    x_ptr,
-    w_ptr,
-    b_ptr,
-    y_ptr,
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_xk,
-    stride_wk,
-    stride_wn,
-    stride_ym,
-    stride_yn,
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_xk,
+    stride_wk, stride_wn,
+    stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -84,31 +74,21 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor = No
     BLOCK_K = 32
 
     grid = lambda META: (
-        triton.cdiv(B, META["BLOCK_M"]),
-        triton.cdiv(N, META["BLOCK_N"]),
+        triton.cdiv(B, META['BLOCK_M']),
+        triton.cdiv(N, META['BLOCK_N']),
     )
 
     has_bias = bias is not None
     b_ptr = bias if has_bias else x  # dummy pointer, never used when HAS_BIAS=False
 
     linear_kernel[grid](
-        x,
-        w,
-        b_ptr,
-        y,
-        B,
-        N,
-        K,
-        x.stride(0),
-        x.stride(1),
-        w.stride(1),
-        w.stride(0),
-        y.stride(0),
-        y.stride(1),
+        x, w, b_ptr, y,
+        B, N, K,
+        x.stride(0), x.stride(1),
+        w.stride(1), w.stride(0),
+        y.stride(0), y.stride(1),
         HAS_BIAS=has_bias,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
     )
     return y
 
@@ -117,30 +97,14 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor = No
 #  1x1 Conv kernel (groups=1)
 # =========================
 
-
 @triton.jit
 def conv1x1_kernel(
-    x_ptr,
-    w_ptr,
-    y_ptr,
-    N,
-    C_in,
-    H,
-    W,
-    C_out,
-    stride_xn,
-    stride_xc,
-    stride_xh,
-    stride_xw,
-    stride_wco,
-    stride_wci,
-    stride_yn,
-    stride_yc,
-    stride_yh,
-    stride_yw,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    x_ptr, w_ptr, y_ptr,
+    N, C_in, H, W, C_out,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wco, stride_wci,
+    stride_yn, stride_yc, stride_yh, stride_yw,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -173,7 +137,11 @@ def conv1x1_kernel(
             + h_idx[:, None] * stride_xh
             + w_idx[:, None] * stride_xw
         )
-        w_ptrs = w_ptr + offs_n[None, :] * stride_wco + ci[:, None] * stride_wci
+        w_ptrs = (
+            w_ptr
+            + offs_n[None, :] * stride_wco
+            + ci[:, None] * stride_wci
+        )
 
         x_block = tl.load(
             x_ptrs,
@@ -222,32 +190,17 @@ def conv1x1_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     BLOCK_K = 32
 
     grid = lambda META: (
-        triton.cdiv(N * H * W, META["BLOCK_M"]),
-        triton.cdiv(C_out, META["BLOCK_N"]),
+        triton.cdiv(N * H * W, META['BLOCK_M']),
+        triton.cdiv(C_out, META['BLOCK_N']),
     )
 
     conv1x1_kernel[grid](
-        x,
-        w,
-        y,
-        N,
-        C_in,
-        H,
-        W,
-        C_out,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        w.stride(0),
-        w.stride(1),
-        y.stride(0),
-        y.stride(1),
-        y.stride(2),
-        y.stride(3),
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K,
+        x, w, y,
+        N, C_in, H, W, C_out,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        w.stride(0), w.stride(1),
+        y.stride(0), y.stride(1), y.stride(2), y.stride(3),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
     )
     return y
 
@@ -256,38 +209,16 @@ def conv1x1_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 #  3x3 Conv kernel (groups=1)
 # =========================
 
-
 @triton.jit
 def conv3x3_kernel(
-    x_ptr,
-    w_ptr,
-    y_ptr,
-    N,
-    C_in,
-    H,
-    W,
-    C_out,
-    OH,
-    OW,
-    stride_h,
-    stride_w,
-    pad_h,
-    pad_w,
-    stride_xn,
-    stride_xc,
-    stride_xh,
-    stride_xw,
-    stride_wco,
-    stride_wci,
-    stride_wkh,
-    stride_wkw,
-    stride_yn,
-    stride_yc,
-    stride_yh,
-    stride_yw,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    x_ptr, w_ptr, y_ptr,
+    N, C_in, H, W,
+    C_out, OH, OW,
+    stride_h, stride_w, pad_h, pad_w,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wco, stride_wci, stride_wkh, stride_wkw,
+    stride_yn, stride_yc, stride_yh, stride_yw,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -332,7 +263,11 @@ def conv3x3_kernel(
                     + iw[:, None] * stride_xw
                 )
                 w_ptrs = (
-                    w_ptr + offs_n[None, :] * stride_wco + ci[:, None] * stride_wci + kh * stride_wkh + kw * stride_wkw
+                    w_ptr
+                    + offs_n[None, :] * stride_wco
+                    + ci[:, None] * stride_wci
+                    + kh * stride_wkh
+                    + kw * stride_wkw
                 )
 
                 x_block = tl.load(
@@ -389,40 +324,19 @@ def conv3x3_triton(
     BLOCK_K = 32
 
     grid = lambda META: (
-        triton.cdiv(N * OH * OW, META["BLOCK_M"]),
-        triton.cdiv(C_out, META["BLOCK_N"]),
+        triton.cdiv(N * OH * OW, META['BLOCK_M']),
+        triton.cdiv(C_out, META['BLOCK_N']),
     )
 
     conv3x3_kernel[grid](
-        x,
-        w,
-        y,
-        N,
-        C_in,
-        H,
-        W,
-        C_out,
-        OH,
-        OW,
-        stride,
-        stride,
-        padding,
-        padding,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        w.stride(0),
-        w.stride(1),
-        w.stride(2),
-        w.stride(3),
-        y.stride(0),
-        y.stride(1),
-        y.stride(2),
-        y.stride(3),
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K,
+        x, w, y,
+        N, C_in, H, W,
+        C_out, OH, OW,
+        stride, stride, padding, padding,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        w.stride(0), w.stride(1), w.stride(2), w.stride(3),
+        y.stride(0), y.stride(1), y.stride(2), y.stride(3),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
     )
     return y
 
@@ -431,35 +345,16 @@ def conv3x3_triton(
 #  3x3 Depthwise Conv kernel (groups = C_in)
 # =========================
 
-
 @triton.jit
 def depthwise_conv3x3_kernel(
-    x_ptr,
-    w_ptr,
-    y_ptr,
-    N,
-    C,
-    H,
-    W,
-    OH,
-    OW,
-    stride_h,
-    stride_w,
-    pad_h,
-    pad_w,
-    stride_xn,
-    stride_xc,
-    stride_xh,
-    stride_xw,
-    stride_wc,
-    stride_wkh,
-    stride_wkw,
-    stride_yn,
-    stride_yc,
-    stride_yh,
-    stride_yw,
-    BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    x_ptr, w_ptr, y_ptr,
+    N, C, H, W,
+    OH, OW,
+    stride_h, stride_w, pad_h, pad_w,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wc, stride_wkh, stride_wkw,
+    stride_yn, stride_yc, stride_yh, stride_yw,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -496,7 +391,12 @@ def depthwise_conv3x3_kernel(
                 + ih[:, None] * stride_xh
                 + iw[:, None] * stride_xw
             )
-            w_ptrs = w_ptr + offs_c[None, :] * stride_wc + kh * stride_wkh + kw * stride_wkw
+            w_ptrs = (
+                w_ptr
+                + offs_c[None, :] * stride_wc
+                + kh * stride_wkh
+                + kw * stride_wkw
+            )
 
             x_block = tl.load(
                 x_ptrs,
@@ -550,37 +450,19 @@ def depthwise_conv3x3_triton(
     BLOCK_C = 64
 
     grid = lambda META: (
-        triton.cdiv(N * OH * OW, META["BLOCK_M"]),
-        triton.cdiv(C, META["BLOCK_C"]),
+        triton.cdiv(N * OH * OW, META['BLOCK_M']),
+        triton.cdiv(C, META['BLOCK_C']),
     )
 
     depthwise_conv3x3_kernel[grid](
-        x,
-        w,
-        y,
-        N,
-        C,
-        H,
-        W,
-        OH,
-        OW,
-        stride,
-        stride,
-        padding,
-        padding,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        x.stride(3),
-        w.stride(0),
-        w.stride(2),
-        w.stride(3),
-        y.stride(0),
-        y.stride(1),
-        y.stride(2),
-        y.stride(3),
-        BLOCK_M=BLOCK_M,
-        BLOCK_C=BLOCK_C,
+        x, w, y,
+        N, C, H, W,
+        OH, OW,
+        stride, stride, padding, padding,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        w.stride(0), w.stride(2), w.stride(3),
+        y.stride(0), y.stride(1), y.stride(2), y.stride(3),
+        BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
     )
     return y
 
@@ -589,12 +471,10 @@ def depthwise_conv3x3_triton(
 #  High-level MobileNetV1 using Triton ops
 # =========================
 
-
 class ConvBNReLU(nn.Module):
     """
     3x3 Conv (groups=1) + BatchNorm2d + ReLU, using Triton conv.
     """
-
     def __init__(self, in_ch, out_ch, stride):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_ch, in_ch, 3, 3))
@@ -615,7 +495,6 @@ class DepthwiseSeparableConv(nn.Module):
     Depthwise 3x3 + Pointwise 1x1, each followed by BN + ReLU.
     Uses Triton depthwise and 1x1 conv kernels.
     """
-
     def __init__(self, in_ch, out_ch, stride):
         super().__init__()
         # depthwise: groups = in_ch
@@ -646,7 +525,6 @@ class DepthwiseSeparableConv(nn.Module):
 class ModelNew(nn.Module):
     def __init__(self, num_classes=1000, input_channels=3, alpha=1.0):
         super(ModelNew, self).__init__()
-
         def c(v):
             return int(v * alpha)
 
