@@ -1058,9 +1058,10 @@ def record_launches_of(kernel):
 
 
 def replay_launch_plan(plan, x):
-    """Runs the steps that record_launch_plan recorded, with x in slot 0: each torch op again (a fresh
-    allocation per call, so that no output is shared between calls), each launch straight through its
-    compiled kernel's launcher on the current stream."""
+    """Runs the steps that record_launch_plan recorded, with x in slot 0: one allocation for the arena's
+    tensors (arena_layout), each torch op again (a fresh output per call, so that none is shared between
+    calls), each launch straight through its compiled kernel's launcher on the current stream.
+    """
     values = [None] * plan["slots"]
     values[0] = x
     stream = torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else None
