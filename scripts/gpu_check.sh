@@ -9,9 +9,10 @@ parts:
   tests-nets  its first half: tests/test_models.py, test_ops.py, test_training.py
   tests-rest  its second half: the other test files
   timing      eager against the generated ModelNew (scripts/time_models.py) and a per-kernel profile
-  bench       fusegen bench of every spec at its batch, eval and training mode (no torch.compile)
+  bench       fusegen bench of every spec at its batch, eval and training mode (no torch.compile), after
+              compiling every spec's kernels twelve specs side by side (scripts/warm_specs.py)
 Everything is printed and written to \$OUT (default /tmp/out): device.txt, pytest-*.log, timing.txt,
-profile.txt, bench.txt, bench.json."
+profile.txt, warm.txt, bench.txt, bench.json."
 case "${1:-}" in
 -h | --help) echo "$usage"; exit 0 ;;
 esac
@@ -47,7 +48,9 @@ for part in $parts; do
         python3 scripts/time_models.py 2>&1 | tee "$OUT/timing.txt"
         python3 scripts/time_models.py --profile 2>&1 | tee "$OUT/profile.txt" ;;
     bench)
-        # eager and its CUDA graph against fusegen (with and without a graph), then a per-kernel roofline
+        # every spec's kernels compiled first, twelve specs side by side; then eager and its CUDA graph
+        # against fusegen (with and without a graph), then a per-kernel roofline
+        python3 scripts/warm_specs.py specs/*.fuse 2>&1 | tee "$OUT/warm.txt"
         python3 -m fusegen bench specs/*.fuse --no-compile --mode eval train \
             --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" ;;
     esac
