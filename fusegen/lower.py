@@ -131,25 +131,28 @@ def _store(channels: str, row_stride: str) -> str:
     return f"tl.store(out_ptr + offs_m[:, None] * {row_stride} + {channels}[None, :], acc, mask=mask)"
 
 
-# Wrapper lines of a pooled kernel: its output pixels, and torch's error where the window does not fit.
-_POOLED_PIXELS = [
-    "PH, PW = OH // POOL_H, OW // POOL_W",
-    "if PH == 0 or PW == 0:",
-    '    raise ValueError(f"a {POOL_H}x{POOL_W} pooling window does not fit in {OH}x{OW} pixels")',
-]
+def _pooled_pixels(height: str, width: str) -> list[str]:
+    """Wrapper lines of a pooled kernel: its output pixels, and torch's error where the window (`height` x
+    `width`, the pool's constexprs) does not fit."""
+    return [
+        f"PH, PW = OH // {height}, OW // {width}",
+        "if PH == 0 or PW == 0:",
+        f'    raise ValueError(f"a {{{height}}}x{{{width}}} pooling window does not fit in {{OH}}x{{OW}} pixels")',
+    ]
 
 
-def _window_named(lines: list[str], pool: FusedOp) -> list[str]:
-    """`lines` with the window's height and width (POOL_H, POOL_W) named as the pool's slot names them: a
-    pool after a maxpool has the slot pool2 (POOL2_H)."""
+def _window_names(pool: FusedOp) -> tuple[str, str]:
+    """The names of the pool's window height and width in the kernel and its wrapper, from its slot: POOL_H,
+    or POOL2_H for a pool after a maxpool (whose slot is pool)."""
     height, width = (_param_name(pool, p, is_anchor=False) for p in pool.params)
-    return [line.replace("POOL_H", height).replace("POOL_W", width) for line in lines]
+    return height, width
 
 
-def _pooled(tile: list[str]) -> list[str]:
+def _pooled(tile: list[str], height: str, width: str) -> list[str]:
     """The frame of a kernel that a pool ends: a program's output is one pooled pixel (n, ph, pw) for
-    BLOCK_N channels, and its tile's rows are the pixels of that pixel's pooling window, BLOCK_M at a
-    time. `tile` (the anchor's loop and the epilogue) leaves each window tile in `acc`."""
+    BLOCK_N channels, and its tile's rows are the pixels of that pixel's pooling window (`height` x
+    `width`), BLOCK_M at a time. `tile` (the anchor's loop and the epilogue) leaves each window tile in
+    `acc`."""
     return [
         "# Output tile: one pooled pixel x BLOCK_N channels. Its rows are the pixels of the pooling window,",
         "# BLOCK_M at a time; every fused op uses these offsets and masks, and the window's tiles are summed",
@@ -163,16 +166,16 @@ def _pooled(tile: list[str]) -> list[str]:
         "# the image of every row",
         "n = pid_m // (PH * PW) + tl.zeros((BLOCK_M,), dtype=tl.int32)",
         "pooled = tl.zeros((BLOCK_N,), dtype=tl.float32)",
-        "for p0 in range(0, POOL_H * POOL_W, BLOCK_M):",
+        f"for p0 in range(0, {height} * {width}, BLOCK_M):",
         "    offs_m = p0 + tl.arange(0, BLOCK_M)  # pixels of the window",
-        "    mask_m = offs_m < POOL_H * POOL_W",
+        f"    mask_m = offs_m < {height} * {width}",
         "    mask = mask_m[:, None] & mask_n[None, :]",
-        "    oh = ph * POOL_H + offs_m // POOL_W",
-        "    ow = pw * POOL_W + offs_m % POOL_W",
+        f"    oh = ph * {height} + offs_m // {width}",
+        f"    ow = pw * {width} + offs_m % {width}",
         *(INDENT + line for line in tile),
         "    # pool: the sum of the window's rows",
         "    pooled += tl.sum(tl.where(mask, acc, 0.0), axis=0)",
-        "tl.store(out_ptr + pid_m * C_out + offs_n, pooled / (POOL_H * POOL_W), mask=mask_n)",
+        f"tl.store(out_ptr + pid_m * C_out + offs_n, pooled / ({height} * {width}), mask=mask_n)",
     ]
 
 
@@ -369,7 +372,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
     if kernel.pool:
         assert not kernel.writes_batch_stats, "training mode gives a pool its own launch"
         assert channels == "offs_n", "check refuses a channel map in a kernel that a pool ends"
-        body = _window_named(_pooled(tile), kernel.pool)
+        body = _pooled(tile, *_window_names(kernel.pool))
     else:
         stats = _tile_stats(channels) if kernel.writes_batch_stats else []
         store = [] if kernel.stats_only else [_store(channels, "out_row_stride" if kernel.writes_slice else "C_out")]
@@ -459,7 +462,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
     elif kernel.producer:
         anchor_dims += [line.format(m=kernel.anchor.slot) for line in anchor.consume_guard]
     if kernel.pool:
-        anchor_dims += [f"{name} = {value}" for name, value in window] + _window_named(_POOLED_PIXELS, kernel.pool)
+        anchor_dims += [f"{name} = {value}" for name, value in window] + _pooled_pixels(*_window_names(kernel.pool))
     out_shape = ", ".join(["N", *out_dims])
     inputs = ["x", "x_stats"] if kernel.reads_batch_stats else ["x"]
     setup = [line.format(m=f.slot) for f in kernel.prologue if f.elementwise for line in f.elementwise.setup]

@@ -966,10 +966,8 @@ def arena_layout(steps, held, output):
         for _, s in fills:
             dies[s] = i
     sharing = {}  # storage address -> the recording's tensors on it
-    for t in held:
-        sharing[t.untyped_storage().data_ptr()] = (
-            sharing.get(t.untyped_storage().data_ptr(), 0) + 1
-        )
+    for address in [t.untyped_storage().data_ptr() for t in held]:
+        sharing[address] = sharing.get(address, 0) + 1
     import sys  # here: a generated file's top-level imports are the seeds' four
 
     # what holds a tensor of the recording: the list `held` and sys.getrefcount's argument, as for this one

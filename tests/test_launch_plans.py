@@ -229,7 +229,7 @@ def test_the_arena_gives_tensors_whose_lives_overlap_bytes_of_their_own():
     died may take its bytes."""
     empty, launch = torch.ops.aten.empty.memory_format, "launch"
     held = [torch.zeros(4)] + [torch.empty(n) for n in (100, 300, 100, 50, 100, 7, 9)]
-    elsewhere = [held[5], held[7][1:]]  # kept outside the recording: a tensor itself, a view of one
+    elsewhere = [held[5], held[7][1:]]  # noqa: F841 (kept outside the recording: a tensor itself, a view of one)
     steps = [
         ["op", empty, [], {}, [], [1], []],  # 0: slot 1 lives from 0 to 2
         ["op", empty, [], {}, [], [2], []],  # 1: slot 2 lives from 1 to 4
@@ -244,7 +244,7 @@ def test_the_arena_gives_tensors_whose_lives_overlap_bytes_of_their_own():
         ["call", launch, [None, None, None, None], {}, [(0, 4), (1, 5), (2, 6), (3, 7)], [], []],
     ]
     places, size = runtime.arena_layout(steps, held, output=4)
-    assert set(places) == {1, 2, 6} and len(elsewhere) == 2
+    assert set(places) == {1, 2, 6}
     lives = {1: (0, 2), 2: (1, 4), 6: (8, 10)}
     spans = {s: (offset, offset + held[s].untyped_storage().nbytes()) for s, (offset, *_) in places.items()}
     for s, (offset, shape, strides, dtype) in places.items():

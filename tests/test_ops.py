@@ -145,13 +145,12 @@ def compare(text: str, steps: list[Step], input_shape, kwargs=None, seed: int = 
     clamps_from = len(steps) - trailing_clamps(steps)
     with torch.no_grad():
         out = model(x)
-        exact = x.double().contiguous()
-        for i, (op, name) in enumerate(steps):
-            if i == clamps_from:
-                unclamped = exact
-            exact = op.reference(getattr(exact_model, name) if name else None, exact)
-        if clamps_from == len(steps):
-            unclamped = exact
+        unclamped = x.double().contiguous()
+        for op, name in steps[:clamps_from]:
+            unclamped = op.reference(getattr(exact_model, name) if name else None, unclamped)
+        exact = unclamped
+        for op, name in steps[clamps_from:]:
+            exact = op.reference(None, exact)  # relu or relu6: no module
     assert torch.equal(x, x_before), "the model wrote to its input"
     err = clamped_error(out, exact, unclamped)
     assert err < TOLERANCE, f"relative error {err:.3g} >= {TOLERANCE}\nModelNew({kwargs or ''}) of spec:\n{text}"
