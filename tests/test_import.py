@@ -12,7 +12,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from fusegen.importer import ImportFailure, Source, load, model_new_args, to_spec, verify
-from helpers import DEVICE, TOLERANCE, load_spec, randomize_batchnorm, rel_error
+from helpers import DEVICE, ON_GPU, TOLERANCE, load_spec, randomize_batchnorm, rel_error
 from test_cli import fusegen
 
 KERNELBENCH = Path("/work/shared/kernelbench/level3")
@@ -32,11 +32,12 @@ def assert_matches(path: Path, args, shape, class_name="Model"):
     """The spec's ModelNew against the module: the seeded state_dict, names, order and values; the output in
     eval mode (random BatchNorm statistics) and in training mode (and the running statistics after it), against
     the module in float64 with test_models' bars: TOLERANCE, in training mode or 3x fp32 torch's own error
-    (normalising by a small batch's spread amplifies rounding)."""
+    (normalising by a small batch's spread amplifies rounding). Without args and shape, the file's own
+    get_init_inputs() and get_inputs()."""
     text, source = imported(path, args, shape, class_name)
     generated = load_spec(text, f"imported_{path.stem}")
     torch.manual_seed(SEED)  # the same input whichever tests ran before in this worker
-    x = torch.rand(*shape, device=DEVICE)
+    x = torch.rand(*source.input_shape, device=DEVICE)
     for training in (False, True):
         torch.manual_seed(SEED)
         ref = source.build()
@@ -54,7 +55,7 @@ def assert_matches(path: Path, args, shape, class_name="Model"):
             out, eager, want = new(x), ref(x), exact(x.double())
         bar = max(TOLERANCE, 3 * rel_error(eager, want)) if training else TOLERANCE
         assert rel_error(out, want) < bar, (training, rel_error(out, want), rel_error(eager, want))
-        for a, b in zip(new.state_dict().values(), ref.state_dict().values()):
+        for a, b in zip(new.state_dict().values(), exact.state_dict().values()):
             assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)  # running statistics
     return text
 
@@ -77,13 +78,25 @@ def assert_matches(path: Path, args, shape, class_name="Model"):
         ("27_RegNet", [3, 3, [4, 6, 5], 7], (2, 3, 17, 16)),
         # four stages of bottlenecks, their blocks after the first as loops
         ("10_ResNet101", [[1, 2, 1, 1], 7], (2, 3, 32, 32)),
-        # 64 pixels square: at 32 the last stages' training-mode BatchNorm normalises 2 values a channel,
-        # whose rounding the running statistics' float32 bars (rtol 1e-4) do not allow for
+        # 64 pixels square, or a batch of 4 to 8 at 32: smaller, the last stages' training-mode BatchNorm
+        # normalises 2 to 4 values a channel, so ill-conditioned that fp32 torch's own running statistics miss
+        # the float32 bars (rtol 1e-4) against float64 (EfficientNetB2 at batch 4: up to 10x the bar, fusegen 8x)
         ("22_EfficientNetB0", [7], (2, 3, 64, 64)),
+        ("23_EfficientNetB1", [7], (4, 3, 32, 32)),
+        ("24_EfficientNetB2", [7], (8, 3, 32, 32)),
+        # growth rate 4: 98 dense layers at a few channels each
+        ("16_DenseNet201", [4, 7], (4, 3, 32, 32)),
     ],
 )
 def test_kernelbench_files_import_and_match(stem, args, shape):
     assert_matches(KERNELBENCH / f"{stem}.py", args, shape)
+
+
+@needs_kernelbench
+@pytest.mark.skipif(not ON_GPU, reason="KernelBench's own arguments and inputs: on the GPU only")
+@pytest.mark.parametrize("stem", sorted(path.stem for path in KERNELBENCH.glob("*.py")))
+def test_kernelbench_files_import_and_match_at_their_own_inputs(stem):
+    assert_matches(KERNELBENCH / f"{stem}.py", None, None)
 
 
 @needs_kernelbench
@@ -96,6 +109,42 @@ def test_kernelbench_files_import_and_match(stem, args, shape):
 )
 def test_kernelbench_densenet_parts_import_and_match(stem, args, shape):
     assert_matches(KERNELBENCH / f"{stem}.py", args, shape)
+
+
+# AlexNet's and the VGGs' first Linear is sized for 224-pixel inputs, minutes a forward under the interpreter:
+# imported at that input, then built with that Linear sized for a small input's features (one number of the spec,
+# the module's Linear replaced alike), so every other kernel of the imported net runs here. Without BatchNorm,
+# training mode runs eval mode's kernels: eval mode only (about 100 s a net on the development CPU).
+# stem -> (the spec's Linear, resized, its module path, the small input)
+RESIZED_CLASSIFIER = {
+    "5_AlexNet": ("linear(9216, ", "linear(256, ", "fc1", (2, 3, 63, 63)),
+    "11_VGG16": ("linear(25088, ", "linear(512, ", "classifier.0", (1, 3, 32, 32)),
+    "12_VGG19": ("linear(25088, ", "linear(512, ", "classifier.0", (1, 3, 32, 32)),
+}
+
+
+@needs_kernelbench
+@pytest.mark.parametrize("stem", sorted(RESIZED_CLASSIFIER))
+def test_kernelbench_fixed_classifier_nets_import_and_match_at_a_small_input(stem):
+    linear, resized, path, shape = RESIZED_CLASSIFIER[stem]
+    text, source = imported(KERNELBENCH / f"{stem}.py", [7], (1, 3, 224, 224))
+    assert text.count(linear) == 1 and "bn(" not in text
+    small = text.replace(linear, resized).replace("input(1, 3, 224, 224)", f"input{shape}")
+    generated = load_spec(small, f"imported_{stem}_small")
+    assert not hasattr(generated.ModelNew, "run_training_kernels")
+    torch.manual_seed(SEED)
+    ref = source.build()
+    parent, _, name = path.rpartition(".")
+    setattr(ref.get_submodule(parent), name, nn.Linear(int(resized[7:-2]), ref.get_submodule(path).out_features))
+    new = generated.ModelNew(**model_new_args(generated.ModelNew, source))
+    new.load_state_dict(ref.state_dict(), strict=True)
+    exact = copy.deepcopy(ref).double().to(DEVICE).eval()
+    new = new.to(DEVICE).eval()
+    torch.manual_seed(SEED)
+    x = torch.rand(*shape, device=DEVICE)
+    with torch.no_grad():
+        out, want = new(x), exact(x.double())
+    assert rel_error(out, want) < TOLERANCE
 
 
 @needs_kernelbench
