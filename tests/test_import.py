@@ -15,7 +15,9 @@ from fusegen.importer import ImportFailure, Source, load, model_new_args, to_spe
 from helpers import DEVICE, ON_GPU, TOLERANCE, load_spec, randomize_batchnorm, rel_error
 from test_cli import fusegen
 
-KERNELBENCH = Path("/work/shared/kernelbench/level3")
+KERNELBENCH = Path(__file__).resolve().parents[2] / "shared" / "kernelbench" / "level3"
+if not KERNELBENCH.exists():
+    KERNELBENCH = Path("/work/shared/kernelbench/level3")
 SEED = 42
 needs_kernelbench = pytest.mark.skipif(not KERNELBENCH.is_dir(), reason="KernelBench's level-3 files are not here")
 
