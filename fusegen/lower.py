@@ -6,7 +6,9 @@ Every kernel has the same frame, which owns the offsets and masks (like Inductor
 2-d output) by BLOCK_N channels. The anchor fills `acc` inside that frame, the prologue ops rewrite
 each input tile where the anchor loads it, the epilogue ops rewrite `acc`, and one `tl.store` writes
 it. A kernel that a pool ends has another frame (`_pooled`): one pooled pixel a program, its rows the
-pixels of that pixel's window, whose tiles it sums before the one store. An anchor that splits K
+pixels of that pixel's window, whose tiles it sums before the one store; except where the pool runs on
+the anchor's input (a 1x1 conv then an average pool, `Kernel.pools_input`): the ordinary frame over the
+pooled pixels, each input tile the mean of its window. An anchor that splits K
 (`Anchor.split_k_finish`) lowers to two kernels in the same frame: one stores each slice of K's
 partial sums, the other adds them and runs the epilogue. Kernel parameters appear only when the body
 uses them, so no kernel has a dead parameter.
@@ -86,11 +88,14 @@ def _prologue_hook(prologue: tuple[FusedOp, ...]) -> O.PrologueHook:
 _GROUP_BLOCKS = "(GROUPS * tl.cdiv(C_out // GROUPS, BLOCK_N))"
 
 
-def _frame(out_rank: int, loop: list[str], grouped: bool = False, row_order: tuple[str, ...] = ()) -> list[str]:
+def _frame(
+    out_rank: int, loop: list[str], grouped: bool = False, row_order: tuple[str, ...] = (), pooled: bool = False
+) -> list[str]:
     """The tile's offsets and masks, and the output pixel of each row where the anchor's loop uses it;
     `grouped`: the channel blocks of a grouped anchor (Anchor.grouped), each inside one group; `row_order`:
-    the lines of an anchor that orders the grid's rows itself (Anchor.row_order), which set offs_m."""
-    rows = "N * OH * OW" if out_rank == 4 else "N"
+    the lines of an anchor that orders the grid's rows itself (Anchor.row_order), which set offs_m; `pooled`:
+    the rows are pooled pixels (n, ph, pw) of a pool that runs on the anchor's input (Kernel.pools_input)."""
+    rows = ("N * PH * PW" if pooled else "N * OH * OW") if out_rank == 4 else "N"
     places = "rows_in_order" if row_order else "offs_m"  # the tile's places in the grid's row order
     channel_blocks = _GROUP_BLOCKS if grouped else "tl.cdiv(C_out, BLOCK_N)"
     channels = (
@@ -117,8 +122,15 @@ def _frame(out_rank: int, loop: list[str], grouped: bool = False, row_order: tup
         "mask = mask_m[:, None] & mask_n[None, :]",
         *row_order,
     ]
+    height, width = ("PH", "PW") if pooled else ("OH", "OW")
     pixel = (
-        ["n = offs_m // (OH * OW)", "oh = offs_m // OW % OH", "ow = offs_m % OW"] if out_rank == 4 else ["n = offs_m"]
+        [
+            f"n = offs_m // ({height} * {width})",
+            f"{height.lower()} = offs_m // {width} % {height}",
+            f"{width.lower()} = offs_m % {width}",
+        ]
+        if out_rank == 4
+        else ["n = offs_m"]
     )
     loop_text = "\n".join(loop)
     return lines + [line for line in pixel if _used(line.split(" = ")[0], loop_text)]
@@ -283,6 +295,8 @@ def _tile_rule(kernel: Kernel) -> TileRule | None:
         lowering: O.Anchor = producer.op.lowering
         return lowering.produce_tile.format(m=producer.slot), O.TILE_BLOCKS, lowering.produce_tile_options
     anchor: O.Anchor = kernel.anchor.op.lowering
+    if kernel.pools_input:
+        return anchor.pool_input_tile, anchor.tile_blocks, anchor.tile_options
     return (anchor.tile, anchor.tile_blocks, anchor.tile_options) if anchor.tile else None
 
 
@@ -348,6 +362,8 @@ def lower(kernel: Kernel) -> LoweredKernel:
         loop = anchor.consume(kernel.anchor.slot, _produced(kernel))
     elif kernel.stats_only:
         loop = _STATS_ONLY_LOAD
+    elif kernel.pools_input:
+        loop = anchor.pool_input(kernel.anchor.slot, _prologue_hook(kernel.prologue), *_window_names(kernel.pool))
     else:
         loop = anchor.loop(kernel.anchor.slot, _prologue_hook(kernel.prologue))
     # split K: a first kernel (`slices`) runs the loop over each slice of K, this one adds their sums
@@ -369,14 +385,16 @@ def lower(kernel: Kernel) -> LoweredKernel:
             continue
         tile.append(f"# epilogue: {f.op.name}")
         tile += f.op.lowering.apply("acc", f.slot, channels, "mask_n")
-    if kernel.pool:
+    pooled_frame = kernel.pool is not None and not kernel.pools_input
+    if pooled_frame:
         assert not kernel.writes_batch_stats, "training mode gives a pool its own launch"
         assert channels == "offs_n", "check refuses a channel map in a kernel that a pool ends"
         body = _pooled(tile, *_window_names(kernel.pool))
     else:
         stats = _tile_stats(channels) if kernel.writes_batch_stats else []
         store = [] if kernel.stats_only else [_store(channels, "out_row_stride" if kernel.writes_slice else "C_out")]
-        body = [*_frame(out_rank, loop, anchor.grouped, anchor.row_order), *tile, *store, *stats]
+        frame = _frame(out_rank, loop, anchor.grouped, anchor.row_order, pooled=kernel.pools_input)
+        body = [*frame, *tile, *store, *stats]
     body_text = "\n".join([*body, *slices])  # what either kernel uses
 
     # Candidate parameters in signature order, each with the wrapper expression that feeds it.
@@ -414,13 +432,13 @@ def lower(kernel: Kernel) -> LoweredKernel:
     strides = _X_STRIDES if kernel.reads_any_layout else []
     positional = [p for p in pointers + dims + strides + scalars if _used(p[0], body_text)]
     block_lines = _block_lines(rule, out_rank, body_text, own_blocks)
-    if kernel.pool:
+    if pooled_frame:
         # a program's rows are one pooling window's pixels, 64 a tile (the last 1x1 convs with their pools
         # on an H200: 64 x 128 tiles were the fastest at batch 10 and 128). Not fewer for a small window:
         # with 16 rows, a conv3x3's K loop pipelined in 3 stages on 4 warps gave wrong sums on an H200
         block_lines.append("BLOCK_M = 64  # rows: pixels of one pooling window, 64 a tile")
     # a pooled kernel: one pooled pixel a program; a grouped anchor: each group's channels in blocks
-    row_blocks = f"cdiv({rows}, 1)" if kernel.pool else f"cdiv({rows}, BLOCK_M)"
+    row_blocks = f"cdiv({rows}, 1)" if pooled_frame else f"cdiv({rows}, BLOCK_M)"
     # (a grid dimension must be visibly positive: max(1, GROUPS), though a module's groups is 1 at least)
     channel_blocks = "max(1, GROUPS) * cdiv(C_out // GROUPS, BLOCK_N)" if anchor.grouped else "cdiv(C_out, BLOCK_N)"
     # a constexpr that another wrapper expression reads (dot_weight and gemm_tile read DOT_PRECISION, the
@@ -434,6 +452,8 @@ def lower(kernel: Kernel) -> LoweredKernel:
     keyword = [p for p in channels + constexprs + blocks if _used(p[0], body_text)]
 
     fused = " -> ".join(f.op.name for f in kernel.ops if f.op.name != "load") or "copy"
+    if kernel.pools_input:
+        fused += f" (the {kernel.pool.op.name} on the {kernel.anchor.op.name}'s input: the two commute)"
     if kernel.writes_batch_stats:
         fused += " (training mode: with the output's batch statistics)"
     sources = [f"# {source}" for source in kernel.sources]

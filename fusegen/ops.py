@@ -130,6 +130,12 @@ class Anchor:
     narrow_input: bool = True
     # A pool: how it ends the kernel of an anchor before it in the chain (None: it cannot)
     pool: "Pool | None" = None
+    # An average pool right after it can run on its input instead (a 1x1 conv: W * mean(x) = mean(W * x) at
+    # every pixel): kernel lines as `loop`, each input tile the mean of a pooling window's input tiles
+    # (`height` x `width`, the pool's constexprs) at the frame's pooled pixels (n, ph, pw); and the tile rule
+    # there, as `tile` above. None: a pool ends its kernel in the pooled frame (`lower._pooled`).
+    pool_input: Callable[[str, PrologueHook, str, str], list[str]] | None = None
+    pool_input_tile: str | None = None
     # Why no pool can end its kernel, whose frame makes the tile's rows the pixels of a pooling window, after
     # the anchor's name ("orders its tile's rows ..."); None: one can, as its loop reads the rows only
     # through n, oh, ow
@@ -438,6 +444,29 @@ def _gemm_loop(row: str, k_slice: bool = False):
     return loop
 
 
+def _gemm_pool_input_loop(slot: str, prologue: PrologueHook, height: str, width: str) -> list[str]:
+    """A 1x1 conv (stride STRIDE) that an average pool follows, as the pool of its input and then the GEMM:
+    each A tile is the mean of the window's input tiles, the prologue applied to each (it may not be linear),
+    so the GEMM has the pooled pixels' rows only."""
+    channels = prologue.source("offs_k")
+    tap = [
+        f"x_row = (n * H + (ph * {height} + i) * STRIDE) * W + (pw * {width} + j) * STRIDE",
+        f"a_tap = {_load_x(f'x_ptr + x_row[:, None] * C_in + {channels}[None, :]', 'mask_m[:, None] & mask_k[None, :]')}",
+        # masked lanes meet zero weights, so the prologue needs no re-masking here
+        *prologue("a_tap", "offs_k", "mask_k", None),
+        "a += a_tap",
+    ]
+    a_tile = [
+        "# pool: the mean of the window's input tiles (a 1x1 conv commutes with an average pool)",
+        "a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)",
+        f"for i in range({height}):",
+        f"    for j in range({width}):",
+        *("        " + line for line in tap),
+        f"a = a / ({height} * {width})",
+    ]
+    return _gemm(slot, a_tile)
+
+
 def _grouped_gemm_loop(slot: str, prologue: PrologueHook) -> list[str]:
     """A grouped 1x1 conv: the program's output channels lie in one group (the frame's `group`), so its
     GEMM runs over that group's C_in // GROUPS input channels, and the weight's rows are that long."""
@@ -658,7 +687,18 @@ def _gemm_anchor(bias: bool, guard: tuple[str, ...] = ()) -> Anchor:
             *guard,
         ),
         maps_channels=True,
+        pool_input=_then_bias_pooled(bias),
+        pool_input_tile="gemm_tile(N * PH * PW, C_in, C_out, DOT_PRECISION)",
     )
+
+
+def _then_bias_pooled(bias: bool) -> Callable[[str, PrologueHook, str, str], list[str]]:
+    """The pool-input GEMM and, with `bias`, the bias after it (the mean of W x + b is W mean(x) + b)."""
+
+    def loop(slot: str, prologue: PrologueHook, height: str, width: str) -> list[str]:
+        return [*_gemm_pool_input_loop(slot, prologue, height, width), *(_add_bias(slot) if bias else [])]
+
+    return loop
 
 
 def _grouped_gemm_anchor(bias: bool, guard: tuple[str, ...]) -> Anchor:

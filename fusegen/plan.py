@@ -76,6 +76,11 @@ class Kernel:
         return (*self.prologue, *self.producer, self.anchor, *self.epilogue, *([self.pool] if self.pool else []))
 
     @property
+    def pools_input(self) -> bool:
+        """The pool runs on the anchor's input (`pools_input`), in the ordinary frame over the pooled pixels."""
+        return pools_input(self.anchor, self.producer, self.epilogue, self.pool)
+
+    @property
     def producer_at_taps(self) -> bool:
         """The producer runs at each tap of a depthwise anchor (conv1x1 -> dwconv), not in a K loop."""
         return bool(self.producer) and self.anchor.op.lowering.consume_taps is not None
@@ -222,7 +227,7 @@ def _writes_slice(group: _Group) -> bool:
     of a 4-d tile (a pool's frame, split K or a view store otherwise)."""
     anchor = group.anchor.op.lowering if group.anchor else None
     return (
-        group.pool is None
+        (group.pool is None or pools_input(group.anchor, group.producer, group.epilogue, group.pool))
         and group.view is None
         and len(group.output.shape) == 4
         and (anchor is None or anchor.split_k_finish is None)
@@ -274,6 +279,20 @@ def _dense_groups(loop: Loop, body: list, before: list, uses) -> list:
 class _ConcatGroup:
     chain: Chain  # the cat
     parts: tuple[Value, ...]  # the values stored into its slices, in order
+
+
+def pools_input(anchor, producer, epilogue, pool) -> bool:
+    """Whether the average pool that ends an anchor's kernel runs on the anchor's input instead: a 1x1 conv
+    with nothing between it and the pool (`Anchor.pool_input`: W * mean(x) = mean(W * x) at every pixel), so
+    the GEMM has a window's fewer rows. Its kernel keeps the ordinary frame over the pooled pixels, which
+    stores per-tile statistics and channel slices like any other: training mode keeps it one launch.
+    Ops or nodes alike (`.op.lowering`)."""
+    return (
+        pool is not None
+        and not producer
+        and not epilogue
+        and getattr(anchor.op.lowering, "pool_input", None) is not None
+    )
 
 
 def _split(chain: Chain):
@@ -380,10 +399,11 @@ def _needs_batch_stats(use: Node) -> bool:
 def _split_at_batch_stats(chain: Chain) -> list[Chain]:
     """Training mode: a producer that ends normalised by batch statistics (dwconv -> bn -> conv1x1)
     needs its whole output reduced before its consumer can run, so the chain becomes two launches. So
-    does a pool that ends an anchor's kernel: the BatchNorm before it would need the same, and a pooled
-    kernel does not store the per-tile statistics that a BatchNorm after it would."""
-    prologue, producer, _, _, pool, _ = _split(chain)
-    if pool is not None:
+    does a pool that ends an anchor's kernel in the pooled frame: the BatchNorm before it would need the
+    same, and that frame does not store the per-tile statistics that a BatchNorm after it would (a pool on
+    the anchor's input, `pools_input`, has neither problem)."""
+    prologue, producer, anchor, epilogue, pool, _ = _split(chain)
+    if pool is not None and not pools_input(anchor, producer, epilogue, pool):
         cut = next(i for i, u in enumerate(chain.ops) if u is pool)
     elif any(_needs_batch_stats(u) for u in producer):
         cut = len(prologue) + len(producer)
@@ -459,7 +479,8 @@ class _TrainingGroups:
             self.materialize(value)
 
     def add(self, chain: Chain) -> None:
-        prologue, producer, anchor, epilogue, _, view = _split(chain)
+        # a pool left in the chain runs on its anchor's input (_split_at_batch_stats cut the others off)
+        prologue, producer, anchor, epilogue, pool, view = _split(chain)
         for node in chain.ops:  # an operand is read as it is stored: its waiting ops apply first
             for operand in node.operands:
                 if id(operand) in self.pending:
@@ -513,6 +534,7 @@ class _TrainingGroups:
             else chain.output
         )
         group = self.group(parts[-1], source, stored, anchor, epilogue[:first_bn], chain=chain, producer=producer)
+        group.pool = pool
         if waits and view is not None:
             self.apply(stored, waits, chain.output, view)
         elif waits:

@@ -29,7 +29,7 @@ def fp32_dot(a, b, acc, DOT_PRECISION: tl.constexpr):
     return acc
 
 
-# bn -> relu -> conv1x1 -> avgpool: one kernel, one store.
+# bn -> relu -> conv1x1 -> avgpool (the avgpool on the conv1x1's input: the two commute): one kernel, one store.
 # densenet121_transition_layer.fuse:8: bn(num_input_features) -> relu -> conv(num_input_features, num_output_features, 1, bias=False) -> avgpool(2)
 @triton.jit
 def bn_relu_conv1x1_avgpool_kernel(
@@ -40,6 +40,7 @@ def bn_relu_conv1x1_avgpool_kernel(
     bn_var_ptr,
     conv_weight_ptr,
     out_ptr,
+    N,
     H,
     W,
     PH,
@@ -60,55 +61,59 @@ def bn_relu_conv1x1_avgpool_kernel(
     if LAUNCH_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    # Output tile: one pooled pixel x BLOCK_N channels. Its rows are the pixels of the pooling window,
-    # BLOCK_M at a time; every fused op uses these offsets and masks, and the window's tiles are summed
-    # in registers until the one store. Channel blocks are fastest, so adjacent programs share a window.
+    # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
+    # and the tile stays in registers until the one store.
+    # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
+    # channel blocks reads its input rows from DRAM once
     pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < N * PH * PW
     mask_n = offs_n < C_out
-    ph = pid_m // PW % PH
-    pw = pid_m % PW
-    # the image of every row
-    n = pid_m // (PH * PW) + tl.zeros((BLOCK_M,), dtype=tl.int32)
-    pooled = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for p0 in range(0, POOL_H * POOL_W, BLOCK_M):
-        offs_m = p0 + tl.arange(0, BLOCK_M)  # pixels of the window
-        mask_m = offs_m < POOL_H * POOL_W
-        mask = mask_m[:, None] & mask_n[None, :]
-        oh = ph * POOL_H + offs_m // POOL_W
-        ow = pw * POOL_W + offs_m % POOL_W
-        # anchor: 1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot
-        x_row = (n * H + oh * STRIDE) * W + ow * STRIDE
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, C_in, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < C_in
-            a = tl.load(
-                x_ptr + x_row[:, None] * C_in + offs_k[None, :],
-                mask=mask_m[:, None] & mask_k[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            # prologue: bn on the loaded input tile
-            bn_scale = tl.load(
-                bn_weight_ptr + offs_k, mask=mask_k, other=0.0
-            ) * tl.rsqrt(tl.load(bn_var_ptr + offs_k, mask=mask_k, other=1.0) + bn_eps)
-            bn_shift = (
-                tl.load(bn_bias_ptr + offs_k, mask=mask_k, other=0.0)
-                - tl.load(bn_mean_ptr + offs_k, mask=mask_k, other=0.0) * bn_scale
-            )
-            a = a * bn_scale[None, :] + bn_shift[None, :]
-            # prologue: relu on the loaded input tile
-            a = tl.maximum(a, 0.0)
-            b = tl.load(
-                conv_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
-                mask=mask_k[:, None] & mask_n[None, :],
-                other=0.0,
-            )
-            acc = fp32_dot(a, b, acc, DOT_PRECISION)
-        # pool: the sum of the window's rows
-        pooled += tl.sum(tl.where(mask, acc, 0.0), axis=0)
-    tl.store(out_ptr + pid_m * C_out + offs_n, pooled / (POOL_H * POOL_W), mask=mask_n)
+    mask = mask_m[:, None] & mask_n[None, :]
+    n = offs_m // (PH * PW)
+    ph = offs_m // PW % PH
+    pw = offs_m % PW
+    # anchor: 1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, C_in, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < C_in
+        # pool: the mean of the window's input tiles (a 1x1 conv commutes with an average pool)
+        a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for i in range(POOL_H):
+            for j in range(POOL_W):
+                x_row = (n * H + (ph * POOL_H + i) * STRIDE) * W + (
+                    pw * POOL_W + j
+                ) * STRIDE
+                a_tap = tl.load(
+                    x_ptr + x_row[:, None] * C_in + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                # prologue: bn on the loaded input tile
+                bn_scale = tl.load(
+                    bn_weight_ptr + offs_k, mask=mask_k, other=0.0
+                ) * tl.rsqrt(
+                    tl.load(bn_var_ptr + offs_k, mask=mask_k, other=1.0) + bn_eps
+                )
+                bn_shift = (
+                    tl.load(bn_bias_ptr + offs_k, mask=mask_k, other=0.0)
+                    - tl.load(bn_mean_ptr + offs_k, mask=mask_k, other=0.0) * bn_scale
+                )
+                a_tap = a_tap * bn_scale[None, :] + bn_shift[None, :]
+                # prologue: relu on the loaded input tile
+                a_tap = tl.maximum(a_tap, 0.0)
+                a += a_tap
+        a = a / (POOL_H * POOL_W)
+        b = tl.load(
+            conv_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc = fp32_dot(a, b, acc, DOT_PRECISION)
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
 # the batch statistics of the input, read where it lies (training mode): one kernel.
@@ -158,10 +163,10 @@ def batch_stats_kernel(
     )
 
 
-# bn -> relu -> conv1x1: one kernel, one store.
+# bn -> relu -> conv1x1 -> avgpool (the avgpool on the conv1x1's input: the two commute): one kernel, one store.
 # densenet121_transition_layer.fuse:8: bn(num_input_features) -> relu -> conv(num_input_features, num_output_features, 1, bias=False) -> avgpool(2)
 @triton.jit
-def bn_relu_conv1x1_train_kernel(
+def bn_relu_conv1x1_avgpool_train_kernel(
     x_ptr,
     bn_mean_ptr,
     bn_scale_ptr,
@@ -171,12 +176,14 @@ def bn_relu_conv1x1_train_kernel(
     N,
     H,
     W,
-    OH,
-    OW,
+    PH,
+    PW,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
     STRIDE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    POOL_H: tl.constexpr,
+    POOL_W: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -194,95 +201,46 @@ def bn_relu_conv1x1_train_kernel(
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < N * OH * OW
+    mask_m = offs_m < N * PH * PW
     mask_n = offs_n < C_out
     mask = mask_m[:, None] & mask_n[None, :]
-    n = offs_m // (OH * OW)
-    oh = offs_m // OW % OH
-    ow = offs_m % OW
+    n = offs_m // (PH * PW)
+    ph = offs_m // PW % PH
+    pw = offs_m % PW
     # anchor: 1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot
-    x_row = (n * H + oh * STRIDE) * W + ow * STRIDE
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, C_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < C_in
-        a = tl.load(
-            x_ptr + x_row[:, None] * C_in + offs_k[None, :],
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        # prologue: bn on the loaded input tile
-        bn_mean = tl.load(bn_mean_ptr + offs_k, mask=mask_k, other=0.0)
-        bn_scale = tl.load(bn_scale_ptr + offs_k, mask=mask_k, other=0.0)
-        bn_bias = tl.load(bn_bias_ptr + offs_k, mask=mask_k, other=0.0)
-        a = (a - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[None, :]
-        # prologue: relu on the loaded input tile
-        a = tl.maximum(a, 0.0)
+        # pool: the mean of the window's input tiles (a 1x1 conv commutes with an average pool)
+        a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for i in range(POOL_H):
+            for j in range(POOL_W):
+                x_row = (n * H + (ph * POOL_H + i) * STRIDE) * W + (
+                    pw * POOL_W + j
+                ) * STRIDE
+                a_tap = tl.load(
+                    x_ptr + x_row[:, None] * C_in + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                # prologue: bn on the loaded input tile
+                bn_mean = tl.load(bn_mean_ptr + offs_k, mask=mask_k, other=0.0)
+                bn_scale = tl.load(bn_scale_ptr + offs_k, mask=mask_k, other=0.0)
+                bn_bias = tl.load(bn_bias_ptr + offs_k, mask=mask_k, other=0.0)
+                a_tap = (a_tap - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[
+                    None, :
+                ]
+                # prologue: relu on the loaded input tile
+                a_tap = tl.maximum(a_tap, 0.0)
+                a += a_tap
+        a = a / (POOL_H * POOL_W)
         b = tl.load(
             conv_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
         acc = fp32_dot(a, b, acc, DOT_PRECISION)
-    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
-
-
-# avgpool: one kernel, one store.
-# densenet121_transition_layer.fuse:8: bn(num_input_features) -> relu -> conv(num_input_features, num_output_features, 1, bias=False) -> avgpool(2)
-@triton.jit
-def avgpool_kernel(
-    x_ptr,
-    out_ptr,
-    N,
-    H,
-    W,
-    OH,
-    OW,
-    C_in: tl.constexpr,
-    C_out: tl.constexpr,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    LAUNCH_PDL: tl.constexpr,
-):
-    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
-    if LAUNCH_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
-    # and the tile stays in registers until the one store.
-    # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once
-    pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
-    pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < N * OH * OW
-    mask_n = offs_n < C_out
-    mask = mask_m[:, None] & mask_n[None, :]
-    n = offs_m // (OH * OW)
-    oh = offs_m // OW % OH
-    ow = offs_m % OW
-    # anchor: AvgPool2d(k): mean over k x k windows, stride k, no padding
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for p0 in range(0, KH * KW, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        ih = (oh[:, None] * KH + p[None, :] // KW)[:, :, None]
-        iw = (ow[:, None] * KW + p[None, :] % KW)[:, :, None]
-        inside = (
-            mask_m[:, None, None] & (p < KH * KW)[None, :, None] & mask_n[None, None, :]
-        )
-        a = tl.load(
-            x_ptr
-            + ((n[:, None, None] * H + ih) * W + iw) * C_in
-            + offs_n[None, None, :],
-            mask=inside,
-            other=0.0,
-        ).to(tl.float32)
-        acc += tl.sum(a, axis=1)
-    acc = acc / (KH * KW)
     tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
@@ -1110,9 +1068,8 @@ def bn_relu_conv1x1_avgpool(x, bn, conv, pool):
     )
     check_32bit_offsets(x, out)
     DOT_PRECISION = dot_precision(x, conv)
-    BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
-    BLOCK_M = 64  # rows: pixels of one pooling window, 64 a tile
-    grid = (cdiv(N * PH * PW, 1) * cdiv(C_out, BLOCK_N),)
+    BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * PH * PW, C_in, C_out, DOT_PRECISION)
+    grid = (cdiv(N * PH * PW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
     LAUNCH_PDL = launch_pdl(x, grid)
     bn_relu_conv1x1_avgpool_kernel[grid](
         x,
@@ -1122,6 +1079,7 @@ def bn_relu_conv1x1_avgpool(x, bn, conv, pool):
         bn.running_var,
         dot_weight(conv, DOT_PRECISION).contiguous(),
         out,
+        N,
         H,
         W,
         PH,
@@ -1174,7 +1132,7 @@ def batch_stats(x):
     return x, (tile_sum, tile_m2, BLOCK_M, N * OH * OW)
 
 
-def bn_relu_conv1x1_train(x, x_stats, bn, conv):
+def bn_relu_conv1x1_avgpool_train(x, x_stats, bn, conv, pool):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
@@ -1189,19 +1147,26 @@ def bn_relu_conv1x1_train(x, x_stats, bn, conv):
         )
     OH = (H - 1) // conv.stride[0] + 1
     OW = (W - 1) // conv.stride[1] + 1
+    POOL_H = pool.kernel_size
+    POOL_W = pool.kernel_size
+    PH, PW = OH // POOL_H, OW // POOL_W
+    if PH == 0 or PW == 0:
+        raise ValueError(
+            f"a {POOL_H}x{POOL_W} pooling window does not fit in {OH}x{OW} pixels"
+        )
     out = torch.empty(
-        (N, C_out, OH, OW),
+        (N, C_out, PH, PW),
         device=x.device,
         dtype=torch.float32,
         memory_format=torch.channels_last,
     )
     check_32bit_offsets(x, out)
     DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
-    BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
-    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
+    BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * PH * PW, C_in, C_out, DOT_PRECISION)
+    grid = (cdiv(N * PH * PW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
     bn_mean, bn_scale = batch_norm_batch_stats(x_stats, bn)
     LAUNCH_PDL = launch_pdl(x, grid)
-    bn_relu_conv1x1_train_kernel[grid](
+    bn_relu_conv1x1_avgpool_train_kernel[grid](
         x,
         bn_mean,
         bn_scale,
@@ -1211,58 +1176,17 @@ def bn_relu_conv1x1_train(x, x_stats, bn, conv):
         N,
         H,
         W,
-        OH,
-        OW,
+        PH,
+        PW,
         C_in=C_in,
         C_out=C_out,
         STRIDE=conv.stride[0],
         DOT_PRECISION=DOT_PRECISION,
+        POOL_H=POOL_H,
+        POOL_W=POOL_W,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
-        LAUNCH_PDL=LAUNCH_PDL,
-        launch_pdl=LAUNCH_PDL,
-    )
-    return out
-
-
-def avgpool(x, pool):
-    x = x.contiguous(memory_format=torch.channels_last)
-    N, C_in, H, W = x.shape
-    C_out = C_in
-    OH = (H - pool.kernel_size) // pool.kernel_size + 1
-    OW = (W - pool.kernel_size) // pool.kernel_size + 1
-    if H < pool.kernel_size or W < pool.kernel_size:
-        raise ValueError(
-            f"a {pool.kernel_size}x{pool.kernel_size} pooling window does not fit in {H}x{W} pixels"
-        )
-    out = torch.empty(
-        (N, C_out, OH, OW),
-        device=x.device,
-        dtype=torch.float32,
-        memory_format=torch.channels_last,
-    )
-    check_32bit_offsets(x, out)
-    BLOCK_M = min(16, next_power_of_2(N * OH * OW))
-    BLOCK_N = 16
-    BLOCK_P = 32
-    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
-    LAUNCH_PDL = launch_pdl(x, grid)
-    avgpool_kernel[grid](
-        x,
-        out,
-        N,
-        H,
-        W,
-        OH,
-        OW,
-        C_in=C_in,
-        C_out=C_out,
-        KH=pool.kernel_size,
-        KW=pool.kernel_size,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_P=BLOCK_P,
         LAUNCH_PDL=LAUNCH_PDL,
         launch_pdl=LAUNCH_PDL,
     )
@@ -1433,8 +1357,9 @@ class ModelNew(nn.Module):
         """Training mode: BatchNorm normalises with batch statistics in the next kernel's prologue."""
         # densenet121_transition_layer.fuse:8: bn(num_input_features) -> relu -> conv(num_input_features, num_output_features, 1, bias=False) -> avgpool(2)
         x, x_stats = batch_stats(x)
-        x = bn_relu_conv1x1_train(x, x_stats, self.transition[0], self.transition[2])
-        x = avgpool(x, self.transition[3])
+        x = bn_relu_conv1x1_avgpool_train(
+            x, x_stats, self.transition[0], self.transition[2], self.transition[3]
+        )
         return x.contiguous()
 
     def reference_forward(self, x):

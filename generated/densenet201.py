@@ -313,7 +313,7 @@ def bn_relu_conv3x3_dropout_kernel(
     )
 
 
-# bn -> relu -> conv1x1 -> avgpool: one kernel, one store.
+# bn -> relu -> conv1x1 -> avgpool (the avgpool on the conv1x1's input: the two commute): one kernel, one store.
 # densenet201.fuse:17: bn(num_input_features) -> relu -> conv(num_input_features, num_output_features, 1, bias=False) -> avgpool(2)
 @triton.jit
 def bn_relu_conv1x1_avgpool_kernel(
@@ -324,6 +324,8 @@ def bn_relu_conv1x1_avgpool_kernel(
     bn_var_ptr,
     conv_weight_ptr,
     out_ptr,
+    out_row_stride,
+    N,
     H,
     W,
     PH,
@@ -344,77 +346,6 @@ def bn_relu_conv1x1_avgpool_kernel(
     if LAUNCH_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    # Output tile: one pooled pixel x BLOCK_N channels. Its rows are the pixels of the pooling window,
-    # BLOCK_M at a time; every fused op uses these offsets and masks, and the window's tiles are summed
-    # in registers until the one store. Channel blocks are fastest, so adjacent programs share a window.
-    pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
-    pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < C_out
-    ph = pid_m // PW % PH
-    pw = pid_m % PW
-    # the image of every row
-    n = pid_m // (PH * PW) + tl.zeros((BLOCK_M,), dtype=tl.int32)
-    pooled = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for p0 in range(0, POOL_H * POOL_W, BLOCK_M):
-        offs_m = p0 + tl.arange(0, BLOCK_M)  # pixels of the window
-        mask_m = offs_m < POOL_H * POOL_W
-        mask = mask_m[:, None] & mask_n[None, :]
-        oh = ph * POOL_H + offs_m // POOL_W
-        ow = pw * POOL_W + offs_m % POOL_W
-        # anchor: 1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot
-        x_row = (n * H + oh * STRIDE) * W + ow * STRIDE
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, C_in, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < C_in
-            a = tl.load(
-                x_ptr + x_row[:, None] * C_in + offs_k[None, :],
-                mask=mask_m[:, None] & mask_k[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            # prologue: bn on the loaded input tile
-            bn_scale = tl.load(
-                bn_weight_ptr + offs_k, mask=mask_k, other=0.0
-            ) * tl.rsqrt(tl.load(bn_var_ptr + offs_k, mask=mask_k, other=1.0) + bn_eps)
-            bn_shift = (
-                tl.load(bn_bias_ptr + offs_k, mask=mask_k, other=0.0)
-                - tl.load(bn_mean_ptr + offs_k, mask=mask_k, other=0.0) * bn_scale
-            )
-            a = a * bn_scale[None, :] + bn_shift[None, :]
-            # prologue: relu on the loaded input tile
-            a = tl.maximum(a, 0.0)
-            b = tl.load(
-                conv_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
-                mask=mask_k[:, None] & mask_n[None, :],
-                other=0.0,
-            )
-            acc = fp32_dot(a, b, acc, DOT_PRECISION)
-        # pool: the sum of the window's rows
-        pooled += tl.sum(tl.where(mask, acc, 0.0), axis=0)
-    tl.store(out_ptr + pid_m * C_out + offs_n, pooled / (POOL_H * POOL_W), mask=mask_n)
-
-
-# copy: one kernel, one store.
-# densenet201.fuse:8: bn(in_features) -> relu -> conv(in_features, growth_rate, 3, padding=1, bias=False) -> dropout(0.0)
-@triton.jit
-def load_kernel(
-    x_ptr,
-    out_ptr,
-    out_row_stride,
-    N,
-    OH,
-    OW,
-    C_in: tl.constexpr,
-    C_out: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    LAUNCH_PDL: tl.constexpr,
-):
-    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
-    if LAUNCH_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
     # and the tile stays in registers until the one store.
     # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
@@ -423,13 +354,50 @@ def load_kernel(
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < N * OH * OW
+    mask_m = offs_m < N * PH * PW
     mask_n = offs_n < C_out
     mask = mask_m[:, None] & mask_n[None, :]
-    # anchor: the input tile, for chains of elementwise ops
-    acc = tl.load(
-        x_ptr + offs_m[:, None] * C_in + offs_n[None, :], mask=mask, other=0.0
-    ).to(tl.float32)
+    n = offs_m // (PH * PW)
+    ph = offs_m // PW % PH
+    pw = offs_m % PW
+    # anchor: 1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, C_in, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < C_in
+        # pool: the mean of the window's input tiles (a 1x1 conv commutes with an average pool)
+        a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for i in range(POOL_H):
+            for j in range(POOL_W):
+                x_row = (n * H + (ph * POOL_H + i) * STRIDE) * W + (
+                    pw * POOL_W + j
+                ) * STRIDE
+                a_tap = tl.load(
+                    x_ptr + x_row[:, None] * C_in + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                # prologue: bn on the loaded input tile
+                bn_scale = tl.load(
+                    bn_weight_ptr + offs_k, mask=mask_k, other=0.0
+                ) * tl.rsqrt(
+                    tl.load(bn_var_ptr + offs_k, mask=mask_k, other=1.0) + bn_eps
+                )
+                bn_shift = (
+                    tl.load(bn_bias_ptr + offs_k, mask=mask_k, other=0.0)
+                    - tl.load(bn_mean_ptr + offs_k, mask=mask_k, other=0.0) * bn_scale
+                )
+                a_tap = a_tap * bn_scale[None, :] + bn_shift[None, :]
+                # prologue: relu on the loaded input tile
+                a_tap = tl.maximum(a_tap, 0.0)
+                a += a_tap
+        a = a / (POOL_H * POOL_W)
+        b = tl.load(
+            conv_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc = fp32_dot(a, b, acc, DOT_PRECISION)
     tl.store(
         out_ptr + offs_m[:, None] * out_row_stride + offs_n[None, :], acc, mask=mask
     )
@@ -943,25 +911,28 @@ def bn_relu_conv3x3_dropout_train_kernel(
     )
 
 
-# bn -> relu -> conv1x1: one kernel, one store.
+# bn -> relu -> conv1x1 -> avgpool (the avgpool on the conv1x1's input: the two commute): one kernel, one store.
 # densenet201.fuse:17: bn(num_input_features) -> relu -> conv(num_input_features, num_output_features, 1, bias=False) -> avgpool(2)
 @triton.jit
-def bn_relu_conv1x1_train_kernel(
+def bn_relu_conv1x1_avgpool_train_kernel(
     x_ptr,
     bn_mean_ptr,
     bn_scale_ptr,
     bn_bias_ptr,
     conv_weight_ptr,
     out_ptr,
+    out_row_stride,
     N,
     H,
     W,
-    OH,
-    OW,
+    PH,
+    PW,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
     STRIDE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    POOL_H: tl.constexpr,
+    POOL_W: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -979,96 +950,46 @@ def bn_relu_conv1x1_train_kernel(
     pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < N * OH * OW
+    mask_m = offs_m < N * PH * PW
     mask_n = offs_n < C_out
     mask = mask_m[:, None] & mask_n[None, :]
-    n = offs_m // (OH * OW)
-    oh = offs_m // OW % OH
-    ow = offs_m % OW
+    n = offs_m // (PH * PW)
+    ph = offs_m // PW % PH
+    pw = offs_m % PW
     # anchor: 1x1 convolution, no bias, as a GEMM over pixels x channels on tl.dot
-    x_row = (n * H + oh * STRIDE) * W + ow * STRIDE
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, C_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < C_in
-        a = tl.load(
-            x_ptr + x_row[:, None] * C_in + offs_k[None, :],
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        # prologue: bn on the loaded input tile
-        bn_mean = tl.load(bn_mean_ptr + offs_k, mask=mask_k, other=0.0)
-        bn_scale = tl.load(bn_scale_ptr + offs_k, mask=mask_k, other=0.0)
-        bn_bias = tl.load(bn_bias_ptr + offs_k, mask=mask_k, other=0.0)
-        a = (a - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[None, :]
-        # prologue: relu on the loaded input tile
-        a = tl.maximum(a, 0.0)
+        # pool: the mean of the window's input tiles (a 1x1 conv commutes with an average pool)
+        a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for i in range(POOL_H):
+            for j in range(POOL_W):
+                x_row = (n * H + (ph * POOL_H + i) * STRIDE) * W + (
+                    pw * POOL_W + j
+                ) * STRIDE
+                a_tap = tl.load(
+                    x_ptr + x_row[:, None] * C_in + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                # prologue: bn on the loaded input tile
+                bn_mean = tl.load(bn_mean_ptr + offs_k, mask=mask_k, other=0.0)
+                bn_scale = tl.load(bn_scale_ptr + offs_k, mask=mask_k, other=0.0)
+                bn_bias = tl.load(bn_bias_ptr + offs_k, mask=mask_k, other=0.0)
+                a_tap = (a_tap - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[
+                    None, :
+                ]
+                # prologue: relu on the loaded input tile
+                a_tap = tl.maximum(a_tap, 0.0)
+                a += a_tap
+        a = a / (POOL_H * POOL_W)
         b = tl.load(
             conv_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
         acc = fp32_dot(a, b, acc, DOT_PRECISION)
-    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
-
-
-# avgpool: one kernel, one store.
-# densenet201.fuse:17: bn(num_input_features) -> relu -> conv(num_input_features, num_output_features, 1, bias=False) -> avgpool(2)
-@triton.jit
-def avgpool_kernel(
-    x_ptr,
-    out_ptr,
-    out_row_stride,
-    N,
-    H,
-    W,
-    OH,
-    OW,
-    C_in: tl.constexpr,
-    C_out: tl.constexpr,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    LAUNCH_PDL: tl.constexpr,
-):
-    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
-    if LAUNCH_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
-    # and the tile stays in registers until the one store.
-    # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once
-    pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
-    pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < N * OH * OW
-    mask_n = offs_n < C_out
-    mask = mask_m[:, None] & mask_n[None, :]
-    n = offs_m // (OH * OW)
-    oh = offs_m // OW % OH
-    ow = offs_m % OW
-    # anchor: AvgPool2d(k): mean over k x k windows, stride k, no padding
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for p0 in range(0, KH * KW, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        ih = (oh[:, None] * KH + p[None, :] // KW)[:, :, None]
-        iw = (ow[:, None] * KW + p[None, :] % KW)[:, :, None]
-        inside = (
-            mask_m[:, None, None] & (p < KH * KW)[None, :, None] & mask_n[None, None, :]
-        )
-        a = tl.load(
-            x_ptr
-            + ((n[:, None, None] * H + ih) * W + iw) * C_in
-            + offs_n[None, None, :],
-            mask=inside,
-            other=0.0,
-        ).to(tl.float32)
-        acc += tl.sum(a, axis=1)
-    acc = acc / (KH * KW)
     tl.store(
         out_ptr + offs_m[:, None] * out_row_stride + offs_n[None, :], acc, mask=mask
     )
@@ -2283,7 +2204,7 @@ def bn_relu_conv3x3_dropout(x, bn, conv, into=None):
     return out
 
 
-def bn_relu_conv1x1_avgpool(x, bn, conv, pool):
+def bn_relu_conv1x1_avgpool(x, bn, conv, pool, into=None):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
@@ -2305,17 +2226,20 @@ def bn_relu_conv1x1_avgpool(x, bn, conv, pool):
         raise ValueError(
             f"a {POOL_H}x{POOL_W} pooling window does not fit in {OH}x{OW} pixels"
         )
-    out = torch.empty(
-        (N, C_out, PH, PW),
-        device=x.device,
-        dtype=torch.float32,
-        memory_format=torch.channels_last,
+    out = (
+        torch.empty(
+            (N, C_out, PH, PW),
+            device=x.device,
+            dtype=torch.float32,
+            memory_format=torch.channels_last,
+        )
+        if into is None
+        else concat_slice(into, N, C_out, PH, PW, x.device)
     )
     check_32bit_offsets(x, out)
     DOT_PRECISION = dot_precision(x, conv)
-    BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
-    BLOCK_M = 64  # rows: pixels of one pooling window, 64 a tile
-    grid = (cdiv(N * PH * PW, 1) * cdiv(C_out, BLOCK_N),)
+    BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * PH * PW, C_in, C_out, DOT_PRECISION)
+    grid = (cdiv(N * PH * PW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
     LAUNCH_PDL = launch_pdl(x, grid)
     bn_relu_conv1x1_avgpool_kernel[grid](
         x,
@@ -2325,6 +2249,8 @@ def bn_relu_conv1x1_avgpool(x, bn, conv, pool):
         bn.running_var,
         dot_weight(conv, DOT_PRECISION).contiguous(),
         out,
+        out.stride(3),
+        N,
         H,
         W,
         PH,
@@ -2339,44 +2265,6 @@ def bn_relu_conv1x1_avgpool(x, bn, conv, pool):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
-        LAUNCH_PDL=LAUNCH_PDL,
-        launch_pdl=LAUNCH_PDL,
-    )
-    return out
-
-
-def load(x, into=None):
-    x = x.contiguous(memory_format=torch.channels_last)
-    N, C_in, H, W = x.shape
-    C_out = C_in
-    OH = H
-    OW = W
-    out = (
-        torch.empty(
-            (N, C_out, OH, OW),
-            device=x.device,
-            dtype=torch.float32,
-            memory_format=torch.channels_last,
-        )
-        if into is None
-        else concat_slice(into, N, C_out, OH, OW, x.device)
-    )
-    check_32bit_offsets(x, out)
-    BLOCK_M = 64
-    BLOCK_N = min(64, max(16, next_power_of_2(C_out)))
-    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
-    LAUNCH_PDL = launch_pdl(x, grid)
-    load_kernel[grid](
-        x,
-        out,
-        out.stride(3),
-        N,
-        OH,
-        OW,
-        C_in=C_in,
-        C_out=C_out,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
         LAUNCH_PDL=LAUNCH_PDL,
         launch_pdl=LAUNCH_PDL,
     )
@@ -2684,7 +2572,7 @@ def bn_relu_conv3x3_dropout_train(x, x_stats, bn, conv, into=None):
     return out
 
 
-def bn_relu_conv1x1_train(x, x_stats, bn, conv):
+def bn_relu_conv1x1_avgpool_train(x, x_stats, bn, conv, pool, into=None):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
@@ -2699,85 +2587,51 @@ def bn_relu_conv1x1_train(x, x_stats, bn, conv):
         )
     OH = (H - 1) // conv.stride[0] + 1
     OW = (W - 1) // conv.stride[1] + 1
-    out = torch.empty(
-        (N, C_out, OH, OW),
-        device=x.device,
-        dtype=torch.float32,
-        memory_format=torch.channels_last,
+    POOL_H = pool.kernel_size
+    POOL_W = pool.kernel_size
+    PH, PW = OH // POOL_H, OW // POOL_W
+    if PH == 0 or PW == 0:
+        raise ValueError(
+            f"a {POOL_H}x{POOL_W} pooling window does not fit in {OH}x{OW} pixels"
+        )
+    out = (
+        torch.empty(
+            (N, C_out, PH, PW),
+            device=x.device,
+            dtype=torch.float32,
+            memory_format=torch.channels_last,
+        )
+        if into is None
+        else concat_slice(into, N, C_out, PH, PW, x.device)
     )
     check_32bit_offsets(x, out)
     DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
-    BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
-    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
+    BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * PH * PW, C_in, C_out, DOT_PRECISION)
+    grid = (cdiv(N * PH * PW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
     bn_mean, bn_scale = batch_norm_batch_stats(x_stats, bn)
     LAUNCH_PDL = launch_pdl(x, grid)
-    bn_relu_conv1x1_train_kernel[grid](
+    bn_relu_conv1x1_avgpool_train_kernel[grid](
         x,
         bn_mean,
         bn_scale,
         bn.bias,
         dot_weight(conv, DOT_PRECISION).contiguous(),
         out,
-        N,
-        H,
-        W,
-        OH,
-        OW,
-        C_in=C_in,
-        C_out=C_out,
-        STRIDE=conv.stride[0],
-        DOT_PRECISION=DOT_PRECISION,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K,
-        LAUNCH_PDL=LAUNCH_PDL,
-        launch_pdl=LAUNCH_PDL,
-    )
-    return out
-
-
-def avgpool(x, pool, into=None):
-    x = x.contiguous(memory_format=torch.channels_last)
-    N, C_in, H, W = x.shape
-    C_out = C_in
-    OH = (H - pool.kernel_size) // pool.kernel_size + 1
-    OW = (W - pool.kernel_size) // pool.kernel_size + 1
-    if H < pool.kernel_size or W < pool.kernel_size:
-        raise ValueError(
-            f"a {pool.kernel_size}x{pool.kernel_size} pooling window does not fit in {H}x{W} pixels"
-        )
-    out = (
-        torch.empty(
-            (N, C_out, OH, OW),
-            device=x.device,
-            dtype=torch.float32,
-            memory_format=torch.channels_last,
-        )
-        if into is None
-        else concat_slice(into, N, C_out, OH, OW, x.device)
-    )
-    check_32bit_offsets(x, out)
-    BLOCK_M = min(16, next_power_of_2(N * OH * OW))
-    BLOCK_N = 16
-    BLOCK_P = 32
-    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
-    LAUNCH_PDL = launch_pdl(x, grid)
-    avgpool_kernel[grid](
-        x,
-        out,
         out.stride(3),
         N,
         H,
         W,
-        OH,
-        OW,
+        PH,
+        PW,
         C_in=C_in,
         C_out=C_out,
-        KH=pool.kernel_size,
-        KW=pool.kernel_size,
+        STRIDE=conv.stride[0],
+        DOT_PRECISION=DOT_PRECISION,
+        POOL_H=POOL_H,
+        POOL_W=POOL_W,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
-        BLOCK_P=BLOCK_P,
+        BLOCK_K=BLOCK_K,
         LAUNCH_PDL=LAUNCH_PDL,
         launch_pdl=LAUNCH_PDL,
     )
@@ -3096,74 +2950,74 @@ class ModelNew(nn.Module):
             # densenet201.fuse:29: dense_blocks[0]: dense_block(6, 64, growth_rate)
             x_2 = bn_relu_conv3x3_dropout(x, block[0], block[2], into=(x_buffer, index))
         x = x_buffer["tensor"]
+        x_buffer_2 = {
+            "channels": (
+                self.transition_layers[0].transition[2].out_channels,
+                *(block[2].out_channels for block in self.dense_blocks[1].layers),
+            ),
+            "tensor": None,
+        }  # the launches into it make the tensor
         # densenet201.fuse:30: transition_layers[0]: transition_layer(block1, block1 // 2)
         x = bn_relu_conv1x1_avgpool(
             x,
             self.transition_layers[0].transition[0],
             self.transition_layers[0].transition[2],
             self.transition_layers[0].transition[3],
+            into=(x_buffer_2, 0),
         )
-        x_buffer_2 = {
-            "channels": (
-                x.shape[1],
-                *(block[2].out_channels for block in self.dense_blocks[1].layers),
-            ),
-            "tensor": None,
-        }  # the launches into it make the tensor
-        # densenet201.fuse:31: dense_blocks[1]: dense_block(12, block1 // 2, growth_rate)
-        x_2 = load(x, into=(x_buffer_2, 0))
         index = 0  # the iteration's part of the buffer: the input is part 0
         for block in self.dense_blocks[1].layers[0:]:
             index += 1
             x = concat_prefix(x_buffer_2, index)
+            # densenet201.fuse:31: dense_blocks[1]: dense_block(12, block1 // 2, growth_rate)
             x_2 = bn_relu_conv3x3_dropout(
                 x, block[0], block[2], into=(x_buffer_2, index)
             )
         x = x_buffer_2["tensor"]
+        x_buffer_3 = {
+            "channels": (
+                self.transition_layers[1].transition[2].out_channels,
+                *(block[2].out_channels for block in self.dense_blocks[2].layers),
+            ),
+            "tensor": None,
+        }  # the launches into it make the tensor
         # densenet201.fuse:32: transition_layers[1]: transition_layer(block2, block2 // 2)
         x = bn_relu_conv1x1_avgpool(
             x,
             self.transition_layers[1].transition[0],
             self.transition_layers[1].transition[2],
             self.transition_layers[1].transition[3],
+            into=(x_buffer_3, 0),
         )
-        x_buffer_3 = {
-            "channels": (
-                x.shape[1],
-                *(block[2].out_channels for block in self.dense_blocks[2].layers),
-            ),
-            "tensor": None,
-        }  # the launches into it make the tensor
-        # densenet201.fuse:33: dense_blocks[2]: dense_block(48, block2 // 2, growth_rate)
-        x_2 = load(x, into=(x_buffer_3, 0))
         index = 0  # the iteration's part of the buffer: the input is part 0
         for block in self.dense_blocks[2].layers[0:]:
             index += 1
             x = concat_prefix(x_buffer_3, index)
+            # densenet201.fuse:33: dense_blocks[2]: dense_block(48, block2 // 2, growth_rate)
             x_2 = bn_relu_conv3x3_dropout(
                 x, block[0], block[2], into=(x_buffer_3, index)
             )
         x = x_buffer_3["tensor"]
+        x_buffer_4 = {
+            "channels": (
+                self.transition_layers[2].transition[2].out_channels,
+                *(block[2].out_channels for block in self.dense_blocks[3].layers),
+            ),
+            "tensor": None,
+        }  # the launches into it make the tensor
         # densenet201.fuse:34: transition_layers[2]: transition_layer(block3, block3 // 2)
         x = bn_relu_conv1x1_avgpool(
             x,
             self.transition_layers[2].transition[0],
             self.transition_layers[2].transition[2],
             self.transition_layers[2].transition[3],
+            into=(x_buffer_4, 0),
         )
-        x_buffer_4 = {
-            "channels": (
-                x.shape[1],
-                *(block[2].out_channels for block in self.dense_blocks[3].layers),
-            ),
-            "tensor": None,
-        }  # the launches into it make the tensor
-        # densenet201.fuse:35: dense_blocks[3]: dense_block(32, block3 // 2, growth_rate)
-        x_2 = load(x, into=(x_buffer_4, 0))
         index = 0  # the iteration's part of the buffer: the input is part 0
         for block in self.dense_blocks[3].layers[0:]:
             index += 1
             x = concat_prefix(x_buffer_4, index)
+            # densenet201.fuse:35: dense_blocks[3]: dense_block(32, block3 // 2, growth_rate)
             x_2 = bn_relu_conv3x3_dropout(
                 x, block[0], block[2], into=(x_buffer_4, index)
             )
@@ -3201,20 +3055,21 @@ class ModelNew(nn.Module):
         x = x_buffer["tensor"]
         # densenet201.fuse:30: transition_layers[0]: transition_layer(block1, block1 // 2)
         x, x_stats = batch_stats(x)
-        x = bn_relu_conv1x1_train(
-            x,
-            x_stats,
-            self.transition_layers[0].transition[0],
-            self.transition_layers[0].transition[2],
-        )
         x_buffer_2 = {
             "channels": (
-                x.shape[1],
+                self.transition_layers[0].transition[2].out_channels,
                 *(block[2].out_channels for block in self.dense_blocks[1].layers),
             ),
             "tensor": None,
         }  # the launches into it make the tensor
-        x = avgpool(x, self.transition_layers[0].transition[3], into=(x_buffer_2, 0))
+        x = bn_relu_conv1x1_avgpool_train(
+            x,
+            x_stats,
+            self.transition_layers[0].transition[0],
+            self.transition_layers[0].transition[2],
+            self.transition_layers[0].transition[3],
+            into=(x_buffer_2, 0),
+        )
         index = 0  # the iteration's part of the buffer: the input is part 0
         for block in self.dense_blocks[1].layers[0:]:
             index += 1
@@ -3227,20 +3082,21 @@ class ModelNew(nn.Module):
         x = x_buffer_2["tensor"]
         # densenet201.fuse:32: transition_layers[1]: transition_layer(block2, block2 // 2)
         x, x_stats = batch_stats(x)
-        x = bn_relu_conv1x1_train(
-            x,
-            x_stats,
-            self.transition_layers[1].transition[0],
-            self.transition_layers[1].transition[2],
-        )
         x_buffer_3 = {
             "channels": (
-                x.shape[1],
+                self.transition_layers[1].transition[2].out_channels,
                 *(block[2].out_channels for block in self.dense_blocks[2].layers),
             ),
             "tensor": None,
         }  # the launches into it make the tensor
-        x = avgpool(x, self.transition_layers[1].transition[3], into=(x_buffer_3, 0))
+        x = bn_relu_conv1x1_avgpool_train(
+            x,
+            x_stats,
+            self.transition_layers[1].transition[0],
+            self.transition_layers[1].transition[2],
+            self.transition_layers[1].transition[3],
+            into=(x_buffer_3, 0),
+        )
         index = 0  # the iteration's part of the buffer: the input is part 0
         for block in self.dense_blocks[2].layers[0:]:
             index += 1
@@ -3253,20 +3109,21 @@ class ModelNew(nn.Module):
         x = x_buffer_3["tensor"]
         # densenet201.fuse:34: transition_layers[2]: transition_layer(block3, block3 // 2)
         x, x_stats = batch_stats(x)
-        x = bn_relu_conv1x1_train(
-            x,
-            x_stats,
-            self.transition_layers[2].transition[0],
-            self.transition_layers[2].transition[2],
-        )
         x_buffer_4 = {
             "channels": (
-                x.shape[1],
+                self.transition_layers[2].transition[2].out_channels,
                 *(block[2].out_channels for block in self.dense_blocks[3].layers),
             ),
             "tensor": None,
         }  # the launches into it make the tensor
-        x = avgpool(x, self.transition_layers[2].transition[3], into=(x_buffer_4, 0))
+        x = bn_relu_conv1x1_avgpool_train(
+            x,
+            x_stats,
+            self.transition_layers[2].transition[0],
+            self.transition_layers[2].transition[2],
+            self.transition_layers[2].transition[3],
+            into=(x_buffer_4, 0),
+        )
         index = 0  # the iteration's part of the buffer: the input is part 0
         for block in self.dense_blocks[3].layers[0:]:
             index += 1

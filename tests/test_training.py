@@ -10,9 +10,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import Phase, given, settings
+from hypothesis import Phase, assume, example, given, settings
 from hypothesis import strategies as st
 
+from fusegen.bench import record_launches
 from helpers import DEVICE, TOLERANCE, load_spec, randomize_batchnorm, rel_error
 
 # MobileNet-like: stem, depthwise-separable pair, a projection without activation, pool, classifier. In
@@ -131,6 +132,53 @@ def test_training_steps_match_torch(batch, h, w, c, wide):
     shape = (batch, 3, h, w)
     inputs = [torch.rand(*shape, device=DEVICE) * 4 - 1, torch.randn(*shape, device=DEVICE) + 2]
     check_steps(new, ref, net_reference, inputs)
+
+
+def pool_input_spec(k: int, stride: int, bias: bool) -> str:
+    """DenseNet's transition layer, then a BatchNorm that needs the pooled output's batch statistics."""
+    return f"""\
+model Transition(c=6, out=4)
+input(2, c, 9, 7)
+forward:
+    bn0: bn(c) -> relu -> pw: conv(c, out, 1, stride={stride}, bias={bias}) -> pool: avgpool({k})
+    bn1: bn(out) -> relu
+"""
+
+
+def pool_input_reference(m, x):
+    return F.relu(m.bn1(m.pool(m.pw(F.relu(m.bn0(x))))))
+
+
+@settings(phases=[Phase.explicit, Phase.reuse, Phase.generate], max_examples=20)
+@given(
+    k=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    bias=st.booleans(),
+    batch=st.integers(1, 3),
+    c=st.sampled_from([1, 5, 17]),
+    out=st.sampled_from([3, 24, 70]),
+    h=st.integers(1, 12),
+    w=st.integers(1, 12),
+)
+@example(k=2, stride=1, bias=False, batch=2, c=17, out=70, h=12, w=9)  # a row and a column left over
+@example(k=3, stride=2, bias=True, batch=3, c=5, out=3, h=11, w=5)
+def test_an_average_pool_after_a_1x1_conv_runs_on_the_convs_input(k, stride, bias, batch, c, out, h, w):
+    """`bn -> relu -> conv1x1 -> avgpool(k)`: the pool averages the conv's input windows and the GEMM runs on
+    the pooled pixels (the two commute), one launch in both modes; in training mode that launch also stores
+    the batch statistics of the pooled output for the BatchNorm after it."""
+    size = (k - 1) * stride + 1  # the least input whose conv output holds a window
+    h, w = max(h, size), max(w, size)
+    pooled = ((h - 1) // stride + 1) // k * (((w - 1) // stride + 1) // k)
+    assume(batch * pooled > 1 and batch * h * w > 1)  # BatchNorm in training mode needs 2 values a channel
+    new, ref = make(pool_input_spec(k, stride, bias), f"pool_input_{k}_{stride}_{bias}", c=c, out=out)
+    inputs = [torch.rand(batch, c, h, w, device=DEVICE) * 4 - 1, torch.randn(batch, c, h, w, device=DEVICE) + 1]
+    for training in (True, False):
+        new.train(training), ref.train(training)
+        names = [launch.wrapper for launch in record_launches(copy.deepcopy(new), inputs[0])]  # buffers kept
+        assert [name for name in names if "avgpool" in name] == [
+            f"bn_relu_conv1x1{'_bias' * bias}_avgpool" + ("_stats_train" if training else "")
+        ], names
+        check_steps(new, ref, pool_input_reference, inputs)
 
 
 def test_batchnorm_anywhere_in_the_model():
