@@ -171,6 +171,9 @@ def test_an_average_pool_after_a_1x1_conv_runs_on_the_convs_input(k, stride, bia
     pooled = ((h - 1) // stride + 1) // k * (((w - 1) // stride + 1) // k)
     assume(batch * pooled > 1 and batch * h * w > 1)  # BatchNorm in training mode needs 2 values a channel
     new, ref = make(pool_input_spec(k, stride, bias), f"pool_input_{k}_{stride}_{bias}", c=c, out=out)
+    source = load_spec(pool_input_spec(k, stride, bias)).SOURCE
+    # no kernel sums a window's GEMM rows (the pooled frame): each averages its input tiles before the dot
+    assert "pooled +=" not in source and source.count("a = a / (POOL_H * POOL_W)") == 2
     inputs = [torch.rand(batch, c, h, w, device=DEVICE) * 4 - 1, torch.randn(batch, c, h, w, device=DEVICE) + 1]
     for training in (True, False):
         new.train(training), ref.train(training)
