@@ -286,13 +286,8 @@ def pools_input(anchor, producer, epilogue, pool) -> bool:
     with nothing between it and the pool (`Anchor.pool_input`: W * mean(x) = mean(W * x) at every pixel), so
     the GEMM has a window's fewer rows. Its kernel keeps the ordinary frame over the pooled pixels, which
     stores per-tile statistics and channel slices like any other: training mode keeps it one launch.
-    Ops or nodes alike (`.op.lowering`)."""
-    return (
-        pool is not None
-        and not producer
-        and not epilogue
-        and getattr(anchor.op.lowering, "pool_input", None) is not None
-    )
+    Fused ops or nodes alike (both have `.op`)."""
+    return pool is not None and not producer and not epilogue and anchor.op.lowering.pool_input is not None
 
 
 def _split(chain: Chain):

@@ -155,7 +155,10 @@ def pool_input_reference(m, x):
     stride=st.integers(1, 2),
     bias=st.booleans(),
     batch=st.integers(1, 3),
-    c=st.sampled_from([1, 5, 17]),
+    # not 1 input channel: a biased 1x1 conv's output is then w * m + b, whose spread a small w leaves at
+    # 1/300 of its mean, and BatchNorm amplifies fp32 rounding to the bar (fp32 torch 6-9e-6, fusegen 4e-6 to
+    # 2.4e-5 and 1.6e-5 with the pool a launch of its own, against 1e-5: measured, session 24)
+    c=st.sampled_from([5, 17]),
     out=st.sampled_from([3, 24, 70]),
     h=st.integers(1, 12),
     w=st.integers(1, 12),
@@ -169,7 +172,9 @@ def test_an_average_pool_after_a_1x1_conv_runs_on_the_convs_input(k, stride, bia
     size = (k - 1) * stride + 1  # the least input whose conv output holds a window
     h, w = max(h, size), max(w, size)
     pooled = ((h - 1) // stride + 1) // k * (((w - 1) // stride + 1) // k)
-    assume(batch * pooled > 1 and batch * h * w > 1)  # BatchNorm in training mode needs 2 values a channel
+    # 8 values a channel for each BatchNorm at least: with 2 to 4, the sign of a difference of nearly equal values
+    # decides an output, and fp32 torch misses the bars too (test_import's EfficientNets)
+    assume(batch * pooled >= 8)
     new, ref = make(pool_input_spec(k, stride, bias), f"pool_input_{k}_{stride}_{bias}", c=c, out=out)
     source = load_spec(pool_input_spec(k, stride, bias)).SOURCE
     # no kernel sums a window's GEMM rows (the pooled frame): each averages its input tiles before the dot
