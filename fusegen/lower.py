@@ -153,11 +153,10 @@ def _pooled_pixels(height: str, width: str) -> list[str]:
     ]
 
 
-def _window_names(pool: FusedOp) -> tuple[str, str]:
+def _window_names(pool: FusedOp | None) -> tuple[str, str] | None:
     """The names of the pool's window height and width in the kernel and its wrapper, from its slot: POOL_H,
-    or POOL2_H for a pool after a maxpool (whose slot is pool)."""
-    height, width = (_param_name(pool, p, is_anchor=False) for p in pool.params)
-    return height, width
+    or POOL2_H for a pool after a maxpool (whose slot is pool); None without a pool."""
+    return tuple(_param_name(pool, p, is_anchor=False) for p in pool.params) if pool else None
 
 
 def _pooled(tile: list[str], height: str, width: str) -> list[str]:
@@ -355,6 +354,7 @@ def _launch(
 def lower(kernel: Kernel) -> LoweredKernel:
     anchor: O.Anchor = kernel.anchor.op.lowering
     out_rank = anchor.out_rank
+    pool_window = _window_names(kernel.pool)  # (height, width) names, or None
     rows = ("N * PH * PW" if kernel.pool else "N * OH * OW") if out_rank == 4 else "N"
     if kernel.producer_at_taps:
         loop = anchor.consume_taps(kernel.anchor.slot, _produced(kernel))
@@ -363,7 +363,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
     elif kernel.stats_only:
         loop = _STATS_ONLY_LOAD
     elif kernel.pools_input:
-        loop = anchor.pool_input(kernel.anchor.slot, _prologue_hook(kernel.prologue), *_window_names(kernel.pool))
+        loop = anchor.pool_input(kernel.anchor.slot, _prologue_hook(kernel.prologue), *pool_window)
     else:
         loop = anchor.loop(kernel.anchor.slot, _prologue_hook(kernel.prologue))
     # split K: a first kernel (`slices`) runs the loop over each slice of K, this one adds their sums
@@ -389,7 +389,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
     if pooled_frame:
         assert not kernel.writes_batch_stats, "training mode gives a pool its own launch"
         assert channels == "offs_n", "check refuses a channel map in a kernel that a pool ends"
-        body = _pooled(tile, *_window_names(kernel.pool))
+        body = _pooled(tile, *pool_window)
     else:
         stats = _tile_stats(channels) if kernel.writes_batch_stats else []
         store = [] if kernel.stats_only else [_store(channels, "out_row_stride" if kernel.writes_slice else "C_out")]
@@ -482,7 +482,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
     elif kernel.producer:
         anchor_dims += [line.format(m=kernel.anchor.slot) for line in anchor.consume_guard]
     if kernel.pool:
-        anchor_dims += [f"{name} = {value}" for name, value in window] + _pooled_pixels(*_window_names(kernel.pool))
+        anchor_dims += [f"{name} = {value}" for name, value in window] + _pooled_pixels(*pool_window)
     out_shape = ", ".join(["N", *out_dims])
     inputs = ["x", "x_stats"] if kernel.reads_batch_stats else ["x"]
     setup = [line.format(m=f.slot) for f in kernel.prologue if f.elementwise for line in f.elementwise.setup]

@@ -417,13 +417,13 @@ def _add_bias(slot: str, tile: str = "acc", channels: str = "offs_n", channel_ma
 
 
 def _then_bias(lines: Callable, bias: bool, tile: str = "acc", channels: str = "offs_n", channel_mask: str = "mask_n"):
-    """A conv's kernel lines (loop, producer or consumer: (slot, hook or produced lines) -> lines) and, with
+    """A conv's kernel lines (loop, producer or consumer: (slot, hook or produced lines, ...) -> lines) and, with
     `bias`, the bias added to the fp32 tile that they leave (`tile`, for `channels`) after its sum."""
     if not bias:
         return lines
 
-    def with_bias(slot: str, arg) -> list[str]:
-        return [*lines(slot, arg), *_add_bias(slot, tile, channels, channel_mask)]
+    def with_bias(slot: str, *args) -> list[str]:
+        return [*lines(slot, *args), *_add_bias(slot, tile, channels, channel_mask)]
 
     return with_bias
 
@@ -687,18 +687,9 @@ def _gemm_anchor(bias: bool, guard: tuple[str, ...] = ()) -> Anchor:
             *guard,
         ),
         maps_channels=True,
-        pool_input=_then_bias_pooled(bias),
+        pool_input=_then_bias(_gemm_pool_input_loop, bias),
         pool_input_tile="gemm_tile(N * PH * PW, C_in, C_out, DOT_PRECISION)",
     )
-
-
-def _then_bias_pooled(bias: bool) -> Callable[[str, PrologueHook, str, str], list[str]]:
-    """The pool-input GEMM and, with `bias`, the bias after it (the mean of W x + b is W mean(x) + b)."""
-
-    def loop(slot: str, prologue: PrologueHook, height: str, width: str) -> list[str]:
-        return [*_gemm_pool_input_loop(slot, prologue, height, width), *(_add_bias(slot) if bias else [])]
-
-    return loop
 
 
 def _grouped_gemm_anchor(bias: bool, guard: tuple[str, ...]) -> Anchor:

@@ -117,27 +117,28 @@ def test_kernelbench_densenet_parts_import_and_match(stem, args, shape):
 # imported at that input, then built with that Linear sized for a small input's features (one number of the spec,
 # the module's Linear replaced alike), so every other kernel of the imported net runs here. Without BatchNorm,
 # training mode runs eval mode's kernels: eval mode only (about 100 s a net on the development CPU).
-# stem -> (the spec's Linear, resized, its module path, the small input)
+# stem -> (the Linear's input features at 224 pixels, at the small input, its module path, the small input)
 RESIZED_CLASSIFIER = {
-    "5_AlexNet": ("linear(9216, ", "linear(256, ", "fc1", (2, 3, 63, 63)),
-    "11_VGG16": ("linear(25088, ", "linear(512, ", "classifier.0", (1, 3, 32, 32)),
-    "12_VGG19": ("linear(25088, ", "linear(512, ", "classifier.0", (1, 3, 32, 32)),
+    "5_AlexNet": (9216, 256, "fc1", (2, 3, 63, 63)),
+    "11_VGG16": (25088, 512, "classifier.0", (1, 3, 32, 32)),
+    "12_VGG19": (25088, 512, "classifier.0", (1, 3, 32, 32)),
 }
 
 
 @needs_kernelbench
 @pytest.mark.parametrize("stem", sorted(RESIZED_CLASSIFIER))
 def test_kernelbench_fixed_classifier_nets_import_and_match_at_a_small_input(stem):
-    linear, resized, path, shape = RESIZED_CLASSIFIER[stem]
+    features, small_features, path, shape = RESIZED_CLASSIFIER[stem]
     text, source = imported(KERNELBENCH / f"{stem}.py", [7], (1, 3, 224, 224))
+    linear = f"linear({features}, "
     assert text.count(linear) == 1 and "bn(" not in text
-    small = text.replace(linear, resized).replace("input(1, 3, 224, 224)", f"input{shape}")
+    small = text.replace(linear, f"linear({small_features}, ").replace("input(1, 3, 224, 224)", f"input{shape}")
     generated = load_spec(small, f"imported_{stem}_small")
     assert not hasattr(generated.ModelNew, "run_training_kernels")
     torch.manual_seed(SEED)
     ref = source.build()
     parent, _, name = path.rpartition(".")
-    setattr(ref.get_submodule(parent), name, nn.Linear(int(resized[7:-2]), ref.get_submodule(path).out_features))
+    setattr(ref.get_submodule(parent), name, nn.Linear(small_features, ref.get_submodule(path).out_features))
     new = generated.ModelNew(**model_new_args(generated.ModelNew, source))
     new.load_state_dict(ref.state_dict(), strict=True)
     exact = copy.deepcopy(ref).double().to(DEVICE).eval()
