@@ -6,7 +6,8 @@ Every kernel has the same frame, which owns the offsets and masks (like Inductor
 2-d output) by BLOCK_N channels. The anchor fills `acc` inside that frame, the prologue ops rewrite
 each input tile where the anchor loads it, the epilogue ops rewrite `acc`, and one `tl.store` writes
 it. A kernel that a pool ends has another frame (`_pooled`): one pooled pixel a program, its rows the
-pixels of that pixel's window, whose tiles it sums before the one store; except where the pool runs on
+pixels of that pixel's window (or of a slice of it, where programs share the windows of a small launch),
+whose tiles it sums before the one store; except where the pool runs on
 the anchor's input (a 1x1 conv then an average pool, `Kernel.pools_input`): the ordinary frame over the
 pooled pixels, each input tile the mean of its window. An anchor that splits K
 (`Anchor.split_k_finish`) lowers to two kernels in the same frame: one stores each slice of K's
@@ -163,7 +164,9 @@ def _pooled(tile: list[str], height: str, width: str) -> list[str]:
     """The frame of a kernel that a pool ends: a program's output is one pooled pixel (n, ph, pw) for
     BLOCK_N channels, and its tile's rows are the pixels of that pixel's pooling window (`height` x
     `width`), BLOCK_M at a time. `tile` (the anchor's loop and the epilogue) leaves each window tile in
-    `acc`."""
+    `acc`. Where few pooled pixels would leave most of the GPU idle (a global pool at a small batch),
+    several programs share a window (program axis 1, runtime.window_slice): each sums WINDOW_SLICE of its
+    pixels, and window_slices_sum adds the slices' sums."""
     return [
         "# Output tile: one pooled pixel x BLOCK_N channels. Its rows are the pixels of the pooling window,",
         "# BLOCK_M at a time; every fused op uses these offsets and masks, and the window's tiles are summed",
@@ -176,8 +179,10 @@ def _pooled(tile: list[str], height: str, width: str) -> list[str]:
         "pw = pid_m % PW",
         "# the image of every row",
         "n = pid_m // (PH * PW) + tl.zeros((BLOCK_M,), dtype=tl.int32)",
+        "# this program's slice of the window (program axis 1): WINDOW_SLICE pixels from split * WINDOW_SLICE",
+        "split = tl.program_id(1)",
         "pooled = tl.zeros((BLOCK_N,), dtype=tl.float32)",
-        f"for p0 in range(0, {height} * {width}, BLOCK_M):",
+        f"for p0 in range(split * WINDOW_SLICE, tl.minimum((split + 1) * WINDOW_SLICE, {height} * {width}), BLOCK_M):",
         "    offs_m = p0 + tl.arange(0, BLOCK_M)  # pixels of the window",
         f"    mask_m = offs_m < {height} * {width}",
         "    mask = mask_m[:, None] & mask_n[None, :]",
@@ -186,7 +191,10 @@ def _pooled(tile: list[str], height: str, width: str) -> list[str]:
         *(INDENT + line for line in tile),
         "    # pool: the sum of the window's rows",
         "    pooled += tl.sum(tl.where(mask, acc, 0.0), axis=0)",
-        f"tl.store(out_ptr + pid_m * C_out + offs_n, pooled / ({height} * {width}), mask=mask_n)",
+        "if SPLIT_WINDOW:  # the slice's sum, for window_slices_sum to add to the others' in order",
+        "    tl.store(partial_ptr + (split * N * PH * PW + pid_m) * C_out + offs_n, pooled, mask=mask_n)",
+        "else:",
+        f"    tl.store(out_ptr + pid_m * C_out + offs_n, pooled / ({height} * {width}), mask=mask_n)",
     ]
 
 
@@ -385,7 +393,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
             continue
         tile.append(f"# epilogue: {f.op.name}")
         tile += f.op.lowering.apply("acc", f.slot, channels, "mask_n")
-    pooled_frame = kernel.pool is not None and not kernel.pools_input
+    pooled_frame = kernel.sums_windows
     if pooled_frame:
         assert not kernel.writes_batch_stats, "training mode gives a pool its own launch"
         assert channels == "offs_n", "check refuses a channel map in a kernel that a pool ends"
@@ -429,6 +437,9 @@ def lower(kernel: Kernel) -> LoweredKernel:
     channels = [(d, d) for d in _CHANNELS]
     rule = _tile_rule(kernel)
     blocks = [(b, b) for b in dict.fromkeys([*O.TILE_BLOCKS, *own_blocks, *(rule[1] if rule else ()), "SPLIT_K"])]
+    if pooled_frame:  # the window's slices (_pooled)
+        scalars.append(("WINDOW_SLICE", "WINDOW_SLICE"))
+        blocks.append(("SPLIT_WINDOW", "WINDOW_SPLITS > 1"))
     strides = _X_STRIDES if kernel.reads_any_layout else []
     positional = [p for p in pointers + dims + strides + scalars if _used(p[0], body_text)]
     block_lines = _block_lines(rule, out_rank, body_text, own_blocks)
@@ -514,7 +525,19 @@ def lower(kernel: Kernel) -> LoweredKernel:
     if split_k:  # the slices kernel launches the same tiles for each slice of K
         wrapper.append(INDENT + f"tiles = {tiles}")
         tiles = "tiles"
-    wrapper += [INDENT + f"grid = ({tiles},)"]
+    if pooled_frame:
+        wrapper += [
+            INDENT + "# programs that share each pooling window where the pooled pixels alone would not fill the GPU",
+            INDENT + f"WINDOW_SLICE = window_slice({tiles}, {pool_window[0]} * {pool_window[1]}, BLOCK_M)",
+            INDENT + f"WINDOW_SPLITS = cdiv({pool_window[0]} * {pool_window[1]}, WINDOW_SLICE)",
+            INDENT + "# the slices' sums (a kernel that sums whole windows stores into out and reads no partial)",
+            INDENT
+            + "partial = out if WINDOW_SPLITS == 1 else "
+            + f"torch.empty((WINDOW_SPLITS, {rows}, C_out), device=x.device, dtype=torch.float32)",
+            INDENT + f"grid = ({tiles}, WINDOW_SPLITS)",
+        ]
+    else:
+        wrapper += [INDENT + f"grid = ({tiles},)"]
     if kernel.writes_batch_stats:
         wrapper += [
             INDENT + f"tile_sum = torch.empty((cdiv({rows}, BLOCK_M), C_out), device=x.device, dtype=torch.float32)",
@@ -534,6 +557,11 @@ def lower(kernel: Kernel) -> LoweredKernel:
             ),
         ]
     wrapper += [INDENT + line for line in _launch(f"{kernel.name}_kernel", "grid", body, positional, keyword, options)]
+    if pooled_frame:
+        wrapper += [
+            INDENT + "if WINDOW_SPLITS > 1:",
+            INDENT * 2 + f"window_slices_sum(partial, out, {pool_window[0]} * {pool_window[1]})",
+        ]
     result = "x" if kernel.stats_only else kernel.view.op.lowering.expr("out") if kernel.view else "out"
     if kernel.writes_batch_stats:
         result += f", (tile_sum, tile_m2, BLOCK_M, {rows})"

@@ -81,6 +81,12 @@ class Kernel:
         return pools_input(self.anchor, self.producer, self.epilogue, self.pool)
 
     @property
+    def sums_windows(self) -> bool:
+        """The pool ends the kernel in its own frame: each program sums (a slice of) a pooling window's
+        pixels, and its wrapper may add the slices with the window_slices_sum helper."""
+        return self.pool is not None and not self.pools_input
+
+    @property
     def producer_at_taps(self) -> bool:
         """The producer runs at each tap of a depthwise anchor (conv1x1 -> dwconv), not in a K loop."""
         return bool(self.producer) and self.anchor.op.lowering.consume_taps is not None

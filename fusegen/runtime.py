@@ -197,6 +197,18 @@ def linear_tile(N, C_in, C_out):
     return block_m, block_n, block_k, 4 * block_k
 
 
+def window_slice(programs, window, block_m):
+    """For a kernel that a pool ends, of `programs` programs (pooled pixels x channel blocks) over
+    `window`-pixel pooling windows in tiles of block_m pixels: how many pixels of a window one program sums
+    (a multiple of block_m). Where the pooled pixels alone leave the launch under about 256 programs, the
+    windows are sliced so that it gets that many: a global pool at a small batch, such as EfficientNetB2's
+    first at batch 2, 4 programs each over 12,544 pixels."""
+    tiles = cdiv(window, block_m)
+    if programs >= 256:
+        return tiles * block_m
+    return cdiv(tiles, min(tiles, cdiv(256, programs))) * block_m
+
+
 def softmax_tile(axis, W, C):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for a softmax over `axis` ("width", "height" or "channels") of
     a channels-last tensor W pixels wide with C channels; BLOCK_K is the chunk of the axis that the kernel's

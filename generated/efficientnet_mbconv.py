@@ -641,7 +641,104 @@ def bn_train_kernel(
     tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
-# BatchNorm2d in training mode: batch mean and variance from per-tile statistics; running statistics update.
+# Tiles first through last of a column of per-tile statistics (sum, squared deviations from the tile's
+# mean; tiles of ROWS_PER_TILE rows, the last ones short of ROWS) merged into (rows, mean, squared
+# deviations) per channel, in float64: a mean off by a few ulps is amplified by mean / std once the
+# consumer subtracts it.
+@triton.jit
+def merge_tile_stats(
+    sum_ptr,
+    m2_ptr,
+    first,
+    last,
+    C,
+    ROWS,
+    ROWS_PER_TILE,
+    offs_c,
+    mask_c,
+    BLOCK_T: tl.constexpr,
+):
+    mean = tl.zeros_like(offs_c).to(tl.float64)
+    m2 = tl.zeros_like(offs_c).to(tl.float64)
+    rows_first = tl.minimum(first * ROWS_PER_TILE, ROWS).to(tl.float64)
+    for t0 in range(first, last, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask = (offs_t < last)[:, None] & mask_c[None, :]
+        tile_rows = tl.minimum(
+            tl.maximum(ROWS - offs_t * ROWS_PER_TILE, 0), ROWS_PER_TILE
+        )
+        tile_rows = tl.where(offs_t < last, tile_rows, 0).to(tl.float64)
+        tile_sum = tl.load(
+            sum_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0
+        ).to(tl.float64)
+        tile_m2 = tl.load(
+            m2_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0
+        ).to(tl.float64)
+        # merge the block's tiles, then the block into the total so far (Chan et al.)
+        block_rows = tl.sum(tile_rows, axis=0)
+        block_mean = tl.sum(tile_sum, axis=0) / block_rows
+        deviation = tl.where(
+            mask,
+            tile_sum / tl.maximum(tile_rows, 1.0)[:, None] - block_mean[None, :],
+            0.0,
+        )
+        block_m2 = tl.sum(tile_m2 + tile_rows[:, None] * deviation * deviation, axis=0)
+        rows_before = tl.minimum(t0 * ROWS_PER_TILE, ROWS).to(tl.float64) - rows_first
+        delta = block_mean - mean
+        mean += delta * (block_rows / (rows_before + block_rows))
+        m2 += block_m2 + delta * delta * (
+            rows_before * block_rows / (rows_before + block_rows)
+        )
+    return mean, m2
+
+
+# BatchNorm2d in training mode, a long column of tiles: each program merges one chunk of a block of
+# channels' tiles, and stores the chunk's sum and squared deviations for batch_norm_batch_stats_kernel.
+@triton.jit
+def batch_norm_chunk_stats_kernel(
+    tile_sum_ptr,
+    tile_m2_ptr,
+    chunk_sum_ptr,
+    chunk_m2_ptr,
+    T,
+    C,
+    ROWS,
+    ROWS_PER_TILE,
+    TILES_PER_CHUNK,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    LAUNCH_PDL: tl.constexpr,
+):
+    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
+    if LAUNCH_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    chunk = tl.program_id(1)
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    first = chunk * TILES_PER_CHUNK
+    last = tl.minimum(first + TILES_PER_CHUNK, T)
+    mean, m2 = merge_tile_stats(
+        tile_sum_ptr,
+        tile_m2_ptr,
+        first,
+        last,
+        C,
+        ROWS,
+        ROWS_PER_TILE,
+        offs_c,
+        mask_c,
+        BLOCK_T,
+    )
+    rows = (
+        tl.minimum(last * ROWS_PER_TILE, ROWS) - tl.minimum(first * ROWS_PER_TILE, ROWS)
+    ).to(tl.float64)
+    tl.store(chunk_sum_ptr + chunk * C + offs_c, mean * rows, mask=mask_c)
+    tl.store(chunk_m2_ptr + chunk * C + offs_c, m2, mask=mask_c)
+
+
+# BatchNorm2d in training mode: batch mean and variance from per-tile statistics (or per-chunk ones);
+# running statistics update.
 @triton.jit
 def batch_norm_batch_stats_kernel(
     tile_sum_ptr,
@@ -661,41 +758,18 @@ def batch_norm_batch_stats_kernel(
     CUMULATIVE: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    LAUNCH_PDL: tl.constexpr,
 ):
+    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
+    if LAUNCH_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    # float64 here: the merge is tiny next to the conv, and a mean off by a few ulps is amplified by
-    # mean / std once the consumer subtracts it
-    mean = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    m2 = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        mask = (offs_t < T)[:, None] & mask_c[None, :]
-        tile_rows = tl.minimum(
-            tl.maximum(ROWS - offs_t * ROWS_PER_TILE, 0), ROWS_PER_TILE
-        ).to(tl.float64)
-        tile_sum = tl.load(
-            tile_sum_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0
-        ).to(tl.float64)
-        tile_m2 = tl.load(
-            tile_m2_ptr + offs_t[:, None] * C + offs_c[None, :], mask=mask, other=0.0
-        ).to(tl.float64)
-        # merge the chunk's tiles, then the chunk into the total so far (Chan et al.)
-        chunk_rows = tl.sum(tile_rows, axis=0)
-        chunk_mean = tl.sum(tile_sum, axis=0) / chunk_rows
-        deviation = tl.where(
-            mask,
-            tile_sum / tl.maximum(tile_rows, 1.0)[:, None] - chunk_mean[None, :],
-            0.0,
-        )
-        chunk_m2 = tl.sum(tile_m2 + tile_rows[:, None] * deviation * deviation, axis=0)
-        rows_before = tl.minimum(t0 * ROWS_PER_TILE, ROWS).to(tl.float64)
-        delta = chunk_mean - mean
-        mean += delta * (chunk_rows / (rows_before + chunk_rows))
-        m2 += chunk_m2 + delta * delta * (
-            rows_before * chunk_rows / (rows_before + chunk_rows)
-        )
+    mean, m2 = merge_tile_stats(
+        tile_sum_ptr, tile_m2_ptr, 0, T, C, ROWS, ROWS_PER_TILE, offs_c, mask_c, BLOCK_T
+    )
     tl.store(batch_mean_ptr + offs_c, mean.to(tl.float32), mask=mask_c)
     rstd = 1.0 / tl.sqrt(m2 / ROWS + eps)
     tl.store(
@@ -1857,12 +1931,45 @@ def batch_norm_batch_stats(x_stats, bn):
         bn.momentum is None
     ):  # the kernel reads the count: update it first (otherwise the kernel does)
         bn.num_batches_tracked.add_(1)
+    # narrow channel blocks (few channels and many tiles early in a net), up to 256 tiles a program: a
+    # longer column is merged in chunks of tiles first
+    BLOCK_C, TILES_PER_CHUNK = 8, 256
+    if T > TILES_PER_CHUNK:
+        # chunks of tiles merged by as many programs, then the chunks by the kernel below: each chunk is
+        # one tile of TILES_PER_CHUNK times the rows to it
+        chunks = cdiv(T, TILES_PER_CHUNK)
+        chunk_sum = torch.empty(
+            (chunks, C), device=tile_sum.device, dtype=torch.float64
+        )
+        chunk_m2 = torch.empty_like(chunk_sum)
+        grid = (cdiv(C, BLOCK_C), chunks)
+        LAUNCH_PDL = launch_pdl(tile_sum, grid)
+        batch_norm_chunk_stats_kernel[grid](
+            tile_sum,
+            tile_m2,
+            chunk_sum,
+            chunk_m2,
+            T,
+            C,
+            rows,
+            rows_per_tile,
+            TILES_PER_CHUNK,
+            BLOCK_T=TILES_PER_CHUNK,
+            BLOCK_C=BLOCK_C,
+            LAUNCH_PDL=LAUNCH_PDL,
+            num_warps=8,
+            launch_pdl=LAUNCH_PDL,
+        )
+        tile_sum, tile_m2, rows_per_tile, T = (
+            chunk_sum,
+            chunk_m2,
+            rows_per_tile * TILES_PER_CHUNK,
+            chunks,
+        )
     batch_mean = torch.empty(C, device=tile_sum.device, dtype=torch.float32)
     scale = torch.empty_like(batch_mean)
-    # few channels and many tiles early in a net: narrow channel blocks, long tile blocks, so that the
-    # merge runs in several programs and few sequential steps
-    BLOCK_C = 8
     grid = (cdiv(C, BLOCK_C),)
+    LAUNCH_PDL = launch_pdl(tile_sum, grid)
     batch_norm_batch_stats_kernel[grid](
         tile_sum,
         tile_m2,
@@ -1879,9 +1986,11 @@ def batch_norm_batch_stats(x_stats, bn):
         bn.eps,
         0.0 if bn.momentum is None else bn.momentum,
         CUMULATIVE=bn.momentum is None,
-        BLOCK_T=min(1024, next_power_of_2(T)),
+        BLOCK_T=min(TILES_PER_CHUNK, next_power_of_2(T)),
         BLOCK_C=BLOCK_C,
+        LAUNCH_PDL=LAUNCH_PDL,
         num_warps=8,
+        launch_pdl=LAUNCH_PDL,
     )
     return batch_mean, scale
 

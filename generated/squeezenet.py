@@ -360,11 +360,14 @@ def dropout_conv1x1_bias_relu_global_avgpool_kernel(
     x_ptr,
     conv_weight_ptr,
     conv_bias_ptr,
+    partial_ptr,
     out_ptr,
+    N,
     H,
     W,
     PH,
     PW,
+    WINDOW_SLICE,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
     STRIDE: tl.constexpr,
@@ -374,6 +377,7 @@ def dropout_conv1x1_bias_relu_global_avgpool_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_WINDOW: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -391,8 +395,14 @@ def dropout_conv1x1_bias_relu_global_avgpool_kernel(
     pw = pid_m % PW
     # the image of every row
     n = pid_m // (PH * PW) + tl.zeros((BLOCK_M,), dtype=tl.int32)
+    # this program's slice of the window (program axis 1): WINDOW_SLICE pixels from split * WINDOW_SLICE
+    split = tl.program_id(1)
     pooled = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for p0 in range(0, POOL_H * POOL_W, BLOCK_M):
+    for p0 in range(
+        split * WINDOW_SLICE,
+        tl.minimum((split + 1) * WINDOW_SLICE, POOL_H * POOL_W),
+        BLOCK_M,
+    ):
         offs_m = p0 + tl.arange(0, BLOCK_M)  # pixels of the window
         mask_m = offs_m < POOL_H * POOL_W
         mask = mask_m[:, None] & mask_n[None, :]
@@ -421,7 +431,41 @@ def dropout_conv1x1_bias_relu_global_avgpool_kernel(
         acc = tl.maximum(acc, 0.0)
         # pool: the sum of the window's rows
         pooled += tl.sum(tl.where(mask, acc, 0.0), axis=0)
-    tl.store(out_ptr + pid_m * C_out + offs_n, pooled / (POOL_H * POOL_W), mask=mask_n)
+    if (
+        SPLIT_WINDOW
+    ):  # the slice's sum, for window_slices_sum to add to the others' in order
+        tl.store(
+            partial_ptr + (split * N * PH * PW + pid_m) * C_out + offs_n,
+            pooled,
+            mask=mask_n,
+        )
+    else:
+        tl.store(
+            out_ptr + pid_m * C_out + offs_n, pooled / (POOL_H * POOL_W), mask=mask_n
+        )
+
+
+# A pooling window summed in slices by several programs: the slices' sums added in order, then the mean.
+@triton.jit
+def window_slices_sum_kernel(
+    partial_ptr,
+    pooled_ptr,
+    SPLITS,
+    SIZE,
+    window,
+    BLOCK: tl.constexpr,
+    LAUNCH_PDL: tl.constexpr,
+):
+    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
+    if LAUNCH_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < SIZE
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in range(SPLITS):
+        total += tl.load(partial_ptr + split * SIZE + offs, mask=mask, other=0.0)
+    tl.store(pooled_ptr + offs, total / window, mask=mask)
 
 
 def dot_precision(x, module):
@@ -528,6 +572,18 @@ def conv_tile(rows, K, C_out, precision):
     ):
         return 128, 64, 32, 4, 3
     return 64, block_n, 32, 4, 3
+
+
+def window_slice(programs, window, block_m):
+    """For a kernel that a pool ends, of `programs` programs (pooled pixels x channel blocks) over
+    `window`-pixel pooling windows in tiles of block_m pixels: how many pixels of a window one program sums
+    (a multiple of block_m). Where the pooled pixels alone leave the launch under about 256 programs, the
+    windows are sliced so that it gets that many: a global pool at a small batch, such as EfficientNetB2's
+    first at batch 2, 4 programs each over 12,544 pixels."""
+    tiles = cdiv(window, block_m)
+    if programs >= 256:
+        return tiles * block_m
+    return cdiv(tiles, min(tiles, cdiv(256, programs))) * block_m
 
 
 def launch_pdl(x, grid):
@@ -1430,17 +1486,33 @@ def dropout_conv1x1_bias_relu_global_avgpool(x, conv):
     DOT_PRECISION = dot_precision(x, conv)
     BLOCK_M, BLOCK_N, BLOCK_K = gemm_tile(N * OH * OW, C_in, C_out, DOT_PRECISION)
     BLOCK_M = 64  # rows: pixels of one pooling window, 64 a tile
-    grid = (cdiv(N * PH * PW, 1) * cdiv(C_out, BLOCK_N),)
+    # programs that share each pooling window where the pooled pixels alone would not fill the GPU
+    WINDOW_SLICE = window_slice(
+        cdiv(N * PH * PW, 1) * cdiv(C_out, BLOCK_N), POOL_H * POOL_W, BLOCK_M
+    )
+    WINDOW_SPLITS = cdiv(POOL_H * POOL_W, WINDOW_SLICE)
+    # the slices' sums (a kernel that sums whole windows stores into out and reads no partial)
+    partial = (
+        out
+        if WINDOW_SPLITS == 1
+        else torch.empty(
+            (WINDOW_SPLITS, N * PH * PW, C_out), device=x.device, dtype=torch.float32
+        )
+    )
+    grid = (cdiv(N * PH * PW, 1) * cdiv(C_out, BLOCK_N), WINDOW_SPLITS)
     LAUNCH_PDL = launch_pdl(x, grid)
     dropout_conv1x1_bias_relu_global_avgpool_kernel[grid](
         x,
         dot_weight(conv, DOT_PRECISION).contiguous(),
         conv.bias,
+        partial,
         out,
+        N,
         H,
         W,
         PH,
         PW,
+        WINDOW_SLICE,
         C_in=C_in,
         C_out=C_out,
         STRIDE=conv.stride[0],
@@ -1450,10 +1522,32 @@ def dropout_conv1x1_bias_relu_global_avgpool(x, conv):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        SPLIT_WINDOW=WINDOW_SPLITS > 1,
         LAUNCH_PDL=LAUNCH_PDL,
         launch_pdl=LAUNCH_PDL,
     )
+    if WINDOW_SPLITS > 1:
+        window_slices_sum(partial, out, POOL_H * POOL_W)
     return out
+
+
+def window_slices_sum(partial, pooled, window):
+    """pooled (pooled pixels x channels, contiguous) = the sum of partial's slices [splits, pixels, channels]
+    divided by the `window` pixels that each pooled pixel averages."""
+    splits, size = partial.shape[0], partial[0].numel()
+    BLOCK = 1024
+    grid = (cdiv(size, BLOCK),)
+    LAUNCH_PDL = launch_pdl(partial, grid)
+    window_slices_sum_kernel[grid](
+        partial,
+        pooled,
+        splits,
+        size,
+        window,
+        BLOCK=BLOCK,
+        LAUNCH_PDL=LAUNCH_PDL,
+        launch_pdl=LAUNCH_PDL,
+    )
 
 
 class ModelNew(nn.Module):

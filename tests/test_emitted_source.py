@@ -75,13 +75,17 @@ def test_one_store_per_output_tensor_with_the_shared_mask(spec):
         assert len(pointers) == len(set(pointers)), (kernel.name, pointers)
     for kernel in fused_kernels(SOURCES[spec]):
         stores = {stored_pointer(store): store for store in calls(kernel, "tl.store")}
-        # the output once, and in training mode the output tile's statistics for the next BatchNorm
-        assert set(stores) in ({"out_ptr"}, {"out_ptr", "tile_sum_ptr", "tile_m2_ptr"}), kernel.name
+        # the output once, and in training mode the output tile's statistics for the next BatchNorm; a
+        # kernel that a pool ends stores either its window's mean or, where programs share the window,
+        # its slice's sum (one of the two, by the constexpr SPLIT_WINDOW)
+        pooled = ast.unparse(stores["out_ptr"].args[1]).startswith("pooled")
+        expected = {"out_ptr", "partial_ptr"} if pooled else {"out_ptr"}
+        assert set(stores) in (expected, {"out_ptr", "tile_sum_ptr", "tile_m2_ptr"}), kernel.name
         mask = {kw.arg: ast.unparse(kw.value) for kw in stores["out_ptr"].keywords}["mask"]
-        if ast.unparse(stores["out_ptr"].args[1]).startswith("pooled"):
-            # a kernel that a pool ends stores one pooled pixel a program; its tiles of the window are
-            # summed under the shared mask
+        if pooled:
+            # one pooled pixel a program; its tiles of the window are summed under the shared mask
             assert mask == "mask_n", kernel.name
+            assert {kw.arg: ast.unparse(kw.value) for kw in stores["partial_ptr"].keywords}["mask"] == "mask_n"
             assert "tl.sum(tl.where(mask, acc, 0.0), axis=0)" in ast.unparse(kernel), kernel.name
         else:
             assert mask == "mask", kernel.name
@@ -315,7 +319,11 @@ def test_blocks_share_kernels():
         # and the classifier with its dot in STATS_DOT_PRECISION
         "linear_train_slices_kernel",
         "linear_train_kernel",
+        # the helpers that wrappers call: BatchNorm's batch statistics (long columns of tiles in chunks
+        # first), and the sum of a pooling window's slices
+        "batch_norm_chunk_stats_kernel",
         "batch_norm_batch_stats_kernel",
+        "window_slices_sum_kernel",
     ]
 
 
@@ -324,9 +332,9 @@ def test_dependent_launches_wait_before_their_first_load_or_store(spec):
     """A kernel launched with programmatic dependent launch may start while the launch before it runs: its
     first lines wait for that launch's writes, before any load or store, and only then let the next launch
     start. Its wrapper launches it so exactly when the kernel waits: one LAUNCH_PDL, from the launch's grid,
-    for both. (BatchNorm's batch statistics launch plainly.)"""
+    for both. So do the helpers that wrappers call (BatchNorm's batch statistics, a window's slices)."""
     tree = ast.parse(SOURCES[spec])
-    chains = [k for k in kernels(SOURCES[spec]) if k.name != "batch_norm_batch_stats_kernel"]
+    chains = kernels(SOURCES[spec])
     for kernel in chains:
         assert "LAUNCH_PDL" in {a.arg for a in kernel.args.args}
         assert ast.unparse(kernel.body[0]) == (
@@ -334,16 +342,17 @@ def test_dependent_launches_wait_before_their_first_load_or_store(spec):
         )
     launched = []
     for wrapper in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
-        for before, statement in zip(wrapper.body, wrapper.body[1:]):
+        # the wrapper's statements, and those of its `if` blocks (a helper's first kernel, a window's sum)
+        blocks = [node.body for node in ast.walk(wrapper) if isinstance(node, (ast.FunctionDef, ast.If))]
+        for before, statement in [pair for block in blocks for pair in zip(block, block[1:])]:
             call = statement.value if isinstance(statement, ast.Expr) else None
             if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Subscript)):
                 continue
             options = {k.arg: ast.unparse(k.value) for k in call.keywords}
-            if ast.unparse(call.func.value) == "batch_norm_batch_stats_kernel":
-                assert "launch_pdl" not in options
-                continue
             launched.append(ast.unparse(call.func.value))
-            assert ast.unparse(before) == f"LAUNCH_PDL = launch_pdl(x, {ast.unparse(call.func.slice)})"
+            # the device of the wrapper's first argument (x; a helper's partial sums or tile statistics)
+            device = "tile_sum" if wrapper.name == "batch_norm_batch_stats" else wrapper.args.args[0].arg
+            assert ast.unparse(before) == f"LAUNCH_PDL = launch_pdl({device}, {ast.unparse(call.func.slice)})"
             assert options["LAUNCH_PDL"] == options["launch_pdl"] == "LAUNCH_PDL"
     assert sorted(launched) == sorted(k.name for k in chains)
 

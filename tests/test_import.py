@@ -57,8 +57,11 @@ def assert_matches(path: Path, args, shape, class_name="Model"):
             out, eager, want = new(x), ref(x), exact(x.double())
         bar = max(TOLERANCE, 3 * rel_error(eager, want)) if training else TOLERANCE
         assert rel_error(out, want) < bar, (training, rel_error(out, want), rel_error(eager, want))
-        for a, b in zip(new.state_dict().values(), exact.state_dict().values()):
-            assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)  # running statistics
+        # the running statistics as test_models checks them: past fp32 torch's own distance from float64, 3x
+        # it (EfficientNetB2 at KernelBench's batch of 2 normalises 2 values a channel in its last blocks)
+        for (key, a), b, c in zip(new.state_dict().items(), exact.state_dict().values(), ref.state_dict().values()):
+            eager_off = (c.double() - b.double()).abs().max().item()
+            assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=max(1e-5, 3 * eager_off)), key
     return text
 
 

@@ -928,7 +928,9 @@ def test_a_pool_ends_a_maxpool_kernel(k, stride, padding, pool, one_line, n, c, 
     shape = (n, c, at_least(h, least), at_least(w, least))
     chains = [[maxpool(k, stride, padding), *POOLS[pool]]] if one_line else [[maxpool(k, stride, padding)], POOLS[pool]]
     module = check(shape, *chains)
-    assert len(re.findall(r"^def \w+_kernel\(", module.SOURCE, re.M)) == 1
+    # one kernel, besides the helper that adds a window's slices where programs share one
+    launched = set(re.findall(r"^def (\w+_kernel)\(", module.SOURCE, re.M)) - {"window_slices_sum_kernel"}
+    assert len(launched) == 1, launched
 
 
 @few_examples

@@ -119,6 +119,22 @@ def on_gpu(dtype=torch.float32):
     return SimpleNamespace(is_cuda=True, dtype=dtype)
 
 
+@settings(max_examples=300, deadline=None)
+@given(programs=st.integers(1, 4096), window=st.integers(1, 224 * 224), block_m=st.sampled_from([16, 64]))
+def test_window_slices_cover_each_window_once_and_fill_small_launches(programs, window, block_m):
+    """window_slice: whole tiles a slice, every slice holding some of the window's pixels; a launch of 256
+    programs or more sums whole windows, a smaller one gets about 256 (at most one program a tile)."""
+    size = runtime.window_slice(programs, window, block_m)
+    splits = runtime.cdiv(window, size)
+    tiles = runtime.cdiv(window, block_m)
+    assert size % block_m == 0 and (splits - 1) * size < window <= splits * size
+    if programs >= 256:
+        assert splits == 1
+    else:
+        wanted = min(tiles, runtime.cdiv(256, programs))  # programs a window, short of whole tiles a slice
+        assert wanted / 2 < splits <= wanted
+
+
 def test_dot_precision_is_ieee_off_the_gpu():
     """Triton's interpreter computes fp32 whatever the precision: the wrappers say so."""
     assert runtime.dot_precision(torch.rand(2, 3, 4, 4), nn.Conv2d(3, 8, 3)) == "ieee"

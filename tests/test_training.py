@@ -263,3 +263,47 @@ def test_one_value_per_channel_is_refused_like_torch():
     new, _ = make(SPEC, "train_net")
     with torch.no_grad(), pytest.raises(ValueError, match="more than 1 value per channel"):
         new(torch.rand(1, 3, 1, 1, device=DEVICE))
+
+
+@settings(max_examples=8, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(
+    tiles=st.integers(2, 700),
+    last_rows=st.integers(1, 64),
+    c=st.sampled_from([1, 5, 8, 19]),
+    cumulative=st.booleans(),
+)
+@example(tiles=257, last_rows=1, c=5, cumulative=False)  # one tile past a chunk: a chunk of one row
+@example(tiles=512, last_rows=64, c=8, cumulative=True)  # two whole chunks
+def test_batch_statistics_merge_long_columns_of_tiles_in_chunks(tiles, last_rows, c, cumulative):
+    """batch_norm_batch_stats on per-tile statistics as a producer stores them (64-row tiles, the last one
+    short), of values whose mean dwarfs their spread: the batch mean, the scale and the running buffers
+    against float64. Columns of more than 256 tiles are merged in chunks by a kernel of their own first."""
+    module = load_spec(SPEC, "train_net")
+    rows = (tiles - 1) * 64 + last_rows
+    torch.manual_seed(tiles * 100 + c)
+    values = (torch.randn(rows, c, dtype=torch.float64) * torch.rand(c, dtype=torch.float64) + 300).to(DEVICE)
+    padded = torch.cat([values, values.new_zeros(tiles * 64 - rows, c)]).view(tiles, 64, c)
+    counts = torch.full((tiles, 1), 64.0, dtype=torch.float64, device=DEVICE)
+    counts[-1] = last_rows
+    tile_sum = padded.sum(1)
+    tile_mean = (tile_sum / counts).unsqueeze(1)
+    in_tile = (torch.arange(64, device=DEVICE).view(1, 64, 1) < counts.view(tiles, 1, 1)).to(torch.float64)
+    tile_m2 = (((padded - tile_mean) * in_tile) ** 2).sum(1)
+    bn = torch.nn.BatchNorm2d(c, momentum=None if cumulative else 0.2).to(DEVICE).train()
+    randomize_batchnorm(bn, seed=c)
+    exact = copy.deepcopy(bn).double()
+    chunked = []
+    chunk_kernel = module.batch_norm_chunk_stats_kernel
+    recorded = type("Recorded", (), {"__getitem__": lambda self, grid: chunked.append(grid) or chunk_kernel[grid]})
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "batch_norm_chunk_stats_kernel", recorded())
+        mean, scale = module.batch_norm_batch_stats((tile_sum.float(), tile_m2.float(), 64, rows), bn)
+        exact(values.view(rows, c, 1, 1))
+    assert len(chunked) == (tiles > 256)
+    # the merge itself in float64: exact for the fp32 tile statistics it gets
+    stored_sum, stored_m2 = tile_sum.float().double(), tile_m2.float().double()
+    batch_mean = stored_sum.sum(0) / rows
+    batch_m2 = stored_m2.sum(0) + (counts * (stored_sum / counts - batch_mean) ** 2).sum(0)
+    assert rel_error(mean, batch_mean) < 1e-7  # float32 outputs
+    assert rel_error(scale, exact.weight / (batch_m2 / rows + exact.eps).sqrt()) < 1e-7
+    assert_same_buffers(bn, exact)  # and the running buffers as torch updates them from the values
