@@ -3019,8 +3019,8 @@ def batch_norm_batch_stats(x_stats, bn):
     # longer column is merged in chunks of tiles first
     BLOCK_C, TILES_PER_CHUNK = 8, 256
     if T > TILES_PER_CHUNK:
-        # chunks of tiles merged by as many programs, then the chunks by the kernel below: each chunk is
-        # one tile of TILES_PER_CHUNK times the rows to it
+        # chunks of tiles merged by as many programs, then the chunks by the kernel below, as tiles of
+        # TILES_PER_CHUNK tiles' rows
         chunks = cdiv(T, TILES_PER_CHUNK)
         chunk_sum = torch.empty(
             (chunks, C), device=tile_sum.device, dtype=torch.float64

@@ -2,6 +2,7 @@
 blocks with named children and module arguments, construction-time `if`, lists and repeats."""
 
 import ast
+import copy
 
 import pytest
 import torch
@@ -114,7 +115,10 @@ class TorchPooled(nn.Module):
 
 @pytest.mark.parametrize(
     "pool, kernel",
-    [("global_avgpool -> flatten", "conv3x3_bn_relu_global_avgpool_flatten"), ("pool: avgpool(14) -> flatten", "conv3x3_bn_relu_avgpool_flatten")],
+    [
+        ("global_avgpool -> flatten", "conv3x3_bn_relu_global_avgpool_flatten"),
+        ("pool: avgpool(14) -> flatten", "conv3x3_bn_relu_avgpool_flatten"),
+    ],
 )
 @pytest.mark.parametrize("training", [False, True])
 def test_a_pool_on_a_line_of_its_own_ends_the_kernel_before_it(pool, kernel, training):
@@ -127,7 +131,9 @@ def test_a_pool_on_a_line_of_its_own_ends_the_kernel_before_it(pool, kernel, tra
     run = run_kernels_source(source, "run_first_kernel") + "\n" + run_kernels_source(source, "run_kernels_after_first")
     launched = [ast.unparse(c.func) for c in ast.walk(ast.parse(run)) if isinstance(c, ast.Call)]
     assert [f for f in launched if f in wrappers] == [kernel, "linear"]
-    ref, new = pair(text, lambda c=8, classes=5: TorchPooled(c, classes, nn.AvgPool2d(14) if "avgpool(" in pool else None))
+    ref, new = pair(
+        text, lambda c=8, classes=5: TorchPooled(c, classes, nn.AvgPool2d(14) if "avgpool(" in pool else None)
+    )
     randomize_batchnorm(ref)
     new.load_state_dict(ref.state_dict())
     ref, new = ref.train(training), new.train(training)
@@ -176,13 +182,18 @@ def test_residual_block_matches_torch(cin, cout, stride, n, h, w, training):
         ref.eval(), new.eval()
     elif n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1) < 2:
         return  # training-mode BatchNorm needs two values per channel, in torch as in the kernels
+    exact = copy.deepcopy(ref).double()
     x = torch.rand(n, cin, h, w, device=DEVICE)
     with torch.no_grad():
-        out, want = new(x), ref(x)
+        out, eager, want = new(x), ref(x), exact(x.double())
     assert out.is_contiguous()
-    assert rel_error(out, want) < TOLERANCE
-    for a, b in zip(new.state_dict().values(), ref.state_dict().values()):
-        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)  # running statistics
+    # against float64 with test_models' bars: in training mode, where BatchNorm normalises as few as 2 values a
+    # channel, fp32 torch itself can miss 1e-5 (measured: 6.5e-3 on an output of 9e-6, cin=2, cout=1, 1 x 3
+    # pixels at stride 2), so TOLERANCE or 3x fp32 torch's error; the running statistics likewise
+    assert rel_error(out, want) < max(TOLERANCE, 3 * rel_error(eager, want) if training else 0.0)
+    for a, b, c in zip(new.state_dict().values(), exact.state_dict().values(), ref.state_dict().values()):
+        eager_off = (c.double() - b.double()).abs().max().item()
+        assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=max(1e-5, 3 * eager_off))  # running statistics
 
 
 MODULES = """\
