@@ -91,6 +91,13 @@ def assert_matches(path: Path, args, shape, class_name="Model"):
         ("24_EfficientNetB2", [7], (8, 3, 32, 32)),
         # growth rate 4: 98 dense layers at a few channels each
         ("16_DenseNet201", [4, 7], (4, 3, 32, 32)),
+        ("15_DenseNet121", [2, 3], (4, 3, 32, 32)),
+        ("9_ResNet18", [7], (4, 3, 32, 32)),
+        ("20_MobileNetV2", [7], (4, 3, 32, 32)),
+        # no BatchNorm: a batch of 2
+        ("7_GoogleNetInceptionV1", [7], (2, 3, 64, 64)),
+        # alpha is fixed at 1.0 by the trace; 193 pixels are the fewest whose last map holds its 7 x 7 pool
+        ("19_MobileNetV1", [7, 1, 1.0], (1, 1, 193, 193)),
     ],
 )
 def test_kernelbench_files_import_and_match(stem, args, shape):
@@ -178,8 +185,7 @@ def test_kernelbench_dense_block_is_a_dense_loop_that_follows_its_arguments():
 
 @needs_kernelbench
 def test_kernelbench_densenet121_writes_module_lists_and_dense_loops():
-    """DenseNet121 at growth_rate 2 (its forward in the interpreter is too slow for CI; the dense block's and the
-    transition layer's are checked above): its dense blocks and transition layers are ModuleList items
+    """DenseNet121 at growth_rate 2 (its outputs are checked above, at a batch of 4): its dense blocks and transition layers are ModuleList items
     (`dense_blocks[0]: dense_block(64, 6)`), made in turn as the model makes them, so the seeded state_dict is the
     model's; growth_rate stays fixed (the transitions halve sums of it), num_classes follows."""
     text, _ = imported(KERNELBENCH / "15_DenseNet121.py", [2, 3], (2, 3, 32, 32))
@@ -230,7 +236,7 @@ def test_kernelbench_squeezenet_pools_in_ceil_mode():
 
 @needs_kernelbench
 def test_kernelbench_inception_v1_shares_one_module_for_its_inceptions():
-    """At KernelBench's own arguments (its forward on the CPU is too slow for CI): the nine inception modules are
+    """At KernelBench's own arguments (its outputs are checked above, at a small input): the nine inception modules are
     one `module`, their branches joined by cat; the spec builds and its seeded state_dict is the model's."""
     text, _ = imported(KERNELBENCH / "7_GoogleNetInceptionV1.py", None, None)
     assert text.count("inception_module(") == 10
@@ -252,7 +258,7 @@ def test_kernelbench_resnets_pass_each_blocks_downsample_in():
 def test_kernelbench_mobilenet_v2_re_initialisation_becomes_init_rules():
     """MobileNetV2 re-initialises every module after building them (kaiming_normal_ fan_out, ones and zeros,
     normal(0, 0.01)): the loop over self.modules() becomes the spec's `init:` rules, so the seeded state_dict is
-    the model's (its forward in the interpreter is too slow for CI; a user's model below checks the outputs)."""
+    the model's (its outputs are checked above, at a small input)."""
     text, _ = imported(KERNELBENCH / "20_MobileNetV2.py", [5], (1, 3, 33, 33))
     rules = [
         'Conv2d.weight = kaiming_normal(mode="fan_out")',
