@@ -240,19 +240,6 @@ def _tile_stats(channels: str) -> list[str]:
     ]
 
 
-# The first lines of every kernel. Launched with programmatic dependent launch (LAUNCH_PDL: launch_pdl
-# sets it for small launches on Hopper and later), a kernel's programs may start while the launch before
-# it runs, so that its launch latency hides behind that one's last programs. They wait for that launch's
-# writes before any load or store (an output may take the memory of an input that the launch before still
-# reads), then let the next launch start: it waits in turn, so launches still finish in order.
-_PDL = [
-    "# programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start",
-    "if LAUNCH_PDL:",
-    "    tl.extra.cuda.gdc_wait()",
-    "    tl.extra.cuda.gdc_launch_dependents()",
-]
-
-
 def _used(name: str, body: str) -> bool:
     return re.search(rf"\b{re.escape(name)}\b", body) is not None
 
@@ -339,7 +326,7 @@ def _kernel_source(
     """The @triton.jit kernel `name`: `body` after the wait of a dependent launch (_PDL)."""
     params = [name for name, _ in _used_by(body, positional)]
     params += [f"{name}: tl.constexpr" for name, _ in _used_by(body, keyword)] + ["LAUNCH_PDL: tl.constexpr"]
-    return [*comments, "@triton.jit", f"def {name}({', '.join(params)}):", *(INDENT + line for line in [*_PDL, *body])]
+    return [*comments, "@triton.jit", f"def {name}({', '.join(params)}):", *(INDENT + line for line in [*O.PDL, *body])]
 
 
 def _launch(

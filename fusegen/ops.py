@@ -1302,6 +1302,20 @@ def _bn_train_apply(v: str, slot: str, ch: str, ch_mask: str) -> list[str]:
     ]
 
 
+# The first lines of every kernel (lower's and the helpers'). Launched with programmatic dependent launch
+# (LAUNCH_PDL: launch_pdl sets it for small launches on Hopper and later), a kernel's programs may start while
+# the launch before it runs, so that its launch latency hides behind that one's last programs. They wait for
+# that launch's writes before any load or store (an output may take the memory of an input that the launch
+# before still reads), then let the next launch start: it waits in turn, so launches still finish in order.
+PDL = [
+    "# programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start",
+    "if LAUNCH_PDL:",
+    "    tl.extra.cuda.gdc_wait()",
+    "    tl.extra.cuda.gdc_launch_dependents()",
+]
+_PDL_LINES = "".join(f"    {line}\n" for line in PDL)  # in a helper kernel's body
+
+
 # Training-mode BatchNorm between two kernels: the producer stores, per output tile and channel, the
 # sum and the sum of squared deviations from the tile's mean; these kernels merge the tiles with Chan's
 # parallel formula (no sum-of-squares cancellation at large N*H*W), then write the per-channel mean
@@ -1345,11 +1359,9 @@ def batch_norm_chunk_stats_kernel(
     tile_sum_ptr, tile_m2_ptr, chunk_sum_ptr, chunk_m2_ptr, T, C, ROWS, ROWS_PER_TILE, TILES_PER_CHUNK,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, LAUNCH_PDL: tl.constexpr,
 ):
-    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
-    if LAUNCH_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    chunk = tl.program_id(1)
+"""
+    + _PDL_LINES
+    + """    chunk = tl.program_id(1)
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     first = chunk * TILES_PER_CHUNK
@@ -1370,11 +1382,9 @@ def batch_norm_batch_stats_kernel(
     batch_mean_ptr, scale_ptr, T, C, ROWS, ROWS_PER_TILE, eps, momentum,
     CUMULATIVE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, LAUNCH_PDL: tl.constexpr,
 ):
-    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
-    if LAUNCH_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    pid = tl.program_id(0)
+"""
+    + _PDL_LINES
+    + """    pid = tl.program_id(0)
     offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     mean, m2 = merge_tile_stats(tile_sum_ptr, tile_m2_ptr, 0, T, C, ROWS, ROWS_PER_TILE, offs_c, mask_c, BLOCK_T)
@@ -1443,11 +1453,9 @@ WINDOW_SLICES_SUM = Helper(
 # A pooling window summed in slices by several programs: the slices' sums added in order, then the mean.
 @triton.jit
 def window_slices_sum_kernel(partial_ptr, pooled_ptr, SPLITS, SIZE, window, BLOCK: tl.constexpr, LAUNCH_PDL: tl.constexpr):
-    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
-    if LAUNCH_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+"""
+    + _PDL_LINES
+    + """    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < SIZE
     total = tl.zeros((BLOCK,), dtype=tl.float32)
     for split in range(SPLITS):

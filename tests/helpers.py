@@ -66,6 +66,21 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
+def training_bar(eager: torch.Tensor, exact: torch.Tensor) -> float:
+    """The bar for a training-mode output against float64: TOLERANCE, or 3x fp32 torch's own error where that
+    is larger (normalising by a small batch's spread amplifies fp32 rounding, in torch as in the kernels)."""
+    return max(TOLERANCE, 3 * rel_error(eager, exact))
+
+
+def assert_state_near_float64(new: dict, exact: dict, eager: dict, keys=None) -> None:
+    """Each state_dict entry of `new` (those in `keys`, default all) against the float64 model's: rtol 1e-4
+    and atol 1e-5, or 3x fp32 torch's (`eager`'s) own distance from float64 where that is larger."""
+    for key, want in exact.items():
+        if keys is None or key in keys:
+            eager_off = (eager[key].double() - want.double()).abs().max().item()
+            assert torch.allclose(new[key].double(), want.double(), rtol=1e-4, atol=max(1e-5, 3 * eager_off)), key
+
+
 # Where the interpreter runs the kernels (the CPU), Triton's GPU compiler still runs: the launches of a
 # forward are recorded, specialised by Triton's own binder and argument packing (signature, constexprs,
 # divisibility, options, as at a real launch), and compiled for an sm_90 GPU in a child process without
