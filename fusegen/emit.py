@@ -435,7 +435,7 @@ def _helpers(plan: Plan) -> list[O.Helper]:
     """Kernels that wrappers call (BatchNorm's batch statistics, the sum of a pooling window's slices), once
     each."""
     found = [f.elementwise.helper for k in plan.kernels for f in k.ops if f.elementwise and f.elementwise.helper]
-    found += [O.WINDOW_SLICES_SUM for k in plan.kernels if k.sums_windows]
+    found += [O.WINDOW_SLICES_SUM for k in plan.kernels if k.sums_windows or k.slices_windows]
     return list(dict.fromkeys(found))
 
 

@@ -137,11 +137,12 @@ def _frame(
     return lines + [line for line in pixel if _used(line.split(" = ")[0], loop_text)]
 
 
-def _store(channels: str, row_stride: str) -> str:
+def _store(channels: str, row_stride: str, value: str = "acc") -> str:
     """The one store: output row offs_m starts at offs_m * row_stride (C_out in the wrapper's own contiguous
     tensor; out_row_stride in a channel slice of a concatenation's channels-last buffer, whose first channel
-    out_ptr is); `channels` are where the tile's channels go (offs_n, or a channel map's targets)."""
-    return f"tl.store(out_ptr + offs_m[:, None] * {row_stride} + {channels}[None, :], acc, mask=mask)"
+    out_ptr is); `channels` are where the tile's channels go (offs_n, or a channel map's targets); `value` what it
+    stores (the tile `acc`, or an expression of it)."""
+    return f"tl.store(out_ptr + offs_m[:, None] * {row_stride} + {channels}[None, :], {value}, mask=mask)"
 
 
 def _pooled_pixels(height: str, width: str) -> list[str]:
@@ -359,6 +360,8 @@ def lower(kernel: Kernel) -> LoweredKernel:
         loop = _STATS_ONLY_LOAD
     elif kernel.pools_input:
         loop = anchor.pool_input(kernel.anchor.slot, _prologue_hook(kernel.prologue), *pool_window)
+    elif kernel.slices_windows:
+        loop = anchor.slice_loop(kernel.anchor.slot, _prologue_hook(kernel.prologue))
     else:
         loop = anchor.loop(kernel.anchor.slot, _prologue_hook(kernel.prologue))
     # split K: a first kernel (`slices`) runs the loop over each slice of K, this one adds their sums
@@ -388,6 +391,14 @@ def lower(kernel: Kernel) -> LoweredKernel:
     else:
         stats = _tile_stats(channels) if kernel.writes_batch_stats else []
         store = [] if kernel.stats_only else [_store(channels, "out_row_stride" if kernel.writes_slice else "C_out")]
+        if kernel.slices_windows:
+            store = [
+                "# the slice's sum, for window_slices_sum to add to the others' in order; or the window's mean",
+                "if SPLIT_WINDOW:",
+                f"    tl.store({_partial_offsets(rows)}, acc, mask=mask)",
+                "else:",
+                f"    {_store(channels, 'C_out', f'acc / ({anchor.window})')}",
+            ]
         frame = _frame(out_rank, loop, anchor.grouped, anchor.row_order, pooled=kernel.pools_input)
         body = [*frame, *tile, *store, *stats]
     body_text = "\n".join([*body, *slices])  # what either kernel uses
@@ -424,7 +435,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
     channels = [(d, d) for d in _CHANNELS]
     rule = _tile_rule(kernel)
     blocks = [(b, b) for b in dict.fromkeys([*O.TILE_BLOCKS, *own_blocks, *(rule[1] if rule else ()), "SPLIT_K"])]
-    if pooled_frame:  # the window's slices (_pooled)
+    if pooled_frame or kernel.slices_windows:  # the window's slices (_pooled, Anchor.slice_loop)
         scalars.append(("WINDOW_SLICE", "WINDOW_SLICE"))
         blocks.append(("SPLIT_WINDOW", "WINDOW_SPLITS > 1"))
     strides = _X_STRIDES if kernel.reads_any_layout else []
@@ -512,11 +523,15 @@ def lower(kernel: Kernel) -> LoweredKernel:
     if split_k:  # the slices kernel launches the same tiles for each slice of K
         wrapper.append(INDENT + f"tiles = {tiles}")
         tiles = "tiles"
-    if pooled_frame:
+    # the pixels of a pooling window, and the window's pixels a program sums at a time
+    window_pixels, window_block = (
+        (f"{pool_window[0]} * {pool_window[1]}", "BLOCK_M") if pooled_frame else (anchor.window, "BLOCK_P")
+    )
+    if pooled_frame or kernel.slices_windows:
         wrapper += [
             INDENT + "# programs that share each pooling window where the pooled pixels alone would not fill the GPU",
-            INDENT + f"WINDOW_SLICE = window_slice({tiles}, {pool_window[0]} * {pool_window[1]}, BLOCK_M)",
-            INDENT + f"WINDOW_SPLITS = cdiv({pool_window[0]} * {pool_window[1]}, WINDOW_SLICE)",
+            INDENT + f"WINDOW_SLICE = window_slice({tiles}, {window_pixels}, {window_block})",
+            INDENT + f"WINDOW_SPLITS = cdiv({window_pixels}, WINDOW_SLICE)",
             INDENT + "# the slices' sums (a kernel that sums whole windows stores into out and reads no partial)",
             INDENT
             + "partial = out if WINDOW_SPLITS == 1 else "
@@ -544,11 +559,8 @@ def lower(kernel: Kernel) -> LoweredKernel:
             ),
         ]
     wrapper += [INDENT + line for line in _launch(f"{kernel.name}_kernel", "grid", body, positional, keyword, options)]
-    if pooled_frame:
-        wrapper += [
-            INDENT + "if WINDOW_SPLITS > 1:",
-            INDENT * 2 + f"window_slices_sum(partial, out, {pool_window[0]} * {pool_window[1]})",
-        ]
+    if pooled_frame or kernel.slices_windows:
+        wrapper += [INDENT + "if WINDOW_SPLITS > 1:", INDENT * 2 + f"window_slices_sum(partial, out, {window_pixels})"]
     result = "x" if kernel.stats_only else kernel.view.op.lowering.expr("out") if kernel.view else "out"
     if kernel.writes_batch_stats:
         result += f", (tile_sum, tile_m2, BLOCK_M, {rows})"

@@ -155,6 +155,13 @@ class Anchor:
     # first kernel stores each slice's sums. A second adds them in slice order, then runs these lines on
     # `acc` (the bias) and the rest of the chain. None: one kernel, the whole K loop.
     split_k_finish: Callable[[str], list[str]] | None = None
+    # A pool whose every output sums a window of `window` input pixels (a global pool: H * W, the wrapper's
+    # expression): kernel lines as `loop` that sum only this program's slice of the window, WINDOW_SLICE
+    # pixels from split * WINDOW_SLICE (`split`: program axis 1), and leave the sum, not the mean, in `acc`.
+    # Where the outputs alone would leave most of the GPU idle and nothing follows the anchor in its kernel,
+    # several programs share each window (runtime.window_slice); window_slices_sum adds their sums.
+    slice_loop: Callable[[str, PrologueHook], list[str]] | None = None
+    window: str | None = None
 
     @property
     def out_rank(self) -> int:
@@ -508,22 +515,34 @@ def _stride_one(args: dict) -> str | None:
     return None if args["stride"] == 1 else f"with stride {args['stride']} its input pixels are not its output pixels"
 
 
-def _pool_loop(window: str, pixels: str, divisor: str):
+def _pool_loop(window: str, pixels: str, divisor: str | None):
     """Average pools: the tile gains a pixel axis, [BLOCK_M rows, BLOCK_P pixels, BLOCK_N channels],
     summed over the pixels, so a few output rows still keep every lane busy (at batch 10 a global
-    pool has 10 rows). `window` gives the input row and column of window pixel `p`."""
+    pool has 10 rows). `window` gives the input row and column of window pixel `p`. A divisor of None:
+    the loop sums this program's slice of the window (Anchor.slice_loop) and leaves the sum."""
+    first, end = (
+        ("0", pixels) if divisor else ("split * WINDOW_SLICE", f"tl.minimum((split + 1) * WINDOW_SLICE, {pixels})")
+    )
 
     def loop(slot: str, prologue: PrologueHook) -> list[str]:
         return [
             "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
-            f"for p0 in range(0, {pixels}, BLOCK_P):",
+            *(
+                []
+                if divisor
+                else [
+                    "# this program's slice of the window (program axis 1): WINDOW_SLICE pixels from split * WINDOW_SLICE",
+                    "split = tl.program_id(1)",
+                ]
+            ),
+            f"for p0 in range({first}, {end}, BLOCK_P):",
             "    p = p0 + tl.arange(0, BLOCK_P)",
             *(f"    {line}" for line in window.split("\n")),
             f"    inside = mask_m[:, None, None] & (p < {pixels})[None, :, None] & mask_n[None, None, :]",
             f"    a = {_load_x(_x_at('n[:, None, None]', 'ih', 'iw', 'offs_n[None, None, :]'), 'inside')}",
             *("    " + line for line in _where_inside(prologue("a", "offs_n", "mask_n", "inside"), "a", "inside")),
             "    acc += tl.sum(a, axis=1)",
-            f"acc = acc / ({divisor})",
+            *([f"acc = acc / ({divisor})"] if divisor else []),
         ]
 
     return loop
@@ -1686,6 +1705,8 @@ FIXED_OPS = {
                 _pool_loop(_ANY_PIXEL, "H * W", "H * W"),
                 "it reads every pixel of its input, and those pixels are computed by other programs of this kernel",
                 pool=Pool(_pool_window("OH", "OW")),
+                slice_loop=_pool_loop(_ANY_PIXEL, "H * W", None),
+                window="H * W",
             ),
             summary="adaptive average pool to 1x1 (mean over H and W)",
         ),

@@ -87,6 +87,18 @@ class Kernel:
         return self.pool is not None and not self.pools_input
 
     @property
+    def slices_windows(self) -> bool:
+        """A pool anchor whose windows several programs may share (Anchor.slice_loop): nothing follows it in
+        its kernel but a view, and it stores no batch statistics and no channel slice, so its wrapper may add
+        the slices' sums with the window_slices_sum helper."""
+        lowering = self.anchor.op.lowering
+        return (
+            isinstance(lowering, O.Anchor)
+            and lowering.slice_loop is not None
+            and not (self.epilogue or self.producer or self.pool or self.writes_batch_stats or self.writes_slice)
+        )
+
+    @property
     def producer_at_taps(self) -> bool:
         """The producer runs at each tap of a depthwise anchor (conv1x1 -> dwconv), not in a K loop."""
         return bool(self.producer) and self.anchor.op.lowering.consume_taps is not None

@@ -539,17 +539,20 @@ def conv1x1_bn_add_relu_kernel(
 @triton.jit
 def global_avgpool_flatten_kernel(
     x_ptr,
+    partial_ptr,
     out_ptr,
     N,
     H,
     W,
     OH,
     OW,
+    WINDOW_SLICE,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    SPLIT_WINDOW: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -570,7 +573,11 @@ def global_avgpool_flatten_kernel(
     n = offs_m // (OH * OW)
     # anchor: adaptive average pool to 1x1 (mean over H and W)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for p0 in range(0, H * W, BLOCK_P):
+    # this program's slice of the window (program axis 1): WINDOW_SLICE pixels from split * WINDOW_SLICE
+    split = tl.program_id(1)
+    for p0 in range(
+        split * WINDOW_SLICE, tl.minimum((split + 1) * WINDOW_SLICE, H * W), BLOCK_P
+    ):
         p = p0 + tl.arange(0, BLOCK_P)
         ih = (p // W)[None, :, None]
         iw = (p % W)[None, :, None]
@@ -585,8 +592,22 @@ def global_avgpool_flatten_kernel(
             other=0.0,
         ).to(tl.float32)
         acc += tl.sum(a, axis=1)
-    acc = acc / (H * W)
-    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
+    # the slice's sum, for window_slices_sum to add to the others' in order; or the window's mean
+    if SPLIT_WINDOW:
+        tl.store(
+            partial_ptr
+            + split * N * OH * OW * C_out
+            + offs_m[:, None] * C_out
+            + offs_n[None, :],
+            acc,
+            mask=mask,
+        )
+    else:
+        tl.store(
+            out_ptr + offs_m[:, None] * C_out + offs_n[None, :],
+            acc / (H * W),
+            mask=mask,
+        )
 
 
 # linear over slices of K: each slice's partial sums, for linear_kernel to add.
@@ -1488,6 +1509,29 @@ def batch_norm_batch_stats_kernel(
     tl.store(running_var_ptr + offs_c, new_var.to(tl.float32), mask=mask_c)
 
 
+# A pooling window summed in slices by several programs: the slices' sums added in order, then the mean.
+@triton.jit
+def window_slices_sum_kernel(
+    partial_ptr,
+    pooled_ptr,
+    SPLITS,
+    SIZE,
+    window,
+    BLOCK: tl.constexpr,
+    LAUNCH_PDL: tl.constexpr,
+):
+    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
+    if LAUNCH_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < SIZE
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in range(SPLITS):
+        total += tl.load(partial_ptr + split * SIZE + offs, mask=mask, other=0.0)
+    tl.store(pooled_ptr + offs, total / window, mask=mask)
+
+
 def dot_precision(x, module):
     """fp32_dot's precision for input x and a conv's or linear layer's `module`. Off the GPU "ieee" (Triton's
     interpreter computes fp32). On it "fp16" where x is a float16 activation and the weight rounds to
@@ -1608,6 +1652,18 @@ def linear_tile(N, C_in, C_out):
         return block_m, block_n, block_k, block_k
     # slices of four K steps
     return block_m, block_n, block_k, 4 * block_k
+
+
+def window_slice(programs, window, block_m):
+    """For a kernel that a pool ends, of `programs` programs (pooled pixels x channel blocks) over
+    `window`-pixel pooling windows in tiles of block_m pixels: how many pixels of a window one program sums
+    (a multiple of block_m). Where the pooled pixels alone leave the launch under about 256 programs, the
+    windows are sliced so that it gets that many: a global pool at a small batch, such as EfficientNetB2's
+    first at batch 2, 4 programs each over 12,544 pixels."""
+    tiles = cdiv(window, block_m)
+    if programs >= 256:
+        return tiles * block_m
+    return cdiv(tiles, min(tiles, cdiv(256, programs))) * block_m
 
 
 def launch_pdl(x, grid):
@@ -2550,24 +2606,42 @@ def global_avgpool_flatten(x):
     BLOCK_M = min(16, next_power_of_2(N * OH * OW))
     BLOCK_N = 16
     BLOCK_P = 32
-    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
+    # programs that share each pooling window where the pooled pixels alone would not fill the GPU
+    WINDOW_SLICE = window_slice(
+        cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N), H * W, BLOCK_P
+    )
+    WINDOW_SPLITS = cdiv(H * W, WINDOW_SLICE)
+    # the slices' sums (a kernel that sums whole windows stores into out and reads no partial)
+    partial = (
+        out
+        if WINDOW_SPLITS == 1
+        else torch.empty(
+            (WINDOW_SPLITS, N * OH * OW, C_out), device=x.device, dtype=torch.float32
+        )
+    )
+    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N), WINDOW_SPLITS)
     LAUNCH_PDL = launch_pdl(x, grid)
     global_avgpool_flatten_kernel[grid](
         x,
+        partial,
         out,
         N,
         H,
         W,
         OH,
         OW,
+        WINDOW_SLICE,
         C_in=C_in,
         C_out=C_out,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_P=BLOCK_P,
+        SPLIT_WINDOW=WINDOW_SPLITS > 1,
         LAUNCH_PDL=LAUNCH_PDL,
         launch_pdl=LAUNCH_PDL,
     )
+    if WINDOW_SPLITS > 1:
+        window_slices_sum(partial, out, H * W)
     return out.flatten(1)
 
 
@@ -3077,6 +3151,25 @@ def batch_norm_batch_stats(x_stats, bn):
         launch_pdl=LAUNCH_PDL,
     )
     return batch_mean, scale
+
+
+def window_slices_sum(partial, pooled, window):
+    """pooled (pooled pixels x channels, contiguous) = the sum of partial's slices [splits, pixels, channels]
+    divided by the `window` pixels that each pooled pixel averages."""
+    splits, size = partial.shape[0], partial[0].numel()
+    BLOCK = 1024
+    grid = (cdiv(size, BLOCK),)
+    LAUNCH_PDL = launch_pdl(partial, grid)
+    window_slices_sum_kernel[grid](
+        partial,
+        pooled,
+        splits,
+        size,
+        window,
+        BLOCK=BLOCK,
+        LAUNCH_PDL=LAUNCH_PDL,
+        launch_pdl=LAUNCH_PDL,
+    )
 
 
 def batch_norm_reference(x, bn):

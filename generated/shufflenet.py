@@ -1421,17 +1421,20 @@ def bn_relu_global_avgpool_flatten_train_kernel(
     bn_mean_ptr,
     bn_scale_ptr,
     bn_bias_ptr,
+    partial_ptr,
     out_ptr,
     N,
     H,
     W,
     OH,
     OW,
+    WINDOW_SLICE,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    SPLIT_WINDOW: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -1452,7 +1455,11 @@ def bn_relu_global_avgpool_flatten_train_kernel(
     n = offs_m // (OH * OW)
     # anchor: adaptive average pool to 1x1 (mean over H and W)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for p0 in range(0, H * W, BLOCK_P):
+    # this program's slice of the window (program axis 1): WINDOW_SLICE pixels from split * WINDOW_SLICE
+    split = tl.program_id(1)
+    for p0 in range(
+        split * WINDOW_SLICE, tl.minimum((split + 1) * WINDOW_SLICE, H * W), BLOCK_P
+    ):
         p = p0 + tl.arange(0, BLOCK_P)
         ih = (p // W)[None, :, None]
         iw = (p % W)[None, :, None]
@@ -1475,8 +1482,22 @@ def bn_relu_global_avgpool_flatten_train_kernel(
         a = tl.maximum(a, 0.0)
         a = tl.where(inside, a, 0.0)
         acc += tl.sum(a, axis=1)
-    acc = acc / (H * W)
-    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
+    # the slice's sum, for window_slices_sum to add to the others' in order; or the window's mean
+    if SPLIT_WINDOW:
+        tl.store(
+            partial_ptr
+            + split * N * OH * OW * C_out
+            + offs_m[:, None] * C_out
+            + offs_n[None, :],
+            acc,
+            mask=mask,
+        )
+    else:
+        tl.store(
+            out_ptr + offs_m[:, None] * C_out + offs_n[None, :],
+            acc / (H * W),
+            mask=mask,
+        )
 
 
 # linear over slices of K: each slice's partial sums, for linear_train_kernel to add.
@@ -3419,7 +3440,20 @@ def bn_relu_global_avgpool_flatten_train(x, x_stats, bn):
     BLOCK_M = min(16, next_power_of_2(N * OH * OW))
     BLOCK_N = 16
     BLOCK_P = 32
-    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
+    # programs that share each pooling window where the pooled pixels alone would not fill the GPU
+    WINDOW_SLICE = window_slice(
+        cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N), H * W, BLOCK_P
+    )
+    WINDOW_SPLITS = cdiv(H * W, WINDOW_SLICE)
+    # the slices' sums (a kernel that sums whole windows stores into out and reads no partial)
+    partial = (
+        out
+        if WINDOW_SPLITS == 1
+        else torch.empty(
+            (WINDOW_SPLITS, N * OH * OW, C_out), device=x.device, dtype=torch.float32
+        )
+    )
+    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N), WINDOW_SPLITS)
     bn_mean, bn_scale = batch_norm_batch_stats(x_stats, bn)
     LAUNCH_PDL = launch_pdl(x, grid)
     bn_relu_global_avgpool_flatten_train_kernel[grid](
@@ -3427,20 +3461,25 @@ def bn_relu_global_avgpool_flatten_train(x, x_stats, bn):
         bn_mean,
         bn_scale,
         bn.bias,
+        partial,
         out,
         N,
         H,
         W,
         OH,
         OW,
+        WINDOW_SLICE,
         C_in=C_in,
         C_out=C_out,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_P=BLOCK_P,
+        SPLIT_WINDOW=WINDOW_SPLITS > 1,
         LAUNCH_PDL=LAUNCH_PDL,
         launch_pdl=LAUNCH_PDL,
     )
+    if WINDOW_SPLITS > 1:
+        window_slices_sum(partial, out, H * W)
     return out.flatten(1)
 
 

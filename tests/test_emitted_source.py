@@ -77,9 +77,16 @@ def test_one_store_per_output_tensor_with_the_shared_mask(spec):
         stores = {stored_pointer(store): store for store in calls(kernel, "tl.store")}
         # the output once, and in training mode the output tile's statistics for the next BatchNorm; a
         # kernel that a pool ends stores either its window's mean or, where programs share the window,
-        # its slice's sum (one of the two, by the constexpr SPLIT_WINDOW)
+        # its slice's sum (one of the two, by the constexpr SPLIT_WINDOW); so does a global pool that is
+        # its kernel's anchor, of its tile, over this program's slice of the pixels
         pooled = ast.unparse(stores["out_ptr"].args[1]).startswith("pooled")
-        expected = {"out_ptr", "partial_ptr"} if pooled else {"out_ptr"}
+        sliced = ast.unparse(stores["out_ptr"].args[1]) == "acc / (H * W)"
+        if sliced:
+            assert "range(split * WINDOW_SLICE, tl.minimum((split + 1) * WINDOW_SLICE, H * W), BLOCK_P)" in (
+                ast.unparse(kernel)
+            ), kernel.name
+            assert ast.unparse(stores["partial_ptr"].args[1]) == "acc", kernel.name
+        expected = {"out_ptr", "partial_ptr"} if pooled or sliced else {"out_ptr"}
         assert set(stores) in (expected, {"out_ptr", "tile_sum_ptr", "tile_m2_ptr"}), kernel.name
         mask = {kw.arg: ast.unparse(kw.value) for kw in stores["out_ptr"].keywords}["mask"]
         if pooled:
@@ -355,6 +362,27 @@ def test_dependent_launches_wait_before_their_first_load_or_store(spec):
             assert ast.unparse(before) == f"LAUNCH_PDL = launch_pdl({device}, {ast.unparse(call.func.slice)})"
             assert options["LAUNCH_PDL"] == options["launch_pdl"] == "LAUNCH_PDL"
     assert sorted(launched) == sorted(k.name for k in chains)
+
+
+def test_a_global_pool_anchor_shares_its_windows_only_where_nothing_follows_it():
+    """Training mode's `bn -> relu -> global_avgpool` (EfficientNetB2's squeeze-excitation pools, on a stored
+    conv output): program axis 1 slices each image's pixels, and the wrapper adds the slices' sums where it
+    made more than one. With an op after the pool in its kernel, which the slices' sum would have to apply,
+    the kernel sums whole windows."""
+    source = SOURCES["efficientnet_b2.fuse"]
+    by_name = {k.name: k for k in kernels(source)}
+    kernel = by_name["bn_relu_global_avgpool_train_kernel"]
+    assert {"partial_ptr", "WINDOW_SLICE", "SPLIT_WINDOW"} <= {a.arg for a in kernel.args.args}
+    assert "split = tl.program_id(1)" in ast.unparse(kernel)
+    wrapper = next(n for n in ast.parse(source).body if getattr(n, "name", "") == "bn_relu_global_avgpool_train")
+    text = ast.unparse(wrapper)
+    assert "WINDOW_SLICE = window_slice(" in text and "window_slices_sum(partial, out, H * W)" in text
+    followed = compile_spec(
+        "model P(c=4)\ninput(2, c, 5, 5)\nforward:\n    norm: bn(c) -> relu -> global_avgpool -> sigmoid\n", "specs/p.fuse"
+    )
+    names = [k.name for k in kernels(followed)]
+    assert "bn_relu_global_avgpool_sigmoid_train_kernel" in names
+    assert "WINDOW_SLICE" not in followed and "window_slices_sum" not in followed
 
 
 def test_split_k_stores_each_slice_once_and_adds_the_slices_in_order():
