@@ -491,7 +491,31 @@ class _TrainingGroups:
         for value, _, _ in list(self.pending.values()):
             self.materialize(value)
 
+    def join_pool(self, chain: Chain) -> bool:
+        """A chain that is only a pool joins the kernel that makes its input where the pool can run on that
+        kernel's anchor's input (pools_input: a 1x1 conv), as it would on the conv's line: one launch, as in
+        eval mode (`bn -> relu -> conv1x1` then `avgpool(2)`, DenseNet's transitions as fusegen import
+        writes them). Whether it joined."""
+        pool = _pool_chain(chain)
+        target = next((g for g in reversed(self.groups) if isinstance(g, _Group) and g.output is chain.input), None)
+        if (
+            pool is None
+            or target is None
+            or id(chain.input) in self.pending
+            or not pools_input(target.anchor, target.producer, target.epilogue, pool)
+            or why_not_fused(target, chain, self.graph) is not None
+        ):
+            return False
+        target.pool, target.view = pool, _split(chain)[5]
+        target.chains.append(chain)
+        target.output = chain.output
+        self.groups.remove(target)  # the launch moves to the pool's place
+        self.groups.append(target)
+        return True
+
     def add(self, chain: Chain) -> None:
+        if self.join_pool(chain):
+            return
         # a pool left in the chain runs on its anchor's input (_split_at_batch_stats cut the others off)
         prologue, producer, anchor, epilogue, pool, view = _split(chain)
         for node in chain.ops:  # an operand is read as it is stored: its waiting ops apply first

@@ -134,13 +134,15 @@ def test_training_steps_match_torch(batch, h, w, c, wide):
     check_steps(new, ref, net_reference, inputs)
 
 
-def pool_input_spec(k: int, stride: int, bias: bool) -> str:
-    """DenseNet's transition layer, then a BatchNorm that needs the pooled output's batch statistics."""
+def pool_input_spec(k: int, stride: int, bias: bool, own_line: bool = False) -> str:
+    """DenseNet's transition layer, then a BatchNorm that needs the pooled output's batch statistics; with
+    own_line the pool is a chain of its own after the conv's (as fusegen import writes it)."""
+    pool = f"\n    pool: avgpool({k})" if own_line else f" -> pool: avgpool({k})"
     return f"""\
 model Transition(c=6, out=4)
 input(2, c, 9, 7)
 forward:
-    bn0: bn(c) -> relu -> pw: conv(c, out, 1, stride={stride}, bias={bias}) -> pool: avgpool({k})
+    bn0: bn(c) -> relu -> pw: conv(c, out, 1, stride={stride}, bias={bias}){pool}
     bn1: bn(out) -> relu
 """
 
@@ -162,21 +164,24 @@ def pool_input_reference(m, x):
     out=st.sampled_from([3, 24, 70]),
     h=st.integers(1, 12),
     w=st.integers(1, 12),
+    own_line=st.booleans(),
 )
-@example(k=2, stride=1, bias=False, batch=2, c=17, out=70, h=12, w=9)  # a row and a column left over
-@example(k=3, stride=2, bias=True, batch=3, c=5, out=3, h=11, w=5)
-def test_an_average_pool_after_a_1x1_conv_runs_on_the_convs_input(k, stride, bias, batch, c, out, h, w):
+@example(k=2, stride=1, bias=False, batch=2, c=17, out=70, h=12, w=9, own_line=False)  # a row and a column left
+@example(k=3, stride=2, bias=True, batch=3, c=5, out=3, h=11, w=5, own_line=True)
+def test_an_average_pool_after_a_1x1_conv_runs_on_the_convs_input(k, stride, bias, batch, c, out, h, w, own_line):
     """`bn -> relu -> conv1x1 -> avgpool(k)`: the pool averages the conv's input windows and the GEMM runs on
     the pooled pixels (the two commute), one launch in both modes; in training mode that launch also stores
-    the batch statistics of the pooled output for the BatchNorm after it."""
+    the batch statistics of the pooled output for the BatchNorm after it. So with the pool on a line of its
+    own."""
     size = (k - 1) * stride + 1  # the least input whose conv output holds a window
     h, w = max(h, size), max(w, size)
     pooled = ((h - 1) // stride + 1) // k * (((w - 1) // stride + 1) // k)
     # 8 values a channel for each BatchNorm at least: with 2 to 4, the sign of a difference of nearly equal values
     # decides an output, and fp32 torch misses the bars too (test_import's EfficientNets)
     assume(batch * pooled >= 8)
-    new, ref = make(pool_input_spec(k, stride, bias), f"pool_input_{k}_{stride}_{bias}", c=c, out=out)
-    source = load_spec(pool_input_spec(k, stride, bias)).SOURCE
+    spec = pool_input_spec(k, stride, bias, own_line)
+    new, ref = make(spec, f"pool_input_{k}_{stride}_{bias}_{own_line}", c=c, out=out)
+    source = load_spec(spec).SOURCE
     # no kernel sums a window's GEMM rows (the pooled frame): each averages its input tiles before the dot
     assert "pooled +=" not in source and source.count("a = a / (POOL_H * POOL_W)") == 2
     inputs = [torch.rand(batch, c, h, w, device=DEVICE) * 4 - 1, torch.randn(batch, c, h, w, device=DEVICE) + 1]
