@@ -180,8 +180,7 @@ def _pooled(tile: list[str], height: str, width: str) -> list[str]:
         "pw = pid_m % PW",
         "# the image of every row",
         "n = pid_m // (PH * PW) + tl.zeros((BLOCK_M,), dtype=tl.int32)",
-        "# this program's slice of the window (program axis 1): WINDOW_SLICE pixels from split * WINDOW_SLICE",
-        "split = tl.program_id(1)",
+        *O.WINDOW_SLICE_LINES,
         "pooled = tl.zeros((BLOCK_N,), dtype=tl.float32)",
         f"for p0 in range(split * WINDOW_SLICE, tl.minimum((split + 1) * WINDOW_SLICE, {height} * {width}), BLOCK_M):",
         "    offs_m = p0 + tl.arange(0, BLOCK_M)  # pixels of the window",
@@ -390,8 +389,9 @@ def lower(kernel: Kernel) -> LoweredKernel:
         body = _pooled(tile, *pool_window)
     else:
         stats = _tile_stats(channels) if kernel.writes_batch_stats else []
-        store = [] if kernel.stats_only else [_store(channels, "out_row_stride" if kernel.writes_slice else "C_out")]
-        if kernel.slices_windows:
+        if kernel.stats_only:
+            store = []
+        elif kernel.slices_windows:
             store = [
                 "# the slice's sum, for window_slices_sum to add to the others' in order; or the window's mean",
                 "if SPLIT_WINDOW:",
@@ -399,6 +399,8 @@ def lower(kernel: Kernel) -> LoweredKernel:
                 "else:",
                 f"    {_store(channels, 'C_out', f'acc / ({anchor.window})')}",
             ]
+        else:
+            store = [_store(channels, "out_row_stride" if kernel.writes_slice else "C_out")]
         frame = _frame(out_rank, loop, anchor.grouped, anchor.row_order, pooled=kernel.pools_input)
         body = [*frame, *tile, *store, *stats]
     body_text = "\n".join([*body, *slices])  # what either kernel uses

@@ -515,6 +515,14 @@ def _stride_one(args: dict) -> str | None:
     return None if args["stride"] == 1 else f"with stride {args['stride']} its input pixels are not its output pixels"
 
 
+# The first lines of a pool whose programs share each window (program axis 1: runtime.window_slice), in
+# the pooled frame (lower._pooled) or a pool anchor's own loop (Anchor.slice_loop)
+WINDOW_SLICE_LINES = [
+    "# this program's slice of the window (program axis 1): WINDOW_SLICE pixels from split * WINDOW_SLICE",
+    "split = tl.program_id(1)",
+]
+
+
 def _pool_loop(window: str, pixels: str, divisor: str | None):
     """Average pools: the tile gains a pixel axis, [BLOCK_M rows, BLOCK_P pixels, BLOCK_N channels],
     summed over the pixels, so a few output rows still keep every lane busy (at batch 10 a global
@@ -527,14 +535,7 @@ def _pool_loop(window: str, pixels: str, divisor: str | None):
     def loop(slot: str, prologue: PrologueHook) -> list[str]:
         return [
             "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
-            *(
-                []
-                if divisor
-                else [
-                    "# this program's slice of the window (program axis 1): WINDOW_SLICE pixels from split * WINDOW_SLICE",
-                    "split = tl.program_id(1)",
-                ]
-            ),
+            *([] if divisor else WINDOW_SLICE_LINES),
             f"for p0 in range({first}, {end}, BLOCK_P):",
             "    p = p0 + tl.arange(0, BLOCK_P)",
             *(f"    {line}" for line in window.split("\n")),
