@@ -9,6 +9,15 @@ import torch
 if not torch.cuda.is_available():
     assert "triton" not in sys.modules, "triton was imported before TRITON_INTERPRET could be set"
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ["TRITON_INTERPRET"] == "1":
+        import dataclasses
+
+        from triton.runtime import interpreter
+
+        # The interpreter builds an overflow check for every int32 add and mul (a cast to int64, two compares)
+        # and then drops it, since its assert needs debug mode: half of the suite's time, for nothing.
+        builder = interpreter.interpreter_builder
+        builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
 else:
     # References in true fp32: cuDNN would otherwise run convolutions in TF32.
     torch.backends.cudnn.allow_tf32 = False
