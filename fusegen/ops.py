@@ -31,8 +31,10 @@ Shape = tuple[int, ...]
 # The precision of fp32_dot (fusegen/runtime.py) in a kernel whose output training-mode BatchNorm normalises,
 # and in every kernel of a training-mode forward that has such BatchNorm: normalising by the batch's spread
 # amplifies rounding upstream of it (docs/performance.md, "Precision and runtime choices"). Elsewhere the
-# runtime's `dot_precision` decides in the wrapper.
+# runtime's `dot_precision` decides in the wrapper. A KxK conv (an anchor that takes its weight's low part)
+# reads its weight split in two on the host: "tf32x3_split" (runtime.tf32x3_split_dot).
 STATS_DOT_PRECISION = "tf32x3"
+STATS_SPLIT_DOT_PRECISION = "tf32x3_split"
 
 
 # The blocks of a tile rule that does not name its own (`Anchor.tile_blocks`), and of every producer's.
@@ -266,7 +268,8 @@ class Op:
         lowering = self.lowering
         if not isinstance(lowering, Anchor) or all(p.name != "DOT_PRECISION" for p in lowering.params):
             return self
-        precise = _dot_precision(STATS_DOT_PRECISION)
+        split = any(p.name == _DOT_WEIGHT_LOW.name for p in lowering.params)
+        precise = _dot_precision(STATS_SPLIT_DOT_PRECISION if split else STATS_DOT_PRECISION)
         params = tuple(precise if p.name == "DOT_PRECISION" else p for p in lowering.params)
         return replace(self, lowering=replace(lowering, params=params))
 
@@ -351,9 +354,27 @@ def _conv_loop(slot: str, prologue: PrologueHook) -> list[str]:
         "    inside = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)",
         f"    a = {_load_x(_x_strided_at('n[:, None]', 'ih', 'iw', 'ci[None, :]'), 'inside')}",
         *("    " + line for line in _where_inside(prologue("a", "ci", "mask_k", "inside"), "a", "inside")),
-        f"    b = tl.load({slot}_weight_ptr + offs_n[None, :] * {slot}_weight_stride_o"
-        f" + (ci * {slot}_weight_stride_i + kh * {slot}_weight_stride_h + kw * {slot}_weight_stride_w)[:, None],"
-        " mask=mask_k[:, None] & mask_n[None, :], other=0.0)",
+        *(
+            "    " + line
+            for line in _weight_dot(
+                slot,
+                f"offs_n[None, :] * {slot}_weight_stride_o"
+                f" + (ci * {slot}_weight_stride_i + kh * {slot}_weight_stride_h + kw * {slot}_weight_stride_w)[:, None]",
+                "mask_k[:, None] & mask_n[None, :]",
+            )
+        ),
+    ]
+
+
+def _weight_dot(slot: str, offsets: str, mask: str) -> list[str]:
+    """A KxK conv's K step: its weight tile at `offsets` times the input tile `a`, into acc; for "tf32x3_split"
+    with the weight's low part (runtime.dot_weight_low) as well."""
+    return [
+        f"b = tl.load({slot}_weight_ptr + {offsets}, mask={mask}, other=0.0)",
+        'if DOT_PRECISION == "tf32x3_split":',
+        f"    b_low = tl.load({slot}_weight_low_ptr + {offsets}, mask={mask}, other=0.0)",
+        "    acc = tf32x3_split_dot(a, b, b_low, acc)",
+        "else:",
         "    acc = fp32_dot(a, b, acc, DOT_PRECISION)",
     ]
 
@@ -608,6 +629,8 @@ def _weight(dims: str, value: str = "{m}.weight") -> tuple[KernelParam, ...]:
 
 
 _DOT_WEIGHT = "dot_weight({m}, DOT_PRECISION)"
+# a KxK conv's weight less its TF32 rounding, for "tf32x3_split" dots (unread at other precisions)
+_DOT_WEIGHT_LOW = KernelParam("weight_low_ptr", "dot_weight_low({m}, DOT_PRECISION)")
 # A GEMM's weight as a contiguous [out, in] matrix (a 1x1 weight moved to channels_last already is one):
 # with the row length C_in a constant, its tiles load as vectors whatever C_in is.
 _GEMM_WEIGHT = KernelParam("weight_ptr", _DOT_WEIGHT + ".contiguous()")
@@ -625,7 +648,7 @@ _WINDOW = (
     KernelParam("STRIDE", "{m}.stride[0]", constexpr=True),
     KernelParam("PAD", "{m}.padding[0]", constexpr=True),
 )
-_CONV_PARAMS = (*_weight("oihw", _DOT_WEIGHT), *_WINDOW, _DOT_PRECISION)
+_CONV_PARAMS = (*_weight("oihw", _DOT_WEIGHT), _DOT_WEIGHT_LOW, *_WINDOW, _DOT_PRECISION)
 _DWCONV_PARAMS = (*_weight("ohw"), *_WINDOW)  # fp32 multiply-adds, no tl.dot
 _CONV_PIXELS = (
     "OH = (H + 2 * {m}.padding[0] - {m}.kernel_size[0]) // {m}.stride[0] + 1",
@@ -1168,10 +1191,15 @@ def _conv_transpose_loop(slot: str, prologue: PrologueHook) -> list[str]:
         f"        a = {_load_x(_x_strided_at('img[:, None]', 'ih', 'iw', 'ci[None, :]'), 'inside')}",
         *("        " + line for line in _where_inside(prologue("a", "ci", "mask_k", "inside"), "a", "inside")),
         # the weight is [in, out, kh, kw]
-        f"        b = tl.load({slot}_weight_ptr + offs_n[None, :] * {slot}_weight_stride_o"
-        f" + (ci * {slot}_weight_stride_i + kh * {slot}_weight_stride_h + kw * {slot}_weight_stride_w)[:, None],"
-        " mask=tap_k[:, None] & mask_n[None, :], other=0.0)",
-        "        acc = fp32_dot(a, b, acc, DOT_PRECISION)",
+        *(
+            "        " + line
+            for line in _weight_dot(
+                slot,
+                f"offs_n[None, :] * {slot}_weight_stride_o"
+                f" + (ci * {slot}_weight_stride_i + kh * {slot}_weight_stride_h + kw * {slot}_weight_stride_w)[:, None]",
+                "tap_k[:, None] & mask_n[None, :]",
+            )
+        ),
     ]
 
 
@@ -1204,6 +1232,7 @@ def _conv_transpose_specialize(a: dict, has_module: bool) -> Op:
         KernelParam("weight_stride_o", "{m}.weight.stride(1)"),
         KernelParam("weight_stride_h", "{m}.weight.stride(2)"),
         KernelParam("weight_stride_w", "{m}.weight.stride(3)"),
+        _DOT_WEIGHT_LOW,
         *_WINDOW,
         _DOT_PRECISION,
     )

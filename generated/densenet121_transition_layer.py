@@ -422,25 +422,43 @@ def dot_precision(x, module):
 
 def dot_weight(module, precision):
     """module.weight as fp32_dot's operand `b` at `precision`, with the weight's own strides, made once
-    per version of the weight. "tf32": rounded to the nearest TF32 values (ties away from zero). "fp16":
-    rounded to float16, or None where that loses more than TF32 would: where the largest magnitude is
-    above 2**15 (near float16's overflow) or below 2**-8 (then the weights under 2**-14 that go subnormal
-    lose more than 1/64 of the largest one's TF32 rounding)."""
+    per version of the weight. "tf32", and "tf32x3_split" (whose other part is dot_weight_low): rounded to
+    the nearest TF32 values (ties away from zero). "fp16": rounded to float16, or None where that loses
+    more than TF32 would: where the largest magnitude is above 2**15 (near float16's overflow) or below
+    2**-8 (then the weights under 2**-14 that go subnormal lose more than 1/64 of the largest one's TF32
+    rounding)."""
     # in the wrapper, not per tile in the kernel: rounding each weight tile as it loads costs the GEMMs time
-    weight = module.weight
+    if precision == "tf32x3_split":
+        precision = "tf32"
     if precision not in ("tf32", "fp16"):
-        return weight
+        return module.weight
+    return _weight_copy(module, precision)
+
+
+def _weight_copy(module, kind):
+    """module.weight as `kind` ("tf32", "tf32_low" or "fp16"; see dot_weight), kept on the module until
+    the weight changes (in place or replaced)."""
+    weight = module.weight
     key = (weight.data_ptr(), weight._version, weight.device, weight.stride())
-    cached = getattr(module, f"{precision}_weight", None)
+    cached = getattr(module, f"{kind}_weight", None)
     if cached is None or cached[0] != key:
         w = weight.detach()
-        if precision == "tf32":
-            operand = ((w.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
-        else:  # one sync per version of the weight, made before a CUDA graph's capture
+        if (
+            kind == "fp16"
+        ):  # one sync per version of the weight, made before a CUDA graph's capture
             operand = w.half() if 2**-8 <= w.abs().amax().item() <= 2**15 else None
+        else:
+            operand = _tf32(w)
+            if kind == "tf32_low":
+                operand = _tf32(w - operand)
         cached = (key, operand)
-        setattr(module, f"{precision}_weight", cached)
+        setattr(module, f"{kind}_weight", cached)
     return cached[1]
+
+
+def _tf32(w):
+    """w rounded to the nearest TF32 values, ties away from zero (as round_to_tf32)."""
+    return ((w.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
 
 
 def next_power_of_2(n):

@@ -29,6 +29,22 @@ def fp32_dot(a, b, acc, DOT_PRECISION: tl.constexpr):
     return acc
 
 
+@triton.jit
+def tf32x3_split_dot(a, b, b_low, acc):
+    """acc + a @ w in three TF32 products, fp32's accuracy: `b` is the weight w rounded to TF32 and `b_low`
+    the rest of it, rounded to TF32 (dot_weight, dot_weight_low: split once on the host, where Triton's
+    "tf32x3" splits the weight tile again in every program's K loop: 1.3-1.7x its speed at one tile, 1.3-2.5x
+    with conv_tile's rule, for 3x3 convs of 64 to 512 channels on an H100). `a` splits here the same way.
+    """
+    a_high = round_to_tf32(a)
+    a_low = round_to_tf32(a - a_high)
+    # the two small products summed apart from acc: added into a large accumulator, the tensor cores
+    # would drop their low bits (relative error 4e-6 to 3e-5 instead of 2e-7 on an H100)
+    small = tl.dot(a_low, b, input_precision="tf32")
+    small = tl.dot(a_high, b_low, small, input_precision="tf32")
+    return acc + tl.dot(a_high, b, small, input_precision="tf32")
+
+
 # conv3x3_bias -> bn: one kernel, one store.
 # unet_softmax.fuse:9: conv(in_channels, out_channels, 3, padding=1) -> bn(out_channels)
 # unet_softmax.fuse:11: conv(out_channels, out_channels, 3, padding=1) -> bn(out_channels)
@@ -36,6 +52,7 @@ def fp32_dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 def conv3x3_bias_bn_kernel(
     x_ptr,
     conv_weight_ptr,
+    conv_weight_low_ptr,
     conv_bias_ptr,
     bn_weight_ptr,
     bn_bias_ptr,
@@ -125,7 +142,21 @@ def conv3x3_bias_bn_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc = fp32_dot(a, b, acc, DOT_PRECISION)
+        if DOT_PRECISION == "tf32x3_split":
+            b_low = tl.load(
+                conv_weight_low_ptr
+                + offs_n[None, :] * conv_weight_stride_o
+                + (
+                    ci * conv_weight_stride_i
+                    + kh * conv_weight_stride_h
+                    + kw * conv_weight_stride_w
+                )[:, None],
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            acc = tf32x3_split_dot(a, b, b_low, acc)
+        else:
+            acc = fp32_dot(a, b, acc, DOT_PRECISION)
     acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     # epilogue: bn
     bn_scale = tl.load(bn_weight_ptr + offs_n, mask=mask_n, other=0.0) * tl.rsqrt(
@@ -269,6 +300,7 @@ def maxpool_kernel(
 def conv_transpose2x2_bias_kernel(
     x_ptr,
     conv_weight_ptr,
+    conv_weight_low_ptr,
     conv_bias_ptr,
     out_ptr,
     out_row_stride,
@@ -381,7 +413,21 @@ def conv_transpose2x2_bias_kernel(
                 mask=tap_k[:, None] & mask_n[None, :],
                 other=0.0,
             )
-            acc = fp32_dot(a, b, acc, DOT_PRECISION)
+            if DOT_PRECISION == "tf32x3_split":
+                b_low = tl.load(
+                    conv_weight_low_ptr
+                    + offs_n[None, :] * conv_weight_stride_o
+                    + (
+                        ci * conv_weight_stride_i
+                        + kh * conv_weight_stride_h
+                        + kw * conv_weight_stride_w
+                    )[:, None],
+                    mask=tap_k[:, None] & mask_n[None, :],
+                    other=0.0,
+                )
+                acc = tf32x3_split_dot(a, b, b_low, acc)
+            else:
+                acc = fp32_dot(a, b, acc, DOT_PRECISION)
     acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     tl.store(
         out_ptr + offs_m[:, None] * out_row_stride + offs_n[None, :], acc, mask=mask
@@ -499,6 +545,7 @@ def conv1x1_bias_kernel(
 def conv3x3_bias_stats_kernel(
     x_ptr,
     conv_weight_ptr,
+    conv_weight_low_ptr,
     conv_bias_ptr,
     out_ptr,
     tile_sum_ptr,
@@ -585,7 +632,21 @@ def conv3x3_bias_stats_kernel(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        acc = fp32_dot(a, b, acc, DOT_PRECISION)
+        if DOT_PRECISION == "tf32x3_split":
+            b_low = tl.load(
+                conv_weight_low_ptr
+                + offs_n[None, :] * conv_weight_stride_o
+                + (
+                    ci * conv_weight_stride_i
+                    + kh * conv_weight_stride_h
+                    + kw * conv_weight_stride_w
+                )[:, None],
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            acc = tf32x3_split_dot(a, b, b_low, acc)
+        else:
+            acc = fp32_dot(a, b, acc, DOT_PRECISION)
     acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
     # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
@@ -684,6 +745,7 @@ def bn_softmax_width_train_kernel(
 def conv_transpose2x2_bias_train_kernel(
     x_ptr,
     conv_weight_ptr,
+    conv_weight_low_ptr,
     conv_bias_ptr,
     out_ptr,
     out_row_stride,
@@ -796,7 +858,21 @@ def conv_transpose2x2_bias_train_kernel(
                 mask=tap_k[:, None] & mask_n[None, :],
                 other=0.0,
             )
-            acc = fp32_dot(a, b, acc, DOT_PRECISION)
+            if DOT_PRECISION == "tf32x3_split":
+                b_low = tl.load(
+                    conv_weight_low_ptr
+                    + offs_n[None, :] * conv_weight_stride_o
+                    + (
+                        ci * conv_weight_stride_i
+                        + kh * conv_weight_stride_h
+                        + kw * conv_weight_stride_w
+                    )[:, None],
+                    mask=tap_k[:, None] & mask_n[None, :],
+                    other=0.0,
+                )
+                acc = tf32x3_split_dot(a, b, b_low, acc)
+            else:
+                acc = fp32_dot(a, b, acc, DOT_PRECISION)
     acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     tl.store(
         out_ptr + offs_m[:, None] * out_row_stride + offs_n[None, :], acc, mask=mask
@@ -1042,25 +1118,52 @@ def dot_precision(x, module):
 
 def dot_weight(module, precision):
     """module.weight as fp32_dot's operand `b` at `precision`, with the weight's own strides, made once
-    per version of the weight. "tf32": rounded to the nearest TF32 values (ties away from zero). "fp16":
-    rounded to float16, or None where that loses more than TF32 would: where the largest magnitude is
-    above 2**15 (near float16's overflow) or below 2**-8 (then the weights under 2**-14 that go subnormal
-    lose more than 1/64 of the largest one's TF32 rounding)."""
+    per version of the weight. "tf32", and "tf32x3_split" (whose other part is dot_weight_low): rounded to
+    the nearest TF32 values (ties away from zero). "fp16": rounded to float16, or None where that loses
+    more than TF32 would: where the largest magnitude is above 2**15 (near float16's overflow) or below
+    2**-8 (then the weights under 2**-14 that go subnormal lose more than 1/64 of the largest one's TF32
+    rounding)."""
     # in the wrapper, not per tile in the kernel: rounding each weight tile as it loads costs the GEMMs time
-    weight = module.weight
+    if precision == "tf32x3_split":
+        precision = "tf32"
     if precision not in ("tf32", "fp16"):
-        return weight
+        return module.weight
+    return _weight_copy(module, precision)
+
+
+def dot_weight_low(module, precision):
+    """For "tf32x3_split": what dot_weight's TF32 rounding leaves of module.weight, rounded to TF32 (the
+    two sum to the weight within 2**-21 of it), made once per version of the weight. Other precisions do
+    not read it: module.weight."""
+    if precision != "tf32x3_split":
+        return module.weight
+    return _weight_copy(module, "tf32_low")
+
+
+def _weight_copy(module, kind):
+    """module.weight as `kind` ("tf32", "tf32_low" or "fp16"; see dot_weight), kept on the module until
+    the weight changes (in place or replaced)."""
+    weight = module.weight
     key = (weight.data_ptr(), weight._version, weight.device, weight.stride())
-    cached = getattr(module, f"{precision}_weight", None)
+    cached = getattr(module, f"{kind}_weight", None)
     if cached is None or cached[0] != key:
         w = weight.detach()
-        if precision == "tf32":
-            operand = ((w.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
-        else:  # one sync per version of the weight, made before a CUDA graph's capture
+        if (
+            kind == "fp16"
+        ):  # one sync per version of the weight, made before a CUDA graph's capture
             operand = w.half() if 2**-8 <= w.abs().amax().item() <= 2**15 else None
+        else:
+            operand = _tf32(w)
+            if kind == "tf32_low":
+                operand = _tf32(w - operand)
         cached = (key, operand)
-        setattr(module, f"{precision}_weight", cached)
+        setattr(module, f"{kind}_weight", cached)
     return cached[1]
+
+
+def _tf32(w):
+    """w rounded to the nearest TF32 values, ties away from zero (as round_to_tf32)."""
+    return ((w.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
 
 
 def next_power_of_2(n):
@@ -1115,11 +1218,21 @@ def conv_tile(rows, K, C_out, precision):
     # 128 rows where 64 output channels fill the block and that leaves a wave of programs: each weight
     # tile then serves twice the rows; a tf32x3 dot (three products per tile) keeps 64, as in gemm_tile
     if (
-        precision != "tf32x3"
+        precision not in ("tf32x3", "tf32x3_split")
         and block_n == 64
         and cdiv(rows, 128) * cdiv(C_out, 64) >= 128
     ):
         return 128, 64, 32, 4, 3
+    # the split weight's three products: 128 rows on 8 warps from half a wave of programs (H100, 3x3 convs
+    # of 64 to 512 channels on 112 x 112 to 7 x 7 maps, three stages: 1.0-1.7x the 64-row tile's TFLOP/s
+    # down to 64 programs, 0.9x at 32); two stages, since a BatchNorm prologue's input tile takes shared
+    # memory of its own (115 KB in three stages, 82 KB in two; 99 KB is a 4090's)
+    if (
+        precision == "tf32x3_split"
+        and block_n == 64
+        and cdiv(rows, 128) * cdiv(C_out, 64) >= 64
+    ):
+        return 128, 64, 32, 8, 2
     return 64, block_n, 32, 4, 3
 
 
@@ -1817,6 +1930,7 @@ def conv3x3_bias_bn(x, conv, bn, out=None):
     conv3x3_bias_bn_kernel[grid](
         x,
         dot_weight(conv, DOT_PRECISION),
+        dot_weight_low(conv, DOT_PRECISION),
         conv.bias,
         bn.weight,
         bn.bias,
@@ -1965,6 +2079,7 @@ def conv_transpose2x2_bias(x, conv, into=None):
     conv_transpose2x2_bias_kernel[grid](
         x,
         dot_weight(conv, DOT_PRECISION),
+        dot_weight_low(conv, DOT_PRECISION),
         conv.bias,
         out,
         out.stride(3),
@@ -2104,7 +2219,7 @@ def conv3x3_bias_stats(x, conv):
     check_32bit_offsets(x, out)
     KH = conv.kernel_size[0]
     KW = conv.kernel_size[1]
-    DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
+    DOT_PRECISION = "tf32x3_split" if x.is_cuda else "ieee"
     BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(
         N * OH * OW, KH * KW * C_in, C_out, DOT_PRECISION
     )
@@ -2117,6 +2232,7 @@ def conv3x3_bias_stats(x, conv):
     conv3x3_bias_stats_kernel[grid](
         x,
         dot_weight(conv, DOT_PRECISION),
+        dot_weight_low(conv, DOT_PRECISION),
         conv.bias,
         out,
         tile_sum,
@@ -2218,7 +2334,7 @@ def conv_transpose2x2_bias_train(x, conv, into=None):
     check_32bit_offsets(x, out)
     KH = conv.kernel_size[0]
     KW = conv.kernel_size[1]
-    DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
+    DOT_PRECISION = "tf32x3_split" if x.is_cuda else "ieee"
     BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(
         N * OH * OW, KH * KW * C_in, C_out, DOT_PRECISION
     )
@@ -2227,6 +2343,7 @@ def conv_transpose2x2_bias_train(x, conv, into=None):
     conv_transpose2x2_bias_train_kernel[grid](
         x,
         dot_weight(conv, DOT_PRECISION),
+        dot_weight_low(conv, DOT_PRECISION),
         conv.bias,
         out,
         out.stride(3),

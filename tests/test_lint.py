@@ -515,7 +515,7 @@ GENERATED_WARNINGS = {
     "KB102": {"reference_forward", "batch_norm_reference"},  # torch ops that only backward runs
     # the streams of a CUDA graph's warm-up and capture, and of the capture that resets torch's generator
     "KB103": {"capture_cuda_graph", "recover_from_failed_capture"},
-    "KB104": {"dot_weight"},  # the float16 copy of a conv's weight, for float16 activations
+    "KB104": {"_weight_copy"},  # dot_weight's float16 copy of a conv's weight, for float16 activations
 }
 
 

@@ -251,6 +251,28 @@ def test_tf32_dot_rounds_its_operands_to_nearest():
     assert truncated > 10 * rounded, "the operands were truncated, not rounded"
 
 
+def test_tf32x3_split_dot_adds_the_weights_low_part():
+    """The GPU's "tf32x3_split" path of a 3x3 conv and a transposed conv, on the CPU too: the weight's TF32
+    rounding (dot_weight) and what it leaves (dot_weight_low) meet the split input tile in three products,
+    fp32's accuracy where the rounded weight alone is 1e-4 off."""
+    spec = spec_text((2, 8, 7, 6), ["op0: conv3x3(8, 24) -> relu", "op1: conv_transpose(24, 8, 2, 2)"])
+    model = with_dot_precision(spec, "tf32x3_split", convs=2)
+    x = torch.randn(2, 8, 7, 6, device=DEVICE)
+    with torch.no_grad():
+        out = model(x)
+        a, b = model.op0, model.op1
+
+        def net(round_weights):
+            first, second = (tf32_bits(w, 0x1000) if round_weights else w for w in (a.weight, b.weight))
+            hidden = F.relu(F.conv2d(x.double(), first.double(), padding=1))
+            return F.conv_transpose2d(hidden, second.double(), b.bias.double(), stride=2)
+
+        split, rounded_weights = rel_error(out, net(False)), rel_error(out, net(True))
+    # (interpreter: 1e-7 and 2e-4)
+    assert split < 1e-6, f"{split:.2g} off the exact product"
+    assert rounded_weights > 100 * split, "the weights' low part was left out"
+
+
 def test_fp16_dot_multiplies_float16_operands():
     """The GPU's "fp16" tl.dot path (a conv reading float16 activations), on the CPU too: the activation
     tile and dot_weight's copy of the weight are both rounded to nearest float16, and their products
@@ -285,6 +307,26 @@ def test_dot_weight_rounds_once_per_version_of_the_weight():
     assert torch.equal(module.dot_weight(conv, "tf32"), tf32_bits(conv.weight.detach(), 0x1000))
     channels_last = nn.Conv2d(8, 16, 3, bias=False).to(memory_format=torch.channels_last)
     assert module.dot_weight(channels_last, "tf32").stride() == channels_last.weight.stride()
+
+
+def test_dot_weight_low_is_what_tf32_leaves_of_the_weight():
+    """dot_weight_low(m, "tf32x3_split"): the weight less dot_weight's TF32 rounding (which "tf32x3_split"
+    shares with "tf32"), itself a TF32 value, with the weight's strides, made once per version; other
+    precisions read no low part (the weight as it is)."""
+    module = load_spec(spec_text((1, 8, 4, 4), ["op0: conv3x3(8, 16)"]), "dot_weight_low")
+    conv = nn.Conv2d(8, 16, 3, bias=False).to(memory_format=torch.channels_last)
+    high, low = module.dot_weight(conv, "tf32x3_split"), module.dot_weight_low(conv, "tf32x3_split")
+    assert high is module.dot_weight(conv, "tf32") and low.stride() == conv.weight.stride()
+    weight = conv.weight.detach()
+    assert torch.equal(low, tf32_bits(weight - high, 0x1000)) and torch.count_nonzero(low) > 0
+    assert ((high.double() + low.double() - weight.double()).abs() <= weight.double().abs() * 2.0**-21).all()
+    assert module.dot_weight_low(conv, "tf32x3_split") is low  # kept while the weight is unchanged
+    with torch.no_grad():
+        conv.weight.mul_(3.0)  # in place: a new version
+    moved = module.dot_weight_low(conv, "tf32x3_split")
+    assert torch.equal(moved, tf32_bits(conv.weight.detach() - module.dot_weight(conv, "tf32"), 0x1000))
+    for precision in ("tf32", "tf32x3", "fp16", "ieee"):
+        assert module.dot_weight_low(conv, precision) is conv.weight
 
 
 def test_dot_weight_in_float16_only_where_it_rounds_as_well_as_tf32():

@@ -103,15 +103,20 @@ def test_dwconv_tiles_are_powers_of_two_without_idle_threads(channels, dtype):
 def test_conv_tiles_are_powers_of_two_that_fit_a_4090(rows, c_in, c_out, k, precision):
     """conv_tile: power-of-two blocks of at least 16; one stage (nothing to prefetch)
     exactly when the implicit GEMM's K fits one step; every stage's tiles fit the 99 KB of shared
-    memory an RTX 4090 gives a block; 128 rows only where that still leaves a wave of 128 programs."""
+    memory an RTX 4090 gives a block (two weight tiles a stage for "tf32x3_split": the weight and its low
+    part); 128 rows only where that still leaves a wave of 128 programs, half a wave (on 8 warps) for
+    "tf32x3_split", and never for "tf32x3"."""
     block_m, block_n, block_k, warps, stages = runtime.conv_tile(rows, k * k * c_in, c_out, precision)
     for block in (block_m, block_n, block_k):
         assert block >= 16 and block & (block - 1) == 0
-    assert (stages == 1) == (k * k * c_in <= block_k) and warps in (2, 4)
-    assert (block_m * block_k + block_k * block_n) * 4 * stages <= 99 * 1024
+    assert (stages == 1) == (k * k * c_in <= block_k) and warps in (2, 4, 8)
+    weight_tiles = 2 if precision == "tf32x3_split" else 1
+    assert (block_m * block_k + weight_tiles * block_k * block_n) * 4 * stages <= 99 * 1024
     assert block_n <= max(16, triton.next_power_of_2(c_out))
     if block_m == 128:
-        assert -(-rows // 128) * -(-c_out // block_n) >= 128 and precision != "tf32x3"
+        wave = 64 if precision == "tf32x3_split" else 128
+        assert -(-rows // 128) * -(-c_out // block_n) >= wave and precision != "tf32x3"
+        assert (warps == 8) == (precision == "tf32x3_split")
 
 
 def on_gpu(dtype=torch.float32):
