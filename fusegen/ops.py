@@ -31,8 +31,8 @@ Shape = tuple[int, ...]
 # The precision of fp32_dot (fusegen/runtime.py) in a kernel whose output training-mode BatchNorm normalises,
 # and in every kernel of a training-mode forward that has such BatchNorm: normalising by the batch's spread
 # amplifies rounding upstream of it (docs/performance.md, "Precision and runtime choices"). Elsewhere the
-# runtime's `dot_precision` decides in the wrapper. A KxK conv (an anchor that takes its weight's low part)
-# reads its weight split in two on the host: "tf32x3_split" (runtime.tf32x3_split_dot).
+# runtime's `dot_precision` decides in the wrapper. A KxK or transposed conv (an anchor that takes its
+# weight's low part) reads its weight split in two on the host: "tf32x3_split" (runtime.tf32x3_split_dot).
 STATS_DOT_PRECISION = "tf32x3"
 STATS_SPLIT_DOT_PRECISION = "tf32x3_split"
 
