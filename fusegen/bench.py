@@ -29,7 +29,7 @@ import triton
 import triton.testing
 
 from fusegen.errors import SpecError
-from fusegen.ops import STATS_DOT_PRECISION, lookup
+from fusegen.ops import STATS_DOT_PRECISION, STATS_SPLIT_DOT_PRECISION, lookup
 from fusegen.pipeline import compile_plan
 from fusegen.plan import BranchStep, Launch, LoopStep
 
@@ -541,6 +541,7 @@ def environment() -> dict:
             "fusegen tl.dot": (
                 "tf32 rounded to nearest; tf32x3 in linear layers and in convs of few products per output; fp16 on "
                 f"float16 activations; {STATS_DOT_PRECISION} in training mode where BatchNorm uses batch statistics"
+                f" ({STATS_SPLIT_DOT_PRECISION} in KxK and transposed convs: the weight split on the host)"
             ),
         },
     }
