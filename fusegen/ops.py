@@ -264,12 +264,13 @@ class Op:
 
     def with_stats_precision(self) -> "Op":
         """The op in a training-mode kernel of a net whose BatchNorm normalises by batch statistics: its
-        tl.dot in STATS_DOT_PRECISION."""
+        tl.dot in STATS_SPLIT_DOT_PRECISION where the anchor takes its weight's low part, else in
+        STATS_DOT_PRECISION."""
         lowering = self.lowering
         if not isinstance(lowering, Anchor) or all(p.name != "DOT_PRECISION" for p in lowering.params):
             return self
-        split = any(p.name == _DOT_WEIGHT_LOW.name for p in lowering.params)
-        precise = _dot_precision(STATS_SPLIT_DOT_PRECISION if split else STATS_DOT_PRECISION)
+        takes_low_part = any(p.name == _DOT_WEIGHT_LOW.name for p in lowering.params)
+        precise = _dot_precision(STATS_SPLIT_DOT_PRECISION if takes_low_part else STATS_DOT_PRECISION)
         params = tuple(precise if p.name == "DOT_PRECISION" else p for p in lowering.params)
         return replace(self, lowering=replace(lowering, params=params))
 
@@ -367,8 +368,8 @@ def _conv_loop(slot: str, prologue: PrologueHook) -> list[str]:
 
 
 def _weight_dot(slot: str, offsets: str, mask: str) -> list[str]:
-    """A KxK conv's K step: its weight tile at `offsets` times the input tile `a`, into acc; for "tf32x3_split"
-    with the weight's low part (runtime.dot_weight_low) as well."""
+    """A KxK or transposed conv's K step: its weight tile at `offsets` times the input tile `a`, into acc; for
+    "tf32x3_split" with the weight's low part (runtime.dot_weight_low) as well."""
     return [
         f"b = tl.load({slot}_weight_ptr + {offsets}, mask={mask}, other=0.0)",
         'if DOT_PRECISION == "tf32x3_split":',
@@ -629,7 +630,7 @@ def _weight(dims: str, value: str = "{m}.weight") -> tuple[KernelParam, ...]:
 
 
 _DOT_WEIGHT = "dot_weight({m}, DOT_PRECISION)"
-# a KxK conv's weight less its TF32 rounding, for "tf32x3_split" dots (unread at other precisions)
+# a KxK or transposed conv's weight less its TF32 rounding, for "tf32x3_split" dots (unread at other precisions)
 _DOT_WEIGHT_LOW = KernelParam("weight_low_ptr", "dot_weight_low({m}, DOT_PRECISION)")
 # A GEMM's weight as a contiguous [out, in] matrix (a 1x1 weight moved to channels_last already is one):
 # with the row length C_in a constant, its tiles load as vectors whatever C_in is.

@@ -659,7 +659,8 @@ class _Kernels:
             ops[-1] = replace(ops[-1], lowering=ops[-1].lowering.pool)
         if training:
             # training mode runs these steps only where BatchNorm normalises by batch statistics, which
-            # amplifies the rounding of every dot before it: all dots run STATS_DOT_PRECISION
+            # amplifies the rounding of every dot before it: all dots run three TF32 products
+            # (Op.with_stats_precision)
             exact = [op.with_stats_precision() for op in ops]
             trained = trained or (not group.writes_batch_stats and any(e is not op for e, op in zip(exact, ops)))
             ops = exact

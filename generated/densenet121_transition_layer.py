@@ -448,9 +448,9 @@ def _weight_copy(module, kind):
         ):  # one sync per version of the weight, made before a CUDA graph's capture
             operand = w.half() if 2**-8 <= w.abs().amax().item() <= 2**15 else None
         else:
-            operand = _tf32(w)
-            if kind == "tf32_low":
-                operand = _tf32(w - operand)
+            operand = (
+                _tf32(w) if kind == "tf32" else _tf32(w - _weight_copy(module, "tf32"))
+            )
         cached = (key, operand)
         setattr(module, f"{kind}_weight", cached)
     return cached[1]

@@ -33,13 +33,12 @@ def fp32_dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 def tf32x3_split_dot(a, b, b_low, acc):
     """acc + a @ w in three TF32 products, fp32's accuracy: `b` is the weight w rounded to TF32 and `b_low`
     the rest of it, rounded to TF32 (dot_weight, dot_weight_low: split once on the host, where Triton's
-    "tf32x3" splits the weight tile again in every program's K loop: 1.3-1.7x its speed at one tile, 1.3-2.5x
-    with conv_tile's rule, for 3x3 convs of 64 to 512 channels on an H100). `a` splits here the same way.
+    "tf32x3" splits the weight tile again in every program's K loop). `a` splits here the same way.
     """
     a_high = round_to_tf32(a)
     a_low = round_to_tf32(a - a_high)
     # the two small products summed apart from acc: added into a large accumulator, the tensor cores
-    # would drop their low bits (relative error 4e-6 to 3e-5 instead of 2e-7 on an H100)
+    # would drop their low bits
     small = tl.dot(a_low, b, input_precision="tf32")
     small = tl.dot(a_high, b_low, small, input_precision="tf32")
     return acc + tl.dot(a_high, b, small, input_precision="tf32")
@@ -495,9 +494,9 @@ def _weight_copy(module, kind):
         ):  # one sync per version of the weight, made before a CUDA graph's capture
             operand = w.half() if 2**-8 <= w.abs().amax().item() <= 2**15 else None
         else:
-            operand = _tf32(w)
-            if kind == "tf32_low":
-                operand = _tf32(w - operand)
+            operand = (
+                _tf32(w) if kind == "tf32" else _tf32(w - _weight_copy(module, "tf32"))
+            )
         cached = (key, operand)
         setattr(module, f"{kind}_weight", cached)
     return cached[1]
@@ -536,10 +535,8 @@ def conv_tile(rows, K, C_out, precision):
         and cdiv(rows, 128) * cdiv(C_out, 64) >= 128
     ):
         return 128, 64, 32, 4, 3
-    # the split weight's three products: 128 rows on 8 warps from half a wave of programs (H100, 3x3 convs
-    # of 64 to 512 channels on 112 x 112 to 7 x 7 maps, three stages: 1.0-1.7x the 64-row tile's TFLOP/s
-    # down to 64 programs, 0.9x at 32); two stages, since a BatchNorm prologue's input tile takes shared
-    # memory of its own (115 KB in three stages, 82 KB in two; 99 KB is a 4090's)
+    # the split weight's three products: 128 rows on 8 warps from half a wave of programs, in two stages,
+    # since a BatchNorm prologue's input tile takes shared memory of its own (swept on an H100)
     if (
         precision == "tf32x3_split"
         and block_n == 64

@@ -584,3 +584,21 @@ def test_a_transposed_conv_computes_the_taps_of_its_rows_classes_only():
     assert assignments(kernel, "offs_m") == 1 and "mask_m = rows_in_order < N * OH * OW" in ast.unparse(kernel)
     (store,) = calls(kernel, "tl.store")
     assert "offs_m[:, None] * out_row_stride" in ast.unparse(store)
+
+
+def test_training_mode_splits_the_weights_of_kxk_convs_and_not_of_1x1_convs():
+    """Where BatchNorm uses batch statistics, training mode's 3x3 convs take their weight's low part and run
+    "tf32x3_split" (the weight split once on the host); its 1x1 convs keep Triton's "tf32x3" and take no
+    low part; eval mode's convs keep the runtime's choice."""
+    source = SOURCES["resnet_basic_block.fuse"]
+    wrappers = {f.name: ast.unparse(f) for f in ast.parse(source).body if isinstance(f, ast.FunctionDef)}
+    for name, precision in (
+        ("conv3x3_stats", "tf32x3_split"),
+        ("bn_relu_conv3x3_stats_train", "tf32x3_split"),
+        ("conv1x1_stats", "tf32x3"),
+    ):
+        assert f"DOT_PRECISION = '{precision}' if x.is_cuda else 'ieee'" in wrappers[name], name
+        assert ("dot_weight_low(conv, DOT_PRECISION)" in wrappers[name]) == (precision == "tf32x3_split"), name
+    kernel = ast.unparse(next(k for k in kernels(source) if k.name == "bn_relu_conv3x3_stats_train_kernel"))
+    assert "tf32x3_split_dot(a, b, b_low, acc)" in kernel and "conv_weight_low_ptr +" in kernel
+    assert "DOT_PRECISION = dot_precision(x, conv)" in wrappers["conv3x3_bn_relu"]

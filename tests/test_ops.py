@@ -223,8 +223,8 @@ def tf32_bits(t: torch.Tensor, round_half: int) -> torch.Tensor:
 
 
 def with_dot_precision(spec: str, precision: str, convs: int) -> nn.Module:
-    """ModelNew of `spec`, whose `convs` 1x1 convs choose their dot with dot_precision, with that choice
-    forced to `precision` (so the GPU's paths run on the CPU too)."""
+    """ModelNew of `spec`, whose `convs` convs choose their dot with dot_precision, with that choice forced
+    to `precision` (so the GPU's paths run on the CPU too)."""
     source = compile_spec(spec, f"specs/{precision}.fuse")
     choice = "DOT_PRECISION = dot_precision(x, conv)"
     assert source.count(choice) == convs

@@ -98,7 +98,7 @@ def test_dwconv_tiles_are_powers_of_two_without_idle_threads(channels, dtype):
     c_in=st.integers(1, 2048),
     c_out=st.integers(1, 2048),
     k=st.sampled_from([3, 5, 7]),
-    precision=st.sampled_from(["ieee", "tf32", "tf32x3"]),
+    precision=st.sampled_from(["ieee", "tf32", "tf32x3", "tf32x3_split"]),
 )
 def test_conv_tiles_are_powers_of_two_that_fit_a_4090(rows, c_in, c_out, k, precision):
     """conv_tile: power-of-two blocks of at least 16; one stage (nothing to prefetch)
