@@ -355,21 +355,18 @@ def _conv_loop(slot: str, prologue: PrologueHook) -> list[str]:
         "    inside = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)",
         f"    a = {_load_x(_x_strided_at('n[:, None]', 'ih', 'iw', 'ci[None, :]'), 'inside')}",
         *("    " + line for line in _where_inside(prologue("a", "ci", "mask_k", "inside"), "a", "inside")),
-        *(
-            "    " + line
-            for line in _weight_dot(
-                slot,
-                f"offs_n[None, :] * {slot}_weight_stride_o"
-                f" + (ci * {slot}_weight_stride_i + kh * {slot}_weight_stride_h + kw * {slot}_weight_stride_w)[:, None]",
-                "mask_k[:, None] & mask_n[None, :]",
-            )
-        ),
+        *("    " + line for line in _weight_dot(slot, "mask_k[:, None] & mask_n[None, :]")),
     ]
 
 
-def _weight_dot(slot: str, offsets: str, mask: str) -> list[str]:
-    """A KxK or transposed conv's K step: its weight tile at `offsets` times the input tile `a`, into acc; for
-    "tf32x3_split" with the weight's low part (runtime.dot_weight_low) as well."""
+def _weight_dot(slot: str, mask: str) -> list[str]:
+    """A KxK or transposed conv's K step: its weight tile (channels offs_n, taps kh and kw of input channels
+    ci, through the weight's strides) times the input tile `a`, into acc; for "tf32x3_split" with the
+    weight's low part (runtime.dot_weight_low) as well."""
+    offsets = (
+        f"offs_n[None, :] * {slot}_weight_stride_o"
+        f" + (ci * {slot}_weight_stride_i + kh * {slot}_weight_stride_h + kw * {slot}_weight_stride_w)[:, None]"
+    )
     return [
         f"b = tl.load({slot}_weight_ptr + {offsets}, mask={mask}, other=0.0)",
         'if DOT_PRECISION == "tf32x3_split":',
@@ -1192,15 +1189,7 @@ def _conv_transpose_loop(slot: str, prologue: PrologueHook) -> list[str]:
         f"        a = {_load_x(_x_strided_at('img[:, None]', 'ih', 'iw', 'ci[None, :]'), 'inside')}",
         *("        " + line for line in _where_inside(prologue("a", "ci", "mask_k", "inside"), "a", "inside")),
         # the weight is [in, out, kh, kw]
-        *(
-            "        " + line
-            for line in _weight_dot(
-                slot,
-                f"offs_n[None, :] * {slot}_weight_stride_o"
-                f" + (ci * {slot}_weight_stride_i + kh * {slot}_weight_stride_h + kw * {slot}_weight_stride_w)[:, None]",
-                "tap_k[:, None] & mask_n[None, :]",
-            )
-        ),
+        *("        " + line for line in _weight_dot(slot, "tap_k[:, None] & mask_n[None, :]")),
     ]
 
 
