@@ -748,18 +748,46 @@ def main(
     env = environment()
     peaks = measure_peaks()
     runs = []
-    for spec in specs:
-        # a model per mode, built afresh: training-mode calls move the running statistics that eval reads
-        for mode in modes or ["eval"]:
-            progress(f"{spec.path}: building {spec.name} in {mode} mode")
-            cpu_model = build_model(spec, mode=mode)
-            model64 = copy.deepcopy(cpu_model).double().to(DEVICE)  # before any forward: no captured graphs to copy
-            model = cpu_model.to(DEVICE)
-            for batch in batches or [spec.example_input[0]]:
-                runs.append(bench_batch(spec, model, model64, batch, max_autotune, peaks, torch_compile))
-            del model, model64
-            torch.cuda.empty_cache()
+    planned = len(specs) * len(modes or ["eval"]) * len(batches or [None])
+    try:
+        for spec in specs:
+            # a model per mode, built afresh: training-mode calls move the running statistics that eval reads
+            for mode in modes or ["eval"]:
+                progress(f"{spec.path}: building {spec.name} in {mode} mode")
+                cpu_model = build_model(spec, mode=mode)
+                model64 = copy.deepcopy(cpu_model).double().to(DEVICE)  # before any forward: no graphs to copy
+                model = cpu_model.to(DEVICE)
+                for batch in batches or [spec.example_input[0]]:
+                    runs.append(bench_batch(spec, model, model64, batch, max_autotune, peaks, torch_compile))
+                    if json_path:  # after every run: a long bench that stops early keeps what it measured
+                        write_report(json_path, build_report(env, peaks, runs))
+                del model, model64
+                torch.cuda.empty_cache()
+    except KeyboardInterrupt:
+        progress(
+            f"interrupted after {len(runs)} of {planned} runs"
+            + (f"; {json_path} holds them" if runs and json_path else "")
+        )
+        if runs:
+            print_tables(env, peaks, runs)
+        return 130
 
+    print_tables(env, peaks, runs)
+    if json_path:
+        progress(f"wrote {json_path}")
+    return 0
+
+
+def write_report(json_path: str, report: dict) -> None:
+    """The report as JSON, replacing the file whole: a reader never sees it half-written."""
+    path = Path(json_path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    partial.replace(path)
+
+
+def print_tables(env: dict, peaks: Peaks, runs: list[dict]) -> None:
+    """The environment, every run's row in one table, then each run's per-kernel table."""
     tf32 = env["tf32"]
     print(f"device: {env['device']}; torch {env['torch']}, triton {env['triton']}")
     print(
@@ -775,7 +803,3 @@ def main(
     for run in runs:
         print()
         print(kernel_table(run))
-    if json_path:
-        Path(json_path).write_text(json.dumps(build_report(env, peaks, runs), indent=2) + "\n", encoding="utf-8")
-        progress(f"wrote {json_path}")
-    return 0

@@ -390,7 +390,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="leave out the torch.compile baselines (they compile for minutes): for comparing fusegen versions",
     )
-    p.add_argument("--json", metavar="FILE", help="also write every measurement to FILE as JSON")
+    p.add_argument(
+        "--json",
+        metavar="FILE",
+        help="also write every measurement to FILE as JSON, after each run (Ctrl-C keeps the runs finished)",
+    )
     p.set_defaults(run=bench)
     p = commands.add_parser(
         "import",

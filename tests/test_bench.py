@@ -475,6 +475,17 @@ def test_kernel_table_in_training_mode_says_so_and_what_a_train_row_times(train_
     assert lines[-1].startswith("a *_train row times two kernels: its wrapper first launches batch_norm_batch_stats")
 
 
+def fake_gpu(monkeypatch, configurations, median_ms):
+    """bench.main runs on this machine's device: the GPU's name, peaks, baselines and clock faked."""
+    monkeypatch.setattr(bench, "DEVICE", DEVICE)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "fake")
+    monkeypatch.setattr(bench, "measure_peaks", lambda: bench.Peaks(1000.0, 100.0))
+    monkeypatch.setattr(bench, "configurations", configurations)
+    monkeypatch.setattr(bench, "median_ms", median_ms)
+    monkeypatch.setattr(bench, "kernel_times_ms", lambda groups: [0.01] * len(groups))
+
+
 def test_whole_command_with_fake_timings_prints_tables_and_round_trips_json(tmp_path, monkeypatch, capsys):
     """main() end to end: the device name, the peaks and the clock are faked, everything else is real."""
     (tmp_path / "tiny.fuse").write_text(TINY)
@@ -489,13 +500,7 @@ def test_whole_command_with_fake_timings_prints_tables_and_round_trips_json(tmp_
         asked.append((model, torch_compile))
         return [("eager", lambda x: model.reference_forward), ("broken", broken), ("fusegen", lambda x: model)]
 
-    monkeypatch.setattr(bench, "DEVICE", DEVICE)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "fake")
-    monkeypatch.setattr(bench, "measure_peaks", lambda: bench.Peaks(1000.0, 100.0))
-    monkeypatch.setattr(bench, "configurations", configurations)
-    monkeypatch.setattr(bench, "median_ms", lambda fn, inputs: next(clock))
-    monkeypatch.setattr(bench, "kernel_times_ms", lambda groups: [0.01] * len(groups))
+    fake_gpu(monkeypatch, configurations, lambda fn, inputs: next(clock))
     out_file = tmp_path / "bench.json"
     assert fusegen_main(["bench", str(tmp_path / "tiny.fuse"), "--batch", "1", "3", "--json", str(out_file)]) == 0
     out = capsys.readouterr().out
@@ -549,6 +554,33 @@ def test_whole_command_with_fake_timings_prints_tables_and_round_trips_json(tmp_
         eager, _, ours = run["configs"]
         assert eager["rel_error"] < 1e-5 and ours["rel_error"] < TOLERANCE, run["mode"]
     assert [train["configs"][0]["ms"], train["configs"][2]["ms"]] == [8.0, 2.0]
+
+
+def test_an_interrupted_bench_prints_and_keeps_the_runs_it_finished(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the second run: exit 130, the first run's tables printed, the JSON file holds that run
+    (written after each run, replaced whole), and no traceback."""
+    (tmp_path / "tiny.fuse").write_text(TINY)
+    timed = []
+
+    def median_ms(fn, inputs):
+        timed.append(fn)
+        if len(timed) == 3:  # eager and fusegen at batch 1, then eager at batch 2
+            raise KeyboardInterrupt
+        return 2.0
+
+    def configurations(model, max_autotune, torch_compile):
+        return [("eager", lambda x: model.reference_forward), ("fusegen", lambda x: model)]
+
+    fake_gpu(monkeypatch, configurations, median_ms)
+    out_file = tmp_path / "bench.json"
+    argv = ["bench", str(tmp_path / "tiny.fuse"), "--batch", "1", "2", "--json", str(out_file)]
+    assert fusegen_main(argv) == 130
+    captured = capsys.readouterr()
+    assert f"interrupted after 1 of 2 runs; {out_file} holds them" in captured.err
+    assert "Traceback" not in captured.err
+    assert "batch 1, eval mode: per kernel" in captured.out and "batch 2" not in captured.out
+    assert [(run["batch"], run["mode"]) for run in json.loads(out_file.read_text())["runs"]] == [(1, "eval")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "tiny.fuse"]
 
 
 def test_no_compile_leaves_out_the_torch_compile_baselines(tiny):
