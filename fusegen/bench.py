@@ -745,11 +745,12 @@ def main(
         print(NO_GPU, file=sys.stderr)
         return 2
 
-    env = environment()
-    peaks = measure_peaks()
     runs = []
+    saved = 0  # runs in the JSON file
     planned = len(specs) * len(modes or ["eval"]) * len(batches or [None])
     try:
+        env = environment()
+        peaks = measure_peaks()
         for spec in specs:
             # a model per mode, built afresh: training-mode calls move the running statistics that eval reads
             for mode in modes or ["eval"]:
@@ -761,13 +762,13 @@ def main(
                     runs.append(bench_batch(spec, model, model64, batch, max_autotune, peaks, torch_compile))
                     if json_path:  # after every run: a long bench that stops early keeps what it measured
                         write_report(json_path, build_report(env, peaks, runs))
+                        saved = len(runs)
                 del model, model64
                 torch.cuda.empty_cache()
     except KeyboardInterrupt:
-        progress(
-            f"interrupted after {len(runs)} of {planned} runs"
-            + (f"; {json_path} holds them" if runs and json_path else "")
-        )
+        if json_path:
+            _partial(json_path).unlink(missing_ok=True)  # a write that the interrupt cut short
+        progress(f"interrupted after {len(runs)} of {planned} runs" + (f"; {json_path} holds {saved}" if saved else ""))
         if runs:
             print_tables(env, peaks, runs)
         return 130
@@ -780,10 +781,13 @@ def main(
 
 def write_report(json_path: str, report: dict) -> None:
     """The report as JSON, replacing the file whole: a reader never sees it half-written."""
-    path = Path(json_path)
-    partial = path.with_name(path.name + ".partial")
+    partial = _partial(json_path)
     partial.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    partial.replace(path)
+    partial.replace(json_path)
+
+
+def _partial(json_path: str) -> Path:
+    return Path(json_path + ".partial")
 
 
 def print_tables(env: dict, peaks: Peaks, runs: list[dict]) -> None:

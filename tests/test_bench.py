@@ -576,12 +576,27 @@ def test_an_interrupted_bench_prints_and_keeps_the_runs_it_finished(tmp_path, mo
     argv = ["bench", str(tmp_path / "tiny.fuse"), "--batch", "1", "2", "--json", str(out_file)]
     assert fusegen_main(argv) == 130
     captured = capsys.readouterr()
-    assert f"interrupted after 1 of 2 runs; {out_file} holds them" in captured.err
+    assert f"interrupted after 1 of 2 runs; {out_file} holds 1" in captured.err
     assert "Traceback" not in captured.err
     assert "batch 1, eval mode: per kernel" in captured.out and "batch 2" not in captured.out
     assert [(run["batch"], run["mode"]) for run in json.loads(out_file.read_text())["runs"]] == [(1, "eval")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "tiny.fuse"]
 
+
+
+def test_an_interrupt_before_any_run_prints_nothing_and_writes_no_file(tmp_path, monkeypatch, capsys):
+    (tmp_path / "tiny.fuse").write_text(TINY)
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    fake_gpu(monkeypatch, bench.configurations, lambda fn, inputs: 1.0)
+    monkeypatch.setattr(bench, "measure_peaks", interrupted)
+    out_file = tmp_path / "bench.json"
+    assert fusegen_main(["bench", str(tmp_path / "tiny.fuse"), "--json", str(out_file)]) == 130
+    captured = capsys.readouterr()
+    assert captured.out == "" and "interrupted after 0 of 1 runs\n" in captured.err
+    assert not out_file.exists() and not (tmp_path / "bench.json.partial").exists()
 
 def test_no_compile_leaves_out_the_torch_compile_baselines(tiny):
     model = bench.build_model(tiny)
