@@ -1577,21 +1577,16 @@ def conv_tile(rows, K, C_out, precision):
     if K <= 32:
         # one K step (the stem's 27): nothing to pipeline, and 2 warps per 64 x 32 tile
         return 64, block_n, 32, 2, 1
-    # 128 rows where 64 output channels fill the block and that leaves a wave of programs: each weight
-    # tile then serves twice the rows; a tf32x3 dot (three products per tile) keeps 64, as in gemm_tile
-    if (
-        precision not in ("tf32x3", "tf32x3_split")
-        and block_n == 64
-        and cdiv(rows, 128) * cdiv(C_out, 64) >= 128
-    ):
+    # the programs of 128-row tiles, where 64 output channels fill the block (each weight tile then serves
+    # twice the rows)
+    tall_programs = cdiv(rows, 128) * cdiv(C_out, 64) if block_n == 64 else 0
+    # 128 rows where that leaves a wave of programs; a tf32x3 dot (three products per tile) keeps 64, as in
+    # gemm_tile
+    if precision not in ("tf32x3", "tf32x3_split") and tall_programs >= 128:
         return 128, 64, 32, 4, 3
     # the split weight's three products: 128 rows on 8 warps from half a wave of programs, in two stages,
     # since a BatchNorm prologue's input tile takes shared memory of its own (swept on an H100)
-    if (
-        precision == "tf32x3_split"
-        and block_n == 64
-        and cdiv(rows, 128) * cdiv(C_out, 64) >= 64
-    ):
+    if precision == "tf32x3_split" and tall_programs >= 64:
         return 128, 64, 32, 8, 2
     return 64, block_n, 32, 4, 3
 
