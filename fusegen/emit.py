@@ -324,6 +324,9 @@ def _run_kernels_lines(steps, given: Value, result: Value) -> list[str]:
             channels = f"{first}, *({part} for {loop.variable} in self.{loop.modules})"
         else:
             channels = ", ".join(_channels(part, made, names, now) for part in concats[id(concat)].parts)
+        if any(s.output_nchw for s in order if isinstance(s, Launch) and s.into and s.into[0] is concat):
+            # the model's output: in torch's layout
+            return [f'{name} = {{"channels": ({channels},), "tensor": None, "layout": torch.contiguous_format}}']
         return [f'{name} = {{"channels": ({channels},), "tensor": None}}  # the launches into it make the tensor']
 
     def leaf(step) -> list[str]:
@@ -335,7 +338,8 @@ def _run_kernels_lines(steps, given: Value, result: Value) -> list[str]:
         if isinstance(step, Launch):
             outputs = f"{out}, {out}_stats" if step.kernel.writes_batch_stats else out
             if step.into is None:
-                return lines + [f"{outputs} = {_launch_call(step, names)}"]
+                nchw = ["out_layout=torch.contiguous_format"] if step.output_nchw else []
+                return lines + [f"{outputs} = {_launch_call(step, names, *nchw)}"]
             concat, index = step.into
             now = next(i for i, s in enumerate(order) if s is step)
             return (
@@ -372,7 +376,9 @@ def _run_kernels_lines(steps, given: Value, result: Value) -> list[str]:
             "x = x.contiguous(memory_format=torch.channels_last)",
         ]
     # the kernels write channels-last; a 4-d output is returned in torch's default layout, as the reference's
-    layout = ".contiguous()" if len(result.shape) == 4 else ""
+    # (stored so where its launches could: Launch.output_nchw)
+    stored_nchw = any(s.output_nchw for s in _walk(steps) if isinstance(s, Launch))
+    layout = ".contiguous()" if len(result.shape) == 4 and not stored_nchw else ""
     lines.append(f"return {names[id(result)]}{layout}")
     return lines
 

@@ -145,6 +145,21 @@ def _store(channels: str, row_stride: str, value: str = "acc") -> str:
     return f"tl.store(out_ptr + offs_m[:, None] * {row_stride} + {channels}[None, :], {value}, mask=mask)"
 
 
+def _store_through_strides(channels: str, pixels: str) -> list[str]:
+    """The one store, into an output of any layout through its strides (the model's output, NCHW, or a
+    channel slice of it): rows offs_m are (image, pixel) of `pixels` pixels an image. Where a tile's rows
+    lie in one image (ROWS_IN_ONE_IMAGE), the image is one number and the pixels offs_m less a number,
+    consecutive as Triton sees them: an NCHW store is then as coalesced as a channels-last one."""
+    return [
+        "if ROWS_IN_ONE_IMAGE:",
+        f"    image = pid_m * BLOCK_M // ({pixels})",
+        f"    out_rows = image * out_stride_n + (offs_m - image * ({pixels})) * out_stride_p",
+        "else:",
+        f"    out_rows = offs_m // ({pixels}) * out_stride_n + offs_m % ({pixels}) * out_stride_p",
+        f"tl.store(out_ptr + out_rows[:, None] + {channels}[None, :] * out_stride_c, acc, mask=mask)",
+    ]
+
+
 def _pooled_pixels(height: str, width: str) -> list[str]:
     """Wrapper lines of a pooled kernel: its output pixels, and torch's error where the window (`height` x
     `width`, the pool's constexprs) does not fit."""
@@ -399,6 +414,8 @@ def lower(kernel: Kernel) -> LoweredKernel:
                 "else:",
                 f"    {_store(channels, 'C_out', f'acc / ({anchor.window})')}",
             ]
+        elif kernel.writes_model_output:
+            store = _store_through_strides(channels, "PH * PW" if kernel.pool else "OH * OW")
         else:
             store = [_store(channels, "out_row_stride" if kernel.writes_slice else "C_out")]
         frame = _frame(out_rank, loop, anchor.grouped, anchor.row_order, pooled=kernel.pools_input)
@@ -428,6 +445,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
             else:
                 scalars.append(entry)
     pointers += [("partial_ptr", "partial"), ("out_ptr", "out"), ("out_row_stride", "out.stride(3)")]
+    pointers += [(f"out_stride_{d}", f"out.stride({i})") for d, i in (("n", 0), ("c", 1), ("p", 3))]
     if kernel.writes_batch_stats:
         pointers += [("tile_sum_ptr", "tile_sum"), ("tile_m2_ptr", "tile_m2")]
     dims = [(d, d) for d in dict.fromkeys(in_dims + out_dims) if d not in _CHANNELS]
@@ -437,6 +455,9 @@ def lower(kernel: Kernel) -> LoweredKernel:
     channels = [(d, d) for d in _CHANNELS]
     rule = _tile_rule(kernel)
     blocks = [(b, b) for b in dict.fromkeys([*O.TILE_BLOCKS, *own_blocks, *(rule[1] if rule else ()), "SPLIT_K"])]
+    if kernel.writes_model_output:  # _store_through_strides
+        pixels = "PH * PW" if kernel.pool else "OH * OW"
+        blocks.append(("ROWS_IN_ONE_IMAGE", f"{pixels} % BLOCK_M == 0"))
     if pooled_frame or kernel.slices_windows:  # the window's slices (_pooled, Anchor.slice_loop)
         scalars.append(("WINDOW_SLICE", "WINDOW_SLICE"))
         blocks.append(("SPLIT_WINDOW", "WINDOW_SPLITS > 1"))
@@ -501,7 +522,11 @@ def lower(kernel: Kernel) -> LoweredKernel:
     # later kernel may be stored narrower (the model's activation_dtype), the model's output is float32
     out_dtype = ["out_dtype=torch.float32"] if kernel.stores_activations else []
     given_out = ["out=None"] if kernel.writes_given_out else []
-    new_out = f"torch.empty(({out_shape}), device=x.device, dtype={'out_dtype' if out_dtype else 'torch.float32'}{_LAYOUT[out_rank]})"
+    out_layout = _LAYOUT[out_rank]
+    if kernel.writes_model_output:  # the launch that stores the model's output asks for torch's layout
+        given_out.append("out_layout=torch.channels_last")
+        out_layout = ", memory_format=out_layout"
+    new_out = f"torch.empty(({out_shape}), device=x.device, dtype={'out_dtype' if out_dtype else 'torch.float32'}{out_layout})"
     if kernel.writes_slice:  # `into`: (a concatenation's buffer, the index of this output's slice)
         given_out.append("into=None")
         new_out = f"({new_out} if into is None else concat_slice(into, {out_shape}, x.device))"

@@ -665,9 +665,10 @@ def launch_pdl(x, grid):
 def concat_slice(into, N, C, H, W, device):
     """The channel slice that a launch stores its output, of shape (N, C, H, W), into: part `index` of
     the concatenation whose buffer is `into` = (buffer, index), a dict of the parts' channel counts and the
-    channels-last tensor, which the first launch into it makes at its batch and pixels. A part of another
-    shape is refused, as torch.cat refuses it. (torch.cat along channels without a copy: the launches that
-    make the parts store into their channel slices of one buffer.)"""
+    tensor, which the first launch into it makes at its batch and pixels: channels-last, or NCHW where the
+    dict's "layout" says so (the model's output). A part of another shape is refused, as torch.cat refuses
+    it. (torch.cat along channels without a copy: the launches that make the parts store into their channel
+    slices of one buffer.)"""
     buffer, index = into
     channels = buffer["channels"]
     if C != channels[index]:
@@ -676,8 +677,9 @@ def concat_slice(into, N, C, H, W, device):
         )
     if buffer["tensor"] is None:
         shape = (N, sum(channels), H, W)
+        layout = buffer.get("layout", torch.channels_last)
         buffer["tensor"] = torch.empty(
-            shape, device=device, dtype=torch.float32, memory_format=torch.channels_last
+            shape, device=device, dtype=torch.float32, memory_format=layout
         )
     tensor = buffer["tensor"]
     if (N, H, W) != (tensor.shape[0], *tensor.shape[2:]):

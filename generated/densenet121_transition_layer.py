@@ -40,6 +40,9 @@ def bn_relu_conv1x1_avgpool_kernel(
     bn_var_ptr,
     conv_weight_ptr,
     out_ptr,
+    out_stride_n,
+    out_stride_c,
+    out_stride_p,
     N,
     H,
     W,
@@ -55,6 +58,7 @@ def bn_relu_conv1x1_avgpool_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROWS_IN_ONE_IMAGE: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -113,7 +117,16 @@ def bn_relu_conv1x1_avgpool_kernel(
             other=0.0,
         )
         acc = fp32_dot(a, b, acc, DOT_PRECISION)
-    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
+    if ROWS_IN_ONE_IMAGE:
+        image = pid_m * BLOCK_M // (PH * PW)
+        out_rows = image * out_stride_n + (offs_m - image * (PH * PW)) * out_stride_p
+    else:
+        out_rows = (
+            offs_m // (PH * PW) * out_stride_n + offs_m % (PH * PW) * out_stride_p
+        )
+    tl.store(
+        out_ptr + out_rows[:, None] + offs_n[None, :] * out_stride_c, acc, mask=mask
+    )
 
 
 # the batch statistics of the input, read where it lies (training mode): one kernel.
@@ -173,6 +186,9 @@ def bn_relu_conv1x1_avgpool_train_kernel(
     bn_bias_ptr,
     conv_weight_ptr,
     out_ptr,
+    out_stride_n,
+    out_stride_c,
+    out_stride_p,
     N,
     H,
     W,
@@ -187,6 +203,7 @@ def bn_relu_conv1x1_avgpool_train_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROWS_IN_ONE_IMAGE: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -241,7 +258,16 @@ def bn_relu_conv1x1_avgpool_train_kernel(
             other=0.0,
         )
         acc = fp32_dot(a, b, acc, DOT_PRECISION)
-    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
+    if ROWS_IN_ONE_IMAGE:
+        image = pid_m * BLOCK_M // (PH * PW)
+        out_rows = image * out_stride_n + (offs_m - image * (PH * PW)) * out_stride_p
+    else:
+        out_rows = (
+            offs_m // (PH * PW) * out_stride_n + offs_m % (PH * PW) * out_stride_p
+        )
+    tl.store(
+        out_ptr + out_rows[:, None] + offs_n[None, :] * out_stride_c, acc, mask=mask
+    )
 
 
 # Tiles first through last of a column of per-tile statistics (sum, squared deviations from the tile's
@@ -1130,7 +1156,7 @@ def replay_launch_plan(plan, x):
     return values[plan["output"]]
 
 
-def bn_relu_conv1x1_avgpool(x, bn, conv, pool):
+def bn_relu_conv1x1_avgpool(x, bn, conv, pool, out_layout=torch.channels_last):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
@@ -1156,7 +1182,7 @@ def bn_relu_conv1x1_avgpool(x, bn, conv, pool):
         (N, C_out, PH, PW),
         device=x.device,
         dtype=torch.float32,
-        memory_format=torch.channels_last,
+        memory_format=out_layout,
     )
     check_32bit_offsets(x, out)
     DOT_PRECISION = dot_precision(x, conv)
@@ -1171,6 +1197,9 @@ def bn_relu_conv1x1_avgpool(x, bn, conv, pool):
         bn.running_var,
         dot_weight(conv, DOT_PRECISION).contiguous(),
         out,
+        out.stride(0),
+        out.stride(1),
+        out.stride(3),
         N,
         H,
         W,
@@ -1186,6 +1215,7 @@ def bn_relu_conv1x1_avgpool(x, bn, conv, pool):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        ROWS_IN_ONE_IMAGE=PH * PW % BLOCK_M == 0,
         LAUNCH_PDL=LAUNCH_PDL,
         launch_pdl=LAUNCH_PDL,
     )
@@ -1224,7 +1254,9 @@ def batch_stats(x):
     return x, (tile_sum, tile_m2, BLOCK_M, N * OH * OW)
 
 
-def bn_relu_conv1x1_avgpool_train(x, x_stats, bn, conv, pool):
+def bn_relu_conv1x1_avgpool_train(
+    x, x_stats, bn, conv, pool, out_layout=torch.channels_last
+):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
@@ -1250,7 +1282,7 @@ def bn_relu_conv1x1_avgpool_train(x, x_stats, bn, conv, pool):
         (N, C_out, PH, PW),
         device=x.device,
         dtype=torch.float32,
-        memory_format=torch.channels_last,
+        memory_format=out_layout,
     )
     check_32bit_offsets(x, out)
     DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
@@ -1265,6 +1297,9 @@ def bn_relu_conv1x1_avgpool_train(x, x_stats, bn, conv, pool):
         bn.bias,
         dot_weight(conv, DOT_PRECISION).contiguous(),
         out,
+        out.stride(0),
+        out.stride(1),
+        out.stride(3),
         N,
         H,
         W,
@@ -1279,6 +1314,7 @@ def bn_relu_conv1x1_avgpool_train(x, x_stats, bn, conv, pool):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        ROWS_IN_ONE_IMAGE=PH * PW % BLOCK_M == 0,
         LAUNCH_PDL=LAUNCH_PDL,
         launch_pdl=LAUNCH_PDL,
     )
@@ -1476,18 +1512,27 @@ class ModelNew(nn.Module):
             return self.run_training_kernels(x)
         # densenet121_transition_layer.fuse:8: bn(num_input_features) -> relu -> conv(num_input_features, num_output_features, 1, bias=False) -> avgpool(2)
         x = bn_relu_conv1x1_avgpool(
-            x, self.transition[0], self.transition[2], self.transition[3]
+            x,
+            self.transition[0],
+            self.transition[2],
+            self.transition[3],
+            out_layout=torch.contiguous_format,
         )
-        return x.contiguous()
+        return x
 
     def run_training_kernels(self, x):
         """Training mode: BatchNorm normalises with batch statistics in the next kernel's prologue."""
         # densenet121_transition_layer.fuse:8: bn(num_input_features) -> relu -> conv(num_input_features, num_output_features, 1, bias=False) -> avgpool(2)
         x, x_stats = batch_stats(x)
         x = bn_relu_conv1x1_avgpool_train(
-            x, x_stats, self.transition[0], self.transition[2], self.transition[3]
+            x,
+            x_stats,
+            self.transition[0],
+            self.transition[2],
+            self.transition[3],
+            out_layout=torch.contiguous_format,
         )
-        return x.contiguous()
+        return x
 
     def reference_forward(self, x):
         """The forward in torch ops, differentiated by backward; leaves running statistics alone."""

@@ -202,6 +202,9 @@ def conv1x1_bn_add_kernel(
     bn_mean_ptr,
     bn_var_ptr,
     out_ptr,
+    out_stride_n,
+    out_stride_c,
+    out_stride_p,
     N,
     H,
     W,
@@ -216,6 +219,7 @@ def conv1x1_bn_add_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROWS_IN_ONE_IMAGE: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -266,7 +270,16 @@ def conv1x1_bn_add_kernel(
     acc += tl.load(
         add_ptr + offs_m[:, None] * C_out + offs_n[None, :], mask=mask, other=0.0
     ).to(tl.float32)
-    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
+    if ROWS_IN_ONE_IMAGE:
+        image = pid_m * BLOCK_M // (OH * OW)
+        out_rows = image * out_stride_n + (offs_m - image * (OH * OW)) * out_stride_p
+    else:
+        out_rows = (
+            offs_m // (OH * OW) * out_stride_n + offs_m % (OH * OW) * out_stride_p
+        )
+    tl.store(
+        out_ptr + out_rows[:, None] + offs_n[None, :] * out_stride_c, acc, mask=mask
+    )
 
 
 # conv1x1 -> bn: one kernel, one store.
@@ -280,6 +293,9 @@ def conv1x1_bn_kernel(
     bn_mean_ptr,
     bn_var_ptr,
     out_ptr,
+    out_stride_n,
+    out_stride_c,
+    out_stride_p,
     N,
     H,
     W,
@@ -293,6 +309,7 @@ def conv1x1_bn_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROWS_IN_ONE_IMAGE: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -339,7 +356,16 @@ def conv1x1_bn_kernel(
         - tl.load(bn_mean_ptr + offs_n, mask=mask_n, other=0.0) * bn_scale
     )
     acc = acc * bn_scale[None, :] + bn_shift[None, :]
-    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
+    if ROWS_IN_ONE_IMAGE:
+        image = pid_m * BLOCK_M // (OH * OW)
+        out_rows = image * out_stride_n + (offs_m - image * (OH * OW)) * out_stride_p
+    else:
+        out_rows = (
+            offs_m // (OH * OW) * out_stride_n + offs_m % (OH * OW) * out_stride_p
+        )
+    tl.store(
+        out_ptr + out_rows[:, None] + offs_n[None, :] * out_stride_c, acc, mask=mask
+    )
 
 
 # conv1x1 (training mode: with the output's batch statistics): one kernel, one store per output.
@@ -555,6 +581,9 @@ def bn_add_train_kernel(
     bn_scale_ptr,
     bn_bias_ptr,
     out_ptr,
+    out_stride_n,
+    out_stride_c,
+    out_stride_p,
     N,
     OH,
     OW,
@@ -563,6 +592,7 @@ def bn_add_train_kernel(
     C_out: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ROWS_IN_ONE_IMAGE: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -593,7 +623,16 @@ def bn_add_train_kernel(
     acc += tl.load(
         add_ptr + offs_m[:, None] * C_out + offs_n[None, :], mask=mask, other=0.0
     ).to(tl.float32)
-    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
+    if ROWS_IN_ONE_IMAGE:
+        image = pid_m * BLOCK_M // (OH * OW)
+        out_rows = image * out_stride_n + (offs_m - image * (OH * OW)) * out_stride_p
+    else:
+        out_rows = (
+            offs_m // (OH * OW) * out_stride_n + offs_m % (OH * OW) * out_stride_p
+        )
+    tl.store(
+        out_ptr + out_rows[:, None] + offs_n[None, :] * out_stride_c, acc, mask=mask
+    )
 
 
 # bn: one kernel, one store.
@@ -605,6 +644,9 @@ def bn_train_kernel(
     bn_scale_ptr,
     bn_bias_ptr,
     out_ptr,
+    out_stride_n,
+    out_stride_c,
+    out_stride_p,
     N,
     OH,
     OW,
@@ -612,6 +654,7 @@ def bn_train_kernel(
     C_out: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ROWS_IN_ONE_IMAGE: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -638,7 +681,16 @@ def bn_train_kernel(
     bn_scale = tl.load(bn_scale_ptr + offs_n, mask=mask_n, other=0.0)
     bn_bias = tl.load(bn_bias_ptr + offs_n, mask=mask_n, other=0.0)
     acc = (acc - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[None, :]
-    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
+    if ROWS_IN_ONE_IMAGE:
+        image = pid_m * BLOCK_M // (OH * OW)
+        out_rows = image * out_stride_n + (offs_m - image * (OH * OW)) * out_stride_p
+    else:
+        out_rows = (
+            offs_m // (OH * OW) * out_stride_n + offs_m % (OH * OW) * out_stride_p
+        )
+    tl.store(
+        out_ptr + out_rows[:, None] + offs_n[None, :] * out_stride_c, acc, mask=mask
+    )
 
 
 # Tiles first through last of a column of per-tile statistics (sum, squared deviations from the tile's
@@ -1636,7 +1688,7 @@ def dwconv5x5_bn_relu6(x, conv, bn):
     return out
 
 
-def conv1x1_bn_add(x, conv, bn, add):
+def conv1x1_bn_add(x, conv, bn, add, out_layout=torch.channels_last):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
@@ -1646,7 +1698,7 @@ def conv1x1_bn_add(x, conv, bn, add):
         (N, C_out, OH, OW),
         device=x.device,
         dtype=torch.float32,
-        memory_format=torch.channels_last,
+        memory_format=out_layout,
     )
     check_32bit_offsets(x, out)
     DOT_PRECISION = dot_precision(x, conv)
@@ -1661,6 +1713,9 @@ def conv1x1_bn_add(x, conv, bn, add):
         bn.running_mean,
         bn.running_var,
         out,
+        out.stride(0),
+        out.stride(1),
+        out.stride(3),
         N,
         H,
         W,
@@ -1675,13 +1730,14 @@ def conv1x1_bn_add(x, conv, bn, add):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        ROWS_IN_ONE_IMAGE=OH * OW % BLOCK_M == 0,
         LAUNCH_PDL=LAUNCH_PDL,
         launch_pdl=LAUNCH_PDL,
     )
     return out
 
 
-def conv1x1_bn(x, conv, bn):
+def conv1x1_bn(x, conv, bn, out_layout=torch.channels_last):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
@@ -1691,7 +1747,7 @@ def conv1x1_bn(x, conv, bn):
         (N, C_out, OH, OW),
         device=x.device,
         dtype=torch.float32,
-        memory_format=torch.channels_last,
+        memory_format=out_layout,
     )
     check_32bit_offsets(x, out)
     DOT_PRECISION = dot_precision(x, conv)
@@ -1706,6 +1762,9 @@ def conv1x1_bn(x, conv, bn):
         bn.running_mean,
         bn.running_var,
         out,
+        out.stride(0),
+        out.stride(1),
+        out.stride(3),
         N,
         H,
         W,
@@ -1719,6 +1778,7 @@ def conv1x1_bn(x, conv, bn):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        ROWS_IN_ONE_IMAGE=OH * OW % BLOCK_M == 0,
         LAUNCH_PDL=LAUNCH_PDL,
         launch_pdl=LAUNCH_PDL,
     )
@@ -1860,7 +1920,7 @@ def dwconv5x5_stats(x, conv):
     return out, (tile_sum, tile_m2, BLOCK_M, N * OH * OW)
 
 
-def bn_add_train(x, x_stats, bn, add):
+def bn_add_train(x, x_stats, bn, add, out_layout=torch.channels_last):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = C_in
@@ -1870,7 +1930,7 @@ def bn_add_train(x, x_stats, bn, add):
         (N, C_out, OH, OW),
         device=x.device,
         dtype=torch.float32,
-        memory_format=torch.channels_last,
+        memory_format=out_layout,
     )
     check_32bit_offsets(x, out)
     BLOCK_M = 64
@@ -1884,6 +1944,9 @@ def bn_add_train(x, x_stats, bn, add):
         bn_scale,
         bn.bias,
         out,
+        out.stride(0),
+        out.stride(1),
+        out.stride(3),
         N,
         OH,
         OW,
@@ -1892,13 +1955,14 @@ def bn_add_train(x, x_stats, bn, add):
         C_out=C_out,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
+        ROWS_IN_ONE_IMAGE=OH * OW % BLOCK_M == 0,
         LAUNCH_PDL=LAUNCH_PDL,
         launch_pdl=LAUNCH_PDL,
     )
     return out
 
 
-def bn_train(x, x_stats, bn):
+def bn_train(x, x_stats, bn, out_layout=torch.channels_last):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = C_in
@@ -1908,7 +1972,7 @@ def bn_train(x, x_stats, bn):
         (N, C_out, OH, OW),
         device=x.device,
         dtype=torch.float32,
-        memory_format=torch.channels_last,
+        memory_format=out_layout,
     )
     check_32bit_offsets(x, out)
     BLOCK_M = 64
@@ -1922,6 +1986,9 @@ def bn_train(x, x_stats, bn):
         bn_scale,
         bn.bias,
         out,
+        out.stride(0),
+        out.stride(1),
+        out.stride(3),
         N,
         OH,
         OW,
@@ -1929,6 +1996,7 @@ def bn_train(x, x_stats, bn):
         C_out=C_out,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
+        ROWS_IN_ONE_IMAGE=OH * OW % BLOCK_M == 0,
         LAUNCH_PDL=LAUNCH_PDL,
         launch_pdl=LAUNCH_PDL,
     )
@@ -2168,11 +2236,22 @@ class ModelNew(nn.Module):
         x_2 = dwconv5x5_bn_relu6(x_2, self.depthwise_conv[0], self.depthwise_conv[1])
         if self.use_residual:
             # efficientnet_mbconv.fuse:20: conv1x1(hidden, out_channels) -> bn(out_channels)
-            x = conv1x1_bn_add(x_2, self.project_conv[0], self.project_conv[1], x)
+            x = conv1x1_bn_add(
+                x_2,
+                self.project_conv[0],
+                self.project_conv[1],
+                x,
+                out_layout=torch.contiguous_format,
+            )
         else:
             # efficientnet_mbconv.fuse:24: conv1x1(hidden, out_channels) -> bn(out_channels)
-            x = conv1x1_bn(x_2, self.project_conv[0], self.project_conv[1])
-        return x.contiguous()
+            x = conv1x1_bn(
+                x_2,
+                self.project_conv[0],
+                self.project_conv[1],
+                out_layout=torch.contiguous_format,
+            )
+        return x
 
     def run_training_kernels(self, x):
         """Training mode: BatchNorm normalises with batch statistics in the next kernel's prologue."""
@@ -2188,12 +2267,20 @@ class ModelNew(nn.Module):
         if self.use_residual:
             # efficientnet_mbconv.fuse:20: conv1x1(hidden, out_channels) -> bn(out_channels)
             x_3, x_3_stats = conv1x1_stats(x_2, self.project_conv[0])
-            x = bn_add_train(x_3, x_3_stats, self.project_conv[1], x)
+            x = bn_add_train(
+                x_3,
+                x_3_stats,
+                self.project_conv[1],
+                x,
+                out_layout=torch.contiguous_format,
+            )
         else:
             # efficientnet_mbconv.fuse:24: conv1x1(hidden, out_channels) -> bn(out_channels)
             x_2, x_2_stats = conv1x1_stats(x_2, self.project_conv[0])
-            x = bn_train(x_2, x_2_stats, self.project_conv[1])
-        return x.contiguous()
+            x = bn_train(
+                x_2, x_2_stats, self.project_conv[1], out_layout=torch.contiguous_format
+            )
+        return x
 
     def reference_forward(self, x):
         """The forward in torch ops, differentiated by backward; leaves running statistics alone."""

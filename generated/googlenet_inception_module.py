@@ -55,7 +55,9 @@ def conv1x1_bias_kernel(
     conv_weight_ptr,
     conv_bias_ptr,
     out_ptr,
-    out_row_stride,
+    out_stride_n,
+    out_stride_c,
+    out_stride_p,
     N,
     H,
     W,
@@ -68,6 +70,7 @@ def conv1x1_bias_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROWS_IN_ONE_IMAGE: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -106,8 +109,15 @@ def conv1x1_bias_kernel(
         )
         acc = fp32_dot(a, b, acc, DOT_PRECISION)
     acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    if ROWS_IN_ONE_IMAGE:
+        image = pid_m * BLOCK_M // (OH * OW)
+        out_rows = image * out_stride_n + (offs_m - image * (OH * OW)) * out_stride_p
+    else:
+        out_rows = (
+            offs_m // (OH * OW) * out_stride_n + offs_m % (OH * OW) * out_stride_p
+        )
     tl.store(
-        out_ptr + offs_m[:, None] * out_row_stride + offs_n[None, :], acc, mask=mask
+        out_ptr + out_rows[:, None] + offs_n[None, :] * out_stride_c, acc, mask=mask
     )
 
 
@@ -120,7 +130,9 @@ def conv3x3_bias_kernel(
     conv_weight_low_ptr,
     conv_bias_ptr,
     out_ptr,
-    out_row_stride,
+    out_stride_n,
+    out_stride_c,
+    out_stride_p,
     N,
     H,
     W,
@@ -144,6 +156,7 @@ def conv3x3_bias_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROWS_IN_ONE_IMAGE: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -219,8 +232,15 @@ def conv3x3_bias_kernel(
         else:
             acc = fp32_dot(a, b, acc, DOT_PRECISION)
     acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    if ROWS_IN_ONE_IMAGE:
+        image = pid_m * BLOCK_M // (OH * OW)
+        out_rows = image * out_stride_n + (offs_m - image * (OH * OW)) * out_stride_p
+    else:
+        out_rows = (
+            offs_m // (OH * OW) * out_stride_n + offs_m % (OH * OW) * out_stride_p
+        )
     tl.store(
-        out_ptr + offs_m[:, None] * out_row_stride + offs_n[None, :], acc, mask=mask
+        out_ptr + out_rows[:, None] + offs_n[None, :] * out_stride_c, acc, mask=mask
     )
 
 
@@ -233,7 +253,9 @@ def conv5x5_bias_kernel(
     conv_weight_low_ptr,
     conv_bias_ptr,
     out_ptr,
-    out_row_stride,
+    out_stride_n,
+    out_stride_c,
+    out_stride_p,
     N,
     H,
     W,
@@ -257,6 +279,7 @@ def conv5x5_bias_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROWS_IN_ONE_IMAGE: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -332,8 +355,15 @@ def conv5x5_bias_kernel(
         else:
             acc = fp32_dot(a, b, acc, DOT_PRECISION)
     acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    if ROWS_IN_ONE_IMAGE:
+        image = pid_m * BLOCK_M // (OH * OW)
+        out_rows = image * out_stride_n + (offs_m - image * (OH * OW)) * out_stride_p
+    else:
+        out_rows = (
+            offs_m // (OH * OW) * out_stride_n + offs_m % (OH * OW) * out_stride_p
+        )
     tl.store(
-        out_ptr + offs_m[:, None] * out_row_stride + offs_n[None, :], acc, mask=mask
+        out_ptr + out_rows[:, None] + offs_n[None, :] * out_stride_c, acc, mask=mask
     )
 
 
@@ -553,9 +583,10 @@ def launch_pdl(x, grid):
 def concat_slice(into, N, C, H, W, device):
     """The channel slice that a launch stores its output, of shape (N, C, H, W), into: part `index` of
     the concatenation whose buffer is `into` = (buffer, index), a dict of the parts' channel counts and the
-    channels-last tensor, which the first launch into it makes at its batch and pixels. A part of another
-    shape is refused, as torch.cat refuses it. (torch.cat along channels without a copy: the launches that
-    make the parts store into their channel slices of one buffer.)"""
+    tensor, which the first launch into it makes at its batch and pixels: channels-last, or NCHW where the
+    dict's "layout" says so (the model's output). A part of another shape is refused, as torch.cat refuses
+    it. (torch.cat along channels without a copy: the launches that make the parts store into their channel
+    slices of one buffer.)"""
     buffer, index = into
     channels = buffer["channels"]
     if C != channels[index]:
@@ -564,8 +595,9 @@ def concat_slice(into, N, C, H, W, device):
         )
     if buffer["tensor"] is None:
         shape = (N, sum(channels), H, W)
+        layout = buffer.get("layout", torch.channels_last)
         buffer["tensor"] = torch.empty(
-            shape, device=device, dtype=torch.float32, memory_format=torch.channels_last
+            shape, device=device, dtype=torch.float32, memory_format=layout
         )
     tensor = buffer["tensor"]
     if (N, H, W) != (tensor.shape[0], *tensor.shape[2:]):
@@ -1171,7 +1203,7 @@ def replay_launch_plan(plan, x):
     return values[plan["output"]]
 
 
-def conv1x1_bias(x, conv, into=None):
+def conv1x1_bias(x, conv, out_layout=torch.channels_last, into=None):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
@@ -1191,7 +1223,7 @@ def conv1x1_bias(x, conv, into=None):
             (N, C_out, OH, OW),
             device=x.device,
             dtype=torch.float32,
-            memory_format=torch.channels_last,
+            memory_format=out_layout,
         )
         if into is None
         else concat_slice(into, N, C_out, OH, OW, x.device)
@@ -1206,6 +1238,8 @@ def conv1x1_bias(x, conv, into=None):
         dot_weight(conv, DOT_PRECISION).contiguous(),
         conv.bias,
         out,
+        out.stride(0),
+        out.stride(1),
         out.stride(3),
         N,
         H,
@@ -1219,13 +1253,14 @@ def conv1x1_bias(x, conv, into=None):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        ROWS_IN_ONE_IMAGE=OH * OW % BLOCK_M == 0,
         LAUNCH_PDL=LAUNCH_PDL,
         launch_pdl=LAUNCH_PDL,
     )
     return out
 
 
-def conv3x3_bias(x, conv, into=None):
+def conv3x3_bias(x, conv, out_layout=torch.channels_last, into=None):
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
     if not (conv.groups == 1 and conv.bias is not None):
@@ -1239,7 +1274,7 @@ def conv3x3_bias(x, conv, into=None):
             (N, C_out, OH, OW),
             device=x.device,
             dtype=torch.float32,
-            memory_format=torch.channels_last,
+            memory_format=out_layout,
         )
         if into is None
         else concat_slice(into, N, C_out, OH, OW, x.device)
@@ -1259,6 +1294,8 @@ def conv3x3_bias(x, conv, into=None):
         dot_weight_low(conv, DOT_PRECISION),
         conv.bias,
         out,
+        out.stride(0),
+        out.stride(1),
         out.stride(3),
         N,
         H,
@@ -1283,6 +1320,7 @@ def conv3x3_bias(x, conv, into=None):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        ROWS_IN_ONE_IMAGE=OH * OW % BLOCK_M == 0,
         LAUNCH_PDL=LAUNCH_PDL,
         num_warps=num_warps,
         num_stages=num_stages,
@@ -1291,7 +1329,7 @@ def conv3x3_bias(x, conv, into=None):
     return out
 
 
-def conv5x5_bias(x, conv, into=None):
+def conv5x5_bias(x, conv, out_layout=torch.channels_last, into=None):
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
     if not (conv.groups == 1 and conv.bias is not None):
@@ -1305,7 +1343,7 @@ def conv5x5_bias(x, conv, into=None):
             (N, C_out, OH, OW),
             device=x.device,
             dtype=torch.float32,
-            memory_format=torch.channels_last,
+            memory_format=out_layout,
         )
         if into is None
         else concat_slice(into, N, C_out, OH, OW, x.device)
@@ -1325,6 +1363,8 @@ def conv5x5_bias(x, conv, into=None):
         dot_weight_low(conv, DOT_PRECISION),
         conv.bias,
         out,
+        out.stride(0),
+        out.stride(1),
         out.stride(3),
         N,
         H,
@@ -1349,6 +1389,7 @@ def conv5x5_bias(x, conv, into=None):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        ROWS_IN_ONE_IMAGE=OH * OW % BLOCK_M == 0,
         LAUNCH_PDL=LAUNCH_PDL,
         num_warps=num_warps,
         num_stages=num_stages,
@@ -1523,7 +1564,8 @@ class ModelNew(nn.Module):
                 self.branch_pool[1].out_channels,
             ),
             "tensor": None,
-        }  # the launches into it make the tensor
+            "layout": torch.contiguous_format,
+        }
         # googlenet_inception_module.fuse:8: b1 = branch1x1: conv(in_channels, out_1x1, 1)
         b1 = conv1x1_bias(x, self.branch1x1, into=(x_buffer, 0))
         # googlenet_inception_module.fuse:10: conv(in_channels, reduce_3x3, 1)
@@ -1540,7 +1582,7 @@ class ModelNew(nn.Module):
         bp = conv1x1_bias(x, self.branch_pool[1], into=(x_buffer, 3))
         # googlenet_inception_module.fuse:18: return cat(b1, b3, b5, bp)
         x = x_buffer["tensor"]
-        return x.contiguous()
+        return x
 
     def reference_forward(self, x):
         """The forward in torch ops, differentiated by backward; leaves running statistics alone."""

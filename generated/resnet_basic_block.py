@@ -254,6 +254,9 @@ def conv3x3_bn_add_relu_kernel(
     bn_mean_ptr,
     bn_var_ptr,
     out_ptr,
+    out_stride_n,
+    out_stride_c,
+    out_stride_p,
     N,
     H,
     W,
@@ -279,6 +282,7 @@ def conv3x3_bn_add_relu_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROWS_IN_ONE_IMAGE: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -368,7 +372,16 @@ def conv3x3_bn_add_relu_kernel(
     ).to(tl.float32)
     # epilogue: relu
     acc = tl.maximum(acc, 0.0)
-    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
+    if ROWS_IN_ONE_IMAGE:
+        image = pid_m * BLOCK_M // (OH * OW)
+        out_rows = image * out_stride_n + (offs_m - image * (OH * OW)) * out_stride_p
+    else:
+        out_rows = (
+            offs_m // (OH * OW) * out_stride_n + offs_m % (OH * OW) * out_stride_p
+        )
+    tl.store(
+        out_ptr + out_rows[:, None] + offs_n[None, :] * out_stride_c, acc, mask=mask
+    )
 
 
 # conv3x3 (training mode: with the output's batch statistics): one kernel, one store per output.
@@ -749,6 +762,9 @@ def bn_add_relu_train_kernel(
     bn_scale_ptr,
     bn_bias_ptr,
     out_ptr,
+    out_stride_n,
+    out_stride_c,
+    out_stride_p,
     N,
     OH,
     OW,
@@ -757,6 +773,7 @@ def bn_add_relu_train_kernel(
     C_out: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ROWS_IN_ONE_IMAGE: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -789,7 +806,16 @@ def bn_add_relu_train_kernel(
     ).to(tl.float32)
     # prologue: relu on the loaded input tile
     acc = tl.maximum(acc, 0.0)
-    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
+    if ROWS_IN_ONE_IMAGE:
+        image = pid_m * BLOCK_M // (OH * OW)
+        out_rows = image * out_stride_n + (offs_m - image * (OH * OW)) * out_stride_p
+    else:
+        out_rows = (
+            offs_m // (OH * OW) * out_stride_n + offs_m % (OH * OW) * out_stride_p
+        )
+    tl.store(
+        out_ptr + out_rows[:, None] + offs_n[None, :] * out_stride_c, acc, mask=mask
+    )
 
 
 # Tiles first through last of a column of per-tile statistics (sum, squared deviations from the tile's
@@ -1814,7 +1840,7 @@ def conv1x1_bn(x, conv, bn):
     return out
 
 
-def conv3x3_bn_add_relu(x, conv, bn, add):
+def conv3x3_bn_add_relu(x, conv, bn, add, out_layout=torch.channels_last):
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
     OH = (H + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
@@ -1823,7 +1849,7 @@ def conv3x3_bn_add_relu(x, conv, bn, add):
         (N, C_out, OH, OW),
         device=x.device,
         dtype=torch.float32,
-        memory_format=torch.channels_last,
+        memory_format=out_layout,
     )
     check_32bit_offsets(x, out)
     KH = conv.kernel_size[0]
@@ -1843,6 +1869,9 @@ def conv3x3_bn_add_relu(x, conv, bn, add):
         bn.running_mean,
         bn.running_var,
         out,
+        out.stride(0),
+        out.stride(1),
+        out.stride(3),
         N,
         H,
         W,
@@ -1868,6 +1897,7 @@ def conv3x3_bn_add_relu(x, conv, bn, add):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        ROWS_IN_ONE_IMAGE=OH * OW % BLOCK_M == 0,
         LAUNCH_PDL=LAUNCH_PDL,
         num_warps=num_warps,
         num_stages=num_stages,
@@ -2086,7 +2116,7 @@ def bn_train(x, x_stats, bn):
     return out
 
 
-def bn_add_relu_train(x, x_stats, bn, add):
+def bn_add_relu_train(x, x_stats, bn, add, out_layout=torch.channels_last):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = C_in
@@ -2096,7 +2126,7 @@ def bn_add_relu_train(x, x_stats, bn, add):
         (N, C_out, OH, OW),
         device=x.device,
         dtype=torch.float32,
-        memory_format=torch.channels_last,
+        memory_format=out_layout,
     )
     check_32bit_offsets(x, out)
     BLOCK_M = 64
@@ -2110,6 +2140,9 @@ def bn_add_relu_train(x, x_stats, bn, add):
         bn_scale,
         bn.bias,
         out,
+        out.stride(0),
+        out.stride(1),
+        out.stride(3),
         N,
         OH,
         OW,
@@ -2118,6 +2151,7 @@ def bn_add_relu_train(x, x_stats, bn, add):
         C_out=C_out,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
+        ROWS_IN_ONE_IMAGE=OH * OW % BLOCK_M == 0,
         LAUNCH_PDL=LAUNCH_PDL,
         launch_pdl=LAUNCH_PDL,
     )
@@ -2320,8 +2354,10 @@ class ModelNew(nn.Module):
         # resnet_basic_block.fuse:10: conv1x1(in_channels, out_channels, stride) -> bn(out_channels)
         identity = conv1x1_bn(x, self.downsample[0], self.downsample[1])
         # resnet_basic_block.fuse:8: out = out -> conv2: conv3x3(out_channels, out_channels) -> bn2: bn(out_channels)
-        x = conv3x3_bn_add_relu(out, self.conv2, self.bn2, identity)
-        return x.contiguous()
+        x = conv3x3_bn_add_relu(
+            out, self.conv2, self.bn2, identity, out_layout=torch.contiguous_format
+        )
+        return x
 
     def run_training_kernels(self, x):
         """Training mode: BatchNorm normalises with batch statistics in the next kernel's prologue."""
@@ -2335,8 +2371,10 @@ class ModelNew(nn.Module):
         identity, identity_stats = conv1x1_stats(x, self.downsample[0])
         identity = bn_train(identity, identity_stats, self.downsample[1])
         # resnet_basic_block.fuse:8: out = out -> conv2: conv3x3(out_channels, out_channels) -> bn2: bn(out_channels)
-        x = bn_add_relu_train(out, out_stats, self.bn2, identity)
-        return x.contiguous()
+        x = bn_add_relu_train(
+            out, out_stats, self.bn2, identity, out_layout=torch.contiguous_format
+        )
+        return x
 
     def reference_forward(self, x):
         """The forward in torch ops, differentiated by backward; leaves running statistics alone."""

@@ -288,6 +288,9 @@ def conv1x1_grouped_bn_relu_add_kernel(
     bn_mean_ptr,
     bn_var_ptr,
     out_ptr,
+    out_stride_n,
+    out_stride_c,
+    out_stride_p,
     N,
     H,
     W,
@@ -303,6 +306,7 @@ def conv1x1_grouped_bn_relu_add_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROWS_IN_ONE_IMAGE: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -363,7 +367,16 @@ def conv1x1_grouped_bn_relu_add_kernel(
     acc += tl.load(
         add_ptr + offs_m[:, None] * C_out + offs_n[None, :], mask=mask, other=0.0
     ).to(tl.float32)
-    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
+    if ROWS_IN_ONE_IMAGE:
+        image = pid_m * BLOCK_M // (OH * OW)
+        out_rows = image * out_stride_n + (offs_m - image * (OH * OW)) * out_stride_p
+    else:
+        out_rows = (
+            offs_m // (OH * OW) * out_stride_n + offs_m % (OH * OW) * out_stride_p
+        )
+    tl.store(
+        out_ptr + out_rows[:, None] + offs_n[None, :] * out_stride_c, acc, mask=mask
+    )
 
 
 # conv1x1_grouped (training mode: with the output's batch statistics): one kernel, one store per output.
@@ -830,6 +843,9 @@ def bn_train_kernel(
 def add_kernel(
     x_ptr,
     out_ptr,
+    out_stride_n,
+    out_stride_c,
+    out_stride_p,
     N,
     OH,
     OW,
@@ -838,6 +854,7 @@ def add_kernel(
     C_out: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ROWS_IN_ONE_IMAGE: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -863,7 +880,16 @@ def add_kernel(
     acc += tl.load(
         add_ptr + offs_m[:, None] * C_out + offs_n[None, :], mask=mask, other=0.0
     ).to(tl.float32)
-    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
+    if ROWS_IN_ONE_IMAGE:
+        image = pid_m * BLOCK_M // (OH * OW)
+        out_rows = image * out_stride_n + (offs_m - image * (OH * OW)) * out_stride_p
+    else:
+        out_rows = (
+            offs_m // (OH * OW) * out_stride_n + offs_m % (OH * OW) * out_stride_p
+        )
+    tl.store(
+        out_ptr + out_rows[:, None] + offs_n[None, :] * out_stride_c, acc, mask=mask
+    )
 
 
 # Tiles first through last of a column of per-tile statistics (sum, squared deviations from the tile's
@@ -1918,7 +1944,7 @@ def conv1x1_bn(x, conv, bn):
     return out
 
 
-def conv1x1_grouped_bn_relu_add(x, conv, bn, add):
+def conv1x1_grouped_bn_relu_add(x, conv, bn, add, out_layout=torch.channels_last):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
@@ -1934,7 +1960,7 @@ def conv1x1_grouped_bn_relu_add(x, conv, bn, add):
         (N, C_out, OH, OW),
         device=x.device,
         dtype=torch.float32,
-        memory_format=torch.channels_last,
+        memory_format=out_layout,
     )
     check_32bit_offsets(x, out)
     GROUPS = conv.groups
@@ -1954,6 +1980,9 @@ def conv1x1_grouped_bn_relu_add(x, conv, bn, add):
         bn.running_mean,
         bn.running_var,
         out,
+        out.stride(0),
+        out.stride(1),
+        out.stride(3),
         N,
         H,
         W,
@@ -1969,6 +1998,7 @@ def conv1x1_grouped_bn_relu_add(x, conv, bn, add):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        ROWS_IN_ONE_IMAGE=OH * OW % BLOCK_M == 0,
         LAUNCH_PDL=LAUNCH_PDL,
         launch_pdl=LAUNCH_PDL,
     )
@@ -2270,7 +2300,7 @@ def bn_train(x, x_stats, bn):
     return out
 
 
-def add(x, add):
+def add(x, add, out_layout=torch.channels_last):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = C_in
@@ -2280,7 +2310,7 @@ def add(x, add):
         (N, C_out, OH, OW),
         device=x.device,
         dtype=torch.float32,
-        memory_format=torch.channels_last,
+        memory_format=out_layout,
     )
     check_32bit_offsets(x, out)
     BLOCK_M = 64
@@ -2290,6 +2320,9 @@ def add(x, add):
     add_kernel[grid](
         x,
         out,
+        out.stride(0),
+        out.stride(1),
+        out.stride(3),
         N,
         OH,
         OW,
@@ -2298,6 +2331,7 @@ def add(x, add):
         C_out=C_out,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
+        ROWS_IN_ONE_IMAGE=OH * OW % BLOCK_M == 0,
         LAUNCH_PDL=LAUNCH_PDL,
         launch_pdl=LAUNCH_PDL,
     )
@@ -2520,8 +2554,10 @@ class ModelNew(nn.Module):
         else:
             identity = x
         # shufflenet_unit.fuse:14: out = out -> conv3: conv(mid_channels, out_channels, 1, groups=groups, bias=False) -> bn3: bn(out_channels) -> relu
-        x = conv1x1_grouped_bn_relu_add(out, self.conv3, self.bn3, identity)
-        return x.contiguous()
+        x = conv1x1_grouped_bn_relu_add(
+            out, self.conv3, self.bn3, identity, out_layout=torch.contiguous_format
+        )
+        return x
 
     def run_training_kernels(self, x):
         """Training mode: BatchNorm normalises with batch statistics in the next kernel's prologue."""
@@ -2545,8 +2581,8 @@ class ModelNew(nn.Module):
         else:
             identity = x
         # shufflenet_unit.fuse:19: return out -> add(identity)
-        x = add(out, identity)
-        return x.contiguous()
+        x = add(out, identity, out_layout=torch.contiguous_format)
+        return x
 
     def reference_forward(self, x):
         """The forward in torch ops, differentiated by backward; leaves running statistics alone."""

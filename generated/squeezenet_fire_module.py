@@ -53,7 +53,9 @@ def conv1x1_bias_relu_kernel(
     conv_weight_ptr,
     conv_bias_ptr,
     out_ptr,
-    out_row_stride,
+    out_stride_n,
+    out_stride_c,
+    out_stride_p,
     N,
     H,
     W,
@@ -66,6 +68,7 @@ def conv1x1_bias_relu_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROWS_IN_ONE_IMAGE: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -106,8 +109,15 @@ def conv1x1_bias_relu_kernel(
     acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     # epilogue: relu
     acc = tl.maximum(acc, 0.0)
+    if ROWS_IN_ONE_IMAGE:
+        image = pid_m * BLOCK_M // (OH * OW)
+        out_rows = image * out_stride_n + (offs_m - image * (OH * OW)) * out_stride_p
+    else:
+        out_rows = (
+            offs_m // (OH * OW) * out_stride_n + offs_m % (OH * OW) * out_stride_p
+        )
     tl.store(
-        out_ptr + offs_m[:, None] * out_row_stride + offs_n[None, :], acc, mask=mask
+        out_ptr + out_rows[:, None] + offs_n[None, :] * out_stride_c, acc, mask=mask
     )
 
 
@@ -120,7 +130,9 @@ def conv3x3_bias_relu_kernel(
     conv_weight_low_ptr,
     conv_bias_ptr,
     out_ptr,
-    out_row_stride,
+    out_stride_n,
+    out_stride_c,
+    out_stride_p,
     N,
     H,
     W,
@@ -144,6 +156,7 @@ def conv3x3_bias_relu_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROWS_IN_ONE_IMAGE: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -221,8 +234,15 @@ def conv3x3_bias_relu_kernel(
     acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     # epilogue: relu
     acc = tl.maximum(acc, 0.0)
+    if ROWS_IN_ONE_IMAGE:
+        image = pid_m * BLOCK_M // (OH * OW)
+        out_rows = image * out_stride_n + (offs_m - image * (OH * OW)) * out_stride_p
+    else:
+        out_rows = (
+            offs_m // (OH * OW) * out_stride_n + offs_m % (OH * OW) * out_stride_p
+        )
     tl.store(
-        out_ptr + offs_m[:, None] * out_row_stride + offs_n[None, :], acc, mask=mask
+        out_ptr + out_rows[:, None] + offs_n[None, :] * out_stride_c, acc, mask=mask
     )
 
 
@@ -384,9 +404,10 @@ def launch_pdl(x, grid):
 def concat_slice(into, N, C, H, W, device):
     """The channel slice that a launch stores its output, of shape (N, C, H, W), into: part `index` of
     the concatenation whose buffer is `into` = (buffer, index), a dict of the parts' channel counts and the
-    channels-last tensor, which the first launch into it makes at its batch and pixels. A part of another
-    shape is refused, as torch.cat refuses it. (torch.cat along channels without a copy: the launches that
-    make the parts store into their channel slices of one buffer.)"""
+    tensor, which the first launch into it makes at its batch and pixels: channels-last, or NCHW where the
+    dict's "layout" says so (the model's output). A part of another shape is refused, as torch.cat refuses
+    it. (torch.cat along channels without a copy: the launches that make the parts store into their channel
+    slices of one buffer.)"""
     buffer, index = into
     channels = buffer["channels"]
     if C != channels[index]:
@@ -395,8 +416,9 @@ def concat_slice(into, N, C, H, W, device):
         )
     if buffer["tensor"] is None:
         shape = (N, sum(channels), H, W)
+        layout = buffer.get("layout", torch.channels_last)
         buffer["tensor"] = torch.empty(
-            shape, device=device, dtype=torch.float32, memory_format=torch.channels_last
+            shape, device=device, dtype=torch.float32, memory_format=layout
         )
     tensor = buffer["tensor"]
     if (N, H, W) != (tensor.shape[0], *tensor.shape[2:]):
@@ -1002,7 +1024,7 @@ def replay_launch_plan(plan, x):
     return values[plan["output"]]
 
 
-def conv1x1_bias_relu(x, conv, into=None):
+def conv1x1_bias_relu(x, conv, out_layout=torch.channels_last, into=None):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
@@ -1022,7 +1044,7 @@ def conv1x1_bias_relu(x, conv, into=None):
             (N, C_out, OH, OW),
             device=x.device,
             dtype=torch.float32,
-            memory_format=torch.channels_last,
+            memory_format=out_layout,
         )
         if into is None
         else concat_slice(into, N, C_out, OH, OW, x.device)
@@ -1037,6 +1059,8 @@ def conv1x1_bias_relu(x, conv, into=None):
         dot_weight(conv, DOT_PRECISION).contiguous(),
         conv.bias,
         out,
+        out.stride(0),
+        out.stride(1),
         out.stride(3),
         N,
         H,
@@ -1050,13 +1074,14 @@ def conv1x1_bias_relu(x, conv, into=None):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        ROWS_IN_ONE_IMAGE=OH * OW % BLOCK_M == 0,
         LAUNCH_PDL=LAUNCH_PDL,
         launch_pdl=LAUNCH_PDL,
     )
     return out
 
 
-def conv3x3_bias_relu(x, conv, into=None):
+def conv3x3_bias_relu(x, conv, out_layout=torch.channels_last, into=None):
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
     if not (conv.groups == 1 and conv.bias is not None):
@@ -1070,7 +1095,7 @@ def conv3x3_bias_relu(x, conv, into=None):
             (N, C_out, OH, OW),
             device=x.device,
             dtype=torch.float32,
-            memory_format=torch.channels_last,
+            memory_format=out_layout,
         )
         if into is None
         else concat_slice(into, N, C_out, OH, OW, x.device)
@@ -1090,6 +1115,8 @@ def conv3x3_bias_relu(x, conv, into=None):
         dot_weight_low(conv, DOT_PRECISION),
         conv.bias,
         out,
+        out.stride(0),
+        out.stride(1),
         out.stride(3),
         N,
         H,
@@ -1114,6 +1141,7 @@ def conv3x3_bias_relu(x, conv, into=None):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        ROWS_IN_ONE_IMAGE=OH * OW % BLOCK_M == 0,
         LAUNCH_PDL=LAUNCH_PDL,
         num_warps=num_warps,
         num_stages=num_stages,
@@ -1234,14 +1262,15 @@ class ModelNew(nn.Module):
                 self.expand3x3.out_channels,
             ),
             "tensor": None,
-        }  # the launches into it make the tensor
+            "layout": torch.contiguous_format,
+        }
         # squeezenet_fire_module.fuse:9: e1 = x -> expand1x1: conv(squeeze_channels, expand1x1_channels, 1) -> relu
         e1 = conv1x1_bias_relu(x, self.expand1x1, into=(x_buffer, 0))
         # squeezenet_fire_module.fuse:10: e3 = x -> expand3x3: conv(squeeze_channels, expand3x3_channels, 3, padding=1) -> relu
         e3 = conv3x3_bias_relu(x, self.expand3x3, into=(x_buffer, 1))
         # squeezenet_fire_module.fuse:11: return cat(e1, e3)
         x = x_buffer["tensor"]
-        return x.contiguous()
+        return x
 
     def reference_forward(self, x):
         """The forward in torch ops, differentiated by backward; leaves running statistics alone."""

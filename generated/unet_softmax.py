@@ -484,6 +484,9 @@ def conv1x1_bias_kernel(
     conv_weight_ptr,
     conv_bias_ptr,
     out_ptr,
+    out_stride_n,
+    out_stride_c,
+    out_stride_p,
     N,
     H,
     W,
@@ -496,6 +499,7 @@ def conv1x1_bias_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROWS_IN_ONE_IMAGE: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -534,7 +538,16 @@ def conv1x1_bias_kernel(
         )
         acc = fp32_dot(a, b, acc, DOT_PRECISION)
     acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
+    if ROWS_IN_ONE_IMAGE:
+        image = pid_m * BLOCK_M // (OH * OW)
+        out_rows = image * out_stride_n + (offs_m - image * (OH * OW)) * out_stride_p
+    else:
+        out_rows = (
+            offs_m // (OH * OW) * out_stride_n + offs_m % (OH * OW) * out_stride_p
+        )
+    tl.store(
+        out_ptr + out_rows[:, None] + offs_n[None, :] * out_stride_c, acc, mask=mask
+    )
 
 
 # conv3x3_bias (training mode: with the output's batch statistics): one kernel, one store per output.
@@ -886,6 +899,9 @@ def conv1x1_bias_train_kernel(
     conv_weight_ptr,
     conv_bias_ptr,
     out_ptr,
+    out_stride_n,
+    out_stride_c,
+    out_stride_p,
     N,
     H,
     W,
@@ -898,6 +914,7 @@ def conv1x1_bias_train_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROWS_IN_ONE_IMAGE: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -936,7 +953,16 @@ def conv1x1_bias_train_kernel(
         )
         acc = fp32_dot(a, b, acc, DOT_PRECISION)
     acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
+    if ROWS_IN_ONE_IMAGE:
+        image = pid_m * BLOCK_M // (OH * OW)
+        out_rows = image * out_stride_n + (offs_m - image * (OH * OW)) * out_stride_p
+    else:
+        out_rows = (
+            offs_m // (OH * OW) * out_stride_n + offs_m % (OH * OW) * out_stride_p
+        )
+    tl.store(
+        out_ptr + out_rows[:, None] + offs_n[None, :] * out_stride_c, acc, mask=mask
+    )
 
 
 # Tiles first through last of a column of per-tile statistics (sum, squared deviations from the tile's
@@ -1273,9 +1299,10 @@ def launch_pdl(x, grid):
 def concat_slice(into, N, C, H, W, device):
     """The channel slice that a launch stores its output, of shape (N, C, H, W), into: part `index` of
     the concatenation whose buffer is `into` = (buffer, index), a dict of the parts' channel counts and the
-    channels-last tensor, which the first launch into it makes at its batch and pixels. A part of another
-    shape is refused, as torch.cat refuses it. (torch.cat along channels without a copy: the launches that
-    make the parts store into their channel slices of one buffer.)"""
+    tensor, which the first launch into it makes at its batch and pixels: channels-last, or NCHW where the
+    dict's "layout" says so (the model's output). A part of another shape is refused, as torch.cat refuses
+    it. (torch.cat along channels without a copy: the launches that make the parts store into their channel
+    slices of one buffer.)"""
     buffer, index = into
     channels = buffer["channels"]
     if C != channels[index]:
@@ -1284,8 +1311,9 @@ def concat_slice(into, N, C, H, W, device):
         )
     if buffer["tensor"] is None:
         shape = (N, sum(channels), H, W)
+        layout = buffer.get("layout", torch.channels_last)
         buffer["tensor"] = torch.empty(
-            shape, device=device, dtype=torch.float32, memory_format=torch.channels_last
+            shape, device=device, dtype=torch.float32, memory_format=layout
         )
     tensor = buffer["tensor"]
     if (N, H, W) != (tensor.shape[0], *tensor.shape[2:]):
@@ -2144,7 +2172,7 @@ def load(x, into=None):
     return out
 
 
-def conv1x1_bias(x, conv):
+def conv1x1_bias(x, conv, out_layout=torch.channels_last):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
@@ -2163,7 +2191,7 @@ def conv1x1_bias(x, conv):
         (N, C_out, OH, OW),
         device=x.device,
         dtype=torch.float32,
-        memory_format=torch.channels_last,
+        memory_format=out_layout,
     )
     check_32bit_offsets(x, out)
     DOT_PRECISION = dot_precision(x, conv)
@@ -2175,6 +2203,9 @@ def conv1x1_bias(x, conv):
         dot_weight(conv, DOT_PRECISION).contiguous(),
         conv.bias,
         out,
+        out.stride(0),
+        out.stride(1),
+        out.stride(3),
         N,
         H,
         W,
@@ -2187,6 +2218,7 @@ def conv1x1_bias(x, conv):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        ROWS_IN_ONE_IMAGE=OH * OW % BLOCK_M == 0,
         LAUNCH_PDL=LAUNCH_PDL,
         launch_pdl=LAUNCH_PDL,
     )
@@ -2370,7 +2402,7 @@ def conv_transpose2x2_bias_train(x, conv, into=None):
     return out
 
 
-def conv1x1_bias_train(x, conv):
+def conv1x1_bias_train(x, conv, out_layout=torch.channels_last):
     x = x.contiguous(memory_format=torch.channels_last)
     N, C_in, H, W = x.shape
     C_out = conv.out_channels
@@ -2389,7 +2421,7 @@ def conv1x1_bias_train(x, conv):
         (N, C_out, OH, OW),
         device=x.device,
         dtype=torch.float32,
-        memory_format=torch.channels_last,
+        memory_format=out_layout,
     )
     check_32bit_offsets(x, out)
     DOT_PRECISION = "tf32x3" if x.is_cuda else "ieee"
@@ -2401,6 +2433,9 @@ def conv1x1_bias_train(x, conv):
         dot_weight(conv, DOT_PRECISION).contiguous(),
         conv.bias,
         out,
+        out.stride(0),
+        out.stride(1),
+        out.stride(3),
         N,
         H,
         W,
@@ -2413,6 +2448,7 @@ def conv1x1_bias_train(x, conv):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        ROWS_IN_ONE_IMAGE=OH * OW % BLOCK_M == 0,
         LAUNCH_PDL=LAUNCH_PDL,
         launch_pdl=LAUNCH_PDL,
     )
@@ -2781,8 +2817,8 @@ class ModelNew(nn.Module):
         )
         x = softmax_width(x)
         # unet_softmax.fuse:36: return x -> final_conv: conv(features, out_channels, 1)
-        x = conv1x1_bias(x, self.final_conv)
-        return x.contiguous()
+        x = conv1x1_bias(x, self.final_conv, out_layout=torch.contiguous_format)
+        return x
 
     def run_training_kernels(self, x):
         """Training mode: BatchNorm normalises with batch statistics in the next kernel's prologue."""
@@ -2888,8 +2924,8 @@ class ModelNew(nn.Module):
         x, x_stats = conv3x3_bias_stats(x, self.decoder1.double_conv[3])
         x = bn_softmax_width_train(x, x_stats, self.decoder1.double_conv[4])
         # unet_softmax.fuse:36: return x -> final_conv: conv(features, out_channels, 1)
-        x = conv1x1_bias_train(x, self.final_conv)
-        return x.contiguous()
+        x = conv1x1_bias_train(x, self.final_conv, out_layout=torch.contiguous_format)
+        return x
 
     def reference_forward(self, x):
         """The forward in torch ops, differentiated by backward; leaves running statistics alone."""

@@ -161,32 +161,47 @@ def run_method(source: str, name: str = "run_kernels") -> str:
 
 def test_branch_kernels_store_into_one_buffer():
     """SqueezeNet's fire module: the buffer is made once, before the first expand's launch; each expand's
-    kernel stores into its slice (one tl.store, stepping through the buffer's rows); nothing concatenates
-    or copies after them; the part joined twice and the model's input are copied into their slices."""
+    kernel stores into its slice (one tl.store, stepping through the buffer's rows where a later kernel
+    reads the buffer, through its strides into an NCHW buffer where it is the model's output); nothing
+    concatenates or copies after them; the part joined twice and the model's input are copied into their
+    slices."""
     text = (
         "model Net()\ninput(2, 3, 5, 5)\nforward:\n"
         "    x = squeeze: conv(3, 4, 1) -> relu\n"
         "    e1 = x -> expand1x1: conv(4, 5, 1) -> relu\n"
         "    e3 = x -> expand3x3: conv(4, 7, 3, padding=1) -> relu\n"
-        "    return cat(e1, e3)\n"
+        "    y = cat(e1, e3)\n"
+        "    return y -> classifier: conv(12, 2, 1)\n"
     )
     source = load(text).SOURCE
     run = run_method(source)
-    assert run.count("x_buffer = {") == 1
-    assert run.index("x_buffer = {") < run.index("conv1x1_bias_relu(x, self.expand1x1")
-    assert "into=(x_buffer, 0)" in run and "into=(x_buffer, 1)" in run
+    assert run.count("y_buffer = {") == 1
+    assert run.index("y_buffer = {") < run.index("conv1x1_bias_relu(x, self.expand1x1")
+    assert "into=(y_buffer, 0)" in run and "into=(y_buffer, 1)" in run
     assert "torch.cat" not in run and "load(" not in run
     compact = re.sub(r",([)}])", r"\1", "".join(run.split()))  # as black may break the line or not
     assert '{"channels":(self.expand1x1.out_channels,self.expand3x3.out_channels),"tensor":None}' in compact
-    assert 'x = x_buffer["tensor"]' in run
+    assert 'y = y_buffer["tensor"]' in run
     for kernel in ("conv1x1_bias_relu_kernel", "conv3x3_bias_relu_kernel"):
         body = source.split(f"def {kernel}(")[1].split("\n\n\n")[0]
         assert body.count("tl.store(") == 1
         assert "tl.store(out_ptr+offs_m[:,None]*out_row_stride+offs_n[None,:],acc,mask=mask)" in "".join(body.split())
-    copied = load(text.replace("return cat(e1, e3)", "return cat(e3, x, e3)")).SOURCE
+    # the model's output: the buffer is NCHW, and each expand stores through its strides
+    output = load(
+        text.replace("    y = cat(e1, e3)\n    return y -> classifier: conv(12, 2, 1)\n", "    return cat(e1, e3)\n")
+    )
+    run = run_method(output.SOURCE)
+    compact = re.sub(r",([)}])", r"\1", "".join(run.split()))
+    assert '"tensor":None,"layout":torch.contiguous_format}' in compact and run.rstrip().endswith("return x")
+    for kernel in ("conv1x1_bias_relu_kernel", "conv3x3_bias_relu_kernel"):
+        body = "".join(output.SOURCE.split(f"def {kernel}(")[1].split("\n\n\n")[0].split())
+        assert "tl.store(out_ptr+out_rows[:,None]+offs_n[None,:]*out_stride_c,acc,mask=mask)" in body
+    copied = load(
+        text.replace("y = cat(e1, e3)", "y = cat(e3, x, e3)").replace("conv(12, 2, 1)", "conv(18, 2, 1)")
+    ).SOURCE
     run = run_method(copied)
-    assert "into=(x_buffer, 0)" in run and "load(x, into=(x_buffer, 1))" in run
-    assert "load(e3, into=(x_buffer, 2))" in run
+    assert "into=(y_buffer, 0)" in run and "load(x, into=(y_buffer, 1))" in run
+    assert "load(e3, into=(y_buffer, 2))" in run
 
 
 def test_a_part_of_another_shape_is_refused_at_run_time():

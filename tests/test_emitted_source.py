@@ -154,18 +154,24 @@ def test_forward_calls_only_wrappers_and_views(spec):
     # run_first_kernel and run_kernels_after_first where the first launch reads the input in any layout
     assert ("run_first_kernel" in methods) == ("run_kernels_after_first" in methods)
     for method in {"run_kernels", *(m.removeprefix("self.") for m in run_methods)} & methods.keys():
-        # a 4-d output is returned in torch's layout (the kernels write channels-last): one copy at the end
+        # a 4-d output is returned in torch's layout: stored so by its launches, or where a loop writes it
+        # (the kernels write channels-last), one copy at the end
         returned = [
             n.value for n in ast.walk(methods[method]) if isinstance(n, ast.Return) and isinstance(n.value, ast.Call)
         ]
         layout = {ast.unparse(r.func) for r in returned if ast.unparse(r.func).endswith(".contiguous")}
         # where several kernels read the input channels-last, one copy first serves them all
         body = [s for s in methods[method].body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
-        if ast.unparse(body[0]) == "x = x.contiguous(memory_format=torch.channels_last)":
-            body = body[1:]
+        body = [s for s in body if ast.unparse(s) != "x = x.contiguous(memory_format=torch.channels_last)"]
         for call in (n for s in body for n in ast.walk(s) if isinstance(n, ast.Call)):
             func = ast.unparse(call.func)
-            assert func in wrappers - {"replay_cuda_graph", "launch_forward", "run_launch_plan"} | {"x.flatten"} | run_methods | layout, func
+            assert (
+                func
+                in wrappers - {"replay_cuda_graph", "launch_forward", "run_launch_plan"}
+                | {"x.flatten"}
+                | run_methods
+                | layout
+            ), func
     forward_calls = {ast.unparse(n.func) for n in ast.walk(methods["forward"]) if isinstance(n, ast.Call)}
     assert forward_calls <= {
         "RuntimeError",
@@ -378,7 +384,8 @@ def test_a_global_pool_anchor_shares_its_windows_only_where_nothing_follows_it()
     text = ast.unparse(wrapper)
     assert "WINDOW_SLICE = window_slice(" in text and "window_slices_sum(partial, out, H * W)" in text
     followed = compile_spec(
-        "model P(c=4)\ninput(2, c, 5, 5)\nforward:\n    norm: bn(c) -> relu -> global_avgpool -> sigmoid\n", "specs/p.fuse"
+        "model P(c=4)\ninput(2, c, 5, 5)\nforward:\n    norm: bn(c) -> relu -> global_avgpool -> sigmoid\n",
+        "specs/p.fuse",
     )
     names = [k.name for k in kernels(followed)]
     assert "bn_relu_global_avgpool_sigmoid_train_kernel" in names
@@ -482,7 +489,10 @@ def test_the_stem_reads_the_nchw_input_without_a_copy(spec):
     assert all(f"x_stride_{d}" in loads for d in "nchw") and "C_in" not in loads
     wrapper = ast.unparse(wrapper_of(source, stem.name))
     assert "contiguous" not in wrapper
-    assert "BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(N * OH * OW, KH * KW * C_in, C_out, DOT_PRECISION)" in wrapper
+    assert (
+        "BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(N * OH * OW, KH * KW * C_in, C_out, DOT_PRECISION)"
+        in wrapper
+    )
     assert "num_warps=num_warps" in wrapper and "num_stages=num_stages" in wrapper
     assert "input_layout = torch.preserve_format" in source
 
@@ -602,3 +612,34 @@ def test_training_mode_splits_the_weights_of_kxk_convs_and_not_of_1x1_convs():
     kernel = ast.unparse(next(k for k in kernels(source) if k.name == "bn_relu_conv3x3_stats_train_kernel"))
     assert "tf32x3_split_dot(a, b, b_low, acc)" in kernel and "conv_weight_low_ptr +" in kernel
     assert "DOT_PRECISION = dot_precision(x, conv)" in wrappers["conv3x3_bn_relu"]
+
+
+def model_methods(source: str, *names: str) -> list[str]:
+    """ModelNew's methods of these names that it has, as source."""
+    (cls,) = [n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "ModelNew"]
+    return [ast.unparse(f) for f in cls.body if isinstance(f, ast.FunctionDef) and f.name in names]
+
+
+@pytest.mark.parametrize(
+    "spec, nchw",
+    [
+        ("resnet_basic_block.fuse", True),  # one launch stores the output
+        ("efficientnet_mbconv.fuse", True),  # a launch in each body of a branch
+        ("squeezenet_fire_module.fuse", True),  # a concatenation's parts, into one buffer
+        ("densenet121_dense_block.fuse", False),  # a loop's launches, which read the buffer channels-last
+    ],
+)
+def test_the_launches_that_store_the_model_output_store_it_in_torchs_layout(spec, nchw):
+    """Where no loop writes it, the model's 4-d output is stored NCHW by the launches that make it, through
+    its strides (Kernel.writes_model_output), and ModelNew returns it without a copy; a dense loop's buffer
+    is copied out of channels-last at the end, as before."""
+    source = SOURCES[spec]
+    for run in model_methods(source, "run_kernels", "run_training_kernels"):
+        assert run.endswith("return x.contiguous()") != nchw
+        asks = "out_layout=torch.contiguous_format" in run or "'layout': torch.contiguous_format" in run
+        assert asks == nchw
+    writers = [k for k in kernels(source) if "ROWS_IN_ONE_IMAGE" in [a.arg for a in k.args.args]]
+    assert bool(writers) == nchw
+    for kernel in writers:
+        (store,) = [ast.unparse(s.args[0]) for s in calls(kernel, "tl.store") if stored_pointer(s) == "out_ptr"]
+        assert store == "out_ptr + out_rows[:, None] + offs_n[None, :] * out_stride_c", kernel.name

@@ -75,11 +75,11 @@ def test_the_residual_add_runs_in_the_epilogue_of_the_last_conv():
     shortcut's value; the shortcut is computed before it."""
     source = compile_spec(BLOCK, "specs/block.fuse")
     run = run_kernels_source(source)
-    assert "conv3x3_bn_add_relu(out, self.conv2, self.bn2, identity)" in run
+    assert "conv3x3_bn_add_relu(out, self.conv2, self.bn2, identity, out_layout=torch.contiguous_format)" in run
     assert run.index("identity = conv1x1_bn(x") < run.index("conv3x3_bn_add_relu")
-    assert "def conv3x3_bn_add_relu(x, conv, bn, add)" in source
-    # a 4-d output comes back in torch's layout, as the reference's
-    assert run.rstrip().endswith(".contiguous()")
+    assert "def conv3x3_bn_add_relu(x, conv, bn, add, out_layout=torch.channels_last)" in source
+    # a 4-d output comes back in torch's layout, as the reference's: the last launch stores it so
+    assert run.rstrip().endswith("return x")
 
 
 def test_why_an_elementwise_line_is_not_fused():
@@ -459,3 +459,35 @@ def test_a_repeat_with_an_index_and_a_constant_count_is_inlined_per_index(widths
     x = torch.rand(2, 3, 7, 9, device=DEVICE)
     with torch.no_grad():
         assert rel_error(new(x), ref(x)) < TOLERANCE
+
+
+IDENTITY_OR_CONVS = """\
+model Net(c=8, p=True)
+input(2, c, 6, 6)
+
+forward:
+    let projects = p
+    y = x
+    if projects:
+        a = x -> m1: conv1x1(c, c) -> relu
+        b = x -> m2: conv1x1(c, c)
+        y = a -> add(b)
+    return y
+"""
+
+
+@pytest.mark.parametrize("projects", [True, False])
+def test_an_output_that_a_branch_may_pass_on_from_the_input_comes_back_in_torchs_layout(projects):
+    """Where a body returns the model's input as it is (here the run method's channels-last copy of it, which
+    two kernels read), the forward keeps its final copy to torch's layout, and the other body's launches store
+    channels-last: the output is contiguous either way."""
+    module = load_spec(IDENTITY_OR_CONVS, "test_graph_identity_or_convs")
+    run = run_kernels_source(module.SOURCE)
+    assert run.rstrip().endswith(".contiguous()") and "out_layout" not in run
+    torch.manual_seed(0)
+    model = module.ModelNew(8, projects).to(DEVICE).eval()
+    x = torch.randn(2, 8, 6, 6, device=DEVICE)
+    with torch.no_grad():
+        out, want = model(x), model.reference_forward(x)
+    assert out.is_contiguous(), out.stride()
+    assert rel_error(out, want) < TOLERANCE
