@@ -437,29 +437,38 @@ def capture_cuda_graph(model, entry, x):
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.current_stream()
-        captured = None
         # imported here: a generated file's top-level imports are the seeds' four
         import contextlib
 
+        failures = []
+
+        def keep_failure(kind, failure, traceback):
+            """An __exit__ that keeps a RuntimeError and suppresses it (a file with a try block is one that
+            KernelBench's checks reject)."""
+            if isinstance(failure, RuntimeError):
+                failures.append(failure)
+            return bool(failures)
+
         # A fallback to the same kernels launched directly, not to torch: see recover_from_failed_capture.
-        with contextlib.suppress(RuntimeError):
+        with contextlib.ExitStack() as failure_kept:
+            failure_kept.push(keep_failure)
             # torch.cuda.graph's default capture stream lives on whichever GPU first captured anything in
             # this process: capture on the stream of x's GPU instead. "thread_local": calls that capturing
             # forbids only in the capturing thread (cudaMalloc, say) may come from other threads meanwhile.
             with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
                 out = run(graph_x)
-            captured = graph, out
-        if captured is None:
-            recover_from_failed_capture(model, stream)
-    return captured
+        if failures:
+            recover_from_failed_capture(model, stream, failures[0])
+            return None
+    return graph, out
 
 
-def recover_from_failed_capture(model, stream):
-    """Leaves the process as it was before a capture that failed, and the model launching its kernels
-    directly from then on, saying so once. torch does not clean up after a capture that fails: the capture
-    stream stays current (torch.cuda.graph skips restoring the stream when capture_end raises), and the
-    CUDA generator stays in capture mode, so that every later random op on the GPU fails ("Offset
-    increment outside graph capture"); a capture that succeeds resets the generator."""
+def recover_from_failed_capture(model, stream, failure):
+    """Leaves the process as it was before a capture that failed with `failure`, and the model launching its
+    kernels directly from then on, saying so once and why. torch does not clean up after a capture that
+    fails: the capture stream stays current (torch.cuda.graph skips restoring the stream when capture_end
+    raises), and the CUDA generator stays in capture mode, so that every later random op on the GPU fails
+    ("Offset increment outside graph capture"); a capture that succeeds resets the generator."""
     torch.cuda.set_stream(stream)
     with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
         torch.empty(1, device=stream.device).zero_()
@@ -468,9 +477,11 @@ def recover_from_failed_capture(model, stream):
     model.cuda_graph_pools.clear()
     import warnings  # here: a generated file's top-level imports are the seeds' four
 
+    # torch's CUDA errors go on with advice on CUDA_LAUNCH_BLOCKING: their first line says what failed
+    reason = (str(failure).strip().splitlines() or [type(failure).__name__])[0]
     warnings.warn(
-        f"{type(model).__name__}: capturing the forward as a CUDA graph failed, so it launches its kernels"
-        " directly from now on (set use_cuda_graphs = True to try again)",
+        f"{type(model).__name__}: capturing the forward as a CUDA graph failed ({reason}), so it launches its"
+        " kernels directly from now on (set use_cuda_graphs = True to try again)",
         RuntimeWarning,
         stacklevel=4,
     )
