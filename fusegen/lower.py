@@ -365,7 +365,8 @@ def lower(kernel: Kernel) -> LoweredKernel:
     anchor: O.Anchor = kernel.anchor.op.lowering
     out_rank = anchor.out_rank
     pool_window = _window_names(kernel.pool)  # (height, width) names, or None
-    rows = ("N * PH * PW" if kernel.pool else "N * OH * OW") if out_rank == 4 else "N"
+    pixels = "PH * PW" if kernel.pool else "OH * OW"  # an image's output pixels (a 4-d output)
+    rows = f"N * {pixels}" if out_rank == 4 else "N"
     if kernel.producer_at_taps:
         loop = anchor.consume_taps(kernel.anchor.slot, _produced(kernel))
     elif kernel.producer:
@@ -415,7 +416,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
                 f"    {_store(channels, 'C_out', f'acc / ({anchor.window})')}",
             ]
         elif kernel.writes_model_output:
-            store = _store_through_strides(channels, "PH * PW" if kernel.pool else "OH * OW")
+            store = _store_through_strides(channels, pixels)
         else:
             store = [_store(channels, "out_row_stride" if kernel.writes_slice else "C_out")]
         frame = _frame(out_rank, loop, anchor.grouped, anchor.row_order, pooled=kernel.pools_input)
@@ -456,7 +457,6 @@ def lower(kernel: Kernel) -> LoweredKernel:
     rule = _tile_rule(kernel)
     blocks = [(b, b) for b in dict.fromkeys([*O.TILE_BLOCKS, *own_blocks, *(rule[1] if rule else ()), "SPLIT_K"])]
     if kernel.writes_model_output:  # _store_through_strides
-        pixels = "PH * PW" if kernel.pool else "OH * OW"
         blocks.append(("ROWS_IN_ONE_IMAGE", f"{pixels} % BLOCK_M == 0"))
     if pooled_frame or kernel.slices_windows:  # the window's slices (_pooled, Anchor.slice_loop)
         scalars.append(("WINDOW_SLICE", "WINDOW_SLICE"))

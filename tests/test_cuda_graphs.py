@@ -323,10 +323,8 @@ def test_only_a_large_input_skips_the_copy_into_the_graph():
     assert outside == {large.shape: True, small.shape: False}
 
 
-CAPTURED_METHODS = (
-    "run_kernels",
-    "run_kernels_after_first",
-)  # what a capture runs: all of it, or after the first launch
+# what a capture runs: all of it, or after the first launch
+CAPTURED_METHODS = ("run_kernels", "run_kernels_after_first")
 
 
 def forbidden_call_during_capture(model):
