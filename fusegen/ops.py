@@ -355,18 +355,20 @@ def _conv_loop(slot: str, prologue: PrologueHook) -> list[str]:
         "    inside = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)",
         f"    a = {_load_x(_x_strided_at('n[:, None]', 'ih', 'iw', 'ci[None, :]'), 'inside')}",
         *("    " + line for line in _where_inside(prologue("a", "ci", "mask_k", "inside"), "a", "inside")),
-        *("    " + line for line in _weight_dot(slot, "mask_k[:, None] & mask_n[None, :]")),
+        # dot_weight's (out, kh, kw, in) order is the K loop's: a K step's weights are a run of offs_k
+        *(
+            "    " + line
+            for line in _weight_dot(
+                slot, "offs_n[None, :] * (KH * KW * C_in) + offs_k[:, None]", "mask_k[:, None] & mask_n[None, :]"
+            )
+        ),
     ]
 
 
-def _weight_dot(slot: str, mask: str) -> list[str]:
-    """A KxK or transposed conv's K step: its weight tile (channels offs_n, taps kh and kw of input channels
-    ci, through the weight's strides) times the input tile `a`, into acc; for "tf32x3_split" with the
-    weight's low part (runtime.dot_weight_low) as well."""
-    offsets = (
-        f"offs_n[None, :] * {slot}_weight_stride_o"
-        f" + (ci * {slot}_weight_stride_i + kh * {slot}_weight_stride_h + kw * {slot}_weight_stride_w)[:, None]"
-    )
+def _weight_dot(slot: str, offsets: str, mask: str) -> list[str]:
+    """A KxK or transposed conv's K step: its weight tile (channels offs_n, at `offsets` into the weight)
+    times the input tile `a`, into acc; for "tf32x3_split" with the weight's low part
+    (runtime.dot_weight_low, in the same order) as well."""
     return [
         f"b = tl.load({slot}_weight_ptr + {offsets}, mask={mask}, other=0.0)",
         'if DOT_PRECISION == "tf32x3_split":',
@@ -617,11 +619,11 @@ def _load_loop(slot: str, prologue: PrologueHook) -> list[str]:
     ]
 
 
-def _weight(dims: str, value: str = "{m}.weight") -> tuple[KernelParam, ...]:
-    """The weight pointer and its strides: a module moved to channels_last has non-contiguous weights
-    (dot_weight keeps the strides)."""
+def _weight(dims: str) -> tuple[KernelParam, ...]:
+    """The module's weight pointer and its strides: a module moved to channels_last has non-contiguous
+    weights."""
     names = {"o": 0, "i": 1, "h": 2, "w": 3}
-    return (KernelParam("weight_ptr", value),) + tuple(
+    return (KernelParam("weight_ptr", "{m}.weight"),) + tuple(
         KernelParam(f"weight_stride_{d}", f"{{m}}.weight.stride({names[d]})") for d in dims
     )
 
@@ -646,7 +648,7 @@ _WINDOW = (
     KernelParam("STRIDE", "{m}.stride[0]", constexpr=True),
     KernelParam("PAD", "{m}.padding[0]", constexpr=True),
 )
-_CONV_PARAMS = (*_weight("oihw", _DOT_WEIGHT), _DOT_WEIGHT_LOW, *_WINDOW, _DOT_PRECISION)
+_CONV_PARAMS = (KernelParam("weight_ptr", _DOT_WEIGHT), _DOT_WEIGHT_LOW, *_WINDOW, _DOT_PRECISION)
 _DWCONV_PARAMS = (*_weight("ohw"), *_WINDOW)  # fp32 multiply-adds, no tl.dot
 _CONV_PIXELS = (
     "OH = (H + 2 * {m}.padding[0] - {m}.kernel_size[0]) // {m}.stride[0] + 1",
@@ -1188,8 +1190,16 @@ def _conv_transpose_loop(slot: str, prologue: PrologueHook) -> list[str]:
         "        inside = in_class[:, None] & tap_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)",
         f"        a = {_load_x(_x_strided_at('img[:, None]', 'ih', 'iw', 'ci[None, :]'), 'inside')}",
         *("        " + line for line in _where_inside(prologue("a", "ci", "mask_k", "inside"), "a", "inside")),
-        # the weight is [in, out, kh, kw]
-        *("        " + line for line in _weight_dot(slot, "tap_k[:, None] & mask_n[None, :]")),
+        # the weight is [in, out, kh, kw], read through its strides
+        *(
+            "        " + line
+            for line in _weight_dot(
+                slot,
+                f"offs_n[None, :] * {slot}_weight_stride_o"
+                f" + (ci * {slot}_weight_stride_i + kh * {slot}_weight_stride_h + kw * {slot}_weight_stride_w)[:, None]",
+                "tap_k[:, None] & mask_n[None, :]",
+            )
+        ),
     ]
 
 

@@ -62,10 +62,6 @@ def conv7x7_bias_relu_kernel(
     x_stride_c,
     x_stride_h,
     x_stride_w,
-    conv_weight_stride_o,
-    conv_weight_stride_i,
-    conv_weight_stride_h,
-    conv_weight_stride_w,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
     KH: tl.constexpr,
@@ -125,25 +121,15 @@ def conv7x7_bias_relu_kernel(
             other=0.0,
         ).to(tl.float32)
         b = tl.load(
-            conv_weight_ptr
-            + offs_n[None, :] * conv_weight_stride_o
-            + (
-                ci * conv_weight_stride_i
-                + kh * conv_weight_stride_h
-                + kw * conv_weight_stride_w
-            )[:, None],
+            conv_weight_ptr + offs_n[None, :] * (KH * KW * C_in) + offs_k[:, None],
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
         if DOT_PRECISION == "tf32x3_split":
             b_low = tl.load(
                 conv_weight_low_ptr
-                + offs_n[None, :] * conv_weight_stride_o
-                + (
-                    ci * conv_weight_stride_i
-                    + kh * conv_weight_stride_h
-                    + kw * conv_weight_stride_w
-                )[:, None],
+                + offs_n[None, :] * (KH * KW * C_in)
+                + offs_k[:, None],
                 mask=mask_k[:, None] & mask_n[None, :],
                 other=0.0,
             )
@@ -302,10 +288,6 @@ def conv3x3_bias_relu_kernel(
     x_stride_c,
     x_stride_h,
     x_stride_w,
-    conv_weight_stride_o,
-    conv_weight_stride_i,
-    conv_weight_stride_h,
-    conv_weight_stride_w,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
     KH: tl.constexpr,
@@ -365,25 +347,15 @@ def conv3x3_bias_relu_kernel(
             other=0.0,
         ).to(tl.float32)
         b = tl.load(
-            conv_weight_ptr
-            + offs_n[None, :] * conv_weight_stride_o
-            + (
-                ci * conv_weight_stride_i
-                + kh * conv_weight_stride_h
-                + kw * conv_weight_stride_w
-            )[:, None],
+            conv_weight_ptr + offs_n[None, :] * (KH * KW * C_in) + offs_k[:, None],
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
         if DOT_PRECISION == "tf32x3_split":
             b_low = tl.load(
                 conv_weight_low_ptr
-                + offs_n[None, :] * conv_weight_stride_o
-                + (
-                    ci * conv_weight_stride_i
-                    + kh * conv_weight_stride_h
-                    + kw * conv_weight_stride_w
-                )[:, None],
+                + offs_n[None, :] * (KH * KW * C_in)
+                + offs_k[:, None],
                 mask=mask_k[:, None] & mask_n[None, :],
                 other=0.0,
             )
@@ -537,8 +509,11 @@ def dot_precision(x, module):
 
 
 def dot_weight(module, precision):
-    """module.weight as fp32_dot's operand `b` at `precision`, with the weight's own strides, made once
-    per version of the weight. "tf32", and "tf32x3_split" (whose other part is dot_weight_low): rounded to
+    """module.weight as fp32_dot's operand `b` at `precision`, made once per version of the weight. A
+    Conv2d's comes in (out, kh, kw, in) order (channels_last), the order of the KxK conv's K loop, so a K
+    step's weights for an output channel are one contiguous run (with the weight's own NCHW order they lay
+    KH * KW floats apart: 3x3 convs of 64 to 512 channels ran 1.7-3.6x slower on an H100); other modules'
+    weights keep their strides. "tf32", and "tf32x3_split" (whose other part is dot_weight_low): rounded to
     the nearest TF32 values (ties away from zero). "fp16": rounded to float16, or None where that loses
     more than TF32 would: where the largest magnitude is above 2**15 (near float16's overflow) or below
     2**-8 (then the weights under 2**-14 that go subnormal lose more than 1/64 of the largest one's TF32
@@ -546,9 +521,13 @@ def dot_weight(module, precision):
     # in the wrapper, not per tile in the kernel: rounding each weight tile as it loads costs the GEMMs time
     if precision == "tf32x3_split":
         precision = "tf32"
-    if precision not in ("tf32", "fp16"):
-        return module.weight
-    return _weight_copy(module, precision)
+    if precision in ("tf32", "fp16"):
+        return _weight_copy(module, precision)
+    if _in_k_order(module) and not module.weight.is_contiguous(
+        memory_format=torch.channels_last
+    ):
+        return _weight_copy(module, "fp32")
+    return module.weight
 
 
 def dot_weight_low(module, precision):
@@ -561,8 +540,9 @@ def dot_weight_low(module, precision):
 
 
 def _weight_copy(module, kind):
-    """module.weight as `kind` ("tf32", "tf32_low" or "fp16"; see dot_weight), kept on the module until
-    the weight changes (in place or replaced)."""
+    """module.weight as `kind` ("tf32", "tf32_low", "fp16" or "fp32"; see dot_weight), in channels_last
+    order for a Conv2d, kept on the module until the weight changes (in place or replaced).
+    """
     weight = module.weight
     key = (weight.data_ptr(), weight._version, weight.device, weight.stride())
     cached = getattr(module, f"{kind}_weight", None)
@@ -572,13 +552,24 @@ def _weight_copy(module, kind):
             kind == "fp16"
         ):  # one sync per version of the weight, made before a CUDA graph's capture
             operand = w.half() if 2**-8 <= w.abs().amax().item() <= 2**15 else None
+        elif kind == "tf32":
+            operand = _tf32(w)
+        elif kind == "tf32_low":
+            operand = _tf32(w - _weight_copy(module, "tf32"))
         else:
-            operand = (
-                _tf32(w) if kind == "tf32" else _tf32(w - _weight_copy(module, "tf32"))
-            )
+            operand = w
+        if operand is not None and _in_k_order(module):
+            operand = operand.contiguous(memory_format=torch.channels_last)
         cached = (key, operand)
         setattr(module, f"{kind}_weight", cached)
     return cached[1]
+
+
+def _in_k_order(module):
+    """Whether dot_weight gives module's weight in (out, kh, kw, in) order: a conv's, not a transposed
+    conv's (whose K loop reads its (in, out, kh, kw) weight through the strides) or a linear layer's.
+    """
+    return module.weight.dim() == 4 and not module.transposed
 
 
 def _tf32(w):
@@ -1358,10 +1349,6 @@ def conv7x7_bias_relu(x, conv, out=None):
         x.stride(1),
         x.stride(2),
         x.stride(3),
-        conv.weight.stride(0),
-        conv.weight.stride(1),
-        conv.weight.stride(2),
-        conv.weight.stride(3),
         C_in=C_in,
         C_out=C_out,
         KH=KH,
@@ -1523,10 +1510,6 @@ def conv3x3_bias_relu(x, conv, into=None):
         x.stride(1),
         x.stride(2),
         x.stride(3),
-        conv.weight.stride(0),
-        conv.weight.stride(1),
-        conv.weight.stride(2),
-        conv.weight.stride(3),
         C_in=C_in,
         C_out=C_out,
         KH=KH,

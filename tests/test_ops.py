@@ -309,6 +309,32 @@ def test_dot_weight_rounds_once_per_version_of_the_weight():
     assert module.dot_weight(channels_last, "tf32").stride() == channels_last.weight.stride()
 
 
+def test_a_conv_weight_comes_in_the_k_loops_order():
+    """A Conv2d's dot_weight (and dot_weight_low) is (out, kh, kw, in) in memory, the KxK conv's K order, at
+    every precision, whatever the module's layout; made once per version; a weight already in that order is
+    taken as it is. A transposed conv's keeps its strides (its K loop reads them)."""
+    module = load_spec(spec_text((1, 8, 4, 4), ["op0: conv3x3(8, 16)"]), "dot_weight_order")
+    conv = nn.Conv2d(8, 16, 3, bias=False)
+    weight = conv.weight.detach().clone()
+    for precision in ("ieee", "tf32x3", "tf32", "tf32x3_split", "fp16"):
+        operand = module.dot_weight(conv, precision)
+        assert operand.is_contiguous(memory_format=torch.channels_last), precision
+        assert operand.dtype == (torch.float16 if precision == "fp16" else torch.float32)
+        assert torch.equal(operand, module.dot_weight(conv, precision)), precision
+    assert torch.equal(module.dot_weight(conv, "ieee"), weight)
+    assert module.dot_weight(conv, "ieee") is module.dot_weight(conv, "tf32x3")  # one copy, kept
+    assert torch.equal(module.dot_weight(conv, "tf32"), tf32_bits(weight, 0x1000))
+    assert module.dot_weight_low(conv, "tf32x3_split").is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        conv.weight.mul_(3.0)  # in place: a new version
+    assert torch.equal(module.dot_weight(conv, "ieee"), 3.0 * weight)
+    moved = nn.Conv2d(8, 16, 3, bias=False).to(memory_format=torch.channels_last)
+    assert module.dot_weight(moved, "ieee") is moved.weight
+    transposed = nn.ConvTranspose2d(8, 16, 2, stride=2)
+    assert module.dot_weight(transposed, "ieee") is transposed.weight
+    assert module.dot_weight(transposed, "tf32").stride() == transposed.weight.stride()
+
+
 def test_dot_weight_low_is_what_tf32_leaves_of_the_weight():
     """dot_weight_low(m, "tf32x3_split"): the weight less dot_weight's TF32 rounding (which "tf32x3_split"
     shares with "tf32"), itself a TF32 value, with the weight's strides, made once per version; other
