@@ -1975,21 +1975,30 @@ def gemm_tile(rows, C_in, C_out, precision):
 def conv_tile(rows, K, C_out, precision):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a KxK conv of `rows` output pixels whose
     implicit GEMM has K = KH * KW * C_in, swept on the stem (3x3, 3 -> 32, stride 2) and on eight convs
-    of AlexNet, VGG, SqueezeNet, DenseNet and the U-Net."""
+    of AlexNet, VGG, SqueezeNet, DenseNet and the U-Net; the single-product rule again (kxk microbenchmark)
+    once dot_weight gave the weight in K order."""
     block_n = min(64, max(16, next_power_of_2(C_out)))
     if K <= 32:
         # one K step (the stem's 27): nothing to pipeline, and 2 warps per 64 x 32 tile
         return 64, block_n, 32, 2, 1
-    # the programs of 128-row tiles, where 64 output channels fill the block (each weight tile then serves
-    # twice the rows)
-    tall_programs = cdiv(rows, 128) * cdiv(C_out, 64) if block_n == 64 else 0
-    # 128 rows where that leaves a wave of programs; a tf32x3 dot (three products per tile) keeps 64, as in
-    # gemm_tile
-    if precision not in ("tf32x3", "tf32x3_split") and tall_programs >= 128:
-        return 128, 64, 32, 4, 3
+    if precision not in ("tf32x3", "tf32x3_split"):
+        # With the weight in K order its tiles load as runs, and larger tiles pay: 128 output channels where
+        # that leaves half a wave of programs (H100, batch 10: 256 -> 256 @56 0.289 -> 0.191 ms, 512 -> 512
+        # @14 0.199 -> 0.175), else 128 rows where those leave it (256 -> 256 @14 0.115 -> 0.073). 128 x 128
+        # in 3 stages, a BatchNorm prologue's tile included, takes 83 KB of a 4090's 99 (compiled for sm_89).
+        if C_out >= 128 and cdiv(rows, 128) * cdiv(C_out, 128) >= 64:
+            return 128, 128, 32, 4, 3
+        if cdiv(rows, 128) * cdiv(C_out, block_n) >= 64:
+            return 128, block_n, 32, 4, 3
+        return 64, block_n, 32, 4, 3
     # the split weight's three products: 128 rows on 8 warps from half a wave of programs, in two stages,
-    # since a BatchNorm prologue's input tile takes shared memory of its own (swept on an H100)
-    if precision == "tf32x3_split" and tall_programs >= 64:
+    # since a BatchNorm prologue's input tile takes shared memory of its own (swept on an H100); a tf32x3 dot
+    # (three products per tile) keeps 64, as in gemm_tile
+    if (
+        precision == "tf32x3_split"
+        and block_n == 64
+        and cdiv(rows, 128) * cdiv(C_out, 64) >= 64
+    ):
         return 128, 64, 32, 8, 2
     return 64, block_n, 32, 4, 3
 

@@ -1292,16 +1292,17 @@ forward:
 
 @pytest.mark.skipif(ON_GPU, reason="on the GPU the KernelBench nets run these tiles at their own shapes")
 @pytest.mark.parametrize("training", [False, True])
-def test_kxk_convs_compute_alike_in_tiles_of_128_rows(training):
-    """conv_tile gives 128 rows only to grids of 128 programs or more, which the nets' CPU cases never reach:
-    forced here, every KxK anchor (epilogues, a residual, a prologue, a transposed conv) computes what it
-    computes in 64-row tiles."""
+@pytest.mark.parametrize("block_n", [64, 128])
+def test_kxk_convs_compute_alike_in_tiles_of_128_rows(training, block_n):
+    """conv_tile gives 128 rows (and 128 channels) only to grids of 64 programs or more, which the nets' CPU
+    cases never reach: forced here, every KxK anchor (epilogues, a residual, a prologue, a transposed conv)
+    computes what it computes in 64-row tiles."""
     module = load_spec(TILE_SPEC, "tiles_128")
     tiles = []
 
     def conv_tile(rows, K, C_out, precision):
         tiles.append(K)
-        return 128, 64, 32, 4, 3 if K > 32 else 1
+        return 128, block_n, 32, 4, 3 if K > 32 else 1
 
     module.conv_tile = conv_tile
     torch.manual_seed(0)
