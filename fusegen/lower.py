@@ -10,8 +10,8 @@ pixels of that pixel's window (or of a slice of it, where programs share the win
 whose tiles it sums before the one store; except where the pool runs on
 the anchor's input (a 1x1 conv then an average pool, `Kernel.pools_input`): the ordinary frame over the
 pooled pixels, each input tile the mean of its window. An anchor that splits K
-(`Anchor.split_k_finish`) lowers to two kernels in the same frame: one stores each slice of K's
-partial sums, the other adds them and runs the epilogue. Kernel parameters appear only when the body
+(`Anchor.split_k_loop`) lowers to two kernels in the same frame: one stores each slice of K's partial
+sums, the other adds them and runs the epilogue, or runs the whole K loop itself where K has one slice. Kernel parameters appear only when the body
 uses them, so no kernel has a dead parameter.
 """
 
@@ -216,7 +216,7 @@ def _pooled(tile: list[str], height: str, width: str) -> list[str]:
 # Split K: the first kernel's program axis 1 is its slice of K, whose partial sums it stores in a
 # [SPLIT_K, rows, C_out] tensor; the second adds them up.
 _SLICE = [
-    "# this program's slice of K (program axis 1): K_SLICE input channels from split * K_SLICE",
+    "# this program's slice of K (program axis 1): K_SLICE of its products from split * K_SLICE",
     "split = tl.program_id(1)",
 ]
 
@@ -361,6 +361,17 @@ def _launch(
     ]
 
 
+def _splits_k(kernel: Kernel) -> bool:
+    """Whether the kernel's anchor may split K (Anchor.split_k_loop): its own loop on its own input, the
+    tile its frame's, no pool in it."""
+    anchor: O.Anchor = kernel.anchor.op.lowering
+    return (
+        anchor.split_k_loop is not None
+        and not (kernel.producer or kernel.producer_at_taps or kernel.pool or kernel.pools_input)
+        and not (kernel.stats_only or kernel.slices_windows or kernel.sums_windows)
+    )
+
+
 def lower(kernel: Kernel) -> LoweredKernel:
     anchor: O.Anchor = kernel.anchor.op.lowering
     out_rank = anchor.out_rank
@@ -379,16 +390,23 @@ def lower(kernel: Kernel) -> LoweredKernel:
         loop = anchor.slice_loop(kernel.anchor.slot, _prologue_hook(kernel.prologue))
     else:
         loop = anchor.loop(kernel.anchor.slot, _prologue_hook(kernel.prologue))
-    # split K: a first kernel (`slices`) runs the loop over each slice of K, this one adds their sums
-    split_k = anchor.split_k_finish is not None
+    # split K: a first kernel (`slices`) runs the loop over each slice of K, and where there is more than one
+    # slice this one adds their sums
+    split_k = _splits_k(kernel)
     slices = []
     if split_k:
-        assert not kernel.producer and not kernel.pool, "split K: an anchor with neither producer nor pool"
-        slices = [*_frame(out_rank, loop), *_SLICE, f"# anchor: {kernel.anchor.op.summary}, over one slice of K", *loop]
+        slice_loop = anchor.split_k_loop(kernel.anchor.slot, _prologue_hook(kernel.prologue))
+        slices = [*_frame(out_rank, slice_loop), *_SLICE]
+        slices += [f"# anchor: {kernel.anchor.op.summary}, over one slice of K", *slice_loop]
         slices.append(f"tl.store({_partial_offsets(rows)}, acc, mask=mask)")
-        loop = [*_sum_slices(rows), *anchor.split_k_finish(kernel.anchor.slot)]
+        loop = [
+            "if SPLIT_K == 1:  # K in one slice: the whole loop here",
+            *(INDENT + line for line in loop),
+            "else:  # the sum of the slices' partial sums",
+            *(INDENT + line for line in [*_sum_slices(rows), *anchor.split_k_finish(kernel.anchor.slot)]),
+        ]
     summary = "the input tile, where it lies" if kernel.stats_only else kernel.anchor.op.summary
-    tile = [f"# anchor: {summary}" + (", the sum of its slices of K" if split_k else ""), *loop]
+    tile = [f"# anchor: {summary}" + (", or the sum of its slices of K" if split_k else ""), *loop]
     channels = "offs_n"  # the output channels of the tile's columns: a channel map moves them
     for f in kernel.epilogue:
         if isinstance(f.op.lowering, O.ChannelMap):
@@ -455,7 +473,8 @@ def lower(kernel: Kernel) -> LoweredKernel:
     window = [(_param_name(pool, p, is_anchor=False), p.value.format(m=pool.slot)) for p in pool.params] if pool else []
     channels = [(d, d) for d in _CHANNELS]
     rule = _tile_rule(kernel)
-    blocks = [(b, b) for b in dict.fromkeys([*O.TILE_BLOCKS, *own_blocks, *(rule[1] if rule else ()), "SPLIT_K"])]
+    blocks = [(b, b) for b in dict.fromkeys([*O.TILE_BLOCKS, *own_blocks, *(rule[1] if rule else ()), "K_SLICE"])]
+    blocks.append(("SPLIT_K", "SPLIT_K"))
     if kernel.writes_model_output:  # _store_through_strides
         blocks.append(("ROWS_IN_ONE_IMAGE", f"{pixels} % BLOCK_M == 0"))
     if pooled_frame or kernel.slices_windows:  # the window's slices (_pooled, Anchor.slice_loop)
@@ -575,13 +594,24 @@ def lower(kernel: Kernel) -> LoweredKernel:
     options = rule[2] if rule else ()
     wrapper += [INDENT + line for line in setup]
     if split_k:
+        depth = anchor.split_k_depth
+        wrapper.append(
+            INDENT + "# split K: a program for each slice of K_SLICE of a tile's products, where the tiles alone"
+        )
+        wrapper.append(
+            INDENT + "# would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them"
+        )
+        if "K_SLICE" not in (rule[1] if rule else ()):
+            wrapper.append(INDENT + f"K_SLICE = k_slice(tiles, {depth}, BLOCK_K)")
         wrapper += [
-            INDENT + "# split K: a program for each slice of K_SLICE input channels of a tile",
-            INDENT + "SPLIT_K = cdiv(C_in, K_SLICE)",
-            INDENT + f"partial = torch.empty((SPLIT_K, {rows}, C_out), device=x.device, dtype=torch.float32)",
-            INDENT + "slices_grid = (tiles, SPLIT_K)",
+            INDENT + f"SPLIT_K = cdiv({depth}, K_SLICE)",
+            INDENT
+            + "partial = out if SPLIT_K == 1 else "
+            + f"torch.empty((SPLIT_K, {rows}, C_out), device=x.device, dtype=torch.float32)",
+            INDENT + "if SPLIT_K > 1:",
+            INDENT * 2 + "slices_grid = (tiles, SPLIT_K)",
             *(
-                INDENT + line
+                INDENT * 2 + line
                 for line in _launch(f"{kernel.name}_slices_kernel", "slices_grid", slices, positional, keyword, options)
             ),
         ]

@@ -80,6 +80,11 @@ class PrologueHook:
         return self.apply(tile, channels, channel_mask, inside)
 
 
+def _no_lines(slot: str) -> list[str]:
+    """Kernel lines for nothing (an anchor with nothing to add after its split K's sum)."""
+    return []
+
+
 @dataclass(frozen=True)
 class Anchor:
     """How an anchor op lowers. The kernel's anchor names its constexpr params bare (KH); a producer's
@@ -152,11 +157,16 @@ class Anchor:
     # Its loop loads each input tile at `prologue.source(channels)`, so a channel map may stand in its
     # prologue (channel_shuffle -> conv1x1: the shuffle costs no kernel and no pass over memory).
     maps_channels: bool = False
-    # Split K (linear, whose few rows at batch 10 leave most SMs idle): `loop` sums one slice of the input
-    # channels, K_SLICE from split * K_SLICE (`split`: program axis 1; the tile rule sets K_SLICE), and a
-    # first kernel stores each slice's sums. A second adds them in slice order, then runs these lines on
-    # `acc` (the bias) and the rest of the chain. None: one kernel, the whole K loop.
-    split_k_finish: Callable[[str], list[str]] | None = None
+    # Split K, for launches whose output tiles alone would leave most SMs idle (a linear layer at batch 10,
+    # a 3x3 conv on 7x7 pixels): kernel lines as `loop` that sum one slice of the `split_k_depth` products
+    # that `loop` sums (a wrapper expression), K_SLICE of them from split * K_SLICE (`split`: program axis
+    # 1), and leave out what follows the sum (`split_k_finish`: the bias). K_SLICE comes from the tile rule
+    # where its blocks name it, else from runtime.k_slice. With more than one slice, a first kernel stores
+    # each slice's sums and the kernel adds them in slice order, then runs split_k_finish on `acc`; with
+    # one, it runs `loop`. None: the whole K loop in one kernel, always.
+    split_k_loop: Callable[[str, PrologueHook], list[str]] | None = None
+    split_k_finish: Callable[[str], list[str]] = _no_lines
+    split_k_depth: str = "C_in"
     # A pool whose every output sums a window of `window` input pixels (a global pool: H * W, the wrapper's
     # expression): kernel lines as `loop` that sum only this program's slice of the window, WINDOW_SLICE
     # pixels from split * WINDOW_SLICE (`split`: program axis 1), and leave the sum, not the mean, in `acc`.
@@ -340,11 +350,13 @@ def _x_strided_at(n: str, ih: str, iw: str, ch: str) -> str:
     return f"x_ptr + {n} * x_stride_n + {ch} * x_stride_c + {ih} * x_stride_h + {iw} * x_stride_w"
 
 
-def _conv_loop(slot: str, prologue: PrologueHook) -> list[str]:
+def _conv_loop(slot: str, prologue: PrologueHook, k_slice: bool = False) -> list[str]:
+    """A KxK conv's implicit GEMM; with k_slice, over the program's slice of K only (split K)."""
+    k_range = "split * K_SLICE, (split + 1) * K_SLICE" if k_slice else "0, KH * KW * C_in"
     return [
         "# implicit GEMM: K runs over (kh, kw, input channel), channels fastest (as a channels-last input lies)",
         "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
-        "for k0 in range(0, KH * KW * C_in, BLOCK_K):",
+        f"for k0 in range({k_range}, BLOCK_K):",
         "    offs_k = k0 + tl.arange(0, BLOCK_K)",
         "    mask_k = offs_k < KH * KW * C_in",
         "    kh = offs_k // (KW * C_in)",
@@ -666,6 +678,10 @@ def _bias_words(bias: bool) -> str:
     return "with bias" if bias else "no bias"
 
 
+def _conv_slice_loop(slot: str, prologue: PrologueHook) -> list[str]:
+    return _conv_loop(slot, prologue, k_slice=True)
+
+
 def _conv_anchor(k: int, bias: bool, guard: tuple[str, ...] = ()) -> Anchor:
     """A KxK conv's implicit GEMM; `guard`: wrapper lines that refuse a module it cannot compute."""
     return Anchor(
@@ -679,6 +695,10 @@ def _conv_anchor(k: int, bias: bool, guard: tuple[str, ...] = ()) -> Anchor:
         # its K loop gathers single channels of KH x KW pixels whatever the layout: reading the model's
         # NCHW input as it is saves the stem a layout copy
         strided_input=True,
+        # DenseNet's 3x3 convs to 32 channels on 7x7 pixels at batch 10: 8 tiles of K up to 17,000
+        split_k_loop=_conv_slice_loop,
+        split_k_finish=_add_bias if bias else _no_lines,
+        split_k_depth="KH * KW * C_in",
     )
 
 
@@ -1677,10 +1697,11 @@ FIXED_OPS = {
                 (_GEMM_WEIGHT, KernelParam("bias_ptr", "{m}.bias"), _DOT_PRECISION),
                 "{m}.out_features",
                 (),
-                _gemm_loop("n", k_slice=True),
+                _then_bias(_gemm_loop("n"), True),
                 "each of its outputs reads every input feature of a row, but a program of this kernel holds only BLOCK_N of them",
                 tile="linear_tile(N, C_in, C_out)",
                 tile_blocks=("BLOCK_M", "BLOCK_N", "BLOCK_K", "K_SLICE"),
+                split_k_loop=_gemm_loop("n", k_slice=True),
                 split_k_finish=_add_bias,
                 # the classifier's input error lands on the output unfiltered: EfficientNetB1's error was
                 # 1.4e-4 with float16 features, 7.1e-5 with float32 ones (CPU, 2x3x37x45); they are a few KB

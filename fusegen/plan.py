@@ -248,13 +248,11 @@ def is_concat(chain: Chain) -> bool:
 
 def _writes_slice(group: _Group) -> bool:
     """Whether a launch can store its output into a channel slice of another buffer: its frame's one store
-    of a 4-d tile (a pool's frame, split K or a view store otherwise)."""
-    anchor = group.anchor.op.lowering if group.anchor else None
+    of a 4-d tile (a pool's frame or a view store otherwise)."""
     return (
         (group.pool is None or pools_input(group.anchor, group.producer, group.epilogue, group.pool))
         and group.view is None
         and len(group.output.shape) == 4
-        and (anchor is None or anchor.split_k_finish is None)
     )
 
 

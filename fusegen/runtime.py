@@ -263,6 +263,17 @@ def linear_tile(N, C_in, C_out):
     return block_m, block_n, block_k, 4 * block_k
 
 
+def k_slice(programs, depth, block_k):
+    """For a GEMM launch of `programs` output tiles whose K loop sums `depth` products in steps of block_k:
+    how many of them one program sums (a multiple of block_k). A launch of 256 programs or more sums the
+    whole K in each; a smaller one cuts K into up to cdiv(256, programs) slices of at least 8 steps (the
+    last slice holds what is left), each summed by programs of their own (split K): DenseNet's 3x3 convs to
+    32 channels on 7x7 pixels at batch 10 are 8 tiles of up to 530 steps."""
+    steps = cdiv(depth, block_k)
+    splits = max(1, min(cdiv(256, programs), steps // 8))
+    return cdiv(steps, splits) * block_k
+
+
 def window_slice(programs, window, block_m):
     """For a kernel that a pool ends, of `programs` programs (pooled pixels x channel blocks) over
     `window`-pixel pooling windows in tiles of block_m pixels: how many pixels of a window one program sums

@@ -44,18 +44,14 @@ def tf32x3_split_dot(a, b, b_low, acc):
     return acc + tl.dot(a_high, b, small, input_precision="tf32")
 
 
-# conv3x3 -> bn -> relu: one kernel, one store.
+# conv3x3 over slices of K: each slice's partial sums, for conv3x3_bn_relu_kernel to add.
 # resnet_basic_block.fuse:7: out = conv1: conv3x3(in_channels, out_channels, stride) -> bn1: bn(out_channels) -> relu
 @triton.jit
-def conv3x3_bn_relu_kernel(
+def conv3x3_bn_relu_slices_kernel(
     x_ptr,
     conv_weight_ptr,
     conv_weight_low_ptr,
-    bn_weight_ptr,
-    bn_bias_ptr,
-    bn_mean_ptr,
-    bn_var_ptr,
-    out_ptr,
+    partial_ptr,
     N,
     H,
     W,
@@ -65,7 +61,6 @@ def conv3x3_bn_relu_kernel(
     x_stride_c,
     x_stride_h,
     x_stride_w,
-    bn_eps,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
     KH: tl.constexpr,
@@ -76,6 +71,7 @@ def conv3x3_bn_relu_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    K_SLICE: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -96,10 +92,12 @@ def conv3x3_bn_relu_kernel(
     n = offs_m // (OH * OW)
     oh = offs_m // OW % OH
     ow = offs_m % OW
-    # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot)
+    # this program's slice of K (program axis 1): K_SLICE of its products from split * K_SLICE
+    split = tl.program_id(1)
+    # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot), over one slice of K
     # implicit GEMM: K runs over (kh, kw, input channel), channels fastest (as a channels-last input lies)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, KH * KW * C_in, BLOCK_K):
+    for k0 in range(split * K_SLICE, (split + 1) * K_SLICE, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < KH * KW * C_in
         kh = offs_k // (KW * C_in)
@@ -140,6 +138,127 @@ def conv3x3_bn_relu_kernel(
             acc = tf32x3_split_dot(a, b, b_low, acc)
         else:
             acc = fp32_dot(a, b, acc, DOT_PRECISION)
+    tl.store(
+        partial_ptr
+        + split * N * OH * OW * C_out
+        + offs_m[:, None] * C_out
+        + offs_n[None, :],
+        acc,
+        mask=mask,
+    )
+
+
+# conv3x3 -> bn -> relu (adding up conv3x3_bn_relu_slices_kernel's partial sums first): one kernel, one store.
+# resnet_basic_block.fuse:7: out = conv1: conv3x3(in_channels, out_channels, stride) -> bn1: bn(out_channels) -> relu
+@triton.jit
+def conv3x3_bn_relu_kernel(
+    x_ptr,
+    conv_weight_ptr,
+    conv_weight_low_ptr,
+    bn_weight_ptr,
+    bn_bias_ptr,
+    bn_mean_ptr,
+    bn_var_ptr,
+    partial_ptr,
+    out_ptr,
+    N,
+    H,
+    W,
+    OH,
+    OW,
+    x_stride_n,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    bn_eps,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE: tl.constexpr,
+    PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    LAUNCH_PDL: tl.constexpr,
+):
+    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
+    if LAUNCH_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
+    # and the tile stays in registers until the one store.
+    # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
+    # channel blocks reads its input rows from DRAM once
+    pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
+    pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < N * OH * OW
+    mask_n = offs_n < C_out
+    mask = mask_m[:, None] & mask_n[None, :]
+    n = offs_m // (OH * OW)
+    oh = offs_m // OW % OH
+    ow = offs_m % OW
+    # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot), or the sum of its slices of K
+    if SPLIT_K == 1:  # K in one slice: the whole loop here
+        # implicit GEMM: K runs over (kh, kw, input channel), channels fastest (as a channels-last input lies)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, KH * KW * C_in, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < KH * KW * C_in
+            kh = offs_k // (KW * C_in)
+            kw = offs_k // C_in % KW
+            ci = offs_k % C_in
+            ih = oh[:, None] * STRIDE - PAD + kh[None, :]
+            iw = ow[:, None] * STRIDE - PAD + kw[None, :]
+            inside = (
+                mask_m[:, None]
+                & mask_k[None, :]
+                & (ih >= 0)
+                & (ih < H)
+                & (iw >= 0)
+                & (iw < W)
+            )
+            a = tl.load(
+                x_ptr
+                + n[:, None] * x_stride_n
+                + ci[None, :] * x_stride_c
+                + ih * x_stride_h
+                + iw * x_stride_w,
+                mask=inside,
+                other=0.0,
+            ).to(tl.float32)
+            b = tl.load(
+                conv_weight_ptr + offs_n[None, :] * (KH * KW * C_in) + offs_k[:, None],
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            if DOT_PRECISION == "tf32x3_split":
+                b_low = tl.load(
+                    conv_weight_low_ptr
+                    + offs_n[None, :] * (KH * KW * C_in)
+                    + offs_k[:, None],
+                    mask=mask_k[:, None] & mask_n[None, :],
+                    other=0.0,
+                )
+                acc = tf32x3_split_dot(a, b, b_low, acc)
+            else:
+                acc = fp32_dot(a, b, acc, DOT_PRECISION)
+    else:  # the sum of the slices' partial sums
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # in slice order, so that every call adds them the same way (a CUDA graph replay equals a direct run)
+        for split in tl.static_range(SPLIT_K):
+            acc += tl.load(
+                partial_ptr
+                + split * N * OH * OW * C_out
+                + offs_m[:, None] * C_out
+                + offs_n[None, :],
+                mask=mask,
+                other=0.0,
+            )
     # epilogue: bn
     bn_scale = tl.load(bn_weight_ptr + offs_n, mask=mask_n, other=0.0) * tl.rsqrt(
         tl.load(bn_var_ptr + offs_n, mask=mask_n, other=1.0) + bn_eps
@@ -227,22 +346,15 @@ def conv1x1_bn_kernel(
     tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
-# conv3x3 -> bn -> add -> relu: one kernel, one store.
+# conv3x3 over slices of K: each slice's partial sums, for conv3x3_bn_add_relu_kernel to add.
 # resnet_basic_block.fuse:8: out = out -> conv2: conv3x3(out_channels, out_channels) -> bn2: bn(out_channels)
 # resnet_basic_block.fuse:11: return out -> add(identity) -> relu
 @triton.jit
-def conv3x3_bn_add_relu_kernel(
+def conv3x3_bn_add_relu_slices_kernel(
     x_ptr,
     conv_weight_ptr,
     conv_weight_low_ptr,
-    bn_weight_ptr,
-    bn_bias_ptr,
-    bn_mean_ptr,
-    bn_var_ptr,
-    out_ptr,
-    out_stride_n,
-    out_stride_c,
-    out_stride_p,
+    partial_ptr,
     N,
     H,
     W,
@@ -252,8 +364,6 @@ def conv3x3_bn_add_relu_kernel(
     x_stride_c,
     x_stride_h,
     x_stride_w,
-    bn_eps,
-    add_ptr,
     C_in: tl.constexpr,
     C_out: tl.constexpr,
     KH: tl.constexpr,
@@ -264,7 +374,7 @@ def conv3x3_bn_add_relu_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    ROWS_IN_ONE_IMAGE: tl.constexpr,
+    K_SLICE: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -285,10 +395,12 @@ def conv3x3_bn_add_relu_kernel(
     n = offs_m // (OH * OW)
     oh = offs_m // OW % OH
     ow = offs_m % OW
-    # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot)
+    # this program's slice of K (program axis 1): K_SLICE of its products from split * K_SLICE
+    split = tl.program_id(1)
+    # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot), over one slice of K
     # implicit GEMM: K runs over (kh, kw, input channel), channels fastest (as a channels-last input lies)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, KH * KW * C_in, BLOCK_K):
+    for k0 in range(split * K_SLICE, (split + 1) * K_SLICE, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < KH * KW * C_in
         kh = offs_k // (KW * C_in)
@@ -329,6 +441,133 @@ def conv3x3_bn_add_relu_kernel(
             acc = tf32x3_split_dot(a, b, b_low, acc)
         else:
             acc = fp32_dot(a, b, acc, DOT_PRECISION)
+    tl.store(
+        partial_ptr
+        + split * N * OH * OW * C_out
+        + offs_m[:, None] * C_out
+        + offs_n[None, :],
+        acc,
+        mask=mask,
+    )
+
+
+# conv3x3 -> bn -> add -> relu (adding up conv3x3_bn_add_relu_slices_kernel's partial sums first): one kernel, one store.
+# resnet_basic_block.fuse:8: out = out -> conv2: conv3x3(out_channels, out_channels) -> bn2: bn(out_channels)
+# resnet_basic_block.fuse:11: return out -> add(identity) -> relu
+@triton.jit
+def conv3x3_bn_add_relu_kernel(
+    x_ptr,
+    conv_weight_ptr,
+    conv_weight_low_ptr,
+    bn_weight_ptr,
+    bn_bias_ptr,
+    bn_mean_ptr,
+    bn_var_ptr,
+    partial_ptr,
+    out_ptr,
+    out_stride_n,
+    out_stride_c,
+    out_stride_p,
+    N,
+    H,
+    W,
+    OH,
+    OW,
+    x_stride_n,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    bn_eps,
+    add_ptr,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE: tl.constexpr,
+    PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    ROWS_IN_ONE_IMAGE: tl.constexpr,
+    LAUNCH_PDL: tl.constexpr,
+):
+    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
+    if LAUNCH_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
+    # and the tile stays in registers until the one store.
+    # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
+    # channel blocks reads its input rows from DRAM once
+    pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
+    pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < N * OH * OW
+    mask_n = offs_n < C_out
+    mask = mask_m[:, None] & mask_n[None, :]
+    n = offs_m // (OH * OW)
+    oh = offs_m // OW % OH
+    ow = offs_m % OW
+    # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot), or the sum of its slices of K
+    if SPLIT_K == 1:  # K in one slice: the whole loop here
+        # implicit GEMM: K runs over (kh, kw, input channel), channels fastest (as a channels-last input lies)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, KH * KW * C_in, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < KH * KW * C_in
+            kh = offs_k // (KW * C_in)
+            kw = offs_k // C_in % KW
+            ci = offs_k % C_in
+            ih = oh[:, None] * STRIDE - PAD + kh[None, :]
+            iw = ow[:, None] * STRIDE - PAD + kw[None, :]
+            inside = (
+                mask_m[:, None]
+                & mask_k[None, :]
+                & (ih >= 0)
+                & (ih < H)
+                & (iw >= 0)
+                & (iw < W)
+            )
+            a = tl.load(
+                x_ptr
+                + n[:, None] * x_stride_n
+                + ci[None, :] * x_stride_c
+                + ih * x_stride_h
+                + iw * x_stride_w,
+                mask=inside,
+                other=0.0,
+            ).to(tl.float32)
+            b = tl.load(
+                conv_weight_ptr + offs_n[None, :] * (KH * KW * C_in) + offs_k[:, None],
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            if DOT_PRECISION == "tf32x3_split":
+                b_low = tl.load(
+                    conv_weight_low_ptr
+                    + offs_n[None, :] * (KH * KW * C_in)
+                    + offs_k[:, None],
+                    mask=mask_k[:, None] & mask_n[None, :],
+                    other=0.0,
+                )
+                acc = tf32x3_split_dot(a, b, b_low, acc)
+            else:
+                acc = fp32_dot(a, b, acc, DOT_PRECISION)
+    else:  # the sum of the slices' partial sums
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # in slice order, so that every call adds them the same way (a CUDA graph replay equals a direct run)
+        for split in tl.static_range(SPLIT_K):
+            acc += tl.load(
+                partial_ptr
+                + split * N * OH * OW * C_out
+                + offs_m[:, None] * C_out
+                + offs_n[None, :],
+                mask=mask,
+                other=0.0,
+            )
     # epilogue: bn
     bn_scale = tl.load(bn_weight_ptr + offs_n, mask=mask_n, other=0.0) * tl.rsqrt(
         tl.load(bn_var_ptr + offs_n, mask=mask_n, other=1.0) + bn_eps
@@ -356,16 +595,14 @@ def conv3x3_bn_add_relu_kernel(
     )
 
 
-# conv3x3 (training mode: with the output's batch statistics): one kernel, one store per output.
+# conv3x3 over slices of K: each slice's partial sums, for conv3x3_stats_kernel to add.
 # resnet_basic_block.fuse:7: out = conv1: conv3x3(in_channels, out_channels, stride) -> bn1: bn(out_channels) -> relu
 @triton.jit
-def conv3x3_stats_kernel(
+def conv3x3_stats_slices_kernel(
     x_ptr,
     conv_weight_ptr,
     conv_weight_low_ptr,
-    out_ptr,
-    tile_sum_ptr,
-    tile_m2_ptr,
+    partial_ptr,
     N,
     H,
     W,
@@ -385,6 +622,7 @@ def conv3x3_stats_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    K_SLICE: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -405,10 +643,12 @@ def conv3x3_stats_kernel(
     n = offs_m // (OH * OW)
     oh = offs_m // OW % OH
     ow = offs_m % OW
-    # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot)
+    # this program's slice of K (program axis 1): K_SLICE of its products from split * K_SLICE
+    split = tl.program_id(1)
+    # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot), over one slice of K
     # implicit GEMM: K runs over (kh, kw, input channel), channels fastest (as a channels-last input lies)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, KH * KW * C_in, BLOCK_K):
+    for k0 in range(split * K_SLICE, (split + 1) * K_SLICE, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < KH * KW * C_in
         kh = offs_k // (KW * C_in)
@@ -449,30 +689,24 @@ def conv3x3_stats_kernel(
             acc = tf32x3_split_dot(a, b, b_low, acc)
         else:
             acc = fp32_dot(a, b, acc, DOT_PRECISION)
-    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
-    # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
-    tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
-    tile_sum = tl.sum(tl.where(mask, acc, 0.0), axis=0)
-    tile_deviation = tl.where(mask, acc - (tile_sum / tile_rows)[None, :], 0.0)
-    tl.store(tile_sum_ptr + pid_m * C_out + offs_n, tile_sum, mask=mask_n)
     tl.store(
-        tile_m2_ptr + pid_m * C_out + offs_n,
-        tl.sum(tile_deviation * tile_deviation, axis=0),
-        mask=mask_n,
+        partial_ptr
+        + split * N * OH * OW * C_out
+        + offs_m[:, None] * C_out
+        + offs_n[None, :],
+        acc,
+        mask=mask,
     )
 
 
-# bn -> relu -> conv3x3 (training mode: with the output's batch statistics): one kernel, one store per output.
-# resnet_basic_block.fuse:8: out = out -> conv2: conv3x3(out_channels, out_channels) -> bn2: bn(out_channels)
+# conv3x3 (training mode: with the output's batch statistics) (adding up conv3x3_stats_slices_kernel's partial sums first): one kernel, one store per output.
 # resnet_basic_block.fuse:7: out = conv1: conv3x3(in_channels, out_channels, stride) -> bn1: bn(out_channels) -> relu
 @triton.jit
-def bn_relu_conv3x3_stats_train_kernel(
+def conv3x3_stats_kernel(
     x_ptr,
-    bn_mean_ptr,
-    bn_scale_ptr,
-    bn_bias_ptr,
     conv_weight_ptr,
     conv_weight_low_ptr,
+    partial_ptr,
     out_ptr,
     tile_sum_ptr,
     tile_m2_ptr,
@@ -495,6 +729,7 @@ def bn_relu_conv3x3_stats_train_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -515,10 +750,134 @@ def bn_relu_conv3x3_stats_train_kernel(
     n = offs_m // (OH * OW)
     oh = offs_m // OW % OH
     ow = offs_m % OW
-    # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot)
+    # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot), or the sum of its slices of K
+    if SPLIT_K == 1:  # K in one slice: the whole loop here
+        # implicit GEMM: K runs over (kh, kw, input channel), channels fastest (as a channels-last input lies)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, KH * KW * C_in, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < KH * KW * C_in
+            kh = offs_k // (KW * C_in)
+            kw = offs_k // C_in % KW
+            ci = offs_k % C_in
+            ih = oh[:, None] * STRIDE - PAD + kh[None, :]
+            iw = ow[:, None] * STRIDE - PAD + kw[None, :]
+            inside = (
+                mask_m[:, None]
+                & mask_k[None, :]
+                & (ih >= 0)
+                & (ih < H)
+                & (iw >= 0)
+                & (iw < W)
+            )
+            a = tl.load(
+                x_ptr
+                + n[:, None] * x_stride_n
+                + ci[None, :] * x_stride_c
+                + ih * x_stride_h
+                + iw * x_stride_w,
+                mask=inside,
+                other=0.0,
+            ).to(tl.float32)
+            b = tl.load(
+                conv_weight_ptr + offs_n[None, :] * (KH * KW * C_in) + offs_k[:, None],
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            if DOT_PRECISION == "tf32x3_split":
+                b_low = tl.load(
+                    conv_weight_low_ptr
+                    + offs_n[None, :] * (KH * KW * C_in)
+                    + offs_k[:, None],
+                    mask=mask_k[:, None] & mask_n[None, :],
+                    other=0.0,
+                )
+                acc = tf32x3_split_dot(a, b, b_low, acc)
+            else:
+                acc = fp32_dot(a, b, acc, DOT_PRECISION)
+    else:  # the sum of the slices' partial sums
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # in slice order, so that every call adds them the same way (a CUDA graph replay equals a direct run)
+        for split in tl.static_range(SPLIT_K):
+            acc += tl.load(
+                partial_ptr
+                + split * N * OH * OW * C_out
+                + offs_m[:, None] * C_out
+                + offs_n[None, :],
+                mask=mask,
+                other=0.0,
+            )
+    tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
+    # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
+    tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
+    tile_sum = tl.sum(tl.where(mask, acc, 0.0), axis=0)
+    tile_deviation = tl.where(mask, acc - (tile_sum / tile_rows)[None, :], 0.0)
+    tl.store(tile_sum_ptr + pid_m * C_out + offs_n, tile_sum, mask=mask_n)
+    tl.store(
+        tile_m2_ptr + pid_m * C_out + offs_n,
+        tl.sum(tile_deviation * tile_deviation, axis=0),
+        mask=mask_n,
+    )
+
+
+# conv3x3 over slices of K: each slice's partial sums, for bn_relu_conv3x3_stats_train_kernel to add.
+# resnet_basic_block.fuse:8: out = out -> conv2: conv3x3(out_channels, out_channels) -> bn2: bn(out_channels)
+# resnet_basic_block.fuse:7: out = conv1: conv3x3(in_channels, out_channels, stride) -> bn1: bn(out_channels) -> relu
+@triton.jit
+def bn_relu_conv3x3_stats_train_slices_kernel(
+    x_ptr,
+    bn_mean_ptr,
+    bn_scale_ptr,
+    bn_bias_ptr,
+    conv_weight_ptr,
+    conv_weight_low_ptr,
+    partial_ptr,
+    N,
+    H,
+    W,
+    OH,
+    OW,
+    x_stride_n,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE: tl.constexpr,
+    PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    K_SLICE: tl.constexpr,
+    LAUNCH_PDL: tl.constexpr,
+):
+    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
+    if LAUNCH_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
+    # and the tile stays in registers until the one store.
+    # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
+    # channel blocks reads its input rows from DRAM once
+    pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
+    pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < N * OH * OW
+    mask_n = offs_n < C_out
+    mask = mask_m[:, None] & mask_n[None, :]
+    n = offs_m // (OH * OW)
+    oh = offs_m // OW % OH
+    ow = offs_m % OW
+    # this program's slice of K (program axis 1): K_SLICE of its products from split * K_SLICE
+    split = tl.program_id(1)
+    # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot), over one slice of K
     # implicit GEMM: K runs over (kh, kw, input channel), channels fastest (as a channels-last input lies)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, KH * KW * C_in, BLOCK_K):
+    for k0 in range(split * K_SLICE, (split + 1) * K_SLICE, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < KH * KW * C_in
         kh = offs_k // (KW * C_in)
@@ -567,6 +926,136 @@ def bn_relu_conv3x3_stats_train_kernel(
             acc = tf32x3_split_dot(a, b, b_low, acc)
         else:
             acc = fp32_dot(a, b, acc, DOT_PRECISION)
+    tl.store(
+        partial_ptr
+        + split * N * OH * OW * C_out
+        + offs_m[:, None] * C_out
+        + offs_n[None, :],
+        acc,
+        mask=mask,
+    )
+
+
+# bn -> relu -> conv3x3 (training mode: with the output's batch statistics) (adding up bn_relu_conv3x3_stats_train_slices_kernel's partial sums first): one kernel, one store per output.
+# resnet_basic_block.fuse:8: out = out -> conv2: conv3x3(out_channels, out_channels) -> bn2: bn(out_channels)
+# resnet_basic_block.fuse:7: out = conv1: conv3x3(in_channels, out_channels, stride) -> bn1: bn(out_channels) -> relu
+@triton.jit
+def bn_relu_conv3x3_stats_train_kernel(
+    x_ptr,
+    bn_mean_ptr,
+    bn_scale_ptr,
+    bn_bias_ptr,
+    conv_weight_ptr,
+    conv_weight_low_ptr,
+    partial_ptr,
+    out_ptr,
+    tile_sum_ptr,
+    tile_m2_ptr,
+    N,
+    H,
+    W,
+    OH,
+    OW,
+    x_stride_n,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE: tl.constexpr,
+    PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    LAUNCH_PDL: tl.constexpr,
+):
+    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
+    if LAUNCH_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
+    # and the tile stays in registers until the one store.
+    # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
+    # channel blocks reads its input rows from DRAM once
+    pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
+    pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < N * OH * OW
+    mask_n = offs_n < C_out
+    mask = mask_m[:, None] & mask_n[None, :]
+    n = offs_m // (OH * OW)
+    oh = offs_m // OW % OH
+    ow = offs_m % OW
+    # anchor: 3x3 convolution, groups=1, no bias (implicit GEMM on tl.dot), or the sum of its slices of K
+    if SPLIT_K == 1:  # K in one slice: the whole loop here
+        # implicit GEMM: K runs over (kh, kw, input channel), channels fastest (as a channels-last input lies)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, KH * KW * C_in, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < KH * KW * C_in
+            kh = offs_k // (KW * C_in)
+            kw = offs_k // C_in % KW
+            ci = offs_k % C_in
+            ih = oh[:, None] * STRIDE - PAD + kh[None, :]
+            iw = ow[:, None] * STRIDE - PAD + kw[None, :]
+            inside = (
+                mask_m[:, None]
+                & mask_k[None, :]
+                & (ih >= 0)
+                & (ih < H)
+                & (iw >= 0)
+                & (iw < W)
+            )
+            a = tl.load(
+                x_ptr
+                + n[:, None] * x_stride_n
+                + ci[None, :] * x_stride_c
+                + ih * x_stride_h
+                + iw * x_stride_w,
+                mask=inside,
+                other=0.0,
+            ).to(tl.float32)
+            # prologue: bn on the loaded input tile
+            bn_mean = tl.load(bn_mean_ptr + ci, mask=mask_k, other=0.0)
+            bn_scale = tl.load(bn_scale_ptr + ci, mask=mask_k, other=0.0)
+            bn_bias = tl.load(bn_bias_ptr + ci, mask=mask_k, other=0.0)
+            a = (a - bn_mean[None, :]) * bn_scale[None, :] + bn_bias[None, :]
+            # prologue: relu on the loaded input tile
+            a = tl.maximum(a, 0.0)
+            a = tl.where(inside, a, 0.0)
+            b = tl.load(
+                conv_weight_ptr + offs_n[None, :] * (KH * KW * C_in) + offs_k[:, None],
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            if DOT_PRECISION == "tf32x3_split":
+                b_low = tl.load(
+                    conv_weight_low_ptr
+                    + offs_n[None, :] * (KH * KW * C_in)
+                    + offs_k[:, None],
+                    mask=mask_k[:, None] & mask_n[None, :],
+                    other=0.0,
+                )
+                acc = tf32x3_split_dot(a, b, b_low, acc)
+            else:
+                acc = fp32_dot(a, b, acc, DOT_PRECISION)
+    else:  # the sum of the slices' partial sums
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # in slice order, so that every call adds them the same way (a CUDA graph replay equals a direct run)
+        for split in tl.static_range(SPLIT_K):
+            acc += tl.load(
+                partial_ptr
+                + split * N * OH * OW * C_out
+                + offs_m[:, None] * C_out
+                + offs_n[None, :],
+                mask=mask,
+                other=0.0,
+            )
     tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
     # per-channel statistics of this tile for the next kernel's BatchNorm (training mode)
     tile_rows = tl.sum(mask_m.to(tl.float32), axis=0)
@@ -1077,6 +1566,17 @@ def conv_tile(rows, K, C_out, precision):
     ):
         return 128, 64, 32, 8, 2
     return 64, block_n, 32, 4, 3
+
+
+def k_slice(programs, depth, block_k):
+    """For a GEMM launch of `programs` output tiles whose K loop sums `depth` products in steps of block_k:
+    how many of them one program sums (a multiple of block_k). A launch of 256 programs or more sums the
+    whole K in each; a smaller one cuts K into up to cdiv(256, programs) slices of at least 8 steps (the
+    last slice holds what is left), each summed by programs of their own (split K): DenseNet's 3x3 convs to
+    32 channels on 7x7 pixels at batch 10 are 8 tiles of up to 530 steps."""
+    steps = cdiv(depth, block_k)
+    splits = max(1, min(cdiv(256, programs), steps // 8))
+    return cdiv(steps, splits) * block_k
 
 
 def launch_pdl(x, grid):
@@ -1737,7 +2237,52 @@ def conv3x3_bn_relu(x, conv, bn):
     BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(
         N * OH * OW, KH * KW * C_in, C_out, DOT_PRECISION
     )
-    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
+    tiles = cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N)
+    grid = (tiles,)
+    # split K: a program for each slice of K_SLICE of a tile's products, where the tiles alone
+    # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
+    K_SLICE = k_slice(tiles, KH * KW * C_in, BLOCK_K)
+    SPLIT_K = cdiv(KH * KW * C_in, K_SLICE)
+    partial = (
+        out
+        if SPLIT_K == 1
+        else torch.empty(
+            (SPLIT_K, N * OH * OW, C_out), device=x.device, dtype=torch.float32
+        )
+    )
+    if SPLIT_K > 1:
+        slices_grid = (tiles, SPLIT_K)
+        LAUNCH_PDL = launch_pdl(x, slices_grid)
+        conv3x3_bn_relu_slices_kernel[slices_grid](
+            x,
+            dot_weight(conv, DOT_PRECISION),
+            dot_weight_low(conv, DOT_PRECISION),
+            partial,
+            N,
+            H,
+            W,
+            OH,
+            OW,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            x.stride(3),
+            C_in=C_in,
+            C_out=C_out,
+            KH=KH,
+            KW=KW,
+            STRIDE=conv.stride[0],
+            PAD=conv.padding[0],
+            DOT_PRECISION=DOT_PRECISION,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
+            K_SLICE=K_SLICE,
+            LAUNCH_PDL=LAUNCH_PDL,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            launch_pdl=LAUNCH_PDL,
+        )
     LAUNCH_PDL = launch_pdl(x, grid)
     conv3x3_bn_relu_kernel[grid](
         x,
@@ -1747,6 +2292,7 @@ def conv3x3_bn_relu(x, conv, bn):
         bn.bias,
         bn.running_mean,
         bn.running_var,
+        partial,
         out,
         N,
         H,
@@ -1768,6 +2314,7 @@ def conv3x3_bn_relu(x, conv, bn):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        SPLIT_K=SPLIT_K,
         LAUNCH_PDL=LAUNCH_PDL,
         num_warps=num_warps,
         num_stages=num_stages,
@@ -1838,7 +2385,52 @@ def conv3x3_bn_add_relu(x, conv, bn, add, out_layout=torch.channels_last):
     BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(
         N * OH * OW, KH * KW * C_in, C_out, DOT_PRECISION
     )
-    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
+    tiles = cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N)
+    grid = (tiles,)
+    # split K: a program for each slice of K_SLICE of a tile's products, where the tiles alone
+    # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
+    K_SLICE = k_slice(tiles, KH * KW * C_in, BLOCK_K)
+    SPLIT_K = cdiv(KH * KW * C_in, K_SLICE)
+    partial = (
+        out
+        if SPLIT_K == 1
+        else torch.empty(
+            (SPLIT_K, N * OH * OW, C_out), device=x.device, dtype=torch.float32
+        )
+    )
+    if SPLIT_K > 1:
+        slices_grid = (tiles, SPLIT_K)
+        LAUNCH_PDL = launch_pdl(x, slices_grid)
+        conv3x3_bn_add_relu_slices_kernel[slices_grid](
+            x,
+            dot_weight(conv, DOT_PRECISION),
+            dot_weight_low(conv, DOT_PRECISION),
+            partial,
+            N,
+            H,
+            W,
+            OH,
+            OW,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            x.stride(3),
+            C_in=C_in,
+            C_out=C_out,
+            KH=KH,
+            KW=KW,
+            STRIDE=conv.stride[0],
+            PAD=conv.padding[0],
+            DOT_PRECISION=DOT_PRECISION,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
+            K_SLICE=K_SLICE,
+            LAUNCH_PDL=LAUNCH_PDL,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            launch_pdl=LAUNCH_PDL,
+        )
     LAUNCH_PDL = launch_pdl(x, grid)
     conv3x3_bn_add_relu_kernel[grid](
         x,
@@ -1848,6 +2440,7 @@ def conv3x3_bn_add_relu(x, conv, bn, add, out_layout=torch.channels_last):
         bn.bias,
         bn.running_mean,
         bn.running_var,
+        partial,
         out,
         out.stride(0),
         out.stride(1),
@@ -1873,6 +2466,7 @@ def conv3x3_bn_add_relu(x, conv, bn, add, out_layout=torch.channels_last):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        SPLIT_K=SPLIT_K,
         ROWS_IN_ONE_IMAGE=OH * OW % BLOCK_M == 0,
         LAUNCH_PDL=LAUNCH_PDL,
         num_warps=num_warps,
@@ -1900,16 +2494,62 @@ def conv3x3_stats(x, conv):
     BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(
         N * OH * OW, KH * KW * C_in, C_out, DOT_PRECISION
     )
-    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
+    tiles = cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N)
+    grid = (tiles,)
     tile_sum = torch.empty(
         (cdiv(N * OH * OW, BLOCK_M), C_out), device=x.device, dtype=torch.float32
     )
     tile_m2 = torch.empty_like(tile_sum)
+    # split K: a program for each slice of K_SLICE of a tile's products, where the tiles alone
+    # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
+    K_SLICE = k_slice(tiles, KH * KW * C_in, BLOCK_K)
+    SPLIT_K = cdiv(KH * KW * C_in, K_SLICE)
+    partial = (
+        out
+        if SPLIT_K == 1
+        else torch.empty(
+            (SPLIT_K, N * OH * OW, C_out), device=x.device, dtype=torch.float32
+        )
+    )
+    if SPLIT_K > 1:
+        slices_grid = (tiles, SPLIT_K)
+        LAUNCH_PDL = launch_pdl(x, slices_grid)
+        conv3x3_stats_slices_kernel[slices_grid](
+            x,
+            dot_weight(conv, DOT_PRECISION),
+            dot_weight_low(conv, DOT_PRECISION),
+            partial,
+            N,
+            H,
+            W,
+            OH,
+            OW,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            x.stride(3),
+            C_in=C_in,
+            C_out=C_out,
+            KH=KH,
+            KW=KW,
+            STRIDE=conv.stride[0],
+            PAD=conv.padding[0],
+            DOT_PRECISION=DOT_PRECISION,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
+            K_SLICE=K_SLICE,
+            LAUNCH_PDL=LAUNCH_PDL,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            launch_pdl=LAUNCH_PDL,
+        )
     LAUNCH_PDL = launch_pdl(x, grid)
     conv3x3_stats_kernel[grid](
         x,
         dot_weight(conv, DOT_PRECISION),
         dot_weight_low(conv, DOT_PRECISION),
+        partial,
         out,
         tile_sum,
         tile_m2,
@@ -1932,6 +2572,7 @@ def conv3x3_stats(x, conv):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        SPLIT_K=SPLIT_K,
         LAUNCH_PDL=LAUNCH_PDL,
         num_warps=num_warps,
         num_stages=num_stages,
@@ -1958,12 +2599,60 @@ def bn_relu_conv3x3_stats_train(x, x_stats, bn, conv):
     BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(
         N * OH * OW, KH * KW * C_in, C_out, DOT_PRECISION
     )
-    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
+    tiles = cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N)
+    grid = (tiles,)
     tile_sum = torch.empty(
         (cdiv(N * OH * OW, BLOCK_M), C_out), device=x.device, dtype=torch.float32
     )
     tile_m2 = torch.empty_like(tile_sum)
     bn_mean, bn_scale = batch_norm_batch_stats(x_stats, bn)
+    # split K: a program for each slice of K_SLICE of a tile's products, where the tiles alone
+    # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
+    K_SLICE = k_slice(tiles, KH * KW * C_in, BLOCK_K)
+    SPLIT_K = cdiv(KH * KW * C_in, K_SLICE)
+    partial = (
+        out
+        if SPLIT_K == 1
+        else torch.empty(
+            (SPLIT_K, N * OH * OW, C_out), device=x.device, dtype=torch.float32
+        )
+    )
+    if SPLIT_K > 1:
+        slices_grid = (tiles, SPLIT_K)
+        LAUNCH_PDL = launch_pdl(x, slices_grid)
+        bn_relu_conv3x3_stats_train_slices_kernel[slices_grid](
+            x,
+            bn_mean,
+            bn_scale,
+            bn.bias,
+            dot_weight(conv, DOT_PRECISION),
+            dot_weight_low(conv, DOT_PRECISION),
+            partial,
+            N,
+            H,
+            W,
+            OH,
+            OW,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            x.stride(3),
+            C_in=C_in,
+            C_out=C_out,
+            KH=KH,
+            KW=KW,
+            STRIDE=conv.stride[0],
+            PAD=conv.padding[0],
+            DOT_PRECISION=DOT_PRECISION,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
+            K_SLICE=K_SLICE,
+            LAUNCH_PDL=LAUNCH_PDL,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            launch_pdl=LAUNCH_PDL,
+        )
     LAUNCH_PDL = launch_pdl(x, grid)
     bn_relu_conv3x3_stats_train_kernel[grid](
         x,
@@ -1972,6 +2661,7 @@ def bn_relu_conv3x3_stats_train(x, x_stats, bn, conv):
         bn.bias,
         dot_weight(conv, DOT_PRECISION),
         dot_weight_low(conv, DOT_PRECISION),
+        partial,
         out,
         tile_sum,
         tile_m2,
@@ -1994,6 +2684,7 @@ def bn_relu_conv3x3_stats_train(x, x_stats, bn, conv):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        SPLIT_K=SPLIT_K,
         LAUNCH_PDL=LAUNCH_PDL,
         num_warps=num_warps,
         num_stages=num_stages,
@@ -2300,7 +2991,7 @@ class ModelNew(nn.Module):
                 f"ResNetBasicBlock expects a float32 tensor of shape (N, {self.conv1.in_channels}, H, W), got {x.dtype} of shape {tuple(x.shape)}"
             )
         if x.device.type == "cpu" and isinstance(
-            conv3x3_bn_relu_kernel, triton.runtime.jit.JITFunction
+            conv3x3_bn_relu_slices_kernel, triton.runtime.jit.JITFunction
         ):
             raise RuntimeError(
                 "ModelNew runs Triton kernels: move the model and the input to a GPU, or set"

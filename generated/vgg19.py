@@ -44,7 +44,7 @@ def tf32x3_split_dot(a, b, b_low, acc):
     return acc + tl.dot(a_high, b, small, input_precision="tf32")
 
 
-# conv3x3_bias -> relu: one kernel, one store.
+# conv3x3_bias over slices of K: each slice's partial sums, for conv3x3_bias_relu_kernel to add.
 # vgg19.fuse:8: conv(3, 64, 3, padding=1) -> relu
 # vgg19.fuse:9: conv(64, 64, 3, padding=1) -> relu
 # vgg19.fuse:11: conv(64, 128, 3, padding=1) -> relu
@@ -56,12 +56,11 @@ def tf32x3_split_dot(a, b, b_low, acc):
 # vgg19.fuse:20: conv(512, 512, 3, padding=1) -> relu
 # vgg19.fuse:21: conv(512, 512, 3, padding=1) -> relu * 3
 @triton.jit
-def conv3x3_bias_relu_kernel(
+def conv3x3_bias_relu_slices_kernel(
     x_ptr,
     conv_weight_ptr,
     conv_weight_low_ptr,
-    conv_bias_ptr,
-    out_ptr,
+    partial_ptr,
     N,
     H,
     W,
@@ -81,6 +80,7 @@ def conv3x3_bias_relu_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    K_SLICE: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -101,10 +101,12 @@ def conv3x3_bias_relu_kernel(
     n = offs_m // (OH * OW)
     oh = offs_m // OW % OH
     ow = offs_m % OW
-    # anchor: 3x3 convolution, groups=1, with bias (implicit GEMM on tl.dot)
+    # this program's slice of K (program axis 1): K_SLICE of its products from split * K_SLICE
+    split = tl.program_id(1)
+    # anchor: 3x3 convolution, groups=1, with bias (implicit GEMM on tl.dot), over one slice of K
     # implicit GEMM: K runs over (kh, kw, input channel), channels fastest (as a channels-last input lies)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, KH * KW * C_in, BLOCK_K):
+    for k0 in range(split * K_SLICE, (split + 1) * K_SLICE, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < KH * KW * C_in
         kh = offs_k // (KW * C_in)
@@ -145,7 +147,134 @@ def conv3x3_bias_relu_kernel(
             acc = tf32x3_split_dot(a, b, b_low, acc)
         else:
             acc = fp32_dot(a, b, acc, DOT_PRECISION)
-    acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    tl.store(
+        partial_ptr
+        + split * N * OH * OW * C_out
+        + offs_m[:, None] * C_out
+        + offs_n[None, :],
+        acc,
+        mask=mask,
+    )
+
+
+# conv3x3_bias -> relu (adding up conv3x3_bias_relu_slices_kernel's partial sums first): one kernel, one store.
+# vgg19.fuse:8: conv(3, 64, 3, padding=1) -> relu
+# vgg19.fuse:9: conv(64, 64, 3, padding=1) -> relu
+# vgg19.fuse:11: conv(64, 128, 3, padding=1) -> relu
+# vgg19.fuse:12: conv(128, 128, 3, padding=1) -> relu
+# vgg19.fuse:14: conv(128, 256, 3, padding=1) -> relu
+# vgg19.fuse:15: conv(256, 256, 3, padding=1) -> relu * 3
+# vgg19.fuse:17: conv(256, 512, 3, padding=1) -> relu
+# vgg19.fuse:18: conv(512, 512, 3, padding=1) -> relu * 3
+# vgg19.fuse:20: conv(512, 512, 3, padding=1) -> relu
+# vgg19.fuse:21: conv(512, 512, 3, padding=1) -> relu * 3
+@triton.jit
+def conv3x3_bias_relu_kernel(
+    x_ptr,
+    conv_weight_ptr,
+    conv_weight_low_ptr,
+    conv_bias_ptr,
+    partial_ptr,
+    out_ptr,
+    N,
+    H,
+    W,
+    OH,
+    OW,
+    x_stride_n,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    C_in: tl.constexpr,
+    C_out: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE: tl.constexpr,
+    PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    LAUNCH_PDL: tl.constexpr,
+):
+    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
+    if LAUNCH_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
+    # and the tile stays in registers until the one store.
+    # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
+    # channel blocks reads its input rows from DRAM once
+    pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
+    pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < N * OH * OW
+    mask_n = offs_n < C_out
+    mask = mask_m[:, None] & mask_n[None, :]
+    n = offs_m // (OH * OW)
+    oh = offs_m // OW % OH
+    ow = offs_m % OW
+    # anchor: 3x3 convolution, groups=1, with bias (implicit GEMM on tl.dot), or the sum of its slices of K
+    if SPLIT_K == 1:  # K in one slice: the whole loop here
+        # implicit GEMM: K runs over (kh, kw, input channel), channels fastest (as a channels-last input lies)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, KH * KW * C_in, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < KH * KW * C_in
+            kh = offs_k // (KW * C_in)
+            kw = offs_k // C_in % KW
+            ci = offs_k % C_in
+            ih = oh[:, None] * STRIDE - PAD + kh[None, :]
+            iw = ow[:, None] * STRIDE - PAD + kw[None, :]
+            inside = (
+                mask_m[:, None]
+                & mask_k[None, :]
+                & (ih >= 0)
+                & (ih < H)
+                & (iw >= 0)
+                & (iw < W)
+            )
+            a = tl.load(
+                x_ptr
+                + n[:, None] * x_stride_n
+                + ci[None, :] * x_stride_c
+                + ih * x_stride_h
+                + iw * x_stride_w,
+                mask=inside,
+                other=0.0,
+            ).to(tl.float32)
+            b = tl.load(
+                conv_weight_ptr + offs_n[None, :] * (KH * KW * C_in) + offs_k[:, None],
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            if DOT_PRECISION == "tf32x3_split":
+                b_low = tl.load(
+                    conv_weight_low_ptr
+                    + offs_n[None, :] * (KH * KW * C_in)
+                    + offs_k[:, None],
+                    mask=mask_k[:, None] & mask_n[None, :],
+                    other=0.0,
+                )
+                acc = tf32x3_split_dot(a, b, b_low, acc)
+            else:
+                acc = fp32_dot(a, b, acc, DOT_PRECISION)
+        acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    else:  # the sum of the slices' partial sums
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # in slice order, so that every call adds them the same way (a CUDA graph replay equals a direct run)
+        for split in tl.static_range(SPLIT_K):
+            acc += tl.load(
+                partial_ptr
+                + split * N * OH * OW * C_out
+                + offs_m[:, None] * C_out
+                + offs_n[None, :],
+                mask=mask,
+                other=0.0,
+            )
+        acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     # epilogue: relu
     acc = tl.maximum(acc, 0.0)
     tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
@@ -247,7 +376,7 @@ def linear_relu_dropout_slices_kernel(
     mask_n = offs_n < C_out
     mask = mask_m[:, None] & mask_n[None, :]
     n = offs_m
-    # this program's slice of K (program axis 1): K_SLICE input channels from split * K_SLICE
+    # this program's slice of K (program axis 1): K_SLICE of its products from split * K_SLICE
     split = tl.program_id(1)
     # anchor: fully connected layer with bias, GEMM on tl.dot, over one slice of K
     x_row = n
@@ -278,13 +407,18 @@ def linear_relu_dropout_slices_kernel(
 # vgg19.fuse:26: linear(4096, 4096) -> relu -> dropout(0.0)
 @triton.jit
 def linear_relu_dropout_kernel(
+    x_ptr,
+    fc_weight_ptr,
     fc_bias_ptr,
     partial_ptr,
     out_ptr,
     N,
+    C_in: tl.constexpr,
     C_out: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
@@ -303,16 +437,39 @@ def linear_relu_dropout_kernel(
     mask_m = offs_m < N
     mask_n = offs_n < C_out
     mask = mask_m[:, None] & mask_n[None, :]
-    # anchor: fully connected layer with bias, GEMM on tl.dot, the sum of its slices of K
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # in slice order, so that every call adds them the same way (a CUDA graph replay equals a direct run)
-    for split in tl.static_range(SPLIT_K):
-        acc += tl.load(
-            partial_ptr + split * N * C_out + offs_m[:, None] * C_out + offs_n[None, :],
-            mask=mask,
-            other=0.0,
-        )
-    acc += tl.load(fc_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    n = offs_m
+    # anchor: fully connected layer with bias, GEMM on tl.dot, or the sum of its slices of K
+    if SPLIT_K == 1:  # K in one slice: the whole loop here
+        x_row = n
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, C_in, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < C_in
+            a = tl.load(
+                x_ptr + x_row[:, None] * C_in + offs_k[None, :],
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            b = tl.load(
+                fc_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            acc = fp32_dot(a, b, acc, DOT_PRECISION)
+        acc += tl.load(fc_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    else:  # the sum of the slices' partial sums
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # in slice order, so that every call adds them the same way (a CUDA graph replay equals a direct run)
+        for split in tl.static_range(SPLIT_K):
+            acc += tl.load(
+                partial_ptr
+                + split * N * C_out
+                + offs_m[:, None] * C_out
+                + offs_n[None, :],
+                mask=mask,
+                other=0.0,
+            )
+        acc += tl.load(fc_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     # epilogue: relu
     acc = tl.maximum(acc, 0.0)
     # epilogue: dropout
@@ -352,7 +509,7 @@ def linear_slices_kernel(
     mask_n = offs_n < C_out
     mask = mask_m[:, None] & mask_n[None, :]
     n = offs_m
-    # this program's slice of K (program axis 1): K_SLICE input channels from split * K_SLICE
+    # this program's slice of K (program axis 1): K_SLICE of its products from split * K_SLICE
     split = tl.program_id(1)
     # anchor: fully connected layer with bias, GEMM on tl.dot, over one slice of K
     x_row = n
@@ -382,13 +539,18 @@ def linear_slices_kernel(
 # vgg19.fuse:27: linear(4096, num_classes)
 @triton.jit
 def linear_kernel(
+    x_ptr,
+    fc_weight_ptr,
     fc_bias_ptr,
     partial_ptr,
     out_ptr,
     N,
+    C_in: tl.constexpr,
     C_out: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
@@ -407,16 +569,39 @@ def linear_kernel(
     mask_m = offs_m < N
     mask_n = offs_n < C_out
     mask = mask_m[:, None] & mask_n[None, :]
-    # anchor: fully connected layer with bias, GEMM on tl.dot, the sum of its slices of K
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # in slice order, so that every call adds them the same way (a CUDA graph replay equals a direct run)
-    for split in tl.static_range(SPLIT_K):
-        acc += tl.load(
-            partial_ptr + split * N * C_out + offs_m[:, None] * C_out + offs_n[None, :],
-            mask=mask,
-            other=0.0,
-        )
-    acc += tl.load(fc_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    n = offs_m
+    # anchor: fully connected layer with bias, GEMM on tl.dot, or the sum of its slices of K
+    if SPLIT_K == 1:  # K in one slice: the whole loop here
+        x_row = n
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, C_in, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < C_in
+            a = tl.load(
+                x_ptr + x_row[:, None] * C_in + offs_k[None, :],
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            b = tl.load(
+                fc_weight_ptr + offs_n[None, :] * C_in + offs_k[:, None],
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            acc = fp32_dot(a, b, acc, DOT_PRECISION)
+        acc += tl.load(fc_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    else:  # the sum of the slices' partial sums
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # in slice order, so that every call adds them the same way (a CUDA graph replay equals a direct run)
+        for split in tl.static_range(SPLIT_K):
+            acc += tl.load(
+                partial_ptr
+                + split * N * C_out
+                + offs_m[:, None] * C_out
+                + offs_n[None, :],
+                mask=mask,
+                other=0.0,
+            )
+        acc += tl.load(fc_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
 
 
@@ -569,6 +754,17 @@ def linear_tile(N, C_in, C_out):
         return block_m, block_n, block_k, block_k
     # slices of four K steps
     return block_m, block_n, block_k, 4 * block_k
+
+
+def k_slice(programs, depth, block_k):
+    """For a GEMM launch of `programs` output tiles whose K loop sums `depth` products in steps of block_k:
+    how many of them one program sums (a multiple of block_k). A launch of 256 programs or more sums the
+    whole K in each; a smaller one cuts K into up to cdiv(256, programs) slices of at least 8 steps (the
+    last slice holds what is left), each summed by programs of their own (split K): DenseNet's 3x3 convs to
+    32 channels on 7x7 pixels at batch 10 are 8 tiles of up to 530 steps."""
+    steps = cdiv(depth, block_k)
+    splits = max(1, min(cdiv(256, programs), steps // 8))
+    return cdiv(steps, splits) * block_k
 
 
 def launch_pdl(x, grid):
@@ -1223,13 +1419,59 @@ def conv3x3_bias_relu(x, conv, out=None):
     BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(
         N * OH * OW, KH * KW * C_in, C_out, DOT_PRECISION
     )
-    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
+    tiles = cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N)
+    grid = (tiles,)
+    # split K: a program for each slice of K_SLICE of a tile's products, where the tiles alone
+    # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
+    K_SLICE = k_slice(tiles, KH * KW * C_in, BLOCK_K)
+    SPLIT_K = cdiv(KH * KW * C_in, K_SLICE)
+    partial = (
+        out
+        if SPLIT_K == 1
+        else torch.empty(
+            (SPLIT_K, N * OH * OW, C_out), device=x.device, dtype=torch.float32
+        )
+    )
+    if SPLIT_K > 1:
+        slices_grid = (tiles, SPLIT_K)
+        LAUNCH_PDL = launch_pdl(x, slices_grid)
+        conv3x3_bias_relu_slices_kernel[slices_grid](
+            x,
+            dot_weight(conv, DOT_PRECISION),
+            dot_weight_low(conv, DOT_PRECISION),
+            partial,
+            N,
+            H,
+            W,
+            OH,
+            OW,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            x.stride(3),
+            C_in=C_in,
+            C_out=C_out,
+            KH=KH,
+            KW=KW,
+            STRIDE=conv.stride[0],
+            PAD=conv.padding[0],
+            DOT_PRECISION=DOT_PRECISION,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
+            K_SLICE=K_SLICE,
+            LAUNCH_PDL=LAUNCH_PDL,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            launch_pdl=LAUNCH_PDL,
+        )
     LAUNCH_PDL = launch_pdl(x, grid)
     conv3x3_bias_relu_kernel[grid](
         x,
         dot_weight(conv, DOT_PRECISION),
         dot_weight_low(conv, DOT_PRECISION),
         conv.bias,
+        partial,
         out,
         N,
         H,
@@ -1250,6 +1492,7 @@ def conv3x3_bias_relu(x, conv, out=None):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        SPLIT_K=SPLIT_K,
         LAUNCH_PDL=LAUNCH_PDL,
         num_warps=num_warps,
         num_stages=num_stages,
@@ -1307,15 +1550,39 @@ def linear_relu_dropout(x, fc):
     BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE = linear_tile(N, C_in, C_out)
     tiles = cdiv(N, BLOCK_M) * cdiv(C_out, BLOCK_N)
     grid = (tiles,)
-    # split K: a program for each slice of K_SLICE input channels of a tile
+    # split K: a program for each slice of K_SLICE of a tile's products, where the tiles alone
+    # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     SPLIT_K = cdiv(C_in, K_SLICE)
-    partial = torch.empty((SPLIT_K, N, C_out), device=x.device, dtype=torch.float32)
-    slices_grid = (tiles, SPLIT_K)
-    LAUNCH_PDL = launch_pdl(x, slices_grid)
-    linear_relu_dropout_slices_kernel[slices_grid](
+    partial = (
+        out
+        if SPLIT_K == 1
+        else torch.empty((SPLIT_K, N, C_out), device=x.device, dtype=torch.float32)
+    )
+    if SPLIT_K > 1:
+        slices_grid = (tiles, SPLIT_K)
+        LAUNCH_PDL = launch_pdl(x, slices_grid)
+        linear_relu_dropout_slices_kernel[slices_grid](
+            x,
+            dot_weight(fc, DOT_PRECISION).contiguous(),
+            partial,
+            N,
+            C_in=C_in,
+            C_out=C_out,
+            DOT_PRECISION=DOT_PRECISION,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
+            K_SLICE=K_SLICE,
+            LAUNCH_PDL=LAUNCH_PDL,
+            launch_pdl=LAUNCH_PDL,
+        )
+    LAUNCH_PDL = launch_pdl(x, grid)
+    linear_relu_dropout_kernel[grid](
         x,
         dot_weight(fc, DOT_PRECISION).contiguous(),
+        fc.bias,
         partial,
+        out,
         N,
         C_in=C_in,
         C_out=C_out,
@@ -1323,19 +1590,6 @@ def linear_relu_dropout(x, fc):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
-        K_SLICE=K_SLICE,
-        LAUNCH_PDL=LAUNCH_PDL,
-        launch_pdl=LAUNCH_PDL,
-    )
-    LAUNCH_PDL = launch_pdl(x, grid)
-    linear_relu_dropout_kernel[grid](
-        fc.bias,
-        partial,
-        out,
-        N,
-        C_out=C_out,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
         SPLIT_K=SPLIT_K,
         LAUNCH_PDL=LAUNCH_PDL,
         launch_pdl=LAUNCH_PDL,
@@ -1353,15 +1607,39 @@ def linear(x, fc):
     BLOCK_M, BLOCK_N, BLOCK_K, K_SLICE = linear_tile(N, C_in, C_out)
     tiles = cdiv(N, BLOCK_M) * cdiv(C_out, BLOCK_N)
     grid = (tiles,)
-    # split K: a program for each slice of K_SLICE input channels of a tile
+    # split K: a program for each slice of K_SLICE of a tile's products, where the tiles alone
+    # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     SPLIT_K = cdiv(C_in, K_SLICE)
-    partial = torch.empty((SPLIT_K, N, C_out), device=x.device, dtype=torch.float32)
-    slices_grid = (tiles, SPLIT_K)
-    LAUNCH_PDL = launch_pdl(x, slices_grid)
-    linear_slices_kernel[slices_grid](
+    partial = (
+        out
+        if SPLIT_K == 1
+        else torch.empty((SPLIT_K, N, C_out), device=x.device, dtype=torch.float32)
+    )
+    if SPLIT_K > 1:
+        slices_grid = (tiles, SPLIT_K)
+        LAUNCH_PDL = launch_pdl(x, slices_grid)
+        linear_slices_kernel[slices_grid](
+            x,
+            dot_weight(fc, DOT_PRECISION).contiguous(),
+            partial,
+            N,
+            C_in=C_in,
+            C_out=C_out,
+            DOT_PRECISION=DOT_PRECISION,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
+            K_SLICE=K_SLICE,
+            LAUNCH_PDL=LAUNCH_PDL,
+            launch_pdl=LAUNCH_PDL,
+        )
+    LAUNCH_PDL = launch_pdl(x, grid)
+    linear_kernel[grid](
         x,
         dot_weight(fc, DOT_PRECISION).contiguous(),
+        fc.bias,
         partial,
+        out,
         N,
         C_in=C_in,
         C_out=C_out,
@@ -1369,19 +1647,6 @@ def linear(x, fc):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
-        K_SLICE=K_SLICE,
-        LAUNCH_PDL=LAUNCH_PDL,
-        launch_pdl=LAUNCH_PDL,
-    )
-    LAUNCH_PDL = launch_pdl(x, grid)
-    linear_kernel[grid](
-        fc.bias,
-        partial,
-        out,
-        N,
-        C_out=C_out,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
         SPLIT_K=SPLIT_K,
         LAUNCH_PDL=LAUNCH_PDL,
         launch_pdl=LAUNCH_PDL,
@@ -1519,7 +1784,7 @@ class ModelNew(nn.Module):
                 f"VGG19 expects a float32 tensor of shape (N, {self.features[0].in_channels}, H, W), got {x.dtype} of shape {tuple(x.shape)}"
             )
         if x.device.type == "cpu" and isinstance(
-            conv3x3_bias_relu_kernel, triton.runtime.jit.JITFunction
+            conv3x3_bias_relu_slices_kernel, triton.runtime.jit.JITFunction
         ):
             raise RuntimeError(
                 "ModelNew runs Triton kernels: move the model and the input to a GPU, or set"

@@ -313,6 +313,8 @@ def test_blocks_share_kernels():
     source = SOURCES["mobilenet_v1.fuse"]
     names = [k.name for k in kernels(source)]
     assert names == [
+        # the stem: a K loop in slices first, for launches whose tiles alone would leave most SMs idle
+        "conv3x3_bn_relu_slices_kernel",
         "conv3x3_bn_relu_kernel",
         # conv_dw_fused (the first two blocks), then conv_dw's two kernels (the other eleven)
         "dwconv3x3_bn_relu_conv1x1_bn_relu_kernel",
@@ -325,6 +327,7 @@ def test_blocks_share_kernels():
         "linear_kernel",
         # training mode: each BatchNorm normalises in the next kernel's prologue (the pool's too: it gets a
         # launch of its own)
+        "conv3x3_stats_slices_kernel",
         "conv3x3_stats_kernel",
         "bn_relu_dwconv3x3_stats_train_kernel",
         "bn_relu_conv1x1_stats_train_kernel",
@@ -394,8 +397,9 @@ def test_a_global_pool_anchor_shares_its_windows_only_where_nothing_follows_it()
 
 def test_split_k_stores_each_slice_once_and_adds_the_slices_in_order():
     """`linear -> relu`: the slices kernel runs the K loop over its program's slice and stores the partial
-    sums once; the second kernel adds them in slice order (an unrolled loop: every call adds them the same
-    way), then the bias and relu, and stores the output once."""
+    sums once; the second kernel, where K has more than one slice (SPLIT_K), adds them in slice order (an
+    unrolled loop: every call adds them the same way), else runs the whole K loop itself; then the bias
+    and relu, and it stores the output once."""
     by_name = {k.name: k for k in kernels(SOURCES["extra.fuse"])}
     slices, total = by_name["linear_relu_slices_kernel"], by_name["linear_relu_kernel"]
     (k_loop,) = [n for n in ast.walk(slices) if isinstance(n, ast.For) and ast.unparse(n.target) == "k0"]
@@ -403,14 +407,20 @@ def test_split_k_stores_each_slice_once_and_adds_the_slices_in_order():
     assert [stored_pointer(s) for s in calls(slices, "tl.store")] == ["partial_ptr"]
     assert "fc_bias_ptr" not in {a.arg for a in slices.args.args}
 
-    (sum_loop,) = [n for n in total.body if isinstance(n, ast.For)]
+    (branch,) = [n for n in total.body if isinstance(n, ast.If) and ast.unparse(n.test) == "SPLIT_K == 1"]
+    one_slice = ast.Module(body=branch.body, type_ignores=[])
+    (whole_k,) = [n for n in ast.walk(one_slice) if isinstance(n, ast.For)]
+    assert ast.unparse(whole_k.iter) == "range(0, C_in, BLOCK_K)" and "x_ptr" in ast.unparse(whole_k)
+    assert ast.unparse(one_slice).index("fp32_dot") < ast.unparse(one_slice).index("fc_bias_ptr")
+    (sum_loop,) = [n for n in branch.orelse if isinstance(n, ast.For)]
     assert ast.unparse(sum_loop.iter) == "tl.static_range(SPLIT_K)"
     (load,) = calls(sum_loop, "tl.load")
     assert stored_pointer(load) == "partial_ptr" and "mask=mask" in ast.unparse(load)
-    after = ast.unparse(ast.Module(body=total.body[total.body.index(sum_loop) + 1 :], type_ignores=[]))
-    assert after.index("fc_bias_ptr") < after.index("tl.maximum") < after.index("tl.store(out_ptr")
+    after_sum = branch.orelse[branch.orelse.index(sum_loop) + 1 :]
+    assert "fc_bias_ptr" in ast.unparse(ast.Module(body=after_sum, type_ignores=[]))
+    after = ast.unparse(ast.Module(body=total.body[total.body.index(branch) + 1 :], type_ignores=[]))
+    assert after.index("tl.maximum") < after.index("tl.store(out_ptr")
     assert [stored_pointer(s) for s in calls(total, "tl.store")] == ["out_ptr"]
-    assert "x_ptr" not in {a.arg for a in total.args.args}
 
 
 def test_a_producer_runs_inside_the_k_loop_and_is_never_stored():
@@ -484,7 +494,7 @@ def test_the_stem_reads_the_nchw_input_without_a_copy(spec):
     CUDA graph's copy of the input changes the layout; its tile rule sets the launch's warps and
     stages."""
     source = SOURCES[spec]
-    stem = kernels(source)[0]
+    stem = [k for k in kernels(source) if not k.name.endswith("_slices_kernel")][0]
     (loads,) = [ast.unparse(c.args[0]) for c in calls(stem, "tl.load") if "x_ptr" in ast.unparse(c.args[0])]
     assert all(f"x_stride_{d}" in loads for d in "nchw") and "C_in" not in loads
     wrapper = ast.unparse(wrapper_of(source, stem.name))

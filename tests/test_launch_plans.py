@@ -34,6 +34,13 @@ def dense_block():
     return module.ModelNew(num_layers=3, num_input_features=5, growth_rate=3), (2, 5, 5, 7)
 
 
+def dense_block_split_k():
+    """The dense block with 64 input features: every layer's 3x3 conv sums 576 products in 2 tiles, so its K
+    is split (runtime.k_slice), and a launch of the slices kernel precedes each conv's."""
+    module = load_spec((ROOT / "specs" / "densenet121_dense_block.fuse").read_text(), "dense_block_plans")
+    return module.ModelNew(num_layers=3, num_input_features=64, growth_rate=3), (2, 64, 5, 7)
+
+
 def small_net():
     return load_spec(SPEC, "plans").ModelNew(), (2, 3, 17, 15)
 
@@ -88,6 +95,25 @@ def test_a_replay_computes_what_the_wrappers_compute(make, training):
             model.state_dict()["layers.0.0.num_batches_tracked" if make is dense_block else "bn1.num_batches_tracked"]
             == 4
         )
+
+
+@pytest.mark.parametrize("training", [False, True])
+@torch.no_grad()
+def test_a_replay_launches_the_slices_of_a_split_k(training):
+    """A launch that runs only where K is split (the slices kernel's) is recorded and replayed like any other:
+    the plan of the dense block whose convs split K has one launch a layer more than the plan of the one
+    whose K fits one slice, and both replays compute what the wrappers compute, buffers included."""
+    launches = []
+    for make in (dense_block, dense_block_split_k):
+        model, direct, shape = pair(make)
+        model.train(training), direct.train(training)
+        xs = [torch.randn(shape, device=DEVICE) for _ in range(2)]
+        for i in range(4):
+            assert torch.equal(model(xs[i % 2]), direct(xs[i % 2]))
+        for key, buffer in direct.state_dict().items():
+            assert torch.equal(model.state_dict()[key], buffer), key
+        launches.append(sum(step[0] in ("launch", "call") for step in the_plan(model, training)["steps"]))
+    assert launches[1] == launches[0] + 3
 
 
 @torch.no_grad()

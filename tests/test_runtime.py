@@ -121,6 +121,23 @@ def test_conv_tiles_are_powers_of_two_that_fit_a_4090(rows, c_in, c_out, k, prec
         assert precision in ("ieee", "tf32") and block_m == 128
 
 
+@settings(max_examples=300, deadline=None)
+@given(programs=st.integers(1, 4096), depth=st.integers(1, 9 * 2048), block_k=st.sampled_from([16, 32, 64]))
+def test_k_slices_cover_k_once_and_fill_small_launches(programs, depth, block_k):
+    """k_slice: whole K steps a slice, every slice holding some of K; a launch of 256 programs or more sums
+    the whole K in one program, a smaller one gets between half of and all of cdiv(256, programs) slices a
+    tile, each of 8 K steps or more but the last."""
+    size = runtime.k_slice(programs, depth, block_k)
+    splits = runtime.cdiv(depth, size)
+    steps = runtime.cdiv(depth, block_k)
+    assert size % block_k == 0 and (splits - 1) * size < depth <= splits * size
+    if programs >= 256 or steps < 16:
+        assert splits == 1
+    else:
+        wanted = min(steps // 8, runtime.cdiv(256, programs))
+        assert wanted / 2 < splits <= wanted and size >= 8 * block_k
+
+
 def on_gpu(dtype=torch.float32):
     """What dot_precision reads of an input on the GPU."""
     return SimpleNamespace(is_cuda=True, dtype=dtype)

@@ -312,3 +312,64 @@ def test_batch_statistics_merge_long_columns_of_tiles_in_chunks(tiles, last_rows
     assert rel_error(mean, batch_mean) < 1e-7  # float32 outputs
     assert rel_error(scale, exact.weight / (batch_m2 / rows + exact.eps).sqrt()) < 1e-7
     assert_same_buffers(bn, exact)  # and the running buffers as torch updates them from the values
+
+
+# DenseNet's dense layer: BatchNorm and relu on a 3x3 conv's input, the conv to few channels; at batch 10 on
+# 7x7 pixels its tiles alone would leave most SMs idle, so K is split into slices (runtime.k_slice)
+SPLIT_SPEC = """\
+model Split(c=12, growth=5)
+input(2, c, 7, 6)
+forward:
+    bn1: bn(c) -> relu -> conv: conv(c, growth, 3, padding=1, bias=bias) -> bn2: bn(growth) -> relu
+"""
+
+
+def split_reference(m, x):
+    return F.relu(m.bn2(m.conv(F.relu(m.bn1(x)))))
+
+
+class CountedKernel:
+    """A Triton kernel whose launches (`kernel[grid](...)`) are counted."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@settings(max_examples=8, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(
+    batch=st.integers(1, 3),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+    c=st.sampled_from([3, 12, 40]),
+    growth=st.sampled_from([5, 33]),
+    bias=st.booleans(),
+    slice_steps=st.integers(1, 3),
+    training=st.booleans(),
+)
+@example(batch=2, h=7, w=7, c=40, growth=33, bias=True, slice_steps=1, training=True)  # 12 slices, 2 channel blocks
+@example(batch=1, h=1, w=1, c=3, growth=5, bias=False, slice_steps=1, training=False)  # one slice: the whole K loop
+def test_a_kxk_conv_with_k_in_slices_matches_torch(batch, h, w, c, growth, bias, slice_steps, training):
+    """With K cut into slices of `slice_steps` K steps (k_slice replaced), the slices kernel runs where K has
+    more than one slice, and the output (after the slices' sum, the bias, BatchNorm and relu) and the running
+    buffers match torch's, in both modes; with one slice the kernel runs the whole K loop alone."""
+    spec = SPLIT_SPEC.replace("bias=bias", f"bias={bias}")
+    new, ref = make(spec, f"split_k_{bias}", seed=batch + h * w, c=c, growth=growth)
+    namespace = type(new).run_kernels.__globals__  # the generated module's globals, which the wrappers read
+    slices_names = [name for name in namespace if name.endswith("_slices_kernel")]  # eval's and training's
+    assert len(slices_names) == 2, slices_names
+    with pytest.MonkeyPatch.context() as patch:
+        block_k = []
+        patch.setitem(namespace, "k_slice", lambda programs, depth, step: block_k.append(step) or slice_steps * step)
+        counted = [CountedKernel(namespace[name]) for name in slices_names]
+        for name, kernel in zip(slices_names, counted):
+            patch.setitem(namespace, name, kernel)
+        new.train(training), ref.train(training)
+        x = torch.randn(batch, c, h, w, device=DEVICE) + 0.5
+        check_steps(new, ref, split_reference, [x, 2 * x])
+    splits = -(-9 * c // (slice_steps * block_k[0]))
+    # (on the GPU each input's CUDA graph runs the wrappers twice, a warm-up and the capture: count no number)
+    assert (sum(kernel.launches for kernel in counted) > 0) == (splits > 1)
