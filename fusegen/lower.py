@@ -362,11 +362,10 @@ def _launch(
 
 
 def _splits_k(kernel: Kernel) -> bool:
-    """Whether the kernel's anchor may split K (Anchor.split_k_loop): its own loop on its own input, the
-    tile its frame's, no pool in it."""
-    anchor: O.Anchor = kernel.anchor.op.lowering
+    """Whether the kernel's anchor may split K (Anchor.split_k_loop, Kernel.splits_k): its own loop on its own
+    input, the tile its frame's, no pool in it."""
     return (
-        anchor.split_k_loop is not None
+        kernel.splits_k
         and not (kernel.producer or kernel.producer_at_taps or kernel.pool or kernel.pools_input)
         and not (kernel.stats_only or kernel.slices_windows or kernel.sums_windows)
     )

@@ -167,6 +167,9 @@ class Anchor:
     split_k_loop: Callable[[str, PrologueHook], list[str]] | None = None
     split_k_finish: Callable[[str], list[str]] = _no_lines
     split_k_depth: str = "C_in"
+    # the fewest input channels at which its tile rule can cut K in two: a kernel whose every launch reads
+    # fewer (a stem) gets no slices kernel (plan: Kernel.splits_k)
+    split_k_min_channels: int = 0
     # A pool whose every output sums a window of `window` input pixels (a global pool: H * W, the wrapper's
     # expression): kernel lines as `loop` that sum only this program's slice of the window, WINDOW_SLICE
     # pixels from split * WINDOW_SLICE (`split`: program axis 1), and leave the sum, not the mean, in `acc`.
@@ -699,6 +702,9 @@ def _conv_anchor(k: int, bias: bool, guard: tuple[str, ...] = ()) -> Anchor:
         split_k_loop=_conv_slice_loop,
         split_k_finish=_add_bias if bias else _no_lines,
         split_k_depth="KH * KW * C_in",
+        # runtime.k_slice cuts K in two from 16 steps, and conv_tile's steps are 32 deep: more than 480
+        # products (a stem's K never splits)
+        split_k_min_channels=15 * 32 // (k * k) + 1,
     )
 
 
@@ -1703,6 +1709,8 @@ FIXED_OPS = {
                 tile_blocks=("BLOCK_M", "BLOCK_N", "BLOCK_K", "K_SLICE"),
                 split_k_loop=_gemm_loop("n", k_slice=True),
                 split_k_finish=_add_bias,
+                # linear_tile's K steps are up to 64 features deep: 64 features or fewer are one slice
+                split_k_min_channels=65,
                 # the classifier's input error lands on the output unfiltered: EfficientNetB1's error was
                 # 1.4e-4 with float16 features, 7.1e-5 with float32 ones (CPU, 2x3x37x45); they are a few KB
                 narrow_input=False,

@@ -73,6 +73,9 @@ class Kernel:
     # the store steps through the output's strides (its wrapper takes `out_layout`), so ModelNew returns it
     # without a copy out of channels-last
     writes_model_output: bool = False
+    # some launch's K may be cut into slices (Anchor.split_k_loop), at the spec's default arguments: the
+    # lowering adds the slices kernel
+    splits_k: bool = False
 
     @property
     def ops(self) -> tuple[FusedOp, ...]:
@@ -848,6 +851,23 @@ def _output_in_torch_layout(steps: list[Step], kernels: _Kernels, graph: Graph) 
     return list(map(marked, steps))
 
 
+def _k_splitters(steps: list[Step], in_loop: bool = False) -> set[str]:
+    """The kernels with a launch whose K its tile rule may cut into slices: an anchor that splits K, on
+    enough input channels (Anchor.split_k_min_channels; in a loop, whose input may widen, on any)."""
+    names = set()
+    for step in steps:
+        if isinstance(step, Launch):
+            anchor = step.kernel.anchor.op.lowering
+            if isinstance(anchor, O.Anchor) and anchor.split_k_loop is not None:
+                if in_loop or step.input.shape[1] >= anchor.split_k_min_channels:
+                    names.add(step.kernel.name)
+        elif isinstance(step, LoopStep):
+            names |= _k_splitters(list(step.body), in_loop=True)
+        elif isinstance(step, BranchStep):
+            names |= _k_splitters([*step.then, *step.orelse], in_loop)
+    return names
+
+
 def plan(model: Model, spec_name: str) -> Plan:
     graph = model.graph
     kernels = _Kernels(spec_name)
@@ -862,6 +882,7 @@ def plan(model: Model, spec_name: str) -> Plan:
         train_steps = _output_in_torch_layout(train_steps, kernels, graph)
     slice_writers = {s.kernel.name for s in launches([*steps, *(train_steps or [])]) if s.into is not None}
     kernels.mark(slice_writers, writes_slice=True)
+    kernels.mark(_k_splitters([*steps, *(train_steps or [])]), splits_k=True)
     # The Launch objects hold the kernel as it was when built; point them at the final kernels (sources).
     final = {k.name: k for k in kernels.by_key.values()}
 

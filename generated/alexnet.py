@@ -44,14 +44,15 @@ def tf32x3_split_dot(a, b, b_low, acc):
     return acc + tl.dot(a_high, b, small, input_precision="tf32")
 
 
-# conv11x11_bias over slices of K: each slice's partial sums, for conv11x11_bias_relu_kernel to add.
+# conv11x11_bias -> relu: one kernel, one store.
 # alexnet.fuse:6: conv1: conv(3, 96, 11, stride=4, padding=2) -> relu1: relu
 @triton.jit
-def conv11x11_bias_relu_slices_kernel(
+def conv11x11_bias_relu_kernel(
     x_ptr,
     conv_weight_ptr,
     conv_weight_low_ptr,
-    partial_ptr,
+    conv_bias_ptr,
+    out_ptr,
     N,
     H,
     W,
@@ -71,7 +72,6 @@ def conv11x11_bias_relu_slices_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    K_SLICE: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -92,12 +92,10 @@ def conv11x11_bias_relu_slices_kernel(
     n = offs_m // (OH * OW)
     oh = offs_m // OW % OH
     ow = offs_m % OW
-    # this program's slice of K (program axis 1): K_SLICE of its products from split * K_SLICE
-    split = tl.program_id(1)
-    # anchor: 11x11 convolution, groups=1, with bias (implicit GEMM on tl.dot), over one slice of K
+    # anchor: 11x11 convolution, groups=1, with bias (implicit GEMM on tl.dot)
     # implicit GEMM: K runs over (kh, kw, input channel), channels fastest (as a channels-last input lies)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(split * K_SLICE, (split + 1) * K_SLICE, BLOCK_K):
+    for k0 in range(0, KH * KW * C_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < KH * KW * C_in
         kh = offs_k // (KW * C_in)
@@ -138,125 +136,7 @@ def conv11x11_bias_relu_slices_kernel(
             acc = tf32x3_split_dot(a, b, b_low, acc)
         else:
             acc = fp32_dot(a, b, acc, DOT_PRECISION)
-    tl.store(
-        partial_ptr
-        + split * N * OH * OW * C_out
-        + offs_m[:, None] * C_out
-        + offs_n[None, :],
-        acc,
-        mask=mask,
-    )
-
-
-# conv11x11_bias -> relu (adding up conv11x11_bias_relu_slices_kernel's partial sums first): one kernel, one store.
-# alexnet.fuse:6: conv1: conv(3, 96, 11, stride=4, padding=2) -> relu1: relu
-@triton.jit
-def conv11x11_bias_relu_kernel(
-    x_ptr,
-    conv_weight_ptr,
-    conv_weight_low_ptr,
-    conv_bias_ptr,
-    partial_ptr,
-    out_ptr,
-    N,
-    H,
-    W,
-    OH,
-    OW,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    C_in: tl.constexpr,
-    C_out: tl.constexpr,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    STRIDE: tl.constexpr,
-    PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    LAUNCH_PDL: tl.constexpr,
-):
-    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
-    if LAUNCH_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
-    # and the tile stays in registers until the one store.
-    # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once
-    pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
-    pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < N * OH * OW
-    mask_n = offs_n < C_out
-    mask = mask_m[:, None] & mask_n[None, :]
-    n = offs_m // (OH * OW)
-    oh = offs_m // OW % OH
-    ow = offs_m % OW
-    # anchor: 11x11 convolution, groups=1, with bias (implicit GEMM on tl.dot), or the sum of its slices of K
-    if SPLIT_K == 1:  # K in one slice: the whole loop here
-        # implicit GEMM: K runs over (kh, kw, input channel), channels fastest (as a channels-last input lies)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, KH * KW * C_in, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < KH * KW * C_in
-            kh = offs_k // (KW * C_in)
-            kw = offs_k // C_in % KW
-            ci = offs_k % C_in
-            ih = oh[:, None] * STRIDE - PAD + kh[None, :]
-            iw = ow[:, None] * STRIDE - PAD + kw[None, :]
-            inside = (
-                mask_m[:, None]
-                & mask_k[None, :]
-                & (ih >= 0)
-                & (ih < H)
-                & (iw >= 0)
-                & (iw < W)
-            )
-            a = tl.load(
-                x_ptr
-                + n[:, None] * x_stride_n
-                + ci[None, :] * x_stride_c
-                + ih * x_stride_h
-                + iw * x_stride_w,
-                mask=inside,
-                other=0.0,
-            ).to(tl.float32)
-            b = tl.load(
-                conv_weight_ptr + offs_n[None, :] * (KH * KW * C_in) + offs_k[:, None],
-                mask=mask_k[:, None] & mask_n[None, :],
-                other=0.0,
-            )
-            if DOT_PRECISION == "tf32x3_split":
-                b_low = tl.load(
-                    conv_weight_low_ptr
-                    + offs_n[None, :] * (KH * KW * C_in)
-                    + offs_k[:, None],
-                    mask=mask_k[:, None] & mask_n[None, :],
-                    other=0.0,
-                )
-                acc = tf32x3_split_dot(a, b, b_low, acc)
-            else:
-                acc = fp32_dot(a, b, acc, DOT_PRECISION)
-        acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    else:  # the sum of the slices' partial sums
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        # in slice order, so that every call adds them the same way (a CUDA graph replay equals a direct run)
-        for split in tl.static_range(SPLIT_K):
-            acc += tl.load(
-                partial_ptr
-                + split * N * OH * OW * C_out
-                + offs_m[:, None] * C_out
-                + offs_n[None, :],
-                mask=mask,
-                other=0.0,
-            )
-        acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     # epilogue: relu
     acc = tl.maximum(acc, 0.0)
     tl.store(out_ptr + offs_m[:, None] * C_out + offs_n[None, :], acc, mask=mask)
@@ -1839,59 +1719,13 @@ def conv11x11_bias_relu(x, conv, out=None):
     BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(
         N * OH * OW, KH * KW * C_in, C_out, DOT_PRECISION
     )
-    tiles = cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N)
-    grid = (tiles,)
-    # split K: a program for each slice of K_SLICE of a tile's products, where the tiles alone
-    # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
-    K_SLICE = k_slice(tiles, KH * KW * C_in, BLOCK_K)
-    SPLIT_K = cdiv(KH * KW * C_in, K_SLICE)
-    partial = (
-        out
-        if SPLIT_K == 1
-        else torch.empty(
-            (SPLIT_K, N * OH * OW, C_out), device=x.device, dtype=torch.float32
-        )
-    )
-    if SPLIT_K > 1:
-        slices_grid = (tiles, SPLIT_K)
-        LAUNCH_PDL = launch_pdl(x, slices_grid)
-        conv11x11_bias_relu_slices_kernel[slices_grid](
-            x,
-            dot_weight(conv, DOT_PRECISION),
-            dot_weight_low(conv, DOT_PRECISION),
-            partial,
-            N,
-            H,
-            W,
-            OH,
-            OW,
-            x.stride(0),
-            x.stride(1),
-            x.stride(2),
-            x.stride(3),
-            C_in=C_in,
-            C_out=C_out,
-            KH=KH,
-            KW=KW,
-            STRIDE=conv.stride[0],
-            PAD=conv.padding[0],
-            DOT_PRECISION=DOT_PRECISION,
-            BLOCK_M=BLOCK_M,
-            BLOCK_N=BLOCK_N,
-            BLOCK_K=BLOCK_K,
-            K_SLICE=K_SLICE,
-            LAUNCH_PDL=LAUNCH_PDL,
-            num_warps=num_warps,
-            num_stages=num_stages,
-            launch_pdl=LAUNCH_PDL,
-        )
+    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
     LAUNCH_PDL = launch_pdl(x, grid)
     conv11x11_bias_relu_kernel[grid](
         x,
         dot_weight(conv, DOT_PRECISION),
         dot_weight_low(conv, DOT_PRECISION),
         conv.bias,
-        partial,
         out,
         N,
         H,
@@ -1912,7 +1746,6 @@ def conv11x11_bias_relu(x, conv, out=None):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
-        SPLIT_K=SPLIT_K,
         LAUNCH_PDL=LAUNCH_PDL,
         num_warps=num_warps,
         num_stages=num_stages,
@@ -2384,7 +2217,7 @@ class ModelNew(nn.Module):
                 f"AlexNet expects a float32 tensor of shape (N, {self.conv1.in_channels}, H, W), got {x.dtype} of shape {tuple(x.shape)}"
             )
         if x.device.type == "cpu" and isinstance(
-            conv11x11_bias_relu_slices_kernel, triton.runtime.jit.JITFunction
+            conv11x11_bias_relu_kernel, triton.runtime.jit.JITFunction
         ):
             raise RuntimeError(
                 "ModelNew runs Triton kernels: move the model and the input to a GPU, or set"

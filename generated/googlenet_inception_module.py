@@ -350,14 +350,18 @@ def conv3x3_bias_kernel(
     )
 
 
-# conv5x5_bias over slices of K: each slice's partial sums, for conv5x5_bias_kernel to add.
+# conv5x5_bias: one kernel, one store.
 # googlenet_inception_module.fuse:14: conv(reduce_5x5, out_5x5, 5, padding=2)
 @triton.jit
-def conv5x5_bias_slices_kernel(
+def conv5x5_bias_kernel(
     x_ptr,
     conv_weight_ptr,
     conv_weight_low_ptr,
-    partial_ptr,
+    conv_bias_ptr,
+    out_ptr,
+    out_stride_n,
+    out_stride_c,
+    out_stride_p,
     N,
     H,
     W,
@@ -377,7 +381,7 @@ def conv5x5_bias_slices_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    K_SLICE: tl.constexpr,
+    ROWS_IN_ONE_IMAGE: tl.constexpr,
     LAUNCH_PDL: tl.constexpr,
 ):
     # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
@@ -398,12 +402,10 @@ def conv5x5_bias_slices_kernel(
     n = offs_m // (OH * OW)
     oh = offs_m // OW % OH
     ow = offs_m % OW
-    # this program's slice of K (program axis 1): K_SLICE of its products from split * K_SLICE
-    split = tl.program_id(1)
-    # anchor: 5x5 convolution, groups=1, with bias (implicit GEMM on tl.dot), over one slice of K
+    # anchor: 5x5 convolution, groups=1, with bias (implicit GEMM on tl.dot)
     # implicit GEMM: K runs over (kh, kw, input channel), channels fastest (as a channels-last input lies)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(split * K_SLICE, (split + 1) * K_SLICE, BLOCK_K):
+    for k0 in range(0, KH * KW * C_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < KH * KW * C_in
         kh = offs_k // (KW * C_in)
@@ -444,129 +446,7 @@ def conv5x5_bias_slices_kernel(
             acc = tf32x3_split_dot(a, b, b_low, acc)
         else:
             acc = fp32_dot(a, b, acc, DOT_PRECISION)
-    tl.store(
-        partial_ptr
-        + split * N * OH * OW * C_out
-        + offs_m[:, None] * C_out
-        + offs_n[None, :],
-        acc,
-        mask=mask,
-    )
-
-
-# conv5x5_bias (adding up conv5x5_bias_slices_kernel's partial sums first): one kernel, one store.
-# googlenet_inception_module.fuse:14: conv(reduce_5x5, out_5x5, 5, padding=2)
-@triton.jit
-def conv5x5_bias_kernel(
-    x_ptr,
-    conv_weight_ptr,
-    conv_weight_low_ptr,
-    conv_bias_ptr,
-    partial_ptr,
-    out_ptr,
-    out_stride_n,
-    out_stride_c,
-    out_stride_p,
-    N,
-    H,
-    W,
-    OH,
-    OW,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    C_in: tl.constexpr,
-    C_out: tl.constexpr,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    STRIDE: tl.constexpr,
-    PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    ROWS_IN_ONE_IMAGE: tl.constexpr,
-    LAUNCH_PDL: tl.constexpr,
-):
-    # programmatic dependent launch (Hopper on): wait for the launch before, then let the next one start
-    if LAUNCH_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    # Output tile: BLOCK_M rows x BLOCK_N channels. Every fused op uses these offsets and masks,
-    # and the tile stays in registers until the one store.
-    # adjacent programs share a block of rows (channel blocks fastest), so a GEMM with several
-    # channel blocks reads its input rows from DRAM once
-    pid_m = tl.program_id(0) // tl.cdiv(C_out, BLOCK_N)
-    pid_n = tl.program_id(0) % tl.cdiv(C_out, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < N * OH * OW
-    mask_n = offs_n < C_out
-    mask = mask_m[:, None] & mask_n[None, :]
-    n = offs_m // (OH * OW)
-    oh = offs_m // OW % OH
-    ow = offs_m % OW
-    # anchor: 5x5 convolution, groups=1, with bias (implicit GEMM on tl.dot), or the sum of its slices of K
-    if SPLIT_K == 1:  # K in one slice: the whole loop here
-        # implicit GEMM: K runs over (kh, kw, input channel), channels fastest (as a channels-last input lies)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, KH * KW * C_in, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < KH * KW * C_in
-            kh = offs_k // (KW * C_in)
-            kw = offs_k // C_in % KW
-            ci = offs_k % C_in
-            ih = oh[:, None] * STRIDE - PAD + kh[None, :]
-            iw = ow[:, None] * STRIDE - PAD + kw[None, :]
-            inside = (
-                mask_m[:, None]
-                & mask_k[None, :]
-                & (ih >= 0)
-                & (ih < H)
-                & (iw >= 0)
-                & (iw < W)
-            )
-            a = tl.load(
-                x_ptr
-                + n[:, None] * x_stride_n
-                + ci[None, :] * x_stride_c
-                + ih * x_stride_h
-                + iw * x_stride_w,
-                mask=inside,
-                other=0.0,
-            ).to(tl.float32)
-            b = tl.load(
-                conv_weight_ptr + offs_n[None, :] * (KH * KW * C_in) + offs_k[:, None],
-                mask=mask_k[:, None] & mask_n[None, :],
-                other=0.0,
-            )
-            if DOT_PRECISION == "tf32x3_split":
-                b_low = tl.load(
-                    conv_weight_low_ptr
-                    + offs_n[None, :] * (KH * KW * C_in)
-                    + offs_k[:, None],
-                    mask=mask_k[:, None] & mask_n[None, :],
-                    other=0.0,
-                )
-                acc = tf32x3_split_dot(a, b, b_low, acc)
-            else:
-                acc = fp32_dot(a, b, acc, DOT_PRECISION)
-        acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    else:  # the sum of the slices' partial sums
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        # in slice order, so that every call adds them the same way (a CUDA graph replay equals a direct run)
-        for split in tl.static_range(SPLIT_K):
-            acc += tl.load(
-                partial_ptr
-                + split * N * OH * OW * C_out
-                + offs_m[:, None] * C_out
-                + offs_n[None, :],
-                mask=mask,
-                other=0.0,
-            )
-        acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    acc += tl.load(conv_bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     if ROWS_IN_ONE_IMAGE:
         image = pid_m * BLOCK_M // (OH * OW)
         out_rows = image * out_stride_n + (offs_m - image * (OH * OW)) * out_stride_p
@@ -1661,59 +1541,13 @@ def conv5x5_bias(x, conv, out_layout=torch.channels_last, into=None):
     BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = conv_tile(
         N * OH * OW, KH * KW * C_in, C_out, DOT_PRECISION
     )
-    tiles = cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N)
-    grid = (tiles,)
-    # split K: a program for each slice of K_SLICE of a tile's products, where the tiles alone
-    # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
-    K_SLICE = k_slice(tiles, KH * KW * C_in, BLOCK_K)
-    SPLIT_K = cdiv(KH * KW * C_in, K_SLICE)
-    partial = (
-        out
-        if SPLIT_K == 1
-        else torch.empty(
-            (SPLIT_K, N * OH * OW, C_out), device=x.device, dtype=torch.float32
-        )
-    )
-    if SPLIT_K > 1:
-        slices_grid = (tiles, SPLIT_K)
-        LAUNCH_PDL = launch_pdl(x, slices_grid)
-        conv5x5_bias_slices_kernel[slices_grid](
-            x,
-            dot_weight(conv, DOT_PRECISION),
-            dot_weight_low(conv, DOT_PRECISION),
-            partial,
-            N,
-            H,
-            W,
-            OH,
-            OW,
-            x.stride(0),
-            x.stride(1),
-            x.stride(2),
-            x.stride(3),
-            C_in=C_in,
-            C_out=C_out,
-            KH=KH,
-            KW=KW,
-            STRIDE=conv.stride[0],
-            PAD=conv.padding[0],
-            DOT_PRECISION=DOT_PRECISION,
-            BLOCK_M=BLOCK_M,
-            BLOCK_N=BLOCK_N,
-            BLOCK_K=BLOCK_K,
-            K_SLICE=K_SLICE,
-            LAUNCH_PDL=LAUNCH_PDL,
-            num_warps=num_warps,
-            num_stages=num_stages,
-            launch_pdl=LAUNCH_PDL,
-        )
+    grid = (cdiv(N * OH * OW, BLOCK_M) * cdiv(C_out, BLOCK_N),)
     LAUNCH_PDL = launch_pdl(x, grid)
     conv5x5_bias_kernel[grid](
         x,
         dot_weight(conv, DOT_PRECISION),
         dot_weight_low(conv, DOT_PRECISION),
         conv.bias,
-        partial,
         out,
         out.stride(0),
         out.stride(1),
@@ -1737,7 +1571,6 @@ def conv5x5_bias(x, conv, out_layout=torch.channels_last, into=None):
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
-        SPLIT_K=SPLIT_K,
         ROWS_IN_ONE_IMAGE=OH * OW % BLOCK_M == 0,
         LAUNCH_PDL=LAUNCH_PDL,
         num_warps=num_warps,

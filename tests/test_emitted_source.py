@@ -313,8 +313,7 @@ def test_blocks_share_kernels():
     source = SOURCES["mobilenet_v1.fuse"]
     names = [k.name for k in kernels(source)]
     assert names == [
-        # the stem: a K loop in slices first, for launches whose tiles alone would leave most SMs idle
-        "conv3x3_bn_relu_slices_kernel",
+        # the stem: its K of 27 never splits, so no K loop in slices comes first
         "conv3x3_bn_relu_kernel",
         # conv_dw_fused (the first two blocks), then conv_dw's two kernels (the other eleven)
         "dwconv3x3_bn_relu_conv1x1_bn_relu_kernel",
@@ -322,12 +321,12 @@ def test_blocks_share_kernels():
         "conv1x1_bn_relu_kernel",
         # conv_dw_pool: the last block's 1x1 conv with the pool at the end of its kernel
         "conv1x1_bn_relu_avgpool_kernel",
-        # the classifier: partial sums over slices of K, then their sum with the bias
+        # the classifier: partial sums over slices of K (a launch whose tiles alone would leave most SMs
+        # idle), then their sum with the bias
         "linear_slices_kernel",
         "linear_kernel",
         # training mode: each BatchNorm normalises in the next kernel's prologue (the pool's too: it gets a
         # launch of its own)
-        "conv3x3_stats_slices_kernel",
         "conv3x3_stats_kernel",
         "bn_relu_dwconv3x3_stats_train_kernel",
         "bn_relu_conv1x1_stats_train_kernel",

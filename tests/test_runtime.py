@@ -14,7 +14,7 @@ import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusegen import compile_spec, runtime
+from fusegen import compile_spec, ops, runtime
 from fusegen.emit import runtime_sources
 from pathlib import Path
 
@@ -136,6 +136,25 @@ def test_k_slices_cover_k_once_and_fill_small_launches(programs, depth, block_k)
     else:
         wanted = min(steps // 8, runtime.cdiv(256, programs))
         assert wanted / 2 < splits <= wanted and size >= 8 * block_k
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    k=st.sampled_from([2, 3, 4, 5, 7, 11]),
+    rows=st.integers(1, 200_000),
+    c_out=st.integers(1, 1024),
+    precision=st.sampled_from(["ieee", "tf32", "tf32x3", "tf32x3_split"]),
+)
+def test_a_conv_below_its_anchors_split_k_channels_never_splits(k, rows, c_out, precision):
+    """The KxK conv anchor's split_k_min_channels (below it, plan emits no slices kernel) agrees with
+    conv_tile and k_slice: under it no launch cuts K, at it a launch of one tile does."""
+    anchor = ops.lookup(f"conv{k}x{k}").lowering
+    least = anchor.split_k_min_channels
+    below, at = k * k * (least - 1), k * k * least
+    block_k = runtime.conv_tile(rows, below, c_out, precision)[2]
+    assert runtime.k_slice(1, below, block_k) >= below
+    block_k = runtime.conv_tile(rows, at, c_out, precision)[2]
+    assert runtime.k_slice(1, at, block_k) < at
 
 
 def on_gpu(dtype=torch.float32):

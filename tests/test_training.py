@@ -316,8 +316,9 @@ def test_batch_statistics_merge_long_columns_of_tiles_in_chunks(tiles, last_rows
 
 # DenseNet's dense layer: BatchNorm and relu on a 3x3 conv's input, the conv to few channels; at batch 10 on
 # 7x7 pixels its tiles alone would leave most SMs idle, so K is split into slices (runtime.k_slice)
+# 64 channels by default: the plan gives a kernel a slices kernel where the spec's arguments let K split
 SPLIT_SPEC = """\
-model Split(c=12, growth=5)
+model Split(c=64, growth=5)
 input(2, c, 7, 6)
 forward:
     bn1: bn(c) -> relu -> conv: conv(c, growth, 3, padding=1, bias=bias) -> bn2: bn(growth) -> relu
