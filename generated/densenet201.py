@@ -1980,15 +1980,22 @@ def concat_prefix(buffer, index):
 def pixel_rows(x):
     """x where it lies if its pixels are rows of its channels, each row one stride after the last (a
     channels-last tensor, or a concatenation's prefix: the first channels of a channels-last buffer), else
-    a channels-last copy. A kernel reads the rows at x.stride(3)."""
+    a channels-last copy. A kernel reads the rows at x.stride(3): where a dimension of size 1 came with
+    another stride (torch lets it: an NCHW tensor of 1 x 1 images is channels-last contiguous), the view
+    returned has the rows' stride there."""
     N, C, H, W = x.shape
-    if (
-        x.stride(1) == 1
-        and x.stride(2) == W * x.stride(3)
-        and x.stride(0) == H * x.stride(2)
+    # the rows' stride: that of the innermost pixel dimension longer than 1
+    row = (
+        x.stride(3) if W > 1 else x.stride(2) if H > 1 else x.stride(0) if N > 1 else C
+    )
+    strides = (H * W * row, 1, W * row, row)
+    if any(
+        size > 1 and stride != wanted
+        for size, stride, wanted in zip(x.shape, x.stride(), strides)
     ):
-        return x
-    return x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+        strides = (H * W * C, 1, W * C, C)
+    return x if x.stride() == strides else x.as_strided(x.shape, strides)
 
 
 def check_32bit_offsets(*tensors):

@@ -261,6 +261,25 @@ def test_pixel_rows_keeps_channels_last_rows_and_a_concatenations_prefix_where_t
         assert rows.is_contiguous(memory_format=torch.channels_last) and torch.equal(rows, other)
 
 
+@given(
+    shape=st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3)),
+    layout=st.sampled_from(["nchw", "channels_last", "prefix"]),
+)
+def test_pixel_rows_are_the_pixels_one_stride_of_x_apart(shape, layout):
+    """What a kernel reads of pixel_rows(x): pixel p's channel c at p * stride(3) + c, for any x. Dimensions
+    of size 1 may come with any stride (an NCHW batch of 1 x 1 images is channels-last contiguous to
+    torch, with stride(3) 1): the rows' stride must be there all the same."""
+    x = torch.rand(shape)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "prefix":  # a concatenation's first channels
+        x = torch.cat([x, torch.rand(shape)], 1).contiguous(memory_format=torch.channels_last)[:, : shape[1]]
+    N, C, H, W = shape
+    rows = runtime.pixel_rows(x)
+    read = rows.as_strided((N * H * W, C), (rows.stride(3), 1))
+    assert torch.equal(read, x.permute(0, 2, 3, 1).reshape(N * H * W, C))
+
+
 @given(st.integers(-3, 10**6), st.integers(1, 5000))
 def test_host_side_integer_helpers_match_tritons(n, d):
     """next_power_of_2 and cdiv are plain functions: Triton's are constexpr_functions, slow to call."""

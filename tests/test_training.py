@@ -325,6 +325,15 @@ forward:
 """
 
 
+def test_batch_statistics_of_one_pixel_images_match_torch():
+    """An NCHW batch of 1 x 1 images is channels-last contiguous to torch with stride(3) 1, not C: the
+    kernel that reads its batch statistics where it lies must still step C floats a pixel."""
+    spec = "model OnePixel(c=5)\ninput(3, c, 1, 1)\nforward:\n    bn1: bn(c) -> relu -> conv: conv1x1(c, 7)\n"
+    new, ref = make(spec, "one_pixel", seed=5)
+    x = torch.randn(3, 5, 1, 1, device=DEVICE)
+    check_steps(new, ref, lambda m, x: m.conv(F.relu(m.bn1(x))), [x, 2 * x + 1])
+
+
 def split_reference(m, x):
     return F.relu(m.bn2(m.conv(F.relu(m.bn1(x)))))
 
