@@ -6,8 +6,9 @@ anchor's input in registers: a depthwise conv inside a 1x1 conv's K loop, or a 1
 a depthwise conv), one anchor (the loop nest that produces the output tile), an epilogue (elementwise
 ops on the fp32 accumulator), optionally a pool (the tiles of each pooling window summed in registers,
 so only the pooled pixels are stored) and an optional view of the output.
-Chains with the same structure share one kernel definition. (An anchor that splits its K loop, linear,
-lowers to two launches of one wrapper: lower's concern, not the plan's.)
+Chains with the same structure share one kernel definition. (An anchor that splits its K loop, a linear
+layer or a KxK conv, lowers to two launches of one wrapper where K has several slices: lower's concern; the
+plan only marks the kernels whose launches can split, `Kernel.splits_k`.)
 """
 
 from __future__ import annotations

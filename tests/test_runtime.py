@@ -157,6 +157,15 @@ def test_a_conv_below_its_anchors_split_k_channels_never_splits(k, rows, c_out, 
     assert runtime.k_slice(1, at, block_k) < at
 
 
+@given(n=st.integers(1, 4096), c_out=st.integers(1, 4096))
+def test_a_linear_layer_below_its_anchors_split_k_features_never_splits(n, c_out):
+    """The linear anchor's split_k_min_channels agrees with linear_tile: below it K_SLICE holds every
+    feature, at it a batch of one (at most 128 tiles here) cuts K."""
+    least = ops.lookup("linear").lowering.split_k_min_channels
+    assert runtime.linear_tile(n, least - 1, c_out)[3] >= least - 1
+    assert runtime.linear_tile(1, least, c_out)[3] < least
+
+
 def on_gpu(dtype=torch.float32):
     """What dot_precision reads of an input on the GPU."""
     return SimpleNamespace(is_cuda=True, dtype=dtype)
