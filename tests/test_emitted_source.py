@@ -17,10 +17,10 @@ input(2, c, 9, 7)
 forward:
     bn0: bn(c) -> relu -> pw: conv1x1(c, 20) -> bn1: bn(20) -> relu6
     bn2: bn(20) -> relu
-    dw: dwconv3x3(20) -> bn3: bn(20) -> relu6 -> pw2: conv1x1(20, 20) -> bn4: bn(20)
+    dw: dwconv3x3(20) -> bn3: bn(20) -> relu6 -> pw2: conv1x1(20, 80) -> bn4: bn(80)
     pool: avgpool(3) -> relu
     global_avgpool -> flatten
-    fc: linear(20, 5) -> relu
+    fc: linear(80, 5) -> relu
 """
 
 

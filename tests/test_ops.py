@@ -1098,10 +1098,10 @@ def test_maxpool_in_training_mode_normalises_in_its_prologue():
 
 DROPOUT_HEAD = """\
 model Head()
-input(3, 4, 3, 2)
+input(3, 4, 5, 4)
 forward:
     flatten
-    fc1: linear(24, 40) -> relu -> dropout(0.0)
+    fc1: linear(80, 40) -> relu -> dropout(0.0)
     classifier:
         dropout(0.0) -> linear(40, 70) -> relu
         dropout(0.0)
@@ -1119,7 +1119,7 @@ def test_dropout_p0_is_the_identity(training):
     head = nn.Sequential(nn.Dropout(0.0), nn.Linear(40, 70), nn.ReLU(), nn.Dropout(0.0), nn.Linear(70, 5))
     assert [type(m) for m in model.classifier] == [type(m) for m in head]
     assert [m.p for m in model.classifier if isinstance(m, nn.Dropout)] == [0.0, 0.0]
-    x = torch.randn(3, 4, 3, 2, device=DEVICE)
+    x = torch.randn(3, 4, 5, 4, device=DEVICE)
     with torch.no_grad():
         out = model(x)
         head.load_state_dict(model.classifier.state_dict())  # strict: the same keys
@@ -1167,9 +1167,10 @@ def test_activation_after_conv(activation, bias, stride, n, c_in, c_out, h, w):
 @example(n=17, c=WIDE, h=2, w=2, f_out=WIDE)  # 17 rows: slices of four K steps (256 and 24)
 @example(n=1, c=1, h=1, w=1, f_out=1)
 def test_linear_relu_after_split_k(n, c, h, w, f_out):
-    """`linear -> relu`: relu runs in the kernel that adds up the slices of K, after the bias."""
+    """`linear -> relu`: relu runs in the kernel that adds up the slices of K, after the bias; a slices
+    kernel comes where K can have more than one slice (more than 64 features)."""
     module = check((n, c, h, w), [flatten], [linear(c * h * w, f_out), relu])
-    assert "def linear_relu_slices_kernel(" in module.SOURCE
+    assert ("def linear_relu_slices_kernel(" in module.SOURCE) == (c * h * w > 64)
 
 
 # -- grouped 1x1 convs and the channel shuffle -----------------------------------------------------------
