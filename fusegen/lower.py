@@ -11,8 +11,8 @@ whose tiles it sums before the one store; except where the pool runs on
 the anchor's input (a 1x1 conv then an average pool, `Kernel.pools_input`): the ordinary frame over the
 pooled pixels, each input tile the mean of its window. An anchor that splits K
 (`Anchor.split_k_loop`) lowers to two kernels in the same frame: one stores each slice of K's partial
-sums, the other adds them and runs the epilogue, or runs the whole K loop itself where K has one slice. Kernel parameters appear only when the body
-uses them, so no kernel has a dead parameter.
+sums, the other adds them and runs the epilogue, or runs the whole K loop itself where K has one slice.
+Kernel parameters appear only when the body uses them, so no kernel has a dead parameter.
 """
 
 from __future__ import annotations
@@ -604,6 +604,7 @@ def lower(kernel: Kernel) -> LoweredKernel:
             wrapper.append(INDENT + f"K_SLICE = k_slice(tiles, {depth}, BLOCK_K)")
         wrapper += [
             INDENT + f"SPLIT_K = cdiv({depth}, K_SLICE)",
+            INDENT + "# the slices' sums (with one slice the kernel reads none, and takes `out` in their place)",
             INDENT
             + "partial = out if SPLIT_K == 1 else "
             + f"torch.empty((SPLIT_K, {rows}, C_out), device=x.device, dtype=torch.float32)",

@@ -2746,6 +2746,7 @@ def bn_relu_conv3x3_dropout(x, bn, conv, into=None):
     # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     K_SLICE = k_slice(tiles, KH * KW * C_in, BLOCK_K)
     SPLIT_K = cdiv(KH * KW * C_in, K_SLICE)
+    # the slices' sums (with one slice the kernel reads none, and takes `out` in their place)
     partial = (
         out
         if SPLIT_K == 1
@@ -2972,6 +2973,7 @@ def linear(x, fc):
     # split K: a program for each slice of K_SLICE of a tile's products, where the tiles alone
     # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     SPLIT_K = cdiv(C_in, K_SLICE)
+    # the slices' sums (with one slice the kernel reads none, and takes `out` in their place)
     partial = (
         out
         if SPLIT_K == 1
@@ -3191,6 +3193,7 @@ def bn_relu_conv3x3_dropout_train(x, x_stats, bn, conv, into=None):
     # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     K_SLICE = k_slice(tiles, KH * KW * C_in, BLOCK_K)
     SPLIT_K = cdiv(KH * KW * C_in, K_SLICE)
+    # the slices' sums (with one slice the kernel reads none, and takes `out` in their place)
     partial = (
         out
         if SPLIT_K == 1
@@ -3411,6 +3414,7 @@ def linear_train(x, fc):
     # split K: a program for each slice of K_SLICE of a tile's products, where the tiles alone
     # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     SPLIT_K = cdiv(C_in, K_SLICE)
+    # the slices' sums (with one slice the kernel reads none, and takes `out` in their place)
     partial = (
         out
         if SPLIT_K == 1

@@ -1671,6 +1671,7 @@ def bn_relu_conv3x3_dropout(x, bn, conv, into=None):
     # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     K_SLICE = k_slice(tiles, KH * KW * C_in, BLOCK_K)
     SPLIT_K = cdiv(KH * KW * C_in, K_SLICE)
+    # the slices' sums (with one slice the kernel reads none, and takes `out` in their place)
     partial = (
         out
         if SPLIT_K == 1
@@ -1822,6 +1823,7 @@ def bn_relu_conv3x3_dropout_train(x, x_stats, bn, conv, into=None):
     # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     K_SLICE = k_slice(tiles, KH * KW * C_in, BLOCK_K)
     SPLIT_K = cdiv(KH * KW * C_in, K_SLICE)
+    # the slices' sums (with one slice the kernel reads none, and takes `out` in their place)
     partial = (
         out
         if SPLIT_K == 1

@@ -2254,6 +2254,7 @@ def conv3x3_bias_relu(x, conv):
     # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     K_SLICE = k_slice(tiles, KH * KW * C_in, BLOCK_K)
     SPLIT_K = cdiv(KH * KW * C_in, K_SLICE)
+    # the slices' sums (with one slice the kernel reads none, and takes `out` in their place)
     partial = (
         out
         if SPLIT_K == 1
@@ -2416,6 +2417,7 @@ def conv3x3_bias(x, conv, into=None):
     # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     K_SLICE = k_slice(tiles, KH * KW * C_in, BLOCK_K)
     SPLIT_K = cdiv(KH * KW * C_in, K_SLICE)
+    # the slices' sums (with one slice the kernel reads none, and takes `out` in their place)
     partial = (
         out
         if SPLIT_K == 1
@@ -2525,6 +2527,7 @@ def conv5x5_bias(x, conv, into=None):
     # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     K_SLICE = k_slice(tiles, KH * KW * C_in, BLOCK_K)
     SPLIT_K = cdiv(KH * KW * C_in, K_SLICE)
+    # the slices' sums (with one slice the kernel reads none, and takes `out` in their place)
     partial = (
         out
         if SPLIT_K == 1
@@ -2670,6 +2673,7 @@ def dropout_linear(x, fc):
     # split K: a program for each slice of K_SLICE of a tile's products, where the tiles alone
     # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     SPLIT_K = cdiv(C_in, K_SLICE)
+    # the slices' sums (with one slice the kernel reads none, and takes `out` in their place)
     partial = (
         out
         if SPLIT_K == 1

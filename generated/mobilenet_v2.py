@@ -2493,6 +2493,7 @@ def dropout_linear(x, fc):
     # split K: a program for each slice of K_SLICE of a tile's products, where the tiles alone
     # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     SPLIT_K = cdiv(C_in, K_SLICE)
+    # the slices' sums (with one slice the kernel reads none, and takes `out` in their place)
     partial = (
         out
         if SPLIT_K == 1
@@ -2818,6 +2819,7 @@ def dropout_linear_train(x, fc):
     # split K: a program for each slice of K_SLICE of a tile's products, where the tiles alone
     # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     SPLIT_K = cdiv(C_in, K_SLICE)
+    # the slices' sums (with one slice the kernel reads none, and takes `out` in their place)
     partial = (
         out
         if SPLIT_K == 1

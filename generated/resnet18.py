@@ -3046,6 +3046,7 @@ def conv3x3_bn_relu(x, conv, bn):
     # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     K_SLICE = k_slice(tiles, KH * KW * C_in, BLOCK_K)
     SPLIT_K = cdiv(KH * KW * C_in, K_SLICE)
+    # the slices' sums (with one slice the kernel reads none, and takes `out` in their place)
     partial = (
         out
         if SPLIT_K == 1
@@ -3150,6 +3151,7 @@ def conv3x3_bn_add_relu(x, conv, bn, add):
     # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     K_SLICE = k_slice(tiles, KH * KW * C_in, BLOCK_K)
     SPLIT_K = cdiv(KH * KW * C_in, K_SLICE)
+    # the slices' sums (with one slice the kernel reads none, and takes `out` in their place)
     partial = (
         out
         if SPLIT_K == 1
@@ -3343,6 +3345,7 @@ def linear(x, fc):
     # split K: a program for each slice of K_SLICE of a tile's products, where the tiles alone
     # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     SPLIT_K = cdiv(C_in, K_SLICE)
+    # the slices' sums (with one slice the kernel reads none, and takes `out` in their place)
     partial = (
         out
         if SPLIT_K == 1
@@ -3516,6 +3519,7 @@ def conv3x3_stats(x, conv):
     # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     K_SLICE = k_slice(tiles, KH * KW * C_in, BLOCK_K)
     SPLIT_K = cdiv(KH * KW * C_in, K_SLICE)
+    # the slices' sums (with one slice the kernel reads none, and takes `out` in their place)
     partial = (
         out
         if SPLIT_K == 1
@@ -3622,6 +3626,7 @@ def bn_relu_conv3x3_stats_train(x, x_stats, bn, conv):
     # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     K_SLICE = k_slice(tiles, KH * KW * C_in, BLOCK_K)
     SPLIT_K = cdiv(KH * KW * C_in, K_SLICE)
+    # the slices' sums (with one slice the kernel reads none, and takes `out` in their place)
     partial = (
         out
         if SPLIT_K == 1
@@ -3838,6 +3843,7 @@ def linear_train(x, fc):
     # split K: a program for each slice of K_SLICE of a tile's products, where the tiles alone
     # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     SPLIT_K = cdiv(C_in, K_SLICE)
+    # the slices' sums (with one slice the kernel reads none, and takes `out` in their place)
     partial = (
         out
         if SPLIT_K == 1

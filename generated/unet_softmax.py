@@ -2216,6 +2216,7 @@ def conv3x3_bias_bn(x, conv, bn, out=None):
     # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     K_SLICE = k_slice(tiles, KH * KW * C_in, BLOCK_K)
     SPLIT_K = cdiv(KH * KW * C_in, K_SLICE)
+    # the slices' sums (with one slice the kernel reads none, and takes `out` in their place)
     partial = (
         out
         if SPLIT_K == 1
@@ -2565,6 +2566,7 @@ def conv3x3_bias_stats(x, conv):
     # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     K_SLICE = k_slice(tiles, KH * KW * C_in, BLOCK_K)
     SPLIT_K = cdiv(KH * KW * C_in, K_SLICE)
+    # the slices' sums (with one slice the kernel reads none, and takes `out` in their place)
     partial = (
         out
         if SPLIT_K == 1

@@ -1425,6 +1425,7 @@ def conv3x3_bias_relu(x, conv, out=None):
     # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     K_SLICE = k_slice(tiles, KH * KW * C_in, BLOCK_K)
     SPLIT_K = cdiv(KH * KW * C_in, K_SLICE)
+    # the slices' sums (with one slice the kernel reads none, and takes `out` in their place)
     partial = (
         out
         if SPLIT_K == 1
@@ -1553,6 +1554,7 @@ def linear_relu_dropout(x, fc):
     # split K: a program for each slice of K_SLICE of a tile's products, where the tiles alone
     # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     SPLIT_K = cdiv(C_in, K_SLICE)
+    # the slices' sums (with one slice the kernel reads none, and takes `out` in their place)
     partial = (
         out
         if SPLIT_K == 1
@@ -1610,6 +1612,7 @@ def linear(x, fc):
     # split K: a program for each slice of K_SLICE of a tile's products, where the tiles alone
     # would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them
     SPLIT_K = cdiv(C_in, K_SLICE)
+    # the slices' sums (with one slice the kernel reads none, and takes `out` in their place)
     partial = (
         out
         if SPLIT_K == 1
