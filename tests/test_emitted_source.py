@@ -394,6 +394,15 @@ def test_a_global_pool_anchor_shares_its_windows_only_where_nothing_follows_it()
     assert "WINDOW_SLICE" not in followed and "window_slices_sum" not in followed
 
 
+def test_a_dense_loops_kxk_conv_gets_a_slices_kernel_as_its_input_widens():
+    """Split K is planned at the spec's example input, where a dense loop's body reads its first layer's
+    channels: the dense block's 3x3 conv reads 32 channels there (K = 288, one slice) and 192 in its last
+    layer (K = 1,728), so its kernels get slices kernels in both modes."""
+    names = [k.name for k in kernels(SOURCES["densenet121_dense_block.fuse"])]
+    assert "bn_relu_conv3x3_dropout_slices_kernel" in names
+    assert "bn_relu_conv3x3_dropout_train_slices_kernel" in names
+
+
 def test_split_k_stores_each_slice_once_and_adds_the_slices_in_order():
     """`linear -> relu`: the slices kernel runs the K loop over its program's slice and stores the partial
     sums once; the second kernel, where K has more than one slice (SPLIT_K), adds them in slice order (an
