@@ -594,12 +594,10 @@ def lower(kernel: Kernel) -> LoweredKernel:
     wrapper += [INDENT + line for line in setup]
     if split_k:
         depth = anchor.split_k_depth
-        wrapper.append(
-            INDENT + "# split K: a program for each slice of K_SLICE of a tile's products, where the tiles alone"
-        )
-        wrapper.append(
-            INDENT + "# would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them"
-        )
+        wrapper += [
+            INDENT + "# split K: a program for each slice of K_SLICE of a tile's products, where the tiles alone",
+            INDENT + "# would leave most SMs idle; the slices kernel stores each slice's sums, this one adds them",
+        ]
         if "K_SLICE" not in (rule[1] if rule else ()):
             wrapper.append(INDENT + f"K_SLICE = k_slice(tiles, {depth}, BLOCK_K)")
         wrapper += [

@@ -1748,7 +1748,7 @@ def dot_weight(module, precision):
     """module.weight as fp32_dot's operand `b` at `precision`, made once per version of the weight. A
     Conv2d's comes in (out, kh, kw, in) order (channels_last), the order of the KxK conv's K loop, so a K
     step's weights for an output channel are one contiguous run (with the weight's own NCHW order they lay
-    KH * KW floats apart: 3x3 convs of 64 to 512 channels ran 1.7-3.6x slower on an H100); other modules'
+    KH * KW floats apart: 3x3 convs of 64 to 512 channels ran 1.5-3.6x slower on an H100); other modules'
     weights keep their strides. "tf32", and "tf32x3_split" (whose other part is dot_weight_low): rounded to
     the nearest TF32 values (ties away from zero). "fp16": rounded to float16, or None where that loses
     more than TF32 would: where the largest magnitude is above 2**15 (near float16's overflow) or below
